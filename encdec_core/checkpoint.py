@@ -1,0 +1,260 @@
+"""Our checkpoint: config.json + rank{r}.safetensors, sharded by a plan kept apart from renaming.
+
+Tensor-parallel plan (applied to our parameter names after the WeightMap):
+    vocab    rows split (vocab padded to a multiple of tp): embeddings and lm_head
+    column   output features split; ``parts`` fused blocks (q|k|v, gate|up) split one by one
+    row      input features split (dim 1); the row layer's bias stays whole
+    heads    relative-bias table [buckets, heads] split by heads (dim 1)
+    (anything else is replicated)
+Pipeline-parallel: rank r keeps the encoder/decoder layers of its stage; all else is replicated.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import EncDecConfig, read_json
+from .errors import ConfigError, EncDecError, WeightError
+from .model import EncDecModel, build_model, padded_vocab
+from .parallel.context import ParallelContext, split_range
+
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str, what: str = "--dtype") -> torch.dtype:
+    key = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}.get(str(name), str(name))
+    if key not in DTYPES:
+        raise ConfigError(f"{what} = {name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dt]
+
+
+@dataclass(frozen=True)
+class ShardRule:
+    pattern: str
+    kind: str  # vocab | column | row | heads | replicate
+    parts: int = 1
+
+
+def shard_plan(cfg: EncDecConfig) -> list[ShardRule]:
+    gated = 2 if cfg.gated_ffn else 1
+    return [
+        ShardRule(r"(shared|(encoder|decoder)\.embed_tokens|lm_head)\.weight", "vocab"),
+        ShardRule(r".*\.self_attn\.qkv\.(weight|bias)", "column", 3),
+        ShardRule(r".*\.cross_attn\.q\.(weight|bias)", "column", 1),
+        ShardRule(r".*\.cross_attn\.kv\.(weight|bias)", "column", 2),
+        ShardRule(r".*\.(self_attn|cross_attn)\.out\.weight", "row"),
+        ShardRule(r".*\.ffn\.wi\.(weight|bias)", "column", gated),
+        ShardRule(r".*\.ffn\.wo\.weight", "row"),
+        ShardRule(r".*rel_bias\.weight", "heads"),
+    ]
+
+
+def shard_tensor(name: str, t: torch.Tensor, plan: list[ShardRule], tp: int, rank: int) -> torch.Tensor:
+    if tp == 1:
+        return t
+    for rule in plan:
+        if re.fullmatch(rule.pattern, name):
+            break
+    else:
+        return t
+    if rule.kind == "vocab":
+        v = t.shape[0]
+        vp = padded_vocab(v, tp)
+        if vp != v:
+            t = torch.cat([t, t.new_zeros((vp - v,) + tuple(t.shape[1:]))], 0)
+        return t.chunk(tp, 0)[rank].contiguous()
+    if rule.kind == "column":
+        blocks = t.chunk(rule.parts, 0)
+        return torch.cat([b.chunk(tp, 0)[rank] for b in blocks], 0).contiguous()
+    if rule.kind in ("row", "heads"):
+        return t.chunk(tp, 1)[rank].contiguous()
+    return t
+
+
+_LAYER = re.compile(r"^(encoder|decoder)\.layers\.(\d+)\.")
+
+
+def stage_of(name: str, cfg: EncDecConfig, pp: int):
+    """Which PP stage holds a parameter; None = every stage."""
+    m = _LAYER.match(name)
+    if not m:
+        return None
+    n = cfg.num_layers(m.group(1))
+    i = int(m.group(2))
+    for s in range(pp):
+        if i in split_range(n, pp, s):
+            return s
+    raise WeightError(f"parameter {name}: layer {i} out of range (0..{n - 1})")
+
+
+def checkpoint_meta(cfg: EncDecConfig, dtype: torch.dtype, tp: int, pp: int, extra: dict | None = None) -> dict:
+    return {
+        "format": "encdec-checkpoint",
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype_name(dtype),
+        "mapping": {"tp_size": tp, "pp_size": pp, "world_size": tp * pp},
+        "model": cfg.to_dict(),
+        **(extra or {}),
+    }
+
+
+def validate_parallel(cfg: EncDecConfig, tp: int, pp: int) -> None:
+    for name, v in (("--tp-size", tp), ("--pp-size", pp)):
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} = {v!r}: expected a positive integer")
+    for side in ("encoder", "decoder"):
+        if cfg.heads(side) % tp:
+            raise ConfigError(
+                f"--tp-size {tp} does not divide the {side}'s {cfg.heads(side)} attention heads "
+                f"(tensor parallelism splits heads; choose a tp that divides {cfg.heads(side)})")
+        if cfg.ffn_dim(side) % tp:
+            raise ConfigError(f"--tp-size {tp} does not divide the {side}'s ffn dim {cfg.ffn_dim(side)}")
+    if pp > cfg.decoder_layers or (cfg.encoder_layers and pp > cfg.encoder_layers):
+        raise ConfigError(
+            f"--pp-size {pp} exceeds the layer count (encoder {cfg.encoder_layers}, decoder {cfg.decoder_layers})")
+
+
+def write_checkpoint(out_dir: Path, cfg: EncDecConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                     tp: int = 1, pp: int = 1, extra_meta: dict | None = None, extra_files=(),
+                     progress: bool = False) -> Path:
+    """Write atomically: everything goes to a temp dir next to ``out_dir``, renamed at the end."""
+    from safetensors.torch import save_file
+
+    validate_parallel(cfg, tp, pp)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        plan = shard_plan(cfg)
+        world = tp * pp
+        it = range(world)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, desc="writing shards", unit="rank", disable=world == 1 and False)
+        for rank in it:
+            ctx = ParallelContext(tp_size=tp, pp_size=pp, rank=rank)
+            shard = {}
+            for name, t in tensors.items():
+                st = stage_of(name, cfg, pp)
+                if st is not None and st != ctx.pp_rank:
+                    continue
+                x = t.to(dtype) if t.is_floating_point() else t
+                shard[name] = shard_tensor(name, x, plan, tp, ctx.tp_rank).contiguous()
+            save_file(shard, str(tmp / f"rank{rank}.safetensors"), metadata={"rank": str(rank)})
+        meta = checkpoint_meta(cfg, dtype, tp, pp, extra_meta)
+        meta["checksum"] = checksum_dir(tmp, world)
+        with open(tmp / "config.json", "w") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+        for src in extra_files:
+            src = Path(src)
+            dst = tmp / src.name
+            if src.is_dir():
+                shutil.copytree(src, dst)
+            else:
+                shutil.copy2(src, dst)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def checksum_dir(d: Path, world: int) -> str:
+    h = hashlib.sha256()
+    for r in range(world):
+        with open(Path(d) / f"rank{r}.safetensors", "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def read_meta(ckpt_dir: Path) -> dict:
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_json(ckpt_dir / "config.json", "encdec checkpoint config")
+    if meta.get("format") != "encdec-checkpoint":
+        raise ConfigError(
+            f"{ckpt_dir / 'config.json'}: field 'format' = {meta.get('format')!r}: expected 'encdec-checkpoint' "
+            f"(is this an HF model dir? run 'encdec convert' first)")
+    for key in ("model", "dtype", "mapping"):
+        if key not in meta:
+            raise ConfigError(f"{ckpt_dir / 'config.json'}: missing field '{key}'")
+    return meta
+
+
+def config_from_meta(meta: dict, source: str) -> EncDecConfig:
+    return EncDecConfig.from_dict(meta["model"], source)
+
+
+def load_rank_tensors(ckpt_dir: Path, rank: int) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    f = Path(ckpt_dir) / f"rank{rank}.safetensors"
+    if not f.is_file():
+        raise WeightError(f"{f}: shard for rank {rank} is missing")
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightError(f"{f}: not a valid safetensors file ({exc})") from None
+
+
+def load_model(ckpt_dir: Path, ctx: ParallelContext | None = None, device="cpu", dtype: torch.dtype | None = None,
+               meta: dict | None = None) -> EncDecModel:
+    """Build the model for this rank and fill it from rank{r}.safetensors, checking every tensor."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = meta or read_meta(ckpt_dir)
+    cfg = config_from_meta(meta, str(ckpt_dir / "config.json"))
+    mp = meta["mapping"]
+    tp, pp = int(mp["tp_size"]), int(mp["pp_size"])
+    if ctx is None:
+        if tp * pp != 1:
+            raise EncDecError(
+                f"{ckpt_dir}: checkpoint is sharded for tp={tp} pp={pp} (world {tp * pp}); launch {tp * pp} ranks "
+                f"(mpirun -n {tp * pp} ...) or convert with --tp-size 1 --pp-size 1")
+        ctx = ParallelContext()
+    if (ctx.tp_size, ctx.pp_size) != (tp, pp):
+        raise EncDecError(
+            f"{ckpt_dir}: checkpoint is sharded for tp={tp} pp={pp} (world {tp * pp}) but this launch has "
+            f"tp={ctx.tp_size} pp={ctx.pp_size} (world {ctx.world_size})")
+    store_dtype = parse_dtype(meta["dtype"], f"{ckpt_dir / 'config.json'} field 'dtype'")
+    dtype = dtype or store_dtype
+    tensors = load_rank_tensors(ckpt_dir, ctx.rank)
+    model = build_model(cfg, ctx, dtype, meta=True)
+    expected = model.expected_shapes()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    wrong = [f"{k} has {tuple(tensors[k].shape)}, expected {expected[k]}" for k in expected
+             if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing tensor(s): {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected tensor(s): {', '.join(unexpected)}")
+        if wrong:
+            parts.append("wrong shape: " + "; ".join(wrong))
+        raise WeightError(f"{ckpt_dir / f'rank{ctx.rank}.safetensors'}: " + " | ".join(parts))
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(tensors[k].to(dtype))
+    model.init_buffers()  # non-persistent buffers (sinusoid tables) are rebuilt, not loaded
+    model.eval()
+    return model

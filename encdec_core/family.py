@@ -1,0 +1,175 @@
+"""The records plugins return: Family (a model family as data) and AdapterKind."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .config import ConfigMap, EncDecConfig, read_json
+from .errors import ConfigError, EncDecError, WeightError
+from .weights import WeightMap
+
+
+@dataclass
+class Source:
+    """What a family reads from a model directory or checkpoint file."""
+
+    path: Path
+    config: EncDecConfig
+    tensors: Mapping[str, torch.Tensor]  # source names -> tensors (before the WeightMap)
+    generation_config: dict = field(default_factory=dict)
+    tokenizer_files: list = field(default_factory=list)  # paths copied next to the converted checkpoint
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: data plus a few choices. Hooks return these; the core reads nothing else.
+
+    config_map:  ConfigMap, or a callable (source config dict) -> EncDecConfig
+    weight_map:  WeightMap, or a callable (EncDecConfig) -> WeightMap
+    detect:      for non-HF formats: (path) -> bool
+    read_source: (path, family) -> Source; defaults to reading an HF directory
+    tokenizer:   (dir, EncDecConfig) -> an object with encode(texts) / decode(ids); default HF AutoTokenizer
+    hf_class:    name of the transformers class for --compare-hf (transformers.<name>)
+    presets:     name -> source config dict (real shapes, for random-weight benchmarks)
+    """
+
+    name: str
+    description: str
+    config_map: ConfigMap | Callable[[dict], EncDecConfig]
+    weight_map: WeightMap | Callable[[EncDecConfig], WeightMap]
+    aliases: tuple = ()
+    architectures: tuple = ()
+    model_types: tuple = ()
+    detect: Callable[[Path], bool] | None = None
+    read_source: Callable[[Path, "Family"], Source] | None = None
+    tokenizer: Callable[[Path, EncDecConfig], Any] | None = None
+    hf_class: str | None = None
+    hf_loader: Callable[[Path], Any] | None = None  # (dir) -> HF reference model, overrides hf_class
+    presets: Mapping[str, dict] = field(default_factory=dict)
+
+    def make_config(self, src: dict, source: str = "config.json") -> EncDecConfig:
+        if isinstance(self.config_map, ConfigMap):
+            return self.config_map.apply(src, source)
+        try:
+            return self.config_map(src)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: cannot read the model config: {type(exc).__name__}: {exc}") from None
+
+    def make_weight_map(self, cfg: EncDecConfig) -> WeightMap:
+        return self.weight_map if isinstance(self.weight_map, WeightMap) else self.weight_map(cfg)
+
+    def read(self, path: Path) -> Source:
+        path = Path(path)
+        if self.read_source is not None:
+            return self.read_source(path, self)
+        return read_hf_source(path, self)
+
+
+@dataclass(frozen=True)
+class AdapterKind:
+    """An adapter plugin (LoRA, ...): how to read it and how to apply it to a model."""
+
+    name: str
+    description: str
+    detect: Callable[[Path], bool]
+    load: Callable[..., Any]  # (path, family, EncDecConfig) -> adapter object
+
+
+# ---------------------------------------------------------------------------- HF directories
+HF_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
+    "sentencepiece.bpe.model", "vocab.json", "merges.txt", "added_tokens.json", "source.spm",
+    "target.spm", "vocab-src.json", "vocab-tgt.json",
+)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors (single or sharded index) or pytorch_model.bin (weights_only)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    st = path / "model.safetensors"
+    idx = path / "model.safetensors.index.json"
+    binf = path / "pytorch_model.bin"
+    try:
+        if st.is_file():
+            return load_file(str(st))
+        if idx.is_file():
+            index = read_json(idx, "safetensors index")
+            out = {}
+            for shard in sorted(set(index.get("weight_map", {}).values())):
+                f = path / shard
+                if not f.is_file():
+                    raise WeightError(f"{idx}: shard '{shard}' listed in weight_map is missing")
+                out.update(load_file(str(f)))
+            return out
+        if binf.is_file():
+            try:
+                return torch.load(str(binf), map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise WeightError(f"{binf}: cannot be read safely ({type(exc).__name__}: {exc})") from None
+    except SafetensorError as exc:
+        raise WeightError(f"{st if st.is_file() else idx}: not a valid safetensors file ({exc})") from None
+    except (OSError, ValueError) as exc:
+        raise WeightError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+    raise WeightError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin found")
+
+
+def read_hf_source(path: Path, family: Family) -> Source:
+    if not path.is_dir():
+        raise ConfigError(f"{path}: not a directory (expected an HF model directory with config.json)")
+    src = read_json(path / "config.json")
+    cfg = family.make_config(src, str(path / "config.json"))
+    tensors = load_tensors(path)
+    gen = {}
+    if (path / "generation_config.json").is_file():
+        gen = read_json(path / "generation_config.json", "generation config")
+    tok = [path / f for f in HF_TOKENIZER_FILES if (path / f).is_file()]
+    return Source(path, cfg, tensors, gen, tok)
+
+
+def detect_family(reg, source) -> Family:
+    """HF config.json (architectures, then model_type) or a family's own detect()."""
+    source = Path(source)
+    cfg_path = source / "config.json" if source.is_dir() else None
+    if cfg_path is not None and cfg_path.is_file():
+        cfg = read_json(cfg_path)
+        for arch in cfg.get("architectures") or []:
+            fam = reg.find(arch)
+            if fam is not None:
+                return fam
+        mt = cfg.get("model_type")
+        if mt:
+            fam = reg.find(mt)
+            if fam is not None:
+                return fam
+    for entry in reg.families():
+        fam = entry.record
+        if fam.detect is not None:
+            try:
+                if fam.detect(source):
+                    return fam
+            except Exception:
+                continue
+    if cfg_path is not None and cfg_path.is_file():
+        cfg = read_json(cfg_path)
+        raise EncDecError(
+            f"{cfg_path}: no installed family handles architectures={cfg.get('architectures')} "
+            f"model_type={cfg.get('model_type')!r}; installed: {', '.join(reg.names())}; use --family")
+    if not source.exists():
+        raise EncDecError(f"{source}: no such file or directory")
+    raise EncDecError(f"{source}: no config.json and no installed family recognises it; use --family "
+                      f"(installed: {', '.join(reg.names())})")
+
+
+def dump_json(obj, path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")

@@ -1,0 +1,3 @@
+from .context import ParallelContext, SINGLE
+
+__all__ = ["ParallelContext", "SINGLE"]

@@ -1,0 +1,151 @@
+"""Registry of families and adapter kinds, filled lazily (once) from plugins."""
+from __future__ import annotations
+
+import difflib
+import threading
+from dataclasses import dataclass
+
+from .errors import EncDecError
+from .plugins import Origin, PluginManager
+
+
+class RegistryError(EncDecError):
+    pass
+
+
+@dataclass(frozen=True)
+class Entry:
+    record: object
+    origin: Origin
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.manager = PluginManager()
+        self._lock = threading.RLock()
+        self._loaded = False
+        self._families: dict[str, Entry] = {}
+        self._keys: dict[str, tuple[str, Origin]] = {}  # lower-case name/alias/arch/model_type -> family name
+        self._adapters: dict[str, Entry] = {}
+
+    # ---------------------------------------------------------------- loading
+    def register_plugin(self, plugin, origin: Origin | None = None, name: str | None = None) -> None:
+        """Register a plugin object/module by hand (tests, embedding applications)."""
+        with self._lock:
+            self.manager.register(plugin, origin, name)
+            if self._loaded:
+                self._collect_from(plugin)
+
+    def _ensure_loaded(self) -> None:
+        if self._loaded:
+            return
+        with self._lock:
+            if self._loaded:
+                return
+            self.manager.load_entry_points()
+            for _, plugin in self.manager.pm.list_name_plugin():
+                self._collect_from(plugin)
+            self._loaded = True
+
+    def _collect_from(self, plugin) -> None:
+        origin = self.manager.origin_of(plugin)
+        fam_fn = getattr(plugin, "encdec_families", None)
+        if fam_fn is not None:
+            for fam in fam_fn() or ():
+                self._add_family(fam, origin)
+        ad_fn = getattr(plugin, "encdec_adapters", None)
+        if ad_fn is not None:
+            for ad in ad_fn() or ():
+                self._add_adapter(ad, origin)
+
+    def _add_family(self, fam, origin: Origin) -> None:
+        keys = [("name", fam.name)]
+        keys += [("alias", a) for a in fam.aliases]
+        keys += [("architecture", a) for a in fam.architectures]
+        for kind, key in keys:
+            k = key.lower()
+            if k in self._keys and self._keys[k][0] != fam.name:
+                other, other_origin = self._keys[k]
+                raise RegistryError(
+                    f"{kind} '{key}' of family '{fam.name}' from {origin} is already taken by family "
+                    f"'{other}' from {other_origin}"
+                )
+        if fam.name.lower() in self._families:
+            prev = self._families[fam.name.lower()]
+            raise RegistryError(
+                f"family '{fam.name}' from {origin} is already registered by {prev.origin}"
+            )
+        self._families[fam.name.lower()] = Entry(fam, origin)
+        for _, key in keys:
+            self._keys[key.lower()] = (fam.name, origin)
+        # model types resolve too, but never conflict-check against each other (t5 and umt5 differ)
+        for mt in fam.model_types:
+            self._keys.setdefault(mt.lower(), (fam.name, origin))
+
+    def _add_adapter(self, ad, origin: Origin) -> None:
+        k = ad.name.lower()
+        if k in self._adapters:
+            raise RegistryError(
+                f"adapter '{ad.name}' from {origin} is already registered by {self._adapters[k].origin}"
+            )
+        self._adapters[k] = Entry(ad, origin)
+
+    # ---------------------------------------------------------------- queries
+    def get(self, name: str):
+        """A family by name, alias, HF architecture or model_type (case-insensitive)."""
+        self._ensure_loaded()
+        hit = self._keys.get(str(name).lower())
+        if hit is None:
+            known = self.names()
+            close = difflib.get_close_matches(str(name).lower(), list(self._keys), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise RegistryError(
+                f"unknown family '{name}'; known families: {', '.join(known) or '(none installed)'}{hint}"
+            )
+        return self._families[hit[0].lower()].record
+
+    def find(self, name: str):
+        try:
+            return self.get(name)
+        except RegistryError:
+            return None
+
+    def origin(self, name: str) -> Origin:
+        fam = self.get(name)
+        return self._families[fam.name.lower()].origin
+
+    def names(self) -> list[str]:
+        self._ensure_loaded()
+        return sorted(e.record.name for e in self._families.values())
+
+    def families(self) -> list[Entry]:
+        self._ensure_loaded()
+        return [self._families[k] for k in sorted(self._families)]
+
+    def adapters(self) -> list[Entry]:
+        self._ensure_loaded()
+        return [self._adapters[k] for k in sorted(self._adapters)]
+
+    def adapter(self, name: str):
+        self._ensure_loaded()
+        e = self._adapters.get(name.lower())
+        if e is None:
+            raise RegistryError(
+                f"unknown adapter kind '{name}'; known: {', '.join(sorted(self._adapters)) or '(none)'}"
+            )
+        return e.record
+
+    def detect(self, source) -> object:
+        """Which family handles a source directory/file (HF config.json or a family's detect())."""
+        from .family import detect_family
+
+        self._ensure_loaded()
+        return detect_family(self, source)
+
+    @property
+    def failures(self):
+        self._ensure_loaded()
+        return list(self.manager.failures)
+
+
+registry = Registry()

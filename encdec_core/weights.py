@@ -1,0 +1,201 @@
+"""WeightMap: source checkpoint names -> our parameter names, as data.
+
+An ordered table of rules. Each rule has a source pattern (or several, for ``fuse``), a target
+pattern (or several, for ``split``/``alias``) and one op from a closed set:
+
+    identity   copy the tensor
+    fuse       concatenate several sources along ``dim`` into one target (q,k,v -> qkv)
+    split      cut one source into equal chunks along ``dim`` into several targets
+    transpose  swap the last two dims
+    scale      multiply by ``factor``
+    alias      one source fills several targets (tied embeddings)
+    drop       consume the source and produce nothing (buffers, duplicates)
+
+Patterns use named placeholders: ``{i}``, ``{j}``, ``{k}``, ``{n}`` match a decimal number, any
+other ``{name}`` matches one dotted component. Placeholders are matched where they are written,
+never "every digit" (T5's ``layer.1`` is a sub-layer slot, not a layer index).
+
+Applying a map reports every unmatched source key and every unfilled target together.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from .errors import WeightError
+
+OPS = ("identity", "fuse", "split", "transpose", "scale", "alias", "drop")
+_NUMERIC = {"i", "j", "k", "n"}
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _compile(pattern: str) -> re.Pattern:
+    out, pos = [], 0
+    seen = set()
+    for m in _PLACEHOLDER.finditer(pattern):
+        out.append(re.escape(pattern[pos:m.start()]))
+        name = m.group(1)
+        if name in seen:
+            out.append(f"(?P={name})")
+        else:
+            seen.add(name)
+            out.append(f"(?P<{name}>\\d+)" if name in _NUMERIC else f"(?P<{name}>[^.]+)")
+        pos = m.end()
+    out.append(re.escape(pattern[pos:]))
+    return re.compile("^" + "".join(out) + "$")
+
+
+def _as_tuple(x) -> tuple:
+    if x is None:
+        return ()
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+@dataclass(frozen=True)
+class Rule:
+    source: str | tuple[str, ...]
+    target: str | tuple[str, ...] | None = None
+    op: str = "identity"
+    dim: int = 0
+    factor: float = 1.0
+    when: str | None = None  # apply only if this config flag (an attribute name) is true; "!x" negates
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise ValueError(f"WeightMap rule {self.source!r}: op '{self.op}' not in {OPS}")
+        n_src, n_tgt = len(_as_tuple(self.source)), len(_as_tuple(self.target))
+        if n_src == 0:
+            raise ValueError("WeightMap rule without a source pattern")
+        if self.op == "fuse" and (n_src < 2 or n_tgt != 1):
+            raise ValueError(f"fuse rule {self.source!r} needs >= 2 sources and 1 target")
+        if self.op in ("split", "alias") and n_tgt < 2:
+            raise ValueError(f"{self.op} rule {self.source!r} needs >= 2 targets")
+        if self.op not in ("fuse",) and n_src != 1:
+            raise ValueError(f"{self.op} rule {self.source!r} takes one source")
+        if self.op == "drop" and n_tgt:
+            raise ValueError(f"drop rule {self.source!r} takes no target")
+        if self.op not in ("drop", "split", "alias") and n_tgt != 1:
+            raise ValueError(f"{self.op} rule {self.source!r} needs exactly one target")
+
+
+@dataclass
+class MapReport:
+    unmatched: list[str] = field(default_factory=list)
+    unfilled: list[str] = field(default_factory=list)
+    shape_errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.unmatched or self.unfilled or self.shape_errors)
+
+    def message(self, source: str = "checkpoint") -> str:
+        parts = []
+        if self.unmatched:
+            parts.append(f"{len(self.unmatched)} source tensor(s) matched no rule: {', '.join(self.unmatched)}")
+        if self.unfilled:
+            parts.append(f"{len(self.unfilled)} parameter(s) missing from the source: {', '.join(self.unfilled)}")
+        if self.shape_errors:
+            parts.append("wrong shape: " + "; ".join(self.shape_errors))
+        return f"{source}: " + " | ".join(parts)
+
+
+@dataclass(frozen=True)
+class WeightMap:
+    rules: Sequence[Rule]
+
+    def __post_init__(self):
+        object.__setattr__(self, "_compiled", [[_compile(p) for p in _as_tuple(r.source)] for r in self.rules])
+
+    def apply(
+        self,
+        state: Mapping[str, torch.Tensor],
+        expected: Mapping[str, tuple] | None = None,
+        config=None,
+        source: str = "checkpoint",
+        strict: bool = True,
+    ) -> tuple[dict[str, torch.Tensor], MapReport]:
+        """Rename ``state``. ``expected`` maps each target name to its shape (from the model).
+
+        Returns (tensors, report). With ``strict`` a non-empty report raises WeightError.
+        """
+        out: dict[str, torch.Tensor] = {}
+        consumed: set[str] = set()
+        report = MapReport()
+        keys = list(state.keys())
+        for rule, pats in zip(self.rules, self._compiled):
+            if rule.when is not None and config is not None:
+                flag = rule.when.lstrip("!")
+                val = bool(getattr(config, flag))
+                if rule.when.startswith("!"):
+                    val = not val
+                if not val:
+                    continue
+            srcs = _as_tuple(rule.source)
+            for key in keys:
+                if key in consumed:
+                    continue
+                m = pats[0].match(key)
+                if not m:
+                    continue
+                groups = m.groupdict()
+                if rule.op == "fuse":
+                    others = [s.format(**groups) for s in srcs[1:]]
+                    if any(o not in state for o in others):
+                        continue  # incomplete group: left for later rules / reported unmatched
+                    tensors = [state[key]] + [state[o] for o in others]
+                    consumed.update([key, *others])
+                    out[rule.target.format(**groups)] = torch.cat(tensors, dim=rule.dim)
+                    continue
+                consumed.add(key)
+                t = state[key]
+                if rule.op == "drop":
+                    continue
+                targets = [tg.format(**groups) for tg in _as_tuple(rule.target)]
+                if rule.op == "identity":
+                    out[targets[0]] = t
+                elif rule.op == "transpose":
+                    out[targets[0]] = t.transpose(-1, -2).contiguous()
+                elif rule.op == "scale":
+                    out[targets[0]] = t * rule.factor
+                elif rule.op == "alias":
+                    for tg in targets:
+                        out[tg] = t
+                elif rule.op == "split":
+                    if t.shape[rule.dim] % len(targets):
+                        report.shape_errors.append(
+                            f"{key} {tuple(t.shape)} cannot be split in {len(targets)} along dim {rule.dim}")
+                        continue
+                    for tg, chunk in zip(targets, t.chunk(len(targets), dim=rule.dim)):
+                        out[tg] = chunk.contiguous()
+        report.unmatched = [k for k in keys if k not in consumed]
+        if expected is not None:
+            report.unfilled = [k for k in expected if k not in out]
+            for k, shape in expected.items():
+                if k in out and tuple(out[k].shape) != tuple(shape):
+                    report.shape_errors.append(f"{k} has {tuple(out[k].shape)}, expected {tuple(shape)}")
+            extra = [k for k in out if k not in expected]
+            if extra:
+                report.unmatched += [f"{k} (produced, but the model has no such parameter)" for k in extra]
+        if strict and not report.ok:
+            raise WeightError(report.message(source))
+        return out, report
+
+    def validate(self, state, expected, config=None, source: str = "checkpoint") -> MapReport:
+        return self.apply(state, expected, config, source, strict=False)[1]
+
+
+def rules(*items: Iterable) -> WeightMap:
+    """Build a WeightMap from tuples ``(source, target[, op[, kwargs]])`` or Rule objects."""
+    out = []
+    for it in items:
+        if isinstance(it, Rule):
+            out.append(it)
+            continue
+        src, tgt, *rest = it
+        op = rest[0] if rest else "identity"
+        kw = rest[1] if len(rest) > 1 else {}
+        out.append(Rule(src, tgt, op, **kw))
+    return WeightMap(out)
