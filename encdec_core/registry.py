@@ -21,6 +21,10 @@ class Entry:
 
 class Registry:
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every plugin and record (tests re-fill the process-wide registry by hand)."""
         self.manager = PluginManager()
         self._lock = threading.RLock()
         self._loaded = False

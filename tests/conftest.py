@@ -31,11 +31,7 @@ def make_registry(*modules: str):
     return reg
 
 
-@pytest.fixture
-def builtin_registry(monkeypatch):
-    """The process-wide registry, replaced by one holding the built-in families that import."""
-    import encdec_core.registry as regmod
-
+def builtin_modules() -> list[str]:
     mods = []
     for m in BUILTIN_PLUGINS:
         try:
@@ -43,12 +39,19 @@ def builtin_registry(monkeypatch):
             mods.append(m)
         except ImportError:
             pass
-    reg = make_registry(*mods)
-    monkeypatch.setattr(regmod, "registry", reg)
-    import encdec_core
+    return mods
 
-    monkeypatch.setattr(encdec_core, "registry", reg)
-    return reg
+
+@pytest.fixture
+def builtin_registry():
+    """The process-wide registry, reset and filled by hand with the built-in families that import."""
+    from encdec_core import registry
+
+    registry.reset()
+    for m in builtin_modules():
+        registry.register_plugin(importlib.import_module(m), name=m)
+    yield registry
+    registry.reset()
 
 
 @pytest.fixture(autouse=True)
