@@ -157,6 +157,8 @@ def write_checkpoint(out_dir: Path, cfg: EncDecConfig, tensors: dict[str, torch.
             save_file(shard, str(tmp / f"rank{rank}.safetensors"), metadata={"rank": str(rank)})
         meta = checkpoint_meta(cfg, dtype, tp, pp, extra_meta)
         meta["checksum"] = checksum_dir(tmp, world)
+        # per-rank sha256: a rank checks only its own shard at load (parallel/launch.verify_checkpoint)
+        meta["shard_checksums"] = {str(r): file_sha256(tmp / f"rank{r}.safetensors") for r in range(world)}
         with open(tmp / "config.json", "w") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")
@@ -174,6 +176,14 @@ def write_checkpoint(out_dir: Path, cfg: EncDecConfig, tensors: dict[str, torch.
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def checksum_dir(d: Path, world: int) -> str:
