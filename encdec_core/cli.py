@@ -1,0 +1,424 @@
+"""encdec command line: list-families, plugins, convert, build, run, benchmark.
+
+Option names follow TensorRT-LLM's enc_dec example in kebab-case; the snake_case spellings users
+type from there (--max_batch_size) are accepted too.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import EncDecError
+
+BUNDLED_DEFAULT = Path(__file__).resolve().parent / "assets" / "default"
+
+
+def _opt(p: argparse.ArgumentParser, *names: str, **kw):
+    """Add an option under its kebab-case names plus the snake_case spellings."""
+    all_names = list(names)
+    for n in names:
+        if n.startswith("--") and "-" in n[2:]:
+            snake = "--" + n[2:].replace("-", "_")
+            if snake not in all_names:
+                all_names.append(snake)
+    return p.add_argument(*all_names, **kw)
+
+
+def _bool(v: str):
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    if s == "never":
+        return "never"
+    raise argparse.ArgumentTypeError(f"expected true, false or never, got {v!r}")
+
+
+def _rank0() -> bool:
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "RANK"):
+        if var in os.environ:
+            return os.environ[var] == "0"
+    return True
+
+
+def out(*a, **k):
+    if _rank0():
+        print(*a, **k)
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_list_families(args) -> int:
+    from .registry import registry
+
+    rows = []
+    for e in registry.families():
+        f = e.record
+        rows.append({"name": f.name, "aliases": list(f.aliases), "architectures": list(f.architectures),
+                     "model_types": list(f.model_types), "description": f.description,
+                     "origin": {"distribution": e.origin.distribution, "version": e.origin.version,
+                                "module": e.origin.module},
+                     "presets": sorted(f.presets)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no families installed")
+    for r in rows:
+        print(f"{r['name']}  ({r['origin']['distribution']} {r['origin']['version']})")
+        print(f"    {r['description']}")
+        if r["aliases"]:
+            print(f"    aliases: {', '.join(r['aliases'])}")
+        if r["architectures"]:
+            print(f"    architectures: {', '.join(r['architectures'])}")
+    for fail in registry.failures:
+        print(f"(plugin '{fail.entry_point}' from {fail.distribution} failed to load: {fail.error})")
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from .registry import registry
+
+    registry.names()
+    plugins = [{"name": n, "origin": str(o)} for n, o in registry.manager.plugins()]
+    fails = [{"name": f.entry_point, "distribution": f.distribution, "error": f.error} for f in registry.failures]
+    adapters = [{"name": e.record.name, "origin": str(e.origin)} for e in registry.adapters()]
+    if args.json:
+        print(json.dumps({"plugins": plugins, "adapters": adapters, "failed": fails}, indent=2))
+        return 0
+    for p in plugins:
+        print(f"{p['name']}: {p['origin']}")
+    for a in adapters:
+        print(f"adapter {a['name']}: {a['origin']}")
+    for f in fails:
+        print(f"FAILED {f['name']} ({f['distribution']}): {f['error']}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .checkpoint import parse_dtype
+    from .convert import convert
+
+    src = Path(args.model_dir)
+    if not src.exists():
+        raise EncDecError(f"--model-dir {src}: no such file or directory")
+    dtype = parse_dtype(args.dtype)
+    outdir = convert(src, Path(args.output_dir), args.family, dtype, args.tp_size, args.pp_size,
+                     progress=not args.quiet)
+    print(f"wrote {outdir} (tp={args.tp_size}, pp={args.pp_size}, {args.dtype})")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from .engine import build
+
+    outdir = build(Path(args.checkpoint_dir), Path(args.output_dir), args.max_batch_size, args.max_input_len,
+                   args.max_output_len, args.max_beam_width, args.dtype)
+    print(f"wrote engine {outdir}")
+    return 0
+
+
+def default_engine(quiet: bool = False) -> Path:
+    """Convert and build the bundled default model into a cache dir once."""
+    from .convert import convert
+    from .engine import ENGINE_FILE, build
+
+    if not (BUNDLED_DEFAULT / "config.json").is_file():
+        raise EncDecError(f"no --engine-dir given and no bundled default model at {BUNDLED_DEFAULT}")
+    h = hashlib.sha256()
+    for f in sorted(BUNDLED_DEFAULT.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    cache = Path(os.environ.get("ENCDEC_CACHE", Path.home() / ".cache" / "encdec"))
+    eng = cache / f"default-{h.hexdigest()[:16]}" / "engine"
+    if not (eng / ENGINE_FILE).is_file():
+        if not quiet:
+            print(f"encdec: preparing the bundled default model in {eng.parent} (once)", file=sys.stderr)
+        ck = convert(BUNDLED_DEFAULT, eng.parent / "checkpoint")
+        build(ck, eng, max_batch_size=64, max_input_len=512, max_output_len=256, max_beam_width=8)
+    return eng
+
+
+def _gen_overrides(args) -> dict:
+    ov = {
+        "max_new_tokens": args.max_output_len,
+        "min_new_tokens": args.min_new_tokens,
+        "num_beams": args.num_beams,
+        "length_penalty": args.length_penalty,
+        "early_stopping": args.early_stopping,
+        "num_return_sequences": args.num_return_sequences,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.random_seed,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "repetition_penalty": args.repetition_penalty,
+    }
+    if args.sampling:
+        ov["do_sample"] = True
+    return {k: v for k, v in ov.items() if v is not None}
+
+
+def _read_inputs(args) -> list[str]:
+    texts = list(args.input_text or [])
+    if args.input_file:
+        p = Path(args.input_file)
+        if not p.is_file():
+            raise EncDecError(f"--input-file {p}: no such file")
+        try:
+            texts += [ln.rstrip("\n") for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except UnicodeDecodeError as exc:
+            raise EncDecError(f"--input-file {p}: not UTF-8 text ({exc.reason})") from None
+    if not texts:
+        raise EncDecError("no input: give --input-text TEXT [TEXT ...] or --input-file FILE")
+    return texts
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    from .engine import Engine
+
+    texts = _read_inputs(args)
+    engine_dir = Path(args.engine_dir) if args.engine_dir else default_engine()
+    device = _device(args.device)
+    ctx = None
+    mapping_world = 1
+    info_path = engine_dir / "engine.json"
+    if info_path.is_file():
+        try:
+            mapping_world = int(json.loads(info_path.read_text())["mapping"]["world_size"])
+        except (KeyError, ValueError, TypeError):
+            mapping_world = 1
+    launched = any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE"))
+    if mapping_world > 1 or launched:
+        from .parallel.launch import init_parallel
+
+        m = json.loads(info_path.read_text())["mapping"]
+        ctx = init_parallel(int(m["tp_size"]), int(m["pp_size"]), device)
+        if device == "cuda":
+            device = f"cuda:{torch.cuda.current_device()}"
+    engine = Engine.load(engine_dir, device=device, ctx=ctx, dtype=args.dtype)
+    target = None
+    if args.target_lang:
+        target = args.target_lang if len(args.target_lang) > 1 else args.target_lang[0]
+    if args.no_generation_config:
+        engine.meta["generation_config"] = {}
+    overrides = _gen_overrides(args)
+    tok = engine.tokenizer(Path(args.tokenizer_dir) if args.tokenizer_dir else None)
+    ids = tok.encode(texts)
+    langs = None
+    if target is not None:
+        codes = [target] * len(texts) if isinstance(target, str) else target
+        if len(codes) != len(texts):
+            raise EncDecError(f"--target-lang has {len(codes)} codes for {len(texts)} inputs (give 1 or one per input)")
+        if not hasattr(tok, "lang_id"):
+            raise EncDecError(f"family '{engine.config.family}' has no target-language control")
+        langs = [tok.lang_id(c) for c in codes]
+    res = engine.generate_ids(ids, target_lang_ids=langs, **overrides)
+    n = res.num_return_sequences
+    outputs = [[tok.decode(res.tokens(i * n + j)) for j in range(n)] for i in range(len(texts))]
+    report = {"engine": str(engine_dir), "device": str(device), "results": []}
+    hf_rows = None
+    if args.compare_hf:
+        hf_rows = compare_hf(engine, args, ids, langs, overrides, res)
+    for i, t in enumerate(texts):
+        row = {"input": t, "output": outputs[i]}
+        if hf_rows is not None:
+            row.update(hf_rows[i])
+        report["results"].append(row)
+    if args.output_json and _rank0():
+        Path(args.output_json).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    for row in report["results"]:
+        out(f"Input : {row['input']}")
+        for j, o in enumerate(row["output"]):
+            tag = f"Output[{j}]" if n > 1 else "Output"
+            out(f"{tag}: {o}")
+        if hf_rows is not None:
+            for j, o in enumerate(row["hf_output"]):
+                tag = f"HF    [{j}]" if n > 1 else "HF    "
+                out(f"{tag}: {o}")
+            out(f"token ids match HF fp32: {'yes' if row['match'] else 'NO'}")
+        out("")
+    if hf_rows is not None and not all(r["match"] for r in hf_rows):
+        return 3
+    return 0
+
+
+def compare_hf(engine, args, ids, langs, overrides, res) -> list[dict]:
+    """HF transformers in fp32 on the same inputs and settings; per input: outputs and whether ids match."""
+    import torch
+
+    fam = engine.family
+    src = Path(args.hf_model_dir) if args.hf_model_dir else Path(engine.meta.get("source", ""))
+    if not src.exists():
+        raise EncDecError(f"--compare-hf: HF model dir {src} not found (give --hf-model-dir)")
+    if fam is not None and fam.hf_loader is not None:
+        hf = fam.hf_loader(src)
+    else:
+        import transformers
+
+        cls = getattr(transformers, (fam.hf_class if fam and fam.hf_class else "AutoModelForSeq2SeqLM"))
+        hf = cls.from_pretrained(str(src), dtype=torch.float32)
+    hf.eval()
+    gc = engine.generation_config(**overrides)
+    hgc = gc.to_hf()
+    rows = []
+    tok = engine.tokenizer(Path(args.tokenizer_dir) if args.tokenizer_dir else None)
+    n = res.num_return_sequences
+    for i, x in enumerate(ids):
+        inp = torch.tensor([x])
+        kw = {}
+        if langs is not None and langs[i] is not None:
+            kw["forced_bos_token_id"] = langs[i]
+        with torch.no_grad():
+            seq = hf.generate(input_ids=inp, attention_mask=torch.ones_like(inp), generation_config=hgc, **kw)
+        hf_tokens = []
+        for j in range(seq.shape[0]):
+            hf_tokens.append(_strip(seq[j].tolist(), gc))
+        ours = [res.tokens(i * n + j) for j in range(n)]
+        rows.append({"hf_output": [tok.decode(t) for t in hf_tokens], "match": ours == hf_tokens,
+                     "ids": ours, "hf_ids": hf_tokens})
+    return rows
+
+
+def _strip(seq: list[int], gc) -> list[int]:
+    """HF output row -> ids without the start token and trailing pad/eos (as GenerationOutput.tokens)."""
+    seq = seq[1:]
+    eos = gc.eos_token_id if isinstance(gc.eos_token_id, (list, tuple)) else [gc.eos_token_id]
+    while seq and (seq[-1] == gc.pad_token_id or seq[-1] in eos):
+        seq = seq[:-1]
+    return seq
+
+
+def cmd_benchmark(args) -> int:
+    from .benchmark import cli_benchmark
+
+    return cli_benchmark(args)
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="encdec", description=__doc__.splitlines()[0])
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"encdec {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("list-families", help="families installed, with aliases, architectures and origin")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_list_families)
+
+    s = sub.add_parser("plugins", help="loaded plugins and failures")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_plugins)
+
+    s = sub.add_parser("convert", help="HF dir / fairseq checkpoint -> encdec checkpoint (config.json + rank*.safetensors)")
+    _opt(s, "--model-dir", required=True, help="HF model directory or fairseq checkpoint folder/file")
+    _opt(s, "--output-dir", required=True)
+    _opt(s, "--family", default=None, help="family name or alias (default: detected)")
+    _opt(s, "--dtype", default="float32", help="float32 | float16 | bfloat16")
+    _opt(s, "--tp-size", type=int, default=1)
+    _opt(s, "--pp-size", type=int, default=1)
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("build", help="checkpoint -> engine directory with limits")
+    _opt(s, "--checkpoint-dir", required=True)
+    _opt(s, "--output-dir", required=True)
+    _opt(s, "--max-batch-size", type=int, default=8)
+    _opt(s, "--max-input-len", "--max-encoder-input-len", type=int, default=512)
+    _opt(s, "--max-output-len", "--max-seq-len", type=int, default=200)
+    _opt(s, "--max-beam-width", type=int, default=4)
+    _opt(s, "--dtype", default=None, help="cast the engine to float32 | float16 | bfloat16")
+    s.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("run", help="text in, text out")
+    _opt(s, "--engine-dir", default=None, help="engine directory (default: the bundled model)")
+    _opt(s, "--tokenizer-dir", default=None, help="tokenizer folder (default: the engine dir)")
+    _opt(s, "--input-text", nargs="+", default=None)
+    _opt(s, "--input-file", default=None, help="one input per line")
+    _opt(s, "--max-output-len", "--max-new-tokens", "--max-new-token", type=int, default=None)
+    _opt(s, "--min-new-tokens", type=int, default=None)
+    _opt(s, "--num-beams", type=int, default=None)
+    _opt(s, "--length-penalty", type=float, default=None)
+    _opt(s, "--early-stopping", type=_bool, default=None)
+    _opt(s, "--num-return-sequences", type=int, default=None)
+    _opt(s, "--sampling", "--do-sample", action="store_true")
+    _opt(s, "--temperature", type=float, default=None)
+    _opt(s, "--top-k", type=int, default=None)
+    _opt(s, "--top-p", type=float, default=None)
+    _opt(s, "--random-seed", "--seed", type=int, default=None)
+    _opt(s, "--no-repeat-ngram-size", type=int, default=None)
+    _opt(s, "--repetition-penalty", type=float, default=None)
+    _opt(s, "--target-lang", nargs="+", default=None, help="target language code(s): one, or one per input")
+    _opt(s, "--no-generation-config", action="store_true",
+         help="ignore the model's generation_config.json defaults")
+    _opt(s, "--compare-hf", "--compare-hf-fp32", action="store_true",
+         help="also run HF transformers in fp32 and report whether token ids match")
+    _opt(s, "--hf-model-dir", "--model-name", default=None, help="HF model dir for --compare-hf")
+    _opt(s, "--device", default="auto", help="cpu | cuda | auto")
+    _opt(s, "--dtype", default=None, help="override the engine dtype at load")
+    _opt(s, "--output-json", default=None)
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("benchmark", help="latency / throughput, optionally against HF generate")
+    try:
+        from .benchmark import add_benchmark_args
+
+        add_benchmark_args(s, _opt)
+    except ImportError:
+        pass
+    s.set_defaults(func=cmd_benchmark)
+
+    try:
+        from .registry import registry
+
+        registry.manager.load_entry_points()
+        registry.manager.pm.hook.encdec_register_commands(subparsers=sub)
+    except Exception as exc:  # a plugin's command must not break the CLI
+        print(f"encdec: warning: a plugin failed to add commands: {exc}", file=sys.stderr)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except EncDecError as exc:
+        print(f"encdec: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, MemoryError) as exc:
+        if os.environ.get("ENCDEC_DEBUG"):
+            raise
+        print(f"encdec: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug: say so in one line; ENCDEC_DEBUG=1 shows the traceback
+        if os.environ.get("ENCDEC_DEBUG"):
+            raise
+        print(f"encdec: internal error: {type(exc).__name__}: {exc} (set ENCDEC_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Engine directories: build (checkpoint + limits -> engine dir) and load (engine dir -> runnable Engine).
+
+An engine directory holds engine.json (limits, options, the checksum of the checkpoint it came from),
+the checkpoint's config.json and rank{r}.safetensors (cast to the engine dtype), and the tokenizer and
+generation_config files copied at convert time. Requests beyond the limits are refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import checksum_dir, config_from_meta, dtype_name, load_model, parse_dtype, read_meta
+from .config import read_json
+from .errors import ConfigError, EncDecError, LimitError
+
+ENGINE_FILE = "engine.json"
+_MODEL_FILES = ("config.json",)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch_size: int
+    max_input_len: int
+    max_output_len: int
+    max_beam_width: int
+
+    def check(self, batch: int, input_len: int, output_len: int, beams: int, where: str = "engine") -> None:
+        for what, val, lim, flag in (
+            ("batch size", batch, self.max_batch_size, "--max-batch-size"),
+            ("input length", input_len, self.max_input_len, "--max-input-len"),
+            ("output length", output_len, self.max_output_len, "--max-output-len"),
+            ("beam width", beams, self.max_beam_width, "--max-beam-width"),
+        ):
+            if val > lim:
+                raise LimitError(
+                    f"{where}: {what} {val} exceeds the engine's limit {lim} (rebuild with a larger {flag})")
+
+
+def _positive(name: str, v) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ConfigError(f"{name} = {v!r}: expected a positive integer")
+    return v
+
+
+def build(checkpoint_dir: Path, output_dir: Path, max_batch_size: int = 8, max_input_len: int = 512,
+          max_output_len: int = 200, max_beam_width: int = 4, dtype: str | None = None) -> Path:
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    limits = Limits(_positive("--max-batch-size", max_batch_size), _positive("--max-input-len", max_input_len),
+                    _positive("--max-output-len", max_output_len), _positive("--max-beam-width", max_beam_width))
+    meta = read_meta(checkpoint_dir)
+    cfg = config_from_meta(meta, str(checkpoint_dir / "config.json"))
+    world = int(meta["mapping"]["world_size"])
+    for r in range(world):
+        if not (checkpoint_dir / f"rank{r}.safetensors").is_file():
+            raise EncDecError(f"{checkpoint_dir / f'rank{r}.safetensors'}: shard for rank {r} is missing")
+    got = checksum_dir(checkpoint_dir, world)
+    if meta.get("checksum") and got != meta["checksum"]:
+        raise EncDecError(
+            f"{checkpoint_dir}: the rank*.safetensors files do not match the checksum in config.json "
+            f"(a shard was changed or comes from another conversion); convert again")
+    src_dtype = parse_dtype(meta["dtype"], f"{checkpoint_dir / 'config.json'} field 'dtype'")
+    tgt_dtype = parse_dtype(dtype) if dtype else src_dtype
+    if cfg.position_type == "learned" and not cfg.position_padding_aware:
+        if max_input_len > cfg.max_position_embeddings or max_output_len + 1 > cfg.max_position_embeddings:
+            raise ConfigError(
+                f"limits exceed the model's learned positions ({cfg.max_position_embeddings}): "
+                f"--max-input-len {max_input_len}, --max-output-len {max_output_len}")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        for item in checkpoint_dir.iterdir():
+            if item.name.startswith("rank") and item.suffix == ".safetensors":
+                continue
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name)
+            else:
+                shutil.copy2(item, tmp / item.name)
+        if tgt_dtype == src_dtype:
+            for r in range(world):
+                src = checkpoint_dir / f"rank{r}.safetensors"
+                try:
+                    os.link(src, tmp / src.name)
+                except OSError:
+                    shutil.copy2(src, tmp / src.name)
+        else:
+            from safetensors.torch import load_file, save_file
+
+            for r in range(world):
+                t = load_file(str(checkpoint_dir / f"rank{r}.safetensors"))
+                t = {k: (v.to(tgt_dtype) if v.is_floating_point() else v) for k, v in t.items()}
+                save_file(t, str(tmp / f"rank{r}.safetensors"))
+            m2 = dict(meta)
+            m2["dtype"] = dtype_name(tgt_dtype)
+            m2["checksum"] = checksum_dir(tmp, world)
+            with open(tmp / "config.json", "w") as f:
+                json.dump(m2, f, indent=2)
+                f.write("\n")
+        info = {
+            "format": "encdec-engine",
+            "format_version": 1,
+            "encdec_version": __version__,
+            "torch_version": torch.__version__,
+            "family": meta.get("family", cfg.family),
+            "dtype": dtype_name(tgt_dtype),
+            "mapping": meta["mapping"],
+            "limits": limits.__dict__,
+            "checkpoint": {"path": str(checkpoint_dir.resolve()), "checksum": got},
+        }
+        with open(tmp / ENGINE_FILE, "w") as f:
+            json.dump(info, f, indent=2)
+            f.write("\n")
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+class Engine:
+    """A loaded engine: model for this rank, limits, tokenizer and generation defaults."""
+
+    def __init__(self, engine_dir: Path, model, info: dict, meta: dict, ctx=None):
+        self.engine_dir = Path(engine_dir)
+        self.model = model
+        self.info = info
+        self.meta = meta
+        self.ctx = ctx
+        self.limits = Limits(**info["limits"])
+        self._tokenizer = None
+
+    @property
+    def config(self):
+        return self.model.cfg
+
+    @property
+    def family(self):
+        from .registry import registry
+
+        return registry.find(self.info.get("family") or self.config.family)
+
+    @property
+    def generation_defaults(self) -> dict:
+        return dict(self.meta.get("generation_config") or {})
+
+    @classmethod
+    def load(cls, engine_dir, device: str | torch.device = "cpu", ctx=None, dtype=None) -> "Engine":
+        engine_dir = Path(engine_dir)
+        if not engine_dir.is_dir():
+            raise EncDecError(f"{engine_dir}: engine directory not found (run 'encdec build' first)")
+        info = read_json(engine_dir / ENGINE_FILE, "engine")
+        if info.get("format") != "encdec-engine":
+            raise ConfigError(f"{engine_dir / ENGINE_FILE}: field 'format' = {info.get('format')!r}: "
+                              f"expected 'encdec-engine'")
+        for key in ("limits", "mapping", "dtype"):
+            if key not in info:
+                raise ConfigError(f"{engine_dir / ENGINE_FILE}: missing field '{key}'")
+        meta = read_meta(engine_dir)
+        dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise EncDecError("--device cuda: CUDA is not available on this machine")
+        model = load_model(engine_dir, ctx=ctx, device=device, dtype=dt, meta=meta)
+        return cls(engine_dir, model, info, meta, ctx)
+
+    # ------------------------------------------------------------------ text
+    def tokenizer(self, tokenizer_dir: Path | None = None):
+        from .tokenizer import load_tokenizer
+
+        if tokenizer_dir is None and self._tokenizer is not None:
+            return self._tokenizer
+        tok = load_tokenizer(self.family, Path(tokenizer_dir or self.engine_dir), self.config)
+        if tokenizer_dir is None:
+            self._tokenizer = tok
+        return tok
+
+    def generation_config(self, **overrides):
+        from .runtime.generation import GenerationConfig
+
+        return GenerationConfig.from_model(self.config, self.generation_defaults,
+                                           **{k: v for k, v in overrides.items() if v is not None})
+
+    def generate_ids(self, ids: list[list[int]], target_lang_ids=None, runner=None, **overrides):
+        """Token ids in, GenerationOutput out; limits checked first."""
+        from .runtime.generation import generate
+
+        if not ids:
+            raise EncDecError("no input given")
+        gc = self.generation_config(**overrides)
+        max_in = max(len(x) for x in ids)
+        if min(len(x) for x in ids) == 0:
+            raise EncDecError("an input is empty after tokenization")
+        out_len = _output_len(gc)
+        self.limits.check(len(ids), max_in, out_len, max(gc.num_beams, 1))
+        pad = self.config.pad_token_id
+        dev = self.model.device
+        input_ids = torch.full((len(ids), max_in), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), max_in), dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[i, : len(x)] = 1
+        with torch.inference_mode():
+            return generate(self.model, input_ids.to(dev), mask.to(dev), gc,
+                            forced_bos_token_ids=target_lang_ids, runner=runner)
+
+    def generate(self, texts: list[str], tokenizer_dir=None, target_lang=None, **overrides) -> list[list[str]]:
+        """Texts in, for each input a list of num_return_sequences output texts.
+
+        target_lang: one language code for all, or a list with one per request (None = model default).
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        tok = self.tokenizer(tokenizer_dir)
+        ids = tok.encode(list(texts))
+        langs = None
+        if target_lang is not None:
+            codes = [target_lang] * len(texts) if isinstance(target_lang, str) else list(target_lang)
+            if len(codes) != len(texts):
+                raise EncDecError(f"target_lang has {len(codes)} entries for {len(texts)} inputs")
+            if not hasattr(tok, "lang_id"):
+                raise EncDecError(f"family '{self.config.family}' has no target-language control")
+            langs = [None if c is None else tok.lang_id(c) for c in codes]
+        out = self.generate_ids(ids, target_lang_ids=langs, **overrides)
+        n = out.num_return_sequences
+        return [[tok.decode(out.tokens(i * n + j)) for j in range(n)] for i in range(len(texts))]
+
+
+def _output_len(gc) -> int:
+    if getattr(gc, "max_new_tokens", None):
+        return int(gc.max_new_tokens)
+    return max(int(getattr(gc, "max_length", 20) or 20) - 1, 1)
