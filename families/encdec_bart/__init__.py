@@ -1,0 +1,1 @@
+"""BART and mBART families for encdec (registered through the ``encdec`` entry point ``bart``)."""
