@@ -1,0 +1,427 @@
+"""Generation: greedy, sampling and beam search over a decoder runner.
+
+Results equal HF transformers' (v5) ``generate`` with the same settings: same option names and
+defaults, same length rules (for encoder-decoders ``max_length`` / ``min_length`` count the decoder
+start token; ``max_new_tokens`` / ``min_new_tokens`` win when set), same logits-processor order,
+same tie-breaking (the same torch ops pick the tokens) and the same output layout.
+
+A runner hides how the decoder runs (eager here; a CUDA-graph runner elsewhere):
+
+    runner.prefill(input_ids, attention_mask, expand, max_len)  # encoder + cross K/V, rows x expand
+    runner.step(tokens[N]) -> fp32 logits [N, V]                # one position for every row
+    runner.reorder(index[N])                                    # beam search: rows take rows `index`
+
+The loop keeps its state in tensors on the model's device and syncs with the host once per step
+(the stopping test). Under tensor / pipeline parallelism every rank sees the same logits and runs
+the same loop; sampling draws from a torch.Generator seeded from ``seed`` so ranks agree.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..errors import ConfigError, EncDecError
+from .logits import LogitsPipeline
+
+# HF's global defaults (GenerationConfig._get_default_generation_params), for the options we run.
+_DEFAULTS = dict(
+    max_new_tokens=None, min_new_tokens=None, max_length=None, min_length=None,
+    num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
+    do_sample=False, temperature=1.0, top_k=50, top_p=1.0, seed=None,
+    no_repeat_ngram_size=0, repetition_penalty=1.0,
+)
+_DEFAULT_MAX_NEW = 20  # HF: max_length 20 on top of the decoder prompt when nothing sets a length
+_TOKEN_FIELDS = ("forced_bos_token_id", "forced_eos_token_id", "eos_token_id", "pad_token_id",
+                 "decoder_start_token_id")
+
+# generation_config.json keys that do not change the tokens chosen (or that we fill from elsewhere)
+_IGNORED = {
+    "transformers_version", "_from_model_config", "use_cache", "output_attentions", "output_hidden_states",
+    "output_scores", "output_logits", "return_dict_in_generate", "cache_implementation", "cache_config",
+    "compile_config", "disable_compile", "is_assistant", "num_assistant_tokens", "num_assistant_tokens_schedule",
+    "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind", "bos_token_id", "max_time",
+    "trust_remote_code", "_commit_hash", "streaming", "token_healing", "prefill_chunk_size",
+}
+# options HF would act on that we do not implement: allowed only at their neutral value
+_NEUTRAL = {
+    "num_beam_groups": (None, 1), "diversity_penalty": (None, 0.0), "penalty_alpha": (None, 0.0),
+    "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0), "min_p": (None,),
+    "top_h": (None,), "encoder_repetition_penalty": (None, 1.0), "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,), "force_words_ids": (None,), "constraints": (None,), "sequence_bias": (None,),
+    "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "exponential_decay_length_penalty": (None,),
+    "renormalize_logits": (None, False), "remove_invalid_values": (None, False), "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,), "stop_strings": (None,), "low_memory": (None, False), "dola_layers": (None,),
+    "prompt_lookup_num_tokens": (None,), "assistant_early_exit": (None,), "max_matching_ngram_size": (None,),
+    "use_mtp": (None, False), "forced_decoder_ids": (None,), "num_assistant_tokens_schedule": (None, "constant"),
+}
+
+
+def _as_id_list(v) -> tuple[int, ...] | None:
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        return tuple(int(x) for x in v)
+    return (int(v),)
+
+
+@dataclass
+class GenerationConfig:
+    """Generation options under HF's names and meanings. ``None`` lengths mean "not set"."""
+
+    max_new_tokens: int | None = None
+    min_new_tokens: int | None = None
+    max_length: int | None = None  # counts the decoder start token (HF, encoder-decoder)
+    min_length: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False  # True, False or "never"
+    num_return_sequences: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    seed: int | None = None
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | list[int] | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+    max_position_embeddings: int | None = None  # caps the default max_length (HF does the same)
+    source: str = field(default="generation config", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name not in ("source", "max_position_embeddings")]
+
+    @classmethod
+    def from_model(cls, cfg, generation_config: Mapping[str, Any] | None = None, **overrides) -> "GenerationConfig":
+        """Options from the model's generation_config.json (a dict; None or {} when absent), with
+        ``overrides`` on top (a None override means "not given"). Like HF: a model without a
+        generation_config.json takes its special tokens from the model config."""
+        names = set(cls.field_names())
+        unknown = sorted(k for k in overrides if k not in names)
+        if unknown:
+            raise ConfigError(f"generate: unknown option(s) {unknown}; known: {sorted(names)}")
+        gen = dict(generation_config or {})
+        src = "generation_config.json"
+        for key, value in gen.items():
+            if key in _NEUTRAL and value not in _NEUTRAL[key] and overrides.get(key) is None:
+                raise ConfigError(
+                    f"{src}: field '{key}' = {value!r} is not supported by encdec generation "
+                    f"(expected one of {list(_NEUTRAL[key])})")
+        values: dict[str, Any] = {}
+        for name in names:
+            if overrides.get(name) is not None:
+                values[name] = overrides[name]
+            elif gen.get(name) is not None:
+                values[name] = gen[name]
+        for name, default in _DEFAULTS.items():
+            values.setdefault(name, default)
+        # special tokens: generation_config.json when the model has one, else the model config
+        fallback = {"eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+                    "decoder_start_token_id": cfg.decoder_start_token_id}
+        if not gen:
+            fallback.update(forced_bos_token_id=cfg.forced_bos_token_id,
+                            forced_eos_token_id=cfg.forced_eos_token_id)
+        elif values.get("decoder_start_token_id") is None and gen.get("bos_token_id") is not None \
+                and cfg.decoder_start_token_id is None:
+            fallback["decoder_start_token_id"] = gen["bos_token_id"]
+        for name, v in fallback.items():
+            if values.get(name) is None and name not in overrides:
+                values[name] = v
+        if getattr(cfg, "position_type", None) in ("learned", "sinusoidal"):
+            values["max_position_embeddings"] = cfg.max_position_embeddings
+        values["source"] = src if gen else "generate options"
+        return cls(**values)
+
+    def replace(self, **kw) -> "GenerationConfig":
+        return dataclasses.replace(self, **kw)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return _as_id_list(self.eos_token_id) or ()
+
+    @property
+    def pad_id(self) -> int | None:
+        """HF: pad defaults to the first EOS."""
+        if self.pad_token_id is not None:
+            return int(self.pad_token_id)
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    def limits(self, prompt_len: int = 1) -> tuple[int, int]:
+        """(min_length, max_length) of the output, decoder prompt (start token) included."""
+        if self.max_new_tokens is not None:
+            max_len = self.max_new_tokens + prompt_len
+        elif self.max_length is None:
+            max_len = _DEFAULT_MAX_NEW + prompt_len
+            if self.max_position_embeddings is not None:
+                max_len = min(max_len, self.max_position_embeddings)
+        else:
+            max_len = self.max_length
+        if self.min_new_tokens is not None:
+            min_len = self.min_new_tokens + prompt_len
+        else:
+            min_len = self.min_length or 0
+        return min_len, max_len
+
+    @property
+    def max_new_tokens_effective(self) -> int:
+        return self.limits()[1] - 1
+
+    @property
+    def mode(self) -> str:
+        if self.num_beams > 1:
+            return "beam_sample" if self.do_sample else "beam"
+        return "sample" if self.do_sample else "greedy"
+
+    # ------------------------------------------------------------------ checks
+    def validate(self, vocab_size: int | None = None) -> None:
+        where = self.source
+
+        def bad(name, value, expected):
+            raise ConfigError(f"{where}: field '{name}' = {value!r}: expected {expected}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        for name in ("max_new_tokens", "max_length"):
+            v = getattr(self, name)
+            if v is not None and (not is_int(v) or v < 1):
+                bad(name, v, "a positive integer")
+        for name in ("min_new_tokens", "min_length", "no_repeat_ngram_size", "top_k"):
+            v = getattr(self, name)
+            if v is not None and (not is_int(v) or v < 0):
+                bad(name, v, "a non-negative integer")
+        for name in ("num_beams", "num_return_sequences"):
+            v = getattr(self, name)
+            if not is_int(v) or v < 1:
+                bad(name, v, "a positive integer")
+        if not isinstance(self.do_sample, bool):
+            bad("do_sample", self.do_sample, "true or false")
+        if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, (bool, str)):
+            bad("early_stopping", self.early_stopping, 'true, false or "never"')
+        if not is_num(self.length_penalty):
+            bad("length_penalty", self.length_penalty, "a number")
+        if not is_num(self.temperature) or not self.temperature > 0:
+            bad("temperature", self.temperature, "a number > 0 (for greedy decoding set do_sample false)")
+        if not is_num(self.top_p) or not 0.0 <= self.top_p <= 1.0:
+            bad("top_p", self.top_p, "a number in [0, 1]")
+        if not is_num(self.repetition_penalty) or not self.repetition_penalty > 0:
+            bad("repetition_penalty", self.repetition_penalty, "a number > 0")
+        if self.seed is not None and not is_int(self.seed):
+            bad("seed", self.seed, "an integer")
+        if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
+            bad("num_return_sequences", self.num_return_sequences,
+                "1 for greedy decoding (use beam search or sampling for several outputs)")
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            bad("num_return_sequences", self.num_return_sequences, f"at most num_beams = {self.num_beams}")
+        for name in _TOKEN_FIELDS:
+            v = getattr(self, name)
+            ids = v if isinstance(v, (list, tuple)) else [v]
+            if name not in ("eos_token_id", "forced_eos_token_id") and isinstance(v, (list, tuple)):
+                bad(name, v, "a single token id")
+            for t in ids:
+                if t is None:
+                    continue
+                if not is_int(t) or t < 0 or (vocab_size is not None and t >= vocab_size):
+                    rng = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+                    bad(name, v, f"a token id in {rng}")
+        if self.decoder_start_token_id is None:
+            bad("decoder_start_token_id", None, "a token id (set it in the model config or generation config)")
+        min_len, max_len = self.limits()
+        if max_len < 2:
+            bad("max_length", max_len, "at least 2 (the decoder start token plus one generated token)")
+
+
+# ---------------------------------------------------------------------------- output
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor  # [B * num_return_sequences, T], start token first, HF's layout
+    sequences_scores: torch.Tensor | None  # beam search: length-normalised score of each row
+    num_return_sequences: int
+    eos_token_ids: tuple[int, ...] = ()
+    _host: list | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+    def tokens(self, i: int) -> list[int]:
+        """Row i without the start token, cut at its first EOS (which is dropped with what follows:
+        only padding follows an EOS)."""
+        if self._host is None:
+            self._host = self.sequences.tolist()
+        row = self._host[i][1:]
+        eos = set(self.eos_token_ids)
+        for j, t in enumerate(row):
+            if t in eos:
+                return row[:j]
+        return row
+
+    def all_tokens(self) -> list[list[int]]:
+        return [self.tokens(i) for i in range(len(self))]
+
+    def request_tokens(self, b: int) -> list[list[int]]:
+        """The num_return_sequences outputs of request b."""
+        n = self.num_return_sequences
+        return [self.tokens(b * n + j) for j in range(n)]
+
+
+# ---------------------------------------------------------------------------- runner
+class EagerRunner:
+    """Runs an EncDecModel step by step with its preallocated KV cache."""
+
+    def __init__(self, model):
+        self.model = model
+        self.state = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.cfg.vocab_size
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, expand: int, max_len: int) -> None:
+        with torch.inference_mode():
+            enc = self.model.encode(input_ids, attention_mask)
+            state = self.model.init_state(enc, attention_mask, max_len)
+            if expand > 1:
+                idx = torch.arange(input_ids.shape[0], device=enc.device).repeat_interleave(expand)
+                state.select(idx)
+        self.state = state
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.decode(tokens.unsqueeze(1), self.state)[:, -1]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        with torch.inference_mode():
+            self.state.reorder(index)
+
+
+# ---------------------------------------------------------------------------- entry point
+def _check_inputs(input_ids, attention_mask, vocab: int, forced_bos_token_ids, out_vocab: int):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise EncDecError(f"generate: input_ids = {shape}: expected a 2-D LongTensor [batch, source length]")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise EncDecError(f"generate: input_ids has shape {tuple(input_ids.shape)}: expected a non-empty batch")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise EncDecError(f"generate: input_ids has dtype {input_ids.dtype}: expected integer token ids")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab:
+        raise EncDecError(f"generate: input_ids contain token id {lo if lo < 0 else hi}: "
+                          f"expected ids in [0, {vocab}) (the encoder vocabulary)")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+            raise EncDecError(f"generate: attention_mask shape {shape}: expected {tuple(input_ids.shape)} "
+                              "like input_ids")
+        if bool((attention_mask.sum(dim=1) == 0).any()):
+            raise EncDecError("generate: attention_mask has a row with no tokens: expected every request to "
+                              "have at least one source token")
+    if forced_bos_token_ids is not None:
+        if len(forced_bos_token_ids) != input_ids.shape[0]:
+            raise EncDecError(f"generate: forced_bos_token_ids has {len(forced_bos_token_ids)} entries: expected "
+                              f"one per request ({input_ids.shape[0]})")
+        for i, t in enumerate(forced_bos_token_ids):
+            if t is not None and (not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < out_vocab):
+                raise EncDecError(f"generate: forced_bos_token_ids[{i}] = {t!r}: expected None or a token id "
+                                  f"in [0, {out_vocab})")
+
+
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             gc: GenerationConfig | None = None, forced_bos_token_ids: Sequence[int | None] | None = None,
+             runner=None) -> GenerationOutput:
+    """Generate for a batch of (right-padded) sources. See the module docstring."""
+    cfg = model.cfg
+    if gc is None:
+        gc = GenerationConfig.from_model(cfg, None)
+    vocab = cfg.vocab_size
+    gc.validate(vocab)
+    runner = runner if runner is not None else EagerRunner(model)
+    device = model.device
+    _check_inputs(input_ids, attention_mask, cfg.encoder_vocab_size, forced_bos_token_ids, vocab)
+    input_ids = input_ids.to(device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+
+    batch = input_ids.shape[0]
+    expand = max(gc.num_beams, gc.num_return_sequences)
+    min_len, max_len = gc.limits()
+    eos = gc.eos_token_ids
+
+    forced_bos: torch.Tensor | int | None = gc.forced_bos_token_id
+    if forced_bos_token_ids is not None and any(t is not None for t in forced_bos_token_ids):
+        default = -1 if gc.forced_bos_token_id is None else int(gc.forced_bos_token_id)
+        rows = [default if t is None else int(t) for t in forced_bos_token_ids]
+        forced_bos = torch.tensor(rows, dtype=torch.long, device=device).repeat_interleave(expand)
+
+    if gc.do_sample and gc.num_beams > 1:
+        min_keep = len(eos) + 1 if eos else 2
+    else:
+        min_keep = 1
+    pipeline = LogitsPipeline(
+        vocab_size=vocab, eos_token_ids=eos, min_length=min_len, max_length=max_len,
+        repetition_penalty=gc.repetition_penalty, no_repeat_ngram_size=gc.no_repeat_ngram_size,
+        forced_bos=forced_bos, forced_eos=_as_id_list(gc.forced_eos_token_id), do_sample=gc.do_sample,
+        temperature=gc.temperature, top_k=gc.top_k, top_p=gc.top_p, min_tokens_to_keep=min_keep, device=device)
+
+    generator = None
+    if gc.do_sample and gc.seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(gc.seed)
+
+    runner.prefill(input_ids, attention_mask, expand, max_len)
+    if gc.num_beams > 1:
+        from .beam import beam_search
+
+        seqs, scores = beam_search(runner, gc, batch, max_len, pipeline, generator, device)
+        return GenerationOutput(seqs, scores, gc.num_return_sequences, eos)
+    seqs = _sample(runner, gc, batch * expand, max_len, pipeline, generator, device)
+    return GenerationOutput(seqs, None, gc.num_return_sequences, eos)
+
+
+def _sample(runner, gc: GenerationConfig, rows: int, max_len: int, pipeline, generator, device) -> torch.Tensor:
+    """Greedy (argmax) or multinomial sampling; finished rows continue with the pad token."""
+    eos = gc.eos_token_ids
+    pad = gc.pad_id
+    seqs = torch.empty((rows, max_len), dtype=torch.long, device=device)
+    seqs[:, 0] = gc.decoder_start_token_id
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+    unfinished = torch.ones(rows, dtype=torch.bool, device=device)
+    tokens = seqs[:, 0]
+    cur = 1
+    while True:
+        logits = runner.step(tokens).float()
+        scores = pipeline(seqs[:, :cur], logits)
+        if gc.do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            nxt = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+        else:
+            nxt = torch.argmax(scores, dim=-1)
+        if eos_t is not None:
+            nxt = torch.where(unfinished, nxt, pad)
+            unfinished = unfinished & ~torch.isin(nxt, eos_t)
+        seqs[:, cur] = nxt
+        cur += 1
+        if cur >= max_len:
+            break
+        if eos_t is not None and not bool(unfinished.any()):  # the one host sync per step
+            break
+        tokens = nxt
+    return seqs[:, :cur]

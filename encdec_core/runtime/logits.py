@@ -1,0 +1,143 @@
+"""Logits processors for generation, as plain tensor functions.
+
+Every processor takes the sequences so far ``seqs`` [N, cur] (decoder start token included) and
+the scores of the next position ``scores`` [N, V] (fp32) and returns new scores. Whether a
+processor applies at a step depends only on host integers (the current length, the limits), so
+building the pipeline costs no device synchronisation.
+
+The order of the pipeline and each rule follow HF transformers' ``generate`` (v5), so that the
+same settings pick the same tokens: repetition penalty, no-repeat n-gram, minimum length,
+forced BOS, forced EOS, then (sampling only) temperature, top-k, top-p.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+NEG_INF = -math.inf
+
+Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------- single rules
+def repetition_penalty(seqs: torch.Tensor, scores: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Every token already in ``seqs``: negative scores times ``penalty``, positive ones divided."""
+    vocab = scores.shape[-1]
+    ids = seqs.clamp(max=vocab)  # ids beyond the vocabulary land in a spare column
+    padded = torch.nn.functional.pad(scores, (0, 1))
+    seen = padded.gather(1, ids)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return padded.scatter(1, ids, seen)[..., :vocab]
+
+
+def no_repeat_ngram(seqs: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Ban every token that would repeat an n-gram already present in the row."""
+    cur = seqs.shape[-1]
+    if cur < n:
+        return scores
+    vocab = scores.shape[-1]
+    prefix = seqs[:, cur + 1 - n:]  # the last n-1 tokens
+    windows = seqs.unfold(1, n, 1)  # [N, cur-n+1, n]: every n-gram so far
+    hit = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)
+    target = torch.where(hit, windows[..., -1].clamp(max=vocab), vocab)
+    banned = torch.zeros((scores.shape[0], vocab + 1), dtype=torch.bool, device=scores.device)
+    banned.scatter_(1, target, True)
+    return scores.masked_fill(banned[:, :vocab], NEG_INF)
+
+
+def ban_tokens(scores: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """``token_mask`` [V] bool: those tokens get -inf (EOS before the minimum length)."""
+    return torch.where(token_mask, NEG_INF, scores)
+
+
+def force_tokens(scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Every row: -inf everywhere except ``token_ids`` (1-D, same for every row), which get 0."""
+    out = torch.full_like(scores, NEG_INF)
+    out[:, token_ids] = 0.0
+    return out
+
+
+def force_tokens_per_row(scores: torch.Tensor, row_token: torch.Tensor) -> torch.Tensor:
+    """``row_token`` [N] long: rows with a value >= 0 are forced to that token, rows with -1 kept."""
+    forced = torch.full_like(scores, NEG_INF)
+    forced.scatter_(1, row_token.clamp(min=0).unsqueeze(1), 0.0)
+    return torch.where((row_token >= 0).unsqueeze(1), forced, scores)
+
+
+def temperature(scores: torch.Tensor, t: float) -> torch.Tensor:
+    return scores / t
+
+
+def top_k(scores: torch.Tensor, k: int, min_keep: int = 1) -> torch.Tensor:
+    """Keep the k best scores of each row (ties with the k-th kept too)."""
+    k = min(max(k, min_keep), scores.shape[-1])
+    kth = torch.topk(scores, k)[0][..., -1, None]
+    return scores.masked_fill(scores < kth, NEG_INF)
+
+
+def top_p(scores: torch.Tensor, p: float, min_keep: int = 1) -> torch.Tensor:
+    """Nucleus: keep the smallest set of best tokens whose probability reaches p."""
+    ascending, order = torch.sort(scores, descending=False)
+    cum = ascending.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum <= (1 - p)
+    drop[..., -min_keep:] = False
+    drop = drop.scatter(1, order, drop)
+    return scores.masked_fill(drop, NEG_INF)
+
+
+# ---------------------------------------------------------------------------- the pipeline
+class LogitsPipeline:
+    """The processors a GenerationConfig asks for, in HF's order.
+
+    ``forced_bos`` may be a per-row LongTensor [N] (-1 = not forced) so one batch can force a
+    different first token per request (mBART target languages).
+    """
+
+    def __init__(self, *, vocab_size: int, eos_token_ids: Sequence[int], min_length: int, max_length: int,
+                 repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                 forced_bos: torch.Tensor | int | None = None, forced_eos: Sequence[int] | None = None,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 min_tokens_to_keep: int = 1, device=None):
+        self.device = device
+        self.rep = float(repetition_penalty)
+        self.ngram = int(no_repeat_ngram_size or 0)
+        self.min_length = int(min_length or 0)
+        self.max_length = int(max_length)
+        self.eos_mask = None
+        if eos_token_ids and self.min_length > 0:
+            self.eos_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.eos_mask[torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)] = True
+        self.forced_bos = forced_bos
+        self.forced_eos = (torch.tensor(list(forced_eos), dtype=torch.long, device=device)
+                           if forced_eos else None)
+        self.do_sample = bool(do_sample)
+        self.temperature = float(temperature)
+        self.top_k = int(top_k or 0)
+        self.top_p = float(top_p)
+        self.min_keep = int(min_tokens_to_keep)
+
+    def __call__(self, seqs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        cur = seqs.shape[-1]
+        if self.rep != 1.0:
+            scores = repetition_penalty(seqs, scores, self.rep)
+        if self.ngram > 0:
+            scores = no_repeat_ngram(seqs, scores, self.ngram)
+        if self.eos_mask is not None and cur < self.min_length:
+            scores = ban_tokens(scores, self.eos_mask)
+        if self.forced_bos is not None and cur == 1:
+            if isinstance(self.forced_bos, torch.Tensor):
+                scores = force_tokens_per_row(scores, self.forced_bos)
+            else:
+                scores = force_tokens(scores, torch.tensor([self.forced_bos], device=scores.device))
+        if self.forced_eos is not None and cur == self.max_length - 1:
+            scores = force_tokens(scores, self.forced_eos)
+        if self.do_sample:
+            if self.temperature != 1.0:
+                scores = temperature(scores, self.temperature)
+            if self.top_k != 0:
+                scores = top_k(scores, self.top_k, self.min_keep)
+            if self.top_p < 1.0:
+                scores = top_p(scores, self.top_p, self.min_keep)
+        return scores
