@@ -2,7 +2,10 @@
 
 world = tp * pp, TensorRT-LLM's convention: rank = pp_rank * tp + tp_rank. The model only talks
 to a ParallelContext; with tp = pp = 1 every hook is the identity and nothing is imported from
-torch.distributed.
+torch.distributed (unless ``force_collectives`` is set: then the hooks run their collectives even on
+groups of one rank, so a single GPU exercises the same NCCL code paths as a multi-GPU run).
+
+A context with world > 1 is built by :func:`encdec_core.parallel.launch.init_parallel`.
 """
 from __future__ import annotations
 
@@ -28,6 +31,18 @@ class ParallelContext:
     pp_group: object = None
     pp_ranks: tuple = ()  # global ranks of this rank's pipeline, stage order
     extra: dict = field(default_factory=dict)
+    device: object = None  # torch.device of this rank (None: cpu); collectives run on it
+    force_collectives: bool = False  # run collectives on groups of one rank too (world-1 NCCL checks)
+
+    @property
+    def distributed(self) -> bool:
+        """True when the hooks talk to torch.distributed."""
+        return self.world_size > 1 or self.force_collectives
+
+    @property
+    def tp_ranks(self) -> tuple:
+        """Global ranks of this rank's tensor-parallel group (rank = pp_rank * tp + tp_rank)."""
+        return tuple(self.pp_rank * self.tp_size + t for t in range(self.tp_size))
 
     @property
     def world_size(self) -> int:
@@ -54,7 +69,7 @@ class ParallelContext:
 
     # ------------------------------------------------------------ tensor parallel
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_size == 1:
+        if self.tp_size == 1 and not self.force_collectives:
             return x
         import torch.distributed as dist
 
@@ -63,7 +78,7 @@ class ParallelContext:
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate each tp rank's slice along the last dim (vocab-parallel logits)."""
-        if self.tp_size == 1:
+        if self.tp_size == 1 and not self.force_collectives:
             return x
         import torch.distributed as dist
 
@@ -85,7 +100,7 @@ class ParallelContext:
     def stage_output(self, x: torch.Tensor) -> torch.Tensor:
         """Send activations on; return the last stage's result on every stage."""
         if self.pp_size == 1:
-            return x
+            return self.broadcast_from_last(x) if self.force_collectives else x
         import torch.distributed as dist
 
         if not self.is_last_stage:
@@ -93,7 +108,7 @@ class ParallelContext:
         return self.broadcast_from_last(x)
 
     def broadcast_from_last(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pp_size == 1:
+        if self.pp_size == 1 and not self.force_collectives:
             return x
         import torch.distributed as dist
 
