@@ -125,3 +125,37 @@ def pad_batch(seqs: list[list[int]], pad: int):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
     return ids, mask
+
+
+# ------------------------------------------------------------------------------ cached tiny models
+_CACHE: dict = {}
+
+SPECS = {
+    # name: (kind, shape, extra vocab rows beyond the tokenizer, seed, overrides)
+    "bart": ("bart", BART_TINY, 1, 0, {}),
+    "bart_scaled": ("bart", BART_SCALED, 3, 3, {}),
+    "bart_untied": ("bart", BART_TINY, 1, 5, {"tie_word_embeddings": False}),
+    "mbart": ("mbart", MBART_TINY, 1, 7, {}),
+}
+
+
+def tokenizer_dir(kind: str, factory) -> Path:
+    key = ("tok", kind)
+    if key not in _CACHE:
+        d = factory.mktemp(f"{kind}_tok")
+        (bart_tokenizer if kind == "bart" else mbart50_tokenizer)(d)
+        _CACHE[key] = d
+    return _CACHE[key]
+
+
+def tiny(name: str, factory) -> Path:
+    """The folder of a tiny random HF model (built once per test session) with its tokenizer."""
+    if name not in _CACHE:
+        from transformers import AutoTokenizer
+
+        kind, shape, extra, seed, over = SPECS[name]
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(kind, factory)))
+        d = factory.mktemp(name)
+        make_model(d, kind, shape, len(tok) + extra, seed=seed, tokenizer=tok, **over)
+        _CACHE[name] = d
+    return _CACHE[name]

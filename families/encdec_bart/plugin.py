@@ -54,6 +54,10 @@ def _embedding_scale(src: dict) -> float:
     return math.sqrt(src["d_model"]) if src.get("scale_embedding") else 1.0
 
 
+def _tied(src: dict) -> bool:
+    return src.get("tie_word_embeddings", True) is not False
+
+
 def _config_map(family: str, pre_norm: bool) -> ConfigMap:
     return ConfigMap(
         fields={
@@ -70,7 +74,9 @@ def _config_map(family: str, pre_norm: bool) -> ConfigMap:
             "activation": _activation,
             "max_position_embeddings": "max_position_embeddings",
             "embedding_scale": _embedding_scale,
-            "tie_lm_head": lambda s: s.get("tie_word_embeddings", True) is not False,
+            # transformers v5: tie_word_embeddings=False unties the lm_head AND both stacks' embed_tokens
+            "tie_lm_head": _tied,
+            "shared_embeddings": _tied,
             "pad_token_id": "pad_token_id",
             "eos_token_id": lambda s: _first(s.get("eos_token_id")),
             "bos_token_id": "bos_token_id",
@@ -88,7 +94,6 @@ def _config_map(family: str, pre_norm: bool) -> ConfigMap:
             "position_type": "learned",
             "position_offset": 2,
             "layernorm_embedding": True,
-            "shared_embeddings": True,
             "final_logits_bias": True,  # dropped by read_bart_source when absent or all zero
             "q_scaling": 1.0,
             "output_scale": 1.0,
@@ -126,10 +131,16 @@ def _weight_rules() -> list[Rule]:
     for p in ("model.", ""):
         e, d = f"{p}encoder.layers.{{i}}", f"{p}decoder.layers.{{i}}"
         out += [
-            Rule(f"{p}shared.weight", "shared.weight"),
-            # copies of the shared table (tied in every HF BART/mBART)
-            Rule(f"{p}encoder.embed_tokens.weight", op="drop"),
-            Rule(f"{p}decoder.embed_tokens.weight", op="drop"),
+            # tied (the default): one table; the stacks' embed_tokens are copies of it
+            Rule(f"{p}shared.weight", "shared.weight", when="shared_embeddings"),
+            Rule(f"{p}encoder.embed_tokens.weight", op="drop", when="shared_embeddings"),
+            Rule(f"{p}decoder.embed_tokens.weight", op="drop", when="shared_embeddings"),
+            # untied: each stack reads its own embed_tokens. Files saved where they were still tied
+            # to `shared` (transformers v4) hold only `shared`: it fills both, and a stack's own
+            # embed_tokens, when present, overwrites it (a later rule writes the same target).
+            Rule(f"{p}shared.weight", ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"), "alias",
+                 when="!shared_embeddings"),
+            Rule(f"{p}{{side}}.embed_tokens.weight", "{side}.embed_tokens.weight", when="!shared_embeddings"),
             Rule(f"{p}{{side}}.embed_positions.weight", "{side}.embed_positions.weight"),
             Rule(f"{p}{{side}}.layernorm_embedding.{{w}}", "{side}.layernorm_embedding.{w}"),
             Rule(f"{p}{{side}}.layer_norm.{{w}}", "{side}.final_norm.{w}"),  # mBART
