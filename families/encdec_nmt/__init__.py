@@ -1,0 +1,1 @@
+"""encdec family plugin: fairseq transformer NMT checkpoints and transformers FSMT folders."""
