@@ -174,8 +174,20 @@ class Stack(nn.Module):
             out.append(fin(rb if base is None else rb + base))
         return out
 
+    @property
+    def residual_dtype(self) -> torch.dtype:
+        """fp16 safety: a pre-norm residual stream is kept in fp32 (T5's grows past 65504).
+
+        Pre-norm layers read the residual only through a norm (computed in fp32, output in the
+        weights' dtype), so the matmuls still run in fp16. Post-norm stacks keep ``dtype``.
+        """
+        if self.dtype == torch.float16 and self.cfg.pre_norm(self.side):
+            return torch.float32
+        return self.dtype
+
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.ctx.stage_output(x.to(self.dtype) if x.dtype != self.dtype else x)
+        # the final norm reads the (fp32) residual: casting to fp16 first would overflow to inf
+        x = self.ctx.stage_output(x.to(self.residual_dtype))
         if self.cfg.final_norm(self.side):
             x = self.final_norm(x)
         return x.to(self.dtype)
@@ -223,7 +235,7 @@ class EncDecModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         enc = self.encoder
-        x = enc.embed(input_ids, attention_mask, 0)
+        x = enc.embed(input_ids, attention_mask, 0).to(enc.residual_dtype)
         s = input_ids.shape[1]
         biases = enc.layer_biases(padding_bias(attention_mask, self.dtype), s, s, 0)
         x = self.ctx.stage_input(x)
@@ -253,7 +265,7 @@ class EncDecModel(nn.Module):
         dec = self.decoder
         past = state.cache.length
         t = tokens.shape[1]
-        x = dec.embed(tokens, torch.ones_like(tokens), past)
+        x = dec.embed(tokens, torch.ones_like(tokens), past).to(dec.residual_dtype)
         causal = None
         if t > 1:
             q = torch.arange(t, device=tokens.device).unsqueeze(1) + past
