@@ -1,0 +1,318 @@
+#!/usr/bin/env python
+"""Train the small bundled models on the number-spelling task (encdec_core/assets/spell_task.py).
+
+    python tools/train_tiny.py --kind t5   --out encdec_core/assets/default
+    python tools/train_tiny.py --kind bart --out models/spell-bart
+    python tools/train_tiny.py --kind nmt  --out models/spell-nmt
+
+Plain torch loop over HF transformers models, CPU by default, one thread (--threads), fixed seeds:
+the same command on the same torch build gives the same weights. Data come from spell_task: the
+training numbers (both directions, small numbers oversampled), never the 200 held-out inputs.
+At the end the model is evaluated with HF ``generate`` (greedy) on the held-out inputs and the
+folder is written with a training record (training.json).
+
+kinds
+  t5    ByT5-style T5ForConditionalGeneration: vocab 384, ByT5Tokenizer (no tokenizer files needed)
+  bart  BartForConditionalGeneration with a byte-level BPE tokenizer trained on the task text
+  nmt   a fairseq transformer checkpoint (model.pt, dict.src.txt, dict.tgt.txt, bpecodes), trained
+        as HF FSMTForConditionalGeneration; text goes through sacremoses + subword-nmt BPE
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from encdec_core.assets import spell_task  # noqa: E402
+
+# ------------------------------------------------------------------------------------------ data
+
+def sampling_weights(numbers: list[int]) -> list[float]:
+    """Short numbers are rare under uniform sampling (1% are below 100): oversample them."""
+    return [{1: 8.0, 2: 4.0, 3: 2.0}.get(len(str(n)), 1.0) for n in numbers]
+
+
+class Batches:
+    """An endless, seeded stream of (inputs, targets) text batches from the training numbers."""
+
+    def __init__(self, batch_size: int, seed: int):
+        self.numbers = spell_task.TRAIN_NUMBERS
+        self.weights = sampling_weights(self.numbers)
+        self.rng = random.Random(seed)
+        self.batch_size = batch_size
+
+    def __next__(self) -> tuple[list[str], list[str]]:
+        nums = self.rng.choices(self.numbers, self.weights, k=self.batch_size)
+        pairs = [spell_task.example(n, self.rng.choice(("spell", "digits"))) for n in nums]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def __iter__(self):
+        return self
+
+
+# ------------------------------------------------------------------------------------------ kinds
+
+class Kind:
+    """What differs between model kinds: tokenizer, model, text in/out and how the folder is saved."""
+
+    name = ""
+    max_new_tokens = 0
+
+    def __init__(self, args):
+        self.args = args
+
+    def setup(self, workdir: Path) -> None:
+        raise NotImplementedError
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True)
+        return enc.input_ids, enc.attention_mask
+
+    def labels(self, texts: list[str]) -> torch.Tensor:
+        ids, mask = self.encode(texts)
+        return ids.masked_fill(mask == 0, -100)
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def generation_config(self):
+        raise NotImplementedError
+
+    def save(self, out: Path) -> None:
+        raise NotImplementedError
+
+
+class T5Kind(Kind):
+    name = "t5"
+    max_new_tokens = 48  # longest answer: 42 bytes + EOS
+
+    def setup(self, workdir):
+        from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+
+        a = self.args
+        self.tokenizer = ByT5Tokenizer()
+        cfg = T5Config(
+            vocab_size=384, d_model=a.d_model, d_kv=a.d_model // a.heads, d_ff=a.ffn, num_layers=a.layers,
+            num_decoder_layers=a.decoder_layers or a.layers, num_heads=a.heads,
+            feed_forward_proj="gated-gelu", dropout_rate=a.dropout, relative_attention_num_buckets=32,
+            relative_attention_max_distance=64, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+            architectures=["T5ForConditionalGeneration"])
+        self.model = T5ForConditionalGeneration(cfg)
+
+    def generation_config(self):
+        from transformers import GenerationConfig
+
+        return GenerationConfig(decoder_start_token_id=0, eos_token_id=1, pad_token_id=0,
+                                max_new_tokens=self.max_new_tokens, num_beams=1, do_sample=False)
+
+    def save(self, out):
+        self.model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+
+
+class BartKind(Kind):
+    name = "bart"
+    max_new_tokens = 24
+
+    def setup(self, workdir):
+        from tokenizers import ByteLevelBPETokenizer
+        from transformers import BartConfig, BartForConditionalGeneration, BartTokenizerFast
+
+        a = self.args
+        corpus = workdir / "corpus.txt"
+        corpus.write_text("\n".join(spell_task.corpus_lines()) + "\n", encoding="utf-8")
+        bpe = ByteLevelBPETokenizer()
+        bpe.train([str(corpus)], vocab_size=a.vocab_size, min_frequency=2, show_progress=False,
+                  special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+        tokdir = workdir / "tok"
+        tokdir.mkdir()
+        bpe.save_model(str(tokdir))
+        self.tokenizer = BartTokenizerFast.from_pretrained(str(tokdir))
+        ids = self.tokenizer.convert_tokens_to_ids(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+        assert ids == [0, 1, 2, 3, 4], ids
+        cfg = BartConfig(
+            vocab_size=len(self.tokenizer), d_model=a.d_model, encoder_layers=a.layers,
+            decoder_layers=a.decoder_layers or a.layers, encoder_attention_heads=a.heads,
+            decoder_attention_heads=a.heads, encoder_ffn_dim=a.ffn, decoder_ffn_dim=a.ffn,
+            activation_function="gelu", max_position_embeddings=64, dropout=a.dropout, attention_dropout=0.0,
+            activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+            forced_eos_token_id=2, scale_embedding=False, architectures=["BartForConditionalGeneration"])
+        self.model = BartForConditionalGeneration(cfg)
+
+    def generation_config(self):
+        from transformers import GenerationConfig
+
+        return GenerationConfig(decoder_start_token_id=2, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                                forced_eos_token_id=2, max_new_tokens=self.max_new_tokens, num_beams=1,
+                                do_sample=False)
+
+    def save(self, out):
+        self.model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+
+
+KINDS = {"t5": T5Kind, "bart": BartKind}
+DEFAULTS = {  # per kind: the settings the shipped models were trained with (see docs/models.md)
+    "t5": dict(d_model=128, heads=4, ffn=256, layers=3, decoder_layers=3, steps=1800, batch_size=64, lr=3e-3),
+    "bart": dict(d_model=128, heads=4, ffn=256, layers=2, decoder_layers=2, steps=1000, batch_size=64, lr=2e-3,
+                 vocab_size=320),
+}
+
+
+# ------------------------------------------------------------------------------------------ loop
+
+@torch.no_grad()
+def evaluate(kind: Kind, pairs: list[tuple[str, str]], batch_size: int = 100, num_beams: int = 1,
+             device="cpu") -> tuple[float, list[tuple[str, str, str]]]:
+    """Exact-answer accuracy of HF generate on (input, target) pairs, and the misses."""
+    model = kind.model
+    was_training = model.training
+    model.eval()
+    gc = kind.generation_config()
+    gc.num_beams = num_beams
+    right, misses = 0, []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i: i + batch_size]
+        ids, mask = kind.encode([p[0] for p in chunk])
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gc)
+        for (src, tgt), hyp in zip(chunk, kind.decode(out.cpu())):
+            if spell_task.check(src, hyp):
+                right += 1
+            else:
+                misses.append((src, tgt, hyp))
+    model.train(was_training)
+    return right / len(pairs), misses
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(args) -> dict:
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    kind = KINDS[args.kind](args)
+    t0, c0 = time.time(), time.process_time()
+    with tempfile.TemporaryDirectory() as tmp:
+        kind.setup(Path(tmp))
+        model = kind.model.to(device)
+        model.train()
+        nparams = sum(p.numel() for p in model.parameters())
+        print(f"[{args.kind}] {nparams / 1e6:.2f}M parameters; {args.steps} steps of {args.batch_size}", flush=True)
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+        batches = Batches(args.batch_size, args.seed)
+        dev = spell_task.dev_set()
+        log, ema = [], None
+        for step in range(args.steps):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            src, tgt = next(batches)
+            ids, mask = kind.encode(src)
+            labels = kind.labels(tgt)
+            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+            if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+                line = {"step": step + 1, "loss": round(ema, 4), "s": round(time.time() - t0, 1)}
+                if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+                    line["dev_acc"] = evaluate(kind, dev, device=device)[0]
+                log.append(line)
+                print(json.dumps(line), flush=True)
+        train_s, cpu_s = time.time() - t0, time.process_time() - c0
+        acc, misses = evaluate(kind, spell_task.held_out(), device=device)
+        print(f"[{args.kind}] held-out exact accuracy (greedy, HF generate): {acc:.3f} "
+              f"({len(misses)} misses) after {train_s:.0f} s ({cpu_s:.0f} s of CPU time)", flush=True)
+        for m in misses[:20]:
+            print("  miss:", m, flush=True)
+        model.to("cpu")
+        record = {
+            "kind": args.kind, "command": " ".join(["python", "tools/train_tiny.py"] + sys.argv[1:]),
+            "args": vars(args), "parameters": nparams, "train_seconds": round(train_s, 1),
+            "train_cpu_seconds": round(cpu_s, 1), "device": str(device),
+            "held_out_accuracy_greedy": acc, "held_out_misses": misses[:50],
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+            "log": log,
+        }
+        if args.out:
+            save(kind, Path(args.out), record)
+    return record
+
+
+def save(kind: Kind, out: Path, record: dict) -> None:
+    """Written to a temp folder next to out, then renamed over it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        kind.save(tmp)
+        kind.generation_config().save_pretrained(tmp)
+        with open(tmp / "training.json", "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+            f.write("\n")
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())), flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kind", choices=sorted(KINDS), default="t5")
+    p.add_argument("--out", help="output folder (replaced); none: train and evaluate only")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--d-model", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--ffn", type=int)
+    p.add_argument("--layers", type=int, help="encoder layers")
+    p.add_argument("--decoder-layers", type=int)
+    p.add_argument("--vocab-size", type=int, help="BPE vocabulary (bart, nmt)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=500, help="dev accuracy every N steps (0: never)")
+    args = p.parse_args(argv)
+    for k, v in DEFAULTS[args.kind].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    return args
+
+
+if __name__ == "__main__":
+    train(parse_args())
