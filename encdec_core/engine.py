@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import checksum_dir, config_from_meta, dtype_name, load_model, parse_dtype, read_meta
+from .checkpoint import (checksum_dir, config_from_meta, dtype_name, file_sha256, load_model, parse_dtype,
+                         read_meta)
 from .config import read_json
 from .errors import ConfigError, EncDecError, LimitError
 
@@ -99,6 +100,7 @@ def build(checkpoint_dir: Path, output_dir: Path, max_batch_size: int = 8, max_i
             m2 = dict(meta)
             m2["dtype"] = dtype_name(tgt_dtype)
             m2["checksum"] = checksum_dir(tmp, world)
+            m2["shard_checksums"] = {str(r): file_sha256(tmp / f"rank{r}.safetensors") for r in range(world)}
             with open(tmp / "config.json", "w") as f:
                 json.dump(m2, f, indent=2)
                 f.write("\n")
