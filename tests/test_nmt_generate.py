@@ -1,0 +1,67 @@
+"""fairseq NMT family: generated token ids equal transformers' FSMT ``generate`` (beam 4 and greedy),
+for fairseq checkpoints in both styles, batched (right-padded) and one at a time."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _nmt_helpers import fairseq_state_from_fsmt, fsmt_options, tiny_fsmt, write_fairseq_checkpoint
+from _nmt_reference import right_pad
+from conftest import make_registry
+
+SRC = [[5, 6, 7, 8, 9, 10, 2], [11, 12, 2], [13, 14, 15, 16, 2], [17, 2]]
+
+
+@pytest.fixture(scope="module")
+def fsmt():
+    fs = tiny_fsmt(seed=11)
+    with torch.no_grad():  # make </s> a plausible choice, so beams finish at different steps
+        fs.model.decoder.output_projection.weight[2] *= 1.5
+    return fs
+
+
+def hf_generate(fs, src, **kw):
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    ids, mask = right_pad(src)
+    gc = HFGenerationConfig(decoder_start_token_id=2, eos_token_id=2, pad_token_id=1, bos_token_id=0,
+                            forced_eos_token_id=2, do_sample=False, **kw)
+    with torch.no_grad():
+        return fs.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+
+
+def our_generate(model, src, **kw):
+    from encdec_core.runtime.generation import GenerationConfig, generate
+
+    ids, mask = right_pad(src)
+    gc = GenerationConfig.from_model(model.cfg, None, **kw)
+    with torch.no_grad():
+        return generate(model, ids, mask, gc).sequences
+
+
+@pytest.mark.parametrize("style", ["args", "cfg"])
+def test_beam4_and_greedy_match_fsmt(tmp_path, fsmt, style):
+    from encdec_core.convert import load_source_model
+
+    reg = make_registry("encdec_nmt.plugin")
+    ckpt = write_fairseq_checkpoint(tmp_path / "model.pt", fairseq_state_from_fsmt(fsmt), fsmt_options(fsmt), style)
+    model, src, _ = load_source_model(ckpt, reg=reg)
+    settings = [dict(num_beams=4, max_new_tokens=12, length_penalty=1.0, early_stopping=True),
+                dict(num_beams=4, max_new_tokens=10, length_penalty=0.6, early_stopping=False,
+                     num_return_sequences=2),
+                dict(num_beams=1, max_new_tokens=12)]
+    for kw in settings if style == "args" else settings[:1]:  # the other settings: once is enough
+        ref = hf_generate(fsmt, SRC, **kw)
+        ours = our_generate(model, SRC, **kw)
+        assert ours.shape == ref.shape, kw
+        assert torch.equal(ours.cpu(), ref), kw
+    # batched == one at a time (beam 4)
+    kw = settings[0]
+    batched = our_generate(model, SRC, **kw)
+    for i, s in enumerate(SRC):
+        one = our_generate(model, [s], **kw)[0]
+        row = batched[i][: one.shape[0]]
+        assert torch.equal(one, row)
+        assert (batched[i][one.shape[0]:] == 1).all()
+    ends = {int((r == 2).nonzero()[0]) if (r == 2).any() else -1 for r in batched[:, 1:]}
+    assert len(ends) > 1, "the fixture should make beams finish at different lengths"
