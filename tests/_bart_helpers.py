@@ -104,6 +104,15 @@ def make_model(out: Path, kind: str, shape: dict, vocab_size: int, seed: int = 0
     return model
 
 
+def one_thread():
+    """Tiny models run far faster on one thread, above all on a shared, busy CPU (a generator for a
+    module-scoped fixture: the previous thread count comes back afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def load_hf(path: Path):
     from transformers import AutoModelForSeq2SeqLM
 

@@ -9,12 +9,17 @@ import shutil
 import pytest
 import torch
 
-from _bart_helpers import load_hf, pad_batch, rewrite_config, tiny, tokenizer_dir
+from _bart_helpers import load_hf, one_thread, pad_batch, rewrite_config, tiny, tokenizer_dir
 from conftest import make_registry
 from encdec_core.errors import ConfigError, EncDecError, WeightError
 
 PLUGIN = "encdec_bart.plugin"
 TEXTS = ["The house is wonderful.", "Le chat", "I like green apples and red cherries on the sofa."]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")
