@@ -205,10 +205,11 @@ def cmd_run(args) -> int:
             mapping_world = 1
     launched = any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE"))
     if mapping_world > 1 or launched:
-        from .parallel.launch import init_parallel
+        from .parallel.launch import init_parallel, verify_checkpoint
 
         m = json.loads(info_path.read_text())["mapping"]
         ctx = init_parallel(int(m["tp_size"]), int(m["pp_size"]), device)
+        verify_checkpoint(engine_dir, ctx)  # every rank agrees on missing / foreign shards, no hang
         if device == "cuda":
             device = f"cuda:{torch.cuda.current_device()}"
     engine = Engine.load(engine_dir, device=device, ctx=ctx, dtype=args.dtype)
