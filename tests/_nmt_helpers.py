@@ -158,6 +158,9 @@ def write_fairseq_checkpoint(path: Path, state: dict, options: dict, style: str 
 # --------------------------------------------------------------------------- random pre-LN states
 def random_fairseq_state(o: dict, src_vocab: int, tgt_vocab: int, seed: int = 0) -> "OrderedDict[str, torch.Tensor]":
     """Random weights under fairseq names for the options ``o`` (pre-LN, learned positions, ...)."""
+    from encdec_nmt.fairseq_io import fill_defaults
+
+    o = fill_defaults(o)  # shapes only: the architecture's values for options not given
     g = torch.Generator().manual_seed(seed)
     d = o["encoder_embed_dim"]
 

@@ -57,13 +57,19 @@ def safe_load(path: Path) -> dict:
     except Exception as exc:  # UnpicklingError, RuntimeError (not a zip), EOFError, ...
         msg = str(exc)
         m = _GLOBAL_RE.search(msg)
-        if m or "weights_only" in msg.lower() or "unsupported global" in msg.lower():
-            what = m.group(1) if m else "an object outside the allow-list"
+        if m:
+            what = m.group(1)
             raise WeightError(
                 f"{path}: refused to load: the checkpoint's pickle needs '{what}', which is not on encdec's "
                 f"allow-list ({ALLOWED_GLOBALS_TEXT}). encdec never unpickles arbitrary objects; if you trust "
                 f"this file, re-save it with fairseq as plain tensors and options") from None
-        first = msg.strip().splitlines()[0] if msg.strip() else ""
+        lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+        first = lines[0] if lines else ""
+        for i, ln in enumerate(lines):  # the restricted unpickler's own reason
+            if ln.startswith("WeightsUnpickler error"):
+                rest = ln.split(":", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+                first = f"the restricted unpickler stopped: {rest}"
+                break
         hint = ""
         if zipfile.is_zipfile(path) is False and path.stat().st_size < 64:
             hint = " (the file is tiny: a git-lfs pointer or a truncated download?)"
