@@ -276,7 +276,7 @@ def compare_hf(engine, args, ids, langs, overrides, res) -> list[dict]:
         hf = cls.from_pretrained(str(src), dtype=torch.float32)
     hf.eval()
     gc = engine.generation_config(**overrides)
-    hgc = gc.to_hf()
+    hgc = hf_generation_config(gc)
     rows = []
     tok = engine.tokenizer(Path(args.tokenizer_dir) if args.tokenizer_dir else None)
     n = res.num_return_sequences
@@ -285,6 +285,8 @@ def compare_hf(engine, args, ids, langs, overrides, res) -> list[dict]:
         kw = {}
         if langs is not None and langs[i] is not None:
             kw["forced_bos_token_id"] = langs[i]
+        if gc.seed is not None:
+            torch.manual_seed(gc.seed)
         with torch.no_grad():
             seq = hf.generate(input_ids=inp, attention_mask=torch.ones_like(inp), generation_config=hgc, **kw)
         hf_tokens = []
@@ -294,6 +296,17 @@ def compare_hf(engine, args, ids, langs, overrides, res) -> list[dict]:
         rows.append({"hf_output": [tok.decode(t) for t in hf_tokens], "match": ours == hf_tokens,
                      "ids": ours, "hf_ids": hf_tokens})
     return rows
+
+
+def hf_generation_config(gc):
+    """The same settings as a transformers.GenerationConfig (every option explicit, so HF fills nothing in)."""
+    import transformers
+
+    kw = {name: getattr(gc, name) for name in gc.field_names() if name != "seed"}
+    kw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if v is not None}
+    if gc.max_new_tokens is None and gc.max_length is None:
+        kw["max_new_tokens"] = gc.max_new_tokens_effective
+    return transformers.GenerationConfig(**kw)
 
 
 def _strip(seq: list[int], gc) -> list[int]:

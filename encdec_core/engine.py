@@ -236,6 +236,4 @@ class Engine:
 
 
 def _output_len(gc) -> int:
-    if getattr(gc, "max_new_tokens", None):
-        return int(gc.max_new_tokens)
-    return max(int(getattr(gc, "max_length", 20) or 20) - 1, 1)
+    return int(gc.max_new_tokens_effective)
