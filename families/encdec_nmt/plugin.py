@@ -274,6 +274,10 @@ def nmt_weight_map(cfg: EncDecConfig) -> WeightMap:
 
 
 # ----------------------------------------------------------------------------- sources
+# fairseq-interactive's defaults in HF terms: beam 5, max_len_b 200, a sentence is done when beam-size
+# hypotheses are finished (early_stopping=True), </s> forced at the length limit
+FAIRSEQ_GENERATION = {"num_beams": 5, "max_new_tokens": 200, "early_stopping": True, "length_penalty": 1.0,
+                      "forced_eos_token_id": EOS}
 CHECKPOINT_NAMES = ("model.pt", "checkpoint_best.pt", "checkpoint_last.pt")
 
 
@@ -350,7 +354,7 @@ def read_fairseq(path: Path, family: Family) -> Source:
                     "share_decoder_input_output_embed", str(ckpt))
     tok_files = _dict_files(folder) + [folder / n for n in BPE_CODE_FILES if (folder / n).is_file()]
     _check_dictionaries(folder, cfg)
-    gen = {"num_beams": 5}  # fairseq-generate / fairseq-interactive default beam
+    gen = dict(FAIRSEQ_GENERATION)
     return Source(ckpt, cfg, tensors, gen, tok_files)
 
 

@@ -219,10 +219,12 @@ def find_dictionaries(folder: Path, source_lang: str | None, target_lang: str | 
         return src or found[0], tgt or found[0]
     if not found:
         raise ConfigError(f"{folder}: no fairseq dictionary (dict.<lang>.txt) found")
+    if len({p.read_bytes() for p in found}) == 1:  # a joined dictionary saved once per language
+        return src or found[0], tgt or found[0]
     raise ConfigError(
-        f"{folder}: several dictionaries {[p.name for p in found]} but the source/target languages are "
-        f"unknown (source_lang={source_lang!r}, target_lang={target_lang!r}); expected dict.{source_lang}.txt "
-        f"and dict.{target_lang}.txt")
+        f"{folder}: several different dictionaries {[p.name for p in found]} but the source/target languages "
+        f"are not known (source_lang={source_lang!r}, target_lang={target_lang!r}): expected "
+        f"dict.<source_lang>.txt and dict.<target_lang>.txt with the languages of the checkpoint")
 
 
 def load_tokenizer(path: Path, cfg=None):
