@@ -1,0 +1,108 @@
+"""GPU benchmark behind docs/performance.md (H100, bf16, greedy, in 128 / out 64, random weights of real
+shapes; HF transformers with the same weights in the same run).
+
+    PYTHONPATH=.:families python benchmarks/bench_gpu.py --models t5-small,bart-large,flan-t5-large \
+        --out results/            # writes gpu_<model>.csv / .json and prints markdown tables
+    python benchmarks/bench_gpu.py --profile t5-small   # kernel time by kind for one decode step
+
+Configurations: greedy at batch 1, 64, 256 and beam 4 at batch 8 (override with --configs "1x1;8x4").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import ensure_families  # noqa: E402
+
+import torch  # noqa: E402
+
+
+def parse_configs(text: str):
+    out = []
+    for part in text.split(";"):
+        b, k = part.lower().split("x")
+        out.append((int(b), int(k)))
+    return out
+
+
+def profile_step(name: str, batch: int, out_dir: str, steps: int = 20) -> dict:
+    """Kernels of the compiled decoder step (run without a graph so each kernel shows), grouped."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from encdec_core.benchmark import model_from_preset
+    from encdec_core.runtime.cuda import CudaGraphRunner
+
+    model = model_from_preset(name, torch.bfloat16, "cuda")
+    ids = torch.randint(4, model.cfg.vocab_size, (batch, 128), device="cuda")
+    r = CudaGraphRunner(model, batch, steps + 8, 128, use_graphs=False)
+    r.greedy(ids, None, 4, eos=-1)  # compile
+    r.prefill(ids, None, 1, steps)
+    bb, sb, _ = r._cur
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            r._run("greedy")
+        torch.cuda.synchronize()
+    groups: dict = {}
+    total, count = 0.0, 0
+    for ev in prof.key_averages():
+        if ev.device_type.name != "CUDA" or ev.count == 0:
+            continue
+        n = ev.key
+        kind = ("gemm" if any(s in n.lower() for s in ("gemm", "gemv", "cublas", "cutlass", "sm90_xmma", "nvjet"))
+                else "triton" if n.startswith("triton") else "other")
+        t = ev.self_device_time_total / steps
+        g = groups.setdefault(kind, {"us_per_step": 0.0, "kernels_per_step": 0.0})
+        g["us_per_step"] += t
+        g["kernels_per_step"] += ev.count / steps
+        total += t
+        count += ev.count / steps
+    top = sorted(((ev.self_device_time_total / steps, ev.count / steps, ev.key[:90]) for ev in prof.key_averages()
+                  if ev.device_type.name == "CUDA"), reverse=True)[:25]
+    res = {"model": name, "batch": batch, "kernel_us_per_step": total, "kernels_per_step": count,
+           "groups": groups, "top": top}
+    with open(os.path.join(out_dir, f"profile_{name}_b{batch}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"profile {name} b{batch}: {count:.0f} kernels/step, {total:.1f} us of kernel time/step")
+    for k, g in groups.items():
+        print(f"  {k:7s} {g['kernels_per_step']:6.0f} kernels {g['us_per_step']:8.1f} us")
+    for t, c, n in top[:12]:
+        print(f"  {t:8.1f} us {c:5.0f}x  {n}")
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="t5-small,bart-large,flan-t5-large")
+    ap.add_argument("--configs", default="1x1;64x1;256x1;8x4", help="batch x beams, ';'-separated")
+    ap.add_argument("--io", default="128,64")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--hf-static-max-batch", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile", default="", help="models to profile (one decode step, batch 1)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmark-results"))
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    ensure_families()
+    from encdec_core.benchmark import environment, format_table, run_benchmark
+
+    print(json.dumps(environment("cuda")))
+    io = [tuple(int(x) for x in a.io.split(","))]
+    for name in [m for m in a.models.split(",") if m]:
+        t = time.time()
+        rows = run_benchmark(name, input_output_lens=io, compare_hf=True, device="cuda", dtype=a.dtype,
+                             csv_path=os.path.join(a.out, f"gpu_{name}.csv"),
+                             json_path=os.path.join(a.out, f"gpu_{name}.json"), progress=False,
+                             repeats=a.repeats, configs=parse_configs(a.configs),
+                             hf_static_max_batch=a.hf_static_max_batch, log=lambda m: print(m, flush=True))
+        print(f"## {name} ({time.time() - t:.0f} s)\n" + format_table(rows), flush=True)
+        torch.cuda.empty_cache()
+    for name in [m for m in a.profile.split(",") if m]:
+        profile_step(name, 1, a.out)
+
+
+if __name__ == "__main__":
+    main()

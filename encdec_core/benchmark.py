@@ -1,0 +1,612 @@
+"""Benchmarks: encoder time, ms per decode step, end-to-end latency, tokens/s and peak memory of our
+engine, side by side (``compare_hf``) with HF transformers' ``generate`` (eager and, on CUDA, its
+static-cache compiled fast path) and, on CPU, CTranslate2 where it is importable.
+
+``run_benchmark`` is what ``encdec benchmark`` calls. A preset name (``"t5-small"``) builds a model of
+the preset's real shapes with random weights, so no checkpoint is needed.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .errors import EncDecError
+
+# ---------------------------------------------------------------------------- models from presets
+
+
+def find_preset(name: str, reg=None):
+    """(family, source config dict) of a preset offered by any registered family."""
+    from .registry import registry as default_registry
+
+    reg = reg or default_registry
+    known = []
+    for entry in reg.families():
+        fam = entry.record
+        if name in fam.presets:
+            return fam, dict(fam.presets[name])
+        known.extend(fam.presets)
+    raise EncDecError(f"unknown preset '{name}'; known presets: {', '.join(sorted(known)) or '(none installed)'}")
+
+
+@torch.no_grad()
+def init_random(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torch.nn.Module:
+    """Random weights of a plausible scale: norms weight 1 / bias 0, biases 0, the rest N(0, std)."""
+    from .layers.norm import Norm
+
+    dev = next(model.parameters()).device
+    g = torch.Generator(device=dev)
+    g.manual_seed(seed)
+    norm_params = set()
+    for m in model.modules():
+        if isinstance(m, Norm):
+            norm_params.update(id(p) for p in m.parameters(recurse=False))
+    for name, p in model.named_parameters():
+        if id(p) in norm_params:
+            p.fill_(1.0 if name.endswith("weight") else 0.0)
+        elif name.endswith("bias") and p.dim() == 1:
+            p.zero_()
+        else:
+            p.copy_(torch.randn(p.shape, generator=g, device=dev, dtype=torch.float32).mul_(std).to(p.dtype))
+    return model
+
+
+def model_from_preset(name: str, dtype=torch.float32, device="cpu", seed: int = 0, reg=None):
+    """Our model with the preset's real shapes and random weights."""
+    from .model import build_model
+
+    fam, src = find_preset(name, reg)
+    cfg = fam.make_config(src, f"preset '{name}'")
+    model = build_model(cfg, dtype=dtype, device=device)
+    init_random(model, seed)
+    model.init_buffers()
+    model.eval()
+    return model
+
+
+def hf_model_from_preset(name: str, dtype=torch.float32, device="cpu", seed: int = 0, reg=None):
+    """(HF model with random weights, our model holding the same weights) for a preset."""
+    import transformers
+
+    fam, src = find_preset(name, reg)
+    hf_cfg = transformers.AutoConfig.for_model(**src)
+    cls = getattr(transformers, fam.hf_class or "AutoModelForSeq2SeqLM")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        hf = cls.from_config(hf_cfg) if hasattr(cls, "from_config") else cls(hf_cfg)
+    hf = hf.to(dtype).eval()
+    # through the family's own reader and weight map, exactly as `encdec convert` reads a checkpoint
+    from .convert import load_source_model
+
+    with tempfile.TemporaryDirectory(prefix="encdec-bench-") as tmp:
+        hf.save_pretrained(tmp)
+        model, _, _ = load_source_model(Path(tmp), fam.name, dtype=dtype, device=device, reg=reg)
+    return hf, model
+
+
+# ---------------------------------------------------------------------------- measurement
+
+COLUMNS = ("system", "model", "device", "dtype", "batch_size", "input_len", "output_len", "num_beams",
+           "encoder_ms", "ms_per_step", "e2e_ms", "tokens_per_s", "generated_tokens", "peak_mem_mb",
+           "speedup_vs_hf", "token_match_vs_ours", "note")
+
+
+@dataclass
+class Row:
+    system: str
+    model: str
+    device: str
+    dtype: str
+    batch_size: int
+    input_len: int
+    output_len: int
+    num_beams: int
+    encoder_ms: float | None = None
+    ms_per_step: float | None = None
+    e2e_ms: float | None = None
+    tokens_per_s: float | None = None
+    generated_tokens: int | None = None
+    peak_mem_mb: float | None = None
+    speedup_vs_hf: float | None = None
+    token_match_vs_ours: float | None = None
+    note: str = ""
+
+
+class _Timer:
+    """Wall time with a device sync on CUDA (the whole call, host work included)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn, repeats: int = 3, warmup: int = 1):
+        for _ in range(warmup):
+            out = fn()
+        times = []
+        for _ in range(max(1, repeats)):
+            if self.cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = fn()
+            if self.cuda:
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times), out
+
+
+@contextlib.contextmanager
+def _peak_memory(device: torch.device, box: list):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        box.append(torch.cuda.max_memory_allocated(device) / 2**20)
+
+
+def _dtype_of(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    from .checkpoint import parse_dtype
+
+    return parse_dtype(dtype)
+
+
+def _resolve(engine_or_model, device, dtype, seed, compare_hf, reg=None):
+    """-> (name, our model, HF model or None). Accepts an Engine, an EncDecModel, a preset name or an
+    engine directory."""
+    from .model import EncDecModel
+
+    hf = None
+    if isinstance(engine_or_model, (str, Path)) and not Path(engine_or_model).exists():
+        name = str(engine_or_model)
+        if compare_hf:
+            hf, model = hf_model_from_preset(name, dtype, device, seed, reg)
+        else:
+            model = model_from_preset(name, dtype, device, seed, reg)
+        return name, model, hf
+    if isinstance(engine_or_model, (str, Path)):
+        from .engine import Engine
+
+        engine_or_model = Engine.load(engine_or_model, device=device, dtype=dtype)
+    if isinstance(engine_or_model, EncDecModel):
+        model = engine_or_model
+        name = getattr(model.cfg, "family", "model")
+    else:  # an Engine
+        model = engine_or_model.model
+        name = Path(getattr(engine_or_model, "engine_dir", "engine")).name
+    if model.dtype != dtype or model.device != torch.device(device):
+        model = model.to(device=device, dtype=dtype)
+    if compare_hf:
+        hf = hf_from_model(model)
+    return name, model, hf
+
+
+def hf_from_model(model):
+    """An HF model holding our model's weights, when the family can export them; else None."""
+    fam = None
+    try:
+        from .registry import registry
+
+        fam = registry.find(model.cfg.family)
+    except Exception:
+        return None
+    export = getattr(fam, "to_hf", None) if fam is not None else None
+    if export is None:
+        return None
+    try:
+        return export(model)
+    except Exception:
+        return None
+
+
+def _inputs(cfg, batch: int, in_len: int, device, seed: int):
+    g = torch.Generator().manual_seed(seed + 1000 * batch + in_len)
+    lo = 4
+    hi = cfg.encoder_vocab_size
+    ids = torch.randint(lo, hi, (batch, in_len), generator=g)
+    ids[:, -1] = cfg.eos_token_id
+    mask = torch.ones_like(ids)
+    return ids.to(device), mask.to(device)
+
+
+def _match(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
+    """Fraction of equal generated tokens (start token excluded), over the common length."""
+    if a is None or b is None:
+        return None
+    a, b = a.to("cpu"), b.to("cpu")
+    if a.shape[0] != b.shape[0]:
+        return None
+    n = min(a.shape[1], b.shape[1])
+    if n <= 1:
+        return None
+    return (a[:, 1:n] == b[:, 1:n]).float().mean().item()
+
+
+class _Ours:
+    """Our engine on one device: the CUDA graph runner on CUDA, the eager runner elsewhere."""
+
+    def __init__(self, model, max_batch: int, max_in: int, max_out: int, runner: str):
+        self.model = model
+        self.runner = None
+        dev = model.device
+        if runner == "auto":
+            runner = "cuda-graph" if dev.type == "cuda" else "eager"
+        self.kind = runner
+        if runner == "cuda-graph":
+            from .runtime.cuda import CudaGraphRunner
+
+            self.runner = CudaGraphRunner(model, max_batch, max_out + 1, max_in)
+
+    def encode(self, ids, mask):
+        with torch.inference_mode():
+            return self.model.encode(ids, mask)
+
+    def generate(self, ids, mask, out_len: int, beams: int):
+        from .runtime.generation import GenerationConfig, generate
+
+        cfg = self.model.cfg
+        if self.runner is not None and beams == 1:
+            return self.runner.greedy(ids, mask, max_new_tokens=out_len, min_new_tokens=out_len)
+        gc = GenerationConfig.from_model(cfg, None, max_new_tokens=out_len, min_new_tokens=out_len,
+                                         num_beams=beams, do_sample=False, forced_eos_token_id=None)
+        out = generate(self.model, ids, mask, gc, runner=self.runner)
+        return out.sequences if hasattr(out, "sequences") else out
+
+
+def _hf_generate(hf, ids, mask, out_len, beams, static: bool):
+    import transformers
+
+    gen = transformers.GenerationConfig(
+        max_new_tokens=out_len, min_new_tokens=out_len, num_beams=beams, do_sample=False,
+        decoder_start_token_id=hf.config.decoder_start_token_id, eos_token_id=hf.config.eos_token_id,
+        pad_token_id=hf.config.pad_token_id, forced_eos_token_id=None, forced_bos_token_id=None,
+        early_stopping=False, length_penalty=1.0, no_repeat_ngram_size=0)
+    kw = {"cache_implementation": "static"} if static else {}
+    with torch.inference_mode():
+        return hf.generate(input_ids=ids, attention_mask=mask, generation_config=gen, **kw)
+
+
+def _hf_encode(hf, ids, mask):
+    with torch.inference_mode():
+        return hf.get_encoder()(input_ids=ids, attention_mask=mask)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc="benchmark", unit="run", file=sys.stderr)
+    except ImportError:
+        return None
+
+
+def environment(device) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    try:
+        import ctranslate2
+
+        info["ctranslate2"] = ctranslate2.__version__
+    except ImportError:
+        pass
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+        info["threads"] = torch.get_num_threads()
+    return info
+
+
+def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
+                  input_output_lens: Sequence[tuple[int, int]] = ((128, 64),), num_beams: int = 1,
+                  compare_hf: bool = False, device: str | torch.device | None = None,
+                  dtype: str | torch.dtype | None = None, csv_path: str | Path | None = None,
+                  json_path: str | Path | None = None, plot_path: str | Path | None = None,
+                  progress: bool = True, *, repeats: int = 3, warmup: int = 1, seed: int = 0,
+                  runner: str = "auto", hf_static: bool | None = None, compare_ct2: bool | None = None,
+                  hf_static_max_batch: int = 64, log=None, reg=None,
+                  configs: Sequence[tuple[int, int]] | None = None) -> list[dict]:
+    """Measure our engine (and, with ``compare_hf``, HF transformers side by side in the same run).
+
+    engine_or_model: an Engine, an EncDecModel, an engine directory or a preset name ("t5-small":
+        real shapes, random weights; with compare_hf the HF model gets the same weights).
+    Every run generates exactly ``output_len`` tokens (EOS suppressed by min_new_tokens, for every
+    system alike). Rows (one per system and configuration), as dicts with COLUMNS:
+        encoder_ms   encoder forward alone;   e2e_ms   encoder + all decode steps (median of repeats)
+        ms_per_step  (e2e_ms - encoder_ms) / output_len;  tokens_per_s  batch * output_len / e2e
+        peak_mem_mb  peak CUDA memory during the run (CUDA only)
+        speedup_vs_hf  tokens/s over HF eager generate's;  token_match_vs_ours  equal-token rate
+    configs: explicit (batch_size, num_beams) pairs instead of batch_sizes x num_beams.
+    Systems: "encdec" (CUDA graph runner on CUDA, eager on CPU), "hf" (generate, eager), "hf-static"
+    (generate with cache_implementation="static", compiled; CUDA, batch <= hf_static_max_batch),
+    "ctranslate2" (CPU, when importable and the family converts). Writes CSV / JSON / a PNG plot when
+    paths are given. Returns the rows.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _dtype_of(dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+    say = log or (lambda *a: None)
+    if isinstance(batch_sizes, int):
+        batch_sizes = (batch_sizes,)
+    beams_list = (num_beams,) if isinstance(num_beams, int) else tuple(num_beams)
+    if configs is None:
+        configs = [(int(b), int(k)) for k in beams_list for b in batch_sizes]
+    configs = [(int(b), int(k)) for b, k in configs]
+    for b, k in configs:
+        if k < 1:
+            raise EncDecError(f"benchmark: num_beams {k!r}: expected a positive integer")
+    ios = [tuple(x) for x in input_output_lens]
+    for b in batch_sizes:
+        if int(b) < 1:
+            raise EncDecError(f"benchmark: batch size {b!r}: expected a positive integer")
+    for io in ios:
+        if len(io) != 2 or int(io[0]) < 1 or int(io[1]) < 1:
+            raise EncDecError(f"benchmark: input/output length {io!r}: expected two positive integers")
+    name, model, hf = _resolve(engine_or_model, device, dtype, seed, compare_hf, reg)
+    if compare_hf and hf is None:
+        say("benchmark: no HF reference for this model (HF rows skipped)")
+    if hf_static is None:
+        hf_static = device.type == "cuda"
+    ct2 = None
+    if compare_ct2 is None:
+        compare_ct2 = compare_hf and device.type == "cpu"
+    if compare_ct2 and hf is not None:
+        ct2 = _ct2_translator(hf, name)
+    max_b = max(b * k for b, k in configs)
+    ours = _Ours(model, max_b, max(i for i, _ in ios), max(o for _, o in ios), runner)
+    timer = _Timer(device)
+    dname = str(dtype).replace("torch.", "")
+    rows: list[Row] = []
+    systems = 1 + (2 if hf is not None else 0) + (1 if ct2 is not None else 0)
+    bar = _progress(len(configs) * len(ios) * systems, progress)
+
+    def tick(what):
+        if bar is not None:
+            bar.set_postfix_str(what)
+            bar.update(1)
+
+    for in_len, out_len in ios:
+        for b, num_beams in configs:
+            ids, mask = _inputs(model.cfg, b, in_len, device, seed)
+            base = dict(model=name, device=str(device), dtype=dname, batch_size=b, input_len=in_len,
+                        output_len=out_len, num_beams=num_beams)
+            mem: list = []
+            enc_ms, _ = timer(lambda: ours.encode(ids, mask), repeats, warmup)
+            with _peak_memory(device, mem):
+                e2e, our_out = timer(lambda: ours.generate(ids, mask, out_len, num_beams), repeats, warmup)
+            ours_row = Row("encdec", **base, encoder_ms=enc_ms, e2e_ms=e2e, peak_mem_mb=mem[0] if mem else None,
+                           note=ours.kind)
+            rows.append(ours_row)
+            tick(f"encdec b{b} {in_len}/{out_len}")
+            say(f"encdec b={b} in={in_len} out={out_len}: {e2e:.2f} ms")
+            if hf is not None:
+                for static in (False, True):
+                    sysname = "hf-static" if static else "hf"
+                    if static and (not hf_static or b * num_beams > hf_static_max_batch):
+                        tick(f"{sysname} skipped")
+                        continue
+                    mem = []
+                    try:
+                        henc, _ = timer(lambda: _hf_encode(hf, ids, mask), repeats, warmup)
+                        with _peak_memory(device, mem):
+                            he2e, hout = timer(lambda: _hf_generate(hf, ids, mask, out_len, num_beams, static),
+                                               repeats, warmup + (1 if static else 0))
+                        rows.append(Row(sysname, **base, encoder_ms=henc, e2e_ms=he2e,
+                                        peak_mem_mb=mem[0] if mem else None,
+                                        token_match_vs_ours=_match(hout, our_out)))
+                        say(f"{sysname} b={b}: {he2e:.2f} ms")
+                    except Exception as exc:  # report, keep the other rows
+                        rows.append(Row(sysname, **base, note=f"failed: {type(exc).__name__}: {exc}"[:300]))
+                    tick(f"{sysname} b{b} {in_len}/{out_len}")
+            if ct2 is not None:
+                try:
+                    cenc, cout_e2e = None, None
+                    cout_e2e, cout = timer(lambda: ct2(ids, mask, out_len, num_beams), repeats, warmup)
+                    rows.append(Row("ctranslate2", **base, e2e_ms=cout_e2e, token_match_vs_ours=_match(cout, our_out)))
+                except Exception as exc:
+                    rows.append(Row("ctranslate2", **base, note=f"failed: {type(exc).__name__}: {exc}"[:300]))
+                tick(f"ct2 b{b}")
+    if bar is not None:
+        bar.close()
+    _finish(rows)
+    out = [asdict(r) for r in rows]
+    meta = environment(device)
+    if csv_path:
+        write_csv(out, csv_path)
+    if json_path:
+        _atomic_write(Path(json_path), json.dumps({"environment": meta, "rows": out}, indent=2) + "\n")
+    if plot_path:
+        plot(out, plot_path)
+    return out
+
+
+def _finish(rows: list[Row]) -> None:
+    """Derived columns: ms/step, tokens/s, speedup over HF eager of the same configuration."""
+    for r in rows:
+        if r.e2e_ms is None:
+            continue
+        toks = r.batch_size * r.output_len
+        r.generated_tokens = toks
+        r.tokens_per_s = toks / (r.e2e_ms / 1e3)
+        if r.encoder_ms is not None:
+            r.ms_per_step = max(r.e2e_ms - r.encoder_ms, 0.0) / r.output_len
+    key = lambda r: (r.model, r.batch_size, r.input_len, r.output_len, r.num_beams)  # noqa: E731
+    hf = {key(r): r for r in rows if r.system == "hf" and r.tokens_per_s}
+    for r in rows:
+        h = hf.get(key(r))
+        if h is not None and r.tokens_per_s:
+            r.speedup_vs_hf = r.tokens_per_s / h.tokens_per_s
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_csv(rows: list[dict], path) -> None:
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(COLUMNS))
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else (round(r[k], 4) if isinstance(r[k], float) else r[k]))
+                    for k in COLUMNS})
+    _atomic_write(Path(path), buf.getvalue())
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table of the main columns."""
+    cols = ("system", "model", "batch_size", "input_len", "output_len", "num_beams", "encoder_ms", "ms_per_step",
+            "e2e_ms", "tokens_per_s", "peak_mem_mb", "speedup_vs_hf", "token_match_vs_ours")
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+
+    def fmt(v):
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+
+    return head + "".join("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |\n" for r in rows)
+
+
+def plot(rows: list[dict], path) -> None:
+    """tokens/s against batch size, one line per system and in/out length (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise EncDecError(f"--plot {path}: matplotlib is not installed ({exc}); pip install matplotlib") from None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict = {}
+    for r in rows:
+        if r.get("tokens_per_s"):
+            series.setdefault((r["system"], r["input_len"], r["output_len"]), []).append(
+                (r["batch_size"], r["tokens_per_s"]))
+    for (sysname, i, o), pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{sysname} {i}/{o}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("generated tokens / s")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- CTranslate2 (CPU)
+
+def _ct2_translator(hf, name: str):
+    """A callable (ids, mask, out_len, beams) -> token ids [B, 1 + out] running CTranslate2 on the same
+    weights, or None when ctranslate2 is missing or cannot convert this model."""
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        return None
+    try:
+        return _Ct2(hf)
+    except Exception as exc:
+        print(f"benchmark: CTranslate2 cannot convert {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
+class _Vocab:
+    """A stand-in tokenizer for CTranslate2's converter: token i is the string 't{i}'."""
+
+    def __init__(self, cfg):
+        self.size = cfg.vocab_size
+        self._tok = [f"t{i}" for i in range(self.size)]
+        name = lambda i: self._tok[i] if i is not None and 0 <= i < self.size else self._tok[0]  # noqa: E731
+        self.pad_token = name(cfg.pad_token_id)
+        self.eos_token = name(cfg.eos_token_id)
+        self.bos_token = name(cfg.bos_token_id if cfg.bos_token_id is not None else cfg.decoder_start_token_id)
+        self.unk_token = name(getattr(cfg, "unk_token_id", None) or 2)
+
+    def get_vocab(self):
+        return {t: i for i, t in enumerate(self._tok)}
+
+    def convert_ids_to_tokens(self, i):
+        return self._tok[i] if isinstance(i, int) else [self._tok[j] for j in i]
+
+    def __len__(self):
+        return self.size
+
+
+class _Ct2:
+    """CTranslate2 (CPU, float32) on the HF model's weights, converted in memory to a temp dir."""
+
+    def __init__(self, hf):
+        import ctranslate2
+        from ctranslate2.converters import transformers as ct2t
+
+        loader = ct2t._MODEL_LOADERS.get(type(hf.config).__name__)
+        if loader is None:
+            raise EncDecError(f"no CTranslate2 loader for {type(hf.config).__name__}")
+        cfg = hf.config
+        self.vocab = _Vocab(type("C", (), {
+            "vocab_size": cfg.vocab_size, "pad_token_id": cfg.pad_token_id, "eos_token_id": cfg.eos_token_id,
+            "bos_token_id": getattr(cfg, "bos_token_id", None), "decoder_start_token_id": cfg.decoder_start_token_id,
+            "unk_token_id": getattr(cfg, "unk_token_id", None)})())
+        self.start = cfg.decoder_start_token_id
+        model = hf.float().eval()
+        with torch.no_grad():
+            spec = loader(model, self.vocab)
+        spec.validate()
+        spec.optimize(quantization=None)
+        self._dir = tempfile.TemporaryDirectory(prefix="encdec-ct2-")
+        spec.save(self._dir.name)
+        self.translator = ctranslate2.Translator(self._dir.name, device="cpu", compute_type="float32",
+                                                 intra_threads=torch.get_num_threads(), inter_threads=1)
+
+    def __call__(self, ids, mask, out_len: int, beams: int):
+        src = []
+        for row, m in zip(ids.tolist(), mask.tolist()):
+            src.append([f"t{t}" for t, k in zip(row, m) if k])
+        res = self.translator.translate_batch(src, beam_size=beams, max_decoding_length=out_len,
+                                              min_decoding_length=out_len, num_hypotheses=1,
+                                              return_end_token=True, max_batch_size=0)
+        outs = [[self.start] + [int(t[1:]) for t in r.hypotheses[0]] for r in res]
+        n = max(len(o) for o in outs)
+        return torch.tensor([o + [0] * (n - len(o)) for o in outs], dtype=torch.long)

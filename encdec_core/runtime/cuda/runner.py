@@ -1,0 +1,413 @@
+"""CudaGraphRunner: the decoder step with static shapes, compiled and replayed from CUDA graphs.
+
+What happens per step on the host: copy the step's tokens into a static buffer (skipped by the
+fused greedy loop, which feeds its own argmax back inside the graph) and launch one captured graph.
+
+- Self-attention K/V: one flat buffer per layer, viewed as [B_bucket, H, T_max, D]; the step writes
+  row ``pos`` in place (``pos`` is a 0-dim device tensor advanced inside the graph).
+- Cross-attention K/V: computed once per request at prefill into [B_bucket, H, S_bucket, D] views.
+- Position bias: the decoder's full self-attention bias [H, T_max, T_max] (relative bias + causal
+  mask, made by the model's own ``layer_biases``) is computed once; each step reads row ``pos``.
+  Learned/sinusoidal positions come from the model's own ``embed`` with the device ``pos``.
+- Attention over one query is written as fused reductions in fp32 (inductor turns the scores, the
+  bias, the softmax and the weighted sum into a couple of kernels) or, optionally, SDPA.
+- Every other op is the model's own module (norms, fused QKV / gated FFN linears, fp16 scaling of
+  RowLinear inputs, logits), so numerics and fp16 overflow safety are the eager path's.
+- Graphs are captured lazily per (batch bucket, source-length bucket) and share one memory pool.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ...errors import LimitError
+
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def _round_up(n: int, m: int) -> int:
+    return int(math.ceil(n / m) * m)
+
+
+def _bucket(n: int, buckets, limit: int, what: str) -> int:
+    for b in buckets:
+        if b >= n:
+            return min(b, limit)
+    if n <= limit:
+        return limit
+    raise LimitError(f"{what} {n} exceeds the runner's limit {limit}")
+
+
+def attend_one_query(q, k, v, bias, scale: float):
+    """q [B,H,1,D]; k/v [B,H,T,D]; bias broadcastable to [B,H,T]; fp32 reductions -> [B,H,D]."""
+    s = (q.float() * k.float()).sum(-1) * scale  # [B,H,T]
+    if bias is not None:
+        s = s + bias.float()
+    p = torch.softmax(s, dim=-1)
+    return (p.unsqueeze(-1) * v.float()).sum(-2).to(q.dtype)
+
+
+def attend_sdpa(q, k, v, bias, scale: float):
+    b, h = q.shape[0], q.shape[1]
+    mask = None if bias is None else bias.to(q.dtype).unsqueeze(-2).expand(b, h, 1, k.shape[2])
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return o[:, :, 0]
+
+
+ATTENTION = {"math": attend_one_query, "sdpa": attend_sdpa}
+
+
+@dataclass
+class _Views:
+    """The static tensors one (batch bucket, source bucket) graph reads and writes."""
+
+    tokens: torch.Tensor  # [B] long
+    k: list
+    v: list
+    ck: list
+    cv: list
+    cross_bias: torch.Tensor  # [B, S] in the model dtype
+    out_tokens: torch.Tensor  # [B, T] long (fused greedy)
+    finished: torch.Tensor  # [B] bool (fused greedy)
+
+
+class StaticDecoder:
+    """Static buffers for a runner's limits and the functional decoder step over them."""
+
+    def __init__(self, model, max_batch: int, max_len: int, max_input_len: int, attention: str = "math"):
+        cfg, ctx = model.cfg, model.ctx
+        if ctx.tp_size != 1 or ctx.pp_size != 1:
+            raise NotImplementedError("the CUDA graph runner serves tp=1, pp=1 (use the eager runner under TP/PP)")
+        self.model, self.cfg = model, cfg
+        dec = model.decoder
+        self.layer_ids = list(dec.layer_ids)
+        self.L = len(self.layer_ids)
+        self.H = cfg.decoder_heads
+        self.D = cfg.head_dim
+        self.max_batch = int(max_batch)
+        self.T = _round_up(max(int(max_len), 1), 16)
+        self.max_len = int(max_len)
+        self.S = _round_up(max(int(max_input_len), 1), 16)
+        self.attend = ATTENTION[attention]
+        dev, dt = model.device, model.dtype
+        self.device, self.dtype = dev, dt
+        n_self = self.max_batch * self.H * self.T * self.D
+        n_cross = self.max_batch * self.H * self.S * self.D
+        self._k = [torch.zeros(n_self, dtype=dt, device=dev) for _ in range(self.L)]
+        self._v = [torch.zeros(n_self, dtype=dt, device=dev) for _ in range(self.L)]
+        self._ck = [torch.zeros(n_cross, dtype=dt, device=dev) for _ in range(self.L)]
+        self._cv = [torch.zeros(n_cross, dtype=dt, device=dev) for _ in range(self.L)]
+        self._cross_bias = torch.zeros(self.max_batch * self.S, dtype=dt, device=dev)
+        self._tokens = torch.zeros(self.max_batch, dtype=torch.long, device=dev)
+        self._out = torch.zeros(self.max_batch * self.T, dtype=torch.long, device=dev)
+        self._finished = torch.zeros(self.max_batch, dtype=torch.bool, device=dev)
+        self.pos = torch.zeros((), dtype=torch.long, device=dev)
+        self.eos = torch.full((), cfg.eos_token_id, dtype=torch.long, device=dev)
+        self.pad = torch.full((), cfg.pad_token_id, dtype=torch.long, device=dev)
+        self.min_steps = torch.zeros((), dtype=torch.long, device=dev)  # EOS suppressed while pos < this
+        self.bias = self._bias_tables()
+
+    # ------------------------------------------------------------------ precomputed tables
+    @torch.no_grad()
+    def _bias_tables(self) -> list:
+        """Per local layer: the decoder self-attention bias [H|1, T, T] (relative bias + causal)."""
+        dec, T = self.model.decoder, self.T
+        q = torch.arange(T, device=self.device).unsqueeze(1)
+        k = torch.arange(T, device=self.device).unsqueeze(0)
+        causal = ((k > q).to(torch.float32) * torch.finfo(self.dtype).min)[None, None]
+        biases = dec.layer_biases(causal, T, T, 0)
+        uniq: dict[int, torch.Tensor] = {}
+        out = []
+        for b in biases:
+            if id(b) not in uniq:
+                uniq[id(b)] = b[0].contiguous()
+            out.append(uniq[id(b)])
+        return out
+
+    def views(self, b: int, s: int) -> _Views:
+        H, T, D = self.H, self.T, self.D
+        nk, nc = b * H * T * D, b * H * s * D
+        return _Views(
+            tokens=self._tokens[:b],
+            k=[x[:nk].view(b, H, T, D) for x in self._k],
+            v=[x[:nk].view(b, H, T, D) for x in self._v],
+            ck=[x[:nc].view(b, H, s, D) for x in self._ck],
+            cv=[x[:nc].view(b, H, s, D) for x in self._cv],
+            cross_bias=self._cross_bias[: b * s].view(b, s),
+            out_tokens=self._out[: b * T].view(b, T),
+            finished=self._finished[:b],
+        )
+
+    # ------------------------------------------------------------------ the step
+    def step(self, tokens, pos, k, v, ck, cv, cross_bias):
+        """One decoder step for ``tokens`` [B] at position ``pos`` (0-dim device tensor).
+
+        Writes K/V row ``pos`` of every layer and returns fp32 logits [B, V]. Shapes are static.
+        """
+        model, dec = self.model, self.model.decoder
+        b = tokens.shape[0]
+        ids = tokens.unsqueeze(1)
+        x = dec.embed(ids, torch.ones_like(ids), pos)
+        x = model.ctx.stage_input(x)
+        pos1 = pos.view(1)
+        cb = cross_bias.unsqueeze(1)  # [B,1,S]
+        for li, i in enumerate(self.layer_ids):
+            layer = dec.layers[str(i)]
+            row = self.bias[li].index_select(1, pos1).squeeze(1).unsqueeze(0)  # [1,H|1,T]
+
+            def self_attn(h, layer=layer, li=li, row=row):
+                sa = layer.self_attn
+                q, kk, vv = sa.qkv(h).split(sa.h * sa.dh, dim=-1)
+                q = q.view(b, 1, sa.h, sa.dh).transpose(1, 2)
+                k[li].index_copy_(2, pos1, kk.view(b, 1, sa.h, sa.dh).transpose(1, 2))
+                v[li].index_copy_(2, pos1, vv.view(b, 1, sa.h, sa.dh).transpose(1, 2))
+                o = self.attend(q, k[li], v[li], row, sa.scale)
+                return sa.out(o.reshape(b, 1, sa.h * sa.dh))
+
+            def cross_attn(h, layer=layer, li=li):
+                ca = layer.cross_attn
+                q = ca.q(h).view(b, 1, ca.h, ca.dh).transpose(1, 2)
+                o = self.attend(q, ck[li], cv[li], cb, ca.scale)
+                return ca.out(o.reshape(b, 1, ca.h * ca.dh))
+
+            x = layer._block(x, layer.self_attn_norm, self_attn)
+            x = layer._block(x, layer.cross_attn_norm, cross_attn)
+            x = layer._block(x, layer.ffn_norm, layer.ffn)
+        x = dec.finish(x)
+        logits = model.logits(x)[:, 0]
+        pos.add_(1)
+        return logits
+
+    def greedy_select(self, logits, tokens, pos, out_tokens, finished, eos, pad, min_steps):
+        """After a step (``pos`` already advanced): argmax with EOS suppressed before ``min_steps``,
+        finished rows emit ``pad`` (HF's greedy semantics), record the token and feed it back into
+        ``tokens`` for the next step. All on the device."""
+        p = pos - 1
+        col = torch.arange(logits.shape[-1], device=logits.device) == eos
+        nxt = logits.masked_fill(col & (p < min_steps), float("-inf")).argmax(-1)
+        nxt = torch.where(finished, pad, nxt)
+        out_tokens.index_copy_(1, p.view(1), nxt.unsqueeze(1))
+        finished.logical_or_(nxt == eos)
+        tokens.copy_(nxt)
+        return nxt
+
+
+class CudaGraphRunner:
+    """The runner interface of ``encdec_core.runtime.generation.generate`` on CUDA graphs.
+
+    ``prefill(input_ids, attention_mask, expand, max_len)`` runs the encoder, fills the cross K/V of
+    each request ``expand`` times (beams, return sequences) and resets the step position;
+    ``step(tokens [N]) -> fp32 logits [N, V]`` (a view of a static buffer, valid until the next
+    step); ``reorder(index [N])`` moves self-attention K/V rows (beam search).
+    """
+
+    def __init__(self, model, max_batch: int, max_len: int, max_input_len: int = 512, *,
+                 compile: bool = True, attention: str = "math", batch_buckets=DEFAULT_BATCH_BUCKETS,
+                 dynamic: bool | None = None, use_graphs: bool = True, compile_mode: str | None = None):
+        if model.device.type != "cuda":
+            raise ValueError(f"CudaGraphRunner needs a model on CUDA, got {model.device}")
+        self.model = model
+        self.dec = StaticDecoder(model, max_batch, max_len, max_input_len, attention)
+        self.batch_buckets = tuple(sorted(batch_buckets))
+        self.use_graphs = use_graphs
+        if compile:
+            kw = {"fullgraph": True, "dynamic": dynamic}
+            if compile_mode:
+                kw["mode"] = compile_mode
+            self._step = torch.compile(self.dec.step, **kw)
+            self._select = torch.compile(self.dec.greedy_select, **kw)
+        else:
+            self._step, self._select = self.dec.step, self.dec.greedy_select
+        self._graphs: dict = {}
+        self._pool = None
+        self._cur = None  # (bucket B, bucket S, N)
+        self.steps = 0
+        self.stream = None
+
+    # ------------------------------------------------------------------ request setup
+    def _source_bucket(self, s: int) -> int:
+        b = 16
+        while b < s:
+            b *= 2
+        return min(b, self.dec.S) if s <= self.dec.S else _bucket(s, (), self.dec.S, "input length")
+
+    @torch.no_grad()
+    def encode(self, input_ids, attention_mask=None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        # trailing columns that are padding in every row carry nothing: drop them
+        keep = int(attention_mask.any(0).nonzero().max().item()) + 1 if attention_mask.any() else 1
+        input_ids, attention_mask = input_ids[:, :keep], attention_mask[:, :keep]
+        return self.model.encode(input_ids, attention_mask), attention_mask
+
+    @torch.no_grad()
+    def prefill(self, input_ids, attention_mask=None, expand: int = 1, max_len: int | None = None):
+        d = self.dec
+        dev = d.device
+        input_ids = input_ids.to(dev)
+        attention_mask = None if attention_mask is None else attention_mask.to(dev)
+        enc, mask = self.encode(input_ids, attention_mask)
+        n = input_ids.shape[0] * expand
+        if max_len is not None and max_len > d.max_len:
+            raise LimitError(f"decoder length {max_len} exceeds the runner's max length {d.max_len}")
+        s = enc.shape[1]
+        if s > d.S:
+            raise LimitError(f"input length {s} exceeds the runner's max input length {d.S}")
+        bb = _bucket(n, self.batch_buckets, d.max_batch, "batch size (requests x beams)")
+        sb = self._source_bucket(s)
+        vw = d.views(bb, sb)
+        dec = self.model.decoder
+        for li, i in enumerate(d.layer_ids):
+            k, v = dec.layers[str(i)].cross_attn.project_kv(enc)
+            if expand > 1:
+                k, v = k.repeat_interleave(expand, 0), v.repeat_interleave(expand, 0)
+            vw.ck[li][:n, :, :s].copy_(k)
+            vw.cv[li][:n, :, :s].copy_(v)
+        lo = torch.finfo(d.dtype).min
+        cb = (1.0 - mask.to(torch.float32)) * lo
+        if expand > 1:
+            cb = cb.repeat_interleave(expand, 0)
+        vw.cross_bias[:n, :s].copy_(cb)
+        vw.cross_bias[:n, s:].fill_(lo)
+        vw.cross_bias[n:].zero_()
+        d.pos.zero_()
+        self._cur = (bb, sb, n)
+        self.steps = 0
+        self.max_steps = max_len if max_len is not None else d.max_len
+        return n
+
+    # ------------------------------------------------------------------ graphs
+    def _args(self, vw: _Views):
+        d = self.dec
+        return (vw.tokens, d.pos, vw.k, vw.v, vw.ck, vw.cv, vw.cross_bias)
+
+    @torch.no_grad()
+    def _capture(self, key):
+        kind, bb, sb = key
+        d = self.dec
+        vw = d.views(bb, sb)
+        if kind == "step":
+            fn = lambda: self._step(*self._args(vw))  # noqa: E731
+        else:
+            def fn():
+                logits = self._step(*self._args(vw))
+                self._select(logits, vw.tokens, d.pos, vw.out_tokens, vw.finished, d.eos, d.pad, d.min_steps)
+                return logits
+        saved_pos = d.pos.clone()
+        saved = [vw.tokens.clone(), vw.finished.clone()]
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):  # compile + warm up
+                d.pos.zero_()
+                out = fn()
+        torch.cuda.current_stream().wait_stream(s)
+        if not self.use_graphs:
+            d.pos.copy_(saved_pos)
+            vw.tokens.copy_(saved[0])
+            vw.finished.copy_(saved[1])
+            return (None, fn)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool):
+            out = fn()
+        d.pos.copy_(saved_pos)
+        vw.tokens.copy_(saved[0])
+        vw.finished.copy_(saved[1])
+        return (g, out)
+
+    def _run(self, kind: str):
+        bb, sb, n = self._cur
+        key = (kind, bb, sb)
+        ent = self._graphs.get(key)
+        if ent is None:
+            ent = self._graphs[key] = self._capture(key)
+        g, out = ent
+        if g is None:
+            return out()
+        g.replay()
+        return out
+
+    @torch.no_grad()
+    def warmup(self, batch_sizes=(1,), source_lens=(16,), kinds=("step",), eos: int | None = None,
+               pad: int | None = None):
+        """Compile and capture ahead of time (keeps compilation out of timed regions).
+        kinds: "step" (the runner interface) and/or "greedy" (the fused greedy loop)."""
+        self.set_eos_pad(eos, pad)
+        for b in batch_sizes:
+            for s in source_lens:
+                bb = _bucket(b, self.batch_buckets, self.dec.max_batch, "batch size")
+                sb = self._source_bucket(s)
+                for kind in kinds:
+                    if (kind, bb, sb) not in self._graphs:
+                        self._graphs[(kind, bb, sb)] = self._capture((kind, bb, sb))
+
+    def set_eos_pad(self, eos: int | None = None, pad: int | None = None) -> None:
+        cfg = self.model.cfg
+        self.dec.eos.fill_(cfg.eos_token_id if eos is None else eos)
+        self.dec.pad.fill_(cfg.pad_token_id if pad is None else pad)
+
+    # ------------------------------------------------------------------ the runner interface
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self._cur is None:
+            raise RuntimeError("prefill() first")
+        bb, sb, n = self._cur
+        if self.steps >= self.dec.max_len:
+            raise LimitError(f"decoder length {self.steps + 1} exceeds the runner's max length {self.dec.max_len}")
+        vw_tokens = self.dec._tokens[:n]
+        vw_tokens.copy_(tokens.view(-1), non_blocking=True)
+        out = self._run("step")
+        self.steps += 1
+        return out[:n]
+
+    @torch.no_grad()
+    def reorder(self, index: torch.Tensor) -> None:
+        bb, sb, n = self._cur
+        vw = self.dec.views(bb, sb)
+        index = index.to(self.dec.device)
+        for t in vw.k + vw.v:
+            t[:n].copy_(t[:n].index_select(0, index))
+
+    # ------------------------------------------------------------------ fused greedy
+    @torch.no_grad()
+    def greedy(self, input_ids, attention_mask=None, max_new_tokens: int = 20, start_token: int | None = None,
+               eos: int | None = None, pad: int | None = None, check_every: int = 8,
+               min_new_tokens: int = 0) -> torch.Tensor:
+        """Greedy decoding with argmax, EOS and token feedback inside the graph; the host checks
+        "all finished" every ``check_every`` steps (results are the same as checking every step:
+        finished rows only emit ``pad``). ``min_new_tokens`` suppresses EOS before that many tokens
+        (HF's MinNewTokensLengthLogitsProcessor). Returns [B, 1 + steps] starting with the start token."""
+        cfg = self.model.cfg
+        eos = cfg.eos_token_id if eos is None else eos
+        pad = cfg.pad_token_id if pad is None else pad
+        start = cfg.decoder_start_token_id if start_token is None else start_token
+        self.set_eos_pad(eos, pad)
+        self.dec.min_steps.fill_(int(min_new_tokens))
+        n = self.prefill(input_ids, attention_mask, 1, max_new_tokens)
+        if max_new_tokens > self.dec.max_len:
+            raise LimitError(f"max_new_tokens {max_new_tokens} exceeds the runner's max length {self.dec.max_len}")
+        bb, sb, _ = self._cur
+        vw = self.dec.views(bb, sb)
+        vw.tokens.fill_(start)
+        vw.finished.zero_()
+        vw.finished[n:].fill_(True)
+        done = 0
+        for i in range(max_new_tokens):
+            self._run("greedy")
+            done = i + 1
+            if done % check_every == 0 and done < max_new_tokens and bool(vw.finished.all()):
+                break
+        self.steps = done
+        out = vw.out_tokens[:n, :done]
+        # trim to HF's length: up to the step where the last row finished
+        is_eos = out == eos
+        ended = is_eos.any(1)
+        if bool(ended.all()) and done:
+            first = torch.where(is_eos, torch.arange(done, device=out.device), done).min(1).values
+            out = out[:, : int(first.max()) + 1]
+        head = torch.full((n, 1), start, dtype=torch.long, device=self.dec.device)
+        return torch.cat([head, out], 1)
