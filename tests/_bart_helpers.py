@@ -49,10 +49,11 @@ def bart_tokenizer(out: Path):
     return tok
 
 
-def mbart50_tokenizer(out: Path):
-    """A sentencepiece BPE model as an MBart50Tokenizer (language codes such as de_DE, en_XX)."""
+def mbart50_tokenizer(out: Path, cc25: bool = False):
+    """A sentencepiece BPE model as an MBart50Tokenizer (language codes such as de_DE, en_XX), or
+    with ``cc25`` an MBartTokenizer (mBART-cc25 layout: source = tokens </s> src_lang)."""
     import sentencepiece as spm
-    from transformers import MBart50Tokenizer
+    from transformers import MBart50Tokenizer, MBartTokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +65,7 @@ def mbart50_tokenizer(out: Path):
                                    hard_vocab_limit=False, minloglevel=2)
     sp = spm.SentencePieceProcessor(model_file=str(prefix) + ".model")
     vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    tok = MBart50Tokenizer(vocab=vocab, src_lang="en_XX")
+    tok = (MBartTokenizer if cc25 else MBart50Tokenizer)(vocab=vocab, src_lang="en_XX")
     tok.save_pretrained(str(out))
     for f in (corpus, Path(str(prefix) + ".model"), Path(str(prefix) + ".vocab")):
         f.unlink()

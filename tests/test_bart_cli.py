@@ -82,6 +82,13 @@ def test_mbart_run_with_target_language_per_input(builtin_registry, tmp_path, tm
     from encdec_bart.plugin import lang_code_to_id
 
     assert [r["ids"][0][0] for r in res] == [lang_code_to_id(src, "de_DE"), lang_code_to_id(src, "fr_XX")]
+    # the Python API gives the same texts (one target language per request)
+    from encdec_core.engine import Engine
+
+    engine = Engine.load(eng, device="cpu")
+    outs = engine.generate(["The house is wonderful.", "The cat sleeps."], target_lang=["de_DE", "fr_XX"],
+                           num_beams=4, max_new_tokens=8)
+    assert outs == [r["output"] for r in res]
     # an unknown code is a one-line error listing valid ones
     rc = main(["run", "--engine-dir", str(eng), "--input-text", "x", "--target-lang", "de_XY", "--device", "cpu"])
     captured = capsys.readouterr()

@@ -118,3 +118,27 @@ def test_per_request_none_keeps_the_default_language(reg, tmp_path_factory):
     de, fr = tok.lang_id("de_DE"), tok.lang_id("fr_XX")
     out = _ours(model, src, ids, mask, forced=[None, fr], forced_bos_token_id=de, max_length=8)
     assert [r[0] for r in out.all_tokens()] == [de, fr]
+
+
+def test_mbart_cc25_starts_with_the_target_language(reg, tmp_path_factory, tmp_path):
+    """mBART-cc25 fine-tunes (MBartTokenizer: source = tokens </s> src_lang) start decoding with the
+    target language code: decoder_start_token_id from the config, honoured like HF."""
+    from _bart_helpers import MBART_TINY, make_model, mbart50_tokenizer
+    from encdec_bart.plugin import load_tokenizer
+    from encdec_core.convert import load_source_model
+
+    hf_tok = mbart50_tokenizer(tmp_path / "tok", cc25=True)
+    ro = hf_tok.lang_code_to_id["ro_RO"]
+    path = tmp_path / "m"
+    make_model(path, "mbart", MBART_TINY, len(hf_tok) | 1, seed=13, tokenizer=hf_tok, decoder_start_token_id=ro)
+    model, src, _ = load_source_model(path, reg=reg)
+    assert src.config.decoder_start_token_id == ro
+    tok = load_tokenizer(path)
+    assert tok.lang_id("ro_RO") == ro
+    seqs = tok.encode(TEXTS[:2])
+    assert all(s[-2:] == [2, tok.lang_id("en_XX")] for s in seqs)
+    ids, mask = pad_batch(seqs, tok.pad_token_id)
+    opts = dict(num_beams=4, max_length=10, no_repeat_ngram_size=3)
+    ours = _ours(model, src, ids, mask, **opts)
+    _check_same(ours, _hf(load_hf(path), ids, mask, **opts), beams=True)
+    assert bool((ours.sequences[:, 0] == ro).all())
