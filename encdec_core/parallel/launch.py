@@ -365,7 +365,11 @@ def agree(ctx: ParallelContext | None, fn: Callable[[], object], what: str = "ch
     failed = [(r, m) for r, (ok, m) in enumerate(map(_decode_status, parts)) if not ok]
     if not failed:
         return result
-    lines = "; ".join(f"rank {r}: {m}" for r, m in failed)
+    by_msg: dict = {}
+    for r, m in failed:  # identical messages (a config problem every rank sees) are said once
+        by_msg.setdefault(m, []).append(r)
+    lines = "; ".join(f"{'ranks' if len(rs) > 1 else 'rank'} {', '.join(map(str, rs))}: {m}"
+                      for m, rs in by_msg.items())
     err = EncDecError(f"{what} failed on {len(failed)} of {len(parts)} rank(s): {lines}")
     if local_exc is not None and not isinstance(local_exc, (EncDecError, OSError)):
         raise err from local_exc

@@ -1,0 +1,173 @@
+"""Shared by tests/test_parallel*.py (which prepare checkpoints and reference outputs in one
+process) and the scripts they launch under mpirun / torchrun (which load rank shards).
+
+Tiny random HF models are built from config classes with fixed seeds: nothing is downloaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("ENCDEC_DISABLE_PLUGIN_AUTOLOAD", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # many ranks share two cores
+
+MPIRUN_ARGS = ["--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,tcp"]
+MAPPINGS = {1: [(1, 1)], 2: [(2, 1), (1, 2)], 4: [(2, 2)]}  # world size -> (tp, pp) runs of one launch
+BATCH = [[5, 17, 9, 33, 2, 41, 1], [7, 3, 22, 1, 0, 0, 0]]  # second row padded (pad 0, eos 1)
+GREEDY_NEW = 8
+BEAMS = 3
+
+
+def hf_models() -> dict:
+    """name -> (HF model class, config) for the families whose plugins import."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    out = {
+        # v1.0 style: tied lm_head (output scale), relu; vocab 67 is not a multiple of tp (padding)
+        "t5": (T5ForConditionalGeneration, T5Config(
+            vocab_size=67, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_decoder_layers=3, num_heads=4,
+            relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj="relu",
+            dropout_rate=0.0, tie_word_embeddings=True, decoder_start_token_id=0, pad_token_id=0,
+            eos_token_id=1)),
+        # flan style: gated-gelu, untied vocab-parallel lm_head, fewer decoder layers than encoder
+        "flan-t5": (T5ForConditionalGeneration, T5Config(
+            vocab_size=70, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_decoder_layers=3, num_heads=4,
+            relative_attention_num_buckets=8, relative_attention_max_distance=20,
+            feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=False,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)),
+    }
+    try:
+        import encdec_bart.plugin  # noqa: F401
+    except ImportError:
+        return out
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    out["bart"] = (BartForConditionalGeneration, BartConfig(
+        vocab_size=69, d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0, bos_token_id=2,
+        eos_token_id=1, decoder_start_token_id=1, forced_eos_token_id=1, scale_embedding=True))
+    return out
+
+
+def plugin_modules() -> list[str]:
+    mods = ["encdec_t5.plugin"]
+    try:
+        import encdec_bart.plugin  # noqa: F401
+
+        mods.append("encdec_bart.plugin")
+    except ImportError:
+        pass
+    return mods
+
+
+def ckpt_name(model: str, tp: int, pp: int) -> str:
+    return f"{model}-tp{tp}pp{pp}"
+
+
+def prepare(root: Path, mappings=((1, 1), (2, 1), (1, 2), (2, 2)), other: bool = True,
+            only: tuple | None = None) -> list[str]:
+    """Save each tiny HF model under root/hf/<name> and convert it for every mapping.
+
+    other: also convert a second T5 of the same shape but other weights ("t5-other", tp=2), whose
+    shards stand for "shards from another conversion" in the wrong-launch tests."""
+    import importlib
+
+    from encdec_core.convert import convert
+    from encdec_core.registry import Registry
+
+    reg = Registry()
+    for m in plugin_modules():
+        reg.register_plugin(importlib.import_module(m), name=m)
+    names = []
+    for i, (name, (cls, cfg)) in enumerate(hf_models().items()):
+        if only is not None and name not in only:
+            continue
+        torch.manual_seed(1234 + i)
+        model = cls(cfg).eval()
+        with torch.no_grad():  # larger-than-init weights: logits far from ties, so argmax is stable
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.15)
+        hf = root / "hf" / name
+        model.save_pretrained(hf)
+        for tp, pp in mappings:
+            convert(hf, root / ckpt_name(name, tp, pp), tp=tp, pp=pp, reg=reg)
+        names.append(name)
+        if other and name == "t5":
+            torch.manual_seed(4321)
+            cls(cfg).save_pretrained(root / "hf" / "t5-other")
+            convert(root / "hf" / "t5-other", root / ckpt_name("t5-other", 2, 1), tp=2, pp=1, reg=reg)
+    (root / "models.json").write_text(json.dumps(names))
+    return names
+
+
+def inputs(device="cpu"):
+    ids = torch.tensor(BATCH, dtype=torch.long, device=device)
+    return ids, (ids != 0).long()
+
+
+def teacher_forced(model, ids, mask) -> torch.Tensor:
+    torch.manual_seed(99)
+    dec = torch.randint(2, model.cfg.vocab_size, (ids.shape[0], 5), device=ids.device)
+    dec[:, 0] = model.cfg.decoder_start_token_id
+    with torch.no_grad():
+        return model(ids, mask, dec)
+
+
+def greedy_loop(model, ids, mask, steps: int = GREEDY_NEW) -> tuple[torch.Tensor, torch.Tensor]:
+    """Incremental decoding with the KV cache; returns (tokens [B, steps], per-step logits)."""
+    with torch.no_grad():
+        enc = model.encode(ids, mask)
+        state = model.init_state(enc, mask, steps + 1)
+        tok = torch.full((ids.shape[0], 1), model.cfg.decoder_start_token_id, dtype=torch.long, device=ids.device)
+        toks, logits = [], []
+        for _ in range(steps):
+            lg = model.decode(tok, state)[:, -1]
+            tok = lg.argmax(-1, keepdim=True)
+            toks.append(tok)
+            logits.append(lg)
+        return torch.cat(toks, 1), torch.stack(logits, 1)
+
+
+def have_generation() -> bool:
+    try:
+        from encdec_core.runtime.generation import GenerationConfig, generate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def generate_ids(model, ids, mask, num_beams: int, **kw) -> torch.Tensor:
+    from encdec_core.runtime.generation import GenerationConfig, generate
+
+    gc = GenerationConfig.from_model(model.cfg, None, max_new_tokens=GREEDY_NEW, num_beams=num_beams, **kw)
+    with torch.no_grad():
+        out = generate(model, ids, mask, gc)
+    return out.sequences
+
+
+def run_all(model) -> dict:
+    """Everything compared between single rank and parallel runs."""
+    ids, mask = inputs(model.device)
+    res = {"tf_logits": teacher_forced(model, ids, mask).cpu()}
+    toks, step_logits = greedy_loop(model, ids, mask)
+    res["loop_ids"], res["loop_logits"] = toks.cpu(), step_logits.cpu()
+    if have_generation():
+        res["greedy_ids"] = generate_ids(model, ids, mask, 1).cpu()
+        res["beam_ids"] = generate_ids(model, ids, mask, BEAMS).cpu()
+        res["sample_ids"] = generate_ids(model, ids, mask, 1, do_sample=True, seed=7, top_k=0).cpu()
+    return res
+
+
+def add_src_to_path() -> None:
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
