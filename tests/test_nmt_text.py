@@ -128,3 +128,51 @@ def test_convert_build_run_translates(builtin_registry, tmp_path, assets, capsys
     assert "@@" not in res[0]["output"][0]
     with torch.no_grad():
         assert len(res[1]["ids"][0]) > 0
+
+
+def _fsmt_tokenizer_files(folder):
+    """A tiny character-level FSMT tokenizer (vocab-src/tgt.json, merges.txt) saved into ``folder``."""
+    import string
+
+    from transformers import FSMTTokenizer
+
+    toks = ["<s>", "<pad>", "</s>", "<unk>", "th", "the</w>"]
+    for c in string.ascii_letters + string.digits + ".,!?'":
+        toks += [c, c + "</w>"]
+    vocab = json.dumps({t: i for i, t in enumerate(toks)})
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab-src.json", "vocab-tgt.json"):
+        (folder / name).write_text(vocab, encoding="utf-8")
+    (folder / "merges.txt").write_text("t h\nth e</w>\n", encoding="utf-8")
+    tok = FSMTTokenizer(langs=["en", "de"], src_vocab_file=str(folder / "vocab-src.json"),
+                        tgt_vocab_file=str(folder / "vocab-tgt.json"), merges_file=str(folder / "merges.txt"))
+    tok.save_pretrained(folder)
+    return len(toks)
+
+
+def test_fsmt_folder_cli_with_its_tokenizer(builtin_registry, tmp_path, capsys):
+    """An FSMT folder (facebook/wmt19 layout) through the same family: convert -> build -> run, the
+    FSMT tokenizer files travel with the checkpoint, beam 4 ids equal FSMT's."""
+    from encdec_core.cli import main
+    from encdec_nmt.text import FSMTTextTokenizer, load_tokenizer
+
+    src_dir = tmp_path / "wmt19-tiny"
+    n = _fsmt_tokenizer_files(src_dir)
+    tiny_fsmt(seed=4, src_vocab=n, tgt_vocab=n).save_pretrained(src_dir)
+    ck, eng = tmp_path / "ckpt", tmp_path / "engine"
+    assert main(["convert", "--model-dir", str(src_dir), "--output-dir", str(ck), "--quiet"]) == 0
+    assert (ck / "vocab-src.json").is_file() and (ck / "merges.txt").is_file()
+    tok = load_tokenizer(ck, None)
+    assert isinstance(tok, FSMTTextTokenizer)
+    ids = tok.encode(["the cat."])[0]
+    assert ids[-1] == 2 and 3 not in ids and ids[0] == 5  # 'the</w>' from the merges
+    assert main(["build", "--checkpoint-dir", str(ck), "--output-dir", str(eng), "--max-batch-size", "2",
+                 "--max-input-len", "32", "--max-output-len", "8", "--max-beam-width", "4"]) == 0
+    capsys.readouterr()
+    out_json = tmp_path / "out.json"
+    rc = main(["run", "--engine-dir", str(eng), "--input-text", "the cat.", "--num-beams", "4",
+               "--max-output-len", "6", "--compare-hf", "--device", "cpu", "--output-json", str(out_json)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    res = json.loads(out_json.read_text())["results"]
+    assert res[0]["match"] and res[0]["output"][0] == tok.decode(res[0]["ids"][0])
