@@ -90,6 +90,11 @@ class Kind:
     def decode(self, ids: torch.Tensor) -> list[str]:
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
+    def loss(self, src: list[str], tgt: list[str], device) -> torch.Tensor:
+        ids, mask = self.encode(src)
+        labels = self.labels(tgt)
+        return self.model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+
     def generation_config(self):
         raise NotImplementedError
 
@@ -166,11 +171,135 @@ class BartKind(Kind):
         self.tokenizer.save_pretrained(out)
 
 
-KINDS = {"t5": T5Kind, "bart": BartKind}
+class NMTKind(Kind):
+    """A fairseq `transformer` (post-LN, sinusoidal positions, shared embeddings), trained as HF FSMT.
+
+    Text pipeline as fairseq-interactive runs it: sacremoses (lang en, aggressive dash splits,
+    escaping) -> subword-nmt BPE (separator @@) -> joined dictionary (specials <s>=0 <pad>=1 </s>=2
+    <unk>=3, then dict lines, padded to a multiple of 8 with madeupwordNNNN). Written as model.pt
+    (args Namespace), dict.src.txt, dict.tgt.txt and bpecodes.
+    """
+
+    name = "nmt"
+    max_new_tokens = 20
+    SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
+
+    def setup(self, workdir):
+        import io
+
+        from sacremoses import MosesDetokenizer, MosesTokenizer
+        from subword_nmt.apply_bpe import BPE
+        from subword_nmt.learn_bpe import learn_bpe
+        from transformers import FSMTConfig, FSMTForConditionalGeneration
+
+        a = self.args
+        self.moses = MosesTokenizer(lang="en")
+        self.detok = MosesDetokenizer(lang="en")
+        tokenized = [self.tokenize(s) for s in spell_task.corpus_lines()]
+        codes = io.StringIO()
+        learn_bpe(io.StringIO("\n".join(tokenized) + "\n"), codes, a.vocab_size, min_frequency=2)
+        self.codes = codes.getvalue()
+        self.bpe = BPE(io.StringIO(self.codes), separator="@@")
+        counts: dict[str, int] = {}
+        for line in tokenized:
+            for tok in self.bpe.process_line(line).split():
+                counts[tok] = counts.get(tok, 0) + 1
+        self.dict_lines = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        n = len(self.SPECIALS) + len(self.dict_lines)
+        self.dict_lines += [(f"madeupword{i:04d}", 0) for i in range((-n) % 8)]
+        self.symbols = list(self.SPECIALS) + [t for t, _ in self.dict_lines]
+        self.index = {t: i for i, t in enumerate(self.symbols)}
+        cfg = FSMTConfig(
+            langs=["src", "tgt"], src_vocab_size=len(self.symbols), tgt_vocab_size=len(self.symbols),
+            d_model=a.d_model, encoder_layers=a.layers, decoder_layers=a.decoder_layers or a.layers,
+            encoder_attention_heads=a.heads, decoder_attention_heads=a.heads, encoder_ffn_dim=a.ffn,
+            decoder_ffn_dim=a.ffn, activation_function="relu", max_position_embeddings=64, dropout=a.dropout,
+            attention_dropout=0.0, activation_dropout=0.0, scale_embedding=True, tie_word_embeddings=True,
+            pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)
+        self.model = FSMTForConditionalGeneration(cfg)
+
+    def tokenize(self, text: str) -> str:
+        return self.moses.tokenize(text, aggressive_dash_splits=True, return_str=True, escape=True)
+
+    def encode(self, texts):
+        rows = [[self.index.get(t, 3) for t in self.bpe.process_line(self.tokenize(s)).split()] + [2]
+                for s in texts]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), 1, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        return ids, (ids != 1).long()
+
+    def decode(self, ids):
+        out = []
+        for row in ids.tolist():
+            toks = [self.symbols[i] for i in row if i > 3]
+            out.append(self.detok.detokenize((" ".join(toks) + " ").replace("@@ ", "").split()))
+        return out
+
+    def loss(self, src, tgt, device):
+        """FSMT builds no decoder inputs from labels, and its causal mask only when use_cache=False."""
+        ids, mask = self.encode(src)
+        labels, _ = self.encode(tgt)
+        dec_in = torch.cat([torch.full_like(labels[:, :1], 2), labels[:, :-1]], 1)
+        dec_in = dec_in.masked_fill(dec_in == 2, 1)
+        dec_in[:, 0] = 2
+        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         decoder_input_ids=dec_in.to(device), labels=labels.masked_fill(labels == 1, -100).to(device),
+                         use_cache=False)
+        return out.loss
+
+    def generation_config(self):
+        from transformers import GenerationConfig
+
+        return GenerationConfig(decoder_start_token_id=2, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                                forced_eos_token_id=2, max_new_tokens=self.max_new_tokens, num_beams=1,
+                                do_sample=False)
+
+    def save(self, out):
+        """fairseq 0.12 layout: the FSMT keys minus `model.`, positions as the dummy buffer, version 3."""
+        import argparse
+        from collections import OrderedDict
+
+        a, c = self.args, self.model.config
+        state = OrderedDict()
+        for k, v in self.model.state_dict().items():
+            k = k[len("model."):]
+            if "embed_positions" not in k:
+                state[k] = v.detach().clone()
+        emb = state["encoder.embed_tokens.weight"]
+        state["decoder.embed_tokens.weight"] = emb
+        state["decoder.output_projection.weight"] = emb
+        for side in ("encoder", "decoder"):
+            state[f"{side}.embed_positions._float_tensor"] = torch.FloatTensor(1)
+            state[f"{side}.version"] = torch.Tensor([3])
+        args = argparse.Namespace(
+            arch="transformer", task="translation", source_lang="src", target_lang="tgt",
+            encoder_embed_dim=c.d_model, decoder_embed_dim=c.d_model, encoder_ffn_embed_dim=c.encoder_ffn_dim,
+            decoder_ffn_embed_dim=c.decoder_ffn_dim, encoder_layers=c.encoder_layers,
+            decoder_layers=c.decoder_layers, encoder_attention_heads=c.encoder_attention_heads,
+            decoder_attention_heads=c.decoder_attention_heads, activation_fn="relu",
+            encoder_normalize_before=False, decoder_normalize_before=False, encoder_learned_pos=False,
+            decoder_learned_pos=False, share_all_embeddings=True, share_decoder_input_output_embed=True,
+            no_scale_embedding=False, layernorm_embedding=False, max_source_positions=c.max_position_embeddings,
+            max_target_positions=c.max_position_embeddings, dropout=a.dropout, attention_dropout=0.0,
+            activation_dropout=0.0, tokenizer="moses", bpe="subword_nmt", moses_source_lang="en",
+            moses_target_lang="en", adaptive_softmax_cutoff=None, no_token_positional_embeddings=False,
+            seed=a.seed, lr=[a.lr], max_update=a.steps)
+        torch.save({"args": args, "model": state, "optimizer_history": [], "extra_state": {}}, out / "model.pt")
+        lines = "".join(f"{t} {n}\n" for t, n in self.dict_lines)
+        for lang in ("src", "tgt"):
+            (out / f"dict.{lang}.txt").write_text(lines, encoding="utf-8")
+        (out / "bpecodes").write_text(self.codes, encoding="utf-8")
+
+
+KINDS = {"t5": T5Kind, "bart": BartKind, "nmt": NMTKind}
 DEFAULTS = {  # per kind: the settings the shipped models were trained with (see docs/models.md)
-    "t5": dict(d_model=128, heads=4, ffn=256, layers=3, decoder_layers=3, steps=1800, batch_size=64, lr=3e-3),
+    "t5": dict(d_model=96, heads=3, ffn=256, layers=3, decoder_layers=3, steps=1500, batch_size=64, lr=2e-3),
     "bart": dict(d_model=128, heads=4, ffn=256, layers=2, decoder_layers=2, steps=1000, batch_size=64, lr=2e-3,
                  vocab_size=320),
+    "nmt": dict(d_model=128, heads=4, ffn=256, layers=2, decoder_layers=2, steps=1000, batch_size=64, lr=2e-3,
+                vocab_size=150),
 }
 
 
@@ -230,9 +359,7 @@ def train(args) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
             src, tgt = next(batches)
-            ids, mask = kind.encode(src)
-            labels = kind.labels(tgt)
-            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+            loss = kind.loss(src, tgt, device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -270,7 +397,8 @@ def save(kind: Kind, out: Path, record: dict) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         kind.save(tmp)
-        kind.generation_config().save_pretrained(tmp)
+        if kind.name != "nmt":  # a fairseq folder has no generation_config.json
+            kind.generation_config().save_pretrained(tmp)
         with open(tmp / "training.json", "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
             f.write("\n")
