@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from _nmt_helpers import CORPUS, build_dictionary, fairseq_state_from_fsmt, fsmt_options, learn_bpe_codes, tiny_fsmt, \
     write_fairseq_checkpoint
@@ -123,11 +122,16 @@ def test_convert_build_run_translates(builtin_registry, tmp_path, assets, capsys
     # the printed text is the detokenized decode of the ids
     from encdec_nmt.text import load_tokenizer
 
-    tok = load_tokenizer(ck, None)
+    from encdec_core.config import EncDecConfig
+
+    cfg = EncDecConfig.from_dict(meta["model"])
+    tok = load_tokenizer(ck, cfg)
     assert res[0]["output"][0] == tok.decode(res[0]["ids"][0])
-    assert "@@" not in res[0]["output"][0]
-    with torch.no_grad():
-        assert len(res[1]["ids"][0]) > 0
+    assert "@@" not in res[0]["output"][0] and len(res[1]["ids"][0]) > 0
+    # --tokenizer-dir may be the fairseq folder itself (dictionaries chosen by the checkpoint's languages)
+    texts = ["The house is wonderful.", "Is the river cold in the winter?"]
+    assert load_tokenizer(src_dir, cfg).encode(texts) == tok.encode(texts)
+    assert all(3 not in x for x in tok.encode(texts))
 
 
 def _fsmt_tokenizer_files(folder):
