@@ -29,6 +29,7 @@ def parse_configs(text: str):
     return out
 
 
+@torch.no_grad()
 def profile_step(name: str, batch: int, out_dir: str, steps: int = 20) -> dict:
     """Kernels of the compiled decoder step (run without a graph so each kernel shows), grouped."""
     from torch.profiler import ProfilerActivity, profile

@@ -100,7 +100,7 @@ def hf_model_from_preset(name: str, dtype=torch.float32, device="cpu", seed: int
 # ---------------------------------------------------------------------------- measurement
 
 COLUMNS = ("system", "model", "device", "dtype", "batch_size", "input_len", "output_len", "num_beams",
-           "encoder_ms", "ms_per_step", "e2e_ms", "tokens_per_s", "generated_tokens", "peak_mem_mb",
+           "encoder_ms", "ms_per_step", "graph_step_ms", "e2e_ms", "tokens_per_s", "generated_tokens", "peak_mem_mb",
            "speedup_vs_hf", "token_match_vs_ours", "note")
 
 
@@ -116,6 +116,7 @@ class Row:
     num_beams: int
     encoder_ms: float | None = None
     ms_per_step: float | None = None
+    graph_step_ms: float | None = None
     e2e_ms: float | None = None
     tokens_per_s: float | None = None
     generated_tokens: int | None = None
@@ -253,6 +254,8 @@ class _Ours:
 
     def encode(self, ids, mask):
         with torch.inference_mode():
+            if self.runner is not None:
+                return self.runner.encode(ids, mask)[0]
             return self.model.encode(ids, mask)
 
     def generate(self, ids, mask, out_len: int, beams: int):
@@ -337,7 +340,9 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
     Every run generates exactly ``output_len`` tokens (EOS suppressed by min_new_tokens, for every
     system alike). Rows (one per system and configuration), as dicts with COLUMNS:
         encoder_ms   encoder forward alone;   e2e_ms   encoder + all decode steps (median of repeats)
-        ms_per_step  (e2e_ms - encoder_ms) / output_len;  tokens_per_s  batch * output_len / e2e
+        ms_per_step  (e2e_ms - encoder_ms) / output_len (host loop, prefill and selection included)
+        graph_step_ms  ours, greedy on CUDA: device time of one replayed decode step (CUDA events)
+         tokens_per_s  batch * output_len / e2e
         peak_mem_mb  peak CUDA memory during the run (CUDA only)
         speedup_vs_hf  tokens/s over HF eager generate's;  token_match_vs_ours  equal-token rate
     configs: explicit (batch_size, num_beams) pairs instead of batch_sizes x num_beams.
@@ -397,8 +402,11 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
             enc_ms, _ = timer(lambda: ours.encode(ids, mask), repeats, warmup)
             with _peak_memory(device, mem):
                 e2e, our_out = timer(lambda: ours.generate(ids, mask, out_len, num_beams), repeats, warmup)
+            gstep = None
+            if ours.runner is not None and num_beams == 1:
+                gstep = ours.runner.time_step(ids, mask, min(out_len, 32))
             ours_row = Row("encdec", **base, encoder_ms=enc_ms, e2e_ms=e2e, peak_mem_mb=mem[0] if mem else None,
-                           note=ours.kind)
+                           graph_step_ms=gstep, note=ours.kind)
             rows.append(ours_row)
             tick(f"encdec b{b} {in_len}/{out_len}")
             say(f"encdec b={b} in={in_len} out={out_len}: {e2e:.2f} ms")
@@ -490,6 +498,7 @@ def write_csv(rows: list[dict], path) -> None:
 def format_table(rows: list[dict]) -> str:
     """A markdown table of the main columns."""
     cols = ("system", "model", "batch_size", "input_len", "output_len", "num_beams", "encoder_ms", "ms_per_step",
+            "graph_step_ms",
             "e2e_ms", "tokens_per_s", "peak_mem_mb", "speedup_vs_hf", "token_match_vs_ours")
     head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
 

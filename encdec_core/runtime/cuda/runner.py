@@ -18,6 +18,7 @@ fused greedy loop, which feeds its own argmax back inside the graph) and launch 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -205,7 +206,8 @@ class CudaGraphRunner:
 
     def __init__(self, model, max_batch: int, max_len: int, max_input_len: int = 512, *,
                  compile: bool = True, attention: str = "math", batch_buckets=DEFAULT_BATCH_BUCKETS,
-                 dynamic: bool | None = None, use_graphs: bool = True, compile_mode: str | None = None):
+                 dynamic: bool | None = None, use_graphs: bool = True, compile_mode: str | None = None,
+                 compile_encoder: bool | None = None):
         if model.device.type != "cuda":
             raise ValueError(f"CudaGraphRunner needs a model on CUDA, got {model.device}")
         self.model = model
@@ -220,6 +222,9 @@ class CudaGraphRunner:
             self._select = torch.compile(self.dec.greedy_select, **kw)
         else:
             self._step, self._select = self.dec.step, self.dec.greedy_select
+        self._encode = model.encode
+        if compile if compile_encoder is None else compile_encoder:
+            self._encode = torch.compile(model.encode, dynamic=True)
         self._graphs: dict = {}
         self._pool = None
         self._cur = None  # (bucket B, bucket S, N)
@@ -240,6 +245,14 @@ class CudaGraphRunner:
         # trailing columns that are padding in every row carry nothing: drop them
         keep = int(attention_mask.any(0).nonzero().max().item()) + 1 if attention_mask.any() else 1
         input_ids, attention_mask = input_ids[:, :keep], attention_mask[:, :keep]
+        if self._encode is not self.model.encode:
+            try:
+                return self._encode(input_ids, attention_mask), attention_mask
+            except Exception as exc:  # an inductor failure must not fail the request
+                import warnings
+
+                warnings.warn(f"compiled encoder failed ({type(exc).__name__}: {exc}); using the eager encoder")
+                self._encode = self.model.encode
         return self.model.encode(input_ids, attention_mask), attention_mask
 
     @torch.no_grad()
@@ -371,6 +384,31 @@ class CudaGraphRunner:
         index = index.to(self.dec.device)
         for t in vw.k + vw.v:
             t[:n].copy_(t[:n].index_select(0, index))
+
+    @torch.no_grad()
+    def time_step(self, input_ids, attention_mask=None, steps: int = 32, repeats: int = 3) -> float:
+        """Median device time (ms) of one decode step: ``steps`` fused-greedy graph replays timed with
+        CUDA events after a prefill (EOS never ends the run). Captures the graph first if needed."""
+        times = []
+        for _ in range(repeats + 1):
+            self.set_eos_pad(-1, None)
+            self.prefill(input_ids, attention_mask, 1, steps)
+            bb, sb, n = self._cur
+            vw = self.dec.views(bb, sb)
+            vw.tokens.fill_(self.model.cfg.decoder_start_token_id)
+            vw.finished.zero_()
+            self.dec.min_steps.zero_()
+            self._run("greedy")  # capture / warm
+            self.dec.pos.zero_()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(steps):
+                self._run("greedy")
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1) / steps)
+        self.set_eos_pad()
+        return statistics.median(times[1:])
 
     # ------------------------------------------------------------------ fused greedy
     @torch.no_grad()

@@ -1,0 +1,99 @@
+"""run_benchmark on CPU with a tiny preset: sane rows, CSV and JSON; HF side by side in the same run."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from encdec_core.errors import EncDecError
+from encdec_core.plugins import hookimpl
+from encdec_core.registry import Registry
+
+TINY = dict(model_type="t5", architectures=["T5ForConditionalGeneration"], vocab_size=96, d_model=32, d_kv=8,
+            d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="relu", tie_word_embeddings=True,
+            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
+@pytest.fixture
+def reg():
+    import encdec_t5.plugin as t5p
+
+    fam = dataclasses.replace(t5p.T5, name="t5-bench-test", aliases=(), architectures=(), model_types=(),
+                              presets={"t5-tiny-test": TINY})
+
+    class Plugin:
+        @hookimpl
+        def encdec_families(self):
+            return [fam]
+
+    r = Registry()
+    r.register_plugin(Plugin(), name="bench-test")
+    return r
+
+
+def test_rows_csv_json(reg, tmp_path):
+    pytest.importorskip("transformers")
+    from encdec_core.benchmark import COLUMNS, format_table, run_benchmark
+
+    csv_path, json_path = tmp_path / "b.csv", tmp_path / "b.json"
+    rows = run_benchmark("t5-tiny-test", batch_sizes=[1, 2], input_output_lens=[(8, 4)], num_beams=1,
+                         compare_hf=True, device="cpu", dtype="float32", csv_path=csv_path, json_path=json_path,
+                         plot_path=None, progress=False, repeats=1, warmup=0, reg=reg, compare_ct2=False)
+    systems = [(r["system"], r["batch_size"]) for r in rows]
+    assert systems == [("encdec", 1), ("hf", 1), ("encdec", 2), ("hf", 2)]  # no hf-static on CPU
+    for r in rows:
+        assert r["e2e_ms"] > 0 and r["encoder_ms"] > 0
+        assert r["generated_tokens"] == r["batch_size"] * 4
+        assert r["tokens_per_s"] == pytest.approx(r["generated_tokens"] / (r["e2e_ms"] / 1e3))
+        assert r["ms_per_step"] == pytest.approx(max(r["e2e_ms"] - r["encoder_ms"], 0) / 4)
+        assert r["peak_mem_mb"] is None and r["graph_step_ms"] is None  # CPU
+    for ours, hf in zip(rows[::2], rows[1::2]):
+        assert hf["speedup_vs_hf"] == pytest.approx(1.0)
+        assert ours["speedup_vs_hf"] == pytest.approx(ours["tokens_per_s"] / hf["tokens_per_s"])
+        assert hf["token_match_vs_ours"] == 1.0  # same weights, fp32, same greedy semantics
+    with open(csv_path, newline="") as f:
+        got = list(csv.DictReader(f))
+    assert list(got[0]) == list(COLUMNS) and len(got) == 4
+    assert [g["system"] for g in got] == [s for s, _ in systems]
+    data = json.loads(json_path.read_text())
+    assert data["environment"]["torch"] == torch.__version__
+    assert len(data["rows"]) == 4 and data["rows"][0]["model"] == "t5-tiny-test"
+    table = format_table(rows)
+    assert table.count("\n") == 2 + len(rows) and "| encdec |" in table
+
+
+def test_beam_and_model_object(reg):
+    from encdec_core.benchmark import model_from_preset, run_benchmark
+
+    model = model_from_preset("t5-tiny-test", torch.float32, "cpu", reg=reg)
+    rows = run_benchmark(model, batch_sizes=[2], input_output_lens=[(6, 3)], num_beams=2, device="cpu",
+                         dtype=torch.float32, progress=False, repeats=1, warmup=0)
+    assert len(rows) == 1 and rows[0]["system"] == "encdec" and rows[0]["num_beams"] == 2
+    assert rows[0]["generated_tokens"] == 6 and rows[0]["speedup_vs_hf"] is None
+
+
+def test_ctranslate2_rows(reg):
+    pytest.importorskip("ctranslate2")
+    pytest.importorskip("transformers")
+    from encdec_core.benchmark import run_benchmark
+
+    rows = run_benchmark("t5-tiny-test", batch_sizes=[2], input_output_lens=[(8, 4)], compare_hf=True,
+                         device="cpu", dtype="float32", progress=False, repeats=1, warmup=0, reg=reg,
+                         compare_ct2=True)
+    ct2 = [r for r in rows if r["system"] == "ctranslate2"]
+    assert len(ct2) == 1 and ct2[0]["e2e_ms"] > 0, rows
+    assert ct2[0]["token_match_vs_ours"] == 1.0
+
+
+def test_bad_arguments(reg):
+    from encdec_core.benchmark import run_benchmark
+
+    with pytest.raises(EncDecError, match="unknown preset 'nope'.*t5-tiny-test"):
+        run_benchmark("nope", device="cpu", progress=False, reg=reg)
+    with pytest.raises(EncDecError, match="batch size 0"):
+        run_benchmark("t5-tiny-test", batch_sizes=[0], device="cpu", progress=False, reg=reg)
+    with pytest.raises(EncDecError, match="input/output length"):
+        run_benchmark("t5-tiny-test", input_output_lens=[(8,)], device="cpu", progress=False, reg=reg)
