@@ -93,6 +93,7 @@ class GenerationConfig:
     decoder_start_token_id: int | None = None
     max_position_embeddings: int | None = None  # caps the default max_length (HF does the same)
     source: str = field(default="generation config", repr=False, compare=False)
+    origins: dict = field(default_factory=dict, repr=False, compare=False)  # field -> where its value came from
 
     def __post_init__(self) -> None:
         self.validate()
@@ -119,11 +120,14 @@ class GenerationConfig:
                     f"{src}: field '{key}' = {value!r} is not supported by encdec generation "
                     f"(expected one of {list(_NEUTRAL[key])})")
         values: dict[str, Any] = {}
+        origins: dict[str, str] = {}
         for name in names:
             if overrides.get(name) is not None:
                 values[name] = overrides[name]
+                origins[name] = "generate option"
             elif gen.get(name) is not None:
                 values[name] = gen[name]
+                origins[name] = src
         for name, default in _DEFAULTS.items():
             values.setdefault(name, default)
         # special tokens: generation_config.json when the model has one, else the model config
@@ -136,15 +140,17 @@ class GenerationConfig:
                 and cfg.decoder_start_token_id is None:
             fallback["decoder_start_token_id"] = gen["bos_token_id"]
         for name, v in fallback.items():
-            if values.get(name) is None and name not in overrides:
+            if values.get(name) is None:
                 values[name] = v
         if getattr(cfg, "position_type", None) in ("learned", "sinusoidal"):
             values["max_position_embeddings"] = cfg.max_position_embeddings
-        values["source"] = src if gen else "generate options"
+        values["source"] = "generate options"
+        values["origins"] = origins
         return cls(**values)
 
     def replace(self, **kw) -> "GenerationConfig":
-        return dataclasses.replace(self, **kw)
+        origins = {k: v for k, v in self.origins.items() if k not in kw}
+        return dataclasses.replace(self, origins=origins, **kw)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -186,9 +192,8 @@ class GenerationConfig:
 
     # ------------------------------------------------------------------ checks
     def validate(self, vocab_size: int | None = None) -> None:
-        where = self.source
-
         def bad(name, value, expected):
+            where = self.origins.get(name, self.source)
             raise ConfigError(f"{where}: field '{name}' = {value!r}: expected {expected}")
 
         def is_int(v):
@@ -386,14 +391,15 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         generator = torch.Generator(device=device)
         generator.manual_seed(gc.seed)
 
-    runner.prefill(input_ids, attention_mask, expand, max_len)
-    if gc.num_beams > 1:
-        from .beam import beam_search
+    with torch.no_grad():
+        runner.prefill(input_ids, attention_mask, expand, max_len)
+        if gc.num_beams > 1:
+            from .beam import beam_search
 
-        seqs, scores = beam_search(runner, gc, batch, max_len, pipeline, generator, device)
-        return GenerationOutput(seqs, scores, gc.num_return_sequences, eos)
-    seqs = _sample(runner, gc, batch * expand, max_len, pipeline, generator, device)
-    return GenerationOutput(seqs, None, gc.num_return_sequences, eos)
+            seqs, scores = beam_search(runner, gc, batch, max_len, pipeline, generator, device)
+            return GenerationOutput(seqs, scores, gc.num_return_sequences, eos)
+        seqs = _sample(runner, gc, batch * expand, max_len, pipeline, generator, device)
+        return GenerationOutput(seqs, None, gc.num_return_sequences, eos)
 
 
 def _sample(runner, gc: GenerationConfig, rows: int, max_len: int, pipeline, generator, device) -> torch.Tensor:

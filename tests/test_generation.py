@@ -1,0 +1,384 @@
+"""Generation runtime: greedy, beam search, sampling and the logits processors, token for token
+against HF transformers' generate (v5) on a tiny random T5.
+
+The model is built from a T5Config with odd shapes (d_model 24, 3 heads of 6, d_ff 40, vocab 101)
+and a larger init so its outputs vary; the EOS row of the (tied) shared embedding is replaced by
+a scaled mix of rows of tokens the model often picks, so EOS wins at some steps and the EOS paths (finished rows, finished beams, padding) run.
+HF's T5 generate breaks when the decoder has more layers than the encoder (its cache is sized by
+num_layers), so the decoder here has fewer.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_registry
+
+transformers = pytest.importorskip("transformers")
+from transformers import GenerationConfig as HFGenerationConfig  # noqa: E402
+from transformers import T5Config, T5ForConditionalGeneration  # noqa: E402
+from transformers.generation import logits_process as hf_lp  # noqa: E402
+
+from encdec_core.convert import load_source_model  # noqa: E402
+from encdec_core.errors import ConfigError, EncDecError  # noqa: E402
+from encdec_core.runtime import logits as lp  # noqa: E402
+from encdec_core.runtime.generation import EagerRunner, GenerationConfig, generate  # noqa: E402
+
+VOCAB, EOS, PAD, START = 101, 1, 0, 0
+SPECIAL = dict(eos_token_id=EOS, pad_token_id=PAD, decoder_start_token_id=START)
+
+
+def _tiny_t5(path, gen_config: dict | None = None):
+    cfg = T5Config(vocab_size=VOCAB, d_model=24, d_kv=6, d_ff=40, num_layers=3, num_decoder_layers=2, num_heads=3,
+                   relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                   initializer_factor=3.0, **SPECIAL)
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # EOS gets a scaled mix of rows the model likes: it wins at some steps only
+        model.shared.weight[EOS] = model.shared.weight[[25, 70, 96]].mean(0) * 2.0
+    model.save_pretrained(path)
+    if gen_config is not None:
+        (path / "generation_config.json").write_text(json.dumps(gen_config))
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(HF model, our model, our Source) for the same weights."""
+    path = tmp_path_factory.mktemp("t5gen")
+    hf = _tiny_t5(path)
+    ours, src, _ = load_source_model(path, reg=make_registry("encdec_t5.plugin"))
+    return hf, ours, src
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Three right-padded sources of lengths 9, 6 and 4."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, VOCAB, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 4:] = 0
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+def hf_generate(model, ids, mask, seed=None, **kw):
+    gc = HFGenerationConfig(**{**SPECIAL, **kw}, return_dict_in_generate=True, output_scores=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, generation_config=gc)
+
+
+def ours_generate(model, src, ids, mask, forced_bos_token_ids=None, runner=None, **kw):
+    gc = GenerationConfig.from_model(model.cfg, src.generation_config, **kw)
+    return generate(model, ids, mask, gc, forced_bos_token_ids=forced_bos_token_ids, runner=runner)
+
+
+def assert_same(h, o, beam=False):
+    assert torch.equal(h.sequences, o.sequences), f"\nHF:\n{h.sequences}\nours:\n{o.sequences}"
+    if beam:
+        torch.testing.assert_close(o.sequences_scores, h.sequences_scores, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- greedy
+def test_greedy_matches_hf_and_exercises_eos(models, batch):
+    hf, ours, src = models
+    ids, mask = batch
+    h = hf_generate(hf, ids, mask, max_new_tokens=15)
+    o = ours_generate(ours, src, ids, mask, max_new_tokens=15)
+    assert_same(h, o)
+    # the EOS path ran: some row ended early and was padded, another ran to the limit
+    lengths = [len(o.tokens(i)) for i in range(len(o))]
+    assert min(lengths) < 15 and max(lengths) == 15, lengths
+    assert o.sequences_scores is None and o.num_return_sequences == 1
+    row = o.sequences[lengths.index(min(lengths))].tolist()
+    end = row.index(EOS, 1)
+    assert all(t == PAD for t in row[end + 1:]) and o.tokens(lengths.index(min(lengths))) == row[1:end]
+
+
+def test_default_length_is_hf_default(models, batch):
+    """Nothing sets a length: HF generates max_length 20 (+ the start token)."""
+    hf, ours, src = models
+    ids, mask = batch
+    gc = GenerationConfig.from_model(ours.cfg, None)
+    assert gc.limits() == (0, 21)
+    h = hf_generate(hf, ids[2:, :4], mask[2:, :4])  # a request that does not stop before the limit
+    o = generate(ours, ids[2:, :4], mask[2:, :4], gc)
+    assert_same(h, o)
+    assert o.sequences.shape == (1, 21)
+
+
+# ----------------------------------------------------------------------------------------- beam
+@pytest.mark.parametrize("kw", [
+    dict(num_beams=4, num_return_sequences=2, length_penalty=1.7),
+    dict(num_beams=4, num_return_sequences=2, length_penalty=0.5, early_stopping=True),
+    dict(num_beams=4, num_return_sequences=3, length_penalty=2.0, early_stopping="never"),
+    dict(num_beams=3, num_return_sequences=1, length_penalty=-0.7, early_stopping="never"),
+], ids=["lp1.7", "early-true", "never-lp2", "never-neg-lp"])
+def test_beam_matches_hf(models, batch, kw):
+    hf, ours, src = models
+    ids, mask = batch
+    h = hf_generate(hf, ids, mask, max_new_tokens=11, **kw)
+    o = ours_generate(ours, src, ids, mask, max_new_tokens=11, **kw)
+    assert_same(h, o, beam=True)
+    assert o.sequences.shape[0] == 3 * kw["num_return_sequences"]
+
+
+def test_beam_with_eos_at_start_of_batch_and_eos_list(models, batch):
+    """Two EOS ids (HF keeps 3 * num_beams candidates) and min_length through max_length."""
+    hf, ours, src = models
+    ids, mask = batch
+    kw = dict(num_beams=3, num_return_sequences=2, eos_token_id=[EOS, 5], max_length=12, min_length=4)
+    h = hf_generate(hf, ids, mask, **kw)
+    o = ours_generate(ours, src, ids, mask, **kw)
+    assert_same(h, o, beam=True)
+    assert all(len(o.tokens(i)) >= 3 for i in range(len(o)))  # min_length 4 counts the start token
+
+
+# ----------------------------------------------------------------------------------------- processors
+@pytest.mark.parametrize("kw", [
+    dict(num_beams=3, no_repeat_ngram_size=3, min_new_tokens=5, max_new_tokens=12),
+    dict(no_repeat_ngram_size=2, max_new_tokens=12),
+    dict(repetition_penalty=1.5, forced_bos_token_id=7, forced_eos_token_id=EOS, max_new_tokens=9),
+    dict(num_beams=4, repetition_penalty=0.8, forced_bos_token_id=7, forced_eos_token_id=[EOS, 9],
+         max_length=8, length_penalty=2.0, early_stopping=True),
+    dict(min_new_tokens=6, max_new_tokens=8),
+], ids=["beam-ngram3-minnew", "greedy-ngram2", "greedy-rep-forced", "beam-rep-forced", "greedy-minnew"])
+def test_processors_match_hf(models, batch, kw):
+    hf, ours, src = models
+    ids, mask = batch
+    beam = kw.get("num_beams", 1) > 1
+    h = hf_generate(hf, ids, mask, **kw)
+    o = ours_generate(ours, src, ids, mask, **kw)
+    assert_same(h, o, beam=beam)
+    seqs = o.sequences.tolist()
+    if "forced_bos_token_id" in kw:
+        assert all(r[1] == 7 for r in seqs)
+    if "min_new_tokens" in kw:
+        assert all(len(o.tokens(i)) >= kw["min_new_tokens"] for i in range(len(o)))
+    if kw.get("no_repeat_ngram_size"):
+        n = kw["no_repeat_ngram_size"]
+        for i in range(len(o)):
+            row = [START] + o.tokens(i)
+            grams = [tuple(row[j:j + n]) for j in range(len(row) - n + 1)]
+            assert len(grams) == len(set(grams)), row
+
+
+def test_processors_equal_hf_processors():
+    """Each tensor rule against HF's processor on random scores (ties and ids beyond the vocab too)."""
+    g = torch.Generator().manual_seed(3)
+    seqs = torch.randint(0, 12, (5, 9), generator=g)
+    scores = torch.randn(5, 12, generator=g)
+    scores[0, :4] = 0.5  # ties
+    for pen in (1.3, 0.7):
+        ref = hf_lp.RepetitionPenaltyLogitsProcessor(pen)(seqs, scores.clone())
+        assert torch.equal(lp.repetition_penalty(seqs, scores, pen), ref)
+    for n in (1, 2, 3):
+        ref = hf_lp.NoRepeatNGramLogitsProcessor(n)(seqs, scores.clone())
+        assert torch.equal(lp.no_repeat_ngram(seqs, scores, n), ref)
+    for k, keep in ((1, 1), (3, 1), (2, 4), (50, 1)):
+        ref = hf_lp.TopKLogitsWarper(k, min_tokens_to_keep=keep)(seqs, scores.clone())
+        assert torch.equal(lp.top_k(scores, k, keep), ref)
+    for p, keep in ((0.1, 1), (0.6, 1), (0.9, 3), (1.0, 1)):
+        ref = hf_lp.TopPLogitsWarper(p, min_tokens_to_keep=keep)(seqs, scores.clone())
+        assert torch.equal(lp.top_p(scores, p, keep), ref)
+    ref = hf_lp.ForcedBOSTokenLogitsProcessor(4)(seqs[:, :1], scores.clone())
+    assert torch.equal(lp.force_tokens(scores, torch.tensor([4])), ref)
+    rows = torch.tensor([4, -1, 7, -1, 0])
+    per_row = lp.force_tokens_per_row(scores, rows)
+    for i, t in enumerate(rows.tolist()):
+        if t < 0:
+            assert torch.equal(per_row[i], scores[i])
+        else:
+            assert per_row[i, t] == 0 and torch.isinf(per_row[i]).sum() == 11
+
+
+# ----------------------------------------------------------------------------------------- sampling
+@pytest.mark.parametrize("kw", [
+    dict(do_sample=True, top_k=10, top_p=0.9, temperature=0.8, num_return_sequences=2),
+    dict(do_sample=True),  # HF's default top_k 50
+    dict(do_sample=True, num_beams=3, top_k=10, temperature=1.3),
+], ids=["topk-topp-temp", "defaults", "beam-sample"])
+def test_sampling_matches_hf_with_the_same_seed(models, batch, kw):
+    """Same op order as HF (processors, softmax, multinomial) and a generator seeded like
+    torch.manual_seed: on CPU the sampled tokens are identical."""
+    hf, ours, src = models
+    ids, mask = batch
+    h = hf_generate(hf, ids, mask, seed=1234, max_new_tokens=10, **kw)
+    o = ours_generate(ours, src, ids, mask, seed=1234, max_new_tokens=10, **kw)
+    assert_same(h, o, beam=kw.get("num_beams", 1) > 1)
+
+
+def test_sampling_is_reproducible_and_seed_dependent(models, batch):
+    _, ours, src = models
+    ids, mask = batch
+    kw = dict(do_sample=True, temperature=1.5, top_k=0, max_new_tokens=12, num_return_sequences=3)
+    torch.manual_seed(99)  # the global RNG must not matter when a seed is given
+    a = ours_generate(ours, src, ids, mask, seed=5, **kw)
+    torch.manual_seed(100)
+    b = ours_generate(ours, src, ids, mask, seed=5, **kw)
+    c = ours_generate(ours, src, ids, mask, seed=6, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    assert not torch.equal(a.sequences, c.sequences)
+    assert len({tuple(a.tokens(i)) for i in range(len(a))}) > 1  # samples of one request differ
+
+
+# ----------------------------------------------------------------------------------------- batching
+@pytest.mark.parametrize("kw", [
+    dict(max_new_tokens=12),
+    dict(max_new_tokens=12, num_beams=4, num_return_sequences=2, length_penalty=1.3),
+], ids=["greedy", "beam"])
+def test_padded_batch_equals_each_alone(models, batch, kw):
+    _, ours, src = models
+    ids, mask = batch
+    together = ours_generate(ours, src, ids, mask, **kw)
+    n = together.num_return_sequences
+    for b in range(ids.shape[0]):
+        length = int(mask[b].sum())
+        alone = ours_generate(ours, src, ids[b:b + 1, :length], mask[b:b + 1, :length], **kw)
+        assert together.request_tokens(b) == alone.all_tokens()
+        if alone.sequences_scores is not None:
+            torch.testing.assert_close(together.sequences_scores[b * n:(b + 1) * n], alone.sequences_scores,
+                                       atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_per_request_forced_bos(models, batch, beams):
+    """One batch, a different first token per request; None falls back to the config's value."""
+    hf, ours, src = models
+    ids, mask = batch
+    kw = dict(max_new_tokens=8, num_beams=beams)
+    out = ours_generate(ours, src, ids, mask, forced_bos_token_ids=[7, None, 9], forced_bos_token_id=33, **kw)
+    for b, want in enumerate([7, 33, 9]):
+        length = int(mask[b].sum())
+        h = hf_generate(hf, ids[b:b + 1, :length], mask[b:b + 1, :length], forced_bos_token_id=want, **kw)
+        assert out.tokens(b)[0] == want
+        assert out.tokens(b) == hf_tokens(h.sequences, 0)
+    # with no config value, None rows are not forced
+    free = ours_generate(ours, src, ids, mask, forced_bos_token_ids=[None, 9, None], **kw)
+    plain = ours_generate(ours, src, ids, mask, **kw)
+    assert free.tokens(0) == plain.tokens(0) and free.tokens(2) == plain.tokens(2)
+    assert free.tokens(1)[0] == 9
+
+
+def hf_tokens(seqs, i):
+    """HF's row i without the start token, cut at EOS (what out.tokens(i) means)."""
+    row = seqs[i, 1:].tolist()
+    return row[:row.index(EOS)] if EOS in row else row
+
+
+# ----------------------------------------------------------------------------------------- config
+def test_generation_config_json_is_honoured_like_hf(tmp_path, batch):
+    """bart-large-cnn style defaults from generation_config.json, no explicit options on either side."""
+    gen = dict(num_beams=4, length_penalty=2.0, min_length=5, max_length=12, no_repeat_ngram_size=3,
+               early_stopping=True, forced_bos_token_id=7, forced_eos_token_id=EOS, **SPECIAL,
+               transformers_version="5.0.0")
+    _tiny_t5(tmp_path, gen)
+    hf = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    ours, src, _ = load_source_model(tmp_path, reg=make_registry("encdec_t5.plugin"))
+    assert src.generation_config["num_beams"] == 4
+    ids, mask = batch
+    with torch.no_grad():
+        h = hf.generate(ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True)
+    gc = GenerationConfig.from_model(ours.cfg, src.generation_config)
+    assert (gc.num_beams, gc.length_penalty, gc.no_repeat_ngram_size, gc.limits()) == (4, 2.0, 3, (5, 12))
+    o = generate(ours, ids, mask, gc)
+    assert_same(h, o, beam=True)
+    # an explicit option overrides the file; None means "not given"
+    with torch.no_grad():
+        h2 = hf.generate(ids, attention_mask=mask, num_beams=2, max_new_tokens=6, return_dict_in_generate=True,
+                         output_scores=True)
+    o2 = ours_generate(ours, src, ids, mask, num_beams=2, max_new_tokens=6, length_penalty=None)
+    assert_same(h2, o2, beam=True)
+
+
+def test_generation_config_resolution(models):
+    _, ours, _ = models
+    cfg = ours.cfg
+    gc = GenerationConfig.from_model(cfg, {"max_length": 30, "min_length": 3, "num_beams": 2}, max_new_tokens=5)
+    assert gc.limits() == (3, 6) and gc.num_beams == 2  # max_new_tokens wins over max_length
+    assert GenerationConfig.from_model(cfg, None, min_new_tokens=4).limits()[0] == 5
+    gc = GenerationConfig.from_model(cfg, None)
+    assert (gc.eos_token_ids, gc.pad_id, gc.decoder_start_token_id, gc.top_k) == ((EOS,), PAD, START, 50)
+    assert GenerationConfig.from_model(cfg, None, pad_token_id=None).pad_id == PAD
+    assert GenerationConfig(eos_token_id=[2, 3], decoder_start_token_id=0).pad_id == 2  # HF: pad <- first eos
+
+
+@pytest.mark.parametrize("gen, kw, words", [
+    ({}, dict(temperature=0.0, do_sample=True), ["generate option", "temperature", "0.0"]),
+    ({}, dict(num_beams=2, num_return_sequences=3), ["num_return_sequences", "3", "num_beams"]),
+    ({}, dict(num_return_sequences=2), ["num_return_sequences", "greedy"]),
+    ({}, dict(early_stopping="sometimes"), ["early_stopping", "sometimes"]),
+    ({}, dict(top_p=1.5), ["top_p", "1.5"]),
+    ({}, dict(max_new_tokens=0), ["max_new_tokens", "0"]),
+    ({}, dict(num_beamz=2), ["unknown", "num_beamz"]),
+    ({"num_beam_groups": 2, "diversity_penalty": 0.5}, {}, ["generation_config.json", "num_beam_groups", "2"]),
+    ({"suppress_tokens": [3]}, {}, ["suppress_tokens", "[3]"]),
+    ({"num_beams": "4"}, {}, ["generation_config.json", "num_beams", "'4'"]),
+])
+def test_bad_generation_options_are_named(models, gen, kw, words):
+    _, ours, _ = models
+    with pytest.raises(ConfigError) as e:
+        GenerationConfig.from_model(ours.cfg, gen, **kw)
+    msg = str(e.value)
+    assert all(w in msg for w in words), msg
+
+
+def test_bad_inputs_are_named(models, batch):
+    _, ours, _ = models
+    ids, mask = batch
+    gc = GenerationConfig.from_model(ours.cfg, None, max_new_tokens=3)
+    cases = [
+        (dict(input_ids=ids[0], attention_mask=None), "2-D"),
+        (dict(input_ids=ids.clone().fill_(VOCAB), attention_mask=mask), f"[0, {VOCAB})"),
+        (dict(input_ids=ids, attention_mask=mask[:, :4]), "attention_mask"),
+        (dict(input_ids=ids, attention_mask=mask, forced_bos_token_ids=[1, 2]), "one per request"),
+        (dict(input_ids=ids, attention_mask=mask, forced_bos_token_ids=[1, 2, VOCAB]), "forced_bos_token_ids[2]"),
+    ]
+    for kw, words in cases:
+        with pytest.raises(EncDecError, match=None) as e:
+            generate(ours, gc=gc, **kw)
+        assert words in str(e.value), str(e.value)
+    with pytest.raises(ConfigError, match="eos_token_id"):
+        generate(ours, ids, mask, gc.replace(eos_token_id=VOCAB + 5))
+
+
+# ----------------------------------------------------------------------------------------- runner
+class CountingRunner(EagerRunner):
+    """A stand-in for another runner (e.g. CUDA graphs): generate must go through the interface."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.calls = {"prefill": [], "step": 0, "reorder": 0}
+
+    def prefill(self, input_ids, attention_mask, expand, max_len):
+        self.calls["prefill"].append((tuple(input_ids.shape), expand, max_len))
+        super().prefill(input_ids, attention_mask, expand, max_len)
+
+    def step(self, tokens):
+        self.calls["step"] += 1
+        assert tokens.dim() == 1
+        out = super().step(tokens)
+        assert out.dtype == torch.float32 and out.shape == (tokens.shape[0], VOCAB)
+        return out
+
+    def reorder(self, index):
+        self.calls["reorder"] += 1
+        super().reorder(index)
+
+
+def test_generate_runs_through_the_runner(models, batch):
+    _, ours, src = models
+    ids, mask = batch
+    runner = CountingRunner(ours)
+    out = ours_generate(ours, src, ids, mask, runner=runner, num_beams=4, num_return_sequences=2,
+                        max_new_tokens=9, early_stopping="never")
+    assert runner.calls["prefill"] == [((3, 9), 4, 10)]
+    steps = out.sequences.shape[1] - 1
+    assert runner.calls["step"] == runner.calls["reorder"] >= steps
+    ref = ours_generate(ours, src, ids, mask, num_beams=4, num_return_sequences=2, max_new_tokens=9,
+                        early_stopping="never")
+    assert torch.equal(out.sequences, ref.sequences)
