@@ -145,6 +145,8 @@ def test_wrong_launches_fail_on_every_rank(prepared, tmp_path):
         assert "written for rank 0, not rank 1" in rec["renamed"]
         assert "ranks read different checkpoint configs" in rec["mixed"], rec["mixed"]
         assert rec["ok_ids"] == ref["t5"]["loop_ids"].tolist()  # the group still works afterwards
+    assert isinstance(recs[0]["seed"], int) and recs[0]["seed"] == recs[1]["seed"]
+    assert recs[0]["given_seed"] == recs[1]["given_seed"] == 5
     # every message is the same on both ranks (except where it names the rank's own checkpoint)
     for case in ("mapping", "missing", "foreign", "renamed"):
         assert recs[0][case] == recs[1][case], case

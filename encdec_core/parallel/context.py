@@ -67,6 +67,21 @@ class ParallelContext:
     def layer_range(self, n_layers: int) -> range:
         return split_range(n_layers, self.pp_size, self.pp_rank)
 
+    def shared_seed(self, seed: int | None = None) -> int | None:
+        """A sampling seed every rank agrees on (collective: call it on every rank).
+
+        Ranks must draw the same tokens; with no seed given, rank 0 draws one and broadcasts it.
+        Single-process contexts return ``seed`` unchanged (None keeps torch's global generator).
+        """
+        if seed is not None or not self.distributed:
+            return seed
+        import torch.distributed as dist
+
+        t = torch.randint(0, 2**62, (1,), dtype=torch.int64) if self.rank == 0 else torch.zeros(1, dtype=torch.int64)
+        t = t.to(self.device or "cpu")
+        dist.broadcast(t, src=0)
+        return int(t.item())
+
     # ------------------------------------------------------------ tensor parallel
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1 and not self.force_collectives:

@@ -61,6 +61,7 @@ def main(root: Path, out: Path) -> None:
     model = load_parallel_model(root / pc.ckpt_name("t5", 2, 1), ctx)
     ids, mask = pc.inputs()
     rec["ok_ids"] = pc.greedy_loop(model, ids, mask)[0].tolist()
+    rec["seed"], rec["given_seed"] = ctx.shared_seed(), ctx.shared_seed(5)  # ranks agree on a sampling seed
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(rec, indent=1))
     shutdown()
