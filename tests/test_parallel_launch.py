@@ -214,3 +214,10 @@ def test_status_roundtrip():
     ok, msg = launch._decode_status(t)
     assert not ok and msg.startswith("é") and len(msg.encode()) <= launch._STATUS_BYTES
     assert launch._decode_status(launch._encode_status(True, "", None)) == (True, "")
+
+
+def test_init_for_dir(t5_ckpts):
+    """The helper commands use: None for a one-rank checkpoint, a clear error for a sharded one run alone."""
+    assert launch.init_for_dir(t5_ckpts / pc.ckpt_name("t5", 1, 1)) is None
+    with pytest.raises(LaunchError, match=r"needs tp_size 2 x pp_size 1 = 2 rank\(s\); launch 2 ranks: `mpirun -n 2"):
+        launch.init_for_dir(t5_ckpts / pc.ckpt_name("t5", 2, 1))

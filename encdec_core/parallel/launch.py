@@ -460,3 +460,24 @@ def load_parallel_model(ckpt_dir, ctx: ParallelContext, device=None, dtype: torc
     dev = device if device is not None else (ctx.device or "cpu")
     return agree(ctx, lambda: load_model(Path(ckpt_dir), ctx, device=dev, dtype=dtype, meta=meta),
                  f"loading {ckpt_dir}")
+
+
+def init_for_dir(model_dir, device="cpu", timeout: float | None = None) -> ParallelContext | None:
+    """For commands that load a checkpoint or engine dir (run, benchmark): read its mapping
+    (config.json "mapping"), start the ranks when the mapping or the launcher asks for more than
+    one process, and verify the shards on every rank. Returns None for a plain single-process run
+    (then load with ctx=None, as before)."""
+    from ..checkpoint import read_meta
+
+    meta = read_meta(Path(model_dir))
+    mp = meta.get("mapping") or {}
+    try:
+        tp, pp = int(mp.get("tp_size", 1)), int(mp.get("pp_size", 1))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{Path(model_dir) / 'config.json'}: field 'mapping' = {mp!r}: expected "
+                          f"{{'tp_size': N, 'pp_size': M}}") from None
+    if tp * pp == 1 and detect_launch().world_size == 1:
+        return None
+    ctx = init_parallel(tp, pp, device, timeout=timeout)
+    verify_checkpoint(model_dir, ctx, meta=meta)
+    return ctx
