@@ -220,10 +220,11 @@ class GenerationConfig:
             bad("early_stopping", self.early_stopping, 'true, false or "never"')
         if not is_num(self.length_penalty):
             bad("length_penalty", self.length_penalty, "a number")
-        if not is_num(self.temperature) or not self.temperature > 0:
-            bad("temperature", self.temperature, "a number > 0 (for greedy decoding set do_sample false)")
-        if not is_num(self.top_p) or not 0.0 <= self.top_p <= 1.0:
-            bad("top_p", self.top_p, "a number in [0, 1]")
+        if self.do_sample:  # like HF, sampling options are only read (and checked) when sampling
+            if not is_num(self.temperature) or not self.temperature > 0:
+                bad("temperature", self.temperature, "a number > 0 (for greedy decoding set do_sample false)")
+            if not is_num(self.top_p) or not 0.0 <= self.top_p <= 1.0:
+                bad("top_p", self.top_p, "a number in [0, 1]")
         if not is_num(self.repetition_penalty) or not self.repetition_penalty > 0:
             bad("repetition_penalty", self.repetition_penalty, "a number > 0")
         if self.seed is not None and not is_int(self.seed):
