@@ -165,7 +165,7 @@ class ConfigMap:
                 value = _resolve(rule, src)
             except ConfigError as exc:
                 raise ConfigError(f"{source}: {exc}") from None
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
                 raise ConfigError(f"{source}: cannot derive '{target}': {type(exc).__name__}: {exc}") from None
             if value is _REQUIRED:
                 if target in self.defaults:
@@ -180,7 +180,7 @@ class ConfigMap:
             out.setdefault(k, v)
         try:
             return EncDecConfig(**out)
-        except TypeError as exc:
+        except (ConfigError, TypeError) as exc:  # name the source file, not only the field
             raise ConfigError(f"{source}: {exc}") from None
 
 

@@ -58,7 +58,7 @@ class Family:
             return self.config_map(src)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
             raise ConfigError(f"{source}: cannot read the model config: {type(exc).__name__}: {exc}") from None
 
     def make_weight_map(self, cfg: EncDecConfig) -> WeightMap:
