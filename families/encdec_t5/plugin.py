@@ -12,7 +12,10 @@ from encdec_core.weights import Rule, WeightMap
 
 def get_offset_q_scaling(src: dict) -> float:
     """T5 applies no softmax scale; with scale = 1/(q_scaling*sqrt(d)) that is q_scaling = 1/sqrt(d)."""
-    return 1.0 / math.sqrt(src["d_kv"])
+    d = src["d_kv"]
+    if not isinstance(d, int) or isinstance(d, bool) or d <= 0:
+        raise ConfigError(f"field 'd_kv' = {d!r}: expected a positive integer (the attention head size)")
+    return 1.0 / math.sqrt(d)
 
 
 def _activation(src: dict) -> str:
