@@ -312,7 +312,7 @@ def test_generation_config_resolution(models):
     ({}, dict(num_beams=2, num_return_sequences=3), ["num_return_sequences", "3", "num_beams"]),
     ({}, dict(num_return_sequences=2), ["num_return_sequences", "greedy"]),
     ({}, dict(early_stopping="sometimes"), ["early_stopping", "sometimes"]),
-    ({}, dict(top_p=1.5), ["top_p", "1.5"]),
+    ({}, dict(top_p=1.5, do_sample=True), ["top_p", "1.5"]),
     ({}, dict(max_new_tokens=0), ["max_new_tokens", "0"]),
     ({}, dict(num_beamz=2), ["unknown", "num_beamz"]),
     ({"num_beam_groups": 2, "diversity_penalty": 0.5}, {}, ["generation_config.json", "num_beam_groups", "2"]),
