@@ -85,6 +85,26 @@ def test_presets_have_real_shapes(reg):
     assert cc25.vocab_size == 250027 and cc25.decoder_start_token_id == 0  # HF falls back to bos
 
 
+@pytest.mark.parametrize("fam,preset", [("bart", "bart-base"), ("bart", "bart-large-cnn"), ("mbart", "mbart-large-50")])
+def test_presets_build_hf_sized_models(fam, preset, reg):
+    """Our model from a preset holds exactly as many numbers as HF's (parameters + final_logits_bias),
+    both built on the meta device."""
+    import transformers
+
+    from encdec_core.model import build_model
+
+    family = reg.get(fam)
+    src = family.presets[preset]
+    ours = sum(v.numel() for v in build_model(family.make_config(src), meta=True).state_dict().values())
+    prefix = "MBart" if fam == "mbart" else "Bart"
+    hf_cfg = getattr(transformers, f"{prefix}Config")(
+        **{k: v for k, v in src.items() if k not in ("architectures", "model_type")})
+    with torch.device("meta"):
+        hf = getattr(transformers, family.hf_class)(hf_cfg)
+    theirs = sum(p.numel() for p in hf.parameters()) + sum(b.numel() for b in hf.buffers())
+    assert ours == theirs
+
+
 def test_config_errors_name_the_field(reg):
     bart = reg.get("bart")
     src = dict(bart.presets["bart-base"], decoder_attention_heads=8)  # head size 96 vs 64
