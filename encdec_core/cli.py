@@ -220,7 +220,13 @@ def cmd_run(args) -> int:
         engine.meta["generation_config"] = {}
     overrides = _gen_overrides(args)
     tok = engine.tokenizer(Path(args.tokenizer_dir) if args.tokenizer_dir else None)
-    ids = tok.encode(texts)
+    if args.source_lang:
+        try:
+            ids = tok.encode(texts, src_lang=args.source_lang)
+        except TypeError:
+            raise EncDecError(f"--source-lang: family '{engine.config.family}' has no source-language control") from None
+    else:
+        ids = tok.encode(texts)
     langs = None
     if target is not None:
         codes = [target] * len(texts) if isinstance(target, str) else target
@@ -237,7 +243,7 @@ def cmd_run(args) -> int:
     if args.compare_hf:
         hf_rows = compare_hf(engine, args, ids, langs, overrides, res)
     for i, t in enumerate(texts):
-        row = {"input": t, "output": outputs[i]}
+        row = {"input": t, "input_ids": ids[i], "output": outputs[i]}
         if hf_rows is not None:
             row.update(hf_rows[i])
         report["results"].append(row)
@@ -379,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, "--no-repeat-ngram-size", type=int, default=None)
     _opt(s, "--repetition-penalty", type=float, default=None)
     _opt(s, "--target-lang", nargs="+", default=None, help="target language code(s): one, or one per input")
+    _opt(s, "--source-lang", default=None, help="source language code (mBART-50 tokenizers)")
     _opt(s, "--no-generation-config", action="store_true",
          help="ignore the model's generation_config.json defaults")
     _opt(s, "--compare-hf", "--compare-hf-fp32", action="store_true",

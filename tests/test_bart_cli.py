@@ -95,3 +95,23 @@ def test_mbart_run_with_target_language_per_input(builtin_registry, tmp_path, tm
     assert rc != 0
     err = captured.err + captured.out
     assert "de_XY" in err and "de_DE" in err and "Traceback" not in err
+
+
+def test_mbart_run_with_source_language(builtin_registry, tmp_path, tmp_path_factory, capsys):
+    from encdec_bart.plugin import lang_code_to_id
+
+    src = tiny("mbart", tmp_path_factory)
+    eng = _pipeline(tmp_path, src)
+    out_json = tmp_path / "out.json"
+    rc = main(["run", "--engine-dir", str(eng), "--input-text", "Le chat dort.", "--source-lang", "fr_XX",
+               "--target-lang", "de_DE", "--max-output-len", "4", "--compare-hf", "--hf-model-dir", str(src),
+               "--device", "cpu", "--output-json", str(out_json)])
+    assert rc == 0, capsys.readouterr().out
+    row = json.loads(out_json.read_text())["results"][0]
+    assert row["match"]
+    assert lang_code_to_id(src, "fr_XX") in row["input_ids"]
+    assert lang_code_to_id(src, "en_XX") not in row["input_ids"]
+    capsys.readouterr()
+    rc = main(["run", "--engine-dir", str(eng), "--input-text", "x", "--source-lang", "xx_YY", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "xx_YY" in err and "Traceback" not in err
