@@ -64,17 +64,19 @@ def batch():
     return ids.masked_fill(mask == 0, PAD), mask
 
 
-def hf_generate(model, ids, mask, seed=None, **kw):
+def hf_generate(model, ids, mask, seed=None, decoder_input_ids=None, **kw):
     gc = HFGenerationConfig(**{**SPECIAL, **kw}, return_dict_in_generate=True, output_scores=True)
     if seed is not None:
         torch.manual_seed(seed)
+    extra = {} if decoder_input_ids is None else {"decoder_input_ids": decoder_input_ids}
     with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, generation_config=gc)
+        return model.generate(ids, attention_mask=mask, generation_config=gc, **extra)
 
 
-def ours_generate(model, src, ids, mask, forced_bos_token_ids=None, runner=None, **kw):
+def ours_generate(model, src, ids, mask, forced_bos_token_ids=None, runner=None, decoder_input_ids=None, **kw):
     gc = GenerationConfig.from_model(model.cfg, src.generation_config, **kw)
-    return generate(model, ids, mask, gc, forced_bos_token_ids=forced_bos_token_ids, runner=runner)
+    return generate(model, ids, mask, gc, forced_bos_token_ids=forced_bos_token_ids, runner=runner,
+                    decoder_input_ids=decoder_input_ids)
 
 
 def assert_same(h, o, beam=False):
@@ -270,6 +272,26 @@ def hf_tokens(seqs, i):
     return row[:row.index(EOS)] if EOS in row else row
 
 
+@pytest.mark.parametrize("kw", [
+    dict(max_new_tokens=8),
+    dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, length_penalty=1.5, min_new_tokens=2),
+    dict(max_length=9, num_beams=3, no_repeat_ngram_size=2),
+], ids=["greedy", "beam-minnew", "beam-maxlen-ngram"])
+@pytest.mark.parametrize("with_start", [False, True])
+def test_decoder_prefix_matches_hf(models, batch, kw, with_start):
+    """A decoder prefix: HF puts the start token in front unless the rows already begin with it."""
+    hf, ours, src = models
+    ids, mask = batch
+    prefix = torch.tensor([[42, 17], [42, 17], [42, 17]])
+    if with_start:
+        prefix = torch.cat([torch.full((3, 1), START), prefix], dim=1)
+    h = hf_generate(hf, ids, mask, decoder_input_ids=prefix, **kw)
+    o = ours_generate(ours, src, ids, mask, decoder_input_ids=prefix, **kw)
+    assert_same(h, o, beam=kw.get("num_beams", 1) > 1)
+    assert o.sequences[:, :3].tolist() == [[START, 42, 17]] * len(o)
+    assert all(o.tokens(i)[:2] == [42, 17] for i in range(len(o)))
+
+
 # ----------------------------------------------------------------------------------------- config
 def test_generation_config_json_is_honoured_like_hf(tmp_path, batch):
     """bart-large-cnn style defaults from generation_config.json, no explicit options on either side."""
@@ -337,10 +359,14 @@ def test_bad_inputs_are_named(models, batch):
         (dict(input_ids=ids, attention_mask=mask[:, :4]), "attention_mask"),
         (dict(input_ids=ids, attention_mask=mask, forced_bos_token_ids=[1, 2]), "one per request"),
         (dict(input_ids=ids, attention_mask=mask, forced_bos_token_ids=[1, 2, VOCAB]), "forced_bos_token_ids[2]"),
+        (dict(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:2]), "decoder_input_ids"),
+        (dict(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :5], gc=gc.replace(max_new_tokens=None,
+                                                                                           max_length=4)),
+         "max_length 4 leaves no room"),
     ]
     for kw, words in cases:
         with pytest.raises(EncDecError, match=None) as e:
-            generate(ours, gc=gc, **kw)
+            generate(ours, **{"gc": gc, **kw})
         assert words in str(e.value), str(e.value)
     with pytest.raises(ConfigError, match="eos_token_id"):
         generate(ours, ids, mask, gc.replace(eos_token_id=VOCAB + 5))

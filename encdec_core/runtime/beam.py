@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .generation import GenerationConfig
+from .generation import GenerationConfig, feed_prefix
 
 _BIG = -1.0e9
 
@@ -31,19 +31,21 @@ def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(t, idx, dim=1)
 
 
-def beam_search(runner, gc: GenerationConfig, batch: int, max_len: int, pipeline, generator, device):
+def beam_search(runner, gc: GenerationConfig, batch: int, max_len: int, pipeline, generator, device,
+                prefix: torch.Tensor):
+    """``prefix`` [batch * nb, P]: the decoder start token (and any decoder prefix), rows repeated per beam."""
     nb = gc.num_beams
     eos = gc.eos_token_ids
     lp = gc.length_penalty
     es = gc.early_stopping
     keep = max(2, 1 + len(eos)) * nb
-    prompt = 1  # the decoder start token
+    prompt = prefix.shape[1]
     # HF fills unused positions with pad, or with the first EOS when pad is 0 / unset, or -1 without EOS
     pad = gc.pad_token_id
     fill = (pad if pad else eos[0]) if eos else -1
 
     run_seq = torch.full((batch, nb, max_len), fill, dtype=torch.long, device=device)
-    run_seq[:, :, 0] = gc.decoder_start_token_id
+    run_seq[:, :, :prompt] = prefix.view(batch, nb, prompt)
     fin_seq = run_seq.clone()
     run_score = torch.zeros((batch, nb), dtype=torch.float32, device=device)
     run_score[:, 1:] = _BIG
@@ -56,8 +58,9 @@ def beam_search(runner, gc: GenerationConfig, batch: int, max_len: int, pipeline
     eos_t = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
     offsets = (torch.arange(batch, device=device) * nb).view(-1, 1)
 
-    cur = 1
-    tokens = run_seq[:, :, 0].reshape(-1)
+    feed_prefix(runner, prefix)  # every beam of a request has the same prefix: no reordering needed
+    cur = prompt
+    tokens = prefix[:, -1].contiguous()
     while True:
         logits = runner.step(tokens).float()
         logp = torch.log_softmax(logits, dim=-1)

@@ -259,22 +259,24 @@ class GenerationOutput:
     sequences_scores: torch.Tensor | None  # beam search: length-normalised score of each row
     num_return_sequences: int
     eos_token_ids: tuple[int, ...] = ()
+    prompt_len: int = 1  # the decoder start token (and any decoder prefix) at the start of each row
     _host: list | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return self.sequences.shape[0]
 
     def tokens(self, i: int) -> list[int]:
-        """Row i without the start token, cut at its first EOS (which is dropped with what follows:
-        only padding follows an EOS)."""
+        """Row i without the start token (a decoder prefix is kept), cut at its first EOS after the
+        prefix (the EOS is dropped with what follows: only padding follows an EOS)."""
         if self._host is None:
             self._host = self.sequences.tolist()
-        row = self._host[i][1:]
+        p = self.prompt_len
+        head, row = self._host[i][1:p], self._host[i][p:]
         eos = set(self.eos_token_ids)
         for j, t in enumerate(row):
             if t in eos:
-                return row[:j]
-        return row
+                return head + row[:j]
+        return head + row
 
     def all_tokens(self) -> list[list[int]]:
         return [self.tokens(i) for i in range(len(self))]
@@ -352,8 +354,14 @@ def _check_inputs(input_ids, attention_mask, vocab: int, forced_bos_token_ids, o
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              gc: GenerationConfig | None = None, forced_bos_token_ids: Sequence[int | None] | None = None,
-             runner=None) -> GenerationOutput:
-    """Generate for a batch of (right-padded) sources. See the module docstring."""
+             runner=None, decoder_input_ids: torch.Tensor | None = None) -> GenerationOutput:
+    """Generate for a batch of (right-padded) sources. See the module docstring.
+
+    ``forced_bos_token_ids``: one entry per request (None = the config's forced_bos_token_id).
+    ``decoder_input_ids`` [B, P]: a decoder prefix the output continues (HF semantics: the decoder
+    start token is put in front unless every row already starts with it; lengths, the length
+    penalty and min/max_new_tokens count from the end of the prefix).
+    """
     cfg = model.cfg
     if gc is None:
         gc = GenerationConfig.from_model(cfg, None)
@@ -368,7 +376,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
     batch = input_ids.shape[0]
     expand = max(gc.num_beams, gc.num_return_sequences)
-    min_len, max_len = gc.limits()
+    prefix = _decoder_prefix(decoder_input_ids, batch, gc.decoder_start_token_id, vocab, device)
+    prompt = prefix.shape[1]
+    min_len, max_len = gc.limits(prompt)
+    if max_len <= prompt:
+        raise ConfigError(f"generate: max_length {max_len} leaves no room after the decoder prefix of length "
+                          f"{prompt}: expected max_length > {prompt} (or set max_new_tokens)")
+    prefix = prefix.repeat_interleave(expand, dim=0) if expand > 1 else prefix
     eos = gc.eos_token_ids
 
     forced_bos: torch.Tensor | int | None = gc.forced_bos_token_id
@@ -397,22 +411,49 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if gc.num_beams > 1:
             from .beam import beam_search
 
-            seqs, scores = beam_search(runner, gc, batch, max_len, pipeline, generator, device)
-            return GenerationOutput(seqs, scores, gc.num_return_sequences, eos)
-        seqs = _sample(runner, gc, batch * expand, max_len, pipeline, generator, device)
-        return GenerationOutput(seqs, None, gc.num_return_sequences, eos)
+            seqs, scores = beam_search(runner, gc, batch, max_len, pipeline, generator, device, prefix)
+            return GenerationOutput(seqs, scores, gc.num_return_sequences, eos, prompt_len=prompt)
+        seqs = _sample(runner, gc, batch * expand, max_len, pipeline, generator, device, prefix)
+        return GenerationOutput(seqs, None, gc.num_return_sequences, eos, prompt_len=prompt)
 
 
-def _sample(runner, gc: GenerationConfig, rows: int, max_len: int, pipeline, generator, device) -> torch.Tensor:
+def _decoder_prefix(decoder_input_ids, batch: int, start: int, vocab: int, device) -> torch.Tensor:
+    """[B, P] prefix starting with the decoder start token (HF puts it in front unless every row has it)."""
+    start_col = torch.full((batch, 1), start, dtype=torch.long, device=device)
+    if decoder_input_ids is None:
+        return start_col
+    d = decoder_input_ids
+    if not isinstance(d, torch.Tensor) or d.dim() != 2 or d.shape[0] != batch or d.shape[1] == 0:
+        shape = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
+        raise EncDecError(f"generate: decoder_input_ids = {shape}: expected a LongTensor [{batch}, prefix length]")
+    lo, hi = int(d.min()), int(d.max())
+    if lo < 0 or hi >= vocab:
+        raise EncDecError(f"generate: decoder_input_ids contain token id {lo if lo < 0 else hi}: expected ids in "
+                          f"[0, {vocab}) (the decoder vocabulary)")
+    d = d.to(device=device, dtype=torch.long)
+    if bool((d[:, 0] != start).all()):
+        d = torch.cat([start_col, d], dim=1)
+    return d
+
+
+def feed_prefix(runner, prefix: torch.Tensor) -> None:
+    """Run all but the last prefix token through the decoder (their logits are not needed)."""
+    for j in range(prefix.shape[1] - 1):
+        runner.step(prefix[:, j].contiguous())
+
+
+def _sample(runner, gc: GenerationConfig, rows: int, max_len: int, pipeline, generator, device,
+            prefix: torch.Tensor) -> torch.Tensor:
     """Greedy (argmax) or multinomial sampling; finished rows continue with the pad token."""
     eos = gc.eos_token_ids
     pad = gc.pad_id
+    cur = prefix.shape[1]
     seqs = torch.empty((rows, max_len), dtype=torch.long, device=device)
-    seqs[:, 0] = gc.decoder_start_token_id
+    seqs[:, :cur] = prefix
+    feed_prefix(runner, prefix)
     eos_t = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)
-    tokens = seqs[:, 0]
-    cur = 1
+    tokens = prefix[:, -1].contiguous()
     while True:
         logits = runner.step(tokens).float()
         scores = pipeline(seqs[:, :cur], logits)
