@@ -147,7 +147,11 @@ class WeightMap:
                         continue  # incomplete group: left for later rules / reported unmatched
                     tensors = [state[key]] + [state[o] for o in others]
                     consumed.update([key, *others])
-                    out[rule.target.format(**groups)] = torch.cat(tensors, dim=rule.dim)
+                    try:
+                        out[rule.target.format(**groups)] = torch.cat(tensors, dim=rule.dim)
+                    except (RuntimeError, IndexError):  # shapes that do not line up: report, never raise
+                        shapes = ", ".join(f"{n} {tuple(x.shape)}" for n, x in zip([key, *others], tensors))
+                        report.shape_errors.append(f"cannot fuse {shapes} along dim {rule.dim}")
                     continue
                 consumed.add(key)
                 t = state[key]
@@ -157,6 +161,9 @@ class WeightMap:
                 if rule.op == "identity":
                     out[targets[0]] = t
                 elif rule.op == "transpose":
+                    if t.dim() < 2:
+                        report.shape_errors.append(f"{key} {tuple(t.shape)} cannot be transposed (needs >= 2 dims)")
+                        continue
                     out[targets[0]] = t.transpose(-1, -2).contiguous()
                 elif rule.op == "scale":
                     out[targets[0]] = t * rule.factor
@@ -164,7 +171,7 @@ class WeightMap:
                     for tg in targets:
                         out[tg] = t
                 elif rule.op == "split":
-                    if t.shape[rule.dim] % len(targets):
+                    if t.dim() == 0 or not -t.dim() <= rule.dim < t.dim() or t.shape[rule.dim] % len(targets):
                         report.shape_errors.append(
                             f"{key} {tuple(t.shape)} cannot be split in {len(targets)} along dim {rule.dim}")
                         continue
