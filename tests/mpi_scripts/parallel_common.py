@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)  # many ranks share two cores
 
-MPIRUN_ARGS = ["--allow-run-as-root", "--oversubscribe", "--mca", "btl", "self,tcp"]
+MPIRUN_ARGS = ["--allow-run-as-root", "--oversubscribe"]
 MAPPINGS = {1: [(1, 1)], 2: [(2, 1), (1, 2)], 4: [(2, 2)]}  # world size -> (tp, pp) runs of one launch
 BATCH = [[5, 17, 9, 33, 2, 41, 1], [7, 3, 22, 1, 0, 0, 0]]  # second row padded (pad 0, eos 1)
 GREEDY_NEW = 8
