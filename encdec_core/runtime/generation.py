@@ -101,7 +101,7 @@ class GenerationConfig:
     # ------------------------------------------------------------------ construction
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name not in ("source", "max_position_embeddings")]
+        return [f.name for f in dataclasses.fields(cls) if f.name not in ("source", "origins", "max_position_embeddings")]
 
     @classmethod
     def from_model(cls, cfg, generation_config: Mapping[str, Any] | None = None, **overrides) -> "GenerationConfig":
@@ -133,12 +133,9 @@ class GenerationConfig:
         # special tokens: generation_config.json when the model has one, else the model config
         fallback = {"eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
                     "decoder_start_token_id": cfg.decoder_start_token_id}
-        if not gen:
+        if not gen:  # HF builds the generation config from the model config then
             fallback.update(forced_bos_token_id=cfg.forced_bos_token_id,
                             forced_eos_token_id=cfg.forced_eos_token_id)
-        elif values.get("decoder_start_token_id") is None and gen.get("bos_token_id") is not None \
-                and cfg.decoder_start_token_id is None:
-            fallback["decoder_start_token_id"] = gen["bos_token_id"]
         for name, v in fallback.items():
             if values.get(name) is None:
                 values[name] = v
