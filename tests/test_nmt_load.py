@@ -70,6 +70,8 @@ def test_both_styles_and_namespace_allowed(tmp_path, fam, small):
         src = fam.read(write_fairseq_checkpoint(tmp_path / style / "model.pt", st, o, style))
         assert src.config.d_model == 16 and src.config.extra["checkpoint_style"] == style
         assert src.config.extra["source_lang"] == "en" and src.config.extra["target_lang"] == "de"
+        # fairseq-interactive defaults: beam 5; max_target_positions 16 allows 15 tokens, then </s>
+        assert src.generation_config["num_beams"] == 5 and src.generation_config["max_new_tokens"] == 16
     # Namespace stays off torch's process-wide allow-list: encdec scopes it to its own loads
     assert argparse.Namespace not in torch.serialization.get_safe_globals()
 
