@@ -82,7 +82,10 @@ def main():
     ap.add_argument("--io", default="128,64")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--hf-static-max-batch", type=int, default=1)
+    ap.add_argument("--no-hf", action="store_true", help="our engine only")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode of the decoder step")
+    ap.add_argument("--tag", default="", help="suffix of the output files")
     ap.add_argument("--profile", default="", help="models to profile (one decode step, batch 1)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmark-results"))
     a = ap.parse_args()
@@ -94,9 +97,10 @@ def main():
     io = [tuple(int(x) for x in a.io.split(","))]
     for name in [m for m in a.models.split(",") if m]:
         t = time.time()
-        rows = run_benchmark(name, input_output_lens=io, compare_hf=True, device="cuda", dtype=a.dtype,
-                             csv_path=os.path.join(a.out, f"gpu_{name}.csv"),
-                             json_path=os.path.join(a.out, f"gpu_{name}.json"), progress=False,
+        rows = run_benchmark(name, input_output_lens=io, compare_hf=not a.no_hf, device="cuda", dtype=a.dtype,
+                             csv_path=os.path.join(a.out, f"gpu_{name}{a.tag}.csv"),
+                             json_path=os.path.join(a.out, f"gpu_{name}{a.tag}.json"), progress=False,
+                             runner_options={"compile_mode": a.compile_mode} if a.compile_mode else None,
                              repeats=a.repeats, configs=parse_configs(a.configs),
                              hf_static_max_batch=a.hf_static_max_batch, log=lambda m: print(m, flush=True))
         print(f"## {name} ({time.time() - t:.0f} s)\n" + format_table(rows), flush=True)

@@ -240,7 +240,7 @@ def _match(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
 class _Ours:
     """Our engine on one device: the CUDA graph runner on CUDA, the eager runner elsewhere."""
 
-    def __init__(self, model, max_batch: int, max_in: int, max_out: int, runner: str):
+    def __init__(self, model, max_batch: int, max_in: int, max_out: int, runner: str, options=None):
         self.model = model
         self.runner = None
         dev = model.device
@@ -250,7 +250,7 @@ class _Ours:
         if runner == "cuda-graph":
             from .runtime.cuda import CudaGraphRunner
 
-            self.runner = CudaGraphRunner(model, max_batch, max_out + 1, max_in)
+            self.runner = CudaGraphRunner(model, max_batch, max_out + 1, max_in, **(options or {}))
 
     def encode(self, ids, mask):
         with torch.inference_mode():
@@ -332,7 +332,8 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
                   progress: bool = True, *, repeats: int = 3, warmup: int = 1, seed: int = 0,
                   runner: str = "auto", hf_static: bool | None = None, compare_ct2: bool | None = None,
                   hf_static_max_batch: int = 64, log=None, reg=None,
-                  configs: Sequence[tuple[int, int]] | None = None) -> list[dict]:
+                  configs: Sequence[tuple[int, int]] | None = None,
+                  runner_options: dict | None = None) -> list[dict]:
     """Measure our engine (and, with ``compare_hf``, HF transformers side by side in the same run).
 
     engine_or_model: an Engine, an EncDecModel, an engine directory or a preset name ("t5-small":
@@ -346,6 +347,7 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
         peak_mem_mb  peak CUDA memory during the run (CUDA only)
         speedup_vs_hf  tokens/s over HF eager generate's;  token_match_vs_ours  equal-token rate
     configs: explicit (batch_size, num_beams) pairs instead of batch_sizes x num_beams.
+    runner_options: keyword arguments of CudaGraphRunner (e.g. {"compile_mode": "max-autotune-no-cudagraphs"}).
     Systems: "encdec" (CUDA graph runner on CUDA, eager on CPU), "hf" (generate, eager), "hf-static"
     (generate with cache_implementation="static", compiled; CUDA, batch <= hf_static_max_batch),
     "ctranslate2" (CPU, when importable and the family converts). Writes CSV / JSON / a PNG plot when
@@ -379,9 +381,9 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
     if compare_ct2 is None:
         compare_ct2 = compare_hf and device.type == "cpu"
     if compare_ct2 and hf is not None:
-        ct2 = _ct2_translator(hf, name)
+        ct2 = _ct2_translator(hf, name, model.cfg)
     max_b = max(b * k for b, k in configs)
-    ours = _Ours(model, max_b, max(i for i, _ in ios), max(o for _, o in ios), runner)
+    ours = _Ours(model, max_b, max(i for i, _ in ios), max(o for _, o in ios), runner, runner_options)
     timer = _Timer(device)
     dname = str(dtype).replace("torch.", "")
     rows: list[Row] = []
@@ -547,7 +549,7 @@ def plot(rows: list[dict], path) -> None:
 
 # ---------------------------------------------------------------------------- CTranslate2 (CPU)
 
-def _ct2_translator(hf, name: str):
+def _ct2_translator(hf, name: str, cfg=None):
     """A callable (ids, mask, out_len, beams) -> token ids [B, 1 + out] running CTranslate2 on the same
     weights, or None when ctranslate2 is missing or cannot convert this model."""
     try:
@@ -555,7 +557,7 @@ def _ct2_translator(hf, name: str):
     except ImportError:
         return None
     try:
-        return _Ct2(hf)
+        return _Ct2(hf, cfg)
     except Exception as exc:
         print(f"benchmark: CTranslate2 cannot convert {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return None
@@ -586,7 +588,7 @@ class _Vocab:
 class _Ct2:
     """CTranslate2 (CPU, float32) on the HF model's weights, converted in memory to a temp dir."""
 
-    def __init__(self, hf):
+    def __init__(self, hf, our_cfg=None):
         import ctranslate2
         from ctranslate2.converters import transformers as ct2t
 
@@ -594,6 +596,8 @@ class _Ct2:
         if loader is None:
             raise EncDecError(f"no CTranslate2 loader for {type(hf.config).__name__}")
         cfg = hf.config
+        if our_cfg is not None and not hasattr(cfg, "normalize_before"):
+            cfg.normalize_before = our_cfg.decoder_pre_norm  # read by CTranslate2's loader, gone in transformers v5
         self.vocab = _Vocab(type("C", (), {
             "vocab_size": cfg.vocab_size, "pad_token_id": cfg.pad_token_id, "eos_token_id": cfg.eos_token_id,
             "bos_token_id": getattr(cfg, "bos_token_id", None), "decoder_start_token_id": cfg.decoder_start_token_id,

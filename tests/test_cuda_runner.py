@@ -1,16 +1,29 @@
 """The CUDA graph runner gives the eager path's tokens (greedy, beam, padding) and stays finite in fp16.
 
-Skipped without CUDA; run on a GPU machine: PYTHONPATH=.:families pytest tests/test_cuda_runner.py
+The CUDA cases are skipped without CUDA (run them on a GPU machine: PYTHONPATH=.:families pytest
+tests/test_cuda_runner.py); the "cpu-static" case runs the same static step and fused greedy
+selection without graphs or compilation, so CI checks the logic too.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+MODES = [pytest.param("cpu-static", id="cpu-static"),
+         pytest.param("cuda-graph", marks=[CUDA, pytest.mark.gpu], id="cuda-graph"),
+         pytest.param("cuda-compiled", marks=[CUDA, pytest.mark.gpu], id="cuda-compiled")]
 
 
-def _tiny(family: str, **over):
+def _runner(model, mode, *a, **kw):
+    from encdec_core.runtime.cuda import CudaGraphRunner
+
+    if mode == "cpu-static":
+        return CudaGraphRunner(model, *a, compile=False, use_graphs=False, **kw)
+    return CudaGraphRunner(model, *a, compile=mode == "cuda-compiled", **kw)
+
+
+def _tiny(family: str, device="cuda", **over):
     import importlib
 
     from encdec_core.benchmark import init_random
@@ -29,13 +42,13 @@ def _tiny(family: str, **over):
     else:
         cfg = cfg.replace(d_model=128, head_dim=32, encoder_heads=4, decoder_heads=4, encoder_ffn_dim=256,
                           decoder_ffn_dim=256, final_logits_bias=False)
-    model = build_model(cfg, dtype=torch.float32, device="cuda")
+    model = build_model(cfg, dtype=torch.float32, device=device)
     init_random(model, seed=1, std=0.08)
     model.init_buffers()
     return model.eval()
 
 
-def _inputs(cfg, b=3, s=13, seed=0):
+def _inputs(cfg, b=3, s=13, seed=0, device="cuda"):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, cfg.vocab_size, (b, s), generator=g)
     mask = torch.ones_like(ids)
@@ -43,7 +56,7 @@ def _inputs(cfg, b=3, s=13, seed=0):
         n = s - 3 * i
         ids[i, n:] = cfg.pad_token_id
         mask[i, n:] = 0
-    return ids.cuda(), mask.cuda()
+    return ids.to(device), mask.to(device)
 
 
 def _gc(cfg, **kw):
@@ -53,16 +66,16 @@ def _gc(cfg, **kw):
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
-@pytest.mark.parametrize("compiled", [False, True])
-def test_greedy_and_beam_match_eager(family, compiled):
-    from encdec_core.runtime.cuda import CudaGraphRunner
+@pytest.mark.parametrize("mode", MODES)
+def test_greedy_and_beam_match_eager(family, mode):
     from encdec_core.runtime.generation import generate
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = _tiny(family)
+    dev = "cpu" if mode == "cpu-static" else "cuda"
+    model = _tiny(family, dev)
     cfg = model.cfg
-    ids, mask = _inputs(cfg)
-    runner = CudaGraphRunner(model, max_batch=16, max_len=24, max_input_len=32, compile=compiled)
+    ids, mask = _inputs(cfg, device=dev)
+    runner = _runner(model, mode, 16, 24, 32)
     for kw in (dict(max_new_tokens=20), dict(max_new_tokens=20, num_beams=4, num_return_sequences=2),
                dict(max_new_tokens=20, min_new_tokens=20)):
         gc = _gc(cfg, **kw)
@@ -72,28 +85,34 @@ def test_greedy_and_beam_match_eager(family, compiled):
         assert torch.equal(out.sequences, ref.sequences), kw
         if ref.sequences_scores is not None:
             torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, rtol=1e-4, atol=1e-4)
-    # the fused greedy loop (argmax, EOS and feedback inside the graph) gives the same rows
-    ref = generate(model, ids, mask, _gc(cfg, max_new_tokens=20))
-    fused = runner.greedy(ids, mask, max_new_tokens=20, check_every=3)
-    assert torch.equal(fused, ref.sequences)
+    # the fused greedy loop (argmax, EOS, forced tokens and feedback inside the graph): the same rows
+    for kw in (dict(max_new_tokens=20), dict(max_new_tokens=20, min_new_tokens=7),
+               dict(max_new_tokens=9, forced_bos_token_id=5, forced_eos_token_id=cfg.eos_token_id)):
+        gc = _gc(cfg, **kw)
+        ref = generate(model, ids, mask, gc)
+        fused = runner.greedy(ids, mask, max_new_tokens=gc.max_new_tokens, check_every=3,
+                              min_new_tokens=gc.min_new_tokens or 0, forced_bos_token_id=gc.forced_bos_token_id,
+                              forced_eos_token_id=gc.forced_eos_token_id)
+        assert torch.equal(fused, ref.sequences), kw
     # a second request of another batch size and source length reuses the buffers correctly
-    ids2, mask2 = _inputs(cfg, b=5, s=29, seed=1)
+    ids2, mask2 = _inputs(cfg, b=5, s=29, seed=1, device=dev)
     ref2 = generate(model, ids2, mask2, _gc(cfg, max_new_tokens=12))
     out2 = generate(model, ids2, mask2, _gc(cfg, max_new_tokens=12), runner=runner)
     assert torch.equal(out2.sequences, ref2.sequences)
 
 
-def test_step_logits_match_eager_and_limits():
+@pytest.mark.parametrize("mode", MODES[:2])
+def test_step_logits_match_eager_and_limits(mode):
     from encdec_core.errors import LimitError
-    from encdec_core.runtime.cuda import CudaGraphRunner
     from encdec_core.runtime.generation import EagerRunner
 
-    model = _tiny("t5")
-    ids, mask = _inputs(model.cfg)
-    eager, graph = EagerRunner(model), CudaGraphRunner(model, 4, 8, 32, compile=False)
+    dev = "cpu" if mode == "cpu-static" else "cuda"
+    model = _tiny("t5", dev)
+    ids, mask = _inputs(model.cfg, device=dev)
+    eager, graph = EagerRunner(model), _runner(model, mode, 4, 8, 32)
     eager.prefill(ids, mask, 1, 8)
     graph.prefill(ids, mask, 1, 8)
-    tok = torch.full((3,), model.cfg.decoder_start_token_id, device="cuda")
+    tok = torch.full((3,), model.cfg.decoder_start_token_id, device=dev)
     for _ in range(8):
         a, b = eager.step(tok), graph.step(tok)
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
@@ -106,6 +125,8 @@ def test_step_logits_match_eager_and_limits():
         graph.prefill(ids, mask, 1, 9)
 
 
+@CUDA
+@pytest.mark.gpu
 def test_fp16_t5_is_overflow_safe_on_cuda():
     """T5's FFN output overflows fp16: with the core's fp32 residual and 2^-8 RowLinear scaling the
     graph runner's fp16 logits stay finite and close to fp32."""

@@ -33,6 +33,8 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _bucket(n: int, buckets, limit: int, what: str) -> int:
+    if n > limit:
+        raise LimitError(f"{what} {n} exceeds the runner's limit {limit}")
     for b in buckets:
         if b >= n:
             return min(b, limit)
@@ -108,6 +110,9 @@ class StaticDecoder:
         self.eos = torch.full((), cfg.eos_token_id, dtype=torch.long, device=dev)
         self.pad = torch.full((), cfg.pad_token_id, dtype=torch.long, device=dev)
         self.min_steps = torch.zeros((), dtype=torch.long, device=dev)  # EOS suppressed while pos < this
+        self.forced_bos = torch.full((), -1, dtype=torch.long, device=dev)  # first token (-1: none)
+        self.forced_eos = torch.full((), -1, dtype=torch.long, device=dev)  # token at step last_step
+        self.last_step = torch.full((), -1, dtype=torch.long, device=dev)
         self.bias = self._bias_tables()
 
     # ------------------------------------------------------------------ precomputed tables
@@ -181,13 +186,16 @@ class StaticDecoder:
         pos.add_(1)
         return logits
 
-    def greedy_select(self, logits, tokens, pos, out_tokens, finished, eos, pad, min_steps):
+    def greedy_select(self, logits, tokens, pos, out_tokens, finished, eos, pad, min_steps, forced_bos,
+                      forced_eos, last_step):
         """After a step (``pos`` already advanced): argmax with EOS suppressed before ``min_steps``,
-        finished rows emit ``pad`` (HF's greedy semantics), record the token and feed it back into
-        ``tokens`` for the next step. All on the device."""
+        the forced first / last token (HF's forced BOS / EOS), finished rows emit ``pad`` (HF's greedy
+        semantics); record the token and feed it back into ``tokens``. All on the device."""
         p = pos - 1
         col = torch.arange(logits.shape[-1], device=logits.device) == eos
         nxt = logits.masked_fill(col & (p < min_steps), float("-inf")).argmax(-1)
+        nxt = torch.where((p == 0) & (forced_bos >= 0), forced_bos, nxt)
+        nxt = torch.where((p == last_step) & (forced_eos >= 0), forced_eos, nxt)
         nxt = torch.where(finished, pad, nxt)
         out_tokens.index_copy_(1, p.view(1), nxt.unsqueeze(1))
         finished.logical_or_(nxt == eos)
@@ -208,8 +216,9 @@ class CudaGraphRunner:
                  compile: bool = True, attention: str = "math", batch_buckets=DEFAULT_BATCH_BUCKETS,
                  dynamic: bool | None = None, use_graphs: bool = True, compile_mode: str | None = None,
                  compile_encoder: bool | None = None):
-        if model.device.type != "cuda":
-            raise ValueError(f"CudaGraphRunner needs a model on CUDA, got {model.device}")
+        if model.device.type != "cuda" and (use_graphs or compile):
+            raise ValueError(f"CudaGraphRunner needs a model on CUDA, got {model.device} "
+                             "(use_graphs=False, compile=False runs the same static step anywhere, for checks)")
         self.model = model
         self.dec = StaticDecoder(model, max_batch, max_len, max_input_len, attention)
         self.batch_buckets = tuple(sorted(batch_buckets))
@@ -306,8 +315,11 @@ class CudaGraphRunner:
         else:
             def fn():
                 logits = self._step(*self._args(vw))
-                self._select(logits, vw.tokens, d.pos, vw.out_tokens, vw.finished, d.eos, d.pad, d.min_steps)
+                self._select(logits, vw.tokens, d.pos, vw.out_tokens, vw.finished, d.eos, d.pad, d.min_steps,
+                             d.forced_bos, d.forced_eos, d.last_step)
                 return logits
+        if not self.use_graphs:
+            return (None, fn)
         saved_pos = d.pos.clone()
         saved = [vw.tokens.clone(), vw.finished.clone()]
         s = torch.cuda.Stream()
@@ -317,11 +329,6 @@ class CudaGraphRunner:
                 d.pos.zero_()
                 out = fn()
         torch.cuda.current_stream().wait_stream(s)
-        if not self.use_graphs:
-            d.pos.copy_(saved_pos)
-            vw.tokens.copy_(saved[0])
-            vw.finished.copy_(saved[1])
-            return (None, fn)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
@@ -398,6 +405,8 @@ class CudaGraphRunner:
             vw.tokens.fill_(self.model.cfg.decoder_start_token_id)
             vw.finished.zero_()
             self.dec.min_steps.zero_()
+            self.dec.forced_bos.fill_(-1)
+            self.dec.forced_eos.fill_(-1)
             self._run("greedy")  # capture / warm
             self.dec.pos.zero_()
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -414,17 +423,22 @@ class CudaGraphRunner:
     @torch.no_grad()
     def greedy(self, input_ids, attention_mask=None, max_new_tokens: int = 20, start_token: int | None = None,
                eos: int | None = None, pad: int | None = None, check_every: int = 8,
-               min_new_tokens: int = 0) -> torch.Tensor:
+               min_new_tokens: int = 0, forced_bos_token_id: int | None = None,
+               forced_eos_token_id: int | None = None) -> torch.Tensor:
         """Greedy decoding with argmax, EOS and token feedback inside the graph; the host checks
         "all finished" every ``check_every`` steps (results are the same as checking every step:
         finished rows only emit ``pad``). ``min_new_tokens`` suppresses EOS before that many tokens
-        (HF's MinNewTokensLengthLogitsProcessor). Returns [B, 1 + steps] starting with the start token."""
+        (HF's MinNewTokensLengthLogitsProcessor); ``forced_bos_token_id`` / ``forced_eos_token_id``
+        force the first / the last token (HF's processors of those names). Returns [B, 1 + steps] starting with the start token."""
         cfg = self.model.cfg
         eos = cfg.eos_token_id if eos is None else eos
         pad = cfg.pad_token_id if pad is None else pad
         start = cfg.decoder_start_token_id if start_token is None else start_token
         self.set_eos_pad(eos, pad)
         self.dec.min_steps.fill_(int(min_new_tokens))
+        self.dec.forced_bos.fill_(-1 if forced_bos_token_id is None else int(forced_bos_token_id))
+        self.dec.forced_eos.fill_(-1 if forced_eos_token_id is None else int(forced_eos_token_id))
+        self.dec.last_step.fill_(int(max_new_tokens) - 1)
         n = self.prefill(input_ids, attention_mask, 1, max_new_tokens)
         if max_new_tokens > self.dec.max_len:
             raise LimitError(f"max_new_tokens {max_new_tokens} exceeds the runner's max length {self.dec.max_len}")
