@@ -220,3 +220,15 @@ def test_version_and_duplicates(tmp_path, reg):
     assert "encoder.layers.0.self_attn.qkv.weight" in model.state_dict()
     qkv = torch.cat([st[f"encoder.layers.0.self_attn.{x}_proj.weight"] for x in "qkv"])
     assert torch.equal(model.state_dict()["encoder.layers.0.self_attn.qkv.weight"], qkv)
+
+
+def test_numpy_scalars_in_training_state_load(tmp_path, fam, small):
+    """fairseq's meters leave numpy scalars in extra_state: plain numbers, allowed."""
+    import numpy as np
+
+    o, st = small
+    ckpt = tmp_path / "model.pt"
+    torch.save({"args": argparse.Namespace(**o), "model": st,
+                "extra_state": {"metrics": [("loss", 0, "AverageMeter", {"val": np.float64(2.5), "n": np.int64(3)})]}},
+               ckpt)
+    assert fam.read(ckpt).config.d_model == 16
