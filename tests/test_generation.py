@@ -228,6 +228,22 @@ def test_sampling_is_reproducible_and_seed_dependent(models, batch):
     assert len({tuple(a.tokens(i)) for i in range(len(a))}) > 1  # samples of one request differ
 
 
+def test_sampling_without_seed_on_several_ranks_uses_seed_0(models, batch):
+    """Ranks of a TP/PP group must draw the same tokens: no seed means seed 0 there."""
+    from types import SimpleNamespace
+
+    _, ours, src = models
+    ids, mask = batch
+    two_ranks = SimpleNamespace(cfg=ours.cfg, device=ours.device, ctx=SimpleNamespace(world_size=2))
+    gc = GenerationConfig.from_model(ours.cfg, None, do_sample=True, top_k=0, temperature=1.5, max_new_tokens=10)
+    outs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        outs.append(generate(two_ranks, ids, mask, gc, runner=EagerRunner(ours)).sequences)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], generate(ours, ids, mask, gc.replace(seed=0)).sequences)
+
+
 # ----------------------------------------------------------------------------------------- batching
 @pytest.mark.parametrize("kw", [
     dict(max_new_tokens=12),

@@ -13,7 +13,9 @@ A runner hides how the decoder runs (eager here; a CUDA-graph runner elsewhere):
 
 The loop keeps its state in tensors on the model's device and syncs with the host once per step
 (the stopping test). Under tensor / pipeline parallelism every rank sees the same logits and runs
-the same loop; sampling draws from a torch.Generator seeded from ``seed`` so ranks agree.
+the same loop; sampling draws from a torch.Generator seeded from ``seed`` so ranks agree (seed 0
+when none is given and the model runs on several ranks). Without a seed on one rank, sampling uses
+torch's global generator, like HF.
 """
 from __future__ import annotations
 
@@ -399,9 +401,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         temperature=gc.temperature, top_k=gc.top_k, top_p=gc.top_p, min_tokens_to_keep=min_keep, device=device)
 
     generator = None
-    if gc.do_sample and gc.seed is not None:
+    seed = gc.seed
+    ctx = getattr(model, "ctx", None)
+    if seed is None and ctx is not None and getattr(ctx, "world_size", 1) > 1:
+        seed = 0  # every rank must draw the same tokens: without a seed, all use seed 0
+    if gc.do_sample and seed is not None:
         generator = torch.Generator(device=device)
-        generator.manual_seed(gc.seed)
+        generator.manual_seed(seed)
 
     with torch.no_grad():
         runner.prefill(input_ids, attention_mask, expand, max_len)
