@@ -319,3 +319,147 @@ def test_list_families_json_cli_shows_origin(make_dist, monkeypatch):
     r = rows["cli-demo"]
     assert r["aliases"] == ["cd"] and r["architectures"] == ["CliDemoModel"] and r["description"] == "demo"
     assert r["origin"]["distribution"] == "cli-demo-dist" and r["origin"]["version"] == "0.7"
+
+
+# ------------------------------------------------------------------------------ the third-party example
+EXAMPLE = __import__("pathlib").Path(__file__).resolve().parent.parent / "examples" / "third_party_family"
+
+
+@pytest.fixture(scope="module")
+def example_installed(tmp_path_factory):
+    """pip-install examples/third_party_family (a copy: building writes into the source tree) into a
+    temporary target directory; returns that directory."""
+    import shutil
+    import subprocess
+
+    work = tmp_path_factory.mktemp("example_src")
+    src = work / "third_party_family"
+    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    target = tmp_path_factory.mktemp("example_target")
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+           "--disable-pip-version-check", "--quiet", "--target", str(target), str(src)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (target / "encdec_example_family" / "plugin.py").is_file()
+    return target
+
+
+def _env_with(target, **extra):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in (DISABLE_AUTOLOAD_ENV, ALLOW_ENV)}
+    env["PYTHONPATH"] = os.pathsep.join([str(target)] + [p for p in sys.path if p])
+    env.update(extra)
+    return env
+
+
+def _encdec_cmd() -> list[str]:
+    """The installed ``encdec`` console script next to this interpreter (else python -m)."""
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "encdec"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "encdec_core.cli"]
+
+
+def test_installed_example_family_is_listed_with_its_distribution(example_installed):
+    import subprocess
+
+    out = subprocess.run(_encdec_cmd() + ["list-families", "--json"],
+                         env=_env_with(example_installed), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    assert "marian" in rows and "t5" in rows, sorted(rows)
+    m = rows["marian"]
+    assert m["origin"]["distribution"] == "encdec-example-family"
+    assert m["origin"]["version"] == "0.1.0"
+    assert m["origin"]["module"] == "encdec_example_family.plugin"
+    assert m["aliases"] == ["opus-mt"] and m["architectures"] == ["MarianMTModel"]
+    assert "Marian" in m["description"]
+    # the built-in families keep their own origin
+    assert rows["t5"]["origin"]["distribution"] == "encdec"
+    # and the allow-list can leave it out
+    out = subprocess.run(_encdec_cmd() + ["list-families", "--json"],
+                         env=_env_with(example_installed, **{ALLOW_ENV: "t5"}), capture_output=True, text=True,
+                         timeout=120)
+    assert [r["name"] for r in json.loads(out.stdout)] == ["t5"]
+
+
+def _tiny_marian(path, act="swish", scale=True):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    cfg = transformers.MarianConfig(
+        vocab_size=50, d_model=18, encoder_layers=2, decoder_layers=3, encoder_attention_heads=3,
+        decoder_attention_heads=3, encoder_ffn_dim=24, decoder_ffn_dim=28, max_position_embeddings=40,
+        pad_token_id=49, eos_token_id=0, decoder_start_token_id=49, forced_eos_token_id=None,
+        activation_function=act, scale_embedding=scale, dropout=0.0, init_std=0.3)
+    torch.manual_seed(0)
+    m = transformers.MarianMTModel(cfg).eval()
+    with torch.no_grad():
+        m.final_logits_bias.normal_()
+        for n, p in m.named_parameters():
+            if "layer_norm" in n:
+                p.add_(torch.randn_like(p) * 0.2)
+    m.save_pretrained(path)
+    return transformers.MarianMTModel.from_pretrained(path).eval()
+
+
+@pytest.mark.parametrize("act,scale", [("swish", True), ("gelu", False)])
+def test_example_family_converts_marian_like_hf(example_installed, tmp_path, monkeypatch, act, scale):
+    """The example is a real family: logits and generation equal transformers' MarianMTModel."""
+    import torch
+
+    from encdec_core import checkpoint
+    from encdec_core.convert import convert, load_source_model
+    from encdec_core.runtime.generation import GenerationConfig, generate
+
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.syspath_prepend(str(example_installed))
+    reg = make_registry("encdec_example_family.plugin")
+    ref = _tiny_marian(tmp_path / "src", act, scale)
+    ours, src, fam = load_source_model(tmp_path / "src", reg=reg)
+    assert fam.name == "marian" and ours.cfg.embedding_scale == (18 ** 0.5 if scale else 1.0)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 49, (2, 13), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, 8:], mask[1, 8:] = 49, 0
+    dec = torch.randint(1, 49, (2, 9), generator=g)
+    dec[:, 0] = 49
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        got = ours(ids, mask, dec)
+    assert (got - want).abs().max().item() <= 1e-4
+    # through convert -> load_model as well
+    loaded = checkpoint.load_model(convert(tmp_path / "src", tmp_path / "ckpt", reg=reg))
+    with torch.no_grad():
+        assert (loaded(ids, mask, dec) - want).abs().max().item() <= 1e-4
+    hf_gc = transformers.GenerationConfig(max_new_tokens=8, num_beams=3, num_return_sequences=2, length_penalty=0.7,
+                                          eos_token_id=0, pad_token_id=49, decoder_start_token_id=49)
+    with torch.no_grad():
+        h = ref.generate(ids, attention_mask=mask, generation_config=hf_gc)
+    o = generate(ours, ids, mask, GenerationConfig.from_model(ours.cfg, None, max_new_tokens=8, num_beams=3,
+                                                             num_return_sequences=2, length_penalty=0.7))
+    assert torch.equal(h, o.sequences)
+
+
+def test_example_marian_positions_and_refusals(example_installed, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    monkeypatch.syspath_prepend(str(example_installed))
+    plugin = importlib.import_module("encdec_example_family.plugin")
+    from transformers.models.marian.modeling_marian import MarianSinusoidalPositionalEmbedding
+
+    for dim in (16, 17):
+        want = MarianSinusoidalPositionalEmbedding(30, dim).create_weight()
+        assert torch.allclose(plugin.marian_sinusoids(30, dim), want, atol=1e-6)
+    base = dict(plugin.MARIAN.presets["opus-mt-en-de"])
+    assert plugin.MARIAN.make_config(base).embedding_scale == 512 ** 0.5
+    from encdec_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"x/config.json: .*'share_encoder_decoder_embeddings' = false"):
+        plugin.MARIAN.make_config({**base, "share_encoder_decoder_embeddings": False}, "x/config.json")
+    with pytest.raises(ConfigError, match=r"x/config.json: .*'decoder_vocab_size' = 100"):
+        plugin.MARIAN.make_config({**base, "decoder_vocab_size": 100}, "x/config.json")
+    with pytest.raises(ConfigError, match=r"x/config.json: .*'encoder_attention_heads' = 7"):
+        plugin.MARIAN.make_config({**base, "encoder_attention_heads": 7}, "x/config.json")
