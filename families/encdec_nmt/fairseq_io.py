@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import zipfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
-from encdec_core.errors import ConfigError, EncDecError, WeightError
+from encdec_core.errors import ConfigError, WeightError
 
 # ----------------------------------------------------------------------------- safe loading
 
@@ -234,12 +233,3 @@ def upgrade_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, tor
         out["decoder.output_projection.weight"] = out.pop("decoder.embed_out")
         info["upgraded"].append("decoder.embed_out")
     return out, info
-
-
-def nmt_options_summary(opts: dict) -> str:
-    keys = ("arch", "encoder_embed_dim", "encoder_layers", "decoder_layers", "encoder_attention_heads")
-    return ", ".join(f"{k}={opts.get(k)!r}" for k in keys)
-
-
-def sqrt_scale(d: int, no_scale: bool) -> float:
-    return 1.0 if no_scale else math.sqrt(d)
