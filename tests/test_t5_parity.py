@@ -176,7 +176,7 @@ def test_teacher_forced_logits_match_hf(built, variant):
     assert want.abs().max() > 0.1  # the comparison is not between near-zero tensors
 
 
-@pytest.mark.parametrize("variant", ["t5", "flan-t5", "umt5"])
+@pytest.mark.parametrize("variant", ALL)
 def test_convert_then_load_matches_hf(built, variant, tmp_path, builtin_registry_module):
     d, ref, ours = built(variant)
     out = convert(d, tmp_path / "ckpt", reg=builtin_registry_module)
