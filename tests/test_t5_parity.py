@@ -311,3 +311,31 @@ def test_generation_exercises_eos_and_lengths(built):
         out = generate(ours, ids, mask, GenerationConfig.from_model(ours.cfg, None, **GEN_CASES["beam4"]))
         lengths.update(len(t) for t in out.all_tokens())
     assert max(lengths) == 10 and min(lengths) < 10 and len(lengths) >= 3, lengths
+
+
+# ------------------------------------------------------------------------------------- tensor-parallel checkpoints
+def test_tp_checkpoint_splits_relative_bias_tables_by_heads(tmp_path, builtin_registry_module):
+    """UMT5's per-layer tables and T5's per-stack tables are split by heads for tp=2; a head count
+    tp does not divide is refused naming the heads and leaves no output directory."""
+    from safetensors.torch import load_file
+
+    from encdec_core.errors import ConfigError
+
+    cfg = transformers.UMT5Config(vocab_size=61, d_model=16, d_kv=6, d_ff=24, num_layers=2, num_decoder_layers=3,
+                                  num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0)
+    torch.manual_seed(0)
+    transformers.UMT5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "umt5")
+    src = transformers.UMT5ForConditionalGeneration.from_pretrained(tmp_path / "umt5").state_dict()
+    out = convert(tmp_path / "umt5", tmp_path / "tp2", tp=2, reg=builtin_registry_module)
+    r0, r1 = (load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1))
+    for side, n in (("encoder", 2), ("decoder", 3)):
+        for i in range(n):
+            name = f"{side}.layers.{i}.rel_bias.weight"
+            full = src[f"{side}.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight"]
+            assert r0[name].shape == (8, 2) and r1[name].shape == (8, 2)
+            assert torch.equal(torch.cat([r0[name], r1[name]], 1), full)
+    # three heads do not split over two ranks
+    three = make_hf_dir("t5", tmp_path / "t5")
+    with pytest.raises(ConfigError, match=r"--tp-size 2 does not divide the encoder's 3 attention heads"):
+        convert(three, tmp_path / "bad", tp=2, reg=builtin_registry_module)
+    assert not (tmp_path / "bad").exists()
