@@ -183,34 +183,45 @@ def _resolve(engine_or_model, device, dtype, seed, compare_hf, reg=None):
         from .engine import Engine
 
         engine_or_model = Engine.load(engine_or_model, device=device, dtype=dtype)
+    meta = None
     if isinstance(engine_or_model, EncDecModel):
         model = engine_or_model
         name = getattr(model.cfg, "family", "model")
     else:  # an Engine
         model = engine_or_model.model
+        meta = getattr(engine_or_model, "meta", None)
         name = Path(getattr(engine_or_model, "engine_dir", "engine")).name
     if model.dtype != dtype or model.device != torch.device(device):
         model = model.to(device=device, dtype=dtype)
+        model.dtype = dtype
+        for stack in (model.encoder, model.decoder):
+            stack.dtype = dtype
+        model.init_buffers()
     if compare_hf:
-        hf = hf_from_model(model)
+        hf = hf_from_model(model, meta)
     return name, model, hf
 
 
-def hf_from_model(model):
-    """An HF model holding our model's weights, when the family can export them; else None."""
-    fam = None
+def hf_from_model(model, meta: dict | None = None):
+    """The HF reference of a converted model: the source directory its checkpoint records (``source``
+    in config.json, written by ``encdec convert``), loaded with the family's HF class; else None."""
+    src = (meta or {}).get("source")
+    if not src or not Path(src).is_dir() or not (Path(src) / "config.json").is_file():
+        return None
     try:
         from .registry import registry
 
-        fam = registry.find(model.cfg.family)
-    except Exception:
-        return None
-    export = getattr(fam, "to_hf", None) if fam is not None else None
-    if export is None:
-        return None
-    try:
-        return export(model)
-    except Exception:
+        fam = registry.find((meta or {}).get("family") or model.cfg.family)
+        if fam is not None and fam.hf_loader is not None:
+            hf = fam.hf_loader(Path(src))
+        else:
+            import transformers
+
+            cls = getattr(transformers, (fam.hf_class if fam is not None else None) or "AutoModelForSeq2SeqLM")
+            hf = cls.from_pretrained(src)
+        return hf.to(device=model.device, dtype=model.dtype).eval()
+    except Exception as exc:  # the benchmark still runs; the HF rows are skipped
+        print(f"benchmark: cannot load the HF reference from {src}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return None
 
 
