@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -53,14 +54,21 @@ class Registry:
 
     def _collect_from(self, plugin) -> None:
         origin = self.manager.origin_of(plugin)
-        fam_fn = getattr(plugin, "encdec_families", None)
-        if fam_fn is not None:
-            for fam in fam_fn() or ():
-                self._add_family(fam, origin)
-        ad_fn = getattr(plugin, "encdec_adapters", None)
-        if ad_fn is not None:
-            for ad in ad_fn() or ():
-                self._add_adapter(ad, origin)
+        for hook, add in (("encdec_families", self._add_family), ("encdec_adapters", self._add_adapter)):
+            fn = getattr(plugin, hook, None)
+            if fn is None:
+                continue
+            try:
+                records = list(fn() or ())
+            except Exception as exc:  # a broken hook is reported and its plugin skipped, like a failed import
+                from .plugins import LoadFailure
+
+                msg = f"{hook}() raised {type(exc).__name__}: {exc}"
+                self.manager.failures.append(LoadFailure(origin.module, origin.distribution, msg))
+                print(f"encdec: warning: plugin {origin} skipped: {msg}", file=sys.stderr)
+                continue
+            for rec in records:
+                add(rec, origin)
 
     def _add_family(self, fam, origin: Origin) -> None:
         keys = [("name", fam.name)]

@@ -463,3 +463,26 @@ def test_example_marian_positions_and_refusals(example_installed, monkeypatch):
         plugin.MARIAN.make_config({**base, "decoder_vocab_size": 100}, "x/config.json")
     with pytest.raises(ConfigError, match=r"x/config.json: .*'encoder_attention_heads' = 7"):
         plugin.MARIAN.make_config({**base, "encoder_attention_heads": 7}, "x/config.json")
+
+
+def test_plugin_whose_hook_raises_is_reported_and_skipped(capsys):
+    import types
+
+    from encdec_core.registry import Registry
+
+    import encdec_t5.plugin as t5plugin
+
+    broken = types.ModuleType("broken_plugin")
+
+    def encdec_families():
+        raise RuntimeError("boom")
+
+    from encdec_core.plugins import hookimpl
+
+    broken.encdec_families = hookimpl(encdec_families)
+    reg = Registry()
+    reg.register_plugin(t5plugin, name="t5")
+    reg.register_plugin(broken, name="broken")
+    assert reg.names() == ["t5"]
+    assert any("boom" in f.error for f in reg.failures)
+    assert "boom" in capsys.readouterr().err
