@@ -97,6 +97,49 @@ def hf_model_from_preset(name: str, dtype=torch.float32, device="cpu", seed: int
     return hf, model
 
 
+# ---------------------------------------------------------------------------- CLI argument helpers
+
+
+def parse_batch_sizes(text: str, option: str = "--batch-size") -> list[int]:
+    """"1;8;64" -> [1, 8, 64] (';' or ',' separated)."""
+    out = []
+    for part in str(text).replace(",", ";").split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            v = int(part)
+        except ValueError:
+            v = 0
+        if v < 1:
+            raise EncDecError(f"{option} = {text!r}: {part!r} is not a positive integer (expected e.g. \"1;8;64\")")
+        out.append(v)
+    if not out:
+        raise EncDecError(f"{option} = {text!r}: expected batch sizes like \"1;8;64\"")
+    return out
+
+
+def parse_input_output_lens(text: str, option: str = "--input-output-len") -> list[tuple[int, int]]:
+    """"128,64;512,128" -> [(128, 64), (512, 128)]."""
+    out = []
+    for part in str(text).split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        bits = part.split(",")
+        try:
+            io = tuple(int(b) for b in bits)
+        except ValueError:
+            io = ()
+        if len(io) != 2 or min(io) < 1:
+            raise EncDecError(f"{option} = {text!r}: {part!r} is not 'INPUT,OUTPUT' with positive integers "
+                              "(expected e.g. \"128,64;512,128\")")
+        out.append(io)
+    if not out:
+        raise EncDecError(f"{option} = {text!r}: expected pairs like \"128,64;512,128\"")
+    return out
+
+
 # ---------------------------------------------------------------------------- measurement
 
 COLUMNS = ("system", "model", "device", "dtype", "batch_size", "input_len", "output_len", "num_beams",

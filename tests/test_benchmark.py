@@ -97,3 +97,16 @@ def test_bad_arguments(reg):
         run_benchmark("t5-tiny-test", batch_sizes=[0], device="cpu", progress=False, reg=reg)
     with pytest.raises(EncDecError, match="input/output length"):
         run_benchmark("t5-tiny-test", input_output_lens=[(8,)], device="cpu", progress=False, reg=reg)
+
+
+def test_cli_parsers():
+    from encdec_core.benchmark import parse_batch_sizes, parse_input_output_lens
+
+    assert parse_batch_sizes("1;8;64") == [1, 8, 64] and parse_batch_sizes("4") == [4]
+    assert parse_input_output_lens("128,64;512,128") == [(128, 64), (512, 128)]
+    for bad in ("", "0", "1;x", "-2"):
+        with pytest.raises(EncDecError, match="--batch-size"):
+            parse_batch_sizes(bad)
+    for bad in ("", "128", "128,0", "1,2,3", "a,b"):
+        with pytest.raises(EncDecError, match="--input-output-len"):
+            parse_input_output_lens(bad)
