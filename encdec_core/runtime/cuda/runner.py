@@ -240,6 +240,14 @@ class CudaGraphRunner:
         self.steps = 0
         self.stream = None
 
+    @classmethod
+    def for_engine(cls, engine, **kw) -> "CudaGraphRunner":
+        """A runner sized by an engine's build limits (batch x beams, input length, output length + 1
+        for the decoder start token): ``engine.generate_ids(ids, runner=CudaGraphRunner.for_engine(engine))``."""
+        lim = engine.limits
+        return cls(engine.model, lim.max_batch_size * max(1, lim.max_beam_width), lim.max_output_len + 1,
+                   lim.max_input_len, **kw)
+
     # ------------------------------------------------------------------ request setup
     def _source_bucket(self, s: int) -> int:
         b = 16
