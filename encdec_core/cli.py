@@ -325,9 +325,39 @@ def _strip(seq: list[int], gc) -> list[int]:
 
 
 def cmd_benchmark(args) -> int:
-    from .benchmark import cli_benchmark
+    from .benchmark import format_table, parse_batch_sizes, parse_input_output_lens, run_benchmark
 
-    return cli_benchmark(args)
+    batches = parse_batch_sizes(args.batch_size)
+    lens = parse_input_output_lens(args.input_output_len)
+    beams = parse_batch_sizes(args.num_beams, "--num-beams")
+    device = _device(args.device)
+    runner = args.runner
+    if bool(args.engine_dir) == bool(args.preset):
+        raise EncDecError("give exactly one of --engine-dir E or --preset NAME (e.g. t5-small, bart-large)")
+    if args.engine_dir:
+        from .engine import Engine
+        from .parallel.launch import init_for_dir
+
+        ctx = init_for_dir(Path(args.engine_dir), device)
+        if ctx is not None:
+            if device == "cuda":
+                import torch
+
+                device = f"cuda:{torch.cuda.current_device()}"
+            runner = "eager"  # the CUDA-graph runner serves tp = pp = 1
+        target = Engine.load(Path(args.engine_dir), device=device, ctx=ctx, dtype=args.dtype)
+    else:
+        target = args.preset
+    rank0 = _rank0()
+    rows = run_benchmark(
+        target, batch_sizes=batches, input_output_lens=lens, num_beams=beams,
+        compare_hf=args.compare_hf and rank0, device=device, dtype=args.dtype,
+        csv_path=args.csv if rank0 else None, json_path=args.json if rank0 else None,
+        plot_path=args.plot if rank0 else None, progress=rank0 and not args.quiet,
+        repeats=args.repeats, warmup=args.warmup, runner=runner,
+        log=(lambda *a: print(*a, file=sys.stderr)) if rank0 and not args.quiet else None)
+    out(format_table(rows))
+    return 0
 
 
 # ---------------------------------------------------------------------------- parser
@@ -397,12 +427,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("benchmark", help="latency / throughput, optionally against HF generate")
-    try:
-        from .benchmark import add_benchmark_args
-
-        add_benchmark_args(s, _opt)
-    except ImportError:
-        pass
+    _opt(s, "--engine-dir", default=None, help="engine to measure")
+    _opt(s, "--preset", default=None, help="or a family preset with random weights (t5-small, bart-large, ...)")
+    _opt(s, "--batch-size", default="1;8", help='";"-separated batch sizes, e.g. "1;8;64;256"')
+    _opt(s, "--input-output-len", default="128,64", help='";"-separated in,out pairs, e.g. "128,64;512,128"')
+    _opt(s, "--num-beams", default="1", help='beam widths, ";"-separated')
+    _opt(s, "--compare-hf", action="store_true",
+         help="HF generate (eager, and the compiled static-cache path on CUDA) side by side in the same run")
+    _opt(s, "--device", default="auto")
+    _opt(s, "--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    _opt(s, "--runner", default="auto", choices=("auto", "eager", "cuda-graph"))
+    _opt(s, "--repeats", type=int, default=3)
+    _opt(s, "--warmup", type=int, default=1)
+    _opt(s, "--csv", default=None)
+    _opt(s, "--json", default=None)
+    _opt(s, "--plot", default=None, help="PNG plot (needs matplotlib)")
+    s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_benchmark)
 
     try:

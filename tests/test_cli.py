@@ -221,3 +221,26 @@ def test_console_script_entry_points(tmp_path):
     assert r.returncode == 0, r.stderr
     names = {row["name"] for row in json.loads(r.stdout)}
     assert "t5" in names
+
+
+def test_benchmark_command_on_engine(builtin_registry, tmp_path, t5_dir, capsys):
+    _, eng = _pipeline(tmp_path, t5_dir)
+    capsys.readouterr()
+    js = tmp_path / "bench.json"
+    rc = main(["benchmark", "--engine-dir", str(eng), "--batch-size", "1;2", "--input-output-len", "8,3",
+               "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(js), "--quiet"])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "| encdec |" in table
+    rows = json.loads(js.read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    ours = [r for r in rows if r["system"] == "encdec"]
+    assert sorted(r["batch_size"] for r in ours) == [1, 2]
+    assert all(r["tokens_per_s"] > 0 and r["output_len"] == 3 for r in ours)
+
+
+def test_benchmark_command_bad_option(builtin_registry, capsys):
+    assert main(["benchmark", "--preset", "t5-small", "--batch-size", "1;x"]) == 2
+    assert "--batch-size" in _err(capsys)
+    assert main(["benchmark", "--batch-size", "1"]) == 2
+    assert "--engine-dir" in _err(capsys)
