@@ -244,3 +244,22 @@ def test_benchmark_command_bad_option(builtin_registry, capsys):
     assert "--batch-size" in _err(capsys)
     assert main(["benchmark", "--batch-size", "1"]) == 2
     assert "--engine-dir" in _err(capsys)
+
+
+def test_run_without_engine_uses_bundled_model(builtin_registry, tmp_path, monkeypatch, capsys):
+    """No model arguments: the bundled default is converted and built into the cache once, then answers."""
+    from encdec_core.assets import spell_task
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    out_json = tmp_path / "o.json"
+    assert main(["run", "--input-text", "spell: 4721", "digits: nine hundred five", "--device", "cpu",
+                 "--output-json", str(out_json)]) == 0
+    res = json.loads(out_json.read_text())["results"]
+    assert [r["output"][0] for r in res] == ["four thousand seven hundred twenty-one", "905"]
+    assert all(spell_task.check(r["input"], r["output"][0]) for r in res)
+    built = list((tmp_path / "cache").glob("default-*/engine/engine.json"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert main(["run", "--input-text", "spell: 12", "--device", "cpu"]) == 0  # reuses the cache
+    assert built[0].stat().st_mtime_ns == stamp
+    assert "twelve" in capsys.readouterr().out
