@@ -98,6 +98,12 @@ class Kind:
     def generation_config(self):
         raise NotImplementedError
 
+    def reload(self, out: Path):
+        """The model as read back from the written folder (to check that what ships is what was trained)."""
+        from transformers import AutoModelForSeq2SeqLM
+
+        return AutoModelForSeq2SeqLM.from_pretrained(str(out))
+
     def save(self, out: Path) -> None:
         raise NotImplementedError
 
@@ -220,6 +226,13 @@ class NMTKind(Kind):
             attention_dropout=0.0, activation_dropout=0.0, scale_embedding=True, tie_word_embeddings=True,
             pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)
         self.model = FSMTForConditionalGeneration(cfg)
+        # fairseq's sinusoidal positions are a fixed table, not weights: the checkpoint has only a
+        # dummy buffer and every reader recomputes them. FSMT keeps them as a trainable Parameter,
+        # so without this the optimizer would move them and the saved model would not be the trained one.
+        for side in (self.model.model.encoder, self.model.model.decoder):
+            side.embed_positions.weight.requires_grad_(False)
+        self.positions = [s.embed_positions.weight.detach().clone()
+                          for s in (self.model.model.encoder, self.model.model.decoder)]
 
     def tokenize(self, text: str) -> str:
         return self.moses.tokenize(text, aggressive_dash_splits=True, return_str=True, escape=True)
@@ -259,12 +272,28 @@ class NMTKind(Kind):
                                 forced_eos_token_id=2, max_new_tokens=self.max_new_tokens, num_beams=1,
                                 do_sample=False)
 
+    def reload(self, out):
+        """model.pt back into FSMT: fairseq names with `model.` prepended; positions recomputed."""
+        from transformers import FSMTForConditionalGeneration
+
+        state = torch.load(out / "model.pt", map_location="cpu", weights_only=False)["model"]
+        model = FSMTForConditionalGeneration(self.model.config)
+        own = model.state_dict()
+        for k, v in state.items():
+            if k.endswith((".version", "._float_tensor")):
+                continue
+            own["model." + k].copy_(v)
+        return model
+
     def save(self, out):
         """fairseq 0.12 layout: the FSMT keys minus `model.`, positions as the dummy buffer, version 3."""
         import argparse
         from collections import OrderedDict
 
         a, c = self.args, self.model.config
+        for side, table in zip((self.model.model.encoder, self.model.model.decoder), self.positions):
+            if not torch.equal(side.embed_positions.weight.detach().cpu(), table):
+                raise RuntimeError("the sinusoidal position table changed in training; fairseq cannot store it")
         state = OrderedDict()
         for k, v in self.model.state_dict().items():
             k = k[len("model."):]
@@ -298,11 +327,12 @@ class NMTKind(Kind):
 
 KINDS = {"t5": T5Kind, "bart": BartKind, "nmt": NMTKind}
 DEFAULTS = {  # per kind: the settings the shipped models were trained with (see docs/models.md)
-    "t5": dict(d_model=96, heads=3, ffn=256, layers=3, decoder_layers=3, steps=1500, batch_size=64, lr=2e-3),
+    "t5": dict(d_model=96, heads=3, ffn=256, layers=3, decoder_layers=3, steps=1500, batch_size=64, lr=2e-3,
+               dropout=0.0),
     "bart": dict(d_model=128, heads=4, ffn=256, layers=2, decoder_layers=2, steps=1000, batch_size=64, lr=2e-3,
-                 vocab_size=320),
-    "nmt": dict(d_model=128, heads=4, ffn=256, layers=2, decoder_layers=2, steps=1200, batch_size=64, lr=1e-3,
-                vocab_size=150),
+                 vocab_size=320, dropout=0.0),
+    "nmt": dict(d_model=128, heads=4, ffn=256, layers=2, decoder_layers=2, steps=2000, batch_size=64, lr=1.5e-3,
+                vocab_size=150, dropout=0.1),
 }
 
 
@@ -353,10 +383,10 @@ def train(args) -> dict:
         kind.setup(Path(tmp))
         model = kind.model.to(device)
         model.train()
-        nparams = sum(p.numel() for p in model.parameters())
+        nparams = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"[{args.kind}] {nparams / 1e6:.2f}M parameters; {args.steps} steps of {args.batch_size}", flush=True)
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
         batches = Batches(args.batch_size, args.seed)
@@ -395,6 +425,12 @@ def train(args) -> dict:
         }
         if args.out:
             save(kind, Path(args.out), record)
+            kind.model = kind.reload(Path(args.out))
+            again, _ = evaluate(kind, spell_task.held_out())
+            print(f"[{args.kind}] read back from {args.out}: held-out accuracy {again:.3f}", flush=True)
+            if again != acc:
+                raise SystemExit(f"{args.out}: the written model answers differently from the trained one "
+                                 f"({again:.3f} vs {acc:.3f})")
     return record
 
 
@@ -430,7 +466,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--dropout", type=float)
     p.add_argument("--d-model", type=int)
     p.add_argument("--heads", type=int)
     p.add_argument("--ffn", type=int)
