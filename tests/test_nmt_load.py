@@ -232,3 +232,19 @@ def test_numpy_scalars_in_training_state_load(tmp_path, fam, small):
                 "extra_state": {"metrics": [("loss", 0, "AverageMeter", {"val": np.float64(2.5), "n": np.int64(3)})]}},
                ckpt)
     assert fam.read(ckpt).config.d_model == 16
+
+
+def test_moses_languages(tmp_path, fam, small):
+    """Old fairseq's --moses-{source,target}-lang win; otherwise the task languages (fairseq 0.12)."""
+    o, st = small
+    a = fam.read(write_fairseq_checkpoint(tmp_path / "a" / "model.pt", st, o))
+    assert (a.config.extra["moses_source_lang"], a.config.extra["moses_target_lang"]) == ("en", "de")
+    o2 = {**o, "source_lang": "src", "target_lang": "tgt", "moses_source_lang": "en", "moses_target_lang": "en"}
+    d = tmp_path / "b"
+    b = fam.read(write_fairseq_checkpoint(d / "model.pt", st, o2))
+    assert (b.config.extra["moses_source_lang"], b.config.extra["moses_target_lang"]) == ("en", "en")
+    (d / "dict.src.txt").write_text("hello 2\n")
+    (d / "dict.tgt.txt").write_text("hallo 2\nwelt 1\n")
+    tok = fam.tokenizer(d, b.config)
+    assert (tok.source_lang, tok.target_lang) == ("en", "en")
+    assert tok.encode(["hello"]) == [[4, 2]] and tok.decode([2, 5, 2]) == "welt"

@@ -102,6 +102,9 @@ def _fairseq_extra(s: dict) -> dict:
         "target_lang": _str_or_none(s.get("target_lang")),
         "tokenizer": _str_or_none(s.get("tokenizer")) or "moses",
         "bpe": _str_or_none(s.get("bpe")) or ("subword_nmt" if s.get("has_bpe_codes") else None),
+        # moses languages: fairseq < 0.10 had --moses-{source,target}-lang; 0.12 uses the task languages
+        "moses_source_lang": _str_or_none(s.get("moses_source_lang") or s.get("source_lang")),
+        "moses_target_lang": _str_or_none(s.get("moses_target_lang") or s.get("target_lang")),
         "moses_no_dash_splits": bool(s.get("moses_no_dash_splits", False)),
         "moses_no_escape": bool(s.get("moses_no_escape", False)),
     }

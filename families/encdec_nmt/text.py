@@ -248,7 +248,8 @@ def load_tokenizer(path: Path, cfg=None):
             d.pad_to(rows)
     codes = find_bpe_codes(path)
     bpe = extra["bpe"] if "bpe" in extra else ("subword_nmt" if codes is not None else None)
-    return NMTTokenizer(src_dict, tgt_dict, codes, src_lang or "en", tgt_lang or "en",
+    return NMTTokenizer(src_dict, tgt_dict, codes, extra.get("moses_source_lang") or src_lang or "en",
+                        extra.get("moses_target_lang") or tgt_lang or "en",
                         tokenizer=extra.get("tokenizer", "moses"), bpe=bpe,
                         moses_dash_splits=not extra.get("moses_no_dash_splits", False),
                         moses_escape=not extra.get("moses_no_escape", False))
