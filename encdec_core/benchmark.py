@@ -10,16 +10,15 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import math
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -487,7 +486,6 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
                     tick(f"{sysname} b{b} {in_len}/{out_len}")
             if ct2 is not None:
                 try:
-                    cenc, cout_e2e = None, None
                     cout_e2e, cout = timer(lambda: ct2(ids, mask, out_len, num_beams), repeats, warmup)
                     rows.append(Row("ctranslate2", **base, e2e_ms=cout_e2e, token_match_vs_ours=_match(cout, our_out)))
                 except Exception as exc:

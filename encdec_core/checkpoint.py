@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import EncDecConfig, read_json
+from .fsutil import atomic_dir
 from .errors import ConfigError, EncDecError, WeightError
 from .model import EncDecModel, build_model, padded_vocab
 from .parallel.context import ParallelContext, split_range
@@ -135,9 +134,7 @@ def write_checkpoint(out_dir: Path, cfg: EncDecConfig, tensors: dict[str, torch.
 
     validate_parallel(cfg, tp, pp)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         plan = shard_plan(cfg)
         world = tp * pp
         it = range(world)
@@ -169,12 +166,6 @@ def write_checkpoint(out_dir: Path, cfg: EncDecConfig, tensors: dict[str, torch.
                 shutil.copytree(src, dst)
             else:
                 shutil.copy2(src, dst)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

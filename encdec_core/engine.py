@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from . import __version__
 from .checkpoint import (checksum_dir, config_from_meta, dtype_name, file_sha256, load_model, parse_dtype,
                          read_meta)
 from .config import read_json
+from .fsutil import atomic_dir
 from .errors import ConfigError, EncDecError, LimitError
 
 ENGINE_FILE = "engine.json"
@@ -73,9 +73,7 @@ def build(checkpoint_dir: Path, output_dir: Path, max_batch_size: int = 8, max_i
             raise ConfigError(
                 f"limits exceed the model's learned positions ({cfg.max_position_embeddings}): "
                 f"--max-input-len {max_input_len}, --max-output-len {max_output_len}")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    with atomic_dir(output_dir) as tmp:
         for item in checkpoint_dir.iterdir():
             if item.name.startswith("rank") and item.suffix == ".safetensors":
                 continue
@@ -118,12 +116,6 @@ def build(checkpoint_dir: Path, output_dir: Path, max_batch_size: int = 8, max_i
         with open(tmp / ENGINE_FILE, "w") as f:
             json.dump(info, f, indent=2)
             f.write("\n")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output_dir
 
 

@@ -377,14 +377,6 @@ def agree(ctx: ParallelContext | None, fn: Callable[[], object], what: str = "ch
 
 
 # ---------------------------------------------------------------------------- checkpoint checks
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_local_shard(ckpt_dir: Path, ctx: ParallelContext, meta: dict | None, checksums: bool) -> dict:
     from ..checkpoint import read_meta
 
@@ -417,6 +409,8 @@ def _check_local_shard(ckpt_dir: Path, ctx: ParallelContext, meta: dict | None, 
                           f"(shards renamed or mixed up)")
     want = (meta.get("shard_checksums") or {}).get(str(ctx.rank))
     if checksums and want:
+        from ..checkpoint import file_sha256
+
         got = file_sha256(shard)
         if got != want:
             raise LaunchError(

@@ -17,6 +17,7 @@ from encdec_core.config import ACTIVATIONS, ConfigMap, read_json
 from encdec_core.errors import ConfigError, EncDecError, WeightError
 from encdec_core.family import Family, Source, read_hf_source
 from encdec_core.plugins import hookimpl
+from encdec_core.tokenizer import HFTokenizer
 from encdec_core.weights import Rule, WeightMap
 
 # ------------------------------------------------------------------------------------ config
@@ -205,7 +206,7 @@ def read_bart_source(path: Path, family: Family) -> Source:
 _LANG_CODE = re.compile(r"^[a-z]{2,3}_[A-Z]{2}$")
 
 
-class BartTokenizer:
+class BartTokenizer(HFTokenizer):
     """An HF BartTokenizer / MBartTokenizer / MBart50Tokenizer loaded from a folder.
 
     encode(texts, src_lang=None) -> ids; decode(ids) -> text; lang_id("de_DE") -> token id, which is
@@ -213,21 +214,8 @@ class BartTokenizer:
     """
 
     def __init__(self, path: Path, cfg=None):
-        try:
-            from transformers import AutoTokenizer
-        except ImportError:  # pragma: no cover - environment problem
-            raise EncDecError("the BART tokenizer needs `transformers` (pip install 'encdec[hf]')") from None
-        path = Path(path)
-        if not path.is_dir():
-            raise ConfigError(f"{path}: tokenizer directory not found")
-        try:
-            self.tok = AutoTokenizer.from_pretrained(str(path))
-        except Exception as exc:
-            raise ConfigError(f"{path}: cannot load a tokenizer ({type(exc).__name__}: {exc})") from None
-        self.path = path
+        super().__init__(path)
         self.cfg = cfg
-        self.pad_token_id = self.tok.pad_token_id
-        self.eos_token_id = self.tok.eos_token_id
         self._langs = None
 
     # -------------------------------------------------------------- languages
