@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from _mpi import MPIRUN, need_mpi
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -24,21 +26,12 @@ SCRIPTS = HERE / "mpi_scripts"
 sys.path.insert(0, str(SCRIPTS))
 import parallel_common as pc  # noqa: E402
 
-MPIRUN = Path(sys.executable).parent / "mpirun"
 TOL = 1e-5
 
 pytestmark = [pytest.mark.mpi]
 
 
-def _have_mpi() -> bool:
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        return False
-    return MPIRUN.is_file()
 
-
-need_mpi = pytest.mark.skipif(not _have_mpi(), reason="needs mpi4py and mpirun (pip install '.[mpi]')")
 
 
 def launch_env() -> dict:

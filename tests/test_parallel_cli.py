@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from _mpi import MPIRUN, need_mpi
+
 from encdec_core.cli import main
 
 from _cli_helpers import make_t5_dir
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
-MPIRUN = BIN / "mpirun"
 MPI_ARGS = ["--allow-run-as-root", "--oversubscribe"]
 TEXTS = ["hello world", "a somewhat longer input sentence"]
 RUN_ARGS = ["--input-text", *TEXTS, "--max-output-len", "10", "--num-beams", "3", "--device", "cpu"]
@@ -28,13 +29,6 @@ def run_args(root: Path) -> list:
 
 pytestmark = [pytest.mark.mpi]
 
-
-def _have_mpi() -> bool:
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        return False
-    return MPIRUN.is_file()
 
 
 def _encdec() -> list[str]:
@@ -89,7 +83,7 @@ def _check(root: Path, r: subprocess.CompletedProcess, out: Path, single) -> Non
     assert r.stdout.count("Input :") == len(TEXTS), r.stdout  # rank 0 prints, the others do not
 
 
-@pytest.mark.skipif(not _have_mpi(), reason="needs mpi4py and mpirun (pip install '.[mpi]')")
+@need_mpi
 def test_mpirun_encdec_run_tp2_equals_single_rank(engines):
     root, single = engines
     out = root / "mpi-tp2.json"
@@ -107,7 +101,7 @@ def test_torchrun_encdec_run_pp2_equals_single_rank(engines):
     _check(root, r, out, single)
 
 
-@pytest.mark.skipif(not _have_mpi(), reason="needs mpi4py and mpirun (pip install '.[mpi]')")
+@need_mpi
 def test_mpirun_wrong_world_size_fails_on_every_rank(engines):
     root, _ = engines
     r = _launch([MPIRUN, *MPI_ARGS, "-n", "3", *_encdec(), "run", "--engine-dir", root / "en21", *RUN_ARGS],
