@@ -235,7 +235,16 @@ def cmd_run(args) -> int:
         if not hasattr(tok, "lang_id"):
             raise EncDecError(f"family '{engine.config.family}' has no target-language control")
         langs = [tok.lang_id(c) for c in codes]
-    res = engine.generate_ids(ids, target_lang_ids=langs, **overrides)
+    runner = None
+    if args.cuda_graph:
+        if torch.device(device).type != "cuda":
+            raise EncDecError("--cuda-graph needs a CUDA device (--device cuda)")
+        if ctx is not None:
+            raise EncDecError("--cuda-graph serves tp=1, pp=1; multi-rank runs use the eager runner")
+        from .runtime.cuda.runner import CudaGraphRunner
+
+        runner = CudaGraphRunner.for_engine(engine)  # compiles and captures once, sized by the engine limits
+    res = engine.generate_ids(ids, target_lang_ids=langs, runner=runner, **overrides)
     n = res.num_return_sequences
     outputs = [[tok.decode(res.tokens(i * n + j)) for j in range(n)] for i in range(len(texts))]
     report = {"engine": str(engine_dir), "device": str(device), "results": []}
@@ -422,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
          help="also run HF transformers in fp32 and report whether token ids match")
     _opt(s, "--hf-model-dir", "--model-name", default=None, help="HF model dir for --compare-hf")
     _opt(s, "--device", default="auto", help="cpu | cuda | auto")
+    _opt(s, "--cuda-graph", action="store_true",
+         help="decode with the compiled CUDA-graph runner (pays a one-off compile; for long runs and serving)")
     _opt(s, "--dtype", default=None, help="override the engine dtype at load")
     _opt(s, "--output-json", default=None)
     s.set_defaults(func=cmd_run)

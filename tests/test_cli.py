@@ -263,3 +263,10 @@ def test_run_without_engine_uses_bundled_model(builtin_registry, tmp_path, monke
     assert main(["run", "--input-text", "spell: 12", "--device", "cpu"]) == 0  # reuses the cache
     assert built[0].stat().st_mtime_ns == stamp
     assert "twelve" in capsys.readouterr().out
+
+
+def test_run_cuda_graph_needs_cuda(builtin_registry, tmp_path, t5_dir, capsys):
+    _, eng = _pipeline(tmp_path, t5_dir)
+    capsys.readouterr()
+    assert main(["run", "--engine-dir", str(eng), "--input-text", "abc", "--device", "cpu", "--cuda-graph"]) == 2
+    assert "--cuda-graph needs a CUDA device" in _err(capsys)

@@ -158,3 +158,25 @@ def test_fp16_t5_is_overflow_safe(mode):
     assert torch.isfinite(out).all()
     rel = (out - ref).norm() / ref.norm()
     assert rel < 2e-2, rel
+
+
+@CUDA
+@pytest.mark.gpu
+def test_cli_run_cuda_graph_matches_hf(builtin_registry, tmp_path, capsys):
+    """`encdec run --device cuda --cuda-graph` (runner sized by the engine limits) equals HF fp32."""
+    import json
+
+    from _cli_helpers import make_t5_dir
+    from encdec_core.cli import main
+
+    src = make_t5_dir(tmp_path / "hf")
+    ck, eng = tmp_path / "ck", tmp_path / "eng"
+    assert main(["convert", "--model-dir", str(src), "--output-dir", str(ck), "--quiet"]) == 0
+    assert main(["build", "--checkpoint-dir", str(ck), "--output-dir", str(eng), "--max-batch-size", "4",
+                 "--max-input-len", "32", "--max-output-len", "12", "--max-beam-width", "2"]) == 0
+    out = tmp_path / "o.json"
+    rc = main(["run", "--engine-dir", str(eng), "--input-text", "hello", "a longer input", "--device", "cuda",
+               "--cuda-graph", "--max-output-len", "10", "--compare-hf", "--hf-model-dir", str(src),
+               "--output-json", str(out)])
+    assert rc == 0, capsys.readouterr().out
+    assert all(r["match"] for r in json.loads(out.read_text())["results"])
