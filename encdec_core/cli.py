@@ -187,32 +187,28 @@ def _device(name: str | None) -> str:
     return name
 
 
-def cmd_run(args) -> int:
+def _load_engine(engine_dir: Path, device: str, dtype):
+    """Start the ranks the engine's mapping (or the launcher) asks for, verify its shards on every
+    rank, then load this rank's part. Returns (engine, ctx); ctx is None for one plain process."""
     import torch
 
     from .engine import Engine
+    from .parallel.launch import init_for_dir
+
+    ctx = init_for_dir(engine_dir, device) if engine_dir.is_dir() else None
+    if ctx is not None and device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    return Engine.load(engine_dir, device=device, ctx=ctx, dtype=dtype), ctx
+
+
+def cmd_run(args) -> int:
+    import torch
 
     texts = _read_inputs(args)
     engine_dir = Path(args.engine_dir) if args.engine_dir else default_engine()
     device = _device(args.device)
-    ctx = None
-    mapping_world = 1
-    info_path = engine_dir / "engine.json"
-    if info_path.is_file():
-        try:
-            mapping_world = int(json.loads(info_path.read_text())["mapping"]["world_size"])
-        except (KeyError, ValueError, TypeError):
-            mapping_world = 1
-    launched = any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE"))
-    if mapping_world > 1 or launched:
-        from .parallel.launch import init_parallel, verify_checkpoint
-
-        m = json.loads(info_path.read_text())["mapping"]
-        ctx = init_parallel(int(m["tp_size"]), int(m["pp_size"]), device)
-        verify_checkpoint(engine_dir, ctx)  # every rank agrees on missing / foreign shards, no hang
-        if device == "cuda":
-            device = f"cuda:{torch.cuda.current_device()}"
-    engine = Engine.load(engine_dir, device=device, ctx=ctx, dtype=args.dtype)
+    engine, ctx = _load_engine(engine_dir, device, args.dtype)
+    device = engine.model.device
     target = None
     if args.target_lang:
         target = args.target_lang if len(args.target_lang) > 1 else args.target_lang[0]
@@ -227,14 +223,7 @@ def cmd_run(args) -> int:
             raise EncDecError(f"--source-lang: family '{engine.config.family}' has no source-language control") from None
     else:
         ids = tok.encode(texts)
-    langs = None
-    if target is not None:
-        codes = [target] * len(texts) if isinstance(target, str) else target
-        if len(codes) != len(texts):
-            raise EncDecError(f"--target-lang has {len(codes)} codes for {len(texts)} inputs (give 1 or one per input)")
-        if not hasattr(tok, "lang_id"):
-            raise EncDecError(f"family '{engine.config.family}' has no target-language control")
-        langs = [tok.lang_id(c) for c in codes]
+    langs = engine.lang_ids(tok, target, len(texts))
     runner = None
     if args.cuda_graph:
         if torch.device(device).type != "cuda":
@@ -344,17 +333,10 @@ def cmd_benchmark(args) -> int:
     if bool(args.engine_dir) == bool(args.preset):
         raise EncDecError("give exactly one of --engine-dir E or --preset NAME (e.g. t5-small, bart-large)")
     if args.engine_dir:
-        from .engine import Engine
-        from .parallel.launch import init_for_dir
-
-        ctx = init_for_dir(Path(args.engine_dir), device)
+        target, ctx = _load_engine(Path(args.engine_dir), device, args.dtype)
+        device = target.model.device
         if ctx is not None:
-            if device == "cuda":
-                import torch
-
-                device = f"cuda:{torch.cuda.current_device()}"
             runner = "eager"  # the CUDA-graph runner serves tp = pp = 1
-        target = Engine.load(Path(args.engine_dir), device=device, ctx=ctx, dtype=args.dtype)
     else:
         target = args.preset
     rank0 = _rank0()

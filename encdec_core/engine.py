@@ -205,6 +205,18 @@ class Engine:
             return generate(self.model, input_ids.to(dev), mask.to(dev), gc,
                             forced_bos_token_ids=target_lang_ids, runner=runner)
 
+    def lang_ids(self, tok, target_lang, n: int):
+        """Target language code(s) -> forced-BOS token ids: one code for all n requests, or one per
+        request (None keeps the model's default); None when no language is asked for."""
+        if target_lang is None:
+            return None
+        codes = [target_lang] * n if isinstance(target_lang, str) else list(target_lang)
+        if len(codes) != n:
+            raise EncDecError(f"target language: {len(codes)} codes for {n} inputs (give 1 or one per input)")
+        if not hasattr(tok, "lang_id"):
+            raise EncDecError(f"family '{self.config.family}' has no target-language control")
+        return [None if c is None else tok.lang_id(c) for c in codes]
+
     def generate(self, texts: list[str], tokenizer_dir=None, target_lang=None, **overrides) -> list[list[str]]:
         """Texts in, for each input a list of num_return_sequences output texts.
 
@@ -214,15 +226,7 @@ class Engine:
             texts = [texts]
         tok = self.tokenizer(tokenizer_dir)
         ids = tok.encode(list(texts))
-        langs = None
-        if target_lang is not None:
-            codes = [target_lang] * len(texts) if isinstance(target_lang, str) else list(target_lang)
-            if len(codes) != len(texts):
-                raise EncDecError(f"target_lang has {len(codes)} entries for {len(texts)} inputs")
-            if not hasattr(tok, "lang_id"):
-                raise EncDecError(f"family '{self.config.family}' has no target-language control")
-            langs = [None if c is None else tok.lang_id(c) for c in codes]
-        out = self.generate_ids(ids, target_lang_ids=langs, **overrides)
+        out = self.generate_ids(ids, target_lang_ids=self.lang_ids(tok, target_lang, len(texts)), **overrides)
         n = out.num_return_sequences
         return [[tok.decode(out.tokens(i * n + j)) for j in range(n)] for i in range(len(texts))]
 
