@@ -30,7 +30,7 @@ def parse_configs(text: str):
 
 
 @torch.no_grad()
-def profile_step(name: str, batch: int, out_dir: str, steps: int = 20) -> dict:
+def profile_step(name: str, batch: int, out_dir: str, steps: int = 20, kernels: str = "inductor") -> dict:
     """Kernels of the compiled decoder step (run without a graph so each kernel shows), grouped."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -39,7 +39,7 @@ def profile_step(name: str, batch: int, out_dir: str, steps: int = 20) -> dict:
 
     model = model_from_preset(name, torch.bfloat16, "cuda")
     ids = torch.randint(4, model.cfg.vocab_size, (batch, 128), device="cuda")
-    r = CudaGraphRunner(model, batch, steps + 8, 128, use_graphs=False)
+    r = CudaGraphRunner(model, batch, steps + 8, 128, use_graphs=False, kernels=kernels)
     r.greedy(ids, None, 4, eos=-1)  # compile
     r.prefill(ids, None, 1, steps)
     bb, sb, _ = r._cur
@@ -65,9 +65,9 @@ def profile_step(name: str, batch: int, out_dir: str, steps: int = 20) -> dict:
                   if ev.device_type.name == "CUDA"), reverse=True)[:25]
     res = {"model": name, "batch": batch, "kernel_us_per_step": total, "kernels_per_step": count,
            "groups": groups, "top": top}
-    with open(os.path.join(out_dir, f"profile_{name}_b{batch}.json"), "w") as f:
+    with open(os.path.join(out_dir, f"profile_{name}_b{batch}_{kernels}.json"), "w") as f:
         json.dump(res, f, indent=1)
-    print(f"profile {name} b{batch}: {count:.0f} kernels/step, {total:.1f} us of kernel time/step")
+    print(f"profile {name} b{batch} ({kernels}): {count:.0f} kernels/step, {total:.1f} us of kernel time/step")
     for k, g in groups.items():
         print(f"  {k:7s} {g['kernels_per_step']:6.0f} kernels {g['us_per_step']:8.1f} us")
     for t, c, n in top[:12]:
@@ -85,6 +85,7 @@ def main():
     ap.add_argument("--no-hf", action="store_true", help="our engine only")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode of the decoder step")
+    ap.add_argument("--kernels", default=None, help="decoder step kernels: inductor, triton or auto (runner default)")
     ap.add_argument("--tag", default="", help="suffix of the output files")
     ap.add_argument("--profile", default="", help="models to profile (one decode step, batch 1)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmark-results"))
@@ -95,18 +96,23 @@ def main():
 
     print(json.dumps(environment("cuda")))
     io = [tuple(int(x) for x in a.io.split(","))]
+    opts = {}
+    if a.compile_mode:
+        opts["compile_mode"] = a.compile_mode
+    if a.kernels:
+        opts["kernels"] = a.kernels
     for name in [m for m in a.models.split(",") if m]:
         t = time.time()
         rows = run_benchmark(name, input_output_lens=io, compare_hf=not a.no_hf, device="cuda", dtype=a.dtype,
                              csv_path=os.path.join(a.out, f"gpu_{name}{a.tag}.csv"),
                              json_path=os.path.join(a.out, f"gpu_{name}{a.tag}.json"), progress=False,
-                             runner_options={"compile_mode": a.compile_mode} if a.compile_mode else None,
+                             runner_options=opts or None,
                              repeats=a.repeats, configs=parse_configs(a.configs),
                              hf_static_max_batch=a.hf_static_max_batch, log=lambda m: print(m, flush=True))
         print(f"## {name} ({time.time() - t:.0f} s)\n" + format_table(rows), flush=True)
         torch.cuda.empty_cache()
     for name in [m for m in a.profile.split(",") if m]:
-        profile_step(name, 1, a.out)
+        profile_step(name, 1, a.out, kernels=a.kernels or "inductor")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,71 @@ def test_greedy_and_beam_match_eager(family, mode):
     assert torch.equal(out2.sequences, ref2.sequences)
 
 
+@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("mode", MODES)
+def test_beam_search_in_graph_matches_python_loop(family, mode):
+    """Beam search run by the runner (step + processors + beam update + cache reorder in one graph,
+    stop flag read every 4 steps) gives the Python loop's sequences and scores, for the stopping
+    rules, length penalties, processors and prefixes it accepts; the rest falls back to the loop."""
+    from encdec_core.runtime.generation import EagerRunner, generate
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = "cpu" if mode == "cpu-static" else "cuda"
+    model = _tiny(family, dev)
+    cfg = model.cfg
+    ids, mask = _inputs(cfg, device=dev)
+    runner = _runner(model, mode, 16, 24, 32)
+    # an EOS the model actually emits early, so hypotheses finish at different lengths
+    greedy = generate(model, ids, mask, _gc(cfg, max_new_tokens=6)).sequences
+    eos = [int(greedy[0, 2]), int(greedy[1, 3])]
+    # tokens the beams pick at steps 2-3: with early_stopping=True the search ends before max length
+    beams = generate(model, ids, mask, _gc(cfg, max_new_tokens=8, num_beams=4, num_return_sequences=4)).sequences
+    common = sorted(set(beams[:, 2:4].flatten().tolist()))
+
+    class Counting(EagerRunner):
+        steps = 0
+
+        def step(self, tokens):
+            self.steps += 1
+            return super().step(tokens)
+
+    cases = [
+        dict(num_beams=4, eos_token_id=common, early_stopping=True),
+        dict(num_beams=4, eos_token_id=eos[0]),
+        dict(num_beams=4, eos_token_id=eos, early_stopping=True, num_return_sequences=3),
+        dict(num_beams=3, eos_token_id=eos, early_stopping="never", length_penalty=0.6),
+        dict(num_beams=2, eos_token_id=eos[1], length_penalty=2.0, min_new_tokens=5),
+        dict(num_beams=4, forced_bos_token_id=7, forced_eos_token_id=eos[0], max_new_tokens=9),
+        dict(num_beams=4, eos_token_id=eos[0], no_repeat_ngram_size=2),  # not static: the Python loop
+    ]
+    for kw in cases:
+        kw = {"max_new_tokens": 16, **kw}
+        gc = _gc(cfg, **kw)
+        counting = Counting(model)
+        ref = generate(model, ids, mask, gc, runner=counting)
+        before = sum(1 for k in runner._graphs if k[0] == "beam")
+        out = generate(model, ids, mask, gc, runner=runner)
+        # the graph loop reads the stop flag every 4 steps: it may run up to 3 steps more, no fewer
+        assert counting.steps <= runner.steps <= counting.steps + 3, (kw, counting.steps, runner.steps)
+        assert out.sequences.shape == ref.sequences.shape, kw
+        assert torch.equal(out.sequences, ref.sequences), kw
+        torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, rtol=1e-5, atol=1e-5)
+        in_graph = sum(1 for k in runner._graphs if k[0] == "beam") > before
+        assert in_graph == ("no_repeat_ngram_size" not in kw), kw
+    # per-request forced first tokens (mBART target languages) and a decoder prefix, and the same
+    # graph reused by a second request with other inputs
+    gc = _gc(cfg, num_beams=3, eos_token_id=eos[0], max_new_tokens=12)
+    for seed, langs in ((0, [5, None, 9]), (3, [11, 12, 13])):
+        ids2, mask2 = _inputs(cfg, seed=seed, device=dev)
+        ref = generate(model, ids2, mask2, gc, forced_bos_token_ids=langs, runner=EagerRunner(model))
+        out = generate(model, ids2, mask2, gc, forced_bos_token_ids=langs, runner=runner)
+        assert torch.equal(out.sequences, ref.sequences), langs
+    prefix = torch.tensor([[cfg.decoder_start_token_id, 8, 9]] * 3, device=dev)
+    ref = generate(model, ids, mask, gc, decoder_input_ids=prefix, runner=EagerRunner(model))
+    out = generate(model, ids, mask, gc, decoder_input_ids=prefix, runner=runner)
+    assert torch.equal(out.sequences, ref.sequences)
+
+
 @pytest.mark.parametrize("mode", MODES[:2])
 def test_step_logits_match_eager_and_limits(mode):
     from encdec_core.errors import LimitError

@@ -1,6 +1,6 @@
 """Beam search (and beam sampling) with HF transformers' (v5) rules, vectorised over the batch.
 
-State per request b and beam slot j, all tensors on the device:
+State per request b and beam slot j, all tensors on the device (``BeamState``):
 - running hypotheses ``run_seq`` [B, nb, L] with accumulated log-probs ``run_score`` [B, nb]
   (at start only beam 0 is live: the others score -1e9 so the first step does not pick the
   same token nb times);
@@ -14,6 +14,13 @@ nb compete for the finished slots with score sum_logprob / generated_len ** leng
 taking finished hypotheses once it cannot improve (the early-stopping heuristic below) or, with
 early_stopping=True, once its nb slots are full. The loop ends when no request can improve, or
 every request is full (early_stopping=True), or every continuation ended.
+
+``BeamState.update`` takes the current length as a 0-dim *device* tensor and never reads a value
+on the host, so the CUDA-graph runner captures it (with the decoder step and the cache reorder)
+in one graph; the Python loop below runs the very same update. Steps taken after the loop could
+have stopped change no finished hypothesis (every slot of every request is then full and beats
+any new candidate, which carries a -1e9 penalty), so a graph loop may check the stop flag only
+every few steps and still return the same result.
 """
 from __future__ import annotations
 
@@ -31,45 +38,74 @@ def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(t, idx, dim=1)
 
 
-def beam_search(runner, gc: GenerationConfig, batch: int, max_len: int, pipeline, generator, device,
-                prefix: torch.Tensor):
-    """``prefix`` [batch * nb, P]: the decoder start token (and any decoder prefix), rows repeated per beam."""
-    nb = gc.num_beams
-    eos = gc.eos_token_ids
-    lp = gc.length_penalty
-    es = gc.early_stopping
-    keep = max(2, 1 + len(eos)) * nb
-    prompt = prefix.shape[1]
-    # HF fills unused positions with pad, or with the first EOS when pad is 0 / unset, or -1 without EOS
-    pad = gc.pad_token_id
-    fill = (pad if pad else eos[0]) if eos else -1
+class BeamState:
+    """Every tensor of a beam search over ``batch`` requests, in place (static addresses)."""
 
-    run_seq = torch.full((batch, nb, max_len), fill, dtype=torch.long, device=device)
-    run_seq[:, :, :prompt] = prefix.view(batch, nb, prompt)
-    fin_seq = run_seq.clone()
-    run_score = torch.zeros((batch, nb), dtype=torch.float32, device=device)
-    run_score[:, 1:] = _BIG
-    fin_score = torch.full((batch, nb), _BIG, dtype=torch.float32, device=device)
-    fin_done = torch.zeros((batch, nb), dtype=torch.bool, device=device)
-    fin_len = torch.zeros((batch, nb), dtype=torch.long, device=device)
-    can_improve = torch.ones((batch, 1), dtype=torch.bool, device=device)
-    top_nb = torch.zeros(keep, dtype=torch.bool, device=device)
-    top_nb[:nb] = True
-    eos_t = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
-    offsets = (torch.arange(batch, device=device) * nb).view(-1, 1)
+    def __init__(self, gc: GenerationConfig, batch: int, max_len: int, prompt: int, device):
+        nb = gc.num_beams
+        self.gc, self.batch, self.nb, self.max_len, self.prompt = gc, batch, nb, max_len, prompt
+        eos = gc.eos_token_ids
+        self.keep = max(2, 1 + len(eos)) * nb
+        # HF fills unused positions with pad, or with the first EOS when pad is 0 / unset, or -1 without EOS
+        pad = gc.pad_token_id
+        self.fill = (pad if pad else eos[0]) if eos else -1
+        self.lp, self.es = gc.length_penalty, gc.early_stopping
+        self.device = torch.device(device)
+        z = dict(device=device)
+        self.run_seq = torch.empty((batch, nb, max_len), dtype=torch.long, **z)
+        self.fin_seq = torch.empty_like(self.run_seq)
+        self.run_score = torch.empty((batch, nb), dtype=torch.float32, **z)
+        self.fin_score = torch.empty((batch, nb), dtype=torch.float32, **z)
+        self.fin_done = torch.empty((batch, nb), dtype=torch.bool, **z)
+        self.fin_len = torch.empty((batch, nb), dtype=torch.long, **z)
+        self.can_improve = torch.empty((batch, 1), dtype=torch.bool, **z)
+        self.src_index = torch.empty(batch * nb, dtype=torch.long, **z)  # rows the caches take after a step
+        self.go_on = torch.empty((), dtype=torch.bool, **z)
+        self.top_nb = torch.zeros(self.keep, dtype=torch.bool, **z)
+        self.top_nb[:nb] = True
+        self.eos_t = torch.tensor(eos, dtype=torch.long, **z) if eos else None
+        self.offsets = (torch.arange(batch, **z) * nb).view(-1, 1)
+        # generated_len ** length_penalty for every length, as the fp32 a Python-scalar division uses
+        # (on CUDA torch divides by a host scalar as a multiplication by its fp32 reciprocal: same here)
+        lens = [float(n) ** self.lp if n > 0 else 1.0 for n in range(max_len + 1)]
+        self.len_pow = torch.tensor(lens, dtype=torch.float32, **z)
+        self.inv_len_pow = 1.0 / self.len_pow
+        if self.es == "never" and self.lp > 0.0:
+            self.best_len = torch.full((), max_len - prompt, dtype=torch.long, **z)
+        else:
+            self.best_len = None
 
-    feed_prefix(runner, prefix)  # every beam of a request has the same prefix: no reordering needed
-    cur = prompt
-    tokens = prefix[:, -1].contiguous()
-    while True:
-        logits = runner.step(tokens).float()
-        logp = torch.log_softmax(logits, dim=-1)
-        logp = pipeline(run_seq.view(batch * nb, max_len)[:, :cur], logp)
+    def reset(self, prefix: torch.Tensor) -> None:
+        """A new search from ``prefix`` [batch * nb, prompt] (rows repeated per beam)."""
+        b, nb, p = self.batch, self.nb, self.prompt
+        self.run_seq.fill_(self.fill)
+        self.run_seq[:, :, :p] = prefix.view(b, nb, p)
+        self.fin_seq.copy_(self.run_seq)
+        self.run_score.zero_()
+        self.run_score[:, 1:] = _BIG
+        self.fin_score.fill_(_BIG)
+        self.fin_done.zero_()
+        self.fin_len.zero_()
+        self.can_improve.fill_(True)
+        self.go_on.fill_(True)
+
+    def _per_len(self, scores: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """``scores / n ** length_penalty`` with the rounding of a division by a host float."""
+        n = n.view(1)
+        if self.device.type == "cuda":
+            return scores * self.inv_len_pow.index_select(0, n)
+        return scores / self.len_pow.index_select(0, n)
+
+    def update(self, logp: torch.Tensor, cur: torch.Tensor, generator=None) -> None:
+        """One step from the processed log-probs ``logp`` [batch * nb, V] at length ``cur`` (0-dim
+        device tensor: the position the new token takes). Sets ``src_index`` (the rows every cache
+        takes) and ``go_on``; the new tokens are ``run_seq[:, :, cur]``."""
+        b, nb, keep, L = self.batch, self.nb, self.keep, self.max_len
         vocab = logp.shape[-1]
-        acc = (logp.view(batch, nb, vocab) + run_score[:, :, None]).view(batch, nb * vocab)
+        acc = (logp.view(b, nb, vocab) + self.run_score[:, :, None]).view(b, nb * vocab)
 
         # best `keep` continuations over all beams of each request (or `keep` samples)
-        if gc.do_sample:
+        if self.gc.do_sample:
             idx = torch.multinomial(torch.softmax(acc, dim=-1), num_samples=keep, generator=generator)
             cand_score = torch.gather(acc, 1, idx)
             cand_score, order = cand_score.sort(dim=-1, descending=True)
@@ -78,55 +114,87 @@ def beam_search(runner, gc: GenerationConfig, batch: int, max_len: int, pipeline
             cand_score, idx = torch.topk(acc, k=keep)
         src = idx // vocab
         tok = idx % vocab
-        cand_seq = _take(run_seq, src)
-        cand_seq[:, :, cur] = tok
+        cand_seq = _take(self.run_seq, src)
+        cand_seq.index_copy_(2, cur.view(1), tok.unsqueeze(-1))
 
-        ended = torch.full((batch, keep), cur + 1 >= max_len, dtype=torch.bool, device=device)
-        if eos_t is not None:
-            ended = ended | torch.isin(tok, eos_t)
+        ended = (cur + 1 >= L).expand(b, keep)
+        if self.eos_t is not None:
+            ended = ended | torch.isin(tok, self.eos_t)
 
         # the nb best continuations that go on
         live_score = cand_score + ended.to(torch.float32) * _BIG
         pick = torch.topk(live_score, k=nb)[1]
-        run_seq = _take(cand_seq, pick)
-        run_score = _take(live_score, pick)
+        self.run_seq.copy_(_take(cand_seq, pick))
+        self.run_score.copy_(_take(live_score, pick))
         run_src = _take(src, pick)
 
         # finished hypotheses: merge the new ones (top nb only) into the nb slots
-        new_done = ended & top_nb[None, :]
-        norm = cand_score / ((cur + 1 - prompt) ** lp)
-        full = fin_done.all(dim=-1, keepdim=True) & (es is True)
+        new_done = ended & self.top_nb[None, :]
+        gen_len = cur + 1 - self.prompt
+        norm = self._per_len(cand_score, gen_len)
+        full = self.fin_done.all(dim=-1, keepdim=True) & (self.es is True)
         norm = norm + full.to(torch.float32) * _BIG
-        norm = norm + (~can_improve).to(torch.float32) * _BIG
+        norm = norm + (~self.can_improve).to(torch.float32) * _BIG
         norm = norm + (~new_done) * _BIG
-        m_seq = torch.cat((fin_seq, cand_seq), dim=1)
-        m_score = torch.cat((fin_score, norm), dim=1)
-        m_done = torch.cat((fin_done, new_done), dim=1)
-        m_len = torch.cat((fin_len, torch.full((batch, keep), cur + 1 - prompt, dtype=torch.long, device=device)),
-                          dim=1)
+        m_seq = torch.cat((self.fin_seq, cand_seq), dim=1)
+        m_score = torch.cat((self.fin_score, norm), dim=1)
+        m_done = torch.cat((self.fin_done, new_done), dim=1)
+        m_len = torch.cat((self.fin_len, gen_len.expand(b, keep)), dim=1)
         best = torch.topk(m_score, k=nb)[1]
-        fin_seq, fin_score = _take(m_seq, best), _take(m_score, best)
-        fin_done, fin_len = _take(m_done, best), _take(m_len, best)
-
-        runner.reorder((run_src + offsets).view(-1))
-        cur += 1
+        self.fin_seq.copy_(_take(m_seq, best))
+        self.fin_score.copy_(_take(m_score, best))
+        self.fin_done.copy_(_take(m_done, best))
+        self.fin_len.copy_(_take(m_len, best))
+        self.src_index.copy_((run_src + self.offsets).view(-1))
 
         # can a running beam still beat the worst finished one?
-        if es == "never" and lp > 0.0:
-            best_len = max_len - prompt
-        else:
-            best_len = cur - prompt
-        best_running = run_score[:, :1] / (best_len ** lp)
-        worst_done = torch.where(fin_done, torch.min(fin_score, dim=1, keepdim=True)[0], _BIG)
-        can_improve = can_improve & torch.any(best_running > worst_done, dim=-1, keepdim=True)
+        best_len = self.best_len if self.best_len is not None else gen_len
+        best_running = self._per_len(self.run_score[:, :1], best_len)
+        worst_done = torch.where(self.fin_done, torch.min(self.fin_score, dim=1, keepdim=True)[0], _BIG)
+        self.can_improve.logical_and_(torch.any(best_running > worst_done, dim=-1, keepdim=True))
+        go = torch.any(self.can_improve) & ~(torch.all(self.fin_done) & (self.es is True)) & ~torch.all(ended)
+        self.go_on.copy_(go)
 
-        go_on = torch.any(can_improve) & ~(torch.all(fin_done) & (es is True)) & ~torch.all(ended)
-        if not bool(go_on):  # the one host sync per step
+    def tokens(self, cur: int | torch.Tensor) -> torch.Tensor:
+        """The tokens just chosen (position ``cur``), one per row [batch * nb]."""
+        if isinstance(cur, torch.Tensor):
+            return self.run_seq.index_select(2, cur.view(1)).view(-1)
+        return self.run_seq[:, :, cur].reshape(-1)
+
+    def result(self, n: int | None = None):
+        """(sequences [batch * n, out_len], scores [batch * n]) of the n best finished hypotheses."""
+        n = self.gc.num_return_sequences if n is None else n
+        seqs = self.fin_seq[:, :n].reshape(self.batch * n, self.max_len)
+        scores = self.fin_score[:, :n].reshape(self.batch * n)
+        out_len = self.prompt + int(self.fin_len[:, :n].max())
+        return seqs[:, :out_len], scores
+
+
+def beam_search(runner, gc: GenerationConfig, batch: int, max_len: int, pipeline, generator, device,
+                prefix: torch.Tensor):
+    """``prefix`` [batch * nb, P]: the decoder start token (and any decoder prefix), rows repeated per beam.
+
+    A runner with a ``beam_search(state, pipeline, prefix)`` method (the CUDA-graph runner) runs the
+    loop itself when the pipeline can run on device positions (``pipeline.static``)."""
+    prompt = prefix.shape[1]
+    fused = getattr(runner, "beam_search", None)
+    if fused is not None and pipeline.static and not gc.do_sample:
+        return fused(gc, batch, max_len, pipeline, prefix)
+    st = BeamState(gc, batch, max_len, prompt, device)
+    st.reset(prefix)
+    feed_prefix(runner, prefix)  # every beam of a request has the same prefix: no reordering needed
+    cur = prompt
+    cur_t = torch.full((), prompt, dtype=torch.long, device=device)
+    tokens = prefix[:, -1].contiguous()
+    while True:
+        logits = runner.step(tokens).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        logp = pipeline(st.run_seq.view(batch * st.nb, max_len)[:, :cur], logp)
+        st.update(logp, cur_t, generator)
+        runner.reorder(st.src_index)
+        tokens = st.tokens(cur)
+        cur += 1
+        cur_t.fill_(cur)
+        if not bool(st.go_on):  # the one host sync per step
             break
-        tokens = run_seq[:, :, cur - 1].reshape(-1)
-
-    n = gc.num_return_sequences
-    seqs = fin_seq[:, :n].reshape(batch * n, max_len)
-    scores = fin_score[:, :n].reshape(batch * n)
-    out_len = prompt + int(fin_len[:, :n].max())
-    return seqs[:, :out_len], scores
+    return st.result()

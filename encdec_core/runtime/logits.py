@@ -55,7 +55,7 @@ def ban_tokens(scores: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
 def force_tokens(scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Every row: -inf everywhere except ``token_ids`` (1-D, same for every row), which get 0."""
     out = torch.full_like(scores, NEG_INF)
-    out[:, token_ids] = 0.0
+    out.index_fill_(1, token_ids, 0.0)
     return out
 
 
@@ -110,6 +110,8 @@ class LogitsPipeline:
             self.eos_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
             self.eos_mask[torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)] = True
         self.forced_bos = forced_bos
+        self._bos_ids = (torch.tensor([int(forced_bos)], dtype=torch.long, device=device)
+                         if forced_bos is not None and not isinstance(forced_bos, torch.Tensor) else None)
         self.forced_eos = (torch.tensor(list(forced_eos), dtype=torch.long, device=device)
                            if forced_eos else None)
         self.do_sample = bool(do_sample)
@@ -117,6 +119,30 @@ class LogitsPipeline:
         self.top_k = int(top_k or 0)
         self.top_p = float(top_p)
         self.min_keep = int(min_tokens_to_keep)
+
+    @property
+    def static(self) -> bool:
+        """True when every processor depends on the position only (not on the tokens so far, no
+        random draws): ``at_position`` then gives the same scores with the position on the device."""
+        return self.rep == 1.0 and self.ngram == 0 and not self.do_sample
+
+    def at_position(self, scores: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+        """The pipeline at length ``cur`` (0-dim device tensor), with no host read (CUDA graphs):
+        each position-dependent rule is computed and selected with ``torch.where``. Only for
+        ``static`` pipelines."""
+        if not self.static:
+            raise ValueError("at_position needs a pipeline without repetition penalty, n-gram bans or sampling")
+        if self.eos_mask is not None:
+            scores = torch.where(cur < self.min_length, ban_tokens(scores, self.eos_mask), scores)
+        if self.forced_bos is not None:
+            if isinstance(self.forced_bos, torch.Tensor):
+                forced = force_tokens_per_row(scores, self.forced_bos)
+            else:
+                forced = force_tokens(scores, self._bos_ids)
+            scores = torch.where(cur == 1, forced, scores)
+        if self.forced_eos is not None:
+            scores = torch.where(cur == self.max_length - 1, force_tokens(scores, self.forced_eos), scores)
+        return scores
 
     def __call__(self, seqs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         cur = seqs.shape[-1]

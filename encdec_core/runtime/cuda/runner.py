@@ -215,7 +215,7 @@ class CudaGraphRunner:
     def __init__(self, model, max_batch: int, max_len: int, max_input_len: int = 512, *,
                  compile: bool = True, attention: str = "math", batch_buckets=DEFAULT_BATCH_BUCKETS,
                  dynamic: bool | None = None, use_graphs: bool = True, compile_mode: str | None = None,
-                 compile_encoder: bool | None = None):
+                 compile_encoder: bool | None = None, kernels: str = "inductor", fused_max_batch: int = 16):
         if model.device.type != "cuda" and (use_graphs or compile):
             raise ValueError(f"CudaGraphRunner needs a model on CUDA, got {model.device} "
                              "(use_graphs=False, compile=False runs the same static step anywhere, for checks)")
@@ -223,6 +223,7 @@ class CudaGraphRunner:
         self.dec = StaticDecoder(model, max_batch, max_len, max_input_len, attention)
         self.batch_buckets = tuple(sorted(batch_buckets))
         self.use_graphs = use_graphs
+        self._compile = compile
         if compile:
             kw = {"fullgraph": True, "dynamic": dynamic}
             if compile_mode:
@@ -231,6 +232,21 @@ class CudaGraphRunner:
             self._select = torch.compile(self.dec.greedy_select, **kw)
         else:
             self._step, self._select = self.dec.step, self.dec.greedy_select
+        # kernels: "inductor" (the compiled model step), "triton" (FusedStep for batch buckets up to
+        # fused_max_batch: 8 Triton kernels per layer; runs interpreted on CPU for checks), or "auto"
+        # (triton on CUDA when installed and the model is supported, else inductor)
+        if kernels not in ("inductor", "triton", "auto"):
+            raise ValueError(f"kernels={kernels!r}: expected 'inductor', 'triton' or 'auto'")
+        self._fused = None
+        self.fused_max_batch = int(fused_max_batch)
+        if kernels != "inductor":
+            from .fused import FusedStep, unsupported_reason
+
+            why = unsupported_reason(model)
+            if why is not None and kernels == "triton":
+                raise ValueError(f"kernels='triton': the Triton decoder step does not support {why}")
+            if why is None and (model.device.type == "cuda" or kernels == "triton"):
+                self._fused = FusedStep(self.dec)
         self._encode = model.encode
         if compile if compile_encoder is None else compile_encoder:
             self._encode = torch.compile(model.encode, dynamic=True)
@@ -309,32 +325,27 @@ class CudaGraphRunner:
         return n
 
     # ------------------------------------------------------------------ graphs
+    def _step_fn(self, bb: int):
+        """The step that serves batch bucket ``bb``: the Triton step for small buckets when enabled."""
+        if self._fused is not None and bb <= self.fused_max_batch:
+            return self._fused
+        return self._step
+
     def _args(self, vw: _Views):
         d = self.dec
         return (vw.tokens, d.pos, vw.k, vw.v, vw.ck, vw.cv, vw.cross_bias)
 
-    @torch.no_grad()
-    def _capture(self, key):
-        kind, bb, sb = key
-        d = self.dec
-        vw = d.views(bb, sb)
-        if kind == "step":
-            fn = lambda: self._step(*self._args(vw))  # noqa: E731
-        else:
-            def fn():
-                logits = self._step(*self._args(vw))
-                self._select(logits, vw.tokens, d.pos, vw.out_tokens, vw.finished, d.eos, d.pad, d.min_steps,
-                             d.forced_bos, d.forced_eos, d.last_step)
-                return logits
+    def _graph(self, fn, restore=None):
+        """Warm ``fn`` up (compiling it) on a side stream, capture it into a CUDA graph in the shared
+        pool and call ``restore()`` afterwards (the warm-up runs change the static state).
+        Returns (graph, output of fn) or (None, fn) without graphs."""
         if not self.use_graphs:
             return (None, fn)
-        saved_pos = d.pos.clone()
-        saved = [vw.tokens.clone(), vw.finished.clone()]
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(3):  # compile + warm up
-                d.pos.zero_()
+                self.dec.pos.zero_()
                 out = fn()
         torch.cuda.current_stream().wait_stream(s)
         if self._pool is None:
@@ -342,10 +353,30 @@ class CudaGraphRunner:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pool):
             out = fn()
-        d.pos.copy_(saved_pos)
-        vw.tokens.copy_(saved[0])
-        vw.finished.copy_(saved[1])
+        if restore is not None:
+            restore()
         return (g, out)
+
+    @torch.no_grad()
+    def _capture(self, key):
+        kind, bb, sb = key
+        d = self.dec
+        vw = d.views(bb, sb)
+        step = self._step_fn(bb)
+        if kind == "step":
+            fn = lambda: step(*self._args(vw))  # noqa: E731
+        else:
+            def fn():
+                logits = step(*self._args(vw))
+                self._select(logits, vw.tokens, d.pos, vw.out_tokens, vw.finished, d.eos, d.pad, d.min_steps,
+                             d.forced_bos, d.forced_eos, d.last_step)
+                return logits
+        saved = [d.pos.clone(), vw.tokens.clone(), vw.finished.clone()]
+
+        def restore():
+            for t, v in zip((d.pos, vw.tokens, vw.finished), saved):
+                t.copy_(v)
+        return self._graph(fn, restore)
 
     def _run(self, kind: str):
         bb, sb, n = self._cur
@@ -399,6 +430,73 @@ class CudaGraphRunner:
         index = index.to(self.dec.device)
         for t in vw.k + vw.v:
             t[:n].copy_(t[:n].index_select(0, index))
+
+    # ------------------------------------------------------------------ beam search in the graph
+    @torch.no_grad()
+    def beam_search(self, gc, batch: int, max_len: int, pipeline, prefix: torch.Tensor, check_every: int = 4):
+        """Beam search (``encdec_core.runtime.beam``) with the whole step in one CUDA graph: decoder
+        step, log-softmax, the position-dependent logits processors, the beam update and the
+        self-attention cache reorder. The host replays the graph and reads the stop flag every
+        ``check_every`` steps (the result is the same as stopping at once: see ``beam``'s docstring).
+        ``generate`` calls this for a runner after ``prefill`` when the pipeline is ``static``."""
+        from ..beam import BeamState
+
+        if self._cur is None:
+            raise RuntimeError("prefill() first")
+        d = self.dec
+        bb, sb, n = self._cur
+        nb, prompt = gc.num_beams, prefix.shape[1]
+        if n != batch * nb:
+            raise ValueError(f"beam_search: prefill expanded to {n} rows, expected batch {batch} x beams {nb}")
+        bos = pipeline.forced_bos
+        pipe_sig = (pipeline.min_length if pipeline.eos_mask is not None else None, pipeline.max_length,
+                    "rows" if isinstance(bos, torch.Tensor) else bos,
+                    None if pipeline.forced_eos is None else tuple(pipeline.forced_eos.tolist()))
+        key = ("beam", bb, sb, batch, nb, max_len, prompt, gc.eos_token_ids, gc.pad_token_id, gc.length_penalty,
+               str(gc.early_stopping), pipe_sig)
+        ent = self._graphs.get(key)
+        if ent is None:
+            st = BeamState(gc, batch, max_len, prompt, d.device)
+            st.reset(prefix)
+            pipe = pipeline
+            vw = d.views(bb, sb)
+            step = self._step_fn(bb)
+
+            def tail(logits):
+                logp = torch.log_softmax(logits[:n].float(), dim=-1)
+                st.update(pipe.at_position(logp, d.pos), d.pos)
+                for t in vw.k + vw.v:
+                    t[:n].copy_(t[:n].index_select(0, st.src_index))
+                vw.tokens[:n].copy_(st.tokens(d.pos))
+
+            if self._compile:  # ~100 small eager kernels become a few fused ones
+                tail = torch.compile(tail, dynamic=False)
+
+            def fn():
+                tail(step(*self._args(vw)))
+                return st.go_on
+
+            g, out = self._graph(fn)
+            ent = self._graphs[key] = (g, out, st, pipe)
+        g, fn, st, pipe = ent
+        if isinstance(bos, torch.Tensor):
+            pipe.forced_bos.copy_(bos)  # per-request forced first tokens: the captured buffer takes them
+        st.gc = gc
+        st.reset(prefix)
+        d.pos.zero_()
+        self.steps = 0
+        for j in range(prompt - 1):  # a decoder prefix: every beam has the same one
+            self.step(prefix[:, j].contiguous())
+        d._tokens[:n].copy_(prefix[:, -1])
+        for i in range(max_len - prompt):
+            if g is None:
+                fn()
+            else:
+                g.replay()
+            self.steps += 1
+            if (i + 1) % check_every == 0 and not bool(st.go_on):
+                break
+        return st.result(gc.num_return_sequences)
 
     @torch.no_grad()
     def time_step(self, input_ids, attention_mask=None, steps: int = 32, repeats: int = 3) -> float:
