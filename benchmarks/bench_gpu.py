@@ -54,7 +54,7 @@ def profile_step(name: str, batch: int, out_dir: str, steps: int = 20, kernels: 
             continue
         n = ev.key
         kind = ("gemm" if any(s in n.lower() for s in ("gemm", "gemv", "cublas", "cutlass", "sm90_xmma", "nvjet"))
-                else "triton" if n.startswith("triton") else "other")
+                else "triton" if n.startswith(("triton", "_fused_linear", "_decode_attention")) else "other")
         t = ev.self_device_time_total / steps
         g = groups.setdefault(kind, {"us_per_step": 0.0, "kernels_per_step": 0.0})
         g["us_per_step"] += t
@@ -86,6 +86,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode of the decoder step")
     ap.add_argument("--kernels", default=None, help="decoder step kernels: inductor, triton or auto (runner default)")
+    ap.add_argument("--attention", default=None, help="attention of the compiled step: math or sdpa")
+    ap.add_argument("--fused-max-batch", type=int, default=None, help="largest batch bucket of the Triton step")
     ap.add_argument("--tag", default="", help="suffix of the output files")
     ap.add_argument("--profile", default="", help="models to profile (one decode step, batch 1)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmark-results"))
@@ -101,6 +103,10 @@ def main():
         opts["compile_mode"] = a.compile_mode
     if a.kernels:
         opts["kernels"] = a.kernels
+    if a.attention:
+        opts["attention"] = a.attention
+    if a.fused_max_batch is not None:
+        opts["fused_max_batch"] = a.fused_max_batch
     for name in [m for m in a.models.split(",") if m]:
         t = time.time()
         rows = run_benchmark(name, input_output_lens=io, compare_hf=not a.no_hf, device="cuda", dtype=a.dtype,

@@ -2,7 +2,7 @@
 
 Runs, per model (random weights, bf16, batch 1 and 64, in 128): the eager step, the plain step
 replayed from a CUDA graph, and the torch.compile'd step (inductor) under our own CUDA graph with
-two attention formulations. Prints ms per decode step and compile times; writes a JSON to $OUT.
+two attention formulations, and the Triton step (``kernels="triton"``, batch buckets <= 16). Prints ms per decode step and compile times; writes a JSON to $OUT.
 
     PYTHONPATH=.:families python benchmarks/explore_gpu.py [--models t5-small,...] [--out DIR]
 """
@@ -76,6 +76,7 @@ def main():
     ap.add_argument("--models", default="t5-small,bart-large,flan-t5-large")
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--variants", default="graph,compile-math,compile-sdpa")
+    ap.add_argument("--no-eager", action="store_true", help="skip the eager step timing")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -88,21 +89,26 @@ def main():
         print(f"== {name}", flush=True)
         ids = torch.randint(3, cfg.vocab_size, (max(batches), 128), device="cuda")
         row = {"model": name}
-        row["eager_b1_ms"] = time_eager_step(model, ids[:1])
-        print(f"  eager step b1 {row['eager_b1_ms']:.3f} ms", flush=True)
+        if not a.no_eager:
+            row["eager_b1_ms"] = time_eager_step(model, ids[:1])
+            print(f"  eager step b1 {row['eager_b1_ms']:.3f} ms", flush=True)
         nb = max(batches)
         ref = eager_greedy(model, ids[:nb], 24)
         variants = a.variants.split(",")
-        if name != a.models.split(",")[0]:
+        if name != a.models.split(",")[0] and len(variants) > 1:
             variants = [v for v in variants if v != "compile-sdpa"]
         for var in variants:
-            comp = var.startswith("compile")
-            attn = "sdpa" if var.endswith("sdpa") else "math"
+            # graph | compile-{math,sdpa} | triton[-{math,sdpa}]: the Triton step (kernels="triton") for
+            # batch buckets <= 16, the compiled step with that attention above
+            parts = var.split("-")
+            comp = parts[0] in ("compile", "triton")
+            attn = parts[1] if len(parts) > 1 else "math"
+            kernels = "triton" if parts[0] == "triton" else "inductor"
             if var == "graph":
-                attn = "math"
+                kernels = "inductor"
             t = time.perf_counter()
             try:
-                r = CudaGraphRunner(model, max(batches), 80, 128, compile=comp, attention=attn)
+                r = CudaGraphRunner(model, max(batches), 80, 128, compile=comp, attention=attn, kernels=kernels)
                 r.warmup(batch_sizes=batches, source_lens=(128,), kinds=("greedy",), eos=-1, pad=0)
                 ctime = time.perf_counter() - t
                 out = r.greedy(ids[:nb], None, 24, eos=-1)[:, 1:]

@@ -16,6 +16,12 @@ import importlib
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in Triton's interpreter (CPU). The variable must be set
+# before triton is first imported, and a process that imported triton so cannot compile GPU
+# kernels: set it only where there is no GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # tiny models: one thread is faster than two on a 2-core box shared with the test's other processes
 torch.set_num_threads(1)
 

@@ -149,7 +149,7 @@ def test_beam_search_in_graph_matches_python_loop(family, mode):
         assert counting.steps <= runner.steps <= counting.steps + 3, (kw, counting.steps, runner.steps)
         assert out.sequences.shape == ref.sequences.shape, kw
         assert torch.equal(out.sequences, ref.sequences), kw
-        torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, rtol=1e-4, atol=1e-4)
         in_graph = sum(1 for k in runner._graphs if k[0] == "beam") > before
         assert in_graph == ("no_repeat_ngram_size" not in kw), kw
     # per-request forced first tokens (mBART target languages) and a decoder prefix, and the same
@@ -206,7 +206,7 @@ def test_fp16_t5_is_overflow_safe(mode):
     seen = []
     hooks = [model.decoder.layers[str(i)].ffn.register_forward_hook(lambda m, a, o: seen.append(o.abs().max()))
              for i in model.decoder.layer_ids]
-    ref_runner = _runner(model, "cpu-static", 4, 8, 32)  # eager modules: the hooks see the FFN outputs
+    ref_runner = _runner(model, "cpu-static", 4, 8, 32, kernels="inductor")  # model modules: hooks see the FFN
     ref_runner.prefill(ids, mask, 1, 8)
     tok = torch.full((3,), model.cfg.decoder_start_token_id, device=dev)
     ref = ref_runner.step(tok).clone()

@@ -93,6 +93,8 @@ class StaticDecoder:
         self.T = _round_up(max(int(max_len), 1), 16)
         self.max_len = int(max_len)
         self.S = _round_up(max(int(max_input_len), 1), 16)
+        if attention not in ATTENTION:
+            raise ValueError(f"attention={attention!r}: expected one of {sorted(ATTENTION)}")
         self.attend = ATTENTION[attention]
         dev, dt = model.device, model.dtype
         self.device, self.dtype = dev, dt
@@ -215,7 +217,7 @@ class CudaGraphRunner:
     def __init__(self, model, max_batch: int, max_len: int, max_input_len: int = 512, *,
                  compile: bool = True, attention: str = "math", batch_buckets=DEFAULT_BATCH_BUCKETS,
                  dynamic: bool | None = None, use_graphs: bool = True, compile_mode: str | None = None,
-                 compile_encoder: bool | None = None, kernels: str = "inductor", fused_max_batch: int = 16):
+                 compile_encoder: bool | None = None, kernels: str = "auto", fused_max_batch: int = 16):
         if model.device.type != "cuda" and (use_graphs or compile):
             raise ValueError(f"CudaGraphRunner needs a model on CUDA, got {model.device} "
                              "(use_graphs=False, compile=False runs the same static step anywhere, for checks)")
@@ -335,17 +337,17 @@ class CudaGraphRunner:
         d = self.dec
         return (vw.tokens, d.pos, vw.k, vw.v, vw.ck, vw.cv, vw.cross_bias)
 
-    def _graph(self, fn, restore=None):
-        """Warm ``fn`` up (compiling it) on a side stream, capture it into a CUDA graph in the shared
-        pool and call ``restore()`` afterwards (the warm-up runs change the static state).
-        Returns (graph, output of fn) or (None, fn) without graphs."""
+    def _graph(self, fn, restore=None, warm_pos: int = 0):
+        """Warm ``fn`` up (compiling it) on a side stream, from decoder position ``warm_pos``, capture
+        it into a CUDA graph in the shared pool and call ``restore()`` afterwards (the warm-up runs
+        change the static state). Returns (graph, output of fn) or (None, fn) without graphs."""
         if not self.use_graphs:
             return (None, fn)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(3):  # compile + warm up
-                self.dec.pos.zero_()
+                self.dec.pos.fill_(warm_pos)
                 out = fn()
         torch.cuda.current_stream().wait_stream(s)
         if self._pool is None:
@@ -476,7 +478,7 @@ class CudaGraphRunner:
                 tail(step(*self._args(vw)))
                 return st.go_on
 
-            g, out = self._graph(fn)
+            g, out = self._graph(fn, warm_pos=prompt - 1)  # the beam update needs a length >= prompt
             ent = self._graphs[key] = (g, out, st, pipe)
         g, fn, st, pipe = ent
         if isinstance(bos, torch.Tensor):

@@ -1,0 +1,145 @@
+"""Block sizes of the Triton decode kernels, measured: every GEMV / attention shape of a model's
+decoder step at batch M, each config timed as 200 calls replayed from one CUDA graph (so launch
+gaps count as they do in the step), next to cuBLAS (F.linear) and the math attention.
+
+    PYTHONPATH=.:families python benchmarks/tune_triton.py --models bart-large,flan-t5-large --m 1
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import ensure_families  # noqa: E402
+
+
+def graph_time_us(fn, calls: int = 200) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3 / calls)
+    times.sort()
+    return times[2]
+
+
+def linear_shapes(cfg, vocab):
+    d, hd = cfg.d_model, cfg.decoder_heads * cfg.head_dim
+    ff = cfg.decoder_ffn_dim
+    g = cfg.gated_ffn
+    return {
+        "qkv": dict(N=3 * hd, K=d, norm=True),
+        "out": dict(N=d, K=hd, residual=True),
+        "q": dict(N=hd, K=d, norm=True),
+        "ffn_in": dict(N=(2 if g else 1) * ff, K=d, norm=True, gated=g, act=cfg.activation),
+        "ffn_out": dict(N=d, K=ff, residual=True),
+        "lm_head": dict(N=vocab, K=d, norm=True, out32=True),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="t5-small,bart-large,flan-t5-large")
+    ap.add_argument("--m", default="1")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = ap.parse_args()
+    ensure_families()
+    from encdec_core.benchmark import find_preset
+    from encdec_core.runtime.cuda import triton_kernels as tk
+
+    dev, dt = "cuda", torch.bfloat16
+    res = []
+    for name in a.models.split(","):
+        fam, src = find_preset(name)
+        cfg = fam.make_config(src)
+        norm_kind = cfg.norm_type
+        for m in [int(x) for x in a.m.split(",")]:
+            for lname, sh in linear_shapes(cfg, cfg.vocab_size).items():
+                N, K = sh["N"], sh["K"]
+                w = torch.randn(N, K, device=dev, dtype=dt) * 0.02
+                x = torch.randn(m, K, device=dev, dtype=dt)
+                nw = torch.ones(K, device=dev, dtype=dt)
+                nb = torch.zeros(K, device=dev, dtype=dt) if norm_kind == "layer" else None
+                norm = (norm_kind, nw, nb, 1e-6) if sh.get("norm") else None
+                nout = N // 2 if sh.get("gated") else N
+                res_t = torch.randn(m, nout, device=dev, dtype=dt) if sh.get("residual") else None
+                od = torch.float32 if sh.get("out32") else dt
+                kw = dict(norm=norm, act=sh.get("act") if sh.get("gated") or lname == "ffn_in" else None,
+                          gated=bool(sh.get("gated")), residual=res_t, out_dtype=od)
+                row = {"model": name, "M": m, "layer": lname, "N": N, "K": K,
+                       "cublas_us": graph_time_us(lambda: F.linear(x, w)),
+                       "default": tk.linear_config(m, nout, K, bool(sh.get("gated")), 2)}
+                row["default_us"] = graph_time_us(lambda: tk.fused_linear(x, w, **kw))
+                best = (row["default_us"], "default")
+                for bn, nwarp, bk in itertools.product((4, 8, 16), (1, 2, 4), (256, 512)):
+                    if bk > K:
+                        continue
+                    c = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nwarp)
+                    try:
+                        t = graph_time_us(lambda: tk.fused_linear(x, w, config=c, **kw), calls=100)
+                    except Exception as exc:  # noqa: BLE001 - a survey
+                        row.setdefault("errors", []).append(f"{c}: {type(exc).__name__}"[:120])
+                        continue
+                    row[f"bn{bn}_w{nwarp}_k{bk}"] = t
+                    if t < best[0]:
+                        best = (t, c)
+                row["best_us"], row["best"] = best
+                row["floor_us"] = N * K * 2 / 3.0e12 * 1e6
+                print(f"{name} M={m} {lname:8s} N={N:6d} K={K:5d} cublas {row['cublas_us']:7.2f} "
+                      f"default {row['default_us']:7.2f} best {best[0]:7.2f} {best[1]} floor {row['floor_us']:.2f}",
+                      flush=True)
+                res.append(row)
+            # attention
+            H, D = cfg.decoder_heads, cfg.head_dim
+            for kind, T in (("self", 80), ("cross", 128)):
+                q = torch.randn(m, H, D, device=dev, dtype=dt)
+                kc = torch.randn(m, H, T, D, device=dev, dtype=dt)
+                vc = torch.randn(m, H, T, D, device=dev, dtype=dt)
+                pos = torch.full((), 63, dtype=torch.long, device=dev)
+                kn = torch.randn(m, H, D, device=dev, dtype=dt)
+                kb = torch.zeros(m, T, device=dev, dtype=dt)
+                akw = dict(pos=pos, k_new=kn, v_new=kn) if kind == "self" else dict(key_bias=kb)
+                row = {"model": name, "M": m, "layer": f"attn_{kind}", "T": T}
+                row["default_us"] = graph_time_us(lambda: tk.decode_attention(q, kc, vc, 0.125, **akw))
+                best = (row["default_us"], "default")
+                for bt, nwarp in itertools.product((16, 32, 64), (1, 4)):
+                    c = dict(BLOCK_T=bt, num_warps=nwarp)
+                    try:
+                        t = graph_time_us(lambda: tk.decode_attention(q, kc, vc, 0.125, config=c, **akw), calls=100)
+                    except Exception as exc:  # noqa: BLE001
+                        row.setdefault("errors", []).append(f"{c}: {type(exc).__name__}"[:120])
+                        continue
+                    row[f"bt{bt}_w{nwarp}"] = t
+                    if t < best[0]:
+                        best = (t, c)
+                row["best_us"], row["best"] = best
+                print(f"{name} M={m} attn_{kind:5s} T={T} default {row['default_us']:7.2f} best {best[0]:7.2f} {best[1]}",
+                      flush=True)
+                res.append(row)
+        with open(os.path.join(a.out, "tune_triton.json"), "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

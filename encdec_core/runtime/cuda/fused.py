@@ -1,0 +1,122 @@
+"""The decoder step in Triton kernels, for small batches: 8 kernels per layer.
+
+``StaticDecoder.step`` runs the model's own modules (compiled by inductor): ~19 kernels per layer
+at batch 1, each GEMV a cuBLAS launch plus separate norm / residual / activation kernels. This step
+runs the same layer as
+
+    norm + QKV GEMV  ->  self-attention (writes the new K/V row, reads rows 0..pos only)
+    -> out-proj GEMV + residual  ->  norm + Q GEMV  ->  cross-attention  ->  out-proj + residual
+    -> norm + FFN-in GEMV + activation (gated or not)  ->  FFN-out GEMV + residual
+
+(``triton_kernels.fused_linear`` / ``decode_attention``). Pre-norm layers (T5, mBART) pass the norm
+as the GEMV's prologue. Post-norm layers (BART) keep the residual stream *un-normalised*,
+``h = norm_prev(h_prev) + f(...)``, and every consumer applies the pending norm itself: the next
+GEMV in its prologue, the next residual add on its residual input. No kernel only normalises.
+
+Numerics: every kernel accumulates in fp32 and rounds once, at its output; the eager path rounds
+after each op (GEMV output, bias, activation, residual add). Results therefore agree with the
+eager step to bf16/fp16 rounding, not bit for bit (fp32: ~1e-5). fp16 safety is kept: a pre-norm
+fp16 residual stays fp32 and the FFN output is added to it in fp32 inside the kernel (it never
+exists in fp16). The lm_head reads the final norm (T5's tied-embedding output scale folded into
+its weight) in its prologue.
+"""
+from __future__ import annotations
+
+import torch
+
+from .triton_kernels import HAVE_TRITON, decode_attention, fused_linear
+
+# activations fused_linear implements (the FFN's ACT names)
+_ACTS = {"relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "silu", "swish", "tanh"}
+
+
+def _spec(norm):
+    return None if norm is None else (norm.kind, norm.weight, norm.bias, norm.eps)
+
+
+def unsupported_reason(model) -> str | None:
+    """Why ``FusedStep`` cannot run this model (None when it can)."""
+    if not HAVE_TRITON:
+        return "triton is not installed"
+    cfg, ctx = model.cfg, model.ctx
+    if ctx.tp_size != 1 or ctx.pp_size != 1:
+        return "tensor / pipeline parallelism"
+    if cfg.activation not in _ACTS:
+        return f"activation {cfg.activation!r}"
+    if not cfg.pre_norm("decoder") and cfg.final_norm("decoder"):
+        return "a post-norm decoder with a final norm"
+    if not cfg.pre_norm("decoder") and cfg.output_scale != 1.0:
+        return "a post-norm decoder with an output scale"
+    return None
+
+
+class FusedStep:
+    """Callable with ``StaticDecoder.step``'s signature and result (fp32 logits [B, V])."""
+
+    def __init__(self, static_decoder):
+        model = static_decoder.model
+        why = unsupported_reason(model)
+        if why is not None:
+            raise NotImplementedError(f"the Triton decoder step does not support {why}")
+        self.sd = static_decoder
+        self.model = model
+        cfg = model.cfg
+        dec = model.decoder
+        self.pre = cfg.pre_norm("decoder")
+        self.res_dtype = dec.residual_dtype
+        self.dtype = model.dtype
+        self.act = cfg.activation
+        self.vocab = cfg.vocab_size
+        # decoder self-attention bias rows: only relative position bias needs them (the kernel reads
+        # keys 0..pos, so a causal mask alone is redundant)
+        self.bias = static_decoder.bias if cfg.position_type == "relative" else [None] * static_decoder.L
+        final = dec.final_norm if cfg.final_norm("decoder") else None
+        self.out_scale = cfg.output_scale
+        self.final = None
+        if final is not None:
+            w = final.weight
+            if self.out_scale != 1.0:  # fold the output scale into the final norm's weight
+                w = (final.weight.float() * self.out_scale).to(final.weight.dtype)
+            self.final = (final.kind, w, final.bias, final.eps)
+        self.lm_bias = model.final_logits_bias if cfg.final_logits_bias else None
+        self.layers = [dec.layers[str(i)] for i in static_decoder.layer_ids]
+
+    def __call__(self, tokens, pos, k, v, ck, cv, cross_bias):
+        model, dec = self.model, self.model.decoder
+        b = tokens.shape[0]
+        ids = tokens.unsqueeze(1)
+        x = dec.embed(ids, torch.ones_like(ids), pos)[:, 0].to(self.res_dtype)
+        dt, rdt, pre = self.dtype, self.res_dtype, self.pre
+        pending = None  # post-norm: the norm the stored residual still needs
+        for li, layer in enumerate(self.layers):
+            sa, ca, ffn = layer.self_attn, layer.cross_attn, layer.ffn
+            hd = sa.h * sa.dh
+            # self-attention
+            qkv = fused_linear(x, sa.qkv.weight, sa.qkv.bias, norm=_spec(layer.self_attn_norm) if pre else pending,
+                               out_dtype=dt)
+            q = qkv[:, :hd].view(b, sa.h, sa.dh)
+            kn = qkv[:, hd:2 * hd].view(b, sa.h, sa.dh)
+            vn = qkv[:, 2 * hd:].view(b, sa.h, sa.dh)
+            o = decode_attention(q, k[li], v[li], sa.scale, pos=pos, k_new=kn, v_new=vn, bias_table=self.bias[li])
+            x = fused_linear(o.reshape(b, hd), sa.out.weight, sa.out.bias, residual=x,
+                             residual_norm=None if pre else pending, out_dtype=rdt)
+            pending = None if pre else _spec(layer.self_attn_norm)
+            # cross-attention
+            q = fused_linear(x, ca.q.weight, ca.q.bias, norm=_spec(layer.cross_attn_norm) if pre else pending,
+                             out_dtype=dt).view(b, ca.h, ca.dh)
+            o = decode_attention(q, ck[li], cv[li], ca.scale, key_bias=cross_bias)
+            x = fused_linear(o.reshape(b, hd), ca.out.weight, ca.out.bias, residual=x,
+                             residual_norm=None if pre else pending, out_dtype=rdt)
+            pending = None if pre else _spec(layer.cross_attn_norm)
+            # feed-forward
+            h = fused_linear(x, ffn.wi.weight, ffn.wi.bias, norm=_spec(layer.ffn_norm) if pre else pending,
+                             act=self.act, gated=ffn.gated, out_dtype=dt)
+            x = fused_linear(h, ffn.wo.weight, ffn.wo.bias, residual=x, residual_norm=None if pre else pending,
+                             out_dtype=rdt)
+            pending = None if pre else _spec(layer.ffn_norm)
+        final = self.final if pre else pending
+        if final is None and self.out_scale != 1.0:  # pre-norm without a final norm (rare)
+            x = (x.to(dt) * self.out_scale)
+        logits = fused_linear(x, model.output_embedding.weight, self.lm_bias, norm=final, out_dtype=torch.float32)
+        pos.add_(1)
+        return logits[:, : self.vocab]

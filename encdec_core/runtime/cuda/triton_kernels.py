@@ -1,0 +1,677 @@
+"""Triton kernels for the small-batch (M = 1..16) decoder step: fused linear and decode attention.
+
+A decoder layer written with these runs in about 8 kernels instead of about 19: one
+``fused_linear`` per projection (pre-norm, bias, activation, gating and the residual add fused into
+it) and one ``decode_attention`` per attention (cache write, scores, bias, softmax and the weighted
+sum fused).
+
+Numerics
+--------
+- Every kernel computes in fp32: norm statistics, the matmul accumulator, bias, activation, gating,
+  the residual add, attention scores, the softmax and the weighted sum. bf16/fp16/fp32 inputs are
+  up-cast on load.
+- ``fused_linear`` rounds at exactly these points:
+  1. the norm prologue reproduces ``encdec_core.layers.norm.Norm``: RMS: ``y = x*rsqrt(mean(x^2)+eps)``
+     in fp32, rounded to the norm weight's dtype, multiplied by the norm weight and rounded to its
+     dtype again (the eager product is in that dtype); layer: fp32 layer norm, rounded to the norm
+     weight's dtype. A normalised residual (``residual_norm=``) is rounded the same way.
+  2. the matmul input is cast to the weight dtype (as ``F.linear`` needs); products and the
+     accumulation are fp32 (``tl.dot`` with fp32 weights runs with ``input_precision="ieee"``: no TF32).
+  3. one final rounding of ``residual + act(x W^T + b)`` (gated: ``act(g + b0) * (u + b1)``) to the
+     output dtype.
+  The eager model instead rounds after each op (the linear output, the activation, the gate
+  product and the residual sum are each rounded to the model dtype), and the fp16 ``RowLinear``
+  scales its input by 1/256 before the matmul. The fused result is therefore slightly *more*
+  accurate than eager and not bit-identical to it: expect differences of about one unit in the last
+  place of the model dtype. fp32 accumulation also makes the fp16 overflow guard unnecessary here.
+- ``decode_attention``: ``softmax(q.k * scale + bias) @ v`` with an online softmax (running max
+  subtraction) in fp32, output rounded once to q's dtype. Keys whose bias is ``finfo.min`` get zero
+  weight; a row whose keys are all at ``finfo.min`` gets uniform weights like ``torch.softmax``;
+  a row with no finite score at all (e.g. every bias ``-inf``) returns zeros rather than NaN.
+- Results are deterministic: no atomics, fixed reduction orders.
+
+Performance design (H100, M = 1..16)
+------------------------------------
+- ``fused_linear`` is a GEMV-shaped GEMM and is bound by reading the weight once. Each program owns a
+  ``BLOCK_N`` slice of output columns for a ``BLOCK_M`` tile of rows (all rows when M <= 16) and
+  walks K in ``BLOCK_K`` chunks, so every weight byte is read exactly once (M > 16 re-reads the
+  weight once per 16-row tile, from L2). K and N are compile-time constants (model dimensions), so
+  small K loops are fully unrolled (``UNROLL``): the weight loads of a program are independent and
+  issued up front (memory-level parallelism without relying on the software pipeliner).
+- M <= 8 (``BLOCK_M`` 1, 2, 4, 8) uses CUDA-core FMAs with one warp per program and
+  ``BLOCK_N = 4`` (N = 1024 -> 256 programs): the [BLOCK_N, BLOCK_K] weight tile is loaded once in
+  its natural 16-byte-vector layout and reused for each of the BLOCK_M rows (``tl.static_range``);
+  for M = 1 the products are accumulated elementwise and reduced over K once at the end, for M > 1
+  each row's partial dot products are reduced per chunk (intra-warp shuffles). With one warp the
+  x chunk is loaded directly in the weight tile's column-slice layout, so the K loop has no
+  shared-memory layout conversion and no ``bar.sync`` (verified on the sm_90 build). ``tl.dot``
+  would pad M to 16 and need ``BLOCK_N >= 16`` (4x fewer programs) for no gain at M <= 8, where the
+  FMA work is far below the memory time.
+  M > 8 (``BLOCK_M = 16``) switches to ``tl.dot`` on [BLOCK_N=16, BLOCK_K] x [BLOCK_K, 16] tiles
+  (4 warps): there the FMA work grows with M while the tensor cores would be idle.
+- The norm prologue recomputes the row statistics in every program (x rows are <= 4096 elements and
+  L2-resident), so no separate norm kernel and no stats buffer are needed. The same for the
+  residual-norm epilogue ("post-LN done lazily": ``h = x + f(x)`` is stored un-normalised and each
+  consumer normalises it on the fly).
+- ``decode_attention`` runs one program per (batch, head) with an online softmax over key blocks of
+  ``BLOCK_T``; in self-attention mode the loop bound ``pos + 1`` is read from a device tensor, so only
+  the filled cache rows are read (no host sync, CUDA-graph friendly), and the new key/value row is
+  written into the cache by the same kernel.
+- No host synchronisation, no ``.item()``, no allocation except the output: everything is CUDA-graph
+  capturable. Block sizes are picked by a small heuristic and can be overridden with ``config=``
+  for tuning.
+
+Triton interpreter note: under ``TRITON_INTERPRET=1`` (CPU tests) with NumPy 2.x, ``range()`` over a
+runtime scalar fails, so the attention kernel then loops to the constexpr capacity (``LOOP_CAP``)
+with the same masks; compiled on the GPU it loops to ``pos + 1`` (or T). The linear kernel has
+compile-time loop bounds only.
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # pragma: no cover - depends on the environment
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except Exception:  # ImportError, or a broken install
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+__all__ = ["HAVE_TRITON", "fused_linear", "decode_attention", "linear_config", "attention_config",
+           "ACTIVATIONS"]
+
+# activation name -> constexpr code used by the kernels
+ACTIVATIONS = {
+    None: 0,
+    "relu": 1,
+    "gelu": 2,
+    "gelu_new": 3,
+    "gelu_pytorch_tanh": 3,
+    "gelu_fast": 4,
+    "silu": 5,
+    "swish": 5,
+    "tanh": 6,
+}
+_NORM_KINDS = {None: 0, "rms": 1, "layer": 2}
+
+
+def _interpreted(kernel) -> bool:
+    """True when ``kernel`` was decorated under TRITON_INTERPRET=1 (the choice is made at import)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+if HAVE_TRITON:
+
+    # ------------------------------------------------------------------------------------------
+    # helpers
+    # ------------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _tanh(y):
+        # 2*sigmoid(2y) - 1: exact limits at +-inf, absolute error ~1e-7 near 0
+        return 2.0 / (1.0 + tl.exp(-2.0 * y)) - 1.0
+
+    @triton.jit
+    def _apply_act(y, ACT: tl.constexpr):
+        if ACT == 1:  # relu
+            y = tl.maximum(y, 0.0)
+        elif ACT == 2:  # gelu (erf)
+            y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        elif ACT == 3:  # gelu, tanh approximation: 0.5*y*(1+tanh(u)) == y*sigmoid(2u)
+            u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+            y = y / (1.0 + tl.exp(-2.0 * u))
+        elif ACT == 4:  # gelu_fast: same with the model's constants
+            u = y * 0.7978845608 * (1.0 + 0.044715 * y * y)
+            y = y / (1.0 + tl.exp(-2.0 * u))
+        elif ACT == 5:  # silu
+            y = y / (1.0 + tl.exp(-y))
+        elif ACT == 6:  # tanh
+            y = _tanh(y)
+        return y
+
+    @triton.jit
+    def _row_stats(ptr, rows, row_mask, stride_row, eps,
+                   L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+                   KIND: tl.constexpr):
+        """Mean and 1/std (fp32, [BLOCK_M]) of rows of length L. KIND 1: RMS (mean = 0), 2: layer."""
+        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if KIND == 2:
+            acc = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
+            for s0 in tl.static_range(0, L, BLOCK_S):
+                cols = s0 + tl.arange(0, BLOCK_S)
+                m = row_mask[:, None] & (cols < L)[None, :]
+                v = tl.load(ptr + rows[:, None] * stride_row + cols[None, :], mask=m, other=0.0)
+                acc += v.to(tl.float32)
+            mean = tl.sum(acc, axis=1) / L
+        acc2 = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
+        for s0 in tl.static_range(0, L, BLOCK_S):
+            cols = s0 + tl.arange(0, BLOCK_S)
+            m = row_mask[:, None] & (cols < L)[None, :]
+            v = tl.load(ptr + rows[:, None] * stride_row + cols[None, :], mask=m, other=0.0)
+            v = v.to(tl.float32)
+            if KIND == 2:
+                v = tl.where(m, v - mean[:, None], 0.0)
+            acc2 += v * v
+        var = tl.sum(acc2, axis=1) / L
+        rstd = 1.0 / tl.sqrt(var + eps)
+        return mean, rstd
+
+    @triton.jit
+    def _normalize(v, mean, rstd, nw, nb, nd, KIND: tl.constexpr, HAS_NB: tl.constexpr):
+        """Apply the norm to a tile ``v`` (mean / rstd / nw / nb already broadcastable to it).
+
+        Returns the tile in the norm weight's dtype ``nd``, rounded like ``Norm.forward``."""
+        vf = v.to(tl.float32)
+        if KIND == 1:
+            y = (vf * rstd).to(nd)
+            h = (nw.to(tl.float32) * y.to(tl.float32)).to(nd)
+        else:
+            y = (vf - mean) * rstd * nw.to(tl.float32)
+            if HAS_NB:
+                y = y + nb.to(tl.float32)
+            h = y.to(nd)
+        return h
+
+    @triton.jit
+    def _pick(v, i, BLOCK_M: tl.constexpr):
+        """Element i (constexpr) of the [BLOCK_M] vector v, as a scalar."""
+        return tl.sum(tl.where(tl.arange(0, BLOCK_M) == i, v, 0.0), axis=0)
+
+    @triton.jit
+    def _linear_chunk(k0, acc, acc_u, acc3, acc3_u, x_ptr, w_ptr, nw_ptr, nb_ptr, mean, rstd,
+                      row0, M, cols, col_mask, stride_xm,
+                      N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                      NORM: tl.constexpr, HAS_NB: tl.constexpr, GATED: tl.constexpr,
+                      USE_DOT: tl.constexpr, W_FP32: tl.constexpr):
+        """One BLOCK_K chunk. Accumulators are [BLOCK_N, BLOCK_M] (column-major tile of the output);
+        with BLOCK_M == 1 on the FMA path, the products are summed elementwise in acc3 [BLOCK_N,
+        BLOCK_K] instead and reduced over K once after the loop."""
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        wdt = w_ptr.dtype.element_ty
+        wm = col_mask[:, None] & kmask[None, :]
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=wm, other=0.0)  # [BN, BK]
+        if GATED:
+            wu = tl.load(w_ptr + (cols + N)[:, None] * K + ks[None, :], mask=wm, other=0.0)
+        if NORM != 0:
+            nw = tl.load(nw_ptr + ks, mask=kmask, other=0.0)
+            if HAS_NB:
+                nb = tl.load(nb_ptr + ks, mask=kmask, other=0.0)
+            else:
+                nb = nw
+        if USE_DOT:
+            rows = row0 + tl.arange(0, BLOCK_M)
+            xm = (rows < M)[:, None] & kmask[None, :]
+            xv = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=xm, other=0.0)
+            if NORM != 0:
+                xv = _normalize(xv, mean[:, None], rstd[:, None], nw[None, :], nb[None, :],
+                                nw_ptr.dtype.element_ty, NORM, HAS_NB)
+            a_t = tl.trans(xv.to(wdt))  # [BK, BM], the matmul input in the weight dtype
+            if W_FP32:
+                acc += tl.dot(w, a_t, input_precision="ieee")
+                if GATED:
+                    acc_u += tl.dot(wu, a_t, input_precision="ieee")
+            else:
+                acc += tl.dot(w, a_t)
+                if GATED:
+                    acc_u += tl.dot(wu, a_t)
+        else:
+            wf = w.to(tl.float32)
+            if GATED:
+                wuf = wu.to(tl.float32)
+            for mi in tl.static_range(BLOCK_M):
+                row = row0 + mi
+                xv = tl.load(x_ptr + row * stride_xm + ks, mask=kmask & (row < M), other=0.0)
+                if NORM != 0:
+                    xv = _normalize(xv, _pick(mean, mi, BLOCK_M), _pick(rstd, mi, BLOCK_M), nw, nb,
+                                    nw_ptr.dtype.element_ty, NORM, HAS_NB)
+                a = xv.to(wdt).to(tl.float32)[None, :]  # the matmul input in the weight dtype
+                if BLOCK_M == 1:
+                    acc3 += wf * a
+                    if GATED:
+                        acc3_u += wuf * a
+                else:
+                    sel = (tl.arange(0, BLOCK_M) == mi)[None, :]
+                    acc = tl.where(sel, acc + tl.sum(wf * a, axis=1)[:, None], acc)
+                    if GATED:
+                        acc_u = tl.where(sel, acc_u + tl.sum(wuf * a, axis=1)[:, None], acc_u)
+        return acc, acc_u, acc3, acc3_u
+
+    # ------------------------------------------------------------------------------------------
+    # kernel 1: fused linear
+    # ------------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _fused_linear_kernel(
+        x_ptr, w_ptr, b_ptr, nw_ptr, nb_ptr, res_ptr, rw_ptr, rb_ptr, out_ptr,
+        M, stride_xm, stride_rm, stride_om, eps, res_eps,
+        N: tl.constexpr, K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_SK: tl.constexpr, BLOCK_SN: tl.constexpr,
+        NORM: tl.constexpr, HAS_NB: tl.constexpr, HAS_BIAS: tl.constexpr,
+        ACT: tl.constexpr, GATED: tl.constexpr,
+        HAS_RES: tl.constexpr, RES_NORM: tl.constexpr, HAS_RB: tl.constexpr,
+        USE_DOT: tl.constexpr, W_FP32: tl.constexpr, UNROLL: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        row0 = pid_m * BLOCK_M
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+
+        # prologue: per-row norm statistics of x (each program recomputes them; rows are tiny)
+        if NORM != 0:
+            mean, rstd = _row_stats(x_ptr, rows, row_mask, stride_xm, eps, K, BLOCK_M, BLOCK_SK, NORM)
+        else:
+            mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+            rstd = mean
+
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        E3: tl.constexpr = BLOCK_K if (BLOCK_M == 1 and not USE_DOT) else 1
+        acc3 = tl.zeros([BLOCK_N, E3], dtype=tl.float32)
+        acc3_u = tl.zeros([BLOCK_N, E3], dtype=tl.float32)
+        if UNROLL:
+            for k0 in tl.static_range(0, K, BLOCK_K):
+                acc, acc_u, acc3, acc3_u = _linear_chunk(
+                    k0, acc, acc_u, acc3, acc3_u, x_ptr, w_ptr, nw_ptr, nb_ptr, mean, rstd,
+                    row0, M, cols, col_mask, stride_xm,
+                    N, K, BLOCK_M, BLOCK_K, NORM, HAS_NB, GATED, USE_DOT, W_FP32)
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                acc, acc_u, acc3, acc3_u = _linear_chunk(
+                    k0, acc, acc_u, acc3, acc3_u, x_ptr, w_ptr, nw_ptr, nb_ptr, mean, rstd,
+                    row0, M, cols, col_mask, stride_xm,
+                    N, K, BLOCK_M, BLOCK_K, NORM, HAS_NB, GATED, USE_DOT, W_FP32)
+        if E3 > 1:
+            acc += tl.sum(acc3, axis=1)[:, None]
+            if GATED:
+                acc_u += tl.sum(acc3_u, axis=1)[:, None]
+
+        # epilogue, all fp32, on the [BLOCK_N, BLOCK_M] tile
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
+            if GATED:
+                acc_u += tl.load(b_ptr + N + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
+        y = _apply_act(acc, ACT)
+        if GATED:
+            y = y * acc_u
+        om = col_mask[:, None] & row_mask[None, :]
+        if HAS_RES:
+            r = tl.load(res_ptr + rows[None, :] * stride_rm + cols[:, None], mask=om, other=0.0)
+            if RES_NORM != 0:
+                r_mean, r_rstd = _row_stats(res_ptr, rows, row_mask, stride_rm, res_eps, N, BLOCK_M,
+                                            BLOCK_SN, RES_NORM)
+                rw = tl.load(rw_ptr + cols, mask=col_mask, other=0.0)
+                if HAS_RB:
+                    rb = tl.load(rb_ptr + cols, mask=col_mask, other=0.0)
+                else:
+                    rb = rw
+                r = _normalize(r, r_mean[None, :], r_rstd[None, :], rw[:, None], rb[:, None],
+                               rw_ptr.dtype.element_ty, RES_NORM, HAS_RB)
+            y = r.to(tl.float32) + y
+        tl.store(out_ptr + rows[None, :] * stride_om + cols[:, None],
+                 y.to(out_ptr.dtype.element_ty), mask=om)
+
+    # ------------------------------------------------------------------------------------------
+    # kernel 2: decode attention (one query per (batch, head))
+    # ------------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _decode_attention_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, kn_ptr, vn_ptr, bt_ptr, kb_ptr,
+        scale, H, T,
+        s_qb, s_qh, s_qd,
+        s_kb, s_kh, s_kt, s_kd,
+        s_vb, s_vh, s_vt, s_vd,
+        s_ob, s_oh, s_od,
+        s_knb, s_knh, s_knd,
+        s_vnb, s_vnh, s_vnd,
+        s_bth, s_btq, s_btt,
+        s_kbb, s_kbt,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+        SELF: tl.constexpr, HAS_BT: tl.constexpr, HAS_KB: tl.constexpr, LOOP_CAP: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        b = pid // H
+        h = pid % H
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        q = tl.load(q_ptr + b * s_qb + h * s_qh + d * s_qd, mask=dmask, other=0.0).to(tl.float32)
+        k_base = k_ptr + b * s_kb + h * s_kh
+        v_base = v_ptr + b * s_vb + h * s_vh
+
+        if SELF:
+            pos = tl.load(pos_ptr)
+            kn = tl.load(kn_ptr + b * s_knb + h * s_knh + d * s_knd, mask=dmask, other=0.0)
+            vn = tl.load(vn_ptr + b * s_vnb + h * s_vnh + d * s_vnd, mask=dmask, other=0.0)
+            kn = kn.to(k_ptr.dtype.element_ty)
+            vn = vn.to(v_ptr.dtype.element_ty)
+            tl.store(k_base + pos * s_kt + d * s_kd, kn, mask=dmask)
+            tl.store(v_base + pos * s_vt + d * s_vd, vn, mask=dmask)
+            # row `pos` is taken from registers below, so the kernel never reads its own write
+            knf = kn.to(tl.float32)
+            vnf = vn.to(tl.float32)
+            n = pos + 1
+        else:
+            pos = T
+            n = T
+
+        m_i = -float("inf")
+        l_i = 0.0
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        # GPU (LOOP_CAP == 0): loop to n = pos + 1 (or T), i.e. only the filled rows. Interpreter:
+        # to the constexpr capacity with the same masks (range() over a runtime scalar fails there;
+        # the bound is written inline because the interpreter turns every assignment into a tensor).
+        for t0 in range(0, LOOP_CAP if LOOP_CAP > 0 else n, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            tmask = t < n
+            if SELF:
+                ldmask = t < pos
+            else:
+                ldmask = tmask
+            m2 = ldmask[:, None] & dmask[None, :]
+            kt = tl.load(k_base + t[:, None] * s_kt + d[None, :] * s_kd, mask=m2, other=0.0)
+            kt = kt.to(tl.float32)
+            if SELF:
+                kt = tl.where((t == pos)[:, None], knf[None, :], kt)
+            s = tl.sum(kt * q[None, :], axis=1) * scale
+            if HAS_BT:
+                bt = tl.load(bt_ptr + h * s_bth + pos * s_btq + t * s_btt, mask=tmask, other=0.0)
+                s += bt.to(tl.float32)
+            if HAS_KB:
+                kb = tl.load(kb_ptr + b * s_kbb + t * s_kbt, mask=tmask, other=0.0)
+                s += kb.to(tl.float32)
+            s = tl.where(tmask, s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            vt = tl.load(v_base + t[:, None] * s_vt + d[None, :] * s_vd, mask=m2, other=0.0)
+            vt = vt.to(tl.float32)
+            if SELF:
+                vt = tl.where((t == pos)[:, None], vnf[None, :], vt)
+            acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
+            m_i = m_new
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        o = acc / l_safe
+        tl.store(o_ptr + b * s_ob + h * s_oh + d * s_od, o.to(o_ptr.dtype.element_ty), mask=dmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Python wrappers
+# ----------------------------------------------------------------------------------------------
+
+
+# decided once at import (a plain bool: torch.compile can trace the wrappers, it cannot ask type())
+_ATTN_INTERPRETED = HAVE_TRITON and _interpreted(_decode_attention_kernel)
+_LINEAR_INTERPRETED = HAVE_TRITON and _interpreted(_fused_linear_kernel)
+
+
+def _require_triton():
+    if not HAVE_TRITON:
+        raise RuntimeError("triton is not installed: the fused Triton kernels are unavailable")
+
+
+def linear_config(M: int, N: int, K: int, gated: bool = False, weight_bytes: int = 2) -> dict:
+    """Default block sizes for ``fused_linear`` (N: output columns per half when gated;
+    weight_bytes: bytes per weight element).
+
+    - BLOCK_M: next power of two of M, at most 16; M > 16 is tiled over a second grid axis.
+    - USE_DOT: only for BLOCK_M == 16 (M > 8), with BLOCK_N = 16 (tl.dot needs >= 16 per dim)
+      and BLOCK_K = 128.
+    - FMA path (M <= 8): one warp per program (num_warps 1), BLOCK_N = 4 (N=1024 -> 256 programs,
+      N=4096 -> 1024), BLOCK_K = one warp's worth of 16-byte vector loads (256 half / 128 fp32
+      elements). With a single warp the x chunk's layout is the weight tile's column slice with no
+      replication across warps, so it is loaded in place: no shared-memory layout conversion and no
+      bar.sync inside the K loop, and (checked on the sm_90 SASS of the M=1 case) the weight loads
+      of the unrolled K loop are issued up front; the K reduction is intra-warp shuffles only.
+      Dot path: num_warps 4.
+      At M <= 2 with half weights, measured on an H100 (benchmarks/tune_triton.py): BLOCK_K 512, and
+      num_warps 4 for N <= 1024 (K <= 1024) and the lm_head, 1 for N in [2048, 8192] or K > 1024
+      (2.2-3.6 us per GEMV of bart-large / flan-t5-large vs cuBLAS 3.6-6.3 us).
+    - UNROLL: K loop unrolled (all weight loads of a program independent) when it has at most 8
+      chunks (M <= 2) or 4 chunks (M = 4..16); otherwise a rolled loop (software-pipelined with
+      num_stages on the dot path).
+    - BLOCK_SK / BLOCK_SN: chunk of the norm-statistics loops over K / N, sized so the
+      [BLOCK_M, BLOCK_S] tile is about 32 registers per thread (BLOCK_M*BLOCK_S <= 1024*num_warps).
+    """
+    block_m = min(_next_pow2(M), 16)
+    use_dot = block_m >= 16
+    if use_dot:
+        block_n, block_k, num_warps = 16, 128, 4
+    else:
+        block_n, num_warps = 4, 1
+        block_k = 32 * max(1, 16 // weight_bytes)
+        if block_m <= 2 and weight_bytes == 2:
+            # measured on an H100 (benchmarks/tune_triton.py, bf16, M=1, graph-replayed): 512-wide K
+            # chunks win everywhere; 4 warps win for N <= 1024 at K <= 1024 and for the vocabulary-wide
+            # lm_head, 1 warp for the mid-sized QKV / FFN matrices and for K > 1024
+            block_k = 512
+            num_warps = 1 if (K > 1024 or 2048 <= N <= 8192) else 4
+    block_k = min(block_k, max(16, _next_pow2(K)))
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
+               UNROLL=_cdiv(K, block_k) <= _max_unroll(block_m), num_warps=num_warps)
+    _stats_blocks(cfg, N, K)
+    return cfg
+
+
+def _max_unroll(block_m: int) -> int:
+    # more unrolled chunks hoist more weight loads into registers: 8 chunks at M <= 2 (K = 2048
+    # half), 4 at M = 4..8 (keeps the sm_90 build of the M=8 gated FFN under 255 registers)
+    return 8 if block_m <= 2 else 4
+
+
+def _stats_blocks(cfg: dict, N: int, K: int) -> None:
+    budget = max(16, 1024 * cfg["num_warps"] // cfg["BLOCK_M"])
+    cfg["BLOCK_SK"] = min(_next_pow2(K), budget)
+    cfg["BLOCK_SN"] = min(_next_pow2(N), budget)
+
+
+def _parse_norm(norm, length: int, what: str):
+    if norm is None:
+        return 0, None, None, 0.0
+    kind, w, b, eps = norm
+    if kind not in ("rms", "layer"):
+        raise ValueError(f"{what}: norm kind must be 'rms' or 'layer', got {kind!r}")
+    if w.shape != (length,) or not w.is_contiguous():
+        raise ValueError(f"{what}: norm weight must be contiguous [{length}], got {tuple(w.shape)}")
+    if kind == "rms":
+        b = None
+    if b is not None and (b.shape != (length,) or not b.is_contiguous()):
+        raise ValueError(f"{what}: norm bias must be contiguous [{length}], got {tuple(b.shape)}")
+    return _NORM_KINDS[kind], w, b, float(eps)
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 norm=None, act: str | None = None, gated: bool = False,
+                 residual: torch.Tensor | None = None, residual_norm=None,
+                 out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+                 config: dict | None = None) -> torch.Tensor:
+    """``out = [norm_r(residual) +] act(norm(x) @ W^T + b)`` (gated: ``act(g) * u``), one kernel.
+
+    x: [M, K], last-dim stride 1 (row stride free: may be a column slice of a wider buffer).
+    weight: [N_total, K] contiguous (torch Linear layout); gated: rows [W0; W1], N = N_total // 2.
+    bias: [N_total] contiguous or None. norm / residual_norm: None or (kind, weight, bias|None, eps)
+    with kind "rms" or "layer" (norm over K for x, over N for the residual). residual: [M, N] with
+    last-dim stride 1 or None. Output [M, N] in out_dtype (default x.dtype), or written into ``out``
+    ([M, N], last-dim stride 1). ``out`` must not overlap x; it may alias ``residual`` only when
+    ``residual_norm`` is None (each program then reads and writes only its own elements).
+    config: optional overrides of ``linear_config`` (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_SK, BLOCK_SN,
+    USE_DOT, UNROLL, num_warps, num_stages). No host sync; CUDA-graph capturable.
+    """
+    _require_triton()
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError("fused_linear: x must be [M, K] with last-dim stride 1")
+    M, K = x.shape
+    if weight.dim() != 2 or weight.shape[1] != K or not weight.is_contiguous():
+        raise ValueError(f"fused_linear: weight must be contiguous [N, {K}], got {tuple(weight.shape)}")
+    n_total = weight.shape[0]
+    if gated and n_total % 2:
+        raise ValueError("fused_linear: gated weight needs an even number of rows")
+    N = n_total // 2 if gated else n_total
+    if bias is not None and (bias.shape != (n_total,) or not bias.is_contiguous()):
+        raise ValueError(f"fused_linear: bias must be contiguous [{n_total}]")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"fused_linear: unknown activation {act!r}")
+    norm_kind, nw, nb, eps = _parse_norm(norm, K, "norm")
+    res_kind, rw, rb, res_eps = _parse_norm(residual_norm, N, "residual_norm")
+    if residual is not None:
+        if residual.shape != (M, N) or residual.stride(1) != 1:
+            raise ValueError(f"fused_linear: residual must be [{M}, {N}] with last-dim stride 1")
+    elif residual_norm is not None:
+        raise ValueError("fused_linear: residual_norm needs residual")
+    if out is None:
+        out = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    elif out.shape != (M, N) or out.stride(1) != 1:
+        raise ValueError(f"fused_linear: out must be [{M}, {N}] with last-dim stride 1")
+    if M == 0:
+        return out
+
+    cfg = linear_config(M, N, K, gated, weight.element_size())
+    if _LINEAR_INTERPRETED and not config:
+        # the interpreter's cost is per program: wide tiles (same code path, fewer programs)
+        cfg.update(BLOCK_N=min(64, _next_pow2(N)), BLOCK_K=min(512, max(16, _next_pow2(K))), UNROLL=False)
+        _stats_blocks(cfg, N, K)
+    if config:
+        unknown = set(config) - set(cfg) - {"num_stages"}
+        if unknown:
+            raise ValueError(f"fused_linear: unknown config keys {sorted(unknown)}")
+        cfg.update(config)
+        if "BLOCK_M" in config and "USE_DOT" not in config:
+            cfg["USE_DOT"] = cfg["BLOCK_M"] >= 16 and cfg["BLOCK_N"] >= 16 and cfg["BLOCK_K"] >= 16
+        if "BLOCK_K" in config and "UNROLL" not in config:
+            cfg["UNROLL"] = _cdiv(K, cfg["BLOCK_K"]) <= _max_unroll(cfg["BLOCK_M"])
+        if "BLOCK_SK" not in config or "BLOCK_SN" not in config:
+            stats = dict(cfg)
+            _stats_blocks(stats, N, K)
+            cfg["BLOCK_SK"] = config.get("BLOCK_SK", stats["BLOCK_SK"])
+            cfg["BLOCK_SN"] = config.get("BLOCK_SN", stats["BLOCK_SN"])
+    if cfg["USE_DOT"] and min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) < 16:
+        raise ValueError("fused_linear: USE_DOT needs BLOCK_M, BLOCK_N and BLOCK_K >= 16")
+    launch = {"num_warps": cfg["num_warps"]}
+    if "num_stages" in cfg:
+        launch["num_stages"] = cfg["num_stages"]
+
+    dummy = x
+    grid = (_cdiv(N, cfg["BLOCK_N"]), _cdiv(M, cfg["BLOCK_M"]))
+    _fused_linear_kernel[grid](
+        x, weight, bias if bias is not None else dummy,
+        nw if nw is not None else dummy, nb if nb is not None else dummy,
+        residual if residual is not None else dummy,
+        rw if rw is not None else dummy, rb if rb is not None else dummy, out,
+        M, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+        eps, res_eps,
+        N=N, K=K,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_SK=cfg["BLOCK_SK"], BLOCK_SN=cfg["BLOCK_SN"],
+        NORM=norm_kind, HAS_NB=nb is not None, HAS_BIAS=bias is not None,
+        ACT=ACTIVATIONS[act], GATED=bool(gated),
+        HAS_RES=residual is not None, RES_NORM=res_kind, HAS_RB=rb is not None,
+        USE_DOT=bool(cfg["USE_DOT"]), W_FP32=weight.dtype == torch.float32,
+        UNROLL=bool(cfg["UNROLL"]),
+        **launch,
+    )
+    return out
+
+
+def attention_config(D: int) -> dict:
+    """Default block sizes for ``decode_attention``: BLOCK_T*BLOCK_D <= 4096 (32 fp32 registers per
+    thread for a key tile at 4 warps), BLOCK_T in [16, 64]; num_warps 4."""
+    block_d = _next_pow2(D)
+    return dict(BLOCK_T=max(16, min(64, 4096 // block_d)), num_warps=4)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, *,
+                     pos: torch.Tensor | None = None, k_new: torch.Tensor | None = None,
+                     v_new: torch.Tensor | None = None, bias_table: torch.Tensor | None = None,
+                     key_bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                     config: dict | None = None) -> torch.Tensor:
+    """One-query attention per (batch, head): ``softmax(q.k * scale + bias) @ v`` in fp32.
+
+    q: [B, H, D] (any strides). k_cache / v_cache: [B, H, T, D] (any strides; T = capacity or
+    source length). Self-attention mode (``pos`` a 0-dim / 1-element int tensor on the device,
+    never read on the host): k_new / v_new [B, H, D] are written into row ``pos`` of the caches,
+    then keys 0..pos are attended; bias_table: None or [Hb, T, T] (Hb 1 or H), row ``pos`` is added.
+    Cross-attention mode (pos None): all T keys; key_bias: None or [B, T] additive.
+    Output: [B, H, D] in q's dtype, or written into ``out`` ([B, H, D], any strides).
+    config: optional overrides (BLOCK_T, num_warps). No host sync; CUDA-graph capturable.
+    """
+    _require_triton()
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError("decode_attention: q [B, H, D], k_cache / v_cache [B, H, T, D]")
+    B, H, D = q.shape
+    T = k_cache.shape[2]
+    if k_cache.shape[0] != B or k_cache.shape[1] != H or k_cache.shape[3] != D:
+        raise ValueError(f"decode_attention: cache shape {tuple(k_cache.shape)} does not match q {tuple(q.shape)}")
+    self_mode = pos is not None
+    if self_mode:
+        if k_new is None or v_new is None:
+            raise ValueError("decode_attention: self-attention mode needs k_new and v_new")
+        if k_new.shape != (B, H, D) or v_new.shape != (B, H, D):
+            raise ValueError("decode_attention: k_new / v_new must be [B, H, D]")
+        if pos.numel() != 1:
+            raise ValueError("decode_attention: pos must hold one position")
+        if key_bias is not None:
+            raise ValueError("decode_attention: key_bias is for cross-attention (pos None)")
+    else:
+        if k_new is not None or v_new is not None or bias_table is not None:
+            raise ValueError("decode_attention: k_new / v_new / bias_table need pos (self-attention)")
+    if bias_table is not None:
+        if bias_table.dim() != 3 or bias_table.shape[0] not in (1, H) or bias_table.shape[1] < T \
+                or bias_table.shape[2] < T:
+            raise ValueError(f"decode_attention: bias_table must be [1|{H}, {T}, {T}]")
+    if key_bias is not None and (key_bias.dim() != 2 or key_bias.shape[0] != B or key_bias.shape[1] < T):
+        raise ValueError(f"decode_attention: key_bias must be [{B}, {T}]")
+    if out is None:
+        out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    elif out.shape != (B, H, D):
+        raise ValueError(f"decode_attention: out must be [{B}, {H}, {D}]")
+    if B * H == 0:
+        return out
+
+    cfg = attention_config(D)
+    if config:
+        unknown = set(config) - set(cfg) - {"num_stages"}
+        if unknown:
+            raise ValueError(f"decode_attention: unknown config keys {sorted(unknown)}")
+        cfg.update(config)
+    launch = {"num_warps": cfg["num_warps"]}
+    if "num_stages" in cfg:
+        launch["num_stages"] = cfg["num_stages"]
+
+    kn = k_new if self_mode else q
+    vn = v_new if self_mode else q
+    bt = bias_table if bias_table is not None else q
+    kb = key_bias if key_bias is not None else q
+    if bias_table is not None:
+        bt_strides = (bias_table.stride(0) if bias_table.shape[0] > 1 else 0,
+                      bias_table.stride(1), bias_table.stride(2))
+    else:
+        bt_strides = (0, 0, 0)
+    kb_strides = (key_bias.stride(0), key_bias.stride(1)) if key_bias is not None else (0, 0)
+    _decode_attention_kernel[(B * H,)](
+        q, k_cache, v_cache, out, pos if self_mode else q, kn, vn, bt, kb,
+        float(scale), H, T,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        *kn.stride(), *vn.stride(), *bt_strides, *kb_strides,
+        D=D, BLOCK_D=_next_pow2(D), BLOCK_T=cfg["BLOCK_T"],
+        SELF=self_mode, HAS_BT=bias_table is not None, HAS_KB=key_bias is not None,
+        LOOP_CAP=T if _ATTN_INTERPRETED else 0,
+        **launch,
+    )
+    return out

@@ -1,0 +1,395 @@
+"""Triton decode-step kernels (fused linear, decode attention) against plain PyTorch.
+
+Without CUDA the kernels run in the Triton interpreter on CPU. TRITON_INTERPRET=1 must be set before
+triton is first imported (triton's own library functions are decorated at its import), and a process
+that imported triton that way cannot compile GPU kernels any more; so the variable is set only when
+no GPU is present, and with a GPU the same tests run compiled on CUDA (plus bfloat16, which the
+Triton 3.6 interpreter mishandles: on CPU only float32 and float16 are checked).
+"""
+import os
+import sys
+
+import torch
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
+if DEV == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton / the kernels module is imported
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+_TRITON_PREIMPORTED = "triton" in sys.modules
+triton = pytest.importorskip("triton")
+
+import encdec_core.runtime.cuda.triton_kernels as tk  # noqa: E402
+
+if DEV == "cpu" and not tk._interpreted(tk._fused_linear_kernel):
+    if _TRITON_PREIMPORTED:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: no interpreter",
+                    allow_module_level=True)
+    tk = importlib.reload(tk)  # the kernels module alone was imported earlier
+
+
+def _restore_env():
+    if _OLD_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
+
+
+# Keep the variable out of the rest of the session; set it again only while this module's tests run.
+_restore_env()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret_env():
+    if DEV == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    _restore_env()
+
+
+from encdec_core.layers.ffn import ACT  # noqa: E402
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-3, atol=2e-3),
+       torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
+
+
+def _norm_ref(x, norm):
+    """encdec_core.layers.norm.Norm.forward, written out."""
+    kind, w, b, eps = norm
+    if kind == "rms":
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return w * y.to(w.dtype)
+    return F.layer_norm(x.float(), (x.shape[-1],), w.float(), b.float() if b is not None else None,
+                        eps).to(w.dtype)
+
+
+def _linear_ref(x, weight, bias=None, *, norm=None, act=None, gated=False, residual=None,
+                residual_norm=None, out_dtype=None):
+    h = _norm_ref(x, norm) if norm is not None else x
+    h = h.to(weight.dtype).double()
+    y = h @ weight.double().t()
+    if bias is not None:
+        y = y + bias.double()
+    fn = ACT[act] if act is not None else (lambda t: t)
+    if gated:
+        g, u = y.chunk(2, dim=-1)
+        y = fn(g) * u
+    else:
+        y = fn(y)
+    if residual is not None:
+        r = _norm_ref(residual, residual_norm) if residual_norm is not None else residual
+        y = r.double() + y
+    return y.to(out_dtype or x.dtype)
+
+
+def _check(out, ref, dtype):
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+
+
+def _rand(*shape, dtype=torch.float32, scale=1.0, gen=None):
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEV)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _norm_params(kind, n, dtype, g, bias=True):
+    w = (1.0 + 0.3 * torch.randn(n, generator=g)).to(dtype)
+    b = (0.1 * torch.randn(n, generator=g)).to(dtype) if (kind == "layer" and bias) else None
+    w = w.to(DEV)
+    b = b.to(DEV) if b is not None else None
+    return (kind, w, b, 1e-6 if kind == "rms" else 1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# fused_linear
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_linear_plain_and_bias(dtype, M):
+    g = _gen(M)
+    K, N = 96, 100  # neither a multiple of the block sizes
+    x = _rand(M, K, dtype=dtype, gen=g)
+    w = _rand(N, K, dtype=dtype, scale=K ** -0.5, gen=g)
+    b = _rand(N, dtype=dtype, gen=g)
+    _check(tk.fused_linear(x, w), _linear_ref(x, w), dtype)
+    _check(tk.fused_linear(x, w, b), _linear_ref(x, w, b), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+@pytest.mark.parametrize("M", [1, 3, 8])
+def test_linear_norm_prologue(dtype, kind, M):
+    g = _gen(10 + M)
+    K, N = 128, 64
+    # fp32 residual stream (x) feeding half weights: the model's fp16 setup; x is a column slice
+    big = _rand(M, K + 32, dtype=torch.float32, scale=3.0, gen=g) + 0.5
+    x = big[:, 16:16 + K]
+    assert x.stride(0) != K
+    w = _rand(N, K, dtype=dtype, scale=K ** -0.5, gen=g)
+    b = _rand(N, dtype=dtype, gen=g)
+    norm = _norm_params(kind, K, dtype, g)
+    out = tk.fused_linear(x, w, b, norm=norm, out_dtype=dtype)
+    _check(out, _linear_ref(x, w, b, norm=norm, out_dtype=dtype), dtype)
+
+
+def test_linear_layer_norm_without_bias_and_fp32_norm_weight():
+    g = _gen(3)
+    M, K, N = 3, 64, 48
+    x = _rand(M, K, dtype=torch.float16, gen=g)
+    w = _rand(N, K, dtype=torch.float16, scale=K ** -0.5, gen=g)
+    norm = _norm_params("layer", K, torch.float32, g, bias=False)
+    out = tk.fused_linear(x, w, norm=norm)
+    _check(out, _linear_ref(x, w, norm=norm), torch.float16)
+
+
+@pytest.mark.parametrize("act", sorted(a for a in tk.ACTIVATIONS if a is not None))
+@pytest.mark.parametrize("gated", [False, True])
+def test_linear_activations(act, gated):
+    g = _gen(hash(act) % 1000 + gated)
+    M, K, N = 3, 64, 40
+    x = _rand(M, K, gen=g)
+    w = _rand(2 * N if gated else N, K, scale=2.0 * K ** -0.5, gen=g)
+    b = _rand(2 * N if gated else N, gen=g)
+    out = tk.fused_linear(x, w, b, act=act, gated=gated)
+    assert out.shape == (M, N)
+    _check(out, _linear_ref(x, w, b, act=act, gated=gated), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 8])
+def test_linear_gated_with_norm_fp16(dtype, M):
+    g = _gen(20 + M)
+    K, N = 64, 72
+    x = _rand(M, K, gen=g)
+    w = _rand(2 * N, K, dtype=dtype, scale=K ** -0.5, gen=g)
+    norm = _norm_params("rms", K, dtype, g)
+    out = tk.fused_linear(x, w, norm=norm, act="gelu_new", gated=True, out_dtype=dtype)
+    _check(out, _linear_ref(x, w, norm=norm, act="gelu_new", gated=True, out_dtype=dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("res_kind", [None, "rms", "layer"])
+@pytest.mark.parametrize("M", [1, 3])
+def test_linear_residual(dtype, res_kind, M):
+    g = _gen(30 + M)
+    K, N = 64, 40
+    x = _rand(M, K, dtype=dtype, gen=g)
+    w = _rand(N, K, dtype=dtype, scale=K ** -0.5, gen=g)
+    b = _rand(N, dtype=dtype, gen=g)
+    residual = _rand(M, N, scale=2.0, gen=g) + 0.3  # fp32 residual stream
+    rnorm = _norm_params(res_kind, N, dtype, g) if res_kind else None
+    out = tk.fused_linear(x, w, b, residual=residual, residual_norm=rnorm, out_dtype=torch.float32)
+    ref = _linear_ref(x, w, b, residual=residual, residual_norm=rnorm, out_dtype=torch.float32)
+    _check(out, ref, dtype)
+    # half residual, half output
+    res_h = residual.to(dtype)
+    out = tk.fused_linear(x, w, b, residual=res_h, residual_norm=rnorm)
+    _check(out, _linear_ref(x, w, b, residual=res_h, residual_norm=rnorm), dtype)
+
+
+def test_linear_full_lazy_post_ln_chain_into_strided_out():
+    """Norm prologue + residual-norm epilogue together, written into a column slice of a buffer."""
+    g = _gen(40)
+    M, K = 3, 64
+    dtype = torch.float16
+    h = _rand(M, K, scale=2.0, gen=g)  # un-normalised post-LN stream (fp32)
+    ln = _norm_params("layer", K, dtype, g)
+    w = _rand(K, K, dtype=dtype, scale=K ** -0.5, gen=g)
+    b = _rand(K, dtype=dtype, gen=g)
+    buf = torch.full((M, 3 * K), 7.0, device=DEV)
+    out = buf[:, K:2 * K]
+    ret = tk.fused_linear(h, w, b, norm=ln, residual=h, residual_norm=ln, out=out)
+    assert ret.data_ptr() == out.data_ptr()
+    ref = _linear_ref(h, w, b, norm=ln, residual=h, residual_norm=ln, out_dtype=torch.float32)
+    _check(out, ref, dtype)
+    assert torch.all(buf[:, :K] == 7.0) and torch.all(buf[:, 2 * K:] == 7.0)
+
+
+def test_linear_residual_in_place():
+    g = _gen(41)
+    M, K, N = 2, 32, 48
+    x = _rand(M, K, gen=g)
+    w = _rand(N, K, scale=K ** -0.5, gen=g)
+    res = _rand(M, N, gen=g)
+    ref = _linear_ref(x, w, residual=res)
+    tk.fused_linear(x, w, residual=res, out=res)
+    _check(res, ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_many_rows_dot_path(dtype):
+    """M > 16: tiled over a second grid axis with tl.dot on 16-row tiles."""
+    g = _gen(50)
+    M, K, N = 20, 64, 48
+    x = _rand(M, K, gen=g)
+    w = _rand(N, K, dtype=dtype, scale=K ** -0.5, gen=g)
+    b = _rand(N, dtype=dtype, gen=g)
+    norm = _norm_params("rms", K, dtype, g)
+    assert tk.linear_config(M, N, K)["USE_DOT"]
+    out = tk.fused_linear(x, w, b, norm=norm, act="silu", residual=x[:, :N], out_dtype=dtype)
+    ref = _linear_ref(x, w, b, norm=norm, act="silu", residual=x[:, :N], out_dtype=dtype)
+    _check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("config", [
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32),  # tl.dot with M padded to 16
+    dict(BLOCK_N=4, BLOCK_K=16, UNROLL=False),  # rolled K loop, several K chunks
+    dict(BLOCK_M=2, BLOCK_N=32, BLOCK_K=64, BLOCK_SK=16, BLOCK_SN=16, num_warps=2),
+])
+def test_linear_config_overrides(config):
+    g = _gen(60)
+    M, K, N = 3, 48, 40
+    x = _rand(M, K, gen=g)
+    w = _rand(2 * N, K, dtype=torch.float16, scale=K ** -0.5, gen=g)
+    b = _rand(2 * N, dtype=torch.float16, gen=g)
+    norm = _norm_params("layer", K, torch.float16, g)
+    res = _rand(M, N, gen=g)
+    rnorm = _norm_params("rms", N, torch.float16, g)
+    kw = dict(norm=norm, act="gelu", gated=True, residual=res, residual_norm=rnorm,
+              out_dtype=torch.float32)
+    out = tk.fused_linear(x, w, b, config=config, **kw)
+    _check(out, _linear_ref(x, w, b, **kw), torch.float16)
+
+
+def test_linear_default_config_heuristic():
+    for N in (1024, 2048, 4096):
+        cfg = tk.linear_config(1, N, 1024)
+        assert -(-N // cfg["BLOCK_N"]) >= 128 and not cfg["USE_DOT"]
+    assert tk.linear_config(16, 1024, 1024)["USE_DOT"]
+    assert tk.linear_config(8, 1024, 1024)["BLOCK_M"] == 8
+
+
+def test_linear_rejects_bad_input():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError):
+        tk.fused_linear(x, torch.randn(4, 9))
+    with pytest.raises(ValueError):
+        tk.fused_linear(x, torch.randn(4, 8), act="nope")
+    with pytest.raises(ValueError):
+        tk.fused_linear(x, torch.randn(4, 8), config=dict(BLOCK_Q=1))
+    with pytest.raises(ValueError):
+        tk.fused_linear(x.t(), torch.randn(4, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# decode_attention
+# --------------------------------------------------------------------------------------------
+
+
+def _attn_ref(q, k, v, scale, bias=None):
+    """q [B,H,D], k/v [B,H,T,D], bias broadcastable to [B,H,T]: fp32 softmax attention."""
+    s = torch.einsum("bhd,bhtd->bht", q.float(), k.float()) * scale
+    if bias is not None:
+        s = s + bias.float()
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("bht,bhtd->bhd", p, v.float()).to(q.dtype)
+
+
+def _causal_table(Hb, T, g):
+    rel = 0.5 * torch.randn(Hb, T, T, generator=g)
+    causal = torch.triu(torch.full((T, T), torch.finfo(torch.float32).min), diagonal=1)
+    return (rel + causal).to(DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pos_val", [0, 5, 23])
+@pytest.mark.parametrize("Hb", [None, 1, 3])
+def test_self_attention(dtype, pos_val, Hb):
+    g = _gen(70 + pos_val)
+    B, H, T, D = 2, 3, 24, 16
+    scale = D ** -0.5
+    k_cache = _rand(B, H, T, D, dtype=dtype, gen=g)
+    v_cache = _rand(B, H, T, D, dtype=dtype, gen=g)
+    # q / k_new / v_new as strided views of a fused QKV projection output [B, 3*H*D]
+    qkv = _rand(B, 3 * H * D, dtype=dtype, gen=g)
+    q, k_new, v_new = (t.view(B, H, D) for t in qkv.split(H * D, dim=-1))
+    table = _causal_table(Hb, T, g).to(dtype) if Hb else None
+    pos = torch.tensor(pos_val, device=DEV)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_ref[:, :, pos_val] = k_new
+    v_ref[:, :, pos_val] = v_new
+    n = pos_val + 1
+    bias = table[:, pos_val, :n].unsqueeze(0) if Hb else None
+    ref = _attn_ref(q, k_ref[:, :, :n], v_ref[:, :, :n], scale, bias)
+
+    out = tk.decode_attention(q, k_cache, v_cache, scale, pos=pos, k_new=k_new, v_new=v_new,
+                              bias_table=table)
+    assert out.shape == (B, H, D) and out.dtype == dtype
+    _check(out, ref, dtype)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)  # row pos written, rest kept
+
+
+def test_self_attention_ignores_stale_rows_and_writes_into_out():
+    g = _gen(80)
+    B, H, T, D = 1, 2, 40, 32
+    k_cache = _rand(B, H, T, D, gen=g)
+    v_cache = _rand(B, H, T, D, gen=g)
+    k_cache[:, :, 10:] = float("nan")  # rows after pos must never be touched by the softmax
+    v_cache[:, :, 10:] = float("nan")
+    q, k_new, v_new = (_rand(B, H, D, gen=g) for _ in range(3))
+    out_buf = torch.zeros(B, 2 * H, D, device=DEV)
+    out = out_buf[:, ::2]
+    pos = torch.tensor(9, device=DEV)
+    ref_k, ref_v = k_cache[:, :, :10].clone(), v_cache[:, :, :10].clone()
+    ref_k[:, :, 9], ref_v[:, :, 9] = k_new, v_new
+    ref = _attn_ref(q, ref_k, ref_v, 0.3)
+    tk.decode_attention(q, k_cache, v_cache, 0.3, pos=pos, k_new=k_new, v_new=v_new, out=out)
+    _check(out, ref, torch.float32)
+    assert torch.all(out_buf[:, 1::2] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [32, 24])
+def test_cross_attention_key_bias(dtype, D):
+    g = _gen(90 + D)
+    B, H, T = 3, 2, 20
+    scale = 1.0
+    q = _rand(B, H, D, dtype=dtype, scale=0.3, gen=g)
+    k = _rand(B, H, T, D, dtype=dtype, gen=g)
+    v = _rand(B, H, T, D, dtype=dtype, gen=g)
+    lo = torch.finfo(dtype).min
+    key_bias = torch.zeros(B, T, dtype=dtype, device=DEV)
+    key_bias[1, 13:] = lo  # padding
+    key_bias[2, :] = lo  # fully masked row: torch gives uniform weights
+    out = tk.decode_attention(q, k, v, scale, key_bias=key_bias)
+    ref = _attn_ref(q, k, v, scale, key_bias[:, None, :])
+    assert torch.isfinite(out.float()).all()
+    _check(out, ref, dtype)
+    # and without any bias
+    _check(tk.decode_attention(q, k, v, scale), _attn_ref(q, k, v, scale), dtype)
+
+
+def test_attention_block_t_override_and_all_minus_inf_is_finite():
+    g = _gen(100)
+    B, H, T, D = 1, 2, 37, 16
+    q = _rand(B, H, D, gen=g)
+    k = _rand(B, H, T, D, gen=g)
+    v = _rand(B, H, T, D, gen=g)
+    out = tk.decode_attention(q, k, v, 0.25, config=dict(BLOCK_T=16, num_warps=2))
+    _check(out, _attn_ref(q, k, v, 0.25), torch.float32)
+    kb = torch.full((B, T), float("-inf"), device=DEV)
+    out = tk.decode_attention(q, k, v, 0.25, key_bias=kb)
+    assert torch.isfinite(out).all()
+
+
+def test_attention_rejects_bad_input():
+    q = torch.randn(1, 2, 8)
+    k = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError):
+        tk.decode_attention(q, k, k, 1.0, pos=torch.tensor(1))  # no k_new / v_new
+    with pytest.raises(ValueError):
+        tk.decode_attention(q, k, k, 1.0, bias_table=torch.zeros(1, 4, 4))  # table needs pos
+    with pytest.raises(ValueError):
+        tk.decode_attention(q, torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4), 1.0)
