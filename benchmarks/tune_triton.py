@@ -1,6 +1,10 @@
 """Block sizes of the Triton decode kernels, measured: every GEMV / attention shape of a model's
 decoder step at batch M, each config timed as 200 calls replayed from one CUDA graph (so launch
-gaps count as they do in the step), next to cuBLAS (F.linear) and the math attention.
+gaps count as they do in the step), next to cuBLAS (F.linear).
+
+Caveat: the same weight is read 200 times, so it stays in the H100's 50 MB L2 and the absolute
+times are optimistic (inside the real step each GEMV streams from HBM: ~5 us per GEMV in the
+profile, see docs/performance.md). Use the numbers to rank configurations.
 
     PYTHONPATH=.:families python benchmarks/tune_triton.py --models bart-large,flan-t5-large --m 1
 """
