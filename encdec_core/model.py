@@ -11,6 +11,7 @@ from .config import EncDecConfig
 from .errors import ConfigError
 from .layers.attention import CrossAttention, SelfAttention
 from .layers.ffn import FFN
+from .layers.linear import ColumnLinear, RowLinear, linear, pack_weight
 from .layers.norm import Norm
 from .layers.position import RelativeBias, RelativeBuckets, position_ids, sinusoidal_table
 from .parallel.context import SINGLE, ParallelContext
@@ -35,6 +36,7 @@ class VocabEmbedding(nn.Module):
         local = padded_vocab(vocab, ctx.tp_size) // ctx.tp_size
         self.start = ctx.tp_rank * local
         self.weight = nn.Parameter(torch.empty(local, d))
+        self._packed = None  # CPU inference: the lm_head product (EncDecModel.pack_cpu_weights)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.ctx.tp_size == 1:
@@ -47,7 +49,7 @@ class VocabEmbedding(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T gathered over tp ranks, padding columns removed."""
-        y = self.ctx.all_gather_last(F.linear(x, self.weight))
+        y = self.ctx.all_gather_last(linear(x, self.weight, None, self._packed))
         return y[..., : self.vocab]
 
 
@@ -295,6 +297,18 @@ class EncDecModel(nn.Module):
         return self.decode(decoder_input_ids, state)
 
     # ------------------------------------------------------------------ parameters
+    def pack_cpu_weights(self) -> int:
+        """fp32 on CPU: pack every linear weight and the lm_head into oneDNN's layout (a one-off
+        copy, 1.5-3x faster GEMMs: see ``layers.linear.PackedWeight``; input embeddings are lookups
+        and stay as they are). Idempotent; ENCDEC_CPU_PACK=0 turns it off. Returns how many packed."""
+        import os
+
+        if os.environ.get("ENCDEC_CPU_PACK", "1") == "0" or self.device.type != "cpu":
+            return 0
+        mods = [m for m in self.modules() if isinstance(m, (ColumnLinear, RowLinear))]
+        mods.append(self.output_embedding)
+        return sum(pack_weight(m) for m in mods)
+
     def init_buffers(self) -> None:
         self.encoder.init_buffers()
         self.decoder.init_buffers()

@@ -293,6 +293,9 @@ class EagerRunner:
     def __init__(self, model):
         self.model = model
         self.state = None
+        pack = getattr(model, "pack_cpu_weights", None)
+        if pack is not None:
+            pack()  # fp32 on CPU: oneDNN-packed weights (once; a no-op elsewhere)
 
     @property
     def device(self) -> torch.device:
