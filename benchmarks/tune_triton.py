@@ -48,6 +48,21 @@ def graph_time_us(fn, calls: int = 200) -> float:
     return times[2]
 
 
+def sweep(row: dict, call, configs, label) -> None:
+    """Time ``call(config)`` for every config (errors recorded, not raised); keep the best in ``row``."""
+    best = (row["default_us"], "default")
+    for c in configs:
+        try:
+            t = graph_time_us(lambda: call(c), calls=100)
+        except Exception as exc:  # noqa: BLE001 - a survey
+            row.setdefault("errors", []).append(f"{c}: {type(exc).__name__}"[:120])
+            continue
+        row[label(c)] = t
+        if t < best[0]:
+            best = (t, c)
+    row["best_us"], row["best"] = best
+
+
 def linear_shapes(cfg, vocab):
     d, hd = cfg.d_model, cfg.decoder_heads * cfg.head_dim
     ff = cfg.decoder_ffn_dim
@@ -95,20 +110,11 @@ def main():
                        "cublas_us": graph_time_us(lambda: F.linear(x, w)),
                        "default": tk.linear_config(m, nout, K, bool(sh.get("gated")), 2)}
                 row["default_us"] = graph_time_us(lambda: tk.fused_linear(x, w, **kw))
-                best = (row["default_us"], "default")
-                for bn, nwarp, bk in itertools.product((4, 8, 16), (1, 2, 4), (256, 512)):
-                    if bk > K:
-                        continue
-                    c = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nwarp)
-                    try:
-                        t = graph_time_us(lambda: tk.fused_linear(x, w, config=c, **kw), calls=100)
-                    except Exception as exc:  # noqa: BLE001 - a survey
-                        row.setdefault("errors", []).append(f"{c}: {type(exc).__name__}"[:120])
-                        continue
-                    row[f"bn{bn}_w{nwarp}_k{bk}"] = t
-                    if t < best[0]:
-                        best = (t, c)
-                row["best_us"], row["best"] = best
+                configs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+                           for bn, nw, bk in itertools.product((4, 8, 16), (1, 2, 4), (256, 512)) if bk <= K]
+                sweep(row, lambda c: tk.fused_linear(x, w, config=c, **kw), configs,
+                      lambda c: f"bn{c['BLOCK_N']}_w{c['num_warps']}_k{c['BLOCK_K']}")
+                best = (row["best_us"], row["best"])
                 row["floor_us"] = N * K * 2 / 3.0e12 * 1e6
                 print(f"{name} M={m} {lname:8s} N={N:6d} K={K:5d} cublas {row['cublas_us']:7.2f} "
                       f"default {row['default_us']:7.2f} best {best[0]:7.2f} {best[1]} floor {row['floor_us']:.2f}",
@@ -126,18 +132,10 @@ def main():
                 akw = dict(pos=pos, k_new=kn, v_new=kn) if kind == "self" else dict(key_bias=kb)
                 row = {"model": name, "M": m, "layer": f"attn_{kind}", "T": T}
                 row["default_us"] = graph_time_us(lambda: tk.decode_attention(q, kc, vc, 0.125, **akw))
-                best = (row["default_us"], "default")
-                for bt, nwarp in itertools.product((16, 32, 64), (1, 4)):
-                    c = dict(BLOCK_T=bt, num_warps=nwarp)
-                    try:
-                        t = graph_time_us(lambda: tk.decode_attention(q, kc, vc, 0.125, config=c, **akw), calls=100)
-                    except Exception as exc:  # noqa: BLE001
-                        row.setdefault("errors", []).append(f"{c}: {type(exc).__name__}"[:120])
-                        continue
-                    row[f"bt{bt}_w{nwarp}"] = t
-                    if t < best[0]:
-                        best = (t, c)
-                row["best_us"], row["best"] = best
+                configs = [dict(BLOCK_T=bt, num_warps=nw) for bt, nw in itertools.product((16, 32, 64), (1, 4))]
+                sweep(row, lambda c: tk.decode_attention(q, kc, vc, 0.125, config=c, **akw), configs,
+                      lambda c: f"bt{c['BLOCK_T']}_w{c['num_warps']}")
+                best = (row["best_us"], row["best"])
                 print(f"{name} M={m} attn_{kind:5s} T={T} default {row['default_us']:7.2f} best {best[0]:7.2f} {best[1]}",
                       flush=True)
                 res.append(row)

@@ -65,17 +65,21 @@ def _gc(cfg, **kw):
     return GenerationConfig.from_model(cfg, None, **kw)
 
 
+def _setup(family, mode):
+    """(device, tiny model, its config, padded inputs, a runner for 16 rows) for a test mode."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = "cpu" if mode == "cpu-static" else "cuda"
+    model = _tiny(family, dev)
+    ids, mask = _inputs(model.cfg, device=dev)
+    return dev, model, model.cfg, ids, mask, _runner(model, mode, 16, 24, 32)
+
+
 @pytest.mark.parametrize("family", ["t5", "bart"])
 @pytest.mark.parametrize("mode", MODES)
 def test_greedy_and_beam_match_eager(family, mode):
     from encdec_core.runtime.generation import generate
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    dev = "cpu" if mode == "cpu-static" else "cuda"
-    model = _tiny(family, dev)
-    cfg = model.cfg
-    ids, mask = _inputs(cfg, device=dev)
-    runner = _runner(model, mode, 16, 24, 32)
+    dev, model, cfg, ids, mask, runner = _setup(family, mode)
     for kw in (dict(max_new_tokens=20), dict(max_new_tokens=20, num_beams=4, num_return_sequences=2),
                dict(max_new_tokens=20, min_new_tokens=20)):
         gc = _gc(cfg, **kw)
@@ -109,12 +113,7 @@ def test_beam_search_in_graph_matches_python_loop(family, mode):
     rules, length penalties, processors and prefixes it accepts; the rest falls back to the loop."""
     from encdec_core.runtime.generation import EagerRunner, generate
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    dev = "cpu" if mode == "cpu-static" else "cuda"
-    model = _tiny(family, dev)
-    cfg = model.cfg
-    ids, mask = _inputs(cfg, device=dev)
-    runner = _runner(model, mode, 16, 24, 32)
+    dev, model, cfg, ids, mask, runner = _setup(family, mode)
     # an EOS the model actually emits early, so hypotheses finish at different lengths
     greedy = generate(model, ids, mask, _gc(cfg, max_new_tokens=6)).sequences
     eos = [int(greedy[0, 2]), int(greedy[1, 3])]
