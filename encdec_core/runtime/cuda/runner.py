@@ -14,6 +14,10 @@ fused greedy loop, which feeds its own argmax back inside the graph) and launch 
 - Every other op is the model's own module (norms, fused QKV / gated FFN linears, fp16 scaling of
   RowLinear inputs, logits), so numerics and fp16 overflow safety are the eager path's.
 - Graphs are captured lazily per (batch bucket, source-length bucket) and share one memory pool.
+- ``kernels="auto"`` (default; CUDA with triton installed): batch buckets up to ``fused_max_batch``
+  run ``fused.FusedStep`` (8 Triton kernels per layer) instead of the compiled model step.
+- Beam search without token-dependent processors runs whole steps (decoder step, processors, beam
+  update, cache reorder) from one graph: ``beam_search``.
 """
 from __future__ import annotations
 
