@@ -36,9 +36,13 @@ class PackedWeight:
         self.version = weight._version
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
+    def fresh_for(self, weight: torch.Tensor) -> bool:
+        """This packs ``weight`` as it is now (not another tensor, not changed in place since)."""
+        return weight is self.weight and weight._version == self.version
+
     def valid_for(self, weight: torch.Tensor, x: torch.Tensor) -> bool:
-        return (weight is self.weight and weight._version == self.version and x.device.type == "cpu"
-                and x.dtype == torch.float32 and not torch.is_grad_enabled())
+        return (self.fresh_for(weight) and x.device.type == "cpu" and x.dtype == torch.float32
+                and not torch.is_grad_enabled())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: "PackedWeight | None"):
@@ -55,7 +59,7 @@ def pack_weight(module: nn.Module) -> bool:
     cur = getattr(module, "_packed", None)
     if not isinstance(w, torch.Tensor) or not _can_pack(w):
         return False
-    if cur is not None and cur.weight is w and cur.version == w._version:
+    if cur is not None and cur.fresh_for(w):
         return False
     module._packed = PackedWeight(w)
     return True

@@ -156,7 +156,7 @@ class LogitsPipeline:
             if isinstance(self.forced_bos, torch.Tensor):
                 scores = force_tokens_per_row(scores, self.forced_bos)
             else:
-                scores = force_tokens(scores, torch.tensor([self.forced_bos], device=scores.device))
+                scores = force_tokens(scores, self._bos_ids.to(scores.device))
         if self.forced_eos is not None and cur == self.max_length - 1:
             scores = force_tokens(scores, self.forced_eos)
         if self.do_sample:

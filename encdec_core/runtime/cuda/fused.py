@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_kernels import HAVE_TRITON, decode_attention, fused_linear
-
-# activations fused_linear implements (the FFN's ACT names)
-_ACTS = {"relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "silu", "swish", "tanh"}
+from .triton_kernels import ACTIVATIONS, HAVE_TRITON, decode_attention, fused_linear
 
 
 def _spec(norm):
@@ -41,7 +38,7 @@ def unsupported_reason(model) -> str | None:
     cfg, ctx = model.cfg, model.ctx
     if ctx.tp_size != 1 or ctx.pp_size != 1:
         return "tensor / pipeline parallelism"
-    if cfg.activation not in _ACTS:
+    if cfg.activation not in ACTIVATIONS:  # the activations fused_linear implements
         return f"activation {cfg.activation!r}"
     if not cfg.pre_norm("decoder") and cfg.final_norm("decoder"):
         return "a post-norm decoder with a final norm"

@@ -487,7 +487,6 @@ class CudaGraphRunner:
         g, fn, st, pipe = ent
         if isinstance(bos, torch.Tensor):
             pipe.forced_bos.copy_(bos)  # per-request forced first tokens: the captured buffer takes them
-        st.gc = gc
         st.reset(prefix)
         d.pos.zero_()
         self.steps = 0
