@@ -2,7 +2,7 @@
 
 Runs, per model (random weights, bf16, batch 1 and 64, in 128): the eager step, the plain step
 replayed from a CUDA graph, and the torch.compile'd step (inductor) under our own CUDA graph with
-two attention formulations, and the Triton step (``kernels="triton"``, batch buckets <= 16). Prints ms per decode step and compile times; writes a JSON to $OUT.
+two attention formulations, and the Triton step (``kernels="triton"``, batch buckets <= 16; ``triton-nopdl``: without programmatic dependent launch). Prints ms per decode step and compile times; writes a JSON to $OUT.
 
     PYTHONPATH=.:families python benchmarks/explore_gpu.py [--models t5-small,...] [--out DIR]
 """
@@ -99,9 +99,12 @@ def main():
             variants = [v for v in variants if v != "compile-sdpa"]
         for var in variants:
             # graph | compile-{math,sdpa} | triton[-{math,sdpa}]: the Triton step (kernels="triton") for
-            # batch buckets <= 16, the compiled step with that attention above
+            # batch buckets <= 16, the compiled step with that attention above; triton-nopdl: the
+            # Triton step without programmatic dependent launch
             parts = var.split("-")
             comp = parts[0] in ("compile", "triton")
+            nopdl = "nopdl" in parts
+            parts = [p for p in parts if p != "nopdl"]
             attn = parts[1] if len(parts) > 1 else "math"
             kernels = "triton" if parts[0] == "triton" else "inductor"
             if var == "graph":
@@ -109,6 +112,10 @@ def main():
             t = time.perf_counter()
             try:
                 r = CudaGraphRunner(model, max(batches), 80, 128, compile=comp, attention=attn, kernels=kernels)
+                if nopdl and r._fused is not None:
+                    r._fused.pdl = False
+                if r._fused is not None:
+                    row[f"{var}_pdl"] = bool(r._fused.pdl)
                 r.warmup(batch_sizes=batches, source_lens=(128,), kinds=("greedy",), eos=-1, pad=0)
                 ctime = time.perf_counter() - t
                 out = r.greedy(ids[:nb], None, 24, eos=-1)[:, 1:]

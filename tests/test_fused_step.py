@@ -87,3 +87,27 @@ def test_fused_step_refuses_what_it_cannot_run():
         CudaGraphRunner(model, 2, 4, 8, compile=False, use_graphs=False, kernels="triton")
     with pytest.raises(ValueError, match="kernels="):
         CudaGraphRunner(model, 2, 4, 8, compile=False, use_graphs=False, kernels="cutlass")
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="programmatic dependent launch needs a GPU")
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_fused_step_with_pdl_equals_plain_launch(family):
+    """The Triton step launched with programmatic dependent launch (Hopper+) inside the CUDA graph:
+    the same logits, bit for bit, and the same greedy tokens as the plain launch."""
+    from encdec_core.runtime.cuda.triton_kernels import pdl_supported
+
+    if not pdl_supported(DEV):
+        pytest.skip("no programmatic dependent launch on this GPU")
+    model = _model(family)
+    ids, mask = _inputs(model.cfg, b=2, s=9, device=DEV)
+    plain, pdl = _runner(model, "triton"), _runner(model, "triton")
+    assert pdl._fused.pdl
+    plain._fused.pdl = False
+    tok = torch.full((2,), model.cfg.decoder_start_token_id, device=DEV)
+    plain.prefill(ids, mask, 1, 6)
+    pdl.prefill(ids, mask, 1, 6)
+    for _ in range(4):
+        a, b = plain.step(tok).clone(), pdl.step(tok).clone()
+        assert torch.equal(a, b)
+        tok = a.argmax(-1)
+    assert torch.equal(plain.greedy(ids, mask, max_new_tokens=6), pdl.greedy(ids, mask, max_new_tokens=6))

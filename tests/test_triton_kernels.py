@@ -267,8 +267,15 @@ def test_linear_default_config_heuristic():
     for N in (1024, 2048, 4096):
         cfg = tk.linear_config(1, N, 1024)
         assert -(-N // cfg["BLOCK_N"]) >= 128 and not cfg["USE_DOT"]
-    assert tk.linear_config(16, 1024, 1024)["USE_DOT"]
-    assert tk.linear_config(8, 1024, 1024)["BLOCK_M"] == 8
+    for M in (3, 8, 16, 40):  # tensor cores from three rows on
+        cfg = tk.linear_config(M, 1024, 1024)
+        assert cfg["USE_DOT"] and cfg["BLOCK_M"] == 16 and cfg["BLOCK_N"] == 16
+    # with PDL a batch-1 program's whole weight slice is one chunk, <= 64 elements per thread
+    for N, K, gated in ((3072, 1024, False), (1024, 4096, False), (2816, 1024, True), (50265, 1024, False)):
+        cfg = tk.linear_config(1, N, K, gated, 2, pdl=True)
+        assert cfg["BLOCK_K"] >= K and cfg["UNROLL"] and not cfg["USE_DOT"]
+        assert cfg["BLOCK_N"] * cfg["BLOCK_K"] * (2 if gated else 1) <= 64 * 32 * cfg["num_warps"]
+        assert tk.linear_config(1, N, K, gated, 2)["BLOCK_K"] == 512  # without PDL: 512-wide chunks
 
 
 def test_linear_rejects_bad_input():
@@ -393,3 +400,92 @@ def test_attention_rejects_bad_input():
         tk.decode_attention(q, k, k, 1.0, bias_table=torch.zeros(1, 4, 4))  # table needs pos
     with pytest.raises(ValueError):
         tk.decode_attention(q, torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4), 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# programmatic dependent launch
+# --------------------------------------------------------------------------------------------
+
+
+def _pdl_chain(pdl, M, dtype, layers, g_seed=120, graph=False):
+    """A decoder-like chain in which every kernel reads what the kernel just before it wrote:
+    norm+QKV GEMV -> self-attention (writes its cache row) -> out-proj + residual (in place) ->
+    norm+gated FFN -> FFN-out + residual. Returns the final stream and the caches."""
+    g = _gen(g_seed)
+    H, D = 4, 32
+    K = H * D
+    F_ = 3 * K
+    T = 16
+    ws = []
+    for _ in range(layers):
+        ws.append(dict(
+            qkv=_rand(3 * K, K, dtype=dtype, scale=K ** -0.5, gen=g),
+            o=_rand(K, K, dtype=dtype, scale=K ** -0.5, gen=g),
+            wi=_rand(2 * F_, K, dtype=dtype, scale=K ** -0.5, gen=g),
+            wo=_rand(K, F_, dtype=dtype, scale=F_ ** -0.5, gen=g),
+            norm=_norm_params("rms", K, dtype, g)))
+    x0 = _rand(M, K, gen=g)
+    kc0 = _rand(layers, M, H, T, D, dtype=dtype, gen=g)
+    vc0 = _rand(layers, M, H, T, D, dtype=dtype, gen=g)
+    x, kc, vc = x0.clone(), kc0.clone(), vc0.clone()
+    pos = torch.tensor(5, device=DEV)
+
+    def run():
+        x.copy_(x0)
+        kc.copy_(kc0)
+        vc.copy_(vc0)
+        for li, w in enumerate(ws):
+            qkv = tk.fused_linear(x, w["qkv"], norm=w["norm"], out_dtype=dtype, pdl=pdl)
+            q, kn, vn = (t.view(M, H, D) for t in qkv.split(K, dim=-1))
+            o = tk.decode_attention(q, kc[li], vc[li], D ** -0.5, pos=pos, k_new=kn, v_new=vn, pdl=pdl)
+            tk.fused_linear(o.view(M, K), w["o"], residual=x, out=x, pdl=pdl)
+            h = tk.fused_linear(x, w["wi"], norm=w["norm"], act="gelu_new", gated=True, out_dtype=dtype,
+                                pdl=pdl)
+            tk.fused_linear(h, w["wo"], residual=x, out=x, pdl=pdl)
+
+    if graph:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            run()  # compile outside the capture
+        torch.cuda.current_stream().wait_stream(s)
+        cg = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cg):
+            run()
+        x.zero_()
+        for _ in range(3):
+            cg.replay()
+        torch.cuda.synchronize()
+    else:
+        run()
+    return x.clone(), kc.clone(), vc.clone()
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="programmatic dependent launch needs a compiled GPU kernel")
+@pytest.mark.parametrize("M", [1, 4, 12])
+@pytest.mark.parametrize("graph", [False, True])
+def test_pdl_chain_equals_plain_launch(M, graph):
+    """With PDL every kernel starts early and waits for its predecessor before reading its output:
+    a chain of dependent kernels (eager, and replayed in a CUDA graph) gives bit-identical results."""
+    if not tk.pdl_supported(DEV):
+        pytest.skip("GPU older than Hopper (or ENCDEC_PDL=0): no programmatic dependent launch")
+    for dtype in (torch.float32, torch.bfloat16):
+        ref = _pdl_chain(False, M, dtype, layers=3, graph=graph)
+        got = _pdl_chain(True, M, dtype, layers=3, graph=graph)
+        for a, b in zip(ref, got):
+            assert torch.equal(a, b)
+
+
+def test_pdl_flag_is_ignored_where_unsupported(monkeypatch):
+    """pdl=True on CPU (the interpreter), or with ENCDEC_PDL=0, runs the plain launch."""
+    monkeypatch.setenv("ENCDEC_PDL", "0")
+    assert not tk.pdl_supported(DEV)
+    g = _gen(130)
+    x = _rand(2, 32, gen=g)
+    w = _rand(40, 32, scale=32 ** -0.5, gen=g)
+    _check(tk.fused_linear(x, w, pdl=True), _linear_ref(x, w), torch.float32)
+    q, k, v = _rand(1, 2, 16, gen=g), _rand(1, 2, 8, 16, gen=g), _rand(1, 2, 8, 16, gen=g)
+    _check(tk.decode_attention(q, k, v, 0.25, pdl=True), _attn_ref(q, k, v, 0.25), torch.float32)
+    monkeypatch.delenv("ENCDEC_PDL")
+    if DEV == "cpu":
+        assert not tk.pdl_supported("cpu")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_kernels import ACTIVATIONS, HAVE_TRITON, decode_attention, fused_linear
+from .triton_kernels import ACTIVATIONS, HAVE_TRITON, decode_attention, fused_linear, pdl_supported
 
 
 def _spec(norm):
@@ -77,6 +77,11 @@ class FusedStep:
             self.final = (final.kind, w, final.bias, final.eps)
         self.lm_bias = model.final_logits_bias if cfg.final_logits_bias else None
         self.layers = [dec.layers[str(i)] for i in static_decoder.layer_ids]
+        # programmatic dependent launch (Hopper+): each kernel loads its weights (and prefetches its
+        # cached K/V rows) while the previous one finishes. Safe here: no kernel of the step writes
+        # a weight, ``pos`` (advanced after the last kernel) or a cache row another kernel reads
+        # next, except the attention kernel's own new row.
+        self.pdl = pdl_supported(model.device)
 
     def __call__(self, tokens, pos, k, v, ck, cv, cross_bias):
         model, dec = self.model, self.model.decoder
@@ -90,30 +95,32 @@ class FusedStep:
             hd = sa.h * sa.dh
             # self-attention
             qkv = fused_linear(x, sa.qkv.weight, sa.qkv.bias, norm=_spec(layer.self_attn_norm) if pre else pending,
-                               out_dtype=dt)
+                               out_dtype=dt, pdl=self.pdl)
             q = qkv[:, :hd].view(b, sa.h, sa.dh)
             kn = qkv[:, hd:2 * hd].view(b, sa.h, sa.dh)
             vn = qkv[:, 2 * hd:].view(b, sa.h, sa.dh)
-            o = decode_attention(q, k[li], v[li], sa.scale, pos=pos, k_new=kn, v_new=vn, bias_table=self.bias[li])
+            o = decode_attention(q, k[li], v[li], sa.scale, pos=pos, k_new=kn, v_new=vn, bias_table=self.bias[li],
+                                 pdl=self.pdl)
             x = fused_linear(o.reshape(b, hd), sa.out.weight, sa.out.bias, residual=x,
-                             residual_norm=None if pre else pending, out_dtype=rdt)
+                             residual_norm=None if pre else pending, out_dtype=rdt, pdl=self.pdl)
             pending = None if pre else _spec(layer.self_attn_norm)
             # cross-attention
             q = fused_linear(x, ca.q.weight, ca.q.bias, norm=_spec(layer.cross_attn_norm) if pre else pending,
-                             out_dtype=dt).view(b, ca.h, ca.dh)
-            o = decode_attention(q, ck[li], cv[li], ca.scale, key_bias=cross_bias)
+                             out_dtype=dt, pdl=self.pdl).view(b, ca.h, ca.dh)
+            o = decode_attention(q, ck[li], cv[li], ca.scale, key_bias=cross_bias, pdl=self.pdl)
             x = fused_linear(o.reshape(b, hd), ca.out.weight, ca.out.bias, residual=x,
-                             residual_norm=None if pre else pending, out_dtype=rdt)
+                             residual_norm=None if pre else pending, out_dtype=rdt, pdl=self.pdl)
             pending = None if pre else _spec(layer.cross_attn_norm)
             # feed-forward
             h = fused_linear(x, ffn.wi.weight, ffn.wi.bias, norm=_spec(layer.ffn_norm) if pre else pending,
-                             act=self.act, gated=ffn.gated, out_dtype=dt)
+                             act=self.act, gated=ffn.gated, out_dtype=dt, pdl=self.pdl)
             x = fused_linear(h, ffn.wo.weight, ffn.wo.bias, residual=x, residual_norm=None if pre else pending,
-                             out_dtype=rdt)
+                             out_dtype=rdt, pdl=self.pdl)
             pending = None if pre else _spec(layer.ffn_norm)
         final = self.final if pre else pending
         if final is None and self.out_scale != 1.0:  # pre-norm without a final norm (rare)
             x = (x.to(dt) * self.out_scale)
-        logits = fused_linear(x, model.output_embedding.weight, self.lm_bias, norm=final, out_dtype=torch.float32)
+        logits = fused_linear(x, model.output_embedding.weight, self.lm_bias, norm=final, out_dtype=torch.float32,
+                              pdl=self.pdl)
         pos.add_(1)
         return logits[:, : self.vocab]

@@ -38,17 +38,20 @@ Performance design (H100, M = 1..16)
   weight once per 16-row tile, from L2). K and N are compile-time constants (model dimensions), so
   small K loops are fully unrolled (``UNROLL``): the weight loads of a program are independent and
   issued up front (memory-level parallelism without relying on the software pipeliner).
-- M <= 8 (``BLOCK_M`` 1, 2, 4, 8) uses CUDA-core FMAs with one warp per program and
-  ``BLOCK_N = 4`` (N = 1024 -> 256 programs): the [BLOCK_N, BLOCK_K] weight tile is loaded once in
-  its natural 16-byte-vector layout and reused for each of the BLOCK_M rows (``tl.static_range``);
-  for M = 1 the products are accumulated elementwise and reduced over K once at the end, for M > 1
-  each row's partial dot products are reduced per chunk (intra-warp shuffles). With one warp the
-  x chunk is loaded directly in the weight tile's column-slice layout, so the K loop has no
-  shared-memory layout conversion and no ``bar.sync`` (verified on the sm_90 build). ``tl.dot``
-  would pad M to 16 and need ``BLOCK_N >= 16`` (4x fewer programs) for no gain at M <= 8, where the
-  FMA work is far below the memory time.
-  M > 8 (``BLOCK_M = 16``) switches to ``tl.dot`` on [BLOCK_N=16, BLOCK_K] x [BLOCK_K, 16] tiles
-  (4 warps): there the FMA work grows with M while the tensor cores would be idle.
+- M <= 2 (``BLOCK_M`` 1, 2) uses CUDA-core FMAs with ``BLOCK_N = 4`` (N = 1024 -> 256
+  programs): the [BLOCK_N, BLOCK_K] weight tile is loaded once in its natural 16-byte-vector layout
+  and reused for each row (``tl.static_range``); for M = 1 the products are accumulated elementwise
+  and reduced over K once at the end, for M = 2 each row's partial dot products are reduced per
+  chunk (intra-warp shuffles).
+  M > 2 (``BLOCK_M = 16``, rows padded) uses ``tl.dot`` on [BLOCK_N=16, BLOCK_K] x [BLOCK_K, 16]
+  tiles (4 warps): measured in the whole step, the FMA path with per-row reductions was
+  compute-bound from M = 8 (twice the tensor-core path's time for bart-large).
+- Programmatic dependent launch (``pdl=True``, Hopper+): a kernel is launched while its predecessor
+  still runs; each program first issues the loads that do not depend on that predecessor (its
+  weight slice: the first chunk into registers, at batch <= 2 the whole slice; the rest of the
+  slice and, for attention, the cached K/V rows as L2 prefetches), then ``griddepcontrol.wait``s,
+  then lets its own successor launch and reads its inputs. Kernel ramp-up and the first DRAM
+  latency overlap the previous kernel (bart-large batch 1: 0.569 -> 0.483 ms per step).
 - The norm prologue recomputes the row statistics in every program (x rows are <= 4096 elements and
   L2-resident), so no separate norm kernel and no stats buffer are needed. The same for the
   residual-norm epilogue ("post-LN done lazily": ``h = x + f(x)`` is stored un-normalised and each
@@ -81,7 +84,7 @@ except Exception:  # ImportError, or a broken install
     HAVE_TRITON = False
 
 __all__ = ["HAVE_TRITON", "fused_linear", "decode_attention", "linear_config", "attention_config",
-           "ACTIVATIONS"]
+           "ACTIVATIONS", "pdl_supported"]
 
 # activation name -> constexpr code used by the kernels
 ACTIVATIONS = {
@@ -184,26 +187,55 @@ if HAVE_TRITON:
         return h
 
     @triton.jit
+    def _prefetch_l2(ptrs):
+        """Ask L2 to fetch the lines holding ``ptrs`` (a hint: no registers, no ordering)."""
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _prefetch_bytes(base, nbytes, LINES: tl.constexpr):
+        """L2 prefetch of the contiguous byte range [base, base + nbytes), LINES 128-byte lines at most
+        (a power of two >= the range's line count; the offsets are clamped inside the range)."""
+        offs = tl.minimum(tl.arange(0, LINES) * 128, nbytes - 1)
+        _prefetch_l2(base.to(tl.pointer_type(tl.int8), bitcast=True) + offs)
+
+    @triton.jit
+    def _pdl_sync():
+        """Programmatic dependent launch: block until the previous kernel has finished (its writes
+        visible), then let the next kernel's programs start (they prefetch, then block here)."""
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
     def _pick(v, i, BLOCK_M: tl.constexpr):
         """Element i (constexpr) of the [BLOCK_M] vector v, as a scalar."""
         return tl.sum(tl.where(tl.arange(0, BLOCK_M) == i, v, 0.0), axis=0)
 
     @triton.jit
-    def _linear_chunk(k0, acc, acc_u, acc3, acc3_u, x_ptr, w_ptr, nw_ptr, nb_ptr, mean, rstd,
-                      row0, M, cols, col_mask, stride_xm,
+    def _load_w_chunk(k0, w_ptr, cols, col_mask, N: tl.constexpr, K: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GATED: tl.constexpr):
+        """The [BLOCK_N, BLOCK_K] weight tile of chunk k0 (and its gate half's; else w twice)."""
+        ks = k0 + tl.arange(0, BLOCK_K)
+        wm = col_mask[:, None] & (ks < K)[None, :]
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=wm, other=0.0)  # [BN, BK]
+        wu = w
+        if GATED:
+            wu = tl.load(w_ptr + (cols + N)[:, None] * K + ks[None, :], mask=wm, other=0.0)
+        return w, wu
+
+    @triton.jit
+    def _linear_chunk(k0, w, wu, acc, acc_u, acc3, acc3_u, x_ptr, w_ptr, nw_ptr, nb_ptr, mean, rstd,
+                      row0, M, stride_xm,
                       N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                       NORM: tl.constexpr, HAS_NB: tl.constexpr, GATED: tl.constexpr,
                       USE_DOT: tl.constexpr, W_FP32: tl.constexpr):
-        """One BLOCK_K chunk. Accumulators are [BLOCK_N, BLOCK_M] (column-major tile of the output);
-        with BLOCK_M == 1 on the FMA path, the products are summed elementwise in acc3 [BLOCK_N,
-        BLOCK_K] instead and reduced over K once after the loop."""
+        """One BLOCK_K chunk with its weight tile(s) w / wu already loaded. Accumulators are
+        [BLOCK_N, BLOCK_M] (column-major tile of the output); with BLOCK_M == 1 on the FMA path, the
+        products are summed elementwise in acc3 [BLOCK_N, BLOCK_K] instead and reduced over K once
+        after the loop."""
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K
         wdt = w_ptr.dtype.element_ty
-        wm = col_mask[:, None] & kmask[None, :]
-        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=wm, other=0.0)  # [BN, BK]
-        if GATED:
-            wu = tl.load(w_ptr + (cols + N)[:, None] * K + ks[None, :], mask=wm, other=0.0)
         if NORM != 0:
             nw = tl.load(nw_ptr + ks, mask=kmask, other=0.0)
             if HAS_NB:
@@ -263,6 +295,7 @@ if HAVE_TRITON:
         ACT: tl.constexpr, GATED: tl.constexpr,
         HAS_RES: tl.constexpr, RES_NORM: tl.constexpr, HAS_RB: tl.constexpr,
         USE_DOT: tl.constexpr, W_FP32: tl.constexpr, UNROLL: tl.constexpr,
+        PDL: tl.constexpr, W_BYTES: tl.constexpr, PF_LINES: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -271,6 +304,19 @@ if HAVE_TRITON:
         row_mask = rows < M
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
+
+        # the weights do not depend on the previous kernel: their loads are issued first (chunk 0
+        # into registers; with PDL the rest of this program's rows into L2), before the wait for the
+        # previous kernel and before the norm statistics
+        if PDL:
+            if pid_m == 0:
+                n_rows = tl.minimum(N - pid_n * BLOCK_N, BLOCK_N)
+                _prefetch_bytes(w_ptr + pid_n * BLOCK_N * K, n_rows * K * W_BYTES, PF_LINES)
+                if GATED:
+                    _prefetch_bytes(w_ptr + (N + pid_n * BLOCK_N) * K, n_rows * K * W_BYTES, PF_LINES)
+        w0, wu0 = _load_w_chunk(0, w_ptr, cols, col_mask, N, K, BLOCK_K, GATED)
+        if PDL:
+            _pdl_sync()
 
         # prologue: per-row norm statistics of x (each program recomputes them; rows are tiny)
         if NORM != 0:
@@ -284,18 +330,21 @@ if HAVE_TRITON:
         E3: tl.constexpr = BLOCK_K if (BLOCK_M == 1 and not USE_DOT) else 1
         acc3 = tl.zeros([BLOCK_N, E3], dtype=tl.float32)
         acc3_u = tl.zeros([BLOCK_N, E3], dtype=tl.float32)
+        acc, acc_u, acc3, acc3_u = _linear_chunk(
+            0, w0, wu0, acc, acc_u, acc3, acc3_u, x_ptr, w_ptr, nw_ptr, nb_ptr, mean, rstd,
+            row0, M, stride_xm, N, K, BLOCK_M, BLOCK_K, NORM, HAS_NB, GATED, USE_DOT, W_FP32)
         if UNROLL:
-            for k0 in tl.static_range(0, K, BLOCK_K):
+            for k0 in tl.static_range(BLOCK_K, K, BLOCK_K):
+                w, wu = _load_w_chunk(k0, w_ptr, cols, col_mask, N, K, BLOCK_K, GATED)
                 acc, acc_u, acc3, acc3_u = _linear_chunk(
-                    k0, acc, acc_u, acc3, acc3_u, x_ptr, w_ptr, nw_ptr, nb_ptr, mean, rstd,
-                    row0, M, cols, col_mask, stride_xm,
-                    N, K, BLOCK_M, BLOCK_K, NORM, HAS_NB, GATED, USE_DOT, W_FP32)
+                    k0, w, wu, acc, acc_u, acc3, acc3_u, x_ptr, w_ptr, nw_ptr, nb_ptr, mean, rstd,
+                    row0, M, stride_xm, N, K, BLOCK_M, BLOCK_K, NORM, HAS_NB, GATED, USE_DOT, W_FP32)
         else:
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(BLOCK_K, K, BLOCK_K):
+                w, wu = _load_w_chunk(k0, w_ptr, cols, col_mask, N, K, BLOCK_K, GATED)
                 acc, acc_u, acc3, acc3_u = _linear_chunk(
-                    k0, acc, acc_u, acc3, acc3_u, x_ptr, w_ptr, nw_ptr, nb_ptr, mean, rstd,
-                    row0, M, cols, col_mask, stride_xm,
-                    N, K, BLOCK_M, BLOCK_K, NORM, HAS_NB, GATED, USE_DOT, W_FP32)
+                    k0, w, wu, acc, acc_u, acc3, acc3_u, x_ptr, w_ptr, nw_ptr, nb_ptr, mean, rstd,
+                    row0, M, stride_xm, N, K, BLOCK_M, BLOCK_K, NORM, HAS_NB, GATED, USE_DOT, W_FP32)
         if E3 > 1:
             acc += tl.sum(acc3, axis=1)[:, None]
             if GATED:
@@ -344,18 +393,34 @@ if HAVE_TRITON:
         s_kbb, s_kbt,
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
         SELF: tl.constexpr, HAS_BT: tl.constexpr, HAS_KB: tl.constexpr, LOOP_CAP: tl.constexpr,
+        PDL: tl.constexpr, ROW_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         b = pid // H
         h = pid % H
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
-        q = tl.load(q_ptr + b * s_qb + h * s_qh + d * s_qd, mask=dmask, other=0.0).to(tl.float32)
         k_base = k_ptr + b * s_kb + h * s_kh
         v_base = v_ptr + b * s_vb + h * s_vh
+        if SELF:
+            pos = tl.load(pos_ptr)  # with PDL: the caller guarantees the previous kernel leaves it alone
+            n = pos + 1
+        else:
+            pos = T
+            n = T
+        if PDL:
+            # L2 prefetch of the cached rows this program reads (0..pos-1, or all T), then wait for
+            # the previous kernel (which produced q and the new K/V row)
+            j = tl.minimum(tl.arange(0, ROW_LINES) * LINE_ELEMS, D - 1)
+            for t0 in range(0, pos, 64):
+                t = t0 + tl.arange(0, 64)
+                t = tl.minimum(t, pos - 1)
+                _prefetch_l2(k_base + t[:, None] * s_kt + j[None, :] * s_kd)
+                _prefetch_l2(v_base + t[:, None] * s_vt + j[None, :] * s_vd)
+            _pdl_sync()
+        q = tl.load(q_ptr + b * s_qb + h * s_qh + d * s_qd, mask=dmask, other=0.0).to(tl.float32)
 
         if SELF:
-            pos = tl.load(pos_ptr)
             kn = tl.load(kn_ptr + b * s_knb + h * s_knh + d * s_knd, mask=dmask, other=0.0)
             vn = tl.load(vn_ptr + b * s_vnb + h * s_vnh + d * s_vnd, mask=dmask, other=0.0)
             kn = kn.to(k_ptr.dtype.element_ty)
@@ -365,10 +430,6 @@ if HAVE_TRITON:
             # row `pos` is taken from registers below, so the kernel never reads its own write
             knf = kn.to(tl.float32)
             vnf = vn.to(tl.float32)
-            n = pos + 1
-        else:
-            pos = T
-            n = T
 
         m_i = -float("inf")
         l_i = 0.0
@@ -422,57 +483,72 @@ _ATTN_INTERPRETED = HAVE_TRITON and _interpreted(_decode_attention_kernel)
 _LINEAR_INTERPRETED = HAVE_TRITON and _interpreted(_fused_linear_kernel)
 
 
+def pdl_supported(device) -> bool:
+    """Whether the kernels can use programmatic dependent launch on ``device``: compiled (not the
+    interpreter) on a Hopper or newer GPU, unless ``ENCDEC_PDL=0``."""
+    import os
+
+    device = torch.device(device)
+    if not HAVE_TRITON or _LINEAR_INTERPRETED or device.type != "cuda" or os.environ.get("ENCDEC_PDL") == "0":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _require_triton():
     if not HAVE_TRITON:
         raise RuntimeError("triton is not installed: the fused Triton kernels are unavailable")
 
 
-def linear_config(M: int, N: int, K: int, gated: bool = False, weight_bytes: int = 2) -> dict:
+def linear_config(M: int, N: int, K: int, gated: bool = False, weight_bytes: int = 2,
+                  pdl: bool = False) -> dict:
     """Default block sizes for ``fused_linear`` (N: output columns per half when gated;
-    weight_bytes: bytes per weight element).
+    weight_bytes: bytes per weight element; pdl: launched with programmatic dependent launch).
 
-    - BLOCK_M: next power of two of M, at most 16; M > 16 is tiled over a second grid axis.
-    - USE_DOT: only for BLOCK_M == 16 (M > 8), with BLOCK_N = 16 (tl.dot needs >= 16 per dim)
-      and BLOCK_K = 128.
-    - FMA path (M <= 8): one warp per program (num_warps 1), BLOCK_N = 4 (N=1024 -> 256 programs,
-      N=4096 -> 1024), BLOCK_K = one warp's worth of 16-byte vector loads (256 half / 128 fp32
-      elements). With a single warp the x chunk's layout is the weight tile's column slice with no
-      replication across warps, so it is loaded in place: no shared-memory layout conversion and no
-      bar.sync inside the K loop, and (checked on the sm_90 SASS of the M=1 case) the weight loads
-      of the unrolled K loop are issued up front; the K reduction is intra-warp shuffles only.
-      Dot path: num_warps 4.
-      At M <= 2 with half weights, measured on an H100 (benchmarks/tune_triton.py): BLOCK_K 512, and
-      num_warps 4 for N <= 1024 (K <= 1024) and the lm_head, 1 for N in [2048, 8192] or K > 1024
-      (2.2-3.6 us per GEMV of bart-large / flan-t5-large vs cuBLAS 3.6-6.3 us).
+    Measured in the whole decoder step on an H100 (bf16, ``benchmarks/sweep_step.py``,
+    docs/performance.md):
+
+    - M <= 2: CUDA-core FMAs, ``BLOCK_N = 4`` rows of the weight per program (N = 1024 -> 256
+      programs). With PDL and half weights the program's whole [4, K] slice is one chunk
+      (``BLOCK_K`` = next power of two of K), loaded into registers before the kernel waits for its
+      predecessor, with enough warps that a thread holds at most 64 weight elements (bart-large
+      batch 1: 0.517 -> 0.484 ms per step). Otherwise ``BLOCK_K`` 512 with 4 warps for N <= 1024
+      (K <= 1024) and the lm_head, 1 warp for N in [2048, 8192] or K > 1024 (``tune_triton.py``),
+      and one warp's worth of 16-byte loads for fp32 weights.
+    - M > 2: the tensor-core path, rows padded to ``BLOCK_M = 16`` (tiled over a second grid axis
+      beyond 16), ``BLOCK_N = 16``, ``BLOCK_K = 256``, 4 warps. The FMA path re-reduces every row
+      per chunk and is compute-bound there: bart-large batch 8 took 1.95 ms per step with it and
+      0.98 ms with this one (the inductor-compiled step: 0.97 ms).
     - UNROLL: K loop unrolled (all weight loads of a program independent) when it has at most 8
-      chunks (M <= 2) or 4 chunks (M = 4..16); otherwise a rolled loop (software-pipelined with
+      chunks (M <= 2) or 4 chunks (M > 2); otherwise a rolled loop (software-pipelined with
       num_stages on the dot path).
     - BLOCK_SK / BLOCK_SN: chunk of the norm-statistics loops over K / N, sized so the
       [BLOCK_M, BLOCK_S] tile is about 32 registers per thread (BLOCK_M*BLOCK_S <= 1024*num_warps).
     """
-    block_m = min(_next_pow2(M), 16)
-    use_dot = block_m >= 16
-    if use_dot:
-        block_n, block_k, num_warps = 16, 128, 4
+    if M > 2:
+        block_m = 16
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=min(256, max(16, _next_pow2(K))), USE_DOT=True,
+                   num_warps=4)
     else:
-        block_n, num_warps = 4, 1
-        block_k = 32 * max(1, 16 // weight_bytes)
-        if block_m <= 2 and weight_bytes == 2:
-            # measured on an H100 (benchmarks/tune_triton.py, bf16, M=1, graph-replayed): 512-wide K
-            # chunks win everywhere; 4 warps win for N <= 1024 at K <= 1024 and for the vocabulary-wide
-            # lm_head, 1 warp for the mid-sized QKV / FFN matrices and for K > 1024
+        block_m = _next_pow2(M)
+        num_warps = 1
+        block_k = 32 * max(1, 16 // weight_bytes)  # one warp's 16-byte loads
+        if weight_bytes == 2:
             block_k = 512
             num_warps = 1 if (K > 1024 or 2048 <= N <= 8192) else 4
-    block_k = min(block_k, max(16, _next_pow2(K)))
-    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
-               UNROLL=_cdiv(K, block_k) <= _max_unroll(block_m), num_warps=num_warps)
+            if pdl:
+                block_k = _next_pow2(K)
+                elems = 4 * block_k * (2 if gated else 1)
+                num_warps = min(8, max(num_warps, _next_pow2(_cdiv(elems, 32 * 64))))
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=4, BLOCK_K=min(block_k, max(16, _next_pow2(K))), USE_DOT=False,
+                   num_warps=num_warps)
+    cfg["UNROLL"] = _cdiv(K, cfg["BLOCK_K"]) <= _max_unroll(block_m)
     _stats_blocks(cfg, N, K)
     return cfg
 
 
 def _max_unroll(block_m: int) -> int:
-    # more unrolled chunks hoist more weight loads into registers: 8 chunks at M <= 2 (K = 2048
-    # half), 4 at M = 4..8 (keeps the sm_90 build of the M=8 gated FFN under 255 registers)
+    # more unrolled chunks hoist more weight loads into registers: 8 chunks at M <= 2 (K = 4096
+    # half), 4 on the dot path
     return 8 if block_m <= 2 else 4
 
 
@@ -501,7 +577,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  norm=None, act: str | None = None, gated: bool = False,
                  residual: torch.Tensor | None = None, residual_norm=None,
                  out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
-                 config: dict | None = None) -> torch.Tensor:
+                 config: dict | None = None, pdl: bool = False) -> torch.Tensor:
     """``out = [norm_r(residual) +] act(norm(x) @ W^T + b)`` (gated: ``act(g) * u``), one kernel.
 
     x: [M, K], last-dim stride 1 (row stride free: may be a column slice of a wider buffer).
@@ -513,6 +589,10 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     ``residual_norm`` is None (each program then reads and writes only its own elements).
     config: optional overrides of ``linear_config`` (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_SK, BLOCK_SN,
     USE_DOT, UNROLL, num_warps, num_stages). No host sync; CUDA-graph capturable.
+    pdl: launch with programmatic dependent launch (ignored where ``pdl_supported`` is False): the
+    kernel starts while the previous kernel on the stream still runs, loads its weights, and waits
+    for that kernel before it reads anything else. The caller guarantees that the kernel launched
+    just before this one does not write ``weight``.
     """
     _require_triton()
     if x.dim() != 2 or x.stride(1) != 1:
@@ -542,7 +622,8 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if M == 0:
         return out
 
-    cfg = linear_config(M, N, K, gated, weight.element_size())
+    pdl = bool(pdl) and pdl_supported(x.device)
+    cfg = linear_config(M, N, K, gated, weight.element_size(), pdl)
     if _LINEAR_INTERPRETED and not config:
         # the interpreter's cost is per program: wide tiles (same code path, fewer programs)
         cfg.update(BLOCK_N=min(64, _next_pow2(N)), BLOCK_K=min(512, max(16, _next_pow2(K))), UNROLL=False)
@@ -552,7 +633,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         if unknown:
             raise ValueError(f"fused_linear: unknown config keys {sorted(unknown)}")
         cfg.update(config)
-        if "BLOCK_M" in config and "USE_DOT" not in config:
+        if {"BLOCK_M", "BLOCK_N", "BLOCK_K"} & set(config) and "USE_DOT" not in config:
             cfg["USE_DOT"] = cfg["BLOCK_M"] >= 16 and cfg["BLOCK_N"] >= 16 and cfg["BLOCK_K"] >= 16
         if "BLOCK_K" in config and "UNROLL" not in config:
             cfg["UNROLL"] = _cdiv(K, cfg["BLOCK_K"]) <= _max_unroll(cfg["BLOCK_M"])
@@ -566,6 +647,9 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     launch = {"num_warps": cfg["num_warps"]}
     if "num_stages" in cfg:
         launch["num_stages"] = cfg["num_stages"]
+    if pdl:
+        launch["launch_pdl"] = True
+    w_bytes = weight.element_size()
 
     dummy = x
     grid = (_cdiv(N, cfg["BLOCK_N"]), _cdiv(M, cfg["BLOCK_M"]))
@@ -584,6 +668,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         HAS_RES=residual is not None, RES_NORM=res_kind, HAS_RB=rb is not None,
         USE_DOT=bool(cfg["USE_DOT"]), W_FP32=weight.dtype == torch.float32,
         UNROLL=bool(cfg["UNROLL"]),
+        PDL=pdl, W_BYTES=w_bytes, PF_LINES=_next_pow2(_cdiv(cfg["BLOCK_N"] * K * w_bytes, 128)),
         **launch,
     )
     return out
@@ -600,7 +685,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      pos: torch.Tensor | None = None, k_new: torch.Tensor | None = None,
                      v_new: torch.Tensor | None = None, bias_table: torch.Tensor | None = None,
                      key_bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                     config: dict | None = None) -> torch.Tensor:
+                     config: dict | None = None, pdl: bool = False) -> torch.Tensor:
     """One-query attention per (batch, head): ``softmax(q.k * scale + bias) @ v`` in fp32.
 
     q: [B, H, D] (any strides). k_cache / v_cache: [B, H, T, D] (any strides; T = capacity or
@@ -610,6 +695,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     Cross-attention mode (pos None): all T keys; key_bias: None or [B, T] additive.
     Output: [B, H, D] in q's dtype, or written into ``out`` ([B, H, D], any strides).
     config: optional overrides (BLOCK_T, num_warps). No host sync; CUDA-graph capturable.
+    pdl: programmatic dependent launch (see ``fused_linear``): the kernel reads ``pos`` and
+    prefetches the cached rows into L2 before it waits for the previous kernel, so the caller
+    guarantees that the kernel launched just before this one writes neither ``pos`` nor the cache
+    rows 0..pos-1 (cross-attention: any cache row).
     """
     _require_triton()
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
@@ -653,6 +742,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     launch = {"num_warps": cfg["num_warps"]}
     if "num_stages" in cfg:
         launch["num_stages"] = cfg["num_stages"]
+    pdl = bool(pdl) and pdl_supported(q.device)
+    if pdl:
+        launch["launch_pdl"] = True
+    esz = k_cache.element_size()
 
     kn = k_new if self_mode else q
     vn = v_new if self_mode else q
@@ -672,6 +765,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         D=D, BLOCK_D=_next_pow2(D), BLOCK_T=cfg["BLOCK_T"],
         SELF=self_mode, HAS_BT=bias_table is not None, HAS_KB=key_bias is not None,
         LOOP_CAP=T if _ATTN_INTERPRETED else 0,
+        PDL=pdl, ROW_LINES=_next_pow2(_cdiv(D * esz, 128)), LINE_ELEMS=max(1, 128 // esz),
         **launch,
     )
     return out
