@@ -15,6 +15,15 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "silu", "swish", "tanh")
+
+
+def source_activation(src: dict, field: str, default: str) -> str:
+    """The activation named by a source config's ``field`` (``default`` when absent), checked
+    against the ones the core implements."""
+    act = src.get(field, default)
+    if act not in ACTIVATIONS:
+        raise ConfigError(f"field '{field}' = {act!r}: expected one of {', '.join(ACTIVATIONS)}")
+    return act
 NORMS = ("layer", "rms")
 POSITIONS = ("relative", "learned", "sinusoidal", "none")
 

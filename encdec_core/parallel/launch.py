@@ -266,20 +266,17 @@ def _make_context(tp: int, pp: int, rank: int, dev: torch.device, force: bool, i
     import torch.distributed as dist
 
     # new_group is collective over the whole world: every rank creates every group, same order.
-    tp_group = pp_group = None
+    def my_group(groups) -> object:
+        mine = None
+        for ranks in groups:
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                mine = g
+        return mine
+
     pp_ranks = tuple(p * tp + rank % tp for p in range(pp))
-    if tp > 1 or force:
-        for p in range(pp):
-            ranks = [p * tp + t for t in range(tp)]
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                tp_group = g
-    if pp > 1 or force:
-        for t in range(tp):
-            ranks = [p * tp + t for p in range(pp)]
-            g = dist.new_group(ranks)
-            if rank in ranks:
-                pp_group = g
+    tp_group = my_group([[p * tp + t for t in range(tp)] for p in range(pp)]) if tp > 1 or force else None
+    pp_group = my_group([[p * tp + t for p in range(pp)] for t in range(tp)]) if pp > 1 or force else None
     return ParallelContext(tp_size=tp, pp_size=pp, rank=rank, tp_group=tp_group, pp_group=pp_group,
                            pp_ranks=pp_ranks, device=dev, force_collectives=force,
                            extra={"launcher": info.launcher, "backend": dist.get_backend()})

@@ -13,7 +13,7 @@ import math
 import re
 from pathlib import Path
 
-from encdec_core.config import ACTIVATIONS, ConfigMap, read_json
+from encdec_core.config import ConfigMap, read_json, source_activation
 from encdec_core.errors import ConfigError, EncDecError, WeightError
 from encdec_core.family import Family, Source, read_hf_source
 from encdec_core.plugins import hookimpl
@@ -45,10 +45,7 @@ def _head_dim(src: dict) -> int:
 
 
 def _activation(src: dict) -> str:
-    act = src.get("activation_function", "gelu")
-    if act not in ACTIVATIONS:
-        raise ConfigError(f"field 'activation_function' = {act!r}: expected one of {', '.join(ACTIVATIONS)}")
-    return act
+    return source_activation(src, "activation_function", "gelu")
 
 
 def _embedding_scale(src: dict) -> float:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from encdec_core.config import ACTIVATIONS, ConfigMap, EncDecConfig, read_json
+from encdec_core.config import ConfigMap, EncDecConfig, read_json, source_activation
 from encdec_core.errors import ConfigError, EncDecError, WeightError
 from encdec_core.family import HF_TOKENIZER_FILES, Family, Source, load_tensors
 from encdec_core.plugins import hookimpl
@@ -168,10 +168,7 @@ def _fsmt_head_dim(s: dict) -> int:
 
 
 def _fsmt_activation(s: dict) -> str:
-    act = s.get("activation_function", "relu")
-    if act not in ACTIVATIONS:
-        raise ConfigError(f"field 'activation_function' = {act!r}: expected one of {ACTIVATIONS}")
-    return act
+    return source_activation(s, "activation_function", "relu")
 
 
 def _fsmt_tied(s: dict) -> bool:
