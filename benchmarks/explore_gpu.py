@@ -21,7 +21,6 @@ from _common import ensure_families  # noqa: E402
 
 from encdec_core.benchmark import model_from_preset  # noqa: E402
 from encdec_core.runtime.cuda import CudaGraphRunner  # noqa: E402
-from encdec_core.runtime.kv_cache import KVCache  # noqa: E402,F401
 
 
 def eager_greedy(model, ids, steps):
@@ -48,27 +47,6 @@ def time_eager_step(model, ids, steps=32):
         model.decode(tok, st)
     torch.cuda.synchronize()
     return (time.perf_counter() - t) / steps * 1e3
-
-
-def time_runner(r, ids, steps=64, reps=3):
-    r.set_eos_pad(-1, 0)  # never finish: every step runs
-    best = []
-    for _ in range(reps):
-        r.prefill(ids, None, 1, steps)
-        bb, sb, n = r._cur
-        vw = r.dec.views(bb, sb)
-        vw.tokens.zero_()
-        vw.finished.zero_()
-        torch.cuda.synchronize()
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        for _ in range(steps):
-            r._run("greedy")
-        e1.record()
-        torch.cuda.synchronize()
-        best.append(e0.elapsed_time(e1) / steps)
-    best.sort()
-    return best[len(best) // 2]
 
 
 def main():
@@ -107,8 +85,6 @@ def main():
             parts = [p for p in parts if p != "nopdl"]
             attn = parts[1] if len(parts) > 1 else "math"
             kernels = "triton" if parts[0] == "triton" else "inductor"
-            if var == "graph":
-                kernels = "inductor"
             t = time.perf_counter()
             try:
                 r = CudaGraphRunner(model, max(batches), 80, 128, compile=comp, attention=attn, kernels=kernels)
@@ -123,7 +99,7 @@ def main():
                 row[f"{var}_compile_s"] = ctime
                 row[f"{var}_match_vs_eager"] = match
                 for b in batches:
-                    ms = time_runner(r, ids[:b])
+                    ms = r.time_step(ids[:b], None, steps=64)
                     row[f"{var}_b{b}_ms"] = ms
                     print(f"  {var:14s} b{b:<4d} {ms:.4f} ms/step (compile+capture {ctime:.1f}s, match {match:.3f})",
                           flush=True)

@@ -7,7 +7,7 @@ decoder step (fused greedy loop replayed from its CUDA graph; random weights of 
 shapes, bf16, source length 128) per model and batch size, against the inductor-compiled step.
 
     PYTHONPATH=.:families python benchmarks/sweep_step.py --models bart-large --batches 1,8 \
-        --policies base,fullk,dot [--inductor] [--out DIR]
+        --policies base,k512,fma [--inductor] [--out DIR]
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import ensure_families  # noqa: E402
-from explore_gpu import time_runner  # noqa: E402
 
 import encdec_core.runtime.cuda.triton_kernels as tk  # noqa: E402
 from encdec_core.benchmark import model_from_preset  # noqa: E402
@@ -31,35 +30,51 @@ BASE = tk.linear_config
 BASE_ATTN = tk.attention_config
 
 
-def _fullk(M, N, K, gated=False, weight_bytes=2, warps_cap=8, per_thread=64):
-    """M <= 2: one K chunk (the whole weight slice of a program loaded before the PDL wait), with
-    enough warps that a thread holds at most ``per_thread`` weight elements."""
-    cfg = BASE(M, N, K, gated, weight_bytes)
-    if cfg["BLOCK_M"] <= 2 and not cfg["USE_DOT"]:
-        kp = tk._next_pow2(K)
-        elems = cfg["BLOCK_N"] * kp * (2 if gated else 1)
-        warps = min(warps_cap, max(cfg["num_warps"], tk._next_pow2(tk._cdiv(elems, 32 * per_thread))))
-        cfg.update(BLOCK_K=kp, UNROLL=True, num_warps=warps)
-        tk._stats_blocks(cfg, N, K)
-    return cfg
+# A policy has linear_config's signature and varies the default (``base``, the configuration
+# triton_kernels ships) in one respect.
+
+def _fullk(per_thread: int):
+    """Batch <= 2 with PDL: the whole weight slice in registers, ``per_thread`` elements a thread
+    (the default: 64)."""
+    def policy(M, N, K, gated=False, weight_bytes=2, pdl=False):
+        cfg = BASE(M, N, K, gated, weight_bytes, pdl)
+        if pdl and not cfg["USE_DOT"] and weight_bytes == 2:
+            min_warps = BASE(M, N, K, gated, weight_bytes)["num_warps"]
+            cfg["num_warps"] = tk.slice_warps(cfg["BLOCK_N"], cfg["BLOCK_K"], gated, min_warps, per_thread)
+            tk._stats_blocks(cfg, N, K)
+        return cfg
+    return policy
 
 
-def _dot(M, N, K, gated=False, weight_bytes=2, block_k=128, block_n=16, warps=4):
-    """M > 2: the tensor-core path (rows padded to 16)."""
-    cfg = BASE(M, N, K, gated, weight_bytes)
-    if M > 2:
-        cfg.update(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=True, num_warps=warps,
-                   UNROLL=tk._cdiv(K, block_k) <= 4)
-        tk._stats_blocks(cfg, N, K)
-    return cfg
+def _k512(M, N, K, gated=False, weight_bytes=2, pdl=False):
+    """Batch <= 2: the K-chunked configuration used without PDL (512-wide chunks)."""
+    return BASE(M, N, K, gated, weight_bytes)
 
 
-def _fma_warps(M, N, K, gated=False, weight_bytes=2, warps=4):
-    cfg = BASE(M, N, K, gated, weight_bytes)
-    if 2 < M <= 8:
-        cfg.update(num_warps=warps)
-        tk._stats_blocks(cfg, N, K)
-    return cfg
+def _dot(block_k: int, warps: int):
+    """Batch > 2 (tensor cores): another K chunk / warp count (the default: 256 / 4)."""
+    def policy(M, N, K, gated=False, weight_bytes=2, pdl=False):
+        cfg = BASE(M, N, K, gated, weight_bytes, pdl)
+        if cfg["USE_DOT"]:
+            bk = min(block_k, max(16, tk._next_pow2(K)))
+            cfg.update(BLOCK_K=bk, num_warps=warps, UNROLL=tk._cdiv(K, bk) <= tk._max_unroll(16))
+            tk._stats_blocks(cfg, N, K)
+        return cfg
+    return policy
+
+
+def _fma(warps: int):
+    """Batch 3..8 on CUDA-core FMAs (the configuration before the tensor-core path)."""
+    def policy(M, N, K, gated=False, weight_bytes=2, pdl=False):
+        cfg = BASE(M, N, K, gated, weight_bytes, pdl)
+        if 2 < M <= 8:
+            bm = tk._next_pow2(M)
+            bk = min(32 * max(1, 16 // weight_bytes), max(16, tk._next_pow2(K)))
+            cfg.update(BLOCK_M=bm, BLOCK_N=4, BLOCK_K=bk, USE_DOT=False, num_warps=warps,
+                       UNROLL=tk._cdiv(K, bk) <= tk._max_unroll(bm))
+            tk._stats_blocks(cfg, N, K)
+        return cfg
+    return policy
 
 
 def _attn(block_t=None, warps=None):
@@ -80,15 +95,13 @@ ATTN_POLICIES = {
 
 POLICIES = {
     "base": BASE,
-    "fullk": _fullk,
-    "fullk32": lambda *a, **k: _fullk(*a, per_thread=32, **k),
-    "fullk128": lambda *a, **k: _fullk(*a, per_thread=128, **k),
-    "dot": _dot,
-    "dot-k256": lambda *a, **k: _dot(*a, block_k=256, **k),
-    "dot-w8": lambda *a, **k: _dot(*a, block_k=256, warps=8, **k),
-    "fma-w4": _fma_warps,
-    "fullk+dot": lambda M, N, K, gated=False, weight_bytes=2: (
-        _fullk(M, N, K, gated, weight_bytes) if M <= 2 else _dot(M, N, K, gated, weight_bytes)),
+    "fullk32": _fullk(32),
+    "fullk128": _fullk(128),
+    "k512": _k512,
+    "dot-k128": _dot(128, 4),
+    "dot-w8": _dot(256, 8),
+    "fma": _fma(1),
+    "fma-w4": _fma(4),
 }
 
 
@@ -96,11 +109,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="bart-large")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--policies", default="base,fullk,dot")
+    ap.add_argument("--policies", default="base,k512,fma", help=f"of {sorted(POLICIES) + sorted(ATTN_POLICIES)}")
     ap.add_argument("--inductor", action="store_true", help="also time the inductor-compiled step")
     ap.add_argument("--nopdl", action="store_true", help="also time each policy without PDL")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
+    unknown = set(a.policies.split(",")) - set(POLICIES) - set(ATTN_POLICIES)
+    if unknown:
+        ap.error(f"unknown policies {sorted(unknown)}")
     ensure_families()
     batches = [int(b) for b in a.batches.split(",")]
     res = []
@@ -128,7 +144,7 @@ def main():
                 ref = ref or toks
                 match = [(x == y).float().mean().item() for x, y in zip(toks, ref)]
                 for b, mt in zip(batches, match):
-                    ms = time_runner(r, ids[:b])
+                    ms = r.time_step(ids[:b], None, steps=64)
                     row = dict(model=name, policy=pol, pdl=bool(r._fused is not None and r._fused.pdl),
                                batch=b, ms=ms, token_match_vs_first=mt, setup_s=time.perf_counter() - t)
                     res.append(row)

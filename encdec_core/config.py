@@ -15,6 +15,8 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "silu", "swish", "tanh")
+NORMS = ("layer", "rms")
+POSITIONS = ("relative", "learned", "sinusoidal", "none")
 
 
 def source_activation(src: dict, field: str, default: str) -> str:
@@ -24,8 +26,6 @@ def source_activation(src: dict, field: str, default: str) -> str:
     if act not in ACTIVATIONS:
         raise ConfigError(f"field '{field}' = {act!r}: expected one of {', '.join(ACTIVATIONS)}")
     return act
-NORMS = ("layer", "rms")
-POSITIONS = ("relative", "learned", "sinusoidal", "none")
 
 
 @dataclass(frozen=True)

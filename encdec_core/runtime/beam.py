@@ -174,8 +174,9 @@ def beam_search(runner, gc: GenerationConfig, batch: int, max_len: int, pipeline
                 prefix: torch.Tensor):
     """``prefix`` [batch * nb, P]: the decoder start token (and any decoder prefix), rows repeated per beam.
 
-    A runner with a ``beam_search(state, pipeline, prefix)`` method (the CUDA-graph runner) runs the
-    loop itself when the pipeline can run on device positions (``pipeline.static``)."""
+    A runner with a ``beam_search(gc, batch, max_len, pipeline, prefix)`` method (the CUDA-graph
+    runner) runs the loop itself when the pipeline can run on device positions (``pipeline.static``)
+    and nothing is sampled."""
     prompt = prefix.shape[1]
     fused = getattr(runner, "beam_search", None)
     if fused is not None and pipeline.static and not gc.do_sample:

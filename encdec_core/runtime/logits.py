@@ -126,6 +126,12 @@ class LogitsPipeline:
         random draws): ``at_position`` then gives the same scores with the position on the device."""
         return self.rep == 1.0 and self.ngram == 0 and not self.do_sample
 
+    def _force_bos(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores that allow only the forced first token (one for all rows, or one per row)."""
+        if isinstance(self.forced_bos, torch.Tensor):
+            return force_tokens_per_row(scores, self.forced_bos)
+        return force_tokens(scores, self._bos_ids.to(scores.device))
+
     def at_position(self, scores: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
         """The pipeline at length ``cur`` (0-dim device tensor), with no host read (CUDA graphs):
         each position-dependent rule is computed and selected with ``torch.where``. Only for
@@ -135,11 +141,7 @@ class LogitsPipeline:
         if self.eos_mask is not None:
             scores = torch.where(cur < self.min_length, ban_tokens(scores, self.eos_mask), scores)
         if self.forced_bos is not None:
-            if isinstance(self.forced_bos, torch.Tensor):
-                forced = force_tokens_per_row(scores, self.forced_bos)
-            else:
-                forced = force_tokens(scores, self._bos_ids)
-            scores = torch.where(cur == 1, forced, scores)
+            scores = torch.where(cur == 1, self._force_bos(scores), scores)
         if self.forced_eos is not None:
             scores = torch.where(cur == self.max_length - 1, force_tokens(scores, self.forced_eos), scores)
         return scores
@@ -153,10 +155,7 @@ class LogitsPipeline:
         if self.eos_mask is not None and cur < self.min_length:
             scores = ban_tokens(scores, self.eos_mask)
         if self.forced_bos is not None and cur == 1:
-            if isinstance(self.forced_bos, torch.Tensor):
-                scores = force_tokens_per_row(scores, self.forced_bos)
-            else:
-                scores = force_tokens(scores, self._bos_ids.to(scores.device))
+            scores = self._force_bos(scores)
         if self.forced_eos is not None and cur == self.max_length - 1:
             scores = force_tokens(scores, self.forced_eos)
         if self.do_sample:

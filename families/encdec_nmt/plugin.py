@@ -274,11 +274,9 @@ def nmt_weight_map(cfg: EncDecConfig) -> WeightMap:
 
 
 # ----------------------------------------------------------------------------- sources
-# fairseq-interactive's defaults in HF terms: beam 5, max_len_b 200 (200 tokens, then </s>: 201 new tokens
-# in HF's count), a sentence is done when beam-size hypotheses are finished (early_stopping=True), </s>
-# forced at the length limit
-FAIRSEQ_GENERATION = {"num_beams": 5, "max_new_tokens": 201, "early_stopping": True, "length_penalty": 1.0,
-                      "forced_eos_token_id": EOS}
+# fairseq-interactive's defaults in HF terms: beam 5, a sentence is done when beam-size hypotheses are
+# finished (early_stopping=True), </s> forced at the length limit (max_new_tokens: read_fairseq)
+FAIRSEQ_GENERATION = {"num_beams": 5, "early_stopping": True, "length_penalty": 1.0, "forced_eos_token_id": EOS}
 CHECKPOINT_NAMES = ("model.pt", "checkpoint_best.pt", "checkpoint_last.pt")
 
 
@@ -356,7 +354,7 @@ def read_fairseq(path: Path, family: Family) -> Source:
     tok_files = _dict_files(folder) + [folder / n for n in BPE_CODE_FILES if (folder / n).is_file()]
     _check_dictionaries(folder, cfg)
     gen = dict(FAIRSEQ_GENERATION)
-    # fairseq: at most min(max_len_b, max_target_positions - 1) tokens, then </s>; HF counts the </s>
+    # fairseq: at most min(max_len_b = 200, max_target_positions - 1) tokens, then </s>; HF counts the </s>
     gen["max_new_tokens"] = min(200, int(opts.get("max_target_positions") or 1024) - 1) + 1
     return Source(ckpt, cfg, tensors, gen, tok_files)
 

@@ -36,6 +36,12 @@ def _round_up(n: int, m: int) -> int:
     return int(math.ceil(n / m) * m)
 
 
+def _reorder_rows(vw, n: int, index: torch.Tensor) -> None:
+    """The first ``n`` rows of every self-attention cache take the rows ``index`` (beam search)."""
+    for t in vw.k + vw.v:
+        t[:n].copy_(t[:n].index_select(0, index))
+
+
 def _bucket(n: int, buckets, limit: int, what: str) -> int:
     if n > limit:
         raise LimitError(f"{what} {n} exceeds the runner's limit {limit}")
@@ -433,9 +439,7 @@ class CudaGraphRunner:
     def reorder(self, index: torch.Tensor) -> None:
         bb, sb, n = self._cur
         vw = self.dec.views(bb, sb)
-        index = index.to(self.dec.device)
-        for t in vw.k + vw.v:
-            t[:n].copy_(t[:n].index_select(0, index))
+        _reorder_rows(vw, n, index.to(self.dec.device))
 
     # ------------------------------------------------------------------ beam search in the graph
     @torch.no_grad()
@@ -446,6 +450,7 @@ class CudaGraphRunner:
         ``check_every`` steps (the result is the same as stopping at once: see ``beam``'s docstring).
         ``generate`` calls this for a runner after ``prefill`` when the pipeline is ``static``."""
         from ..beam import BeamState
+        from ..generation import feed_prefix
 
         if self._cur is None:
             raise RuntimeError("prefill() first")
@@ -471,8 +476,7 @@ class CudaGraphRunner:
             def tail(logits):
                 logp = torch.log_softmax(logits[:n].float(), dim=-1)
                 st.update(pipe.at_position(logp, d.pos), d.pos)
-                for t in vw.k + vw.v:
-                    t[:n].copy_(t[:n].index_select(0, st.src_index))
+                _reorder_rows(vw, n, st.src_index)
                 vw.tokens[:n].copy_(st.tokens(d.pos))
 
             if self._compile:  # ~100 small eager kernels become a few fused ones
@@ -490,8 +494,7 @@ class CudaGraphRunner:
         st.reset(prefix)
         d.pos.zero_()
         self.steps = 0
-        for j in range(prompt - 1):  # a decoder prefix: every beam has the same one
-            self.step(prefix[:, j].contiguous())
+        feed_prefix(self, prefix)  # a decoder prefix: every beam has the same one
         d._tokens[:n].copy_(prefix[:, -1])
         for i in range(max_len - prompt):
             if g is None:

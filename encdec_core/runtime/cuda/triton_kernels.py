@@ -531,19 +531,26 @@ def linear_config(M: int, N: int, K: int, gated: bool = False, weight_bytes: int
     else:
         block_m = _next_pow2(M)
         num_warps = 1
+        block_n = 4
         block_k = 32 * max(1, 16 // weight_bytes)  # one warp's 16-byte loads
         if weight_bytes == 2:
             block_k = 512
             num_warps = 1 if (K > 1024 or 2048 <= N <= 8192) else 4
             if pdl:
                 block_k = _next_pow2(K)
-                elems = 4 * block_k * (2 if gated else 1)
-                num_warps = min(8, max(num_warps, _next_pow2(_cdiv(elems, 32 * 64))))
-        cfg = dict(BLOCK_M=block_m, BLOCK_N=4, BLOCK_K=min(block_k, max(16, _next_pow2(K))), USE_DOT=False,
+                num_warps = slice_warps(block_n, block_k, gated, num_warps)
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(block_k, max(16, _next_pow2(K))), USE_DOT=False,
                    num_warps=num_warps)
     cfg["UNROLL"] = _cdiv(K, cfg["BLOCK_K"]) <= _max_unroll(block_m)
     _stats_blocks(cfg, N, K)
     return cfg
+
+
+def slice_warps(block_n: int, block_k: int, gated: bool, min_warps: int, per_thread: int = 64) -> int:
+    """Warps (at least ``min_warps``, at most 8) for a program that holds its [block_n, block_k]
+    weight tile (two with ``gated``) in registers, at most ``per_thread`` elements per thread."""
+    elems = block_n * block_k * (2 if gated else 1)
+    return min(8, max(min_warps, _next_pow2(_cdiv(elems, 32 * per_thread))))
 
 
 def _max_unroll(block_m: int) -> int:
