@@ -77,9 +77,13 @@ def _fma(warps: int):
     return policy
 
 
-def _attn(block_t=None, warps=None):
-    def cfg(D):
-        c = BASE_ATTN(D)
+def _attn(block_t=None, warps=None, cross_only=False):
+    """Attention: another key tile / warp count (the default: 64 keys, 4 warps); ``cross_only``: for
+    cross-attention only (its whole source in one tile, loaded before the PDL wait, when it fits)."""
+    def cfg(D, T=None, self_mode=True, pdl=False):
+        c = BASE_ATTN(D, T, self_mode, pdl)
+        if cross_only and self_mode:
+            return c
         if block_t:
             c["BLOCK_T"] = block_t
         if warps:
@@ -89,6 +93,12 @@ def _attn(block_t=None, warps=None):
 
 
 ATTN_POLICIES = {
+    "attn-t32": _attn(32), "attn-t128": _attn(128), "attn-w1": _attn(warps=1), "attn-w2": _attn(warps=2),
+    "attn-t128w8": _attn(128, 8), "attn-t32w2": _attn(32, 2),
+    "attn-x64": _attn(64, cross_only=True), "attn-x128w8": _attn(128, 8, cross_only=True),
+}
+
+POLICIES = {
     "attn-t32": _attn(32), "attn-t128": _attn(128), "attn-w1": _attn(warps=1), "attn-w2": _attn(warps=2),
     "attn-t128w8": _attn(128, 8), "attn-t32w2": _attn(32, 2),
 }
@@ -112,6 +122,7 @@ def main():
     ap.add_argument("--policies", default="base,k512,fma", help=f"of {sorted(POLICIES) + sorted(ATTN_POLICIES)}")
     ap.add_argument("--inductor", action="store_true", help="also time the inductor-compiled step")
     ap.add_argument("--nopdl", action="store_true", help="also time each policy without PDL")
+    ap.add_argument("--fused-max-batch", type=int, default=16, help="largest batch bucket of the Triton step")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     unknown = set(a.policies.split(",")) - set(POLICIES) - set(ATTN_POLICIES)
@@ -135,7 +146,8 @@ def main():
             t = time.perf_counter()
             try:
                 r = CudaGraphRunner(model, max(batches), 80, 128, compile=pol == "inductor",
-                                    kernels="inductor" if pol == "inductor" else "triton")
+                                    kernels="inductor" if pol == "inductor" else "triton",
+                                    fused_max_batch=a.fused_max_batch)
                 if r._fused is not None:
                     r._fused.pdl = r._fused.pdl and pdl
                 r.warmup(batch_sizes=batches, source_lens=(128,), kinds=("greedy",), eos=-1, pad=0)

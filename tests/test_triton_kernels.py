@@ -438,7 +438,9 @@ def _pdl_chain(pdl, M, dtype, layers, g_seed=120, graph=False):
             qkv = tk.fused_linear(x, w["qkv"], norm=w["norm"], out_dtype=dtype, pdl=pdl)
             q, kn, vn = (t.view(M, H, D) for t in qkv.split(K, dim=-1))
             o = tk.decode_attention(q, kc[li], vc[li], D ** -0.5, pos=pos, k_new=kn, v_new=vn, pdl=pdl)
-            tk.fused_linear(o.view(M, K), w["o"], residual=x, out=x, pdl=pdl)
+            # x was written three kernels back: its read may go before the wait (residual_ready);
+            # the FFN-out below reads its residual after the wait (the default)
+            tk.fused_linear(o.view(M, K), w["o"], residual=x, out=x, pdl=pdl, residual_ready=True)
             h = tk.fused_linear(x, w["wi"], norm=w["norm"], act="gelu_new", gated=True, out_dtype=dtype,
                                 pdl=pdl)
             tk.fused_linear(h, w["wo"], residual=x, out=x, pdl=pdl)

@@ -77,17 +77,31 @@ class FusedStep:
             self.final = (final.kind, w, final.bias, final.eps)
         self.lm_bias = model.final_logits_bias if cfg.final_logits_bias else None
         self.layers = [dec.layers[str(i)] for i in static_decoder.layer_ids]
-        # programmatic dependent launch (Hopper+): each kernel loads its weights (and prefetches its
-        # cached K/V rows) while the previous one finishes. Safe here: no kernel of the step writes
-        # a weight, ``pos`` (advanced after the last kernel) or a cache row another kernel reads
-        # next, except the attention kernel's own new row.
+        # programmatic dependent launch (Hopper+): each kernel loads its weights, biases and norm
+        # weights (attention: its first tile of cached K/V rows and biases) while the previous one
+        # finishes. Safe here: no kernel of the step writes a weight, ``pos`` (advanced after the
+        # last kernel) or a cache row another kernel reads next, except the attention kernel's own
+        # new row. The residual inputs are read early too (``residual_ready``): the residual stream
+        # of each out-projection / FFN-out is written two or more kernels before it.
         self.pdl = pdl_supported(model.device)
+        self._embed = self._embed_tokens
+
+    def _embed_tokens(self, tokens, pos):
+        """The step's input rows [B, d_model]: the model's own embedding (token, scale, positions,
+        embedding norm) in the residual dtype."""
+        ids = tokens.unsqueeze(1)
+        return self.model.decoder.embed(ids, torch.ones_like(ids), pos)[:, 0].to(self.res_dtype)
+
+    def compile_embedding(self) -> None:
+        """Let inductor fuse the embedding's ops (gather, scale, position rows, embedding norm: up to
+        ~9 eager kernels for BART) into one or two kernels. The CUDA runner calls this when it
+        compiles; the ops and their fp32 math are the model's own (inductor rounds once at the end)."""
+        self._embed = torch.compile(self._embed_tokens, fullgraph=True, dynamic=False)
 
     def __call__(self, tokens, pos, k, v, ck, cv, cross_bias):
         model, dec = self.model, self.model.decoder
         b = tokens.shape[0]
-        ids = tokens.unsqueeze(1)
-        x = dec.embed(ids, torch.ones_like(ids), pos)[:, 0].to(self.res_dtype)
+        x = self._embed(tokens, pos)
         dt, rdt, pre = self.dtype, self.res_dtype, self.pre
         pending = None  # post-norm: the norm the stored residual still needs
         for li, layer in enumerate(self.layers):
@@ -102,20 +116,22 @@ class FusedStep:
             o = decode_attention(q, k[li], v[li], sa.scale, pos=pos, k_new=kn, v_new=vn, bias_table=self.bias[li],
                                  pdl=self.pdl)
             x = fused_linear(o.reshape(b, hd), sa.out.weight, sa.out.bias, residual=x,
-                             residual_norm=None if pre else pending, out_dtype=rdt, pdl=self.pdl)
+                             residual_norm=None if pre else pending, out_dtype=rdt, pdl=self.pdl,
+                             residual_ready=True)
             pending = None if pre else _spec(layer.self_attn_norm)
             # cross-attention
             q = fused_linear(x, ca.q.weight, ca.q.bias, norm=_spec(layer.cross_attn_norm) if pre else pending,
                              out_dtype=dt, pdl=self.pdl).view(b, ca.h, ca.dh)
             o = decode_attention(q, ck[li], cv[li], ca.scale, key_bias=cross_bias, pdl=self.pdl)
             x = fused_linear(o.reshape(b, hd), ca.out.weight, ca.out.bias, residual=x,
-                             residual_norm=None if pre else pending, out_dtype=rdt, pdl=self.pdl)
+                             residual_norm=None if pre else pending, out_dtype=rdt, pdl=self.pdl,
+                             residual_ready=True)
             pending = None if pre else _spec(layer.cross_attn_norm)
             # feed-forward
             h = fused_linear(x, ffn.wi.weight, ffn.wi.bias, norm=_spec(layer.ffn_norm) if pre else pending,
                              act=self.act, gated=ffn.gated, out_dtype=dt, pdl=self.pdl)
             x = fused_linear(h, ffn.wo.weight, ffn.wo.bias, residual=x, residual_norm=None if pre else pending,
-                             out_dtype=rdt, pdl=self.pdl)
+                             out_dtype=rdt, pdl=self.pdl, residual_ready=True)
             pending = None if pre else _spec(layer.ffn_norm)
         final = self.final if pre else pending
         if final is None and self.out_scale != 1.0:  # pre-norm without a final norm (rare)

@@ -259,6 +259,8 @@ class CudaGraphRunner:
                 raise ValueError(f"kernels='triton': the Triton decoder step does not support {why}")
             if why is None and (model.device.type == "cuda" or kernels == "triton"):
                 self._fused = FusedStep(self.dec)
+                if compile:
+                    self._fused.compile_embedding()
         self._encode = model.encode
         if compile if compile_encoder is None else compile_encoder:
             self._encode = torch.compile(model.encode, dynamic=True)

@@ -224,24 +224,46 @@ if HAVE_TRITON:
         return w, wu
 
     @triton.jit
-    def _linear_chunk(k0, w, wu, acc, acc_u, acc3, acc3_u, x_ptr, w_ptr, nw_ptr, nb_ptr, mean, rstd,
+    def _load_norm_w(k0, nw_ptr, nb_ptr, K: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+                     HAS_NB: tl.constexpr):
+        """The norm weight (and bias) of chunk k0; without a norm, a placeholder."""
+        ks = k0 + tl.arange(0, BLOCK_K)
+        if NORM != 0:
+            nw = tl.load(nw_ptr + ks, mask=ks < K, other=0.0)
+            if HAS_NB:
+                nb = tl.load(nb_ptr + ks, mask=ks < K, other=0.0)
+            else:
+                nb = nw
+        else:
+            nw = tl.zeros([BLOCK_K], dtype=tl.float32)
+            nb = nw
+        return nw, nb
+
+    @triton.jit
+    def _vec_stats(v, vmask, eps, L: tl.constexpr, KIND: tl.constexpr):
+        """``_row_stats`` of one row already in registers (v [BLOCK] holds the whole row)."""
+        vf = v.to(tl.float32)
+        mean = 0.0
+        if KIND == 2:
+            mean = tl.sum(vf, axis=0) / L
+            vf = tl.where(vmask, vf - mean, 0.0)
+        var = tl.sum(vf * vf, axis=0) / L
+        return mean, 1.0 / tl.sqrt(var + eps)
+
+    @triton.jit
+    def _linear_chunk(k0, w, wu, nw, nb, acc, acc_u, acc3, acc3_u, x_ptr, w_ptr, nw_ptr, mean, rstd, eps,
                       row0, M, stride_xm,
                       N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                       NORM: tl.constexpr, HAS_NB: tl.constexpr, GATED: tl.constexpr,
-                      USE_DOT: tl.constexpr, W_FP32: tl.constexpr):
-        """One BLOCK_K chunk with its weight tile(s) w / wu already loaded. Accumulators are
-        [BLOCK_N, BLOCK_M] (column-major tile of the output); with BLOCK_M == 1 on the FMA path, the
-        products are summed elementwise in acc3 [BLOCK_N, BLOCK_K] instead and reduced over K once
-        after the loop."""
+                      USE_DOT: tl.constexpr, W_FP32: tl.constexpr, ONE_PASS: tl.constexpr):
+        """One BLOCK_K chunk with its weight tile(s) w / wu and norm weights nw / nb already loaded.
+        Accumulators are [BLOCK_N, BLOCK_M] (column-major tile of the output); with BLOCK_M == 1 on
+        the FMA path, the products are summed elementwise in acc3 [BLOCK_N, BLOCK_K] instead and
+        reduced over K once after the loop. ONE_PASS (FMA path, the whole row in this one chunk):
+        the norm statistics come from the row loaded here (mean / rstd are unused)."""
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K
         wdt = w_ptr.dtype.element_ty
-        if NORM != 0:
-            nw = tl.load(nw_ptr + ks, mask=kmask, other=0.0)
-            if HAS_NB:
-                nb = tl.load(nb_ptr + ks, mask=kmask, other=0.0)
-            else:
-                nb = nw
         if USE_DOT:
             rows = row0 + tl.arange(0, BLOCK_M)
             xm = (rows < M)[:, None] & kmask[None, :]
@@ -266,8 +288,12 @@ if HAVE_TRITON:
                 row = row0 + mi
                 xv = tl.load(x_ptr + row * stride_xm + ks, mask=kmask & (row < M), other=0.0)
                 if NORM != 0:
-                    xv = _normalize(xv, _pick(mean, mi, BLOCK_M), _pick(rstd, mi, BLOCK_M), nw, nb,
-                                    nw_ptr.dtype.element_ty, NORM, HAS_NB)
+                    if ONE_PASS:
+                        mu, rs = _vec_stats(xv, kmask, eps, K, NORM)
+                    else:
+                        mu = _pick(mean, mi, BLOCK_M)
+                        rs = _pick(rstd, mi, BLOCK_M)
+                    xv = _normalize(xv, mu, rs, nw, nb, nw_ptr.dtype.element_ty, NORM, HAS_NB)
                 a = xv.to(wdt).to(tl.float32)[None, :]  # the matmul input in the weight dtype
                 if BLOCK_M == 1:
                     acc3 += wf * a
@@ -285,6 +311,25 @@ if HAVE_TRITON:
     # ------------------------------------------------------------------------------------------
 
     @triton.jit
+    def _load_residual(res_ptr, rw_ptr, rb_ptr, rows, row_mask, cols, col_mask, stride_rm, res_eps,
+                       N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SN: tl.constexpr,
+                       RES_NORM: tl.constexpr, HAS_RB: tl.constexpr):
+        """The [BLOCK_N, BLOCK_M] residual tile in fp32, normalised first when RES_NORM."""
+        om = col_mask[:, None] & row_mask[None, :]
+        r = tl.load(res_ptr + rows[None, :] * stride_rm + cols[:, None], mask=om, other=0.0)
+        if RES_NORM != 0:
+            r_mean, r_rstd = _row_stats(res_ptr, rows, row_mask, stride_rm, res_eps, N, BLOCK_M,
+                                        BLOCK_SN, RES_NORM)
+            rw = tl.load(rw_ptr + cols, mask=col_mask, other=0.0)
+            if HAS_RB:
+                rb = tl.load(rb_ptr + cols, mask=col_mask, other=0.0)
+            else:
+                rb = rw
+            r = _normalize(r, r_mean[None, :], r_rstd[None, :], rw[:, None], rb[:, None],
+                           rw_ptr.dtype.element_ty, RES_NORM, HAS_RB)
+        return r.to(tl.float32)
+
+    @triton.jit
     def _fused_linear_kernel(
         x_ptr, w_ptr, b_ptr, nw_ptr, nb_ptr, res_ptr, rw_ptr, rb_ptr, out_ptr,
         M, stride_xm, stride_rm, stride_om, eps, res_eps,
@@ -293,7 +338,7 @@ if HAVE_TRITON:
         BLOCK_SK: tl.constexpr, BLOCK_SN: tl.constexpr,
         NORM: tl.constexpr, HAS_NB: tl.constexpr, HAS_BIAS: tl.constexpr,
         ACT: tl.constexpr, GATED: tl.constexpr,
-        HAS_RES: tl.constexpr, RES_NORM: tl.constexpr, HAS_RB: tl.constexpr,
+        HAS_RES: tl.constexpr, RES_NORM: tl.constexpr, HAS_RB: tl.constexpr, RES_EARLY: tl.constexpr,
         USE_DOT: tl.constexpr, W_FP32: tl.constexpr, UNROLL: tl.constexpr,
         PDL: tl.constexpr, W_BYTES: tl.constexpr, PF_LINES: tl.constexpr,
     ):
@@ -304,10 +349,13 @@ if HAVE_TRITON:
         row_mask = rows < M
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
+        # FMA path with the whole row in one chunk: norm statistics from that chunk's x
+        ONE_PASS: tl.constexpr = (NORM != 0) and (not USE_DOT) and (BLOCK_K >= K)
 
-        # the weights do not depend on the previous kernel: their loads are issued first (chunk 0
-        # into registers; with PDL the rest of this program's rows into L2), before the wait for the
-        # previous kernel and before the norm statistics
+        # Loads that do not depend on the previous kernel are issued first: the weights (chunk 0 into
+        # registers; with PDL the rest of this program's rows into L2), the norm weights of chunk 0,
+        # the bias and, with RES_EARLY, the residual (with its norm). With PDL all of them are in
+        # flight before the wait for the previous kernel.
         if PDL:
             if pid_m == 0:
                 n_rows = tl.minimum(N - pid_n * BLOCK_N, BLOCK_N)
@@ -315,11 +363,20 @@ if HAVE_TRITON:
                 if GATED:
                     _prefetch_bytes(w_ptr + (N + pid_n * BLOCK_N) * K, n_rows * K * W_BYTES, PF_LINES)
         w0, wu0 = _load_w_chunk(0, w_ptr, cols, col_mask, N, K, BLOCK_K, GATED)
+        nw0, nb0 = _load_norm_w(0, nw_ptr, nb_ptr, K, BLOCK_K, NORM, HAS_NB)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            bias_u = bias
+            if GATED:
+                bias_u = tl.load(b_ptr + N + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if HAS_RES and RES_EARLY:
+            r = _load_residual(res_ptr, rw_ptr, rb_ptr, rows, row_mask, cols, col_mask, stride_rm, res_eps,
+                               N, BLOCK_M, BLOCK_SN, RES_NORM, HAS_RB)
         if PDL:
             _pdl_sync()
 
         # prologue: per-row norm statistics of x (each program recomputes them; rows are tiny)
-        if NORM != 0:
+        if NORM != 0 and not ONE_PASS:
             mean, rstd = _row_stats(x_ptr, rows, row_mask, stride_xm, eps, K, BLOCK_M, BLOCK_SK, NORM)
         else:
             mean = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -331,20 +388,22 @@ if HAVE_TRITON:
         acc3 = tl.zeros([BLOCK_N, E3], dtype=tl.float32)
         acc3_u = tl.zeros([BLOCK_N, E3], dtype=tl.float32)
         acc, acc_u, acc3, acc3_u = _linear_chunk(
-            0, w0, wu0, acc, acc_u, acc3, acc3_u, x_ptr, w_ptr, nw_ptr, nb_ptr, mean, rstd,
-            row0, M, stride_xm, N, K, BLOCK_M, BLOCK_K, NORM, HAS_NB, GATED, USE_DOT, W_FP32)
+            0, w0, wu0, nw0, nb0, acc, acc_u, acc3, acc3_u, x_ptr, w_ptr, nw_ptr, mean, rstd, eps,
+            row0, M, stride_xm, N, K, BLOCK_M, BLOCK_K, NORM, HAS_NB, GATED, USE_DOT, W_FP32, ONE_PASS)
         if UNROLL:
             for k0 in tl.static_range(BLOCK_K, K, BLOCK_K):
                 w, wu = _load_w_chunk(k0, w_ptr, cols, col_mask, N, K, BLOCK_K, GATED)
+                nw, nb = _load_norm_w(k0, nw_ptr, nb_ptr, K, BLOCK_K, NORM, HAS_NB)
                 acc, acc_u, acc3, acc3_u = _linear_chunk(
-                    k0, w, wu, acc, acc_u, acc3, acc3_u, x_ptr, w_ptr, nw_ptr, nb_ptr, mean, rstd,
-                    row0, M, stride_xm, N, K, BLOCK_M, BLOCK_K, NORM, HAS_NB, GATED, USE_DOT, W_FP32)
+                    k0, w, wu, nw, nb, acc, acc_u, acc3, acc3_u, x_ptr, w_ptr, nw_ptr, mean, rstd, eps,
+                    row0, M, stride_xm, N, K, BLOCK_M, BLOCK_K, NORM, HAS_NB, GATED, USE_DOT, W_FP32, ONE_PASS)
         else:
             for k0 in range(BLOCK_K, K, BLOCK_K):
                 w, wu = _load_w_chunk(k0, w_ptr, cols, col_mask, N, K, BLOCK_K, GATED)
+                nw, nb = _load_norm_w(k0, nw_ptr, nb_ptr, K, BLOCK_K, NORM, HAS_NB)
                 acc, acc_u, acc3, acc3_u = _linear_chunk(
-                    k0, w, wu, acc, acc_u, acc3, acc3_u, x_ptr, w_ptr, nw_ptr, nb_ptr, mean, rstd,
-                    row0, M, stride_xm, N, K, BLOCK_M, BLOCK_K, NORM, HAS_NB, GATED, USE_DOT, W_FP32)
+                    k0, w, wu, nw, nb, acc, acc_u, acc3, acc3_u, x_ptr, w_ptr, nw_ptr, mean, rstd, eps,
+                    row0, M, stride_xm, N, K, BLOCK_M, BLOCK_K, NORM, HAS_NB, GATED, USE_DOT, W_FP32, ONE_PASS)
         if E3 > 1:
             acc += tl.sum(acc3, axis=1)[:, None]
             if GATED:
@@ -352,26 +411,18 @@ if HAVE_TRITON:
 
         # epilogue, all fp32, on the [BLOCK_N, BLOCK_M] tile
         if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
+            acc += bias[:, None]
             if GATED:
-                acc_u += tl.load(b_ptr + N + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
+                acc_u += bias_u[:, None]
         y = _apply_act(acc, ACT)
         if GATED:
             y = y * acc_u
         om = col_mask[:, None] & row_mask[None, :]
         if HAS_RES:
-            r = tl.load(res_ptr + rows[None, :] * stride_rm + cols[:, None], mask=om, other=0.0)
-            if RES_NORM != 0:
-                r_mean, r_rstd = _row_stats(res_ptr, rows, row_mask, stride_rm, res_eps, N, BLOCK_M,
-                                            BLOCK_SN, RES_NORM)
-                rw = tl.load(rw_ptr + cols, mask=col_mask, other=0.0)
-                if HAS_RB:
-                    rb = tl.load(rb_ptr + cols, mask=col_mask, other=0.0)
-                else:
-                    rb = rw
-                r = _normalize(r, r_mean[None, :], r_rstd[None, :], rw[:, None], rb[:, None],
-                               rw_ptr.dtype.element_ty, RES_NORM, HAS_RB)
-            y = r.to(tl.float32) + y
+            if not RES_EARLY:
+                r = _load_residual(res_ptr, rw_ptr, rb_ptr, rows, row_mask, cols, col_mask, stride_rm,
+                                   res_eps, N, BLOCK_M, BLOCK_SN, RES_NORM, HAS_RB)
+            y = r + y
         tl.store(out_ptr + rows[None, :] * stride_om + cols[:, None],
                  y.to(out_ptr.dtype.element_ty), mask=om)
 
@@ -408,11 +459,17 @@ if HAVE_TRITON:
         else:
             pos = T
             n = T
+        # Key tile 0 (the cached K/V rows and the biases of keys 0..BLOCK_T-1) does not depend on the
+        # previous kernel: loaded first, with PDL before the wait. Self-attention: row `pos` is the
+        # new row, taken from registers below, so the kernel never reads its own write.
+        kt0, vt0, bt0, kb0 = _attn_load_tile(0, k_base, v_base, bt_ptr, kb_ptr, b, h, pos, n, d, dmask,
+                                             s_kt, s_kd, s_vt, s_vd, s_bth, s_btq, s_btt, s_kbb, s_kbt,
+                                             BLOCK_T, SELF, HAS_BT, HAS_KB)
         if PDL:
-            # L2 prefetch of the cached rows this program reads (0..pos-1, or all T), then wait for
-            # the previous kernel (which produced q and the new K/V row)
+            # L2 prefetch of the cached rows after tile 0 (up to pos-1, or T-1), then wait for the
+            # previous kernel (which produced q and the new K/V row)
             j = tl.minimum(tl.arange(0, ROW_LINES) * LINE_ELEMS, D - 1)
-            for t0 in range(0, pos, 64):
+            for t0 in range(BLOCK_T, pos, 64):
                 t = t0 + tl.arange(0, 64)
                 t = tl.minimum(t, pos - 1)
                 _prefetch_l2(k_base + t[:, None] * s_kt + j[None, :] * s_kd)
@@ -427,50 +484,77 @@ if HAVE_TRITON:
             vn = vn.to(v_ptr.dtype.element_ty)
             tl.store(k_base + pos * s_kt + d * s_kd, kn, mask=dmask)
             tl.store(v_base + pos * s_vt + d * s_vd, vn, mask=dmask)
-            # row `pos` is taken from registers below, so the kernel never reads its own write
             knf = kn.to(tl.float32)
             vnf = vn.to(tl.float32)
+        else:
+            knf = q
+            vnf = q
 
         m_i = -float("inf")
         l_i = 0.0
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        m_i, l_i, acc = _attn_update(0, kt0, vt0, bt0, kb0, q, knf, vnf, pos, n, scale, m_i, l_i, acc,
+                                     BLOCK_T, SELF)
         # GPU (LOOP_CAP == 0): loop to n = pos + 1 (or T), i.e. only the filled rows. Interpreter:
         # to the constexpr capacity with the same masks (range() over a runtime scalar fails there;
         # the bound is written inline because the interpreter turns every assignment into a tensor).
-        for t0 in range(0, LOOP_CAP if LOOP_CAP > 0 else n, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            tmask = t < n
-            if SELF:
-                ldmask = t < pos
-            else:
-                ldmask = tmask
-            m2 = ldmask[:, None] & dmask[None, :]
-            kt = tl.load(k_base + t[:, None] * s_kt + d[None, :] * s_kd, mask=m2, other=0.0)
-            kt = kt.to(tl.float32)
-            if SELF:
-                kt = tl.where((t == pos)[:, None], knf[None, :], kt)
-            s = tl.sum(kt * q[None, :], axis=1) * scale
-            if HAS_BT:
-                bt = tl.load(bt_ptr + h * s_bth + pos * s_btq + t * s_btt, mask=tmask, other=0.0)
-                s += bt.to(tl.float32)
-            if HAS_KB:
-                kb = tl.load(kb_ptr + b * s_kbb + t * s_kbt, mask=tmask, other=0.0)
-                s += kb.to(tl.float32)
-            s = tl.where(tmask, s, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            vt = tl.load(v_base + t[:, None] * s_vt + d[None, :] * s_vd, mask=m2, other=0.0)
-            vt = vt.to(tl.float32)
-            if SELF:
-                vt = tl.where((t == pos)[:, None], vnf[None, :], vt)
-            acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
-            m_i = m_new
+        for t0 in range(BLOCK_T, LOOP_CAP if LOOP_CAP > 0 else n, BLOCK_T):
+            kt, vt, bt, kb = _attn_load_tile(t0, k_base, v_base, bt_ptr, kb_ptr, b, h, pos, n, d, dmask,
+                                             s_kt, s_kd, s_vt, s_vd, s_bth, s_btq, s_btt, s_kbb, s_kbt,
+                                             BLOCK_T, SELF, HAS_BT, HAS_KB)
+            m_i, l_i, acc = _attn_update(t0, kt, vt, bt, kb, q, knf, vnf, pos, n, scale, m_i, l_i, acc,
+                                         BLOCK_T, SELF)
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         o = acc / l_safe
         tl.store(o_ptr + b * s_ob + h * s_oh + d * s_od, o.to(o_ptr.dtype.element_ty), mask=dmask)
+
+    @triton.jit
+    def _attn_load_tile(t0, k_base, v_base, bt_ptr, kb_ptr, b, h, pos, n, d, dmask,
+                        s_kt, s_kd, s_vt, s_vd, s_bth, s_btq, s_btt, s_kbb, s_kbt,
+                        BLOCK_T: tl.constexpr, SELF: tl.constexpr, HAS_BT: tl.constexpr,
+                        HAS_KB: tl.constexpr):
+        """Keys t0..t0+BLOCK_T-1: the cached K and V rows (self-attention: rows < pos only; zeros
+        elsewhere) in the cache dtype, and the fp32 bias-table row / key bias (zeros without)."""
+        t = t0 + tl.arange(0, BLOCK_T)
+        tmask = t < n
+        if SELF:
+            ldmask = t < pos
+        else:
+            ldmask = tmask
+        m2 = ldmask[:, None] & dmask[None, :]
+        kt = tl.load(k_base + t[:, None] * s_kt + d[None, :] * s_kd, mask=m2, other=0.0)
+        vt = tl.load(v_base + t[:, None] * s_vt + d[None, :] * s_vd, mask=m2, other=0.0)
+        bt = tl.zeros([BLOCK_T], dtype=tl.float32)
+        kb = bt
+        if HAS_BT:
+            bt = tl.load(bt_ptr + h * s_bth + pos * s_btq + t * s_btt, mask=tmask, other=0.0).to(tl.float32)
+        if HAS_KB:
+            kb = tl.load(kb_ptr + b * s_kbb + t * s_kbt, mask=tmask, other=0.0).to(tl.float32)
+        return kt, vt, bt, kb
+
+    @triton.jit
+    def _attn_update(t0, kt, vt, bt, kb, q, knf, vnf, pos, n, scale, m_i, l_i, acc,
+                     BLOCK_T: tl.constexpr, SELF: tl.constexpr):
+        """Online-softmax step over one key tile (loaded by ``_attn_load_tile``)."""
+        t = t0 + tl.arange(0, BLOCK_T)
+        tmask = t < n
+        kt = kt.to(tl.float32)
+        if SELF:
+            kt = tl.where((t == pos)[:, None], knf[None, :], kt)
+        s = tl.sum(kt * q[None, :], axis=1) * scale
+        s += bt
+        s += kb
+        s = tl.where(tmask, s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        vt = vt.to(tl.float32)
+        if SELF:
+            vt = tl.where((t == pos)[:, None], vnf[None, :], vt)
+        acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
+        return m_new, l_i, acc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -584,7 +668,8 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  norm=None, act: str | None = None, gated: bool = False,
                  residual: torch.Tensor | None = None, residual_norm=None,
                  out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
-                 config: dict | None = None, pdl: bool = False) -> torch.Tensor:
+                 config: dict | None = None, pdl: bool = False,
+                 residual_ready: bool = False) -> torch.Tensor:
     """``out = [norm_r(residual) +] act(norm(x) @ W^T + b)`` (gated: ``act(g) * u``), one kernel.
 
     x: [M, K], last-dim stride 1 (row stride free: may be a column slice of a wider buffer).
@@ -599,7 +684,11 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     pdl: launch with programmatic dependent launch (ignored where ``pdl_supported`` is False): the
     kernel starts while the previous kernel on the stream still runs, loads its weights, and waits
     for that kernel before it reads anything else. The caller guarantees that the kernel launched
-    just before this one does not write ``weight``.
+    just before this one writes neither ``weight`` nor ``bias`` nor the norm weights.
+    residual_ready: with PDL, the residual (and its norm statistics) is read before the wait as
+    well; the caller guarantees that the kernel launched just before this one does not write it
+    (it may have been written by any earlier kernel: that one has finished by the time this kernel
+    starts, since its successor waited for it before letting this kernel launch).
     """
     _require_triton()
     if x.dim() != 2 or x.stride(1) != 1:
@@ -673,6 +762,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         NORM=norm_kind, HAS_NB=nb is not None, HAS_BIAS=bias is not None,
         ACT=ACTIVATIONS[act], GATED=bool(gated),
         HAS_RES=residual is not None, RES_NORM=res_kind, HAS_RB=rb is not None,
+        RES_EARLY=residual is not None and (not pdl or bool(residual_ready)),
         USE_DOT=bool(cfg["USE_DOT"]), W_FP32=weight.dtype == torch.float32,
         UNROLL=bool(cfg["UNROLL"]),
         PDL=pdl, W_BYTES=w_bytes, PF_LINES=_next_pow2(_cdiv(cfg["BLOCK_N"] * K * w_bytes, 128)),
@@ -681,11 +771,23 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out
 
 
-def attention_config(D: int) -> dict:
-    """Default block sizes for ``decode_attention``: BLOCK_T*BLOCK_D <= 4096 (32 fp32 registers per
-    thread for a key tile at 4 warps), BLOCK_T in [16, 64]; num_warps 4."""
+def attention_config(D: int, T: int | None = None, self_mode: bool = True, pdl: bool = False) -> dict:
+    """Default block sizes for ``decode_attention`` (T: keys in the cache, self_mode: self-attention,
+    pdl: launched with PDL), 4 warps.
+
+    - self-attention: BLOCK_T*BLOCK_D <= 4096 (32 fp32 registers per thread for a key tile),
+      BLOCK_T in [16, 64]: the filled rows grow by one per step.
+    - cross-attention: up to 128 keys in one tile (BLOCK_T*BLOCK_D <= 8192), so a source of <= 128
+      tokens is one tile, loaded before the PDL wait. Measured in the whole step (bart-large, H100,
+      ``sweep_step.py``, policy ``attn-x128w4``): batch 1 0.419 -> 0.404 ms, batch 8 unchanged;
+      8 warps instead of 4 were no better.
+    """
     block_d = _next_pow2(D)
-    return dict(BLOCK_T=max(16, min(64, 4096 // block_d)), num_warps=4)
+    cap = 4096 if self_mode else 8192
+    block_t = max(16, min(64 if self_mode else 128, cap // block_d))
+    if T is not None and not self_mode:
+        block_t = max(16, min(block_t, _next_pow2(T)))
+    return dict(BLOCK_T=block_t, num_warps=4)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, *,
@@ -740,7 +842,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if B * H == 0:
         return out
 
-    cfg = attention_config(D)
+    pdl = bool(pdl) and pdl_supported(q.device)
+    cfg = attention_config(D, T, self_mode, pdl)
     if config:
         unknown = set(config) - set(cfg) - {"num_stages"}
         if unknown:
@@ -749,7 +852,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     launch = {"num_warps": cfg["num_warps"]}
     if "num_stages" in cfg:
         launch["num_stages"] = cfg["num_stages"]
-    pdl = bool(pdl) and pdl_supported(q.device)
     if pdl:
         launch["launch_pdl"] = True
     esz = k_cache.element_size()
