@@ -448,6 +448,15 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
             bar.set_postfix_str(what)
             bar.update(1)
 
+    def save_partial():
+        # after each configuration the JSON holds the rows measured so far, marked incomplete, so a
+        # run stopped by a time limit keeps them (the final write below replaces it)
+        if json_path:
+            done = [Row(**asdict(r)) for r in rows]
+            _finish(done)
+            _atomic_write(Path(json_path), json.dumps({"environment": environment(device), "complete": False,
+                                                       "rows": [asdict(r) for r in done]}, indent=2) + "\n")
+
     for in_len, out_len in ios:
         for b, num_beams in configs:
             ids, mask = _inputs(model.cfg, b, in_len, device, seed)
@@ -491,6 +500,7 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
                 except Exception as exc:
                     rows.append(Row("ctranslate2", **base, note=f"failed: {type(exc).__name__}: {exc}"[:300]))
                 tick(f"ct2 b{b}")
+            save_partial()
     if bar is not None:
         bar.close()
     _finish(rows)
@@ -499,7 +509,8 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
     if csv_path:
         write_csv(out, csv_path)
     if json_path:
-        _atomic_write(Path(json_path), json.dumps({"environment": meta, "rows": out}, indent=2) + "\n")
+        _atomic_write(Path(json_path), json.dumps({"environment": meta, "complete": True, "rows": out}, indent=2)
+                      + "\n")
     if plot_path:
         plot(out, plot_path)
     return out

@@ -65,6 +65,33 @@ def test_rows_csv_json(reg, tmp_path):
     assert table.count("\n") == 2 + len(rows) and "| encdec |" in table
 
 
+def test_json_keeps_finished_rows_when_a_run_stops(reg, tmp_path, monkeypatch):
+    """A run stopped part way (a time limit, an error) leaves the rows measured so far in the JSON,
+    marked incomplete; a finished run marks it complete."""
+    import encdec_core.benchmark as bm
+
+    real = bm._inputs
+
+    def inputs(cfg, b, *a, **kw):
+        if b == 2:
+            raise KeyboardInterrupt  # what a time limit's signal looks like to the loop
+        return real(cfg, b, *a, **kw)
+
+    monkeypatch.setattr(bm, "_inputs", inputs)
+    json_path = tmp_path / "b.json"
+    with pytest.raises(KeyboardInterrupt):
+        bm.run_benchmark("t5-tiny-test", batch_sizes=[1, 2], input_output_lens=[(8, 4)], device="cpu",
+                         dtype="float32", json_path=json_path, progress=False, repeats=1, warmup=0, reg=reg)
+    data = json.loads(json_path.read_text())
+    assert data["complete"] is False
+    assert [(r["system"], r["batch_size"]) for r in data["rows"]] == [("encdec", 1)]
+    assert data["rows"][0]["tokens_per_s"] > 0  # derived columns filled
+    monkeypatch.setattr(bm, "_inputs", real)
+    bm.run_benchmark("t5-tiny-test", batch_sizes=[1], input_output_lens=[(8, 4)], device="cpu", dtype="float32",
+                     json_path=json_path, progress=False, repeats=1, warmup=0, reg=reg)
+    assert json.loads(json_path.read_text())["complete"] is True
+
+
 def test_beam_and_model_object(reg):
     from encdec_core.benchmark import model_from_preset, run_benchmark
 
