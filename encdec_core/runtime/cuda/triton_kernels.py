@@ -47,11 +47,16 @@ Performance design (H100, M = 1..16)
   tiles (4 warps): measured in the whole step, the FMA path with per-row reductions was
   compute-bound from M = 8 (twice the tensor-core path's time for bart-large).
 - Programmatic dependent launch (``pdl=True``, Hopper+): a kernel is launched while its predecessor
-  still runs; each program first issues the loads that do not depend on that predecessor (its
-  weight slice: the first chunk into registers, at batch <= 2 the whole slice; the rest of the
-  slice and, for attention, the cached K/V rows as L2 prefetches), then ``griddepcontrol.wait``s,
-  then lets its own successor launch and reads its inputs. Kernel ramp-up and the first DRAM
-  latency overlap the previous kernel (bart-large batch 1: 0.569 -> 0.483 ms per step).
+  still runs; each program first issues the loads that do not depend on that predecessor, then
+  ``griddepcontrol.wait``s, then lets its own successor launch and reads its inputs. Before the
+  wait: ``fused_linear`` loads its weight slice (the first chunk into registers, at batch <= 2 the
+  whole slice; the rest as L2 prefetches), the bias, the norm weights and, with
+  ``residual_ready``, the residual with its pending norm; ``decode_attention`` loads ``pos``, its
+  first tile of cached K/V rows and biases, and prefetches the later rows into L2. After the wait
+  a kernel only reads its predecessor's output, computes and stores. Kernel ramp-up and DRAM
+  latency overlap the previous kernel (bart-large batch 1: 0.569 -> 0.483 ms per step with the
+  weights alone, 0.346 ms with everything above; a PDL kernel boundary itself costs < 0.9 us,
+  ``benchmarks/chain_latency.py``).
 - The norm prologue recomputes the row statistics in every program (x rows are <= 4096 elements and
   L2-resident), so no separate norm kernel and no stats buffer are needed. The same for the
   residual-norm epilogue ("post-LN done lazily": ``h = x + f(x)`` is stored un-normalised and each
