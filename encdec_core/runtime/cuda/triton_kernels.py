@@ -809,10 +809,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     Cross-attention mode (pos None): all T keys; key_bias: None or [B, T] additive.
     Output: [B, H, D] in q's dtype, or written into ``out`` ([B, H, D], any strides).
     config: optional overrides (BLOCK_T, num_warps). No host sync; CUDA-graph capturable.
-    pdl: programmatic dependent launch (see ``fused_linear``): the kernel reads ``pos`` and
-    prefetches the cached rows into L2 before it waits for the previous kernel, so the caller
-    guarantees that the kernel launched just before this one writes neither ``pos`` nor the cache
-    rows 0..pos-1 (cross-attention: any cache row).
+    pdl: programmatic dependent launch (see ``fused_linear``): the kernel reads ``pos``, its first
+    tile of cached rows with their bias-table row / key bias, and prefetches the later cached rows
+    into L2 before it waits for the previous kernel, so the caller guarantees that the kernel
+    launched just before this one writes neither ``pos`` nor the cache rows 0..pos-1
+    (cross-attention: any cache row) nor ``bias_table`` / ``key_bias``.
     """
     _require_triton()
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
