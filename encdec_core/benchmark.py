@@ -290,20 +290,37 @@ def _match(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
     return (a[:, 1:n] == b[:, 1:n]).float().mean().item()
 
 
+RUNNERS = ("auto", "eager", "cuda-graph", "compiled")
+
+
 class _Ours:
-    """Our engine on one device: the CUDA graph runner on CUDA, the eager runner elsewhere."""
+    """Our engine on one device: "auto" is the CUDA graph runner on CUDA and the eager runner
+    elsewhere; "compiled" on a CPU is the static step compiled by inductor with frozen, autotuned
+    weights (``CudaGraphRunner(..., use_graphs=False)``; a one-off compile per batch size)."""
 
     def __init__(self, model, max_batch: int, max_in: int, max_out: int, runner: str, options=None):
         self.model = model
         self.runner = None
         dev = model.device
+        if runner not in RUNNERS:
+            raise EncDecError(f"benchmark: runner {runner!r}: expected one of {', '.join(RUNNERS)}")
         if runner == "auto":
             runner = "cuda-graph" if dev.type == "cuda" else "eager"
+        if runner == "compiled" and dev.type == "cuda":
+            runner = "cuda-graph"
+        if runner == "cuda-graph" and dev.type != "cuda":
+            raise EncDecError(f"benchmark: runner 'cuda-graph' needs a CUDA device, got {dev} "
+                              "(on a CPU: 'compiled' or 'eager')")
+        if runner == "compiled" and dev.type != "cpu":
+            raise EncDecError(f"benchmark: runner 'compiled' serves CUDA and CPU devices, got {dev}")
         self.kind = runner
-        if runner == "cuda-graph":
+        if runner in ("cuda-graph", "compiled"):
             from .runtime.cuda import CudaGraphRunner
 
-            self.runner = CudaGraphRunner(model, max_batch, max_out + 1, max_in, **(options or {}))
+            opts = dict(options or {})
+            if runner == "compiled":
+                opts.setdefault("use_graphs", False)
+            self.runner = CudaGraphRunner(model, max_batch, max_out + 1, max_in, **opts)
 
     def encode(self, ids, mask):
         with torch.inference_mode():

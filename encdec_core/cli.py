@@ -429,7 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="HF generate (eager, and the compiled static-cache path on CUDA) side by side in the same run")
     _opt(s, "--device", default="auto")
     _opt(s, "--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    _opt(s, "--runner", default="auto", choices=("auto", "eager", "cuda-graph"))
+    _opt(s, "--runner", default="auto", choices=("auto", "eager", "cuda-graph", "compiled"),
+         help="auto: cuda-graph on CUDA, eager on CPU; compiled: on a CPU, the decoder step compiled "
+              "by inductor with frozen, autotuned weights (a one-off compile per batch size)")
     _opt(s, "--repeats", type=int, default=3)
     _opt(s, "--warmup", type=int, default=1)
     _opt(s, "--csv", default=None)

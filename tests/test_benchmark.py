@@ -92,6 +92,16 @@ def test_json_keeps_finished_rows_when_a_run_stops(reg, tmp_path, monkeypatch):
     assert json.loads(json_path.read_text())["complete"] is True
 
 
+def test_runner_choice_is_checked(reg):
+    from encdec_core.benchmark import run_benchmark
+    from encdec_core.errors import EncDecError
+
+    for runner, msg in (("cuda-graph", "needs a CUDA device"), ("fast", "expected one of")):
+        with pytest.raises(EncDecError, match=msg):
+            run_benchmark("t5-tiny-test", batch_sizes=[1], input_output_lens=[(8, 4)], device="cpu",
+                          dtype="float32", progress=False, repeats=1, warmup=0, reg=reg, runner=runner)
+
+
 def test_beam_and_model_object(reg):
     from encdec_core.benchmark import model_from_preset, run_benchmark
 

@@ -46,8 +46,10 @@ class PackedWeight:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: "PackedWeight | None"):
-    """``F.linear``, through the packed CPU weight when one is valid for this call."""
-    if packed is not None and packed.valid_for(weight, x):
+    """``F.linear``, through the packed CPU weight when one is valid for this call. Inside
+    ``torch.compile`` always ``F.linear``: the compiler packs frozen weights itself (the CPU
+    runner's ``freezing``), and the validity check reads a version counter it cannot trace."""
+    if packed is not None and not torch.compiler.is_compiling() and packed.valid_for(weight, x):
         return torch.ops.mkldnn._linear_pointwise(x, packed.packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
