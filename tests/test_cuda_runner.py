@@ -132,6 +132,41 @@ def test_cpu_compiled_step_matches_eager(family):
     assert runner.time_step(ids, mask, steps=4, repeats=1) > 0
 
 
+def test_cpu_compiled_step_patches_inductor_config_and_falls_back():
+    """The CPU step is called with CPU_COMPILE_OPTIONS in inductor's config (restored afterwards);
+    a first call that fails to compile warns and runs the uncompiled step from then on."""
+    import torch._inductor.config as ic
+
+    from encdec_core.runtime.cuda.runner import CPU_COMPILE_OPTIONS, _CpuCompiledStep
+
+    before = {k: getattr(ic, k) for k in CPU_COMPILE_OPTIONS}
+    seen = {}
+    step = _CpuCompiledStep(lambda x: seen.update({k: getattr(ic, k) for k in CPU_COMPILE_OPTIONS}) or x + 1,
+                            lambda x: x - 1, CPU_COMPILE_OPTIONS)
+    assert step(1) == 2 and seen == CPU_COMPILE_OPTIONS
+    assert {k: getattr(ic, k) for k in CPU_COMPILE_OPTIONS} == before
+
+    def broken(x):
+        raise RuntimeError("no C++ compiler")
+
+    step = _CpuCompiledStep(broken, lambda x: x - 1, CPU_COMPILE_OPTIONS)
+    with pytest.warns(UserWarning, match="running it uncompiled"):
+        assert step(1) == 0
+    assert step(5) == 4  # stays on the fallback
+    calls = []
+
+    def flaky(x):
+        calls.append(x)
+        if len(calls) > 1:
+            raise RuntimeError("a real error after a good compile")
+        return x
+
+    step = _CpuCompiledStep(flaky, lambda x: -1, CPU_COMPILE_OPTIONS)
+    assert step(3) == 3
+    with pytest.raises(RuntimeError, match="real error"):
+        step(3)
+
+
 def test_runner_refuses_graphs_off_cuda():
     from encdec_core.runtime.cuda import CudaGraphRunner
 

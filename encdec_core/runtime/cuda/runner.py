@@ -48,17 +48,36 @@ def _reorder_rows(vw, n: int, index: torch.Tensor) -> None:
         t[:n].copy_(t[:n].index_select(0, index))
 
 
-def _with_inductor_config(fn, options: dict):
-    """``fn`` (a torch.compile'd function) called with inductor's config patched by ``options``, so
-    that every (re)compilation sees them. (``torch.compile(options=...)`` did not apply ``freezing``
-    / ``max_autotune`` here: the CPU step stayed at the eager speed, torch 2.13.)"""
-    import torch._inductor.config as inductor_config
+class _CpuCompiledStep:
+    """The torch.compile'd step called with inductor's config patched by ``options`` (so that every
+    (re)compilation sees them: ``torch.compile(options=...)`` did not apply ``freezing`` /
+    ``max_autotune`` here, and the CPU step stayed at the eager speed, torch 2.13). If the first
+    compilation fails (no C++ compiler, an inductor error), it warns once and runs ``fallback``,
+    the same step uncompiled, from then on: a failed compile executes nothing."""
 
-    def call(*args):
-        with inductor_config.patch(options):
-            return fn(*args)
+    def __init__(self, compiled, fallback, options: dict):
+        self.compiled, self.fallback, self.options = compiled, fallback, dict(options)
+        self.state = "new"  # new -> ok | failed
 
-    return call
+    def __call__(self, *args):
+        import torch._inductor.config as inductor_config
+
+        if self.state == "failed":
+            return self.fallback(*args)
+        try:
+            with inductor_config.patch(self.options):
+                out = self.compiled(*args)
+        except Exception as exc:
+            if self.state == "ok":
+                raise
+            import warnings
+
+            warnings.warn(f"compiling the CPU decoder step failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                          "running it uncompiled")
+            self.state = "failed"
+            return self.fallback(*args)
+        self.state = "ok"
+        return out
 
 
 def _bucket(n: int, buckets, limit: int, what: str) -> int:
@@ -267,7 +286,7 @@ class CudaGraphRunner:
                 kw["mode"] = compile_mode
             self._step = torch.compile(self.dec.step, **kw)
             if cpu and not compile_mode:
-                self._step = _with_inductor_config(self._step, CPU_COMPILE_OPTIONS)
+                self._step = _CpuCompiledStep(self._step, self.dec.step, CPU_COMPILE_OPTIONS)
         else:
             self._step, self._select = self.dec.step, self.dec.greedy_select
         # kernels: "inductor" (the compiled model step), "triton" (FusedStep for batch buckets up to
