@@ -69,6 +69,22 @@ def test_python_api(builtin_registry, tmp_path, t5_dir):
     assert all(isinstance(s, str) for t in texts for s in t)
 
 
+def test_static_runner_for_a_cpu_engine(builtin_registry, tmp_path, t5_dir):
+    """CudaGraphRunner.for_engine on a CPU engine: sized by the build limits, no graphs; the static
+    step (uncompiled here: the compiled one is tests/test_cuda_runner.py's) gives the eager ids."""
+    from encdec_core import Engine
+    from encdec_core.runtime.cuda import CudaGraphRunner
+
+    _, eng = _pipeline(tmp_path, t5_dir)
+    engine = Engine.load(eng, device="cpu")
+    runner = CudaGraphRunner.for_engine(engine, compile=False)
+    assert not runner.use_graphs and runner.dec.max_batch == 4 * 4 and runner.dec.max_len == 17
+    ids = engine.tokenizer().encode(["hello world", "a much longer input here"])
+    ref = engine.generate_ids(ids, max_new_tokens=8, num_beams=2)
+    got = engine.generate_ids(ids, max_new_tokens=8, num_beams=2, runner=runner)
+    assert torch.equal(got.sequences, ref.sequences)
+
+
 def test_build_casts_dtype(builtin_registry, tmp_path, t5_dir):
     from encdec_core import Engine
 

@@ -321,8 +321,10 @@ class CudaGraphRunner:
     @classmethod
     def for_engine(cls, engine, **kw) -> "CudaGraphRunner":
         """A runner sized by an engine's build limits (batch x beams, input length, output length + 1
-        for the decoder start token): ``engine.generate_ids(ids, runner=CudaGraphRunner.for_engine(engine))``."""
+        for the decoder start token): ``engine.generate_ids(ids, runner=CudaGraphRunner.for_engine(engine))``.
+        On a CPU engine: the compiled static step without graphs (``use_graphs=False``)."""
         lim = engine.limits
+        kw.setdefault("use_graphs", engine.model.device.type == "cuda")
         return cls(engine.model, lim.max_batch_size * max(1, lim.max_beam_width), lim.max_output_len + 1,
                    lim.max_input_len, **kw)
 
