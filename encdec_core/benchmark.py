@@ -465,14 +465,18 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
             bar.set_postfix_str(what)
             bar.update(1)
 
-    def save_partial():
-        # after each configuration the JSON holds the rows measured so far, marked incomplete, so a
-        # run stopped by a time limit keeps them (the final write below replaces it)
+    def write_json(done: list[Row], complete: bool):
+        # after each configuration (complete=False) the JSON holds the rows measured so far, so a run
+        # stopped by a time limit keeps them; the final write replaces it
         if json_path:
-            done = [Row(**asdict(r)) for r in rows]
-            _finish(done)
-            _atomic_write(Path(json_path), json.dumps({"environment": environment(device), "complete": False,
+            _atomic_write(Path(json_path), json.dumps({"environment": environment(device), "complete": complete,
                                                        "rows": [asdict(r) for r in done]}, indent=2) + "\n")
+
+    def save_partial():
+        if json_path:
+            done = [Row(**asdict(r)) for r in rows]  # _finish fills derived columns in place
+            _finish(done)
+            write_json(done, complete=False)
 
     for in_len, out_len in ios:
         for b, num_beams in configs:
@@ -522,12 +526,9 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
         bar.close()
     _finish(rows)
     out = [asdict(r) for r in rows]
-    meta = environment(device)
     if csv_path:
         write_csv(out, csv_path)
-    if json_path:
-        _atomic_write(Path(json_path), json.dumps({"environment": meta, "complete": True, "rows": out}, indent=2)
-                      + "\n")
+    write_json(rows, complete=True)
     if plot_path:
         plot(out, plot_path)
     return out

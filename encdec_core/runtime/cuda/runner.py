@@ -579,19 +579,20 @@ class CudaGraphRunner:
             self.dec.forced_eos.fill_(-1)
             self._run("greedy")  # capture / warm
             self.dec.pos.zero_()
-            if not cuda:
+            if cuda:
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+            else:
                 t0 = time.perf_counter()
-                for _ in range(steps):
-                    self._run("greedy")
-                times.append((time.perf_counter() - t0) * 1e3 / steps)
-                continue
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
             for _ in range(steps):
                 self._run("greedy")
-            e1.record()
-            e1.synchronize()
-            times.append(e0.elapsed_time(e1) / steps)
+            if cuda:
+                e1.record()
+                e1.synchronize()
+                ms = e0.elapsed_time(e1)
+            else:
+                ms = (time.perf_counter() - t0) * 1e3
+            times.append(ms / steps)
         self.set_eos_pad()
         return statistics.median(times[1:])
 

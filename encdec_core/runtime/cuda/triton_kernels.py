@@ -583,6 +583,17 @@ def pdl_supported(device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def _launch_options(cfg: dict, pdl: bool) -> dict:
+    """Launch keywords of a kernel: its warps (and pipeline stages when the config sets them), and
+    programmatic dependent launch when ``pdl``."""
+    launch = {"num_warps": cfg["num_warps"]}
+    if "num_stages" in cfg:
+        launch["num_stages"] = cfg["num_stages"]
+    if pdl:
+        launch["launch_pdl"] = True
+    return launch
+
+
 def _require_triton():
     if not HAVE_TRITON:
         raise RuntimeError("triton is not installed: the fused Triton kernels are unavailable")
@@ -745,11 +756,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             cfg["BLOCK_SN"] = config.get("BLOCK_SN", stats["BLOCK_SN"])
     if cfg["USE_DOT"] and min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) < 16:
         raise ValueError("fused_linear: USE_DOT needs BLOCK_M, BLOCK_N and BLOCK_K >= 16")
-    launch = {"num_warps": cfg["num_warps"]}
-    if "num_stages" in cfg:
-        launch["num_stages"] = cfg["num_stages"]
-    if pdl:
-        launch["launch_pdl"] = True
+    launch = _launch_options(cfg, pdl)
     w_bytes = weight.element_size()
 
     dummy = x
@@ -855,11 +862,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         if unknown:
             raise ValueError(f"decode_attention: unknown config keys {sorted(unknown)}")
         cfg.update(config)
-    launch = {"num_warps": cfg["num_warps"]}
-    if "num_stages" in cfg:
-        launch["num_stages"] = cfg["num_stages"]
-    if pdl:
-        launch["launch_pdl"] = True
+    launch = _launch_options(cfg, pdl)
     esz = k_cache.element_size()
 
     kn = k_new if self_mode else q
