@@ -99,7 +99,7 @@ class FusedStep:
         self._embed = torch.compile(self._embed_tokens, fullgraph=True, dynamic=False)
 
     def __call__(self, tokens, pos, k, v, ck, cv, cross_bias):
-        model, dec = self.model, self.model.decoder
+        model = self.model
         b = tokens.shape[0]
         x = self._embed(tokens, pos)
         dt, rdt, pre = self.dtype, self.res_dtype, self.pre
