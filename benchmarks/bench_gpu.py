@@ -3,7 +3,8 @@ shapes; HF transformers with the same weights in the same run).
 
     PYTHONPATH=.:families python benchmarks/bench_gpu.py --models t5-small,bart-large,flan-t5-large \
         --out results/            # writes gpu_<model>.csv / .json and prints markdown tables
-    python benchmarks/bench_gpu.py --profile t5-small   # kernel time by kind for one decode step
+    python benchmarks/bench_gpu.py --models "" --profile t5-small --profile-batches 1,64
+        # kernel time by kind, and one step's kernels in order, of the decode step
 
 Configurations: greedy at batch 1, 64, 256 and beam 4 at batch 8 (override with --configs "1x1;8x4").
 """
@@ -30,8 +31,11 @@ def parse_configs(text: str):
 
 
 @torch.no_grad()
-def profile_step(name: str, batch: int, out_dir: str, steps: int = 20, kernels: str = "inductor") -> dict:
-    """Kernels of the compiled decoder step (run without a graph so each kernel shows), grouped."""
+def profile_step(name: str, batch: int, out_dir: str, steps: int = 20, kernels: str = "inductor",
+                 fused_max_batch: int = 16) -> dict:
+    """Kernels of the decoder step (run without a graph so each kernel shows), grouped by kind and,
+    in ``sequence``, one step's kernels in launch order with their mean durations over ``steps``
+    (which kernel is which layer's projection or attention follows from the order)."""
     from torch.profiler import ProfilerActivity, profile
 
     from encdec_core.benchmark import model_from_preset
@@ -39,7 +43,8 @@ def profile_step(name: str, batch: int, out_dir: str, steps: int = 20, kernels: 
 
     model = model_from_preset(name, torch.bfloat16, "cuda")
     ids = torch.randint(4, model.cfg.vocab_size, (batch, 128), device="cuda")
-    r = CudaGraphRunner(model, batch, steps + 8, 128, use_graphs=False, kernels=kernels)
+    r = CudaGraphRunner(model, batch, steps + 8, 128, use_graphs=False, kernels=kernels,
+                        fused_max_batch=fused_max_batch)
     r.greedy(ids, None, 4, eos=-1)  # compile
     r.prefill(ids, None, 1, steps)
     bb, sb, _ = r._cur
@@ -63,8 +68,15 @@ def profile_step(name: str, batch: int, out_dir: str, steps: int = 20, kernels: 
         count += ev.count / steps
     top = sorted(((ev.self_device_time_total / steps, ev.count / steps, ev.key[:90]) for ev in prof.key_averages()
                   if ev.device_type.name == "CUDA"), reverse=True)[:25]
-    res = {"model": name, "batch": batch, "kernel_us_per_step": total, "kernels_per_step": count,
-           "groups": groups, "top": top}
+    kern = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    per = len(kern) // steps
+    sequence = []
+    if per and len(kern) == per * steps:
+        for i in range(per):
+            evs = kern[i::per]
+            sequence.append((evs[0].name[:70], sum(e.time_range.elapsed_us() for e in evs) / steps))
+    res = {"model": name, "batch": batch, "kernels": kernels, "kernel_us_per_step": total,
+           "kernels_per_step": count, "groups": groups, "top": top, "sequence": sequence}
     with open(os.path.join(out_dir, f"profile_{name}_b{batch}_{kernels}.json"), "w") as f:
         json.dump(res, f, indent=1)
     print(f"profile {name} b{batch} ({kernels}): {count:.0f} kernels/step, {total:.1f} us of kernel time/step")
@@ -89,7 +101,8 @@ def main():
     ap.add_argument("--attention", default=None, help="attention of the compiled step: math or sdpa")
     ap.add_argument("--fused-max-batch", type=int, default=None, help="largest batch bucket of the Triton step")
     ap.add_argument("--tag", default="", help="suffix of the output files")
-    ap.add_argument("--profile", default="", help="models to profile (one decode step, batch 1)")
+    ap.add_argument("--profile", default="", help="models to profile (the decode step's kernels)")
+    ap.add_argument("--profile-batches", default="1", help="batch sizes to profile, comma-separated")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmark-results"))
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -118,7 +131,9 @@ def main():
         print(f"## {name} ({time.time() - t:.0f} s)\n" + format_table(rows), flush=True)
         torch.cuda.empty_cache()
     for name in [m for m in a.profile.split(",") if m]:
-        profile_step(name, 1, a.out, kernels=a.kernels or "inductor")
+        for b in (int(x) for x in a.profile_batches.split(",")):
+            profile_step(name, b, a.out, kernels=a.kernels or "inductor",
+                         fused_max_batch=a.fused_max_batch if a.fused_max_batch is not None else 16)
 
 
 if __name__ == "__main__":

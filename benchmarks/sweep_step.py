@@ -77,6 +77,19 @@ def _fma(warps: int):
     return policy
 
 
+def _big(bm: int, bn: int, bk: int, warps: int, stages: int):
+    """Batch > 16 (tensor cores): ``bm`` rows (at most the batch's power of two) x ``bn`` columns per
+    program, a software-pipelined K loop of ``bk`` chunks with ``stages`` stages."""
+    def policy(M, N, K, gated=False, weight_bytes=2, pdl=False):
+        cfg = BASE(M, N, K, gated, weight_bytes, pdl)
+        if M > 16:
+            cfg.update(BLOCK_M=min(bm, tk._next_pow2(M)), BLOCK_N=bn, BLOCK_K=min(bk, max(16, tk._next_pow2(K))),
+                       USE_DOT=True, num_warps=warps, num_stages=stages, UNROLL=False)
+            tk._stats_blocks(cfg, N, K)
+        return cfg
+    return policy
+
+
 def _attn(block_t=None, warps=None, cross_only=False):
     """Attention: another key tile / warp count (the default: 64 keys, 4 warps); ``cross_only``: for
     cross-attention only (its whole source in one tile, loaded before the PDL wait, when it fits)."""
@@ -99,11 +112,6 @@ ATTN_POLICIES = {
 }
 
 POLICIES = {
-    "attn-t32": _attn(32), "attn-t128": _attn(128), "attn-w1": _attn(warps=1), "attn-w2": _attn(warps=2),
-    "attn-t128w8": _attn(128, 8), "attn-t32w2": _attn(32, 2),
-}
-
-POLICIES = {
     "base": BASE,
     "fullk32": _fullk(32),
     "fullk128": _fullk(128),
@@ -112,6 +120,12 @@ POLICIES = {
     "dot-w8": _dot(256, 8),
     "fma": _fma(1),
     "fma-w4": _fma(4),
+    "big-m32n32": _big(32, 32, 64, 4, 3),
+    "big-m64n32": _big(64, 32, 64, 4, 3),
+    "big-m64n64": _big(64, 64, 64, 4, 3),
+    "big-m64n64w8": _big(64, 64, 64, 8, 3),
+    "big-m64n128w8": _big(64, 128, 64, 8, 3),
+    "big-m128n64w8": _big(128, 64, 64, 8, 3),
 }
 
 

@@ -7,6 +7,8 @@ times are optimistic (inside the real step each GEMV streams from HBM: ~5 us per
 profile, see docs/performance.md). Use the numbers to rank configurations.
 
     PYTHONPATH=.:families python benchmarks/tune_triton.py --models bart-large,flan-t5-large --m 1
+    PYTHONPATH=.:families python benchmarks/tune_triton.py --models bart-large --m 64,256 --big --rotate 8 \
+        --layers qkv,out,ffn_in,ffn_out,lm_head      # tensor-core tiles for large batches, vs cuBLAS
 """
 from __future__ import annotations
 
@@ -81,6 +83,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="t5-small,bart-large,flan-t5-large")
     ap.add_argument("--m", default="1")
+    ap.add_argument("--big", action="store_true",
+                    help="sweep tensor-core tiles for batches > 16 (BLOCK_M/N 32-128, pipelined K loop)")
+    ap.add_argument("--rotate", type=int, default=1,
+                    help="cycle through this many copies of each weight so the calls stream from HBM: "
+                         "pick it so the copies exceed the L2 (50 MB H100, 60 MB H200); the default 1 "
+                         "keeps one weight L2-resident (optimistic)")
+    ap.add_argument("--layers", default="", help="only these linear layers (e.g. qkv,ffn_in); attention: attn")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     ensure_families()
@@ -95,8 +104,11 @@ def main():
         norm_kind = cfg.norm_type
         for m in [int(x) for x in a.m.split(",")]:
             for lname, sh in linear_shapes(cfg, cfg.vocab_size).items():
+                if a.layers and lname not in a.layers.split(","):
+                    continue
                 N, K = sh["N"], sh["K"]
-                w = torch.randn(N, K, device=dev, dtype=dt) * 0.02
+                ws = [torch.randn(N, K, device=dev, dtype=dt) * 0.02 for _ in range(a.rotate)]
+                it = itertools.cycle(ws)
                 x = torch.randn(m, K, device=dev, dtype=dt)
                 nw = torch.ones(K, device=dev, dtype=dt)
                 nb = torch.zeros(K, device=dev, dtype=dt) if norm_kind == "layer" else None
@@ -106,20 +118,31 @@ def main():
                 od = torch.float32 if sh.get("out32") else dt
                 kw = dict(norm=norm, act=sh.get("act") if sh.get("gated") or lname == "ffn_in" else None,
                           gated=bool(sh.get("gated")), residual=res_t, out_dtype=od)
-                row = {"model": name, "M": m, "layer": lname, "N": N, "K": K,
-                       "cublas_us": graph_time_us(lambda: F.linear(x, w)),
+                row = {"model": name, "M": m, "layer": lname, "N": N, "K": K, "rotate": a.rotate,
+                       "cublas_us": graph_time_us(lambda: F.linear(x, next(it))),
                        "default": tk.linear_config(m, nout, K, bool(sh.get("gated")), 2)}
-                row["default_us"] = graph_time_us(lambda: tk.fused_linear(x, w, **kw))
-                configs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
-                           for bn, nw, bk in itertools.product((4, 8, 16), (1, 2, 4), (256, 512)) if bk <= K]
-                sweep(row, lambda c: tk.fused_linear(x, w, config=c, **kw), configs,
-                      lambda c: f"bn{c['BLOCK_N']}_w{c['num_warps']}_k{c['BLOCK_K']}")
+                row["default_us"] = graph_time_us(lambda: tk.fused_linear(x, next(it), **kw))
+                if a.big:
+                    configs = [dict(BLOCK_M=min(bm, tk._next_pow2(m)), BLOCK_N=bn, BLOCK_K=64, num_warps=nw,
+                                    num_stages=st, UNROLL=False)
+                               for bm, bn, nw, st in ((32, 32, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3),
+                                                      (64, 64, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3),
+                                                      (128, 128, 8, 3))
+                               if bm <= max(16, tk._next_pow2(m))]
+                else:
+                    configs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
+                               for bn, nw, bk in itertools.product((4, 8, 16), (1, 2, 4), (256, 512)) if bk <= K]
+                sweep(row, lambda c: tk.fused_linear(x, next(it), config=c, **kw), configs,
+                      lambda c: "_".join(f"{k[6:].lower() if k.startswith('BLOCK_') else k}{v}"
+                                         for k, v in c.items() if k != "UNROLL"))
                 best = (row["best_us"], row["best"])
-                row["floor_us"] = N * K * 2 / 3.0e12 * 1e6
+                row["floor_us"] = N * K * 2 / 3.0e12 * 1e6  # the weight once at 3 TB/s
                 print(f"{name} M={m} {lname:8s} N={N:6d} K={K:5d} cublas {row['cublas_us']:7.2f} "
                       f"default {row['default_us']:7.2f} best {best[0]:7.2f} {best[1]} floor {row['floor_us']:.2f}",
                       flush=True)
                 res.append(row)
+            if a.layers and "attn" not in a.layers.split(","):
+                continue
             # attention
             H, D = cfg.decoder_heads, cfg.head_dim
             for kind, T in (("self", 80), ("cross", 128)):
