@@ -263,13 +263,38 @@ def test_linear_config_overrides(config):
     _check(out, _linear_ref(x, w, b, **kw), torch.float16)
 
 
+@pytest.mark.parametrize("config", [
+    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, UNROLL=False, num_stages=3),  # large-batch tiles
+    dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=32, UNROLL=False, num_stages=2),  # one row tile, padded
+])
+def test_linear_large_batch_tiles(config):
+    """M > 16 on wide tensor-core tiles with a pipelined K loop: a partial last row tile, gated
+    layer-norm prologue and a normalised residual, like the post-norm FFN of a large batch."""
+    g = _gen(61)
+    M, K, N = 40, 48, 40
+    x = _rand(M, K, gen=g)
+    w = _rand(2 * N, K, dtype=torch.float16, scale=K ** -0.5, gen=g)
+    b = _rand(2 * N, dtype=torch.float16, gen=g)
+    norm = _norm_params("layer", K, torch.float16, g)
+    res = _rand(M, N, gen=g)
+    rnorm = _norm_params("layer", N, torch.float16, g)
+    kw = dict(norm=norm, act="gelu", gated=True, residual=res, residual_norm=rnorm,
+              out_dtype=torch.float32)
+    out = tk.fused_linear(x, w, b, config=config, **kw)
+    _check(out, _linear_ref(x, w, b, **kw), torch.float16)
+
+
 def test_linear_default_config_heuristic():
     for N in (1024, 2048, 4096):
         cfg = tk.linear_config(1, N, 1024)
         assert -(-N // cfg["BLOCK_N"]) >= 128 and not cfg["USE_DOT"]
-    for M in (3, 8, 16, 40):  # tensor cores from three rows on
+    for M in (3, 8, 16):  # tensor cores from three rows on
         cfg = tk.linear_config(M, 1024, 1024)
         assert cfg["USE_DOT"] and cfg["BLOCK_M"] == 16 and cfg["BLOCK_N"] == 16
+    for M, bm in ((17, 32), (40, 64), (64, 64), (256, 64)):  # large batches: wide tiles, pipelined K loop
+        cfg = tk.linear_config(M, 1024, 4096)
+        assert cfg["USE_DOT"] and cfg["BLOCK_M"] == bm and cfg["BLOCK_N"] == 64 and cfg["BLOCK_K"] == 64
+        assert not cfg["UNROLL"] and cfg["num_stages"] == 3
     # with PDL a batch-1 program's whole weight slice is one chunk, <= 64 elements per thread
     for N, K, gated in ((3072, 1024, False), (1024, 4096, False), (2816, 1024, True), (50265, 1024, False)):
         cfg = tk.linear_config(1, N, K, gated, 2, pdl=True)

@@ -1,4 +1,5 @@
-"""Triton kernels for the small-batch (M = 1..16) decoder step: fused linear and decode attention.
+"""Triton kernels of the decoder step: fused linear (the small-batch step, M = 1..16) and decode
+attention (every batch: also called by the compiled step, through ``ops.py``).
 
 A decoder layer written with these runs in about 8 kernels instead of about 19: one
 ``fused_linear`` per projection (pre-norm, bias, activation, gating and the residual add fused into
@@ -614,17 +615,28 @@ def linear_config(M: int, N: int, K: int, gated: bool = False, weight_bytes: int
       batch 1: 0.517 -> 0.484 ms per step). Otherwise ``BLOCK_K`` 512 with 4 warps for N <= 1024
       (K <= 1024) and the lm_head, 1 warp for N in [2048, 8192] or K > 1024 (``tune_triton.py``),
       and one warp's worth of 16-byte loads for fp32 weights.
-    - M > 2: the tensor-core path, rows padded to ``BLOCK_M = 16`` (tiled over a second grid axis
-      beyond 16), ``BLOCK_N = 16``, ``BLOCK_K = 256``, 4 warps. The FMA path re-reduces every row
-      per chunk and is compute-bound there: bart-large batch 8 took 1.95 ms per step with it and
-      0.98 ms with this one (the inductor-compiled step: 0.97 ms).
+    - 2 < M <= 16: the tensor-core path, rows padded to ``BLOCK_M = 16``, ``BLOCK_N = 16``,
+      ``BLOCK_K = 256``, 4 warps. The FMA path re-reduces every row per chunk and is compute-bound
+      there: bart-large batch 8 took 1.95 ms per step with it and 0.98 ms with this one (the
+      inductor-compiled step: 0.97 ms).
+    - M > 16 (only used when a runner's ``fused_max_batch`` is raised above 16): ``BLOCK_M`` up to
+      64 rows x ``BLOCK_N = 64`` tiles, a software-pipelined (3 stages) loop of 64-wide K chunks,
+      8 warps for 64-row tiles at M <= 64, else 4. bart-large on an H200 (``sweep_step.py``,
+      policy ``big-m64n64`` and its neighbours): batch 32 / 64 / 256 1.15 / 1.65 / 5.33 ms per step
+      with 16 x 16 tiles, 1.02 / 1.39 / 2.54 ms with these. Still behind cuBLAS there: each
+      program recomputes the norm statistics of its rows (~10 us per GEMM at batch 64), so the
+      runner's default keeps batches above 16 on the compiled step (0.71 / 0.82 / 1.45 ms).
     - UNROLL: K loop unrolled (all weight loads of a program independent) when it has at most 8
       chunks (M <= 2) or 4 chunks (M > 2); otherwise a rolled loop (software-pipelined with
       num_stages on the dot path).
     - BLOCK_SK / BLOCK_SN: chunk of the norm-statistics loops over K / N, sized so the
       [BLOCK_M, BLOCK_S] tile is about 32 registers per thread (BLOCK_M*BLOCK_S <= 1024*num_warps).
     """
-    if M > 2:
+    if M > 16:
+        block_m = min(64, _next_pow2(M))
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=min(64, max(16, _next_pow2(K))), USE_DOT=True,
+                   num_warps=8 if block_m == 64 and M <= 64 else 4, num_stages=3)
+    elif M > 2:
         block_m = 16
         cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=min(256, max(16, _next_pow2(K))), USE_DOT=True,
                    num_warps=4)
@@ -641,7 +653,7 @@ def linear_config(M: int, N: int, K: int, gated: bool = False, weight_bytes: int
                 num_warps = slice_warps(block_n, block_k, gated, num_warps)
         cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(block_k, max(16, _next_pow2(K))), USE_DOT=False,
                    num_warps=num_warps)
-    cfg["UNROLL"] = _cdiv(K, cfg["BLOCK_K"]) <= _max_unroll(block_m)
+    cfg["UNROLL"] = M <= 16 and _cdiv(K, cfg["BLOCK_K"]) <= _max_unroll(block_m)
     _stats_blocks(cfg, N, K)
     return cfg
 
