@@ -111,3 +111,38 @@ def test_fused_step_with_pdl_equals_plain_launch(family):
         assert torch.equal(a, b)
         tok = a.argmax(-1)
     assert torch.equal(plain.greedy(ids, mask, max_new_tokens=6), pdl.greedy(ids, mask, max_new_tokens=6))
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_static_step_with_triton_attention_and_padded_lm_head(family):
+    """The model-op static step (the path of batch buckets above ``fused_max_batch``) with the Triton
+    attention kernel as a custom op (T5: relative bias table; BART: key padding) and the logits from
+    the padded lm_head copy (vocabulary 300, not a multiple of 8) equals the plain static step."""
+    from encdec_core.runtime.cuda import CudaGraphRunner
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = _model(family)
+    cfg = model.cfg
+    on_gpu = DEV == "cuda"
+    kw = dict(compile=False, use_graphs=on_gpu, kernels="inductor")
+    ref = CudaGraphRunner(model, 8, 12, 16, attention="math", **kw)
+    tri = CudaGraphRunner(model, 8, 12, 16, attention="triton", **kw)
+    assert tri.dec.attention == "triton" and ref.dec.attention == "math"
+    tri.dec.pad_lm_head()
+    assert tri.dec.lm_weight is not None and tri.dec.lm_weight.shape[0] % 64 == 0
+    ids, mask = _inputs(cfg, b=3, s=9, device=DEV)
+    ref.prefill(ids, mask, 1, 6)
+    tri.prefill(ids, mask, 1, 6)
+    tok = torch.full((3,), cfg.decoder_start_token_id, device=DEV)
+    for _ in range(4):
+        a, b = ref.step(tok).clone(), tri.step(tok).clone()
+        assert a.shape == b.shape == (3, cfg.vocab_size)
+        assert (a - b).abs().max().item() <= 1e-4
+        tok = a.argmax(-1)
+    from encdec_core.runtime.generation import generate
+
+    gc = _gc(cfg, num_beams=2, max_new_tokens=4)  # beam search reorders the caches the kernel reads
+    assert torch.equal(generate(model, ids, mask, gc, runner=tri).sequences,
+                       generate(model, ids, mask, gc, runner=ref).sequences)
+    with pytest.raises(ValueError, match="attention="):
+        CudaGraphRunner(model, 2, 4, 8, attention="flash", **kw)

@@ -1,0 +1,54 @@
+"""The Triton decode-attention kernel as torch custom ops, so the inductor-compiled static step can
+call it: inductor treats a custom op as one opaque kernel (it neither traces into the launch nor
+fuses around it) and the runner's CUDA graph captures it like any other kernel.
+
+``encdec::decode_self_attention`` writes the new K/V row into the caches (declared mutated) and
+attends over rows 0..pos only; ``encdec::decode_cross_attention`` attends over the whole source with
+the additive padding bias. Both are ``triton_kernels.decode_attention`` (fp32 online softmax, one
+rounding at the output), launched without programmatic dependent launch: inductor's own kernels
+around them do not wait for it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .triton_kernels import HAVE_TRITON, decode_attention
+
+__all__ = ["HAVE_OPS", "self_attention", "cross_attention"]
+
+HAVE_OPS = HAVE_TRITON
+
+if HAVE_TRITON:
+
+    @torch.library.custom_op("encdec::decode_self_attention", mutates_args=("k_cache", "v_cache"))
+    def _self_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+                        pos: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                        bias_table: Optional[torch.Tensor]) -> torch.Tensor:
+        return decode_attention(q, k_cache, v_cache, scale, pos=pos, k_new=k_new, v_new=v_new,
+                                bias_table=bias_table)
+
+    @_self_attention.register_fake
+    def _(q, k_cache, v_cache, scale, pos, k_new, v_new, bias_table):
+        return q.new_empty(q.shape)
+
+    @torch.library.custom_op("encdec::decode_cross_attention", mutates_args=())
+    def _cross_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+                         key_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return decode_attention(q, k_cache, v_cache, scale, key_bias=key_bias)
+
+    @_cross_attention.register_fake
+    def _(q, k_cache, v_cache, scale, key_bias):
+        return q.new_empty(q.shape)
+
+
+def self_attention(q, k_cache, v_cache, scale: float, pos, k_new, v_new, bias_table=None):
+    """q / k_new / v_new [B, H, D]; caches [B, H, T, D] (row ``pos`` written); -> [B, H, D]."""
+    return torch.ops.encdec.decode_self_attention(q, k_cache, v_cache, float(scale), pos, k_new, v_new,
+                                                  bias_table)
+
+
+def cross_attention(q, k_cache, v_cache, scale: float, key_bias=None):
+    """q [B, H, D]; caches [B, H, S, D]; key_bias [B, S] additive or None; -> [B, H, D]."""
+    return torch.ops.encdec.decode_cross_attention(q, k_cache, v_cache, float(scale), key_bias)
