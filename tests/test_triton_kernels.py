@@ -243,41 +243,24 @@ def test_linear_many_rows_dot_path(dtype):
     _check(out, ref, dtype)
 
 
-@pytest.mark.parametrize("config", [
-    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32),  # tl.dot with M padded to 16
-    dict(BLOCK_N=4, BLOCK_K=16, UNROLL=False),  # rolled K loop, several K chunks
-    dict(BLOCK_M=2, BLOCK_N=32, BLOCK_K=64, BLOCK_SK=16, BLOCK_SN=16, num_warps=2),
+@pytest.mark.parametrize("config,M", [
+    (dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32), 3),  # tl.dot with M padded to 16
+    (dict(BLOCK_N=4, BLOCK_K=16, UNROLL=False), 3),  # rolled K loop, several K chunks
+    (dict(BLOCK_M=2, BLOCK_N=32, BLOCK_K=64, BLOCK_SK=16, BLOCK_SN=16, num_warps=2), 3),
+    # large batches: wide tensor-core tiles, pipelined K loop, a partial last row tile
+    (dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, UNROLL=False, num_stages=3), 40),
+    (dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=32, UNROLL=False, num_stages=2), 40),
 ])
-def test_linear_config_overrides(config):
+def test_linear_config_overrides(config, M):
+    """Gated layer-norm prologue and a normalised residual (the post-norm FFN) under each tiling."""
     g = _gen(60)
-    M, K, N = 3, 48, 40
+    K, N = 48, 40
     x = _rand(M, K, gen=g)
     w = _rand(2 * N, K, dtype=torch.float16, scale=K ** -0.5, gen=g)
     b = _rand(2 * N, dtype=torch.float16, gen=g)
     norm = _norm_params("layer", K, torch.float16, g)
     res = _rand(M, N, gen=g)
-    rnorm = _norm_params("rms", N, torch.float16, g)
-    kw = dict(norm=norm, act="gelu", gated=True, residual=res, residual_norm=rnorm,
-              out_dtype=torch.float32)
-    out = tk.fused_linear(x, w, b, config=config, **kw)
-    _check(out, _linear_ref(x, w, b, **kw), torch.float16)
-
-
-@pytest.mark.parametrize("config", [
-    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, UNROLL=False, num_stages=3),  # large-batch tiles
-    dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=32, UNROLL=False, num_stages=2),  # one row tile, padded
-])
-def test_linear_large_batch_tiles(config):
-    """M > 16 on wide tensor-core tiles with a pipelined K loop: a partial last row tile, gated
-    layer-norm prologue and a normalised residual, like the post-norm FFN of a large batch."""
-    g = _gen(61)
-    M, K, N = 40, 48, 40
-    x = _rand(M, K, gen=g)
-    w = _rand(2 * N, K, dtype=torch.float16, scale=K ** -0.5, gen=g)
-    b = _rand(2 * N, dtype=torch.float16, gen=g)
-    norm = _norm_params("layer", K, torch.float16, g)
-    res = _rand(M, N, gen=g)
-    rnorm = _norm_params("layer", N, torch.float16, g)
+    rnorm = _norm_params("rms" if M < 16 else "layer", N, torch.float16, g)
     kw = dict(norm=norm, act="gelu", gated=True, residual=res, residual_norm=rnorm,
               out_dtype=torch.float32)
     out = tk.fused_linear(x, w, b, config=config, **kw)
