@@ -113,18 +113,23 @@ def test_fused_step_with_pdl_equals_plain_launch(family):
     assert torch.equal(plain.greedy(ids, mask, max_new_tokens=6), pdl.greedy(ids, mask, max_new_tokens=6))
 
 
+COMPILE = [False, pytest.param(True, marks=pytest.mark.skipif(DEV != "cuda", reason="compiled: CUDA only"))]
+
+
+@pytest.mark.parametrize("compile", COMPILE)
 @pytest.mark.parametrize("family", ["t5", "bart"])
-def test_static_step_with_triton_attention_and_padded_lm_head(family):
+def test_static_step_with_triton_attention_and_padded_lm_head(family, compile):
     """The model-op static step (the path of batch buckets above ``fused_max_batch``) with the Triton
     attention kernel as a custom op (T5: relative bias table; BART: key padding) and the logits from
-    the padded lm_head copy (vocabulary 300, not a multiple of 8) equals the plain static step."""
+    the padded lm_head copy (vocabulary 300, not a multiple of 8) equals the plain static step; on
+    CUDA also compiled by inductor (the op inside the compiled graph) and replayed from graphs."""
     from encdec_core.runtime.cuda import CudaGraphRunner
 
     torch.backends.cuda.matmul.allow_tf32 = False
     model = _model(family)
     cfg = model.cfg
     on_gpu = DEV == "cuda"
-    kw = dict(compile=False, use_graphs=on_gpu, kernels="inductor")
+    kw = dict(compile=compile, use_graphs=on_gpu, kernels="inductor")
     ref = CudaGraphRunner(model, 8, 12, 16, attention="math", **kw)
     tri = CudaGraphRunner(model, 8, 12, 16, attention="triton", **kw)
     assert tri.dec.attention == "triton" and ref.dec.attention == "math"
