@@ -8,6 +8,9 @@ shapes, bf16, source length 128) per model and batch size, against the inductor-
 
     PYTHONPATH=.:families python benchmarks/sweep_step.py --models bart-large --batches 1,8 \
         --policies base,k512,fma [--inductor] [--out DIR]
+    # the compiled step (batches above 16) with other attention block sizes:
+    PYTHONPATH=.:families python benchmarks/sweep_step.py --models bart-large --batches 64,256 \
+        --policies inductor,inductor+attn-t32,inductor+attn-x64,inductor-math
 """
 from __future__ import annotations
 
@@ -109,6 +112,7 @@ ATTN_POLICIES = {
     "attn-t32": _attn(32), "attn-t128": _attn(128), "attn-w1": _attn(warps=1), "attn-w2": _attn(warps=2),
     "attn-t128w8": _attn(128, 8), "attn-t32w2": _attn(32, 2),
     "attn-x64": _attn(64, cross_only=True), "attn-x128w8": _attn(128, 8, cross_only=True),
+    "attn-x32": _attn(32, cross_only=True), "attn-x32w2": _attn(32, 2, cross_only=True),
 }
 
 POLICIES = {
@@ -129,17 +133,31 @@ POLICIES = {
 }
 
 
+def _compiled(policy: str):
+    """The inductor-compiled model step: "inductor" (its default attention, the Triton op on CUDA),
+    "inductor-math" (inductor's own fp32 reductions) or "inductor+<attention policy>" (the Triton
+    op with that policy's block sizes) -> (attention, attention policy or None); else None."""
+    if policy == "inductor-math":
+        return "math", None
+    if policy == "inductor" or policy.startswith("inductor+"):
+        return "triton", policy.partition("+")[2] or None
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="bart-large")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--policies", default="base,k512,fma", help=f"of {sorted(POLICIES) + sorted(ATTN_POLICIES)}")
+    ap.add_argument("--policies", default="base,k512,fma",
+                    help=f"of {sorted(POLICIES) + sorted(ATTN_POLICIES)}, or the compiled step: inductor, "
+                         "inductor-math, inductor+<attention policy>")
     ap.add_argument("--inductor", action="store_true", help="also time the inductor-compiled step")
     ap.add_argument("--nopdl", action="store_true", help="also time each policy without PDL")
     ap.add_argument("--fused-max-batch", type=int, default=16, help="largest batch bucket of the Triton step")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
-    unknown = set(a.policies.split(",")) - set(POLICIES) - set(ATTN_POLICIES)
+    unknown = {p for p in a.policies.split(",") if not _compiled(p)} - set(POLICIES) - set(ATTN_POLICIES)
+    unknown |= {p for p in a.policies.split(",") if _compiled(p) and _compiled(p)[1] not in (None, *ATTN_POLICIES)}
     if unknown:
         ap.error(f"unknown policies {sorted(unknown)}")
     ensure_families()
@@ -155,12 +173,14 @@ def main():
             runs.append(("inductor", False))
         ref = None
         for pol, pdl in runs:
+            comp = _compiled(pol)
             tk.linear_config = POLICIES.get(pol, BASE)
-            tk.attention_config = ATTN_POLICIES.get(pol, BASE_ATTN)
+            tk.attention_config = ATTN_POLICIES.get(comp[1] if comp else pol, BASE_ATTN)
             t = time.perf_counter()
             try:
-                r = CudaGraphRunner(model, max(batches), 80, 128, compile=pol == "inductor",
-                                    kernels="inductor" if pol == "inductor" else "triton",
+                r = CudaGraphRunner(model, max(batches), 80, 128, compile=bool(comp),
+                                    kernels="inductor" if comp else "triton",
+                                    attention=comp[0] if comp else "auto",
                                     fused_max_batch=a.fused_max_batch)
                 if r._fused is not None:
                     r._fused.pdl = r._fused.pdl and pdl
