@@ -32,25 +32,41 @@ def parse_configs(text: str):
 
 @torch.no_grad()
 def profile_step(name: str, batch: int, out_dir: str, steps: int = 20, kernels: str = "inductor",
-                 fused_max_batch: int = 16) -> dict:
+                 fused_max_batch: int = 16, beams: int = 1) -> dict:
     """Kernels of the decoder step (run without a graph so each kernel shows), grouped by kind and,
     in ``sequence``, one step's kernels in launch order with their mean durations over ``steps``
-    (which kernel is which layer's projection or attention follows from the order)."""
+    (which kernel is which layer's projection or attention follows from the order).
+
+    beams > 1: a whole beam search of ``batch`` requests (``generate``: the step, log-softmax, the
+    processors, the beam update and the cache reorder of every step, plus one encoder pass and
+    prefill), per step; no ``sequence``."""
     from torch.profiler import ProfilerActivity, profile
 
     from encdec_core.benchmark import model_from_preset
     from encdec_core.runtime.cuda import CudaGraphRunner
+    from encdec_core.runtime.generation import GenerationConfig, generate
 
     model = model_from_preset(name, torch.bfloat16, "cuda")
     ids = torch.randint(4, model.cfg.vocab_size, (batch, 128), device="cuda")
-    r = CudaGraphRunner(model, batch, steps + 8, 128, use_graphs=False, kernels=kernels,
+    r = CudaGraphRunner(model, batch * beams, steps + 8, 128, use_graphs=False, kernels=kernels,
                         fused_max_batch=fused_max_batch)
+    if beams > 1:
+        gc = GenerationConfig.from_model(model.cfg, None, max_new_tokens=steps, min_new_tokens=steps,
+                                         num_beams=beams, do_sample=False, forced_eos_token_id=None)
+
+        def run():
+            generate(model, ids, None, gc, runner=r)
+    else:
+        def run():
+            for _ in range(steps):
+                r._run("greedy")
     r.greedy(ids, None, 4, eos=-1)  # compile
-    r.prefill(ids, None, 1, steps)
-    bb, sb, _ = r._cur
+    if beams > 1:
+        run()  # compile the beam tail
+    else:
+        r.prefill(ids, None, 1, steps)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            r._run("greedy")
+        run()
         torch.cuda.synchronize()
     groups: dict = {}
     total, count = 0.0, 0
@@ -71,15 +87,16 @@ def profile_step(name: str, batch: int, out_dir: str, steps: int = 20, kernels: 
     kern = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
     per = len(kern) // steps
     sequence = []
-    if per and len(kern) == per * steps:
+    if beams == 1 and per and len(kern) == per * steps:
         for i in range(per):
             evs = kern[i::per]
             sequence.append((evs[0].name[:70], sum(e.time_range.elapsed_us() for e in evs) / steps))
-    res = {"model": name, "batch": batch, "kernels": kernels, "kernel_us_per_step": total,
+    res = {"model": name, "batch": batch, "beams": beams, "kernels": kernels, "kernel_us_per_step": total,
            "kernels_per_step": count, "groups": groups, "top": top, "sequence": sequence}
-    with open(os.path.join(out_dir, f"profile_{name}_b{batch}_{kernels}.json"), "w") as f:
+    tag = f"_beam{beams}" if beams > 1 else ""
+    with open(os.path.join(out_dir, f"profile_{name}_b{batch}{tag}_{kernels}.json"), "w") as f:
         json.dump(res, f, indent=1)
-    print(f"profile {name} b{batch} ({kernels}): {count:.0f} kernels/step, {total:.1f} us of kernel time/step")
+    print(f"profile {name} b{batch}{tag} ({kernels}): {count:.0f} kernels/step, {total:.1f} us of kernel time/step")
     for k, g in groups.items():
         print(f"  {k:7s} {g['kernels_per_step']:6.0f} kernels {g['us_per_step']:8.1f} us")
     for t, c, n in top[:12]:
@@ -103,6 +120,8 @@ def main():
     ap.add_argument("--tag", default="", help="suffix of the output files")
     ap.add_argument("--profile", default="", help="models to profile (the decode step's kernels)")
     ap.add_argument("--profile-batches", default="1", help="batch sizes to profile, comma-separated")
+    ap.add_argument("--profile-beams", type=int, default=1,
+                    help="> 1: profile a whole beam search of that width (per step: step + beam tail)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmark-results"))
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -133,7 +152,8 @@ def main():
     for name in [m for m in a.profile.split(",") if m]:
         for b in (int(x) for x in a.profile_batches.split(",")):
             profile_step(name, b, a.out, kernels=a.kernels or "inductor",
-                         fused_max_batch=a.fused_max_batch if a.fused_max_batch is not None else 16)
+                         fused_max_batch=a.fused_max_batch if a.fused_max_batch is not None else 16,
+                         beams=a.profile_beams)
 
 
 if __name__ == "__main__":
