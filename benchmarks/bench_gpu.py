@@ -117,6 +117,8 @@ def main():
     ap.add_argument("--kernels", default=None, help="decoder step kernels: inductor, triton or auto (runner default)")
     ap.add_argument("--attention", default=None, help="attention of the compiled step: math or sdpa")
     ap.add_argument("--fused-max-batch", type=int, default=None, help="largest batch bucket of the Triton step")
+    ap.add_argument("--beam-reorder", default=None, choices=("auto", "index", "copy"),
+                    help="beam search: move a cache-row index (index) or the cache rows (copy)")
     ap.add_argument("--tag", default="", help="suffix of the output files")
     ap.add_argument("--profile", default="", help="models to profile (the decode step's kernels)")
     ap.add_argument("--profile-batches", default="1", help="batch sizes to profile, comma-separated")
@@ -139,6 +141,8 @@ def main():
         opts["attention"] = a.attention
     if a.fused_max_batch is not None:
         opts["fused_max_batch"] = a.fused_max_batch
+    if a.beam_reorder:
+        opts["beam_reorder"] = a.beam_reorder
     for name in [m for m in a.models.split(",") if m]:
         t = time.time()
         rows = run_benchmark(name, input_output_lens=io, compare_hf=not a.no_hf, device="cuda", dtype=a.dtype,

@@ -146,8 +146,20 @@ def test_static_step_with_triton_attention_and_padded_lm_head(family, compile):
         tok = a.argmax(-1)
     from encdec_core.runtime.generation import generate
 
-    gc = _gc(cfg, num_beams=2, max_new_tokens=4)  # beam search reorders the caches the kernel reads
-    assert torch.equal(generate(model, ids, mask, gc, runner=tri).sequences,
+    # beam search: the Triton runner moves a cache-row index instead of the caches, in the graph
+    # (static processors) and in generate's loop (runner.reorder: repetition penalty)
+    assert tri._indirect(8) and not ref._indirect(8)
+    for opts in (dict(num_beams=2, max_new_tokens=8), dict(num_beams=2, max_new_tokens=8, repetition_penalty=1.5)):
+        gc = _gc(cfg, **opts)
+        assert torch.equal(generate(model, ids, mask, gc, runner=tri).sequences,
+                           generate(model, ids, mask, gc, runner=ref).sequences), opts
+    copy = CudaGraphRunner(model, 8, 12, 16, attention="triton", beam_reorder="copy", **kw)
+    assert not copy._indirect(8)
+    assert torch.equal(generate(model, ids, mask, gc, runner=copy).sequences,
                        generate(model, ids, mask, gc, runner=ref).sequences)
     with pytest.raises(ValueError, match="attention="):
         CudaGraphRunner(model, 2, 4, 8, attention="flash", **kw)
+    with pytest.raises(ValueError, match="beam_reorder="):
+        CudaGraphRunner(model, 2, 4, 8, beam_reorder="swap", **kw)
+    with pytest.raises(ValueError, match="needs the Triton attention"):
+        CudaGraphRunner(model, 2, 4, 8, attention="math", beam_reorder="index", **kw)._indirect(2)

@@ -346,6 +346,39 @@ def test_self_attention(dtype, pos_val, Hb):
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)  # row pos written, rest kept
 
 
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+def test_self_attention_row_index(idx_dtype):
+    """Cache indirection (beam search): key position t of query row b comes from cache row
+    row_index[b, t]; the new K/V row is still written at row b, position pos."""
+    g = _gen(75)
+    B, H, T, D, pos_val = 3, 2, 20, 16, 13
+    k_cache = _rand(B, H, T, D, gen=g)
+    v_cache = _rand(B, H, T, D, gen=g)
+    q, k_new, v_new = (_rand(B, H, D, gen=g) for _ in range(3))
+    table = _causal_table(H, T, g)
+    idx = torch.randint(0, B, (B, T + 4), generator=g).to(device=DEV, dtype=idx_dtype)  # wider than T
+    pos = torch.tensor(pos_val, device=DEV)
+    n = pos_val + 1
+    rows = idx[:, :pos_val].long()  # [B, pos]
+    t = torch.arange(pos_val, device=DEV)
+    k_g = k_cache[rows, :, t].permute(0, 2, 1, 3)  # [B, H, pos, D]: k_cache[idx[b, t], :, t]
+    v_g = v_cache[rows, :, t].permute(0, 2, 1, 3)
+    k_ref = torch.cat([k_g, k_new.unsqueeze(2)], 2)
+    v_ref = torch.cat([v_g, v_new.unsqueeze(2)], 2)
+    ref = _attn_ref(q, k_ref, v_ref, D ** -0.5, table[:, pos_val, :n].unsqueeze(0))
+    k_want = k_cache.clone()
+    k_want[:, :, pos_val] = k_new
+    out = tk.decode_attention(q, k_cache, v_cache, D ** -0.5, pos=pos, k_new=k_new, v_new=v_new,
+                              bias_table=table, row_index=idx)
+    _check(out, ref, torch.float32)
+    assert torch.equal(k_cache, k_want)
+    with pytest.raises(ValueError, match="row_index"):
+        tk.decode_attention(q, k_cache, v_cache, 0.25, pos=pos, k_new=k_new, v_new=v_new,
+                            row_index=idx[:, :4])
+    with pytest.raises(ValueError, match="row_index"):
+        tk.decode_attention(q, k_cache, v_cache, 0.25, row_index=idx)  # cross-attention
+
+
 def test_self_attention_ignores_stale_rows_and_writes_into_out():
     g = _gen(80)
     B, H, T, D = 1, 2, 40, 32

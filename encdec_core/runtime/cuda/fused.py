@@ -98,7 +98,9 @@ class FusedStep:
         compiles; the ops and their fp32 math are the model's own (inductor rounds once at the end)."""
         self._embed = torch.compile(self._embed_tokens, fullgraph=True, dynamic=False)
 
-    def __call__(self, tokens, pos, k, v, ck, cv, cross_bias):
+    def __call__(self, tokens, pos, k, v, ck, cv, cross_bias, rows=None):
+        """``StaticDecoder.step``; rows: None or the [B, T] cache-row index of every key position
+        (beam search with cache indirection, ``decode_attention``'s ``row_index``)."""
         model = self.model
         b = tokens.shape[0]
         x = self._embed(tokens, pos)
@@ -114,7 +116,7 @@ class FusedStep:
             kn = qkv[:, hd:2 * hd].view(b, sa.h, sa.dh)
             vn = qkv[:, 2 * hd:].view(b, sa.h, sa.dh)
             o = decode_attention(q, k[li], v[li], sa.scale, pos=pos, k_new=kn, v_new=vn, bias_table=self.bias[li],
-                                 pdl=self.pdl)
+                                 row_index=rows, pdl=self.pdl)
             x = fused_linear(o.reshape(b, hd), sa.out.weight, sa.out.bias, residual=x,
                              residual_norm=None if pre else pending, out_dtype=rdt, pdl=self.pdl,
                              residual_ready=True)

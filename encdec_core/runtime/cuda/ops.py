@@ -3,7 +3,8 @@ call it: inductor treats a custom op as one opaque kernel (it neither traces int
 fuses around it) and the runner's CUDA graph captures it like any other kernel.
 
 ``encdec::decode_self_attention`` writes the new K/V row into the caches (declared mutated) and
-attends over rows 0..pos only; ``encdec::decode_cross_attention`` attends over the whole source with
+attends over positions 0..pos only (with ``row_index``, each position from the cache row the
+index names: beam search without moving cache rows); ``encdec::decode_cross_attention`` attends over the whole source with
 the additive padding bias. Both are ``triton_kernels.decode_attention`` (fp32 online softmax, one
 rounding at the output), launched without programmatic dependent launch: inductor's own kernels
 around them do not wait for it.
@@ -25,12 +26,12 @@ if HAVE_TRITON:
     @torch.library.custom_op("encdec::decode_self_attention", mutates_args=("k_cache", "v_cache"))
     def _self_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
                         pos: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                        bias_table: Optional[torch.Tensor]) -> torch.Tensor:
+                        bias_table: Optional[torch.Tensor], row_index: Optional[torch.Tensor]) -> torch.Tensor:
         return decode_attention(q, k_cache, v_cache, scale, pos=pos, k_new=k_new, v_new=v_new,
-                                bias_table=bias_table)
+                                bias_table=bias_table, row_index=row_index)
 
     @_self_attention.register_fake
-    def _(q, k_cache, v_cache, scale, pos, k_new, v_new, bias_table):
+    def _(q, k_cache, v_cache, scale, pos, k_new, v_new, bias_table, row_index):
         return q.new_empty(q.shape)
 
     @torch.library.custom_op("encdec::decode_cross_attention", mutates_args=())
@@ -43,10 +44,11 @@ if HAVE_TRITON:
         return q.new_empty(q.shape)
 
 
-def self_attention(q, k_cache, v_cache, scale: float, pos, k_new, v_new, bias_table=None):
-    """q / k_new / v_new [B, H, D]; caches [B, H, T, D] (row ``pos`` written); -> [B, H, D]."""
+def self_attention(q, k_cache, v_cache, scale: float, pos, k_new, v_new, bias_table=None, row_index=None):
+    """q / k_new / v_new [B, H, D]; caches [B, H, T, D] (row ``pos`` written); row_index: None or
+    [B, >= T] cache rows per key position (beam search); -> [B, H, D]."""
     return torch.ops.encdec.decode_self_attention(q, k_cache, v_cache, float(scale), pos, k_new, v_new,
-                                                  bias_table)
+                                                  bias_table, row_index)
 
 
 def cross_attention(q, k_cache, v_cache, scale: float, key_bias=None):

@@ -25,6 +25,11 @@ fused greedy loop, which feeds its own argmax back inside the graph) and launch 
   run ``fused.FusedStep`` (8 Triton kernels per layer) instead of the compiled model step.
 - Beam search without token-dependent processors runs whole steps (decoder step, processors, beam
   update, cache reorder) from one graph: ``beam_search``.
+- Beam reordering (``beam_reorder="auto"``): where the step's self-attention is the Triton kernel,
+  no cache row moves: a [B, T] int32 index names the cache row of every key position
+  (TensorRT-LLM's cache indirection) and a beam step gathers that index (``_reorder_index``);
+  elsewhere (``"copy"``) every layer's K/V rows are gathered (``_reorder_rows``: bart-large at
+  32 rows, 12 layers x 2 x 5.2 MB read and written per step).
 """
 from __future__ import annotations
 
@@ -57,6 +62,17 @@ def _reorder_rows(vw, n: int, index: torch.Tensor) -> None:
         t[:n].copy_(t[:n].index_select(0, index))
 
 
+def _reorder_index(vw, n: int, index: torch.Tensor, pos: torch.Tensor) -> None:
+    """Beam search with cache indirection (the Triton attention kernel's ``row_index``): after a step
+    that wrote position ``pos - 1`` of cache row r for every row r, row r of the hypotheses takes
+    row ``index[r]``'s history, i.e. the index row ``index[r]`` with position ``pos - 1`` pointing at
+    cache row ``index[r]``. Moves [n, T] int32 instead of every layer's K/V rows."""
+    rows = vw.rows[:n]
+    own = torch.arange(n, device=rows.device, dtype=rows.dtype).view(n, 1)
+    rows.index_copy_(1, (pos - 1).view(1), own)
+    rows.copy_(rows.index_select(0, index))
+
+
 class _CpuCompiledStep:
     """The torch.compile'd step called with inductor's config patched by ``options`` (so that every
     (re)compilation sees them: ``torch.compile(options=...)`` did not apply ``freezing`` /
@@ -68,14 +84,14 @@ class _CpuCompiledStep:
         self.compiled, self.fallback, self.options = compiled, fallback, dict(options)
         self.state = "new"  # new -> ok | failed
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         import torch._inductor.config as inductor_config
 
         if self.state == "failed":
-            return self.fallback(*args)
+            return self.fallback(*args, **kwargs)
         try:
             with inductor_config.patch(self.options):
-                out = self.compiled(*args)
+                out = self.compiled(*args, **kwargs)
         except Exception as exc:
             if self.state == "ok":
                 raise
@@ -84,7 +100,7 @@ class _CpuCompiledStep:
             warnings.warn(f"compiling the CPU decoder step failed ({type(exc).__name__}: {str(exc)[:200]}); "
                           "running it uncompiled")
             self.state = "failed"
-            return self.fallback(*args)
+            return self.fallback(*args, **kwargs)
         self.state = "ok"
         return out
 
@@ -144,6 +160,7 @@ class _Views:
     ck: list
     cv: list
     cross_bias: torch.Tensor  # [B, S] in the model dtype
+    rows: torch.Tensor  # [B, T] int32: the cache row of each key position (beam search, Triton attention)
     out_tokens: torch.Tensor  # [B, T] long (fused greedy)
     finished: torch.Tensor  # [B] bool (fused greedy)
 
@@ -176,6 +193,7 @@ class StaticDecoder:
         self._ck = [torch.zeros(n_cross, dtype=dt, device=dev) for _ in range(self.L)]
         self._cv = [torch.zeros(n_cross, dtype=dt, device=dev) for _ in range(self.L)]
         self._cross_bias = torch.zeros(self.max_batch * self.S, dtype=dt, device=dev)
+        self._rows = torch.zeros(self.max_batch * self.T, dtype=torch.int32, device=dev)
         self._tokens = torch.zeros(self.max_batch, dtype=torch.long, device=dev)
         self._out = torch.zeros(self.max_batch * self.T, dtype=torch.long, device=dev)
         self._finished = torch.zeros(self.max_batch, dtype=torch.bool, device=dev)
@@ -232,16 +250,27 @@ class StaticDecoder:
             ck=[x[:nc].view(b, H, s, D) for x in self._ck],
             cv=[x[:nc].view(b, H, s, D) for x in self._cv],
             cross_bias=self._cross_bias[: b * s].view(b, s),
+            rows=self._rows[: b * T].view(b, T),
             out_tokens=self._out[: b * T].view(b, T),
             finished=self._finished[:b],
         )
 
     # ------------------------------------------------------------------ the step
-    def step(self, tokens, pos, k, v, ck, cv, cross_bias):
+    @staticmethod
+    def reset_rows(vw: _Views) -> None:
+        """Every key position of row r in cache row r (no beam reordering yet)."""
+        b = vw.rows.shape[0]
+        vw.rows.copy_(torch.arange(b, device=vw.rows.device, dtype=vw.rows.dtype).view(b, 1).expand_as(vw.rows))
+
+    def step(self, tokens, pos, k, v, ck, cv, cross_bias, rows=None):
         """One decoder step for ``tokens`` [B] at position ``pos`` (0-dim device tensor).
 
         Writes K/V row ``pos`` of every layer and returns fp32 logits [B, V]. Shapes are static.
+        rows: None, or (``attention="triton"``) the [B, T] cache row of every key position (beam
+        search by cache indirection).
         """
+        if rows is not None and self.attention != "triton":
+            raise ValueError("StaticDecoder.step: rows (cache indirection) needs attention='triton'")
         model, dec = self.model, self.model.decoder
         b = tokens.shape[0]
         ids = tokens.unsqueeze(1)
@@ -259,7 +288,7 @@ class StaticDecoder:
                 if self.attention == "triton":
                     shape = (b, sa.h, sa.dh)
                     o = cuda_ops.self_attention(q.view(shape), k[li], v[li], sa.scale, pos, kk.view(shape),
-                                                vv.view(shape), self.kernel_bias[li])
+                                                vv.view(shape), self.kernel_bias[li], rows)
                     return sa.out(o.reshape(b, 1, sa.h * sa.dh))
                 q = q.view(b, 1, sa.h, sa.dh).transpose(1, 2)
                 k[li].index_copy_(2, pos1, kk.view(b, 1, sa.h, sa.dh).transpose(1, 2))
@@ -319,7 +348,8 @@ class CudaGraphRunner:
     def __init__(self, model, max_batch: int, max_len: int, max_input_len: int = 512, *,
                  compile: bool = True, attention: str = "auto", batch_buckets=DEFAULT_BATCH_BUCKETS,
                  dynamic: bool | None = None, use_graphs: bool = True, compile_mode: str | None = None,
-                 compile_encoder: bool | None = None, kernels: str = "auto", fused_max_batch: int = 16):
+                 compile_encoder: bool | None = None, kernels: str = "auto", fused_max_batch: int = 16,
+                 beam_reorder: str = "auto"):
         cpu = model.device.type == "cpu"
         if model.device.type != "cuda" and use_graphs:
             raise ValueError(f"CUDA graphs need a model on CUDA, got {model.device}: pass use_graphs=False "
@@ -327,6 +357,12 @@ class CudaGraphRunner:
         if model.device.type != "cuda" and compile and not cpu:
             raise ValueError(f"compile=True serves CUDA and CPU models, got {model.device}")
         self.model = model
+        # beam search: "index" moves a [B, T] cache-row index that the Triton attention kernel reads
+        # through (no K/V row is copied), "copy" moves every layer's cache rows; "auto": index
+        # wherever the step's self-attention is the Triton kernel
+        if beam_reorder not in ("auto", "index", "copy"):
+            raise ValueError(f"beam_reorder={beam_reorder!r}: expected 'auto', 'index' or 'copy'")
+        self.beam_reorder = beam_reorder
         self.dec = StaticDecoder(model, max_batch, max_len, max_input_len, attention)
         self.batch_buckets = tuple(sorted(batch_buckets))
         self.use_graphs = use_graphs
@@ -438,6 +474,7 @@ class CudaGraphRunner:
         vw.cross_bias[:n, :s].copy_(cb)
         vw.cross_bias[:n, s:].fill_(lo)
         vw.cross_bias[n:].zero_()
+        d.reset_rows(vw)
         d.pos.zero_()
         self._cur = (bb, sb, n)
         self.steps = 0
@@ -454,6 +491,15 @@ class CudaGraphRunner:
     def _args(self, vw: _Views):
         d = self.dec
         return (vw.tokens, d.pos, vw.k, vw.v, vw.ck, vw.cv, vw.cross_bias)
+
+    def _indirect(self, bb: int) -> bool:
+        """Whether the step of batch bucket ``bb`` reads the self-attention caches through the Triton
+        kernel, so that beam search moves the [B, T] row index instead of every layer's cache rows."""
+        triton = self._step_fn(bb) is self._fused or self.dec.attention == "triton"
+        if self.beam_reorder == "index" and not triton:
+            raise ValueError("beam_reorder='index' needs the Triton attention kernel (attention='triton' or "
+                             "the Triton step)")
+        return triton and self.beam_reorder != "copy"
 
     def _graph(self, fn, restore=None, warm_pos: int = 0):
         """Warm ``fn`` up (compiling it) on a side stream, from decoder position ``warm_pos``, capture
@@ -483,8 +529,11 @@ class CudaGraphRunner:
         d = self.dec
         vw = d.views(bb, sb)
         step = self._step_fn(bb)
-        if kind == "step":
-            fn = lambda: step(*self._args(vw))  # noqa: E731
+        if kind == "step":  # the runner interface: generate's loops, beam search with reorder()
+            if self._indirect(bb):
+                fn = lambda: step(*self._args(vw), rows=vw.rows)  # noqa: E731
+            else:
+                fn = lambda: step(*self._args(vw))  # noqa: E731
         else:
             def fn():
                 logits = step(*self._args(vw))
@@ -547,7 +596,10 @@ class CudaGraphRunner:
     def reorder(self, index: torch.Tensor) -> None:
         bb, sb, n = self._cur
         vw = self.dec.views(bb, sb)
-        _reorder_rows(vw, n, index.to(self.dec.device))
+        if self._indirect(bb):
+            _reorder_index(vw, n, index.to(self.dec.device), self.dec.pos)
+        else:
+            _reorder_rows(vw, n, index.to(self.dec.device))
 
     # ------------------------------------------------------------------ beam search in the graph
     @torch.no_grad()
@@ -580,18 +632,22 @@ class CudaGraphRunner:
             pipe = pipeline
             vw = d.views(bb, sb)
             step = self._step_fn(bb)
+            indirect = self._indirect(bb)
 
             def tail(logits):
                 logp = torch.log_softmax(logits[:n].float(), dim=-1)
                 st.update(pipe.at_position(logp, d.pos), d.pos)
-                _reorder_rows(vw, n, st.src_index)
+                if indirect:
+                    _reorder_index(vw, n, st.src_index, d.pos)
+                else:
+                    _reorder_rows(vw, n, st.src_index)
                 vw.tokens[:n].copy_(st.tokens(d.pos))
 
             if self._compile:  # ~100 small eager kernels become a few fused ones
                 tail = torch.compile(tail, dynamic=False)
 
             def fn():
-                tail(step(*self._args(vw)))
+                tail(step(*self._args(vw), rows=vw.rows) if indirect else step(*self._args(vw)))
                 return st.go_on
 
             g, out = self._graph(fn, warm_pos=prompt - 1)  # the beam update needs a length >= prompt
@@ -600,6 +656,7 @@ class CudaGraphRunner:
         if isinstance(bos, torch.Tensor):
             pipe.forced_bos.copy_(bos)  # per-request forced first tokens: the captured buffer takes them
         st.reset(prefix)
+        d.reset_rows(d.views(bb, sb))  # the capture's warm-up steps moved the row index
         d.pos.zero_()
         self.steps = 0
         feed_prefix(self, prefix)  # a decoder prefix: every beam has the same one

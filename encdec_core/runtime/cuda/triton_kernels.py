@@ -438,7 +438,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decode_attention_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, kn_ptr, vn_ptr, bt_ptr, kb_ptr,
+        q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, kn_ptr, vn_ptr, bt_ptr, kb_ptr, ri_ptr,
         scale, H, T,
         s_qb, s_qh, s_qd,
         s_kb, s_kh, s_kt, s_kd,
@@ -448,8 +448,10 @@ if HAVE_TRITON:
         s_vnb, s_vnh, s_vnd,
         s_bth, s_btq, s_btt,
         s_kbb, s_kbt,
+        s_rib, s_rit,
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-        SELF: tl.constexpr, HAS_BT: tl.constexpr, HAS_KB: tl.constexpr, LOOP_CAP: tl.constexpr,
+        SELF: tl.constexpr, HAS_BT: tl.constexpr, HAS_KB: tl.constexpr, HAS_RI: tl.constexpr,
+        LOOP_CAP: tl.constexpr,
         PDL: tl.constexpr, ROW_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -468,10 +470,11 @@ if HAVE_TRITON:
         # Key tile 0 (the cached K/V rows and the biases of keys 0..BLOCK_T-1) does not depend on the
         # previous kernel: loaded first, with PDL before the wait. Self-attention: row `pos` is the
         # new row, taken from registers below, so the kernel never reads its own write.
-        kt0, vt0, bt0, kb0 = _attn_load_tile(0, k_base, v_base, bt_ptr, kb_ptr, b, h, pos, n, d, dmask,
-                                             s_kt, s_kd, s_vt, s_vd, s_bth, s_btq, s_btt, s_kbb, s_kbt,
-                                             BLOCK_T, SELF, HAS_BT, HAS_KB)
-        if PDL:
+        kt0, vt0, bt0, kb0 = _attn_load_tile(0, k_ptr, v_ptr, bt_ptr, kb_ptr, ri_ptr, b, h, pos, n, d, dmask,
+                                             s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
+                                             s_bth, s_btq, s_btt, s_kbb, s_kbt, s_rib, s_rit,
+                                             BLOCK_T, SELF, HAS_BT, HAS_KB, HAS_RI)
+        if PDL and not HAS_RI:
             # L2 prefetch of the cached rows after tile 0 (up to pos-1, or T-1), then wait for the
             # previous kernel (which produced q and the new K/V row)
             j = tl.minimum(tl.arange(0, ROW_LINES) * LINE_ELEMS, D - 1)
@@ -480,6 +483,8 @@ if HAVE_TRITON:
                 t = tl.minimum(t, pos - 1)
                 _prefetch_l2(k_base + t[:, None] * s_kt + j[None, :] * s_kd)
                 _prefetch_l2(v_base + t[:, None] * s_vt + j[None, :] * s_vd)
+            _pdl_sync()
+        elif PDL:
             _pdl_sync()
         q = tl.load(q_ptr + b * s_qb + h * s_qh + d * s_qd, mask=dmask, other=0.0).to(tl.float32)
 
@@ -505,9 +510,10 @@ if HAVE_TRITON:
         # to the constexpr capacity with the same masks (range() over a runtime scalar fails there;
         # the bound is written inline because the interpreter turns every assignment into a tensor).
         for t0 in range(BLOCK_T, LOOP_CAP if LOOP_CAP > 0 else n, BLOCK_T):
-            kt, vt, bt, kb = _attn_load_tile(t0, k_base, v_base, bt_ptr, kb_ptr, b, h, pos, n, d, dmask,
-                                             s_kt, s_kd, s_vt, s_vd, s_bth, s_btq, s_btt, s_kbb, s_kbt,
-                                             BLOCK_T, SELF, HAS_BT, HAS_KB)
+            kt, vt, bt, kb = _attn_load_tile(t0, k_ptr, v_ptr, bt_ptr, kb_ptr, ri_ptr, b, h, pos, n, d, dmask,
+                                             s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
+                                             s_bth, s_btq, s_btt, s_kbb, s_kbt, s_rib, s_rit,
+                                             BLOCK_T, SELF, HAS_BT, HAS_KB, HAS_RI)
             m_i, l_i, acc = _attn_update(t0, kt, vt, bt, kb, q, knf, vnf, pos, n, scale, m_i, l_i, acc,
                                          BLOCK_T, SELF)
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -515,12 +521,15 @@ if HAVE_TRITON:
         tl.store(o_ptr + b * s_ob + h * s_oh + d * s_od, o.to(o_ptr.dtype.element_ty), mask=dmask)
 
     @triton.jit
-    def _attn_load_tile(t0, k_base, v_base, bt_ptr, kb_ptr, b, h, pos, n, d, dmask,
-                        s_kt, s_kd, s_vt, s_vd, s_bth, s_btq, s_btt, s_kbb, s_kbt,
+    def _attn_load_tile(t0, k_ptr, v_ptr, bt_ptr, kb_ptr, ri_ptr, b, h, pos, n, d, dmask,
+                        s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
+                        s_bth, s_btq, s_btt, s_kbb, s_kbt, s_rib, s_rit,
                         BLOCK_T: tl.constexpr, SELF: tl.constexpr, HAS_BT: tl.constexpr,
-                        HAS_KB: tl.constexpr):
-        """Keys t0..t0+BLOCK_T-1: the cached K and V rows (self-attention: rows < pos only; zeros
-        elsewhere) in the cache dtype, and the fp32 bias-table row / key bias (zeros without)."""
+                        HAS_KB: tl.constexpr, HAS_RI: tl.constexpr):
+        """Keys t0..t0+BLOCK_T-1: the cached K and V rows (self-attention: positions < pos only;
+        zeros elsewhere) in the cache dtype, and the fp32 bias-table row / key bias (zeros without).
+        HAS_RI (cache indirection, beam search): position t of query row b is read from cache row
+        ``row_index[b, t]`` instead of row b."""
         t = t0 + tl.arange(0, BLOCK_T)
         tmask = t < n
         if SELF:
@@ -528,8 +537,15 @@ if HAVE_TRITON:
         else:
             ldmask = tmask
         m2 = ldmask[:, None] & dmask[None, :]
-        kt = tl.load(k_base + t[:, None] * s_kt + d[None, :] * s_kd, mask=m2, other=0.0)
-        vt = tl.load(v_base + t[:, None] * s_vt + d[None, :] * s_vd, mask=m2, other=0.0)
+        if HAS_RI:
+            r = tl.load(ri_ptr + b * s_rib + t * s_rit, mask=ldmask, other=0).to(tl.int64)[:, None]
+            kt = tl.load(k_ptr + r * s_kb + h * s_kh + t[:, None] * s_kt + d[None, :] * s_kd, mask=m2, other=0.0)
+            vt = tl.load(v_ptr + r * s_vb + h * s_vh + t[:, None] * s_vt + d[None, :] * s_vd, mask=m2, other=0.0)
+        else:
+            k_base = k_ptr + b * s_kb + h * s_kh
+            v_base = v_ptr + b * s_vb + h * s_vh
+            kt = tl.load(k_base + t[:, None] * s_kt + d[None, :] * s_kd, mask=m2, other=0.0)
+            vt = tl.load(v_base + t[:, None] * s_vt + d[None, :] * s_vd, mask=m2, other=0.0)
         bt = tl.zeros([BLOCK_T], dtype=tl.float32)
         kb = bt
         if HAS_BT:
@@ -817,8 +833,9 @@ def attention_config(D: int, T: int | None = None, self_mode: bool = True, pdl: 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, *,
                      pos: torch.Tensor | None = None, k_new: torch.Tensor | None = None,
                      v_new: torch.Tensor | None = None, bias_table: torch.Tensor | None = None,
-                     key_bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                     config: dict | None = None, pdl: bool = False) -> torch.Tensor:
+                     key_bias: torch.Tensor | None = None, row_index: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None, config: dict | None = None,
+                     pdl: bool = False) -> torch.Tensor:
     """One-query attention per (batch, head): ``softmax(q.k * scale + bias) @ v`` in fp32.
 
     q: [B, H, D] (any strides). k_cache / v_cache: [B, H, T, D] (any strides; T = capacity or
@@ -826,13 +843,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     never read on the host): k_new / v_new [B, H, D] are written into row ``pos`` of the caches,
     then keys 0..pos are attended; bias_table: None or [Hb, T, T] (Hb 1 or H), row ``pos`` is added.
     Cross-attention mode (pos None): all T keys; key_bias: None or [B, T] additive.
+    row_index: None or an int32 / int64 [B, >= T] tensor (self-attention only; cache indirection for
+    beam search): key position t < pos of query row b is read from cache row ``row_index[b, t]``
+    (values in [0, B)), so a beam step moves an index table instead of the caches; the new row is
+    still written at row b, position pos.
     Output: [B, H, D] in q's dtype, or written into ``out`` ([B, H, D], any strides).
     config: optional overrides (BLOCK_T, num_warps). No host sync; CUDA-graph capturable.
     pdl: programmatic dependent launch (see ``fused_linear``): the kernel reads ``pos``, its first
     tile of cached rows with their bias-table row / key bias, and prefetches the later cached rows
     into L2 before it waits for the previous kernel, so the caller guarantees that the kernel
     launched just before this one writes neither ``pos`` nor the cache rows 0..pos-1
-    (cross-attention: any cache row) nor ``bias_table`` / ``key_bias``.
+    (cross-attention: any cache row) nor ``bias_table`` / ``key_bias`` / ``row_index``. With
+    ``row_index`` the later cached rows are not prefetched into L2.
     """
     _require_triton()
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
@@ -851,9 +873,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             raise ValueError("decode_attention: pos must hold one position")
         if key_bias is not None:
             raise ValueError("decode_attention: key_bias is for cross-attention (pos None)")
+        if row_index is not None and (row_index.dim() != 2 or row_index.shape[0] != B or row_index.shape[1] < T
+                                      or row_index.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"decode_attention: row_index must be an integer [{B}, >= {T}] tensor, "
+                             f"got {row_index.dtype} {tuple(row_index.shape)}")
     else:
-        if k_new is not None or v_new is not None or bias_table is not None:
-            raise ValueError("decode_attention: k_new / v_new / bias_table need pos (self-attention)")
+        if k_new is not None or v_new is not None or bias_table is not None or row_index is not None:
+            raise ValueError("decode_attention: k_new / v_new / bias_table / row_index need pos (self-attention)")
     if bias_table is not None:
         if bias_table.dim() != 3 or bias_table.shape[0] not in (1, H) or bias_table.shape[1] < T \
                 or bias_table.shape[2] < T:
@@ -887,13 +913,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         bt_strides = (0, 0, 0)
     kb_strides = (key_bias.stride(0), key_bias.stride(1)) if key_bias is not None else (0, 0)
+    ri = row_index if row_index is not None else q
+    ri_strides = (row_index.stride(0), row_index.stride(1)) if row_index is not None else (0, 0)
     _decode_attention_kernel[(B * H,)](
-        q, k_cache, v_cache, out, pos if self_mode else q, kn, vn, bt, kb,
+        q, k_cache, v_cache, out, pos if self_mode else q, kn, vn, bt, kb, ri,
         float(scale), H, T,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        *kn.stride(), *vn.stride(), *bt_strides, *kb_strides,
+        *kn.stride(), *vn.stride(), *bt_strides, *kb_strides, *ri_strides,
         D=D, BLOCK_D=_next_pow2(D), BLOCK_T=cfg["BLOCK_T"],
         SELF=self_mode, HAS_BT=bias_table is not None, HAS_KB=key_bias is not None,
+        HAS_RI=row_index is not None,
         LOOP_CAP=T if _ATTN_INTERPRETED else 0,
         PDL=pdl, ROW_LINES=_next_pow2(_cdiv(D * esz, 128)), LINE_ELEMS=max(1, 128 // esz),
         **launch,
