@@ -29,7 +29,10 @@ fused greedy loop, which feeds its own argmax back inside the graph) and launch 
   no cache row moves: a [B, T] int32 index names the cache row of every key position
   (TensorRT-LLM's cache indirection) and a beam step gathers that index (``_reorder_index``);
   elsewhere (``"copy"``) every layer's K/V rows are gathered (``_reorder_rows``: bart-large at
-  32 rows, 12 layers x 2 x 5.2 MB read and written per step).
+  32 rows, 12 layers x 2 x 5.2 MB read and written per step). The fused greedy loop never
+  reorders and reads the caches directly; so on the compiled path a batch bucket used both by
+  greedy and by the runner interface / beam search compiles the step twice (with and without the
+  index).
 """
 from __future__ import annotations
 
