@@ -64,9 +64,7 @@ class FusedStep:
         self.dtype = model.dtype
         self.act = cfg.activation
         self.vocab = cfg.vocab_size
-        # decoder self-attention bias rows: only relative position bias needs them (the kernel reads
-        # keys 0..pos, so a causal mask alone is redundant)
-        self.bias = static_decoder.bias if cfg.position_type == "relative" else [None] * static_decoder.L
+        self.bias = static_decoder.kernel_bias
         final = dec.final_norm if cfg.final_norm("decoder") else None
         self.out_scale = cfg.output_scale
         self.final = None

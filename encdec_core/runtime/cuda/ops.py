@@ -17,9 +17,7 @@ import torch
 
 from .triton_kernels import HAVE_TRITON, decode_attention
 
-__all__ = ["HAVE_OPS", "self_attention", "cross_attention"]
-
-HAVE_OPS = HAVE_TRITON
+__all__ = ["self_attention", "cross_attention"]
 
 if HAVE_TRITON:
 

@@ -459,8 +459,10 @@ if HAVE_TRITON:
         h = pid % H
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
-        k_base = k_ptr + b * s_kb + h * s_kh
-        v_base = v_ptr + b * s_vb + h * s_vh
+        k_head = k_ptr + h * s_kh
+        v_head = v_ptr + h * s_vh
+        k_base = k_head + b * s_kb  # this query row's own cache row
+        v_base = v_head + b * s_vb
         if SELF:
             pos = tl.load(pos_ptr)  # with PDL: the caller guarantees the previous kernel leaves it alone
             n = pos + 1
@@ -470,21 +472,20 @@ if HAVE_TRITON:
         # Key tile 0 (the cached K/V rows and the biases of keys 0..BLOCK_T-1) does not depend on the
         # previous kernel: loaded first, with PDL before the wait. Self-attention: row `pos` is the
         # new row, taken from registers below, so the kernel never reads its own write.
-        kt0, vt0, bt0, kb0 = _attn_load_tile(0, k_ptr, v_ptr, bt_ptr, kb_ptr, ri_ptr, b, h, pos, n, d, dmask,
-                                             s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
+        kt0, vt0, bt0, kb0 = _attn_load_tile(0, k_head, v_head, bt_ptr, kb_ptr, ri_ptr, b, h, pos, n, d, dmask,
+                                             s_kb, s_kt, s_kd, s_vb, s_vt, s_vd,
                                              s_bth, s_btq, s_btt, s_kbb, s_kbt, s_rib, s_rit,
                                              BLOCK_T, SELF, HAS_BT, HAS_KB, HAS_RI)
-        if PDL and not HAS_RI:
-            # L2 prefetch of the cached rows after tile 0 (up to pos-1, or T-1), then wait for the
-            # previous kernel (which produced q and the new K/V row)
-            j = tl.minimum(tl.arange(0, ROW_LINES) * LINE_ELEMS, D - 1)
-            for t0 in range(BLOCK_T, pos, 64):
-                t = t0 + tl.arange(0, 64)
-                t = tl.minimum(t, pos - 1)
-                _prefetch_l2(k_base + t[:, None] * s_kt + j[None, :] * s_kd)
-                _prefetch_l2(v_base + t[:, None] * s_vt + j[None, :] * s_vd)
-            _pdl_sync()
-        elif PDL:
+        if PDL:
+            # L2 prefetch of the cached rows after tile 0 (up to pos-1, or T-1; not through a row
+            # index), then wait for the previous kernel (which produced q and the new K/V row)
+            if not HAS_RI:
+                j = tl.minimum(tl.arange(0, ROW_LINES) * LINE_ELEMS, D - 1)
+                for t0 in range(BLOCK_T, pos, 64):
+                    t = t0 + tl.arange(0, 64)
+                    t = tl.minimum(t, pos - 1)
+                    _prefetch_l2(k_base + t[:, None] * s_kt + j[None, :] * s_kd)
+                    _prefetch_l2(v_base + t[:, None] * s_vt + j[None, :] * s_vd)
             _pdl_sync()
         q = tl.load(q_ptr + b * s_qb + h * s_qh + d * s_qd, mask=dmask, other=0.0).to(tl.float32)
 
@@ -510,8 +511,8 @@ if HAVE_TRITON:
         # to the constexpr capacity with the same masks (range() over a runtime scalar fails there;
         # the bound is written inline because the interpreter turns every assignment into a tensor).
         for t0 in range(BLOCK_T, LOOP_CAP if LOOP_CAP > 0 else n, BLOCK_T):
-            kt, vt, bt, kb = _attn_load_tile(t0, k_ptr, v_ptr, bt_ptr, kb_ptr, ri_ptr, b, h, pos, n, d, dmask,
-                                             s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
+            kt, vt, bt, kb = _attn_load_tile(t0, k_head, v_head, bt_ptr, kb_ptr, ri_ptr, b, h, pos, n, d, dmask,
+                                             s_kb, s_kt, s_kd, s_vb, s_vt, s_vd,
                                              s_bth, s_btq, s_btt, s_kbb, s_kbt, s_rib, s_rit,
                                              BLOCK_T, SELF, HAS_BT, HAS_KB, HAS_RI)
             m_i, l_i, acc = _attn_update(t0, kt, vt, bt, kb, q, knf, vnf, pos, n, scale, m_i, l_i, acc,
@@ -521,15 +522,15 @@ if HAVE_TRITON:
         tl.store(o_ptr + b * s_ob + h * s_oh + d * s_od, o.to(o_ptr.dtype.element_ty), mask=dmask)
 
     @triton.jit
-    def _attn_load_tile(t0, k_ptr, v_ptr, bt_ptr, kb_ptr, ri_ptr, b, h, pos, n, d, dmask,
-                        s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd,
+    def _attn_load_tile(t0, k_head, v_head, bt_ptr, kb_ptr, ri_ptr, b, h, pos, n, d, dmask,
+                        s_kb, s_kt, s_kd, s_vb, s_vt, s_vd,
                         s_bth, s_btq, s_btt, s_kbb, s_kbt, s_rib, s_rit,
                         BLOCK_T: tl.constexpr, SELF: tl.constexpr, HAS_BT: tl.constexpr,
                         HAS_KB: tl.constexpr, HAS_RI: tl.constexpr):
-        """Keys t0..t0+BLOCK_T-1: the cached K and V rows (self-attention: positions < pos only;
-        zeros elsewhere) in the cache dtype, and the fp32 bias-table row / key bias (zeros without).
-        HAS_RI (cache indirection, beam search): position t of query row b is read from cache row
-        ``row_index[b, t]`` instead of row b."""
+        """Keys t0..t0+BLOCK_T-1: the cached K and V rows of head h (``k_head`` / ``v_head``: the
+        caches offset to head h; self-attention: positions < pos only; zeros elsewhere) in the cache
+        dtype, and the fp32 bias-table row / key bias (zeros without). The cache row is b, or with
+        HAS_RI (cache indirection, beam search) ``row_index[b, t]`` for position t."""
         t = t0 + tl.arange(0, BLOCK_T)
         tmask = t < n
         if SELF:
@@ -538,14 +539,11 @@ if HAVE_TRITON:
             ldmask = tmask
         m2 = ldmask[:, None] & dmask[None, :]
         if HAS_RI:
-            r = tl.load(ri_ptr + b * s_rib + t * s_rit, mask=ldmask, other=0).to(tl.int64)[:, None]
-            kt = tl.load(k_ptr + r * s_kb + h * s_kh + t[:, None] * s_kt + d[None, :] * s_kd, mask=m2, other=0.0)
-            vt = tl.load(v_ptr + r * s_vb + h * s_vh + t[:, None] * s_vt + d[None, :] * s_vd, mask=m2, other=0.0)
+            row = tl.load(ri_ptr + b * s_rib + t * s_rit, mask=ldmask, other=0).to(tl.int64)[:, None]
         else:
-            k_base = k_ptr + b * s_kb + h * s_kh
-            v_base = v_ptr + b * s_vb + h * s_vh
-            kt = tl.load(k_base + t[:, None] * s_kt + d[None, :] * s_kd, mask=m2, other=0.0)
-            vt = tl.load(v_base + t[:, None] * s_vt + d[None, :] * s_vd, mask=m2, other=0.0)
+            row = b
+        kt = tl.load(k_head + row * s_kb + t[:, None] * s_kt + d[None, :] * s_kd, mask=m2, other=0.0)
+        vt = tl.load(v_head + row * s_vb + t[:, None] * s_vt + d[None, :] * s_vd, mask=m2, other=0.0)
         bt = tl.zeros([BLOCK_T], dtype=tl.float32)
         kb = bt
         if HAS_BT:
