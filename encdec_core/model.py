@@ -47,10 +47,14 @@ class VocabEmbedding(nn.Module):
         x = x.masked_fill(outside.unsqueeze(-1), 0.0)
         return self.ctx.all_reduce(x)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W^T gathered over tp ranks, padding columns removed."""
-        y = self.ctx.all_gather_last(linear(x, self.weight, None, self._packed))
-        return y[..., : self.vocab]
+    def logits(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W^T gathered over tp ranks, padding columns removed. weight: another copy of W with
+        the same first rows (e.g. padded to more rows for aligned GEMMs) to multiply instead."""
+        if weight is None:
+            y = linear(x, self.weight, None, self._packed)
+        else:
+            y = linear(x, weight, None, None)
+        return self.ctx.all_gather_last(y)[..., : self.vocab]
 
 
 class Layer(nn.Module):
@@ -282,10 +286,12 @@ class EncDecModel(nn.Module):
         x = dec.finish(x)
         return self.logits(x)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits; weight: a copy of the output embedding to multiply instead (see
+        ``VocabEmbedding.logits``)."""
         if self.cfg.output_scale != 1.0:
             x = x * self.cfg.output_scale
-        y = self.output_embedding.logits(x).float()
+        y = self.output_embedding.logits(x, weight).float()
         if self.cfg.final_logits_bias:
             y = y + self.final_logits_bias.float()
         return y

@@ -41,7 +41,6 @@ import statistics
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ...errors import LimitError
 from . import ops as cuda_ops
@@ -59,21 +58,21 @@ def _round_up(n: int, m: int) -> int:
     return int(math.ceil(n / m) * m)
 
 
-def _reorder_rows(vw, n: int, index: torch.Tensor) -> None:
-    """The first ``n`` rows of every self-attention cache take the rows ``index`` (beam search)."""
+def _reorder(vw, n: int, index: torch.Tensor, pos: torch.Tensor, indirect: bool) -> None:
+    """Beam search: the first ``n`` rows take the history of rows ``index``, after a step that wrote
+    position ``pos - 1``.
+
+    indirect (the Triton attention kernel's ``row_index``): cache row r wrote position ``pos - 1``
+    of hypothesis r, so index row r first points there, then every index row takes row ``index[r]``:
+    [n, T] int32 moves. Otherwise every layer's self-attention K/V rows are gathered."""
+    if indirect:
+        rows = vw.rows[:n]
+        own = torch.arange(n, device=rows.device, dtype=rows.dtype).view(n, 1)
+        rows.index_copy_(1, (pos - 1).view(1), own)
+        rows.copy_(rows.index_select(0, index))
+        return
     for t in vw.k + vw.v:
         t[:n].copy_(t[:n].index_select(0, index))
-
-
-def _reorder_index(vw, n: int, index: torch.Tensor, pos: torch.Tensor) -> None:
-    """Beam search with cache indirection (the Triton attention kernel's ``row_index``): after a step
-    that wrote position ``pos - 1`` of cache row r for every row r, row r of the hypotheses takes
-    row ``index[r]``'s history, i.e. the index row ``index[r]`` with position ``pos - 1`` pointing at
-    cache row ``index[r]``. Moves [n, T] int32 instead of every layer's K/V rows."""
-    rows = vw.rows[:n]
-    own = torch.arange(n, device=rows.device, dtype=rows.dtype).view(n, 1)
-    rows.index_copy_(1, (pos - 1).view(1), own)
-    rows.copy_(rows.index_select(0, index))
 
 
 class _CpuCompiledStep:
@@ -208,7 +207,8 @@ class StaticDecoder:
         self.forced_eos = torch.full((), -1, dtype=torch.long, device=dev)  # token at step last_step
         self.last_step = torch.full((), -1, dtype=torch.long, device=dev)
         self.bias = self._bias_tables()
-        # the Triton kernel reads keys 0..pos only: a bias table is needed for a relative bias alone
+        # bias rows for the Triton attention kernel (this step's op and FusedStep): it reads keys
+        # 0..pos only, so a causal mask alone is redundant; only a relative position bias needs them
         self.kernel_bias = self.bias if cfg.position_type == "relative" else [None] * self.L
         self.lm_weight = None  # pad_lm_head()
 
@@ -312,13 +312,7 @@ class StaticDecoder:
             x = layer._block(x, layer.cross_attn_norm, cross_attn)
             x = layer._block(x, layer.ffn_norm, layer.ffn)
         x = dec.finish(x)
-        if self.lm_weight is None:
-            logits = model.logits(x)[:, 0]
-        else:  # the model's logits on the padded weight copy
-            x = x[:, 0] * model.cfg.output_scale if model.cfg.output_scale != 1.0 else x[:, 0]
-            logits = F.linear(x, self.lm_weight)[:, : self.cfg.vocab_size].float()
-            if self.cfg.final_logits_bias:
-                logits = logits + model.final_logits_bias.float()
+        logits = model.logits(x, weight=self.lm_weight)[:, 0]
         pos.add_(1)
         return logits
 
@@ -495,6 +489,11 @@ class CudaGraphRunner:
         d = self.dec
         return (vw.tokens, d.pos, vw.k, vw.v, vw.ck, vw.cv, vw.cross_bias)
 
+    @staticmethod
+    def _rows_kw(vw: _Views, indirect: bool) -> dict:
+        """The step's keyword for reading the caches through the row index (beam search)."""
+        return {"rows": vw.rows} if indirect else {}
+
     def _indirect(self, bb: int) -> bool:
         """Whether the step of batch bucket ``bb`` reads the self-attention caches through the Triton
         kernel, so that beam search moves the [B, T] row index instead of every layer's cache rows."""
@@ -533,10 +532,8 @@ class CudaGraphRunner:
         vw = d.views(bb, sb)
         step = self._step_fn(bb)
         if kind == "step":  # the runner interface: generate's loops, beam search with reorder()
-            if self._indirect(bb):
-                fn = lambda: step(*self._args(vw), rows=vw.rows)  # noqa: E731
-            else:
-                fn = lambda: step(*self._args(vw))  # noqa: E731
+            kw = self._rows_kw(vw, self._indirect(bb))
+            fn = lambda: step(*self._args(vw), **kw)  # noqa: E731
         else:
             def fn():
                 logits = step(*self._args(vw))
@@ -598,11 +595,7 @@ class CudaGraphRunner:
     @torch.no_grad()
     def reorder(self, index: torch.Tensor) -> None:
         bb, sb, n = self._cur
-        vw = self.dec.views(bb, sb)
-        if self._indirect(bb):
-            _reorder_index(vw, n, index.to(self.dec.device), self.dec.pos)
-        else:
-            _reorder_rows(vw, n, index.to(self.dec.device))
+        _reorder(self.dec.views(bb, sb), n, index.to(self.dec.device), self.dec.pos, self._indirect(bb))
 
     # ------------------------------------------------------------------ beam search in the graph
     @torch.no_grad()
@@ -636,21 +629,19 @@ class CudaGraphRunner:
             vw = d.views(bb, sb)
             step = self._step_fn(bb)
             indirect = self._indirect(bb)
+            kw = self._rows_kw(vw, indirect)
 
             def tail(logits):
                 logp = torch.log_softmax(logits[:n].float(), dim=-1)
                 st.update(pipe.at_position(logp, d.pos), d.pos)
-                if indirect:
-                    _reorder_index(vw, n, st.src_index, d.pos)
-                else:
-                    _reorder_rows(vw, n, st.src_index)
+                _reorder(vw, n, st.src_index, d.pos, indirect)
                 vw.tokens[:n].copy_(st.tokens(d.pos))
 
             if self._compile:  # ~100 small eager kernels become a few fused ones
                 tail = torch.compile(tail, dynamic=False)
 
             def fn():
-                tail(step(*self._args(vw), rows=vw.rows) if indirect else step(*self._args(vw)))
+                tail(step(*self._args(vw), **kw))
                 return st.go_on
 
             g, out = self._graph(fn, warm_pos=prompt - 1)  # the beam update needs a length >= prompt
