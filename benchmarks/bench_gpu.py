@@ -56,14 +56,12 @@ def profile_step(name: str, batch: int, out_dir: str, steps: int = 20, kernels: 
 
         def run():
             generate(model, ids, None, gc, runner=r)
+        run()  # compile the step and the beam tail
     else:
         def run():
             for _ in range(steps):
                 r._run("greedy")
-    r.greedy(ids, None, 4, eos=-1)  # compile
-    if beams > 1:
-        run()  # compile the beam tail
-    else:
+        r.greedy(ids, None, 4, eos=-1)  # compile
         r.prefill(ids, None, 1, steps)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()

@@ -144,6 +144,13 @@ def _compiled(policy: str):
     return None
 
 
+def _known(policy: str) -> bool:
+    comp = _compiled(policy)
+    if comp:
+        return comp[1] in (None, *ATTN_POLICIES)
+    return policy in POLICIES or policy in ATTN_POLICIES
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="bart-large")
@@ -156,8 +163,7 @@ def main():
     ap.add_argument("--fused-max-batch", type=int, default=16, help="largest batch bucket of the Triton step")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
-    unknown = {p for p in a.policies.split(",") if not _compiled(p)} - set(POLICIES) - set(ATTN_POLICIES)
-    unknown |= {p for p in a.policies.split(",") if _compiled(p) and _compiled(p)[1] not in (None, *ATTN_POLICIES)}
+    unknown = [p for p in a.policies.split(",") if not _known(p)]
     if unknown:
         ap.error(f"unknown policies {sorted(unknown)}")
     ensure_families()
