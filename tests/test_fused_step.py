@@ -148,11 +148,14 @@ def test_static_step_with_triton_attention_and_padded_lm_head(family, compile):
 
     # beam search: the Triton runner moves a cache-row index instead of the caches, in the graph
     # (static processors) and in generate's loop (runner.reorder: repetition penalty)
+    # and (Triton) a request's beams share one row of cross K/V and padding bias
     assert tri._indirect(8) and not ref._indirect(8)
     for opts in (dict(num_beams=2, max_new_tokens=8), dict(num_beams=2, max_new_tokens=8, repetition_penalty=1.5)):
         gc = _gc(cfg, **opts)
         assert torch.equal(generate(model, ids, mask, gc, runner=tri).sequences,
                            generate(model, ids, mask, gc, runner=ref).sequences), opts
+        assert tri._group == 2 and ref._group == 1
+        assert torch.equal(tri.dec.views(8, 16).ck[0][:3], ref.dec.views(8, 16).ck[0][0:6:2])
     copy = CudaGraphRunner(model, 8, 12, 16, attention="triton", beam_reorder="copy", **kw)
     assert not copy._indirect(8)
     assert torch.equal(generate(model, ids, mask, gc, runner=copy).sequences,

@@ -419,6 +419,37 @@ def test_cross_attention_key_bias(dtype, D):
     _check(tk.decode_attention(q, k, v, scale), _attn_ref(q, k, v, scale), dtype)
 
 
+@pytest.mark.parametrize("B,G", [(8, 4), (7, 3)])
+def test_cross_attention_shared_by_groups(B, G):
+    """kv_group: query row b reads cache and key-bias row b // G (a request's beams share one
+    copy of its cross K/V), also when G does not divide B (the last group is partial)."""
+    g = _gen(95 + G)
+    H, T, D = 2, 20, 16
+    rows = -(-B // G)
+    q = _rand(B, H, D, gen=g)
+    k = _rand(rows, H, T, D, gen=g)
+    v = _rand(rows, H, T, D, gen=g)
+    key_bias = torch.zeros(rows, T, device=DEV)
+    key_bias[1, 11:] = float("-inf")
+    src = torch.arange(B, device=DEV) // G
+    ref = _attn_ref(q, k[src], v[src], 0.5, key_bias[src][:, None, :])
+    _check(tk.decode_attention(q, k, v, 0.5, key_bias=key_bias, kv_group=G), ref, torch.float32)
+    with pytest.raises(ValueError, match="kv_group"):
+        tk.decode_attention(q, k[: rows - 1], v[: rows - 1], 0.5, kv_group=G)  # too few cache rows
+    with pytest.raises(ValueError, match="kv_group"):
+        tk.decode_attention(q, k, v, 0.5, kv_group=0)
+    pos = torch.tensor(3, device=DEV)
+    with pytest.raises(ValueError, match="kv_group"):  # self-attention rows are never shared
+        tk.decode_attention(q, k, v, 0.5, pos=pos, k_new=q, v_new=q, kv_group=G)
+
+
+def test_attention_default_config_by_batch():
+    """2 warps above 16 query rows (more programs resident), 4 up to 16; key tiles unchanged."""
+    small, big = tk.attention_config(64, 128, False, batch=16), tk.attention_config(64, 128, False, batch=64)
+    assert small["num_warps"] == 4 and big["num_warps"] == 2 and small["BLOCK_T"] == big["BLOCK_T"] == 128
+    assert tk.attention_config(64, None, True)["num_warps"] == 4
+
+
 def test_attention_block_t_override_and_all_minus_inf_is_finite():
     g = _gen(100)
     B, H, T, D = 1, 2, 37, 16

@@ -96,9 +96,10 @@ class FusedStep:
         compiles; the ops and their fp32 math are the model's own (inductor rounds once at the end)."""
         self._embed = torch.compile(self._embed_tokens, fullgraph=True, dynamic=False)
 
-    def __call__(self, tokens, pos, k, v, ck, cv, cross_bias, rows=None):
+    def __call__(self, tokens, pos, k, v, ck, cv, cross_bias, rows=None, group: int = 1):
         """``StaticDecoder.step``; rows: None or the [B, T] cache-row index of every key position
-        (beam search with cache indirection, ``decode_attention``'s ``row_index``)."""
+        (beam search with cache indirection, ``decode_attention``'s ``row_index``); group: query
+        row b reads cross K/V row b // group (``decode_attention``'s ``kv_group``)."""
         model = self.model
         b = tokens.shape[0]
         x = self._embed(tokens, pos)
@@ -122,7 +123,7 @@ class FusedStep:
             # cross-attention
             q = fused_linear(x, ca.q.weight, ca.q.bias, norm=_spec(layer.cross_attn_norm) if pre else pending,
                              out_dtype=dt, pdl=self.pdl).view(b, ca.h, ca.dh)
-            o = decode_attention(q, ck[li], cv[li], ca.scale, key_bias=cross_bias, pdl=self.pdl)
+            o = decode_attention(q, ck[li], cv[li], ca.scale, key_bias=cross_bias, kv_group=group, pdl=self.pdl)
             x = fused_linear(o.reshape(b, hd), ca.out.weight, ca.out.bias, residual=x,
                              residual_norm=None if pre else pending, out_dtype=rdt, pdl=self.pdl,
                              residual_ready=True)

@@ -5,7 +5,8 @@ fuses around it) and the runner's CUDA graph captures it like any other kernel.
 ``encdec::decode_self_attention`` writes the new K/V row into the caches (declared mutated) and
 attends over positions 0..pos only (with ``row_index``, each position from the cache row the
 index names: beam search without moving cache rows); ``encdec::decode_cross_attention`` attends over the whole source with
-the additive padding bias. Both are ``triton_kernels.decode_attention`` (fp32 online softmax, one
+the additive padding bias (with ``kv_group`` G > 1, query row b reads cache row b // G: a request's
+beams share one copy of its cross K/V). Both are ``triton_kernels.decode_attention`` (fp32 online softmax, one
 rounding at the output), launched without programmatic dependent launch: inductor's own kernels
 around them do not wait for it.
 """
@@ -34,11 +35,11 @@ if HAVE_TRITON:
 
     @torch.library.custom_op("encdec::decode_cross_attention", mutates_args=())
     def _cross_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-                         key_bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return decode_attention(q, k_cache, v_cache, scale, key_bias=key_bias)
+                         key_bias: Optional[torch.Tensor], kv_group: int) -> torch.Tensor:
+        return decode_attention(q, k_cache, v_cache, scale, key_bias=key_bias, kv_group=kv_group)
 
     @_cross_attention.register_fake
-    def _(q, k_cache, v_cache, scale, key_bias):
+    def _(q, k_cache, v_cache, scale, key_bias, kv_group):
         return q.new_empty(q.shape)
 
 
@@ -49,6 +50,7 @@ def self_attention(q, k_cache, v_cache, scale: float, pos, k_new, v_new, bias_ta
                                                   bias_table, row_index)
 
 
-def cross_attention(q, k_cache, v_cache, scale: float, key_bias=None):
-    """q [B, H, D]; caches [B, H, S, D]; key_bias [B, S] additive or None; -> [B, H, D]."""
-    return torch.ops.encdec.decode_cross_attention(q, k_cache, v_cache, float(scale), key_bias)
+def cross_attention(q, k_cache, v_cache, scale: float, key_bias=None, kv_group: int = 1):
+    """q [B, H, D]; caches [>= B / kv_group, H, S, D]; key_bias [>= B / kv_group, S] additive or None
+    (query row b reads row b // kv_group); -> [B, H, D]."""
+    return torch.ops.encdec.decode_cross_attention(q, k_cache, v_cache, float(scale), key_bias, int(kv_group))

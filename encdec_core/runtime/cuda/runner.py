@@ -6,6 +6,9 @@ fused greedy loop, which feeds its own argmax back inside the graph) and launch 
 - Self-attention K/V: one flat buffer per layer, viewed as [B_bucket, H, T_max, D]; the step writes
   row ``pos`` in place (``pos`` is a 0-dim device tensor advanced inside the graph).
 - Cross-attention K/V: computed once per request at prefill into [B_bucket, H, S_bucket, D] views.
+  With the Triton attention kernel the beams (or samples) of a request share one copy: query row b
+  reads cross row b // beams (``decode_attention``'s ``kv_group``), so prefill writes one row per
+  request instead of repeating it; other attention reads one expanded row per query row.
 - Position bias: the decoder's full self-attention bias [H, T_max, T_max] (relative bias + causal
   mask, made by the model's own ``layer_biases``) is computed once; each step reads row ``pos``.
   Learned/sinusoidal positions come from the model's own ``embed`` with the device ``pos``.
@@ -27,9 +30,9 @@ fused greedy loop, which feeds its own argmax back inside the graph) and launch 
   update, cache reorder) from one graph: ``beam_search``.
 - Beam reordering (``beam_reorder="auto"``): where the step's self-attention is the Triton kernel,
   no cache row moves: a [B, T] int32 index names the cache row of every key position
-  (TensorRT-LLM's cache indirection) and a beam step gathers that index (``_reorder_index``);
-  elsewhere (``"copy"``) every layer's K/V rows are gathered (``_reorder_rows``: bart-large at
-  32 rows, 12 layers x 2 x 5.2 MB read and written per step). The fused greedy loop never
+  (TensorRT-LLM's cache indirection) and a beam step gathers that index (``_reorder``);
+  elsewhere (``"copy"``) every layer's K/V rows are gathered (bart-large at 32 rows, 12 layers
+  x 2 x 5.2 MB read and written per step). The fused greedy loop never
   reorders and reads the caches directly; so on the compiled path a batch bucket used both by
   greedy and by the runner interface / beam search compiles the step twice (with and without the
   index).
@@ -265,15 +268,17 @@ class StaticDecoder:
         b = vw.rows.shape[0]
         vw.rows.copy_(torch.arange(b, device=vw.rows.device, dtype=vw.rows.dtype).view(b, 1).expand_as(vw.rows))
 
-    def step(self, tokens, pos, k, v, ck, cv, cross_bias, rows=None):
+    def step(self, tokens, pos, k, v, ck, cv, cross_bias, rows=None, group: int = 1):
         """One decoder step for ``tokens`` [B] at position ``pos`` (0-dim device tensor).
 
         Writes K/V row ``pos`` of every layer and returns fp32 logits [B, V]. Shapes are static.
         rows: None, or (``attention="triton"``) the [B, T] cache row of every key position (beam
-        search by cache indirection).
+        search by cache indirection). group (``attention="triton"``): query row b reads cross K/V
+        and cross-bias row b // group (a request's beams share one copy).
         """
-        if rows is not None and self.attention != "triton":
-            raise ValueError("StaticDecoder.step: rows (cache indirection) needs attention='triton'")
+        if (rows is not None or group != 1) and self.attention != "triton":
+            raise ValueError("StaticDecoder.step: rows (cache indirection) and group (shared cross K/V) need "
+                             "attention='triton'")
         model, dec = self.model, self.model.decoder
         b = tokens.shape[0]
         ids = tokens.unsqueeze(1)
@@ -302,7 +307,8 @@ class StaticDecoder:
             def cross_attn(h, layer=layer, li=li):
                 ca = layer.cross_attn
                 if self.attention == "triton":
-                    o = cuda_ops.cross_attention(ca.q(h).view(b, ca.h, ca.dh), ck[li], cv[li], ca.scale, cross_bias)
+                    o = cuda_ops.cross_attention(ca.q(h).view(b, ca.h, ca.dh), ck[li], cv[li], ca.scale, cross_bias,
+                                                 group)
                     return ca.out(o.reshape(b, 1, ca.h * ca.dh))
                 q = ca.q(h).view(b, 1, ca.h, ca.dh).transpose(1, 2)
                 o = self.attend(q, ck[li], cv[li], cb, ca.scale)
@@ -404,6 +410,7 @@ class CudaGraphRunner:
         self._graphs: dict = {}
         self._pool = None
         self._cur = None  # (bucket B, bucket S, N)
+        self._group = 1  # rows sharing one cross K/V row (prefill's expand, with Triton attention)
         self.steps = 0
         self.stream = None
 
@@ -458,22 +465,28 @@ class CudaGraphRunner:
         sb = self._source_bucket(s)
         vw = d.views(bb, sb)
         dec = self.model.decoder
+        # the Triton cross-attention reads row b // group: a request's beams share one copy of its
+        # cross K/V and padding bias; other attention reads one expanded copy per row
+        group = expand if expand > 1 and self._triton_attention(bb) else 1
+        rep = expand // group
+        rows = n // group
         for li, i in enumerate(d.layer_ids):
             k, v = dec.layers[str(i)].cross_attn.project_kv(enc)
-            if expand > 1:
-                k, v = k.repeat_interleave(expand, 0), v.repeat_interleave(expand, 0)
-            vw.ck[li][:n, :, :s].copy_(k)
-            vw.cv[li][:n, :, :s].copy_(v)
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+            vw.ck[li][:rows, :, :s].copy_(k)
+            vw.cv[li][:rows, :, :s].copy_(v)
         lo = torch.finfo(d.dtype).min
         cb = (1.0 - mask.to(torch.float32)) * lo
-        if expand > 1:
-            cb = cb.repeat_interleave(expand, 0)
-        vw.cross_bias[:n, :s].copy_(cb)
-        vw.cross_bias[:n, s:].fill_(lo)
-        vw.cross_bias[n:].zero_()
+        if rep > 1:
+            cb = cb.repeat_interleave(rep, 0)
+        vw.cross_bias[:rows, :s].copy_(cb)
+        vw.cross_bias[:rows, s:].fill_(lo)
+        vw.cross_bias[rows:].zero_()
         d.reset_rows(vw)
         d.pos.zero_()
         self._cur = (bb, sb, n)
+        self._group = group
         self.steps = 0
         self.max_steps = max_len if max_len is not None else d.max_len
         return n
@@ -490,14 +503,22 @@ class CudaGraphRunner:
         return (vw.tokens, d.pos, vw.k, vw.v, vw.ck, vw.cv, vw.cross_bias)
 
     @staticmethod
-    def _rows_kw(vw: _Views, indirect: bool) -> dict:
-        """The step's keyword for reading the caches through the row index (beam search)."""
-        return {"rows": vw.rows} if indirect else {}
+    def _step_kw(vw: _Views, indirect: bool, group: int) -> dict:
+        """The step's keywords: read the self caches through the row index (beam search), and the
+        cross K/V of row b from row b // group (shared by a request's beams)."""
+        kw = {"rows": vw.rows} if indirect else {}
+        if group > 1:
+            kw["group"] = group
+        return kw
+
+    def _triton_attention(self, bb: int) -> bool:
+        """Whether the step of batch bucket ``bb`` attends through the Triton kernel."""
+        return self._step_fn(bb) is self._fused or self.dec.attention == "triton"
 
     def _indirect(self, bb: int) -> bool:
         """Whether the step of batch bucket ``bb`` reads the self-attention caches through the Triton
         kernel, so that beam search moves the [B, T] row index instead of every layer's cache rows."""
-        triton = self._step_fn(bb) is self._fused or self.dec.attention == "triton"
+        triton = self._triton_attention(bb)
         if self.beam_reorder == "index" and not triton:
             raise ValueError("beam_reorder='index' needs the Triton attention kernel (attention='triton' or "
                              "the Triton step)")
@@ -527,14 +548,14 @@ class CudaGraphRunner:
 
     @torch.no_grad()
     def _capture(self, key):
-        kind, bb, sb = key
+        kind, bb, sb, group = key
         d = self.dec
         vw = d.views(bb, sb)
         step = self._step_fn(bb)
         if kind == "step":  # the runner interface: generate's loops, beam search with reorder()
-            kw = self._rows_kw(vw, self._indirect(bb))
+            kw = self._step_kw(vw, self._indirect(bb), group)
             fn = lambda: step(*self._args(vw), **kw)  # noqa: E731
-        else:
+        else:  # fused greedy: one row per request (group 1)
             def fn():
                 logits = step(*self._args(vw))
                 self._select(logits, vw.tokens, d.pos, vw.out_tokens, vw.finished, d.eos, d.pad, d.min_steps,
@@ -549,7 +570,7 @@ class CudaGraphRunner:
 
     def _run(self, kind: str):
         bb, sb, n = self._cur
-        key = (kind, bb, sb)
+        key = (kind, bb, sb, self._group)
         ent = self._graphs.get(key)
         if ent is None:
             ent = self._graphs[key] = self._capture(key)
@@ -570,8 +591,8 @@ class CudaGraphRunner:
                 bb = _bucket(b, self.batch_buckets, self.dec.max_batch, "batch size")
                 sb = self._source_bucket(s)
                 for kind in kinds:
-                    if (kind, bb, sb) not in self._graphs:
-                        self._graphs[(kind, bb, sb)] = self._capture((kind, bb, sb))
+                    if (kind, bb, sb, 1) not in self._graphs:
+                        self._graphs[(kind, bb, sb, 1)] = self._capture((kind, bb, sb, 1))
 
     def set_eos_pad(self, eos: int | None = None, pad: int | None = None) -> None:
         cfg = self.model.cfg
@@ -619,7 +640,8 @@ class CudaGraphRunner:
         pipe_sig = (pipeline.min_length if pipeline.eos_mask is not None else None, pipeline.max_length,
                     "rows" if isinstance(bos, torch.Tensor) else bos,
                     None if pipeline.forced_eos is None else tuple(pipeline.forced_eos.tolist()))
-        key = ("beam", bb, sb, batch, nb, max_len, prompt, gc.eos_token_ids, gc.pad_token_id, gc.length_penalty,
+        group = self._group
+        key = ("beam", bb, sb, group, batch, nb, max_len, prompt, gc.eos_token_ids, gc.pad_token_id, gc.length_penalty,
                str(gc.early_stopping), pipe_sig)
         ent = self._graphs.get(key)
         if ent is None:
@@ -629,7 +651,7 @@ class CudaGraphRunner:
             vw = d.views(bb, sb)
             step = self._step_fn(bb)
             indirect = self._indirect(bb)
-            kw = self._rows_kw(vw, indirect)
+            kw = self._step_kw(vw, indirect, group)
 
             def tail(logits):
                 logp = torch.log_softmax(logits[:n].float(), dim=-1)

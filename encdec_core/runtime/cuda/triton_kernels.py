@@ -439,7 +439,7 @@ if HAVE_TRITON:
     @triton.jit
     def _decode_attention_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, kn_ptr, vn_ptr, bt_ptr, kb_ptr, ri_ptr,
-        scale, H, T,
+        scale, H, T, G,
         s_qb, s_qh, s_qd,
         s_kb, s_kh, s_kt, s_kd,
         s_vb, s_vh, s_vt, s_vd,
@@ -461,8 +461,11 @@ if HAVE_TRITON:
         dmask = d < D
         k_head = k_ptr + h * s_kh
         v_head = v_ptr + h * s_vh
-        k_base = k_head + b * s_kb  # this query row's own cache row
-        v_base = v_head + b * s_vb
+        # the cache row (and key-bias row) of query row b: its own, or with G > 1 (cross-attention
+        # shared by a request's G beams / samples) row b // G
+        bk = b // G
+        k_base = k_head + bk * s_kb
+        v_base = v_head + bk * s_vb
         if SELF:
             pos = tl.load(pos_ptr)  # with PDL: the caller guarantees the previous kernel leaves it alone
             n = pos + 1
@@ -472,7 +475,7 @@ if HAVE_TRITON:
         # Key tile 0 (the cached K/V rows and the biases of keys 0..BLOCK_T-1) does not depend on the
         # previous kernel: loaded first, with PDL before the wait. Self-attention: row `pos` is the
         # new row, taken from registers below, so the kernel never reads its own write.
-        kt0, vt0, bt0, kb0 = _attn_load_tile(0, k_head, v_head, bt_ptr, kb_ptr, ri_ptr, b, h, pos, n, d, dmask,
+        kt0, vt0, bt0, kb0 = _attn_load_tile(0, k_head, v_head, bt_ptr, kb_ptr, ri_ptr, bk, h, pos, n, d, dmask,
                                              s_kb, s_kt, s_kd, s_vb, s_vt, s_vd,
                                              s_bth, s_btq, s_btt, s_kbb, s_kbt, s_rib, s_rit,
                                              BLOCK_T, SELF, HAS_BT, HAS_KB, HAS_RI)
@@ -511,7 +514,7 @@ if HAVE_TRITON:
         # to the constexpr capacity with the same masks (range() over a runtime scalar fails there;
         # the bound is written inline because the interpreter turns every assignment into a tensor).
         for t0 in range(BLOCK_T, LOOP_CAP if LOOP_CAP > 0 else n, BLOCK_T):
-            kt, vt, bt, kb = _attn_load_tile(t0, k_head, v_head, bt_ptr, kb_ptr, ri_ptr, b, h, pos, n, d, dmask,
+            kt, vt, bt, kb = _attn_load_tile(t0, k_head, v_head, bt_ptr, kb_ptr, ri_ptr, bk, h, pos, n, d, dmask,
                                              s_kb, s_kt, s_kd, s_vb, s_vt, s_vd,
                                              s_bth, s_btq, s_btt, s_kbb, s_kbt, s_rib, s_rit,
                                              BLOCK_T, SELF, HAS_BT, HAS_KB, HAS_RI)
@@ -809,9 +812,10 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out
 
 
-def attention_config(D: int, T: int | None = None, self_mode: bool = True, pdl: bool = False) -> dict:
+def attention_config(D: int, T: int | None = None, self_mode: bool = True, pdl: bool = False,
+                     batch: int | None = None) -> dict:
     """Default block sizes for ``decode_attention`` (T: keys in the cache, self_mode: self-attention,
-    pdl: launched with PDL), 4 warps.
+    pdl: launched with PDL, batch: query rows), 4 warps, 2 above 16 rows.
 
     - self-attention: BLOCK_T*BLOCK_D <= 4096 (32 fp32 registers per thread for a key tile),
       BLOCK_T in [16, 64]: the filled rows grow by one per step.
@@ -819,20 +823,23 @@ def attention_config(D: int, T: int | None = None, self_mode: bool = True, pdl: 
       tokens is one tile, loaded before the PDL wait. Measured in the whole step (bart-large, H100,
       ``sweep_step.py``, policy ``attn-x128w4``): batch 1 0.419 -> 0.404 ms, batch 8 unchanged;
       8 warps instead of 4 were no better.
+    - above 16 rows (the compiled step's buckets) 2 warps: more programs resident per SM. Measured
+      in the step (bart-large, H200, ``sweep_step.py`` policy ``inductor+attn-w2``, 2026-11-30):
+      batch 256 1.455 -> 1.371 ms, batch 64 0.819 -> 0.813, batch 32 0.708 -> 0.704.
     """
     block_d = _next_pow2(D)
     cap = 4096 if self_mode else 8192
     block_t = max(16, min(64 if self_mode else 128, cap // block_d))
     if T is not None and not self_mode:
         block_t = max(16, min(block_t, _next_pow2(T)))
-    return dict(BLOCK_T=block_t, num_warps=4)
+    return dict(BLOCK_T=block_t, num_warps=2 if batch is not None and batch > 16 else 4)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, *,
                      pos: torch.Tensor | None = None, k_new: torch.Tensor | None = None,
                      v_new: torch.Tensor | None = None, bias_table: torch.Tensor | None = None,
                      key_bias: torch.Tensor | None = None, row_index: torch.Tensor | None = None,
-                     out: torch.Tensor | None = None, config: dict | None = None,
+                     kv_group: int = 1, out: torch.Tensor | None = None, config: dict | None = None,
                      pdl: bool = False) -> torch.Tensor:
     """One-query attention per (batch, head): ``softmax(q.k * scale + bias) @ v`` in fp32.
 
@@ -845,6 +852,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     beam search): key position t < pos of query row b is read from cache row ``row_index[b, t]``
     (values in [0, B)), so a beam step moves an index table instead of the caches; the new row is
     still written at row b, position pos.
+    kv_group (cross-attention only): query row b reads cache row (and key_bias row) ``b // kv_group``:
+    the beams (or samples) of a request share one copy of its cross K/V; the caches then need at
+    least ceil(B / kv_group) rows.
     Output: [B, H, D] in q's dtype, or written into ``out`` ([B, H, D], any strides).
     config: optional overrides (BLOCK_T, num_warps). No host sync; CUDA-graph capturable.
     pdl: programmatic dependent launch (see ``fused_linear``): the kernel reads ``pos``, its first
@@ -859,9 +869,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("decode_attention: q [B, H, D], k_cache / v_cache [B, H, T, D]")
     B, H, D = q.shape
     T = k_cache.shape[2]
-    if k_cache.shape[0] != B or k_cache.shape[1] != H or k_cache.shape[3] != D:
-        raise ValueError(f"decode_attention: cache shape {tuple(k_cache.shape)} does not match q {tuple(q.shape)}")
     self_mode = pos is not None
+    G = int(kv_group)
+    if G < 1 or (G > 1 and self_mode):
+        raise ValueError(f"decode_attention: kv_group={kv_group}: expected 1, or >= 1 for cross-attention (pos None)")
+    rows = B if G == 1 else -(-B // G)
+    if (k_cache.shape[0] != B if G == 1 else k_cache.shape[0] < rows) or k_cache.shape[1] != H \
+            or k_cache.shape[3] != D:
+        raise ValueError(f"decode_attention: cache shape {tuple(k_cache.shape)} does not match q {tuple(q.shape)}"
+                         + (f" with kv_group {G} (>= {rows} rows)" if G > 1 else ""))
     if self_mode:
         if k_new is None or v_new is None:
             raise ValueError("decode_attention: self-attention mode needs k_new and v_new")
@@ -882,8 +898,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         if bias_table.dim() != 3 or bias_table.shape[0] not in (1, H) or bias_table.shape[1] < T \
                 or bias_table.shape[2] < T:
             raise ValueError(f"decode_attention: bias_table must be [1|{H}, {T}, {T}]")
-    if key_bias is not None and (key_bias.dim() != 2 or key_bias.shape[0] != B or key_bias.shape[1] < T):
-        raise ValueError(f"decode_attention: key_bias must be [{B}, {T}]")
+    if key_bias is not None and (key_bias.dim() != 2 or key_bias.shape[0] < rows or key_bias.shape[1] < T):
+        raise ValueError(f"decode_attention: key_bias must be [{rows}, {T}]")
     if out is None:
         out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     elif out.shape != (B, H, D):
@@ -892,7 +908,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out
 
     pdl = bool(pdl) and pdl_supported(q.device)
-    cfg = attention_config(D, T, self_mode, pdl)
+    cfg = attention_config(D, T, self_mode, pdl, B)
     if config:
         unknown = set(config) - set(cfg) - {"num_stages"}
         if unknown:
@@ -915,7 +931,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     ri_strides = (row_index.stride(0), row_index.stride(1)) if row_index is not None else (0, 0)
     _decode_attention_kernel[(B * H,)](
         q, k_cache, v_cache, out, pos if self_mode else q, kn, vn, bt, kb, ri,
-        float(scale), H, T,
+        float(scale), H, T, G,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         *kn.stride(), *vn.stride(), *bt_strides, *kb_strides, *ri_strides,
         D=D, BLOCK_D=_next_pow2(D), BLOCK_T=cfg["BLOCK_T"],
