@@ -10,7 +10,7 @@ shapes, bf16, source length 128) per model and batch size, against the inductor-
         --policies base,k512,fma [--inductor] [--out DIR]
     # the compiled step (batches above 16) with other attention block sizes:
     PYTHONPATH=.:families python benchmarks/sweep_step.py --models bart-large --batches 64,256 \
-        --policies inductor,inductor+attn-t32,inductor+attn-x64,inductor-math
+        --policies inductor,inductor+attn-t32,inductor+attn-x64,inductor-math,inductor-autotune
 """
 from __future__ import annotations
 
@@ -94,10 +94,10 @@ def _big(bm: int, bn: int, bk: int, warps: int, stages: int):
 
 
 def _attn(block_t=None, warps=None, cross_only=False):
-    """Attention: another key tile / warp count (the default: 64 keys, 4 warps); ``cross_only``: for
+    """Attention: another key tile / warp count (the default: 64 keys; 4 warps, 2 above 16 rows); ``cross_only``: for
     cross-attention only (its whole source in one tile, loaded before the PDL wait, when it fits)."""
-    def cfg(D, T=None, self_mode=True, pdl=False):
-        c = BASE_ATTN(D, T, self_mode, pdl)
+    def cfg(D, T=None, self_mode=True, pdl=False, batch=None):
+        c = BASE_ATTN(D, T, self_mode, pdl, batch)
         if cross_only and self_mode:
             return c
         if block_t:
@@ -110,6 +110,7 @@ def _attn(block_t=None, warps=None, cross_only=False):
 
 ATTN_POLICIES = {
     "attn-t32": _attn(32), "attn-t128": _attn(128), "attn-w1": _attn(warps=1), "attn-w2": _attn(warps=2),
+    "attn-w4": _attn(warps=4),
     "attn-t128w8": _attn(128, 8), "attn-t32w2": _attn(32, 2),
     "attn-x64": _attn(64, cross_only=True), "attn-x128w8": _attn(128, 8, cross_only=True),
     "attn-x32": _attn(32, cross_only=True), "attn-x32w2": _attn(32, 2, cross_only=True),
@@ -133,15 +134,24 @@ POLICIES = {
 }
 
 
+COMPILED = {  # the compiled step's base policies: (attention, torch.compile mode)
+    "inductor": ("triton", None),
+    "inductor-math": ("math", None),
+    "inductor-autotune": ("triton", "max-autotune-no-cudagraphs"),  # inductor's GEMM templates too
+}
+
+
 def _compiled(policy: str):
     """The inductor-compiled model step: "inductor" (its default attention, the Triton op on CUDA),
-    "inductor-math" (inductor's own fp32 reductions) or "inductor+<attention policy>" (the Triton
-    op with that policy's block sizes) -> (attention, attention policy or None); else None."""
-    if policy == "inductor-math":
-        return "math", None
-    if policy == "inductor" or policy.startswith("inductor+"):
-        return "triton", policy.partition("+")[2] or None
-    return None
+    "inductor-math" (inductor's own fp32 reductions), "inductor-autotune" (compile mode
+    max-autotune-no-cudagraphs: inductor benchmarks its Triton GEMM templates, with fused epilogues,
+    against cuBLAS per shape), each optionally "+<attention policy>" (the Triton op with that
+    policy's block sizes) -> (attention, attention policy or None, compile mode); else None."""
+    base, _, attn = policy.partition("+")
+    if base not in COMPILED or (attn and base == "inductor-math"):
+        return None
+    attention, mode = COMPILED[base]
+    return attention, attn or None, mode
 
 
 def _known(policy: str) -> bool:
@@ -156,8 +166,8 @@ def main():
     ap.add_argument("--models", default="bart-large")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--policies", default="base,k512,fma",
-                    help=f"of {sorted(POLICIES) + sorted(ATTN_POLICIES)}, or the compiled step: inductor, "
-                         "inductor-math, inductor+<attention policy>")
+                    help=f"of {sorted(POLICIES) + sorted(ATTN_POLICIES)}, or the compiled step: {sorted(COMPILED)}, "
+                         "inductor[-autotune]+<attention policy>")
     ap.add_argument("--inductor", action="store_true", help="also time the inductor-compiled step")
     ap.add_argument("--nopdl", action="store_true", help="also time each policy without PDL")
     ap.add_argument("--fused-max-batch", type=int, default=16, help="largest batch bucket of the Triton step")
@@ -185,6 +195,7 @@ def main():
             t = time.perf_counter()
             try:
                 r = CudaGraphRunner(model, max(batches), 80, 128, compile=bool(comp),
+                                    compile_mode=comp[2] if comp else None,
                                     kernels="inductor" if comp else "triton",
                                     attention=comp[0] if comp else "auto",
                                     fused_max_batch=a.fused_max_batch)

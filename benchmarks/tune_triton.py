@@ -84,9 +84,11 @@ def main():
     ap.add_argument("--models", default="t5-small,bart-large,flan-t5-large")
     ap.add_argument("--m", default="1")
     ap.add_argument("--big", action="store_true",
-                    help="sweep tensor-core tiles for batches > 16 (BLOCK_M/N 32-128, pipelined K loop)")
+                    help="sweep tensor-core tiles for batches > 16 (BLOCK_M/N 32-128, pipelined K loop) and "
+                         "attention key tiles x warps x pipeline stages")
     ap.add_argument("--rotate", type=int, default=1,
-                    help="cycle through this many copies of each weight so the calls stream from HBM: "
+                    help="cycle through this many copies of each weight (and attention cache) so the calls "
+                         "stream from HBM: "
                          "pick it so the copies exceed the L2 (50 MB H100, 60 MB H200); the default 1 "
                          "keeps one weight L2-resident (optimistic)")
     ap.add_argument("--layers", default="", help="only these linear layers (e.g. qkv,ffn_in); attention: attn")
@@ -147,20 +149,28 @@ def main():
             H, D = cfg.decoder_heads, cfg.head_dim
             for kind, T in (("self", 80), ("cross", 128)):
                 q = torch.randn(m, H, D, device=dev, dtype=dt)
-                kc = torch.randn(m, H, T, D, device=dev, dtype=dt)
-                vc = torch.randn(m, H, T, D, device=dev, dtype=dt)
+                caches = itertools.cycle([(torch.randn(m, H, T, D, device=dev, dtype=dt),
+                                           torch.randn(m, H, T, D, device=dev, dtype=dt)) for _ in range(a.rotate)])
                 pos = torch.full((), 63, dtype=torch.long, device=dev)
                 kn = torch.randn(m, H, D, device=dev, dtype=dt)
                 kb = torch.zeros(m, T, device=dev, dtype=dt)
                 akw = dict(pos=pos, k_new=kn, v_new=kn) if kind == "self" else dict(key_bias=kb)
-                row = {"model": name, "M": m, "layer": f"attn_{kind}", "T": T}
-                row["default_us"] = graph_time_us(lambda: tk.decode_attention(q, kc, vc, 0.125, **akw))
-                configs = [dict(BLOCK_T=bt, num_warps=nw) for bt, nw in itertools.product((16, 32, 64), (1, 4))]
-                sweep(row, lambda c: tk.decode_attention(q, kc, vc, 0.125, config=c, **akw), configs,
-                      lambda c: f"bt{c['BLOCK_T']}_w{c['num_warps']}")
+                row = {"model": name, "M": m, "layer": f"attn_{kind}", "T": T, "rotate": a.rotate}
+                # bytes of K/V read per call (self: the 63 filled rows)
+                nbytes = 2 * m * H * (63 if kind == "self" else T) * D * 2
+                row["default_us"] = graph_time_us(lambda: tk.decode_attention(q, *next(caches), 0.125, **akw))
+                if a.big:
+                    configs = [dict(BLOCK_T=bt, num_warps=nw, num_stages=st)
+                               for bt, nw, st in itertools.product((16, 32, 64, 128), (1, 2, 4, 8), (1, 2, 3))
+                               if not (kind == "self" and bt * D > 8192)]
+                else:
+                    configs = [dict(BLOCK_T=bt, num_warps=nw) for bt, nw in itertools.product((16, 32, 64), (1, 4))]
+                sweep(row, lambda c: tk.decode_attention(q, *next(caches), 0.125, config=c, **akw), configs,
+                      lambda c: f"bt{c['BLOCK_T']}_w{c['num_warps']}_s{c.get('num_stages', 'd')}")
                 best = (row["best_us"], row["best"])
-                print(f"{name} M={m} attn_{kind:5s} T={T} default {row['default_us']:7.2f} best {best[0]:7.2f} {best[1]}",
-                      flush=True)
+                print(f"{name} M={m} attn_{kind:5s} T={T} default {row['default_us']:7.2f} "
+                      f"({nbytes / row['default_us'] / 1e6:.2f} TB/s) best {best[0]:7.2f} {best[1]} "
+                      f"({nbytes / best[0] / 1e6:.2f} TB/s)", flush=True)
                 res.append(row)
         with open(os.path.join(a.out, "tune_triton.json"), "w") as f:
             json.dump(res, f, indent=1)
