@@ -134,10 +134,13 @@ POLICIES = {
 }
 
 
-COMPILED = {  # the compiled step's base policies: (attention, torch.compile mode)
-    "inductor": ("triton", None),
-    "inductor-math": ("math", None),
-    "inductor-autotune": ("triton", "max-autotune-no-cudagraphs"),  # inductor's GEMM templates too
+COMPILED = {  # the compiled step's base policies: (attention, torch.compile mode, TunableOp)
+    "inductor": ("triton", None, False),
+    "inductor-math": ("math", None, False),
+    "inductor-autotune": ("triton", "max-autotune-no-cudagraphs", False),  # inductor's GEMM templates too
+    # torch.cuda.tunable: every cuBLAS / cuBLASLt GEMM benchmarks the library's algorithms for its
+    # shape at the first call (the warm-up before graph capture) and keeps the fastest
+    "inductor-tunableop": ("triton", None, True),
 }
 
 
@@ -146,12 +149,13 @@ def _compiled(policy: str):
     "inductor-math" (inductor's own fp32 reductions), "inductor-autotune" (compile mode
     max-autotune-no-cudagraphs: inductor benchmarks its Triton GEMM templates, with fused epilogues,
     against cuBLAS per shape), each optionally "+<attention policy>" (the Triton op with that
-    policy's block sizes) -> (attention, attention policy or None, compile mode); else None."""
+    policy's block sizes) -> (attention, attention policy or None, compile mode, TunableOp);
+    else None."""
     base, _, attn = policy.partition("+")
     if base not in COMPILED or (attn and base == "inductor-math"):
         return None
-    attention, mode = COMPILED[base]
-    return attention, attn or None, mode
+    attention, mode, tunable = COMPILED[base]
+    return attention, attn or None, mode, tunable
 
 
 def _known(policy: str) -> bool:
@@ -193,6 +197,10 @@ def main():
             tk.linear_config = POLICIES.get(pol, BASE)
             tk.attention_config = ATTN_POLICIES.get(comp[1] if comp else pol, BASE_ATTN)
             t = time.perf_counter()
+            tunable = bool(comp and comp[3])
+            if tunable:
+                torch.cuda.tunable.enable(True)
+                torch.cuda.tunable.tuning_enable(True)
             try:
                 r = CudaGraphRunner(model, max(batches), 80, 128, compile=bool(comp),
                                     compile_mode=comp[2] if comp else None,
@@ -216,6 +224,9 @@ def main():
                 del r
             except Exception as exc:  # a survey: keep going
                 print(f"{name} {pol} FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            if tunable:
+                print(f"{name} {pol}: {len(torch.cuda.tunable.get_results())} tuned GEMM shapes", flush=True)
+                torch.cuda.tunable.enable(False)
             torch.cuda.empty_cache()
         tk.linear_config, tk.attention_config = BASE, BASE_ATTN
         del model
