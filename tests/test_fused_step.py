@@ -89,6 +89,7 @@ def test_fused_step_refuses_what_it_cannot_run():
         CudaGraphRunner(model, 2, 4, 8, compile=False, use_graphs=False, kernels="cutlass")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEV != "cuda", reason="programmatic dependent launch needs a GPU")
 @pytest.mark.parametrize("family", ["t5", "bart"])
 def test_fused_step_with_pdl_equals_plain_launch(family):
@@ -113,7 +114,8 @@ def test_fused_step_with_pdl_equals_plain_launch(family):
     assert torch.equal(plain.greedy(ids, mask, max_new_tokens=6), pdl.greedy(ids, mask, max_new_tokens=6))
 
 
-COMPILE = [False, pytest.param(True, marks=pytest.mark.skipif(DEV != "cuda", reason="compiled: CUDA only"))]
+COMPILE = [False, pytest.param(True, marks=[pytest.mark.gpu,
+                                            pytest.mark.skipif(DEV != "cuda", reason="compiled: CUDA only")])]
 
 
 @pytest.mark.parametrize("compile", COMPILE)

@@ -535,6 +535,7 @@ def _pdl_chain(pdl, M, dtype, layers, g_seed=120, graph=False):
     return x.clone(), kc.clone(), vc.clone()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEV != "cuda", reason="programmatic dependent launch needs a compiled GPU kernel")
 @pytest.mark.parametrize("M", [1, 4, 12])
 @pytest.mark.parametrize("graph", [False, True])
