@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import ConfigError, EncDecError
+from .encode import encode_grouped
 from .logits import LogitsPipeline
 
 # HF's global defaults (GenerationConfig._get_default_generation_params), for the options we run.
@@ -307,7 +308,11 @@ class EagerRunner:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, expand: int, max_len: int) -> None:
         with torch.inference_mode():
-            enc = self.model.encode(input_ids, attention_mask)
+            ctx = self.model.ctx
+            # mixed source lengths: encoded in length groups on one rank (runtime.encode); under
+            # tensor / pipeline parallelism one call, as every rank must make the same ones
+            cost = None if ctx.tp_size == 1 and ctx.pp_size == 1 else 0
+            enc, attention_mask = encode_grouped(self.model.encode, input_ids, attention_mask, cost)
             state = self.model.init_state(enc, attention_mask, max_len)
             if expand > 1:
                 idx = torch.arange(input_ids.shape[0], device=enc.device).repeat_interleave(expand)

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import LimitError
+from ..encode import encode_grouped
 from . import ops as cuda_ops
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -352,7 +353,7 @@ class CudaGraphRunner:
                  compile: bool = True, attention: str = "auto", batch_buckets=DEFAULT_BATCH_BUCKETS,
                  dynamic: bool | None = None, use_graphs: bool = True, compile_mode: str | None = None,
                  compile_encoder: bool | None = None, kernels: str = "auto", fused_max_batch: int = 16,
-                 beam_reorder: str = "auto"):
+                 beam_reorder: str = "auto", encoder_launch_cost: int | None = None):
         cpu = model.device.type == "cpu"
         if model.device.type != "cuda" and use_graphs:
             raise ValueError(f"CUDA graphs need a model on CUDA, got {model.device}: pass use_graphs=False "
@@ -366,6 +367,9 @@ class CudaGraphRunner:
         if beam_reorder not in ("auto", "index", "copy"):
             raise ValueError(f"beam_reorder={beam_reorder!r}: expected 'auto', 'index' or 'copy'")
         self.beam_reorder = beam_reorder
+        # token-rows a further encoder call is worth when grouping mixed source lengths (None: the
+        # device's default, 0: one call for the whole batch; ``runtime.encode.plan_groups``)
+        self.encoder_launch_cost = encoder_launch_cost
         self.dec = StaticDecoder(model, max_batch, max_len, max_input_len, attention)
         self.batch_buckets = tuple(sorted(batch_buckets))
         self.use_graphs = use_graphs
@@ -431,22 +435,22 @@ class CudaGraphRunner:
             b *= 2
         return min(b, self.dec.S) if s <= self.dec.S else _bucket(s, (), self.dec.S, "input length")
 
-    @torch.no_grad()
-    def encode(self, input_ids, attention_mask=None):
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        # trailing columns that are padding in every row carry nothing: drop them
-        keep = int(attention_mask.any(0).nonzero().max().item()) + 1 if attention_mask.any() else 1
-        input_ids, attention_mask = input_ids[:, :keep], attention_mask[:, :keep]
+    def _encode_rows(self, input_ids, attention_mask):
         if self._encode is not self.model.encode:
             try:
-                return self._encode(input_ids, attention_mask), attention_mask
+                return self._encode(input_ids, attention_mask)
             except Exception as exc:  # an inductor failure must not fail the request
                 import warnings
 
                 warnings.warn(f"compiled encoder failed ({type(exc).__name__}: {exc}); using the eager encoder")
                 self._encode = self.model.encode
-        return self.model.encode(input_ids, attention_mask), attention_mask
+        return self.model.encode(input_ids, attention_mask)
+
+    @torch.no_grad()
+    def encode(self, input_ids, attention_mask=None):
+        """Encoder output and the mask it goes with: trailing all-padding columns dropped, and rows of
+        mixed lengths encoded in length groups (``runtime.encode``; ``encoder_launch_cost``)."""
+        return encode_grouped(self._encode_rows, input_ids, attention_mask, self.encoder_launch_cost)
 
     @torch.no_grad()
     def prefill(self, input_ids, attention_mask=None, expand: int = 1, max_len: int | None = None):
