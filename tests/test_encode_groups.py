@@ -84,14 +84,21 @@ def test_encode_grouped_equals_one_padded_call(family):
         assert calls == [(8, 40)] and torch.equal(one, ref) and torch.equal(m1, m)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                   reason="needs CUDA")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ["t5", "bart"])
-def test_generate_with_grouped_encoder_equals_one_call(family):
+def test_generate_with_grouped_encoder_equals_one_call(family, device):
     """Greedy and beam tokens with the encoder split into length groups (a launch cost of one token
-    splits at every edge) equal those of one encoder call, on the eager path and the static runner."""
+    splits at every edge) equal those of one encoder call, on the eager path and the static runner
+    (on CUDA: compiled encoder and step, CUDA graphs)."""
     from encdec_core.runtime.cuda import CudaGraphRunner
     from encdec_core.runtime.generation import generate
 
-    model = _tiny(family, "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = _tiny(family, device)
     cfg = model.cfg
     g = torch.Generator().manual_seed(5)
     lens = [30, 4, 19, 11, 30, 7]
@@ -100,8 +107,11 @@ def test_generate_with_grouped_encoder_equals_one_call(family):
     for r, n in enumerate(lens):
         mask[r, :n] = 1
         ids[r, n:] = cfg.pad_token_id
-    split = CudaGraphRunner(model, 18, 16, 64, compile=False, use_graphs=False, encoder_launch_cost=1)
-    whole = CudaGraphRunner(model, 18, 16, 64, compile=False, use_graphs=False, encoder_launch_cost=0)
+    ids, mask = ids.to(device), mask.to(device)
+    on_gpu = device == "cuda"
+    kw = dict(compile=on_gpu, use_graphs=on_gpu)
+    split = CudaGraphRunner(model, 18, 16, 64, encoder_launch_cost=1, **kw)
+    whole = CudaGraphRunner(model, 18, 16, 64, encoder_launch_cost=0, **kw)
     for kw in (dict(max_new_tokens=12), dict(max_new_tokens=12, num_beams=3)):
         gc = _gc(cfg, **kw)
         ref = generate(model, ids, mask, gc, runner=whole).sequences
