@@ -183,8 +183,12 @@ class Engine:
                                            **{k: v for k, v in overrides.items() if v is not None})
 
     def generate_ids(self, ids: list[list[int]], target_lang_ids=None, runner=None, **overrides):
-        """Token ids in, GenerationOutput out; limits checked first."""
-        from .runtime.generation import generate
+        """Token ids in, GenerationOutput out (rows in the order of ``ids``); limits checked first.
+
+        More requests than the engine's max batch size run in batches of at most that many, the
+        requests sorted by length first so that each batch holds similar lengths (less padding;
+        CTranslate2 does the same); the outputs come back in the input order."""
+        from .runtime.generation import generate, merge_outputs
 
         if not ids:
             raise EncDecError("no input given")
@@ -192,10 +196,25 @@ class Engine:
         max_in = max(len(x) for x in ids)
         if min(len(x) for x in ids) == 0:
             raise EncDecError("an input is empty after tokenization")
+        if target_lang_ids is not None and len(target_lang_ids) != len(ids):
+            raise EncDecError(f"target language ids: {len(target_lang_ids)} for {len(ids)} inputs")
         out_len = _output_len(gc)
-        self.limits.check(len(ids), max_in, out_len, max(gc.num_beams, 1))
+        bmax = self.limits.max_batch_size
+        self.limits.check(min(len(ids), bmax), max_in, out_len, max(gc.num_beams, 1))
+        if len(ids) <= bmax:
+            return self._generate_batch(ids, target_lang_ids, runner, gc, generate)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        parts = []
+        for c in range(0, len(ids), bmax):
+            reqs = order[c: c + bmax]
+            langs = None if target_lang_ids is None else [target_lang_ids[i] for i in reqs]
+            parts.append((reqs, self._generate_batch([ids[i] for i in reqs], langs, runner, gc, generate)))
+        return merge_outputs(parts, len(ids), self.config.pad_token_id)
+
+    def _generate_batch(self, ids, target_lang_ids, runner, gc, generate):
         pad = self.config.pad_token_id
         dev = self.model.device
+        max_in = max(len(x) for x in ids)
         input_ids = torch.full((len(ids), max_in), pad, dtype=torch.long)
         mask = torch.zeros((len(ids), max_in), dtype=torch.long)
         for i, x in enumerate(ids):

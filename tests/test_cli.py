@@ -286,3 +286,33 @@ def test_run_cuda_graph_needs_cuda(builtin_registry, tmp_path, t5_dir, capsys):
     capsys.readouterr()
     assert main(["run", "--engine-dir", str(eng), "--input-text", "abc", "--device", "cpu", "--cuda-graph"]) == 2
     assert "--cuda-graph needs a CUDA device" in _err(capsys)
+
+
+def test_run_more_inputs_than_the_batch_limit(builtin_registry, tmp_path, t5_dir, capsys):
+    """An input file longer than the engine's max batch size runs in batches (requests sorted by
+    length), every output next to its own input: each matches HF fp32 on that input, and the Python
+    API gives the rows of one big batch in the input order."""
+    from encdec_core.engine import Engine
+
+    ck, eng = _pipeline(tmp_path, t5_dir, build_args=("--max-batch-size", "3"))
+    lines = ["hello", "a much longer input here", "x y", "another input", "one",
+             "the longest input of them", "short", "mid sized line"]
+    f = tmp_path / "in.txt"
+    f.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out_json = tmp_path / "out.json"
+    rc = main(["run", "--engine-dir", str(eng), "--input-file", str(f), "--max-output-len", "8", "--num-beams", "2",
+               "--num-return-sequences", "2", "--compare-hf", "--hf-model-dir", str(t5_dir), "--device", "cpu",
+               "--output-json", str(out_json)])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.out + cap.err
+    res = json.loads(out_json.read_text())["results"]
+    assert [r["input"] for r in res] == lines and all(r["match"] for r in res) and len(res[0]["output"]) == 2
+
+    small = Engine.load(eng, device="cpu")
+    big = Engine.load(_pipeline(tmp_path / "big", t5_dir, build_args=("--max-batch-size", "8"))[1], device="cpu")
+    ids = small.tokenizer().encode(lines)
+    for kw in (dict(max_new_tokens=8), dict(max_new_tokens=8, num_beams=2, num_return_sequences=2)):
+        a, b = small.generate_ids(ids, **kw), big.generate_ids(ids, **kw)
+        assert a.all_tokens() == b.all_tokens(), kw
+        if b.sequences_scores is not None:
+            torch.testing.assert_close(a.sequences_scores, b.sequences_scores, rtol=1e-5, atol=1e-5)

@@ -287,6 +287,28 @@ class GenerationOutput:
         return [self.tokens(b * n + j) for j in range(n)]
 
 
+def merge_outputs(parts, n_requests: int, pad_token_id: int) -> GenerationOutput:
+    """One output for ``n_requests`` requests generated in several batches: ``parts`` holds
+    (the request indices of a batch, its GenerationOutput). Rows are right-padded with
+    ``pad_token_id`` to the longest batch, as one batched ``generate`` pads the rows that end early
+    (a row only ends before the longest one at an EOS, so the padding follows an EOS)."""
+    first = parts[0][1]
+    n = first.num_return_sequences
+    width = max(out.sequences.shape[1] for _, out in parts)
+    seq = first.sequences.new_full((n_requests * n, width), pad_token_id)
+    scores = None
+    if first.sequences_scores is not None:
+        scores = first.sequences_scores.new_zeros(n_requests * n)
+    for reqs, out in parts:
+        if out.num_return_sequences != n or out.prompt_len != first.prompt_len:
+            raise ValueError("merge_outputs: the parts were generated with different settings")
+        rows = (torch.tensor(reqs, device=seq.device).unsqueeze(1) * n + torch.arange(n, device=seq.device)).view(-1)
+        seq[rows, : out.sequences.shape[1]] = out.sequences
+        if scores is not None:
+            scores[rows] = out.sequences_scores
+    return GenerationOutput(seq, scores, n, first.eos_token_ids, first.prompt_len)
+
+
 # ---------------------------------------------------------------------------- runner
 class EagerRunner:
     """Runs an EncDecModel step by step with its preallocated KV cache."""
