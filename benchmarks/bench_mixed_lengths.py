@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import ensure_families  # noqa: E402
 
 
-def _time(fn, cuda: bool) -> float:
+def _time(fn, cuda: bool) -> tuple:
+    """(wall milliseconds of fn(), its result), synchronising the GPU around it."""
     if cuda:
         torch.cuda.synchronize()
     t = time.perf_counter()

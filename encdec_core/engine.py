@@ -188,7 +188,7 @@ class Engine:
         More requests than the engine's max batch size run in batches of at most that many, the
         requests sorted by length first so that each batch holds similar lengths (less padding;
         CTranslate2 does the same); the outputs come back in the input order."""
-        from .runtime.generation import generate, merge_outputs
+        from .runtime.generation import merge_outputs
 
         if not ids:
             raise EncDecError("no input given")
@@ -202,16 +202,19 @@ class Engine:
         bmax = self.limits.max_batch_size
         self.limits.check(min(len(ids), bmax), max_in, out_len, max(gc.num_beams, 1))
         if len(ids) <= bmax:
-            return self._generate_batch(ids, target_lang_ids, runner, gc, generate)
+            return self._generate_batch(ids, target_lang_ids, runner, gc)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         parts = []
         for c in range(0, len(ids), bmax):
             reqs = order[c: c + bmax]
             langs = None if target_lang_ids is None else [target_lang_ids[i] for i in reqs]
-            parts.append((reqs, self._generate_batch([ids[i] for i in reqs], langs, runner, gc, generate)))
+            parts.append((reqs, self._generate_batch([ids[i] for i in reqs], langs, runner, gc)))
         return merge_outputs(parts, len(ids), self.config.pad_token_id)
 
-    def _generate_batch(self, ids, target_lang_ids, runner, gc, generate):
+    def _generate_batch(self, ids, target_lang_ids, runner, gc):
+        """One batch of at most the engine's max batch size through ``generate``."""
+        from .runtime.generation import generate
+
         pad = self.config.pad_token_id
         dev = self.model.device
         max_in = max(len(x) for x in ids)

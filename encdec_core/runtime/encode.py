@@ -77,18 +77,17 @@ def encode_grouped(encode, input_ids: torch.Tensor, attention_mask: torch.Tensor
     (default: ``LAUNCH_COST`` of the device); 0 or less never splits."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    lens = row_lengths(attention_mask)
-    keep = max(1, int(lens.max().item())) if lens.numel() else 1
+    lens = row_lengths(attention_mask).tolist()  # one host read
+    keep = max(1, max(lens, default=0))
     input_ids, attention_mask = input_ids[:, :keep], attention_mask[:, :keep]
     if launch_cost is None:
         launch_cost = LAUNCH_COST.get(input_ids.device.type, LAUNCH_COST["cuda"])
-    groups = plan_groups(lens.tolist(), launch_cost) if launch_cost > 0 and input_ids.shape[0] > 1 else None
+    groups = plan_groups(lens, launch_cost) if launch_cost > 0 and len(lens) > 1 else None
     if not groups or len(groups) == 1:
         return encode(input_ids, attention_mask), attention_mask
     out = None
-    lens_l = lens.tolist()
     for rows in groups:
-        s = max(1, max(lens_l[i] for i in rows))
+        s = max(1, max(lens[i] for i in rows))
         idx = torch.tensor(rows, device=input_ids.device)
         enc = encode(input_ids.index_select(0, idx)[:, :s], attention_mask.index_select(0, idx)[:, :s])
         if out is None:

@@ -332,7 +332,7 @@ class EagerRunner:
         with torch.inference_mode():
             ctx = self.model.ctx
             # mixed source lengths: encoded in length groups on one rank (runtime.encode); under
-            # tensor / pipeline parallelism one call, as every rank must make the same ones
+            # tensor / pipeline parallelism one call (the grouped path has not been run across ranks)
             cost = None if ctx.tp_size == 1 and ctx.pp_size == 1 else 0
             enc, attention_mask = encode_grouped(self.model.encode, input_ids, attention_mask, cost)
             state = self.model.init_state(enc, attention_mask, max_len)
