@@ -230,7 +230,7 @@ def test_linear_residual_in_place():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_many_rows_dot_path(dtype):
-    """M > 16: tiled over a second grid axis with tl.dot on 16-row tiles."""
+    """M > 16: the tiled kernel (row tiles over a second grid axis, tl.dot)."""
     g = _gen(50)
     M, K, N = 20, 64, 48
     x = _rand(M, K, gen=g)
@@ -276,14 +276,127 @@ def test_linear_default_config_heuristic():
         assert cfg["USE_DOT"] and cfg["BLOCK_M"] == 16 and cfg["BLOCK_N"] == 16
     for M, bm in ((17, 32), (40, 64), (64, 64), (256, 64)):  # large batches: wide tiles, pipelined K loop
         cfg = tk.linear_config(M, 1024, 4096)
-        assert cfg["USE_DOT"] and cfg["BLOCK_M"] == bm and cfg["BLOCK_N"] == 64 and cfg["BLOCK_K"] == 64
-        assert not cfg["UNROLL"] and cfg["num_stages"] == 3
+        assert cfg["USE_DOT"] and cfg["BLOCK_M"] == bm and cfg["BLOCK_N"] == 64 and cfg["BLOCK_K"] == 128
+        assert not cfg["UNROLL"] and cfg["num_stages"] == 3 and cfg["BIG"]
     # with PDL a batch-1 program's whole weight slice is one chunk, <= 64 elements per thread
     for N, K, gated in ((3072, 1024, False), (1024, 4096, False), (2816, 1024, True), (50265, 1024, False)):
         cfg = tk.linear_config(1, N, K, gated, 2, pdl=True)
         assert cfg["BLOCK_K"] >= K and cfg["UNROLL"] and not cfg["USE_DOT"]
         assert cfg["BLOCK_N"] * cfg["BLOCK_K"] * (2 if gated else 1) <= 64 * 32 * cfg["num_warps"]
         assert tk.linear_config(1, N, K, gated, 2)["BLOCK_K"] == 512  # without PDL: 512-wide chunks
+
+
+# the tiled kernel for many rows: split-K and producer-written norm statistics
+
+_BIG = [dict(BIG=True, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1),
+        dict(BIG=True, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, SPLIT_K=4, num_stages=2),
+        dict(BIG=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, SPLIT_K=2)]
+
+
+def _merge_stats(st, L):
+    """Mean and variance of each row from fused_linear's partial statistics [M, tiles, 2]."""
+    nt = st.shape[1]
+    tile = 1
+    while -(-L // tile) > nt:
+        tile *= 2
+    cnt = torch.tensor([min(tile, L - t * tile) for t in range(nt)], dtype=torch.float64, device=st.device)
+    s, m2 = st[..., 0].double(), st[..., 1].double()
+    mean = s.sum(1) / L
+    var = (m2 + cnt * (s / cnt - mean[:, None]) ** 2).sum(1) / L
+    return mean, var
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ci", range(len(_BIG)))
+def test_big_linear_chain_with_split_k_and_stats(dtype, ci):
+    """A post-norm chain on the tiled kernel: a residual producer returns its rows' partial norm
+    statistics; the next GEMM's layer-norm prologue and the next residual norm merge them. Each
+    result equals the reference, the statistics equal the output rows' mean / variance, and equal
+    results come from the same kernels recomputing the statistics from the rows."""
+    cfg = _BIG[ci]
+    g = _gen(70 + ci)
+    M, K, N = 40, 96, 100  # partial row tile, partial column tiles
+    x = _rand(M, K, gen=g)
+    h0 = _rand(M, N, scale=2.0, gen=g) + 0.4
+    w1 = _rand(N, K, dtype=dtype, scale=K ** -0.5, gen=g)
+    b1 = _rand(N, dtype=dtype, gen=g)
+    ln = _norm_params("layer", N, dtype, g)
+    w2 = _rand(2 * 72, N, dtype=dtype, scale=N ** -0.5, gen=g)
+    w3 = _rand(N, 72, dtype=dtype, scale=72 ** -0.5, gen=g)
+    counters = torch.zeros(64, dtype=torch.int32, device=DEV)
+    # producer: out-projection + residual (fp32 stream), statistics of the stored rows
+    h1, st = tk.fused_linear(x, w1, b1, residual=h0, out_dtype=torch.float32, config=cfg,
+                             return_stats=True, counters=counters)
+    _check(h1, _linear_ref(x, w1, b1, residual=h0, out_dtype=torch.float32), dtype)
+    assert st.shape == (M, -(-N // cfg["BLOCK_N"]), 2) and st.dtype == torch.float32
+    mean, var = _merge_stats(st, N)
+    torch.testing.assert_close(mean, h1.double().mean(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var, h1.double().var(1, unbiased=False), rtol=1e-5, atol=1e-5)
+    # consumer: layer norm (from the statistics) + gated FFN-in
+    f = tk.fused_linear(h1, w2, norm=ln, norm_stats=st, act="gelu_new", gated=True, out_dtype=dtype,
+                        config=cfg, counters=counters)
+    _check(f, _linear_ref(h1, w2, norm=ln, act="gelu_new", gated=True, out_dtype=dtype), dtype)
+    f2 = tk.fused_linear(h1, w2, norm=ln, act="gelu_new", gated=True, out_dtype=dtype, config=cfg)
+    torch.testing.assert_close(f.float(), f2.float(), **TOL[dtype])
+    # FFN-out + the residual normalised with the producer's statistics, new statistics out
+    h2, st2 = tk.fused_linear(f, w3, residual=h1, residual_norm=ln, residual_stats=st, out_dtype=torch.float32,
+                              config=cfg, return_stats=True, counters=counters)
+    _check(h2, _linear_ref(f, w3, residual=h1, residual_norm=ln, out_dtype=torch.float32), dtype)
+    torch.testing.assert_close(_merge_stats(st2, N)[1], h2.double().var(1, unbiased=False), rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(counters) == 0  # split-K leaves its counters zero for the next call
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_big_linear_rms_stats_and_bf16_stream(kind):
+    """RMS statistics from the partials (the mean of squares), of a half-precision stream."""
+    g = _gen(80)
+    M, K, N = 24, 64, 64
+    dtype = torch.float16
+    x = _rand(M, K, dtype=dtype, gen=g)
+    w = _rand(N, K, dtype=dtype, scale=K ** -0.5, gen=g)
+    res = _rand(M, N, dtype=dtype, scale=3.0, gen=g)
+    cfg = dict(BIG=True, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, SPLIT_K=2)
+    h, st = tk.fused_linear(x, w, residual=res, config=cfg, return_stats=True)
+    norm = _norm_params(kind, N, dtype, g)
+    w2 = _rand(48, N, dtype=dtype, scale=N ** -0.5, gen=g)
+    out = tk.fused_linear(h, w2, norm=norm, norm_stats=st, config=cfg)
+    _check(out, _linear_ref(h, w2, norm=norm), dtype)
+
+
+def test_big_linear_default_config_and_small_path_stats():
+    # bart-large at 64 rows: about 256 programs, splits of at least 128 columns
+    for N, K, split in ((3072, 1024, 4), (1024, 1024, 8), (4096, 1024, 4), (1024, 4096, 8), (50265, 1024, 1)):
+        cfg = tk.linear_config(64, N, K)
+        assert cfg["BIG"] and cfg["SPLIT_K"] == split, (N, K, cfg)
+    assert tk.linear_config(256, 1024, 4096)["SPLIT_K"] == 4
+    assert tk.linear_config(256, 3072, 1024)["SPLIT_K"] == 1
+    assert "BIG" not in tk.linear_config(16, 1024, 1024)
+    # below 17 rows the small-batch kernel runs: no statistics, and given ones are ignored
+    g = _gen(81)
+    x = _rand(4, 32, gen=g)
+    w = _rand(32, 32, scale=32 ** -0.5, gen=g)
+    out, st = tk.fused_linear(x, w, residual=x, return_stats=True)
+    assert st is None
+    norm = _norm_params("rms", 32, torch.float32, g)
+    bogus = torch.zeros(4, 2, 2, device=DEV)  # well formed, wrong values: must not be used
+    _check(tk.fused_linear(out, w, norm=norm, norm_stats=bogus), _linear_ref(out, w, norm=norm), torch.float32)
+
+
+def test_big_linear_rejects_bad_stats_and_counters():
+    g = _gen(82)
+    x = _rand(20, 32, gen=g)
+    w = _rand(32, 32, scale=32 ** -0.5, gen=g)
+    norm = _norm_params("rms", 32, torch.float32, g)
+    cfg = dict(BIG=True, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, SPLIT_K=2)
+    with pytest.raises(ValueError, match="norm_stats"):
+        tk.fused_linear(x, w, norm=norm, norm_stats=torch.zeros(20, 3, 2, device=DEV), config=cfg)
+    with pytest.raises(ValueError, match="norm_stats"):
+        tk.fused_linear(x, w, norm=norm, norm_stats=torch.zeros(20, 2, 2, dtype=torch.float64, device=DEV),
+                        config=cfg)
+    with pytest.raises(ValueError, match="counters"):
+        tk.fused_linear(x, w, config=cfg, counters=torch.zeros(1, dtype=torch.int32, device=DEV))
+    with pytest.raises(ValueError, match="SPLIT_K"):
+        tk.fused_linear(x, w, config=dict(cfg, SPLIT_K=3))
 
 
 def test_linear_rejects_bad_input():
@@ -482,7 +595,8 @@ def test_attention_rejects_bad_input():
 def _pdl_chain(pdl, M, dtype, layers, g_seed=120, graph=False):
     """A decoder-like chain in which every kernel reads what the kernel just before it wrote:
     norm+QKV GEMV -> self-attention (writes its cache row) -> out-proj + residual (in place) ->
-    norm+gated FFN -> FFN-out + residual. Returns the final stream and the caches."""
+    norm+gated FFN -> FFN-out + residual. Returns the final stream and the caches. Above 16 rows
+    the GEMMs are the tiled kernel with split-K and the norms read the producers' statistics."""
     g = _gen(g_seed)
     H, D = 4, 32
     K = H * D
@@ -501,21 +615,25 @@ def _pdl_chain(pdl, M, dtype, layers, g_seed=120, graph=False):
     vc0 = _rand(layers, M, H, T, D, dtype=dtype, gen=g)
     x, kc, vc = x0.clone(), kc0.clone(), vc0.clone()
     pos = torch.tensor(5, device=DEV)
+    # many rows: the tiled kernel with split-K, the norms from the producers' statistics
+    cfg = dict(BIG=True, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2) if M > 16 else None
 
     def run():
         x.copy_(x0)
         kc.copy_(kc0)
         vc.copy_(vc0)
+        st = None
         for li, w in enumerate(ws):
-            qkv = tk.fused_linear(x, w["qkv"], norm=w["norm"], out_dtype=dtype, pdl=pdl)
+            qkv = tk.fused_linear(x, w["qkv"], norm=w["norm"], norm_stats=st, out_dtype=dtype, pdl=pdl, config=cfg)
             q, kn, vn = (t.view(M, H, D) for t in qkv.split(K, dim=-1))
             o = tk.decode_attention(q, kc[li], vc[li], D ** -0.5, pos=pos, k_new=kn, v_new=vn, pdl=pdl)
             # x was written three kernels back: its read may go before the wait (residual_ready);
             # the FFN-out below reads its residual after the wait (the default)
-            tk.fused_linear(o.view(M, K), w["o"], residual=x, out=x, pdl=pdl, residual_ready=True)
-            h = tk.fused_linear(x, w["wi"], norm=w["norm"], act="gelu_new", gated=True, out_dtype=dtype,
-                                pdl=pdl)
-            tk.fused_linear(h, w["wo"], residual=x, out=x, pdl=pdl)
+            _, st = tk.fused_linear(o.view(M, K), w["o"], residual=x, out=x, pdl=pdl, residual_ready=True,
+                                    config=cfg, return_stats=True)
+            h = tk.fused_linear(x, w["wi"], norm=w["norm"], norm_stats=st, act="gelu_new", gated=True,
+                                out_dtype=dtype, pdl=pdl, config=cfg)
+            _, st = tk.fused_linear(h, w["wo"], residual=x, out=x, pdl=pdl, config=cfg, return_stats=True)
 
     if graph:
         s = torch.cuda.Stream()
@@ -537,7 +655,7 @@ def _pdl_chain(pdl, M, dtype, layers, g_seed=120, graph=False):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEV != "cuda", reason="programmatic dependent launch needs a compiled GPU kernel")
-@pytest.mark.parametrize("M", [1, 4, 12])
+@pytest.mark.parametrize("M", [1, 4, 12, 40])
 @pytest.mark.parametrize("graph", [False, True])
 def test_pdl_chain_equals_plain_launch(M, graph):
     """With PDL every kernel starts early and waits for its predecessor before reading its output:

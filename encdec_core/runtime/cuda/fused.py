@@ -83,6 +83,9 @@ class FusedStep:
         # of each out-projection / FFN-out is written two or more kernels before it.
         self.pdl = pdl_supported(model.device)
         self._embed = self._embed_tokens
+        # split-K tile counters of the tiled kernel (batches above 16): each split-K GEMM leaves its
+        # counters zero again, and the step's kernels run one after another, so one buffer serves all
+        self.counters = torch.zeros(1 << 16, dtype=torch.int32, device=model.device)
 
     def _embed_tokens(self, tokens, pos):
         """The step's input rows [B, d_model]: the model's own embedding (token, scale, positions,
@@ -99,45 +102,52 @@ class FusedStep:
     def __call__(self, tokens, pos, k, v, ck, cv, cross_bias, rows=None, group: int = 1):
         """``StaticDecoder.step``; rows: None or the [B, T] cache-row index of every key position
         (beam search with cache indirection, ``decode_attention``'s ``row_index``); group: query
-        row b reads cross K/V row b // group (``decode_attention``'s ``kv_group``)."""
+        row b reads cross K/V row b // group (``decode_attention``'s ``kv_group``).
+
+        Above 16 rows the GEMMs run on the tiled kernel, and each residual-stream producer also
+        returns its rows' partial norm statistics (``st``), which the next norm prologue and
+        residual norm merge instead of recomputing them (below 16 rows ``st`` stays None)."""
         model = self.model
         b = tokens.shape[0]
         x = self._embed(tokens, pos)
         dt, rdt, pre = self.dtype, self.res_dtype, self.pre
         pending = None  # post-norm: the norm the stored residual still needs
+        st = None  # partial statistics of x's rows (from the kernel that wrote x)
+        lin = dict(pdl=self.pdl, counters=self.counters)
         for li, layer in enumerate(self.layers):
             sa, ca, ffn = layer.self_attn, layer.cross_attn, layer.ffn
             hd = sa.h * sa.dh
             # self-attention
             qkv = fused_linear(x, sa.qkv.weight, sa.qkv.bias, norm=_spec(layer.self_attn_norm) if pre else pending,
-                               out_dtype=dt, pdl=self.pdl)
+                               norm_stats=st, out_dtype=dt, **lin)
             q = qkv[:, :hd].view(b, sa.h, sa.dh)
             kn = qkv[:, hd:2 * hd].view(b, sa.h, sa.dh)
             vn = qkv[:, 2 * hd:].view(b, sa.h, sa.dh)
             o = decode_attention(q, k[li], v[li], sa.scale, pos=pos, k_new=kn, v_new=vn, bias_table=self.bias[li],
                                  row_index=rows, pdl=self.pdl)
-            x = fused_linear(o.reshape(b, hd), sa.out.weight, sa.out.bias, residual=x,
-                             residual_norm=None if pre else pending, out_dtype=rdt, pdl=self.pdl,
-                             residual_ready=True)
+            x, st = fused_linear(o.reshape(b, hd), sa.out.weight, sa.out.bias, residual=x,
+                                 residual_norm=None if pre else pending, residual_stats=st, out_dtype=rdt,
+                                 residual_ready=True, return_stats=True, **lin)
             pending = None if pre else _spec(layer.self_attn_norm)
             # cross-attention
             q = fused_linear(x, ca.q.weight, ca.q.bias, norm=_spec(layer.cross_attn_norm) if pre else pending,
-                             out_dtype=dt, pdl=self.pdl).view(b, ca.h, ca.dh)
+                             norm_stats=st, out_dtype=dt, **lin).view(b, ca.h, ca.dh)
             o = decode_attention(q, ck[li], cv[li], ca.scale, key_bias=cross_bias, kv_group=group, pdl=self.pdl)
-            x = fused_linear(o.reshape(b, hd), ca.out.weight, ca.out.bias, residual=x,
-                             residual_norm=None if pre else pending, out_dtype=rdt, pdl=self.pdl,
-                             residual_ready=True)
+            x, st = fused_linear(o.reshape(b, hd), ca.out.weight, ca.out.bias, residual=x,
+                                 residual_norm=None if pre else pending, residual_stats=st, out_dtype=rdt,
+                                 residual_ready=True, return_stats=True, **lin)
             pending = None if pre else _spec(layer.cross_attn_norm)
             # feed-forward
             h = fused_linear(x, ffn.wi.weight, ffn.wi.bias, norm=_spec(layer.ffn_norm) if pre else pending,
-                             act=self.act, gated=ffn.gated, out_dtype=dt, pdl=self.pdl)
-            x = fused_linear(h, ffn.wo.weight, ffn.wo.bias, residual=x, residual_norm=None if pre else pending,
-                             out_dtype=rdt, pdl=self.pdl, residual_ready=True)
+                             norm_stats=st, act=self.act, gated=ffn.gated, out_dtype=dt, **lin)
+            x, st = fused_linear(h, ffn.wo.weight, ffn.wo.bias, residual=x, residual_norm=None if pre else pending,
+                                 residual_stats=st, out_dtype=rdt, residual_ready=True, return_stats=True, **lin)
             pending = None if pre else _spec(layer.ffn_norm)
         final = self.final if pre else pending
         if final is None and self.out_scale != 1.0:  # pre-norm without a final norm (rare)
             x = (x.to(dt) * self.out_scale)
-        logits = fused_linear(x, model.output_embedding.weight, self.lm_bias, norm=final, out_dtype=torch.float32,
-                              pdl=self.pdl)
+            st = None
+        logits = fused_linear(x, model.output_embedding.weight, self.lm_bias, norm=final, norm_stats=st,
+                              out_dtype=torch.float32, **lin)
         pos.add_(1)
         return logits[:, : self.vocab]

@@ -433,6 +433,183 @@ if HAVE_TRITON:
                  y.to(out_ptr.dtype.element_ty), mask=om)
 
     # ------------------------------------------------------------------------------------------
+    # kernel 1b: fused linear for many rows (M > 16): tiles, split-K, producer-written norm stats
+    # ------------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _partial_stats(st_ptr, rows, row_mask, eps, L: tl.constexpr, NT: tl.constexpr, TILE: tl.constexpr,
+                       BLOCK_NT: tl.constexpr, BLOCK_M: tl.constexpr, KIND: tl.constexpr):
+        """Mean and 1/std (fp32, [BLOCK_M]) of rows of length L from the partial statistics a producer
+        wrote (``STATS_OUT``): st [M, NT, 2] fp32, per row and tile of TILE columns the sum and the sum
+        of squared deviations from the tile's mean, merged here (Chan et al.; fixed order)."""
+        t = tl.arange(0, BLOCK_NT)
+        tm = t < NT
+        m = row_mask[:, None] & tm[None, :]
+        base = st_ptr + rows[:, None] * (2 * NT) + 2 * t[None, :]
+        s = tl.load(base, mask=m, other=0.0)
+        q = tl.load(base + 1, mask=m, other=0.0)
+        c = tl.where(tm, tl.minimum(L - t * TILE, TILE), 1).to(tl.float32)[None, :]
+        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if KIND == 2:
+            mean = tl.sum(s, axis=1) / L
+            d = s / c - mean[:, None]
+            var = tl.sum(q + tl.where(m, c * d * d, 0.0), axis=1) / L
+        else:  # RMS: the mean of squares, sum over tiles of M2 + sum^2 / count
+            var = tl.sum(q + s * s / c, axis=1) / L
+        rstd = 1.0 / tl.sqrt(var + eps)
+        return mean, rstd
+
+    @triton.jit
+    def _gemm_epilogue(acc, acc_u, pid_n, rows, row_mask, cols, col_mask,
+                       b_ptr, res_ptr, rw_ptr, rb_ptr, rs_ptr, out_ptr, so_ptr,
+                       stride_rm, stride_om, res_eps,
+                       N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+                       HAS_RES: tl.constexpr, RES_NORM: tl.constexpr, HAS_RB: tl.constexpr,
+                       R_NT: tl.constexpr, R_TILE: tl.constexpr, BLOCK_RNT: tl.constexpr, BLOCK_SN: tl.constexpr,
+                       STATS_OUT: tl.constexpr, NT_OUT: tl.constexpr):
+        """Bias, activation / gating, the (normalised) residual, the store and, with STATS_OUT, this
+        tile's partial row statistics of the stored (rounded) output, on the [BLOCK_M, BLOCK_N] fp32
+        accumulator."""
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                acc_u += tl.load(b_ptr + N + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        y = _apply_act(acc, ACT)
+        if GATED:
+            y = y * acc_u
+        om = row_mask[:, None] & col_mask[None, :]
+        if HAS_RES:
+            r = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :], mask=om, other=0.0)
+            if RES_NORM != 0:
+                if R_NT > 0:
+                    r_mean, r_rstd = _partial_stats(rs_ptr, rows, row_mask, res_eps, N, R_NT, R_TILE, BLOCK_RNT,
+                                                    BLOCK_M, RES_NORM)
+                else:
+                    r_mean, r_rstd = _row_stats(res_ptr, rows, row_mask, stride_rm, res_eps, N, BLOCK_M,
+                                                BLOCK_SN, RES_NORM)
+                rw = tl.load(rw_ptr + cols, mask=col_mask, other=0.0)
+                if HAS_RB:
+                    rb = tl.load(rb_ptr + cols, mask=col_mask, other=0.0)
+                else:
+                    rb = rw
+                r = _normalize(r, r_mean[:, None], r_rstd[:, None], rw[None, :], rb[None, :],
+                               rw_ptr.dtype.element_ty, RES_NORM, HAS_RB)
+            y = r.to(tl.float32) + y
+        yo = y.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], yo, mask=om)
+        if STATS_OUT:
+            yf = tl.where(om, yo.to(tl.float32), 0.0)
+            cnt = tl.minimum(N - pid_n * BLOCK_N, BLOCK_N).to(tl.float32)
+            s = tl.sum(yf, axis=1)
+            dev = tl.where(om, yf - (s / cnt)[:, None], 0.0)
+            m2 = tl.sum(dev * dev, axis=1)
+            sp = so_ptr + rows * (2 * NT_OUT) + 2 * pid_n
+            tl.store(sp, s, mask=row_mask)
+            tl.store(sp + 1, m2, mask=row_mask)
+
+    @triton.jit
+    def _gemm_kernel(
+        x_ptr, w_ptr, b_ptr, nw_ptr, nb_ptr, xs_ptr, res_ptr, rw_ptr, rb_ptr, rs_ptr,
+        out_ptr, so_ptr, ws_ptr, cnt_ptr,
+        M, stride_xm, stride_rm, stride_om, eps, res_eps,
+        N: tl.constexpr, K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT: tl.constexpr, K_SPLIT: tl.constexpr,
+        NORM: tl.constexpr, HAS_NB: tl.constexpr,
+        X_NT: tl.constexpr, X_TILE: tl.constexpr, BLOCK_XNT: tl.constexpr, BLOCK_SK: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+        HAS_RES: tl.constexpr, RES_NORM: tl.constexpr, HAS_RB: tl.constexpr,
+        R_NT: tl.constexpr, R_TILE: tl.constexpr, BLOCK_RNT: tl.constexpr, BLOCK_SN: tl.constexpr,
+        STATS_OUT: tl.constexpr, W_FP32: tl.constexpr,
+        PDL: tl.constexpr, W_BYTES: tl.constexpr, PF_ROW_LINES: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        k_lo = pid_k * K_SPLIT
+        if PDL:
+            # this program's weight slice (BLOCK_N rows x K_SPLIT columns) into L2 while the previous
+            # kernel finishes (one M tile does it; the others read it from L2)
+            if pid_m == 0:
+                j = tl.minimum(k_lo + tl.arange(0, PF_ROW_LINES) * (128 // W_BYTES), K - 1)
+                cc = tl.minimum(cols, N - 1)
+                _prefetch_l2(w_ptr + cc[:, None] * K + j[None, :])
+                if GATED:
+                    _prefetch_l2(w_ptr + (cc + N)[:, None] * K + j[None, :])
+            _pdl_sync()
+        if NORM != 0:
+            if X_NT > 0:
+                mean, rstd = _partial_stats(xs_ptr, rows, row_mask, eps, K, X_NT, X_TILE, BLOCK_XNT, BLOCK_M, NORM)
+            else:
+                mean, rstd = _row_stats(x_ptr, rows, row_mask, stride_xm, eps, K, BLOCK_M, BLOCK_SK, NORM)
+        wdt = w_ptr.dtype.element_ty
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for kk in range(0, K_SPLIT, BLOCK_K):  # compile-time bounds: software-pipelined (num_stages)
+            ks = k_lo + kk + tl.arange(0, BLOCK_K)
+            kmask = ks < K
+            a = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_mask[:, None] & kmask[None, :],
+                        other=0.0)
+            if NORM != 0:
+                nw = tl.load(nw_ptr + ks, mask=kmask, other=0.0)
+                if HAS_NB:
+                    nb = tl.load(nb_ptr + ks, mask=kmask, other=0.0)
+                else:
+                    nb = nw
+                a = _normalize(a, mean[:, None], rstd[:, None], nw[None, :], nb[None, :],
+                               nw_ptr.dtype.element_ty, NORM, HAS_NB)
+            a = a.to(wdt)
+            wm = col_mask[:, None] & kmask[None, :]
+            w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=wm, other=0.0)
+            if W_FP32:
+                acc += tl.dot(a, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(a, tl.trans(w))
+            if GATED:
+                wu = tl.load(w_ptr + (cols + N)[:, None] * K + ks[None, :], mask=wm, other=0.0)
+                if W_FP32:
+                    acc_u += tl.dot(a, tl.trans(wu), input_precision="ieee")
+                else:
+                    acc_u += tl.dot(a, tl.trans(wu))
+        NT_OUT: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+        if SPLIT > 1:
+            # split-K: every split stores its fp32 partial; the last of a tile's splits to arrive (a
+            # per-tile counter) sums them in split order (deterministic), runs the epilogue and
+            # resets the counter for the next call
+            NTOT: tl.constexpr = 2 * N if GATED else N
+            om = row_mask[:, None] & col_mask[None, :]
+            wp = ws_ptr + rows[:, None] * NTOT + cols[None, :]
+            tl.store(wp + pid_k * M * NTOT, acc, mask=om)
+            if GATED:
+                tl.store(wp + pid_k * M * NTOT + N, acc_u, mask=om)
+            tl.debug_barrier()  # every thread's partial is stored before the counter moves
+            tile = pid_m * NT_OUT + pid_n
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT - 1:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for sk in tl.static_range(SPLIT):
+                    acc += tl.load(wp + sk * M * NTOT, mask=om, other=0.0, cache_modifier=".cg")
+                if GATED:
+                    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                    for sk in tl.static_range(SPLIT):
+                        acc_u += tl.load(wp + sk * M * NTOT + N, mask=om, other=0.0, cache_modifier=".cg")
+                tl.store(cnt_ptr + tile, 0)
+                _gemm_epilogue(acc, acc_u, pid_n, rows, row_mask, cols, col_mask,
+                               b_ptr, res_ptr, rw_ptr, rb_ptr, rs_ptr, out_ptr, so_ptr, stride_rm, stride_om, res_eps,
+                               N, BLOCK_M, BLOCK_N, HAS_BIAS, ACT, GATED, HAS_RES, RES_NORM, HAS_RB,
+                               R_NT, R_TILE, BLOCK_RNT, BLOCK_SN, STATS_OUT, NT_OUT)
+        else:
+            _gemm_epilogue(acc, acc_u, pid_n, rows, row_mask, cols, col_mask,
+                           b_ptr, res_ptr, rw_ptr, rb_ptr, rs_ptr, out_ptr, so_ptr, stride_rm, stride_om, res_eps,
+                           N, BLOCK_M, BLOCK_N, HAS_BIAS, ACT, GATED, HAS_RES, RES_NORM, HAS_RB,
+                           R_NT, R_TILE, BLOCK_RNT, BLOCK_SN, STATS_OUT, NT_OUT)
+
+    # ------------------------------------------------------------------------------------------
     # kernel 2: decode attention (one query per (batch, head))
     # ------------------------------------------------------------------------------------------
 
@@ -636,13 +813,19 @@ def linear_config(M: int, N: int, K: int, gated: bool = False, weight_bytes: int
       ``BLOCK_K = 256``, 4 warps. The FMA path re-reduces every row per chunk and is compute-bound
       there: bart-large batch 8 took 1.95 ms per step with it and 0.98 ms with this one (the
       inductor-compiled step: 0.97 ms).
-    - M > 16 (only used when a runner's ``fused_max_batch`` is raised above 16): ``BLOCK_M`` up to
-      64 rows x ``BLOCK_N = 64`` tiles, a software-pipelined (3 stages) loop of 64-wide K chunks,
-      8 warps for 64-row tiles at M <= 64, else 4. bart-large on an H200 (``sweep_step.py``,
-      policy ``big-m64n64`` and its neighbours): batch 32 / 64 / 256 1.15 / 1.65 / 5.33 ms per step
-      with 16 x 16 tiles, 1.02 / 1.39 / 2.54 ms with these. Still behind cuBLAS there: each
-      program recomputes the norm statistics of its rows (~10 us per GEMM at batch 64), so the
-      runner's default keeps batches above 16 on the compiled step (0.71 / 0.82 / 1.45 ms).
+    - M > 16 (``BIG``: the tiled kernel ``_gemm_kernel``; the runner uses it only where
+      ``fused_max_batch`` is raised above 16): ``BLOCK_M`` up to 64 rows x ``BLOCK_N = 64`` tiles, a
+      software-pipelined (3 stages) loop of 128-wide K chunks, 4 warps, and split-K (``SPLIT_K``, a
+      power of two) until there are about 256 programs with at least 128 columns of K per split
+      (bart-large batch 64: QKV 4, out-proj 8, FFN-in 4, FFN-out 8). The splits' fp32 partials are
+      summed in split order by the tile's last program (deterministic). Norm statistics come from
+      the producer (``norm_stats`` / ``residual_stats``) where the caller passes them, instead of
+      each program recomputing them. bart-large's Triton step on an H200 (``sweep_step.py``,
+      2026-11-30): batch 32 / 64 / 256 0.949 / 1.303 / 2.520 ms per step (64-wide K chunks: 1.000 /
+      1.430 / 3.129; no split-K: 1.196 / 1.510 / 2.950; the tiled kernel before split-K and
+      statistics: 1.017 / 1.394 / 2.543). Still behind the compiled step's cuBLAS GEMMs
+      (0.71 / 0.82 / 1.36 ms): the GEMMs take ~10-16 us each in the profile against cuBLAS's ~5,
+      and the lm_head 97 us, so the runner keeps batches above 16 on the compiled step.
     - UNROLL: K loop unrolled (all weight loads of a program independent) when it has at most 8
       chunks (M <= 2) or 4 chunks (M > 2); otherwise a rolled loop (software-pipelined with
       num_stages on the dot path).
@@ -651,8 +834,9 @@ def linear_config(M: int, N: int, K: int, gated: bool = False, weight_bytes: int
     """
     if M > 16:
         block_m = min(64, _next_pow2(M))
-        cfg = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=min(64, max(16, _next_pow2(K))), USE_DOT=True,
-                   num_warps=8 if block_m == 64 and M <= 64 else 4, num_stages=3)
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=min(128, max(16, _next_pow2(K))), USE_DOT=True,
+                   num_warps=4, num_stages=3, BIG=True)
+        cfg["SPLIT_K"] = split_k_default(M, N, K, block_m, cfg["BLOCK_N"], cfg["BLOCK_K"])
     elif M > 2:
         block_m = 16
         cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=min(256, max(16, _next_pow2(K))), USE_DOT=True,
@@ -673,6 +857,19 @@ def linear_config(M: int, N: int, K: int, gated: bool = False, weight_bytes: int
     cfg["UNROLL"] = M <= 16 and _cdiv(K, cfg["BLOCK_K"]) <= _max_unroll(block_m)
     _stats_blocks(cfg, N, K)
     return cfg
+
+
+def split_k_default(M: int, N: int, K: int, block_m: int, block_n: int, block_k: int,
+                    target: int = 256, min_chunk: int = 128, max_split: int = 8) -> int:
+    """Split-K factor of the tiled kernel: the largest power of two (at most ``max_split``) that keeps
+    the programs at or below about ``target`` and every split at least ``min_chunk`` (and one
+    BLOCK_K) wide."""
+    tiles = _cdiv(N, block_n) * _cdiv(M, block_m)
+    split = 1
+    while (split * 2 <= max_split and tiles * split * 2 <= target
+           and K // (split * 2) >= max(min_chunk, block_k)):
+        split *= 2
+    return split
 
 
 def slice_warps(block_n: int, block_k: int, gated: bool, min_warps: int, per_thread: int = 64) -> int:
@@ -714,7 +911,9 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  residual: torch.Tensor | None = None, residual_norm=None,
                  out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
                  config: dict | None = None, pdl: bool = False,
-                 residual_ready: bool = False) -> torch.Tensor:
+                 residual_ready: bool = False, norm_stats: torch.Tensor | None = None,
+                 residual_stats: torch.Tensor | None = None, return_stats: bool = False,
+                 counters: torch.Tensor | None = None):
     """``out = [norm_r(residual) +] act(norm(x) @ W^T + b)`` (gated: ``act(g) * u``), one kernel.
 
     x: [M, K], last-dim stride 1 (row stride free: may be a column slice of a wider buffer).
@@ -734,6 +933,17 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     well; the caller guarantees that the kernel launched just before this one does not write it
     (it may have been written by any earlier kernel: that one has finished by the time this kernel
     starts, since its successor waited for it before letting this kernel launch).
+
+    Many rows (M > 16, the tiled kernel; config ``BIG``):
+    return_stats: also return the partial row statistics of the output, ``(out, stats)``: stats is
+    an fp32 [M, tiles, 2] tensor (per row and BLOCK_N-column tile: the sum and the sum of squared
+    deviations from the tile mean, of the values as stored), or None where the small-batch kernel
+    ran. norm_stats / residual_stats: such a tensor for x's rows / the residual's rows (written by
+    the kernel that produced them): the norm prologue / residual norm merges them instead of
+    recomputing the statistics from the rows; ignored by the small-batch kernel and without the
+    corresponding norm. Neither may be the tensor this call returns (it is new).
+    counters: split-K (config ``SPLIT_K`` > 1) needs one int32 counter per output tile, zero on
+    entry; the kernel leaves them zero. None: a zeroed tensor is allocated per call (a memset).
     """
     _require_triton()
     if x.dim() != 2 or x.stride(1) != 1:
@@ -761,7 +971,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     elif out.shape != (M, N) or out.stride(1) != 1:
         raise ValueError(f"fused_linear: out must be [{M}, {N}] with last-dim stride 1")
     if M == 0:
-        return out
+        return (out, None) if return_stats else out
 
     pdl = bool(pdl) and pdl_supported(x.device)
     cfg = linear_config(M, N, K, gated, weight.element_size(), pdl)
@@ -770,10 +980,12 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         cfg.update(BLOCK_N=min(64, _next_pow2(N)), BLOCK_K=min(512, max(16, _next_pow2(K))), UNROLL=False)
         _stats_blocks(cfg, N, K)
     if config:
-        unknown = set(config) - set(cfg) - {"num_stages"}
+        unknown = set(config) - set(cfg) - {"num_stages", "BIG", "SPLIT_K"}
         if unknown:
             raise ValueError(f"fused_linear: unknown config keys {sorted(unknown)}")
         cfg.update(config)
+        if cfg.get("BIG") and "SPLIT_K" not in config and {"BLOCK_M", "BLOCK_N", "BLOCK_K"} & set(config):
+            cfg["SPLIT_K"] = split_k_default(M, N, K, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"])
         if {"BLOCK_M", "BLOCK_N", "BLOCK_K"} & set(config) and "USE_DOT" not in config:
             cfg["USE_DOT"] = cfg["BLOCK_M"] >= 16 and cfg["BLOCK_N"] >= 16 and cfg["BLOCK_K"] >= 16
         if "BLOCK_K" in config and "UNROLL" not in config:
@@ -783,10 +995,18 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             _stats_blocks(stats, N, K)
             cfg["BLOCK_SK"] = config.get("BLOCK_SK", stats["BLOCK_SK"])
             cfg["BLOCK_SN"] = config.get("BLOCK_SN", stats["BLOCK_SN"])
-    if cfg["USE_DOT"] and min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) < 16:
-        raise ValueError("fused_linear: USE_DOT needs BLOCK_M, BLOCK_N and BLOCK_K >= 16")
+    if (cfg["USE_DOT"] or cfg.get("BIG")) and min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) < 16:
+        raise ValueError("fused_linear: USE_DOT / BIG need BLOCK_M, BLOCK_N and BLOCK_K >= 16")
     launch = _launch_options(cfg, pdl)
     w_bytes = weight.element_size()
+    if cfg.get("BIG"):
+        return _launch_big(x, weight, bias, out, cfg, launch, pdl, norm_kind, nw, nb, eps, act, gated,
+                           residual, res_kind, rw, rb, res_eps, norm_stats if norm_kind else None,
+                           residual_stats if res_kind else None, return_stats, counters)
+    if norm_stats is not None:
+        _stats_tile(norm_stats, M, K, "norm_stats")
+    if residual_stats is not None:
+        _stats_tile(residual_stats, M, N, "residual_stats")
 
     dummy = x
     grid = (_cdiv(N, cfg["BLOCK_N"]), _cdiv(M, cfg["BLOCK_M"]))
@@ -809,7 +1029,79 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         PDL=pdl, W_BYTES=w_bytes, PF_LINES=_next_pow2(_cdiv(cfg["BLOCK_N"] * K * w_bytes, 128)),
         **launch,
     )
-    return out
+    return (out, None) if return_stats else out
+
+
+def _stats_tile(stats: torch.Tensor, M: int, L: int, what: str) -> tuple[int, int]:
+    """(tiles, tile width) of a partial-statistics tensor over rows of length L (see
+    ``fused_linear``'s return_stats); the width is the power of two the producer's BLOCK_N was."""
+    if (stats.dim() != 3 or stats.shape[0] != M or stats.shape[2] != 2 or stats.dtype != torch.float32
+            or not stats.is_contiguous()):
+        raise ValueError(f"fused_linear: {what} must be a contiguous float32 [{M}, tiles, 2] tensor, got "
+                         f"{stats.dtype} {tuple(stats.shape)}")
+    nt = stats.shape[1]
+    tile = 1
+    while _cdiv(L, tile) > nt:
+        tile *= 2
+    if nt < 1 or _cdiv(L, tile) != nt:
+        raise ValueError(f"fused_linear: {what} has {nt} tiles: no power-of-two tile splits {L} columns so")
+    return nt, tile
+
+
+def _launch_big(x, weight, bias, out, cfg, launch, pdl, norm_kind, nw, nb, eps, act, gated,
+                residual, res_kind, rw, rb, res_eps, norm_stats, residual_stats, return_stats, counters):
+    """``fused_linear`` on the tiled kernel (M > 16): split-K, producer-written norm statistics."""
+    M, K = x.shape
+    N = out.shape[1]
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    split = int(cfg.get("SPLIT_K", 1))
+    if split < 1 or split & (split - 1):
+        raise ValueError(f"fused_linear: SPLIT_K={split}: expected a power of two")
+    k_split = _cdiv(_cdiv(K, split), bk) * bk  # every split a whole number of BLOCK_K chunks
+    split = _cdiv(K, k_split)
+    x_nt = x_tile = r_nt = r_tile = 0
+    if norm_stats is not None:
+        x_nt, x_tile = _stats_tile(norm_stats, M, K, "norm_stats")
+    if residual_stats is not None:
+        r_nt, r_tile = _stats_tile(residual_stats, M, N, "residual_stats")
+    nt_out = _cdiv(N, bn)
+    grid = (nt_out, _cdiv(M, bm), split)
+    stats = None
+    if return_stats:
+        stats = torch.empty((M, nt_out, 2), dtype=torch.float32, device=x.device)
+    dummy = x
+    ws = cnt = dummy
+    if split > 1:
+        ws = torch.empty((split, M, weight.shape[0]), dtype=torch.float32, device=x.device)
+        tiles = grid[0] * grid[1]
+        if counters is None:
+            cnt = torch.zeros(tiles, dtype=torch.int32, device=x.device)
+        else:
+            if counters.dtype != torch.int32 or counters.dim() != 1 or counters.numel() < tiles \
+                    or counters.device != x.device:
+                raise ValueError(f"fused_linear: counters must be an int32 vector of >= {tiles} zeros on {x.device}")
+            cnt = counters
+    w_bytes = weight.element_size()
+    _gemm_kernel[grid](
+        x, weight, bias if bias is not None else dummy,
+        nw if nw is not None else dummy, nb if nb is not None else dummy,
+        norm_stats if x_nt else dummy,
+        residual if residual is not None else dummy,
+        rw if rw is not None else dummy, rb if rb is not None else dummy,
+        residual_stats if r_nt else dummy,
+        out, stats if stats is not None else dummy, ws, cnt,
+        M, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), eps, res_eps,
+        N=N, K=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, K_SPLIT=k_split,
+        NORM=norm_kind, HAS_NB=nb is not None,
+        X_NT=x_nt, X_TILE=max(1, x_tile), BLOCK_XNT=_next_pow2(max(1, x_nt)), BLOCK_SK=cfg["BLOCK_SK"],
+        HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act], GATED=bool(gated),
+        HAS_RES=residual is not None, RES_NORM=res_kind, HAS_RB=rb is not None,
+        R_NT=r_nt, R_TILE=max(1, r_tile), BLOCK_RNT=_next_pow2(max(1, r_nt)), BLOCK_SN=cfg["BLOCK_SN"],
+        STATS_OUT=stats is not None, W_FP32=weight.dtype == torch.float32,
+        PDL=pdl, W_BYTES=w_bytes, PF_ROW_LINES=_next_pow2(_cdiv(k_split * w_bytes, 128)),
+        **launch,
+    )
+    return (out, stats) if return_stats else out
 
 
 def attention_config(D: int, T: int | None = None, self_mode: bool = True, pdl: bool = False,
