@@ -93,6 +93,30 @@ def _big(bm: int, bn: int, bk: int, warps: int, stages: int):
     return policy
 
 
+def _tiled(bn=None, bk=None, warps=None, stages=None, split=None, target=None, bm=None):
+    """Batch > 16 on the tiled kernel: change one of its knobs (column tile ``bn``, K chunk ``bk``,
+    warps, pipeline stages, row tile ``bm``) and the split-K factor: ``split`` fixed, or the default
+    heuristic aiming at ``target`` programs (256) with the new tiles."""
+    def policy(M, N, K, gated=False, weight_bytes=2, pdl=False):
+        cfg = BASE(M, N, K, gated, weight_bytes, pdl)
+        if cfg.get("BIG"):
+            if bm:
+                cfg["BLOCK_M"] = min(bm, tk._next_pow2(M))
+            if bn:
+                cfg["BLOCK_N"] = bn
+            if bk:
+                cfg["BLOCK_K"] = min(bk, max(16, tk._next_pow2(K)))
+            if warps:
+                cfg["num_warps"] = warps
+            if stages:
+                cfg["num_stages"] = stages
+            cfg["SPLIT_K"] = split or tk.split_k_default(M, N, K, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"],
+                                                         target=target or 256)
+            tk._stats_blocks(cfg, N, K)
+        return cfg
+    return policy
+
+
 def _attn(block_t=None, warps=None, cross_only=False):
     """Attention: another key tile / warp count (the default: 64 keys; 4 warps, 2 above 16 rows); ``cross_only``: for
     cross-attention only (its whole source in one tile, loaded before the PDL wait, when it fits)."""
@@ -131,6 +155,22 @@ POLICIES = {
     "big-m64n64w8": _big(64, 64, 64, 8, 3),
     "big-m64n128w8": _big(64, 128, 64, 8, 3),
     "big-m128n64w8": _big(128, 64, 64, 8, 3),
+    # the tiled kernel (split-K, producer-written norm statistics)
+    "tiled-nosplit": _tiled(split=1),
+    "tiled-n32": _tiled(bn=32),
+    "tiled-n128": _tiled(bn=128, warps=8),
+    "tiled-k64": _tiled(bk=64),
+    "tiled-k128": _tiled(bk=128),
+    "tiled-k256": _tiled(bk=256),
+    "tiled-k256w8": _tiled(bk=256, warps=8),
+    "tiled-k128s2": _tiled(bk=128, stages=2),
+    "tiled-w8": _tiled(warps=8),
+    "tiled-s4": _tiled(stages=4),
+    "tiled-s2": _tiled(stages=2),
+    "tiled-t128": _tiled(target=128),
+    "tiled-t512": _tiled(target=512),
+    "tiled-m32": _tiled(bm=32),
+    "tiled-m128": _tiled(bm=128, warps=8),
 }
 
 
