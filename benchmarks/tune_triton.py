@@ -84,7 +84,7 @@ def main():
     ap.add_argument("--models", default="t5-small,bart-large,flan-t5-large")
     ap.add_argument("--m", default="1")
     ap.add_argument("--big", action="store_true",
-                    help="sweep tensor-core tiles for batches > 16 (BLOCK_M/N 32-128, pipelined K loop) and "
+                    help="sweep the tiled kernel for batches > 16 (tiles, K chunk, warps, stages, split-K) and "
                          "attention key tiles x warps x pipeline stages")
     ap.add_argument("--rotate", type=int, default=1,
                     help="cycle through this many copies of each weight (and attention cache) so the calls "
@@ -124,19 +124,26 @@ def main():
                        "cublas_us": graph_time_us(lambda: F.linear(x, next(it))),
                        "default": tk.linear_config(m, nout, K, bool(sh.get("gated")), 2)}
                 row["default_us"] = graph_time_us(lambda: tk.fused_linear(x, next(it), **kw))
-                if a.big:
-                    configs = [dict(BLOCK_M=min(bm, tk._next_pow2(m)), BLOCK_N=bn, BLOCK_K=64, num_warps=nw,
-                                    num_stages=st, UNROLL=False)
-                               for bm, bn, nw, st in ((32, 32, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3),
-                                                      (64, 64, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3),
-                                                      (128, 128, 8, 3))
-                               if bm <= max(16, tk._next_pow2(m))]
+                if a.big:  # the tiled kernel (M > 16): tiles, K chunk, warps, stages, split-K (None: default)
+                    configs = []
+                    for bm, bn, bk, nw, st, sp in ((64, 64, 128, 4, 3, 1), (64, 64, 128, 4, 3, 2),
+                                                   (64, 64, 128, 4, 3, 4), (64, 64, 128, 4, 3, 8),
+                                                   (64, 32, 128, 4, 3, None), (64, 128, 128, 8, 3, None),
+                                                   (64, 64, 256, 4, 3, None), (64, 64, 64, 4, 3, None),
+                                                   (32, 64, 128, 4, 3, None), (64, 64, 128, 8, 4, None)):
+                        if bm > max(16, tk._next_pow2(m)):
+                            continue
+                        c = dict(BIG=True, BLOCK_M=min(bm, tk._next_pow2(m)), BLOCK_N=bn,
+                                 BLOCK_K=min(bk, max(16, tk._next_pow2(K))), num_warps=nw, num_stages=st)
+                        if sp:
+                            c["SPLIT_K"] = sp
+                        configs.append(c)
                 else:
                     configs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw)
                                for bn, nw, bk in itertools.product((4, 8, 16), (1, 2, 4), (256, 512)) if bk <= K]
                 sweep(row, lambda c: tk.fused_linear(x, next(it), config=c, **kw), configs,
                       lambda c: "_".join(f"{k[6:].lower() if k.startswith('BLOCK_') else k}{v}"
-                                         for k, v in c.items() if k != "UNROLL"))
+                                         for k, v in c.items() if k not in ("UNROLL", "BIG")))
                 best = (row["best_us"], row["best"])
                 row["floor_us"] = N * K * 2 / 3.0e12 * 1e6  # the weight once at 3 TB/s
                 print(f"{name} M={m} {lname:8s} N={N:6d} K={K:5d} cublas {row['cublas_us']:7.2f} "

@@ -290,7 +290,8 @@ def test_linear_default_config_heuristic():
 
 _BIG = [dict(BIG=True, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1),
         dict(BIG=True, BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, SPLIT_K=4, num_stages=2),
-        dict(BIG=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, SPLIT_K=2)]
+        dict(BIG=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, SPLIT_K=2),
+        dict(BIG=True, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8)]  # the lm_head's tiles
 
 
 def _merge_stats(st, L):
@@ -369,6 +370,7 @@ def test_big_linear_default_config_and_small_path_stats():
         cfg = tk.linear_config(64, N, K)
         assert cfg["BIG"] and cfg["SPLIT_K"] == split, (N, K, cfg)
     assert tk.linear_config(256, 1024, 4096)["SPLIT_K"] == 4
+    assert tk.linear_config(64, 50265, 1024)["BLOCK_N"] == 128  # the lm_head: wide tiles, 8 warps
     assert tk.linear_config(256, 3072, 1024)["SPLIT_K"] == 1
     assert "BIG" not in tk.linear_config(16, 1024, 1024)
     # below 17 rows the small-batch kernel runs: no statistics, and given ones are ignored

@@ -825,7 +825,10 @@ def linear_config(M: int, N: int, K: int, gated: bool = False, weight_bytes: int
       1.430 / 3.129; no split-K: 1.196 / 1.510 / 2.950; the tiled kernel before split-K and
       statistics: 1.017 / 1.394 / 2.543). Still behind the compiled step's cuBLAS GEMMs
       (0.71 / 0.82 / 1.36 ms): the GEMMs take ~10-16 us each in the profile against cuBLAS's ~5,
-      and the lm_head 97 us, so the runner keeps batches above 16 on the compiled step.
+      and the lm_head 97 us, so the runner keeps batches above 16 on the compiled step. Alone
+      (``tune_triton.py --big --rotate 8``, batch 64): out-proj 5.6-6.9 us against cuBLAS's 3.7,
+      FFN-out 9.5-10.3 against 8.4; the lm_head (N >= 16384) takes 128-column tiles and 8 warps
+      (47.6 us against 74.7 with 64 x 4; cuBLAS on the unpadded 50265 rows: 135.7).
     - UNROLL: K loop unrolled (all weight loads of a program independent) when it has at most 8
       chunks (M <= 2) or 4 chunks (M > 2); otherwise a rolled loop (software-pipelined with
       num_stages on the dot path).
@@ -834,8 +837,9 @@ def linear_config(M: int, N: int, K: int, gated: bool = False, weight_bytes: int
     """
     if M > 16:
         block_m = min(64, _next_pow2(M))
-        cfg = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=min(128, max(16, _next_pow2(K))), USE_DOT=True,
-                   num_warps=4, num_stages=3, BIG=True)
+        wide = N >= 16384  # the lm_head: 128-column tiles, 8 warps
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=128 if wide else 64, BLOCK_K=min(128, max(16, _next_pow2(K))),
+                   USE_DOT=True, num_warps=8 if wide else 4, num_stages=3, BIG=True)
         cfg["SPLIT_K"] = split_k_default(M, N, K, block_m, cfg["BLOCK_N"], cfg["BLOCK_K"])
     elif M > 2:
         block_m = 16
