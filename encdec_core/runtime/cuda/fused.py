@@ -1,4 +1,5 @@
-"""The decoder step in Triton kernels, for small batches: 8 kernels per layer.
+"""The decoder step in Triton kernels, for small batches: 8 kernels per layer (the runner uses it up to
+``fused_max_batch`` rows, 16 by default; above 16 its GEMMs run on the tiled kernel).
 
 ``StaticDecoder.step`` runs the model's own modules (compiled by inductor): ~19 kernels per layer
 at batch 1, each GEMV a cuBLAS launch plus separate norm / residual / activation kernels. This step

@@ -1,5 +1,6 @@
-"""Triton kernels of the decoder step: fused linear (the small-batch step, M = 1..16) and decode
-attention (every batch: also called by the compiled step, through ``ops.py``).
+"""Triton kernels of the decoder step: fused linear (the small-batch step, M = 1..16; above 16 rows a
+tiled kernel with split-K and producer-written norm statistics) and decode attention (every batch:
+also called by the compiled step, through ``ops.py``).
 
 A decoder layer written with these runs in about 8 kernels instead of about 19: one
 ``fused_linear`` per projection (pre-norm, bias, activation, gating and the residual add fused into
@@ -29,7 +30,12 @@ Numerics
   subtraction) in fp32, output rounded once to q's dtype. Keys whose bias is ``finfo.min`` get zero
   weight; a row whose keys are all at ``finfo.min`` gets uniform weights like ``torch.softmax``;
   a row with no finite score at all (e.g. every bias ``-inf``) returns zeros rather than NaN.
-- Results are deterministic: no atomics, fixed reduction orders.
+- Results are deterministic: fixed reduction orders. The tiled kernel's split-K uses an atomic
+  counter only to elect the program that sums the splits' partials, which it does in split order.
+- Tiled kernel (M > 16): norm statistics may come from the kernel that wrote the rows (per row and
+  column tile, the sum and the sum of squared deviations from the tile mean of the stored values,
+  merged with Chan's formula) instead of a second pass over the row: the same statistics up to fp32
+  rounding.
 
 Performance design (H100, M = 1..16)
 ------------------------------------
