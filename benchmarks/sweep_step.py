@@ -88,6 +88,8 @@ def _big(bm: int, bn: int, bk: int, warps: int, stages: int):
         if M > 16:
             cfg.update(BLOCK_M=min(bm, tk._next_pow2(M)), BLOCK_N=bn, BLOCK_K=min(bk, max(16, tk._next_pow2(K))),
                        USE_DOT=True, num_warps=warps, num_stages=stages, UNROLL=False)
+            if cfg.get("BIG"):  # the tiled kernel: the default split-K for these tiles
+                cfg["SPLIT_K"] = tk.split_k_default(M, N, K, cfg["BLOCK_M"], bn, cfg["BLOCK_K"])
             tk._stats_blocks(cfg, N, K)
         return cfg
     return policy

@@ -236,16 +236,22 @@ if HAVE_TRITON:
         return w, wu
 
     @triton.jit
+    def _norm_pair(w_ptr, b_ptr, idx, mask, HAS_B: tl.constexpr):
+        """A norm's weight and bias at ``idx`` (without a bias: the weight twice, unused)."""
+        w = tl.load(w_ptr + idx, mask=mask, other=0.0)
+        if HAS_B:
+            b = tl.load(b_ptr + idx, mask=mask, other=0.0)
+        else:
+            b = w
+        return w, b
+
+    @triton.jit
     def _load_norm_w(k0, nw_ptr, nb_ptr, K: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
                      HAS_NB: tl.constexpr):
         """The norm weight (and bias) of chunk k0; without a norm, a placeholder."""
         ks = k0 + tl.arange(0, BLOCK_K)
         if NORM != 0:
-            nw = tl.load(nw_ptr + ks, mask=ks < K, other=0.0)
-            if HAS_NB:
-                nb = tl.load(nb_ptr + ks, mask=ks < K, other=0.0)
-            else:
-                nb = nw
+            nw, nb = _norm_pair(nw_ptr, nb_ptr, ks, ks < K, HAS_NB)
         else:
             nw = tl.zeros([BLOCK_K], dtype=tl.float32)
             nb = nw
@@ -332,11 +338,7 @@ if HAVE_TRITON:
         if RES_NORM != 0:
             r_mean, r_rstd = _row_stats(res_ptr, rows, row_mask, stride_rm, res_eps, N, BLOCK_M,
                                         BLOCK_SN, RES_NORM)
-            rw = tl.load(rw_ptr + cols, mask=col_mask, other=0.0)
-            if HAS_RB:
-                rb = tl.load(rb_ptr + cols, mask=col_mask, other=0.0)
-            else:
-                rb = rw
+            rw, rb = _norm_pair(rw_ptr, rb_ptr, cols, col_mask, HAS_RB)
             r = _normalize(r, r_mean[None, :], r_rstd[None, :], rw[:, None], rb[:, None],
                            rw_ptr.dtype.element_ty, RES_NORM, HAS_RB)
         return r.to(tl.float32)
@@ -494,11 +496,7 @@ if HAVE_TRITON:
                 else:
                     r_mean, r_rstd = _row_stats(res_ptr, rows, row_mask, stride_rm, res_eps, N, BLOCK_M,
                                                 BLOCK_SN, RES_NORM)
-                rw = tl.load(rw_ptr + cols, mask=col_mask, other=0.0)
-                if HAS_RB:
-                    rb = tl.load(rb_ptr + cols, mask=col_mask, other=0.0)
-                else:
-                    rb = rw
+                rw, rb = _norm_pair(rw_ptr, rb_ptr, cols, col_mask, HAS_RB)
                 r = _normalize(r, r_mean[:, None], r_rstd[:, None], rw[None, :], rb[None, :],
                                rw_ptr.dtype.element_ty, RES_NORM, HAS_RB)
             y = r.to(tl.float32) + y
@@ -562,11 +560,7 @@ if HAVE_TRITON:
             a = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_mask[:, None] & kmask[None, :],
                         other=0.0)
             if NORM != 0:
-                nw = tl.load(nw_ptr + ks, mask=kmask, other=0.0)
-                if HAS_NB:
-                    nb = tl.load(nb_ptr + ks, mask=kmask, other=0.0)
-                else:
-                    nb = nw
+                nw, nb = _norm_pair(nw_ptr, nb_ptr, ks, kmask, HAS_NB)
                 a = _normalize(a, mean[:, None], rstd[:, None], nw[None, :], nb[None, :],
                                nw_ptr.dtype.element_ty, NORM, HAS_NB)
             a = a.to(wdt)
@@ -954,6 +948,8 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     corresponding norm. Neither may be the tensor this call returns (it is new).
     counters: split-K (config ``SPLIT_K`` > 1) needs one int32 counter per output tile, zero on
     entry; the kernel leaves them zero. None: a zeroed tensor is allocated per call (a memset).
+    The tiled kernel reads the residual after the PDL wait whatever ``residual_ready`` says (only
+    the tile's last split needs it).
     """
     _require_triton()
     if x.dim() != 2 or x.stride(1) != 1:
