@@ -112,6 +112,9 @@ def main():
     ap.add_argument("--no-hf", action="store_true", help="our engine only")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode of the decoder step")
+    ap.add_argument("--inductor-pdl", action="store_true",
+                    help="inductor's kernels of the compiled step with programmatic dependent launch "
+                         "(compile_options={'triton.enable_pdl': True})")
     ap.add_argument("--kernels", default=None, help="decoder step kernels: inductor, triton or auto (runner default)")
     ap.add_argument("--attention", default=None, help="attention of the compiled step: math or sdpa")
     ap.add_argument("--fused-max-batch", type=int, default=None, help="largest batch bucket of the Triton step")
@@ -133,6 +136,8 @@ def main():
     opts = {}
     if a.compile_mode:
         opts["compile_mode"] = a.compile_mode
+    if a.inductor_pdl:
+        opts["compile_options"] = {"triton.enable_pdl": True}
     if a.kernels:
         opts["kernels"] = a.kernels
     if a.attention:

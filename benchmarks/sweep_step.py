@@ -183,6 +183,9 @@ COMPILED = {  # the compiled step's base policies: (attention, torch.compile mod
     # torch.cuda.tunable: every cuBLAS / cuBLASLt GEMM benchmarks the library's algorithms for its
     # shape at the first call (the warm-up before graph capture) and keeps the fastest
     "inductor-tunableop": ("triton", None, True),
+    # inductor's own kernels with programmatic dependent launch (compile_options); its tokens are
+    # compared with the first policy's: run it after "inductor"
+    "inductor-pdl": ("triton", None, False, {"triton.enable_pdl": True}),
 }
 
 
@@ -190,14 +193,14 @@ def _compiled(policy: str):
     """The inductor-compiled model step: "inductor" (its default attention, the Triton op on CUDA),
     "inductor-math" (inductor's own fp32 reductions), "inductor-autotune" (compile mode
     max-autotune-no-cudagraphs: inductor benchmarks its Triton GEMM templates, with fused epilogues,
-    against cuBLAS per shape), each optionally "+<attention policy>" (the Triton op with that
-    policy's block sizes) -> (attention, attention policy or None, compile mode, TunableOp);
-    else None."""
+    against cuBLAS per shape), "inductor-pdl" (inductor's kernels with PDL), each optionally
+    "+<attention policy>" (the Triton op with that policy's block sizes) -> (attention, attention
+    policy or None, compile mode, TunableOp, inductor options or None); else None."""
     base, _, attn = policy.partition("+")
     if base not in COMPILED or (attn and base == "inductor-math"):
         return None
-    attention, mode, tunable = COMPILED[base]
-    return attention, attn or None, mode, tunable
+    attention, mode, tunable, *options = COMPILED[base]
+    return attention, attn or None, mode, tunable, (options[0] if options else None)
 
 
 def _known(policy: str) -> bool:
@@ -248,7 +251,8 @@ def main():
                                     compile_mode=comp[2] if comp else None,
                                     kernels="inductor" if comp else "triton",
                                     attention=comp[0] if comp else "auto",
-                                    fused_max_batch=a.fused_max_batch)
+                                    fused_max_batch=a.fused_max_batch,
+                                    compile_options=comp[4] if comp else None)
                 if r._fused is not None:
                     r._fused.pdl = r._fused.pdl and pdl
                 r.warmup(batch_sizes=batches, source_lens=(128,), kinds=("greedy",), eos=-1, pad=0)

@@ -36,6 +36,9 @@ fused greedy loop, which feeds its own argmax back inside the graph) and launch 
   reorders and reads the caches directly; so on the compiled path a batch bucket used both by
   greedy and by the runner interface / beam search compiles the step twice (with and without the
   index).
+- ``compile_options``: inductor config patched around the compiled step (every (re)compilation),
+  e.g. ``{"triton.enable_pdl": True}`` (measured: bart-large batch 64 0.81 -> 0.76 ms on an H200;
+  off by default until its tokens are checked on a GPU).
 """
 from __future__ import annotations
 
@@ -77,6 +80,31 @@ def _reorder(vw, n: int, index: torch.Tensor, pos: torch.Tensor, indirect: bool)
         return
     for t in vw.k + vw.v:
         t[:n].copy_(t[:n].index_select(0, index))
+
+
+class _PatchedStep:
+    """The compiled step called with inductor's config patched by ``options`` (``compile_options``:
+    every (re)compilation sees them), e.g. ``{"triton.enable_pdl": True}``: inductor's own kernels
+    launched with programmatic dependent launch (Hopper+; measured, not the default:
+    docs/performance.md, 2026-11-30 09:24)."""
+
+    def __init__(self, compiled, options: dict):
+        self.compiled, self.options = compiled, dict(options)
+
+    def __call__(self, *args, **kwargs):
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(self.options):
+            return self.compiled(*args, **kwargs)
+
+
+def _has_config(cfg, dotted: str) -> bool:
+    obj = cfg
+    for part in dotted.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
 
 
 class _CpuCompiledStep:
@@ -353,7 +381,8 @@ class CudaGraphRunner:
                  compile: bool = True, attention: str = "auto", batch_buckets=DEFAULT_BATCH_BUCKETS,
                  dynamic: bool | None = None, use_graphs: bool = True, compile_mode: str | None = None,
                  compile_encoder: bool | None = None, kernels: str = "auto", fused_max_batch: int = 16,
-                 beam_reorder: str = "auto", encoder_launch_cost: int | None = None):
+                 beam_reorder: str = "auto", encoder_launch_cost: int | None = None,
+                 compile_options: dict | None = None):
         cpu = model.device.type == "cpu"
         if model.device.type != "cuda" and use_graphs:
             raise ValueError(f"CUDA graphs need a model on CUDA, got {model.device}: pass use_graphs=False "
@@ -361,6 +390,14 @@ class CudaGraphRunner:
         if model.device.type != "cuda" and compile and not cpu:
             raise ValueError(f"compile=True serves CUDA and CPU models, got {model.device}")
         self.model = model
+        if compile_options:
+            import torch._inductor.config as inductor_config
+
+            unknown = [k for k in compile_options if not _has_config(inductor_config, k)]
+            if unknown:
+                raise ValueError(f"compile_options: unknown inductor options {unknown}")
+            if not compile:
+                raise ValueError("compile_options needs compile=True")
         # beam search: "index" moves a [B, T] cache-row index that the Triton attention kernel reads
         # through (no K/V row is copied), "copy" moves every layer's cache rows; "auto": index
         # wherever the step's self-attention is the Triton kernel
@@ -383,7 +420,10 @@ class CudaGraphRunner:
                 kw["mode"] = compile_mode
             self._step = torch.compile(self.dec.step, **kw)
             if cpu and not compile_mode:
-                self._step = _CpuCompiledStep(self._step, self.dec.step, CPU_COMPILE_OPTIONS)
+                self._step = _CpuCompiledStep(self._step, self.dec.step, {**CPU_COMPILE_OPTIONS,
+                                                                         **(compile_options or {})})
+            elif compile_options:
+                self._step = _PatchedStep(self._step, compile_options)
         else:
             self._step, self._select = self.dec.step, self.dec.greedy_select
         # kernels: "inductor" (the compiled model step), "triton" (FusedStep for batch buckets up to
