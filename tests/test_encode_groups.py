@@ -68,6 +68,8 @@ def test_encode_grouped_equals_one_padded_call(family):
 
     def encode(i, m):
         calls.append(tuple(i.shape))
+        # contiguous inputs: a compiled encoder guards on strides (a sliced view recompiles it)
+        assert i.is_contiguous() and m.is_contiguous()
         return model.encode(i, m)
 
     with torch.no_grad():

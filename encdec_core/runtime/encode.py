@@ -79,7 +79,9 @@ def encode_grouped(encode, input_ids: torch.Tensor, attention_mask: torch.Tensor
         attention_mask = torch.ones_like(input_ids)
     lens = row_lengths(attention_mask).tolist()  # one host read
     keep = max(1, max(lens, default=0))
-    input_ids, attention_mask = input_ids[:, :keep], attention_mask[:, :keep]
+    # contiguous copies (tiny int tensors): a column slice's row stride differs from its width,
+    # which a compiled encoder guards on (one recompile, seen on an H200 with dynamic=True)
+    input_ids, attention_mask = input_ids[:, :keep].contiguous(), attention_mask[:, :keep].contiguous()
     if launch_cost is None:
         launch_cost = LAUNCH_COST.get(input_ids.device.type, LAUNCH_COST["cuda"])
     groups = plan_groups(lens, launch_cost) if launch_cost > 0 and len(lens) > 1 else None
@@ -89,7 +91,8 @@ def encode_grouped(encode, input_ids: torch.Tensor, attention_mask: torch.Tensor
     for rows in groups:
         s = max(1, max(lens[i] for i in rows))
         idx = torch.tensor(rows, device=input_ids.device)
-        enc = encode(input_ids.index_select(0, idx)[:, :s], attention_mask.index_select(0, idx)[:, :s])
+        enc = encode(input_ids.index_select(0, idx)[:, :s].contiguous(),
+                     attention_mask.index_select(0, idx)[:, :s].contiguous())
         if out is None:
             out = enc.new_zeros((input_ids.shape[0], keep, enc.shape[-1]))
         out[idx, :s] = enc
