@@ -112,6 +112,8 @@ def main():
     ap.add_argument("--no-hf", action="store_true", help="our engine only")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode of the decoder step")
+    ap.add_argument("--beam-topk", default=None, choices=("torch", "triton"),
+                    help="beam search's candidate top-k: torch.topk or the Triton two-stage kernel")
     ap.add_argument("--inductor-pdl", action="store_true",
                     help="inductor's kernels of the compiled step with programmatic dependent launch "
                          "(compile_options={'triton.enable_pdl': True})")
@@ -136,6 +138,8 @@ def main():
     opts = {}
     if a.compile_mode:
         opts["compile_mode"] = a.compile_mode
+    if a.beam_topk:
+        opts["beam_topk"] = a.beam_topk
     if a.inductor_pdl:
         opts["compile_options"] = {"triton.enable_pdl": True}
     if a.kernels:

@@ -259,6 +259,33 @@ def test_step_logits_match_eager_and_limits(mode):
         graph.prefill(ids, mask, 1, 9)
 
 
+def test_beam_topk_option_is_checked():
+    from encdec_core.runtime.cuda import CudaGraphRunner
+
+    with pytest.raises(ValueError, match="beam_topk"):
+        CudaGraphRunner(_tiny("t5", "cpu"), 2, 4, 8, compile=False, use_graphs=False, beam_topk="radix")
+
+
+@CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_beam_search_in_graph_with_triton_topk(family):
+    """beam_topk="triton": the beam step's candidates from the Triton two-stage top-k (in the graph,
+    inside the compiled tail) give the sequences of torch.topk (fp32, 6 requests x 4 beams)."""
+    from encdec_core.runtime.cuda import CudaGraphRunner
+    from encdec_core.runtime.generation import generate
+
+    model = _tiny(family, "cuda")
+    ids, mask = _inputs(model.cfg, b=6, s=9, device="cuda")
+    mask[3:] = 1  # _inputs pads rows 3.. away entirely: give every row tokens
+    gc = _gc(model.cfg, num_beams=4, max_new_tokens=8, num_return_sequences=2)
+    ref = CudaGraphRunner(model, 32, 12, 16)
+    tri = CudaGraphRunner(model, 32, 12, 16, beam_topk="triton")
+    a = generate(model, ids, mask, gc, runner=ref)
+    b = generate(model, ids, mask, gc, runner=tri)
+    assert torch.equal(a.sequences, b.sequences)
+
+
 def test_compile_options_are_checked():
     from encdec_core.runtime.cuda import CudaGraphRunner
 

@@ -590,6 +590,92 @@ def test_attention_rejects_bad_input():
 
 
 # --------------------------------------------------------------------------------------------
+# row_topk (beam search's candidates)
+# --------------------------------------------------------------------------------------------
+
+
+def _topk_ref(x, k):
+    """The k largest per row, equal values lowest index first (a stable descending sort)."""
+    v, i = torch.sort(x.float(), dim=1, descending=True, stable=True)
+    return v[:, :k].to(x.dtype), i[:, :k]
+
+
+@pytest.mark.parametrize("R,N,k,chunk", [(3, 1000, 8, 256), (2, 5000, 8, None), (4, 37, 5, None), (2, 9, 9, 16),
+                                         (1, 700, 1, 64)])
+def test_row_topk_matches_a_stable_sort(R, N, k, chunk):
+    """Values and indices of torch.topk, ties broken towards the lower index, through -inf columns
+    and across chunks (a partial last chunk included)."""
+    g = _gen(200 + N)
+    x = _rand(R, N, gen=g)
+    x[0, ::7] = -float("inf")
+    if R > 1:
+        x[1, 3] = x[1, N // 2] = 10.0  # a tie at the top, in two chunks
+        x[1, 4] = x[1, N - 1] = -3.5  # a tie further down
+    v, i = tk.row_topk(x, k, chunk)
+    rv, ri = _topk_ref(x, k)
+    assert v.dtype == x.dtype and i.dtype == torch.int64
+    assert torch.equal(v, rv) and torch.equal(i, ri)
+    if DEV == "cuda":  # where values are distinct, exactly torch.topk's answer
+        y = torch.randn(R, N, device=DEV)
+        tv, ti = torch.topk(y, k)
+        mv, mi = tk.row_topk(y, k, chunk)
+        assert torch.equal(mv, tv) and torch.equal(mi, ti)
+
+
+def test_row_topk_all_minus_inf_and_half_input():
+    x = torch.full((2, 300), -float("inf"), device=DEV)
+    x[0, 5] = 1.0
+    v, i = tk.row_topk(x, 4, 64)  # -inf columns are real candidates, in index order
+    assert i.tolist() == [[5, 0, 1, 2], [0, 1, 2, 3]]
+    assert v[0, 0].item() == 1.0 and torch.isinf(v[:, 1:]).all()
+    h = _rand(3, 130, dtype=torch.float16, gen=_gen(210))
+    hv, hi = tk.row_topk(h, 6)
+    rv, ri = _topk_ref(h, 6)
+    assert hv.dtype == torch.float16 and torch.equal(hv, rv) and torch.equal(hi, ri)
+
+
+def test_row_topk_rejects_bad_input():
+    x = torch.randn(2, 10, device=DEV)
+    with pytest.raises(ValueError, match="k=11"):
+        tk.row_topk(x, 11)
+    with pytest.raises(ValueError, match="chunk"):
+        tk.row_topk(x, 4, chunk=24)
+    with pytest.raises(ValueError, match="last-dim stride"):
+        tk.row_topk(x.t(), 1)
+
+
+def test_beam_update_with_row_topk_equals_torch_topk():
+    """BeamState.update with the Triton top-k (beam search's hook) keeps the same beams, scores and
+    finished hypotheses as with torch.topk over several steps (EOS ends some)."""
+    from types import SimpleNamespace
+
+    from encdec_core.runtime.beam import BeamState
+    from encdec_core.runtime.generation import GenerationConfig
+
+    cfg = SimpleNamespace(decoder_start_token_id=0, eos_token_id=2, pad_token_id=1, bos_token_id=None,
+                          forced_bos_token_id=None, forced_eos_token_id=None)
+    gc = GenerationConfig.from_model(cfg, None, num_beams=4, max_new_tokens=6)
+    b, nb, V = 3, 4, 300
+    states = []
+    for topk in (torch.topk, tk.row_topk):
+        st = BeamState(gc, b, 8, 1, DEV)
+        st.topk = topk
+        st.reset(torch.zeros(b * nb, 1, dtype=torch.long, device=DEV))
+        states.append(st)
+    g = _gen(220)
+    for step in range(5):
+        logp = torch.log_softmax(torch.randn(b * nb, V, generator=g) * 3, dim=-1).to(DEV)
+        logp[:, 2] += 8.0 if step >= 2 else 0.0  # EOS likely from step 2: hypotheses finish
+        cur = torch.tensor(step + 1, device=DEV)
+        for st in states:
+            st.update(logp, cur)
+        a, c = states
+        for name in ("run_seq", "run_score", "fin_seq", "fin_score", "fin_done", "fin_len", "src_index"):
+            assert torch.equal(getattr(a, name), getattr(c, name)), (step, name)
+    assert states[0].fin_done.any()  # the comparison covered finished hypotheses
+
+
+# --------------------------------------------------------------------------------------------
 # programmatic dependent launch
 # --------------------------------------------------------------------------------------------
 

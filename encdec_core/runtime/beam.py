@@ -44,6 +44,9 @@ class BeamState:
     def __init__(self, gc: GenerationConfig, batch: int, max_len: int, prompt: int, device):
         nb = gc.num_beams
         self.gc, self.batch, self.nb, self.max_len, self.prompt = gc, batch, nb, max_len, prompt
+        # the top-k over [batch, beams x vocabulary] of each step: torch.topk, or a callable with its
+        # (input, k) -> (values, indices) contract (the CUDA runner's Triton kernel)
+        self.topk = torch.topk
         eos = gc.eos_token_ids
         self.keep = max(2, 1 + len(eos)) * nb
         # HF fills unused positions with pad, or with the first EOS when pad is 0 / unset, or -1 without EOS
@@ -111,7 +114,7 @@ class BeamState:
             cand_score, order = cand_score.sort(dim=-1, descending=True)
             idx = idx.gather(-1, order)
         else:
-            cand_score, idx = torch.topk(acc, k=keep)
+            cand_score, idx = self.topk(acc, keep)
         src = idx // vocab
         tok = idx % vocab
         cand_seq = _take(self.run_seq, src)

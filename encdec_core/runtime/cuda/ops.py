@@ -8,7 +8,8 @@ index names: beam search without moving cache rows); ``encdec::decode_cross_atte
 the additive padding bias (with ``kv_group`` G > 1, query row b reads cache row b // G: a request's
 beams share one copy of its cross K/V). Both are ``triton_kernels.decode_attention`` (fp32 online softmax, one
 rounding at the output), launched without programmatic dependent launch: inductor's own kernels
-around them do not wait for it.
+around them do not wait for it. ``encdec::row_topk`` is ``triton_kernels.row_topk`` (beam search's
+candidates, ``CudaGraphRunner(beam_topk="triton")``).
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from typing import Optional
 
 import torch
 
-from .triton_kernels import HAVE_TRITON, decode_attention
+from .triton_kernels import HAVE_TRITON, decode_attention, row_topk
 
-__all__ = ["self_attention", "cross_attention"]
+__all__ = ["self_attention", "cross_attention", "topk"]
 
 if HAVE_TRITON:
 
@@ -42,6 +43,14 @@ if HAVE_TRITON:
     def _(q, k_cache, v_cache, scale, key_bias, kv_group):
         return q.new_empty(q.shape)
 
+    @torch.library.custom_op("encdec::row_topk", mutates_args=())
+    def _row_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return row_topk(x, k)
+
+    @_row_topk.register_fake
+    def _(x, k):
+        return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.int64)
+
 
 def self_attention(q, k_cache, v_cache, scale: float, pos, k_new, v_new, bias_table=None, row_index=None):
     """q / k_new / v_new [B, H, D]; caches [B, H, T, D] (row ``pos`` written); row_index: None or
@@ -54,3 +63,9 @@ def cross_attention(q, k_cache, v_cache, scale: float, key_bias=None, kv_group: 
     """q [B, H, D]; caches [>= B / kv_group, H, S, D]; key_bias [>= B / kv_group, S] additive or None
     (query row b reads row b // kv_group); -> [B, H, D]."""
     return torch.ops.encdec.decode_cross_attention(q, k_cache, v_cache, float(scale), key_bias, int(kv_group))
+
+
+def topk(x, k: int):
+    """``torch.topk(x, k)`` over the rows of x [R, N] through the Triton two-stage kernel
+    (``triton_kernels.row_topk``; equal values lowest index first) -> (values, int64 indices)."""
+    return torch.ops.encdec.row_topk(x, int(k))

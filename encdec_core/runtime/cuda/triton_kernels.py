@@ -95,7 +95,7 @@ except Exception:  # ImportError, or a broken install
     tl = None
     HAVE_TRITON = False
 
-__all__ = ["HAVE_TRITON", "fused_linear", "decode_attention", "linear_config", "attention_config",
+__all__ = ["HAVE_TRITON", "fused_linear", "decode_attention", "row_topk", "linear_config", "attention_config",
            "ACTIVATIONS", "pdl_supported"]
 
 # activation name -> constexpr code used by the kernels
@@ -757,6 +757,44 @@ if HAVE_TRITON:
         return m_new, l_i, acc
 
 
+    # ------------------------------------------------------------------------------------------
+    # kernel 3: top-k of each row (beam search's candidates), in two stages
+    # ------------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _topk_select(v, idx, out_v_ptr, out_i_ptr, K: tl.constexpr):
+        """Store the K largest of v (fp32) with their idx, in (value descending, index ascending)
+        order: K rounds of max, then the smallest index holding it, which leaves the candidates."""
+        alive = idx == idx
+        for r in tl.static_range(K):
+            m = tl.max(tl.where(alive, v, -float("inf")), axis=0)
+            pick = tl.min(tl.where(alive & (v == m), idx, 2147483647), axis=0)
+            tl.store(out_v_ptr + r, m.to(out_v_ptr.dtype.element_ty))
+            tl.store(out_i_ptr + r, pick.to(out_i_ptr.dtype.element_ty))
+            alive = alive & (idx != pick)
+
+    @triton.jit
+    def _topk_chunk_kernel(x_ptr, cv_ptr, ci_ptr, N, stride_x, C, K: tl.constexpr, CH: tl.constexpr):
+        """Stage 1: the top K of chunk c (CH columns) of row r -> candidates [R, C, K]. Columns past
+        N are -inf with indices >= N, so they rank after every real column."""
+        r = tl.program_id(0)
+        c = tl.program_id(1)
+        offs = c * CH + tl.arange(0, CH)
+        v = tl.load(x_ptr + r.to(tl.int64) * stride_x + offs, mask=offs < N, other=-float("inf")).to(tl.float32)
+        base = (r * C + c) * K
+        _topk_select(v, offs, cv_ptr + base, ci_ptr + base, K)
+
+    @triton.jit
+    def _topk_merge_kernel(cv_ptr, ci_ptr, ov_ptr, oi_ptr, M, K: tl.constexpr, BLOCK: tl.constexpr):
+        """Stage 2: the top K of row r's M = C * K candidates, in the same order."""
+        r = tl.program_id(0)
+        j = tl.arange(0, BLOCK)
+        m = j < M
+        v = tl.load(cv_ptr + r * M + j, mask=m, other=-float("inf"))
+        idx = tl.load(ci_ptr + r * M + j, mask=m, other=2147483647)
+        _topk_select(v, idx, ov_ptr + r * K, oi_ptr + r * K, K)
+
+
 # ----------------------------------------------------------------------------------------------
 # Python wrappers
 # ----------------------------------------------------------------------------------------------
@@ -1240,3 +1278,36 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         **launch,
     )
     return out
+
+
+def row_topk(x: torch.Tensor, k: int, chunk: int | None = None):
+    """The ``k`` largest values of each row of ``x`` [R, N] and their column indices, like
+    ``torch.topk(x, k)``: values [R, k] in x's dtype, sorted descending, indices [R, k] int64.
+    Equal values come lowest index first (``torch.topk`` leaves their order unspecified). NaN is
+    not supported.
+
+    Two kernels: every ``chunk`` columns of a row (default 2048, at least k) keep their own top k,
+    then one program per row takes the top k of those candidates. For beam search's [batch,
+    beams x vocabulary] scores (bart-large 8 x 4: [8, 201060]) this replaces the radix select of
+    ``torch.topk``. Needs 1 <= k <= N and x's last dimension contiguous. No host sync; CUDA-graph
+    capturable."""
+    _require_triton()
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"row_topk: x must be [R, N] with last-dim stride 1, got {tuple(x.shape)}")
+    R, N = x.shape
+    k = int(k)
+    if not 1 <= k <= N:
+        raise ValueError(f"row_topk: k={k}: expected 1 <= k <= {N} (the row length)")
+    ch = int(chunk) if chunk else min(2048, _next_pow2(N))
+    if ch & (ch - 1) or ch < k:
+        raise ValueError(f"row_topk: chunk={ch}: expected a power of two >= k={k}")
+    values = torch.empty((R, k), dtype=x.dtype, device=x.device)
+    indices = torch.empty((R, k), dtype=torch.int64, device=x.device)
+    if R == 0:
+        return values, indices
+    C = _cdiv(N, ch)
+    cv = torch.empty((R, C, k), dtype=torch.float32, device=x.device)
+    ci = torch.empty((R, C, k), dtype=torch.int32, device=x.device)
+    _topk_chunk_kernel[(R, C)](x, cv, ci, N, x.stride(0), C, K=k, CH=ch, num_warps=4)
+    _topk_merge_kernel[(R,)](cv, ci, values, indices, C * k, K=k, BLOCK=_next_pow2(C * k), num_warps=4)
+    return values, indices
