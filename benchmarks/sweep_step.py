@@ -95,10 +95,11 @@ def _big(bm: int, bn: int, bk: int, warps: int, stages: int):
     return policy
 
 
-def _tiled(bn=None, bk=None, warps=None, stages=None, split=None, target=None, bm=None):
+def _tiled(bn=None, bk=None, warps=None, stages=None, split=None, target=None, bm=None, tma=False):
     """Batch > 16 on the tiled kernel: change one of its knobs (column tile ``bn``, K chunk ``bk``,
     warps, pipeline stages, row tile ``bm``) and the split-K factor: ``split`` fixed, or the default
-    heuristic aiming at ``target`` programs (256) with the new tiles."""
+    heuristic aiming at ``target`` programs (256) with the new tiles; ``tma``: weight tiles through a
+    tensor descriptor."""
     def policy(M, N, K, gated=False, weight_bytes=2, pdl=False):
         cfg = BASE(M, N, K, gated, weight_bytes, pdl)
         if cfg.get("BIG"):
@@ -112,6 +113,8 @@ def _tiled(bn=None, bk=None, warps=None, stages=None, split=None, target=None, b
                 cfg["num_warps"] = warps
             if stages:
                 cfg["num_stages"] = stages
+            if tma and (K * weight_bytes) % 16 == 0:
+                cfg["W_TMA"] = True
             cfg["SPLIT_K"] = split or tk.split_k_default(M, N, K, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"],
                                                          target=target or 256)
             tk._stats_blocks(cfg, N, K)
@@ -166,6 +169,8 @@ POLICIES = {
     "tiled-k256": _tiled(bk=256),
     "tiled-k256w8": _tiled(bk=256, warps=8),
     "tiled-k128s2": _tiled(bk=128, stages=2),
+    "tiled-tma": _tiled(tma=True),
+    "tiled-tma-s4": _tiled(tma=True, stages=4),
     "tiled-w8": _tiled(warps=8),
     "tiled-s4": _tiled(stages=4),
     "tiled-s2": _tiled(stages=2),

@@ -347,6 +347,28 @@ def test_big_linear_chain_with_split_k_and_stats(dtype, ci):
     assert torch.count_nonzero(counters) == 0  # split-K leaves its counters zero for the next call
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split", [1, 2])
+def test_big_linear_weight_tiles_by_tma(dtype, split):
+    """W_TMA: the weight tiles through a tensor descriptor (zeros past K; a gated first half's tile
+    past N reads gate rows, whose columns are masked): the same results as the pointer loads."""
+    g = _gen(90 + split)
+    M, K, N = 40, 88, 100  # K: 16-byte rows in every dtype; N and K not multiples of the tiles
+    x = _rand(M, K, gen=g)
+    w = _rand(2 * N, K, dtype=dtype, scale=K ** -0.5, gen=g)
+    b = _rand(2 * N, dtype=dtype, gen=g)
+    norm = _norm_params("layer", K, dtype, g)
+    res = _rand(M, N, gen=g)
+    cfg = dict(BIG=True, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, SPLIT_K=split, W_TMA=True)
+    kw = dict(norm=norm, act="gelu", gated=True, residual=res, out_dtype=torch.float32)
+    out = tk.fused_linear(x, w, b, config=cfg, **kw)
+    _check(out, _linear_ref(x, w, b, **kw), dtype)
+    plain = tk.fused_linear(x, w[:N].contiguous(), b[:N], config=cfg, out_dtype=torch.float32)
+    _check(plain, _linear_ref(x, w[:N], b[:N], out_dtype=torch.float32), dtype)
+    with pytest.raises(ValueError, match="W_TMA"):  # 90 half weights a row: 180 bytes
+        tk.fused_linear(_rand(M, 90, gen=g), _rand(8, 90, dtype=torch.float16, gen=g), config=cfg)
+
+
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 def test_big_linear_rms_stats_and_bf16_stream(kind):
     """RMS statistics from the partials (the mean of squares), of a half-precision stream."""

@@ -514,7 +514,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _gemm_kernel(
-        x_ptr, w_ptr, b_ptr, nw_ptr, nb_ptr, xs_ptr, res_ptr, rw_ptr, rb_ptr, rs_ptr,
+        x_ptr, w_ptr, w_desc, b_ptr, nw_ptr, nb_ptr, xs_ptr, res_ptr, rw_ptr, rb_ptr, rs_ptr,
         out_ptr, so_ptr, ws_ptr, cnt_ptr,
         M, stride_xm, stride_rm, stride_om, eps, res_eps,
         N: tl.constexpr, K: tl.constexpr,
@@ -525,7 +525,7 @@ if HAVE_TRITON:
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
         HAS_RES: tl.constexpr, RES_NORM: tl.constexpr, HAS_RB: tl.constexpr,
         R_NT: tl.constexpr, R_TILE: tl.constexpr, BLOCK_RNT: tl.constexpr, BLOCK_SN: tl.constexpr,
-        STATS_OUT: tl.constexpr, W_FP32: tl.constexpr,
+        STATS_OUT: tl.constexpr, W_FP32: tl.constexpr, W_TMA: tl.constexpr,
         PDL: tl.constexpr, W_BYTES: tl.constexpr, PF_ROW_LINES: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
@@ -565,13 +565,20 @@ if HAVE_TRITON:
                                nw_ptr.dtype.element_ty, NORM, HAS_NB)
             a = a.to(wdt)
             wm = col_mask[:, None] & kmask[None, :]
-            w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=wm, other=0.0)
+            if W_TMA:  # the weight tile by the tensor-memory accelerator (out-of-range K: zeros)
+                w = w_desc.load([pid_n * BLOCK_N, k_lo + kk])
+            else:
+                w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=wm, other=0.0)
             if W_FP32:
                 acc += tl.dot(a, tl.trans(w), input_precision="ieee")
             else:
                 acc += tl.dot(a, tl.trans(w))
             if GATED:
-                wu = tl.load(w_ptr + (cols + N)[:, None] * K + ks[None, :], mask=wm, other=0.0)
+                # (with TMA, a first-half tile's rows past N read gate rows: their columns are masked)
+                if W_TMA:
+                    wu = w_desc.load([N + pid_n * BLOCK_N, k_lo + kk])
+                else:
+                    wu = tl.load(w_ptr + (cols + N)[:, None] * K + ks[None, :], mask=wm, other=0.0)
                 if W_FP32:
                     acc_u += tl.dot(a, tl.trans(wu), input_precision="ieee")
                 else:
@@ -867,6 +874,8 @@ def linear_config(M: int, N: int, K: int, gated: bool = False, weight_bytes: int
       (``tune_triton.py --big --rotate 8``, batch 64): out-proj 5.6-6.9 us against cuBLAS's 3.7,
       FFN-out 9.5-10.3 against 8.4; the lm_head (N >= 16384) takes 128-column tiles and 8 warps
       (47.6 us against 74.7 with 64 x 4; cuBLAS on the unpadded 50265 rows: 135.7).
+      ``W_TMA`` (config only, not yet measured on a GPU): the weight tiles through a tensor
+      descriptor (Hopper's tensor-memory accelerator) instead of masked pointer loads.
     - UNROLL: K loop unrolled (all weight loads of a program independent) when it has at most 8
       chunks (M <= 2) or 4 chunks (M > 2); otherwise a rolled loop (software-pipelined with
       num_stages on the dot path).
@@ -1024,7 +1033,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         cfg.update(BLOCK_N=min(64, _next_pow2(N)), BLOCK_K=min(512, max(16, _next_pow2(K))), UNROLL=False)
         _stats_blocks(cfg, N, K)
     if config:
-        unknown = set(config) - set(cfg) - {"num_stages", "BIG", "SPLIT_K"}
+        unknown = set(config) - set(cfg) - {"num_stages", "BIG", "SPLIT_K", "W_TMA"}
         if unknown:
             raise ValueError(f"fused_linear: unknown config keys {sorted(unknown)}")
         cfg.update(config)
@@ -1126,8 +1135,15 @@ def _launch_big(x, weight, bias, out, cfg, launch, pdl, norm_kind, nw, nb, eps, 
                 raise ValueError(f"fused_linear: counters must be an int32 vector of >= {tiles} zeros on {x.device}")
             cnt = counters
     w_bytes = weight.element_size()
+    w_desc = dummy
+    if cfg.get("W_TMA"):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        if (K * w_bytes) % 16 or weight.data_ptr() % 16:
+            raise ValueError(f"fused_linear: W_TMA needs a 16-byte aligned weight and row ({K} x {w_bytes} bytes)")
+        w_desc = TensorDescriptor.from_tensor(weight, [bn, bk])
     _gemm_kernel[grid](
-        x, weight, bias if bias is not None else dummy,
+        x, weight, w_desc, bias if bias is not None else dummy,
         nw if nw is not None else dummy, nb if nb is not None else dummy,
         norm_stats if x_nt else dummy,
         residual if residual is not None else dummy,
@@ -1141,7 +1157,7 @@ def _launch_big(x, weight, bias, out, cfg, launch, pdl, norm_kind, nw, nb, eps, 
         HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act], GATED=bool(gated),
         HAS_RES=residual is not None, RES_NORM=res_kind, HAS_RB=rb is not None,
         R_NT=r_nt, R_TILE=max(1, r_tile), BLOCK_RNT=_next_pow2(max(1, r_nt)), BLOCK_SN=cfg["BLOCK_SN"],
-        STATS_OUT=stats is not None, W_FP32=weight.dtype == torch.float32,
+        STATS_OUT=stats is not None, W_FP32=weight.dtype == torch.float32, W_TMA=bool(cfg.get("W_TMA")),
         PDL=pdl, W_BYTES=w_bytes, PF_ROW_LINES=_next_pow2(_cdiv(k_split * w_bytes, 128)),
         **launch,
     )
