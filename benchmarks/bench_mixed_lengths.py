@@ -53,7 +53,7 @@ def main():
     ensure_families()
     from encdec_core.benchmark import model_from_preset
     from encdec_core.runtime.cuda import CudaGraphRunner
-    from encdec_core.runtime.encode import LAUNCH_COST, plan_groups
+    from encdec_core.runtime.encode import default_launch_cost, plan_groups
     from encdec_core.runtime.generation import GenerationConfig, generate
 
     cuda = a.device.startswith("cuda")
@@ -87,7 +87,7 @@ def main():
                     t, out = _time(lambda: generate(model, ids, mask, gc, runner=r), cuda)
                     e2e.append(t)
                 toks[label] = out.sequences
-                c = LAUNCH_COST.get(a.device.split(":")[0], LAUNCH_COST["cuda"]) if cost is None else cost
+                c = default_launch_cost(torch.device(a.device).type) if cost is None else cost
                 n_groups = len(plan_groups(lens, c)) if c > 0 else 1
                 res[label] = dict(encoder_ms=statistics.median(enc), e2e_ms=statistics.median(e2e),
                                   launch_cost=c, groups=n_groups,

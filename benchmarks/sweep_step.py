@@ -81,18 +81,10 @@ def _fma(warps: int):
 
 
 def _big(bm: int, bn: int, bk: int, warps: int, stages: int):
-    """Batch > 16 (tensor cores): ``bm`` rows (at most the batch's power of two) x ``bn`` columns per
-    program, a software-pipelined K loop of ``bk`` chunks with ``stages`` stages."""
-    def policy(M, N, K, gated=False, weight_bytes=2, pdl=False):
-        cfg = BASE(M, N, K, gated, weight_bytes, pdl)
-        if M > 16:
-            cfg.update(BLOCK_M=min(bm, tk._next_pow2(M)), BLOCK_N=bn, BLOCK_K=min(bk, max(16, tk._next_pow2(K))),
-                       USE_DOT=True, num_warps=warps, num_stages=stages, UNROLL=False)
-            if cfg.get("BIG"):  # the tiled kernel: the default split-K for these tiles
-                cfg["SPLIT_K"] = tk.split_k_default(M, N, K, cfg["BLOCK_M"], bn, cfg["BLOCK_K"])
-            tk._stats_blocks(cfg, N, K)
-        return cfg
-    return policy
+    """Batch > 16: ``bm`` rows (at most the batch's power of two) x ``bn`` columns per program, a
+    software-pipelined K loop of ``bk`` chunks with ``stages`` stages (the tiled kernel with its
+    default split-K for these tiles)."""
+    return _tiled(bn=bn, bk=bk, warps=warps, stages=stages, bm=bm)
 
 
 def _tiled(bn=None, bk=None, warps=None, stages=None, split=None, target=None, bm=None, tma=False):
@@ -181,13 +173,13 @@ POLICIES = {
 }
 
 
-COMPILED = {  # the compiled step's base policies: (attention, torch.compile mode, TunableOp)
-    "inductor": ("triton", None, False),
-    "inductor-math": ("math", None, False),
-    "inductor-autotune": ("triton", "max-autotune-no-cudagraphs", False),  # inductor's GEMM templates too
+COMPILED = {  # the compiled step's base policies: (attention, torch.compile mode, TunableOp, inductor options)
+    "inductor": ("triton", None, False, None),
+    "inductor-math": ("math", None, False, None),
+    "inductor-autotune": ("triton", "max-autotune-no-cudagraphs", False, None),  # inductor's GEMM templates too
     # torch.cuda.tunable: every cuBLAS / cuBLASLt GEMM benchmarks the library's algorithms for its
     # shape at the first call (the warm-up before graph capture) and keeps the fastest
-    "inductor-tunableop": ("triton", None, True),
+    "inductor-tunableop": ("triton", None, True, None),
     # inductor's own kernels with programmatic dependent launch (compile_options); its tokens are
     # compared with the first policy's: run it after "inductor"
     "inductor-pdl": ("triton", None, False, {"triton.enable_pdl": True}),
@@ -204,8 +196,8 @@ def _compiled(policy: str):
     base, _, attn = policy.partition("+")
     if base not in COMPILED or (attn and base == "inductor-math"):
         return None
-    attention, mode, tunable, *options = COMPILED[base]
-    return attention, attn or None, mode, tunable, (options[0] if options else None)
+    attention, mode, tunable, options = COMPILED[base]
+    return attention, attn or None, mode, tunable, options
 
 
 def _known(policy: str) -> bool:

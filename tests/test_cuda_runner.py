@@ -59,6 +59,17 @@ def _inputs(cfg, b=3, s=13, seed=0, device="cuda"):
     return ids.to(device), mask.to(device)
 
 
+def _ragged(cfg, b, s, seed, device):
+    """[b, s] random ids with right padding: row i keeps s - i % 8 tokens (every row some)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, cfg.vocab_size, (b, s), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(b):
+        ids[i, s - i % 8:] = cfg.pad_token_id
+        mask[i, s - i % 8:] = 0
+    return ids.to(device), mask.to(device)
+
+
 def _gc(cfg, **kw):
     from encdec_core.runtime.generation import GenerationConfig
 
@@ -276,8 +287,7 @@ def test_beam_search_in_graph_with_triton_topk(family):
     from encdec_core.runtime.generation import generate
 
     model = _tiny(family, "cuda")
-    ids, mask = _inputs(model.cfg, b=6, s=9, device="cuda")
-    mask[3:] = 1  # _inputs pads rows 3.. away entirely: give every row tokens
+    ids, mask = _ragged(model.cfg, 6, 9, seed=0, device="cuda")
     gc = _gc(model.cfg, num_beams=4, max_new_tokens=8, num_return_sequences=2)
     ref = CudaGraphRunner(model, 32, 12, 16)
     tri = CudaGraphRunner(model, 32, 12, 16, beam_topk="triton")
@@ -311,14 +321,8 @@ def test_compiled_step_with_inductor_pdl_is_bit_identical(family):
     if not pdl_supported("cuda"):
         pytest.skip("GPU older than Hopper: no programmatic dependent launch")
     model = _tiny(family, "cuda")
-    g = torch.Generator().manual_seed(9)
     B = 24
-    ids = torch.randint(4, model.cfg.vocab_size, (B, 12), generator=g)
-    mask = torch.ones_like(ids)
-    for i in range(B):  # lengths 12 down to 5
-        mask[i, 12 - i % 8:] = 0
-        ids[i, 12 - i % 8:] = model.cfg.pad_token_id
-    ids, mask = ids.cuda(), mask.cuda()
+    ids, mask = _ragged(model.cfg, B, 12, seed=9, device="cuda")  # lengths 12 down to 5
     kw = dict(kernels="inductor")
     ref = CudaGraphRunner(model, 32, 12, 16, **kw)
     pdl = CudaGraphRunner(model, 32, 12, 16, compile_options={"triton.enable_pdl": True}, **kw)

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from test_cuda_runner import _gc, _inputs  # noqa: E402
+from test_cuda_runner import _gc, _inputs, _ragged  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -89,13 +89,7 @@ def test_fused_step_many_rows_on_the_tiled_kernel(family):
     cfg = model.cfg
     B = 17
     assert tk.linear_config(B, cfg.d_model, cfg.d_model).get("BIG")
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(4, cfg.vocab_size, (B, 9), generator=g)
-    mask = torch.ones_like(ids)
-    for i in range(B):  # lengths 9 down to 2, right padding
-        ids[i, 9 - i % 8:] = cfg.pad_token_id
-        mask[i, 9 - i % 8:] = 0
-    ids, mask = ids.to(DEV), mask.to(DEV)
+    ids, mask = _ragged(cfg, B, 9, seed=5, device=DEV)  # lengths 9 down to 2
     kw = dict(compile=False, use_graphs=DEV == "cuda")
     ref = CudaGraphRunner(model, 32, 12, 16, kernels="inductor", **kw)
     fused = CudaGraphRunner(model, 32, 12, 16, kernels="triton", fused_max_batch=32, **kw)

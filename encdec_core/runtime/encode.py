@@ -26,6 +26,11 @@ _EDGES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 153
 LAUNCH_COST = {"cuda": 2048, "cpu": 32}
 
 
+def default_launch_cost(device_type: str) -> int:
+    """``LAUNCH_COST`` of a device type (other accelerators: the GPU's)."""
+    return LAUNCH_COST.get(device_type, LAUNCH_COST["cuda"])
+
+
 def row_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B] the last non-padding position + 1 of every row (0 for an all-padding row)."""
     s = attention_mask.shape[1]
@@ -83,7 +88,7 @@ def encode_grouped(encode, input_ids: torch.Tensor, attention_mask: torch.Tensor
     # which a compiled encoder guards on (one recompile, seen on an H200 with dynamic=True)
     input_ids, attention_mask = input_ids[:, :keep].contiguous(), attention_mask[:, :keep].contiguous()
     if launch_cost is None:
-        launch_cost = LAUNCH_COST.get(input_ids.device.type, LAUNCH_COST["cuda"])
+        launch_cost = default_launch_cost(input_ids.device.type)
     groups = plan_groups(lens, launch_cost) if launch_cost > 0 and len(lens) > 1 else None
     if not groups or len(groups) == 1:
         return encode(input_ids, attention_mask), attention_mask

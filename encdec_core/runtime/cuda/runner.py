@@ -118,17 +118,14 @@ class _CpuCompiledStep:
     the same step uncompiled, from then on: a failed compile executes nothing."""
 
     def __init__(self, compiled, fallback, options: dict):
-        self.compiled, self.fallback, self.options = compiled, fallback, dict(options)
+        self.compiled, self.fallback = _PatchedStep(compiled, options), fallback
         self.state = "new"  # new -> ok | failed
 
     def __call__(self, *args, **kwargs):
-        import torch._inductor.config as inductor_config
-
         if self.state == "failed":
             return self.fallback(*args, **kwargs)
         try:
-            with inductor_config.patch(self.options):
-                out = self.compiled(*args, **kwargs)
+            out = self.compiled(*args, **kwargs)
         except Exception as exc:
             if self.state == "ok":
                 raise
@@ -320,7 +317,8 @@ class StaticDecoder:
         cb = cross_bias.unsqueeze(1)  # [B,1,S]
         for li, i in enumerate(self.layer_ids):
             layer = dec.layers[str(i)]
-            row = self.bias[li].index_select(1, pos1).squeeze(1).unsqueeze(0)  # [1,H|1,T]
+            # the math / SDPA attention's bias row (the Triton kernel reads the table itself)
+            row = None if self.attention == "triton" else self.bias[li].index_select(1, pos1).squeeze(1).unsqueeze(0)
 
             def self_attn(h, layer=layer, li=li, row=row):
                 sa = layer.self_attn

@@ -269,6 +269,15 @@ if HAVE_TRITON:
         return mean, 1.0 / tl.sqrt(var + eps)
 
     @triton.jit
+    def _dot_acc(acc, a, b, W_FP32: tl.constexpr):
+        """acc + a @ b with fp32 accumulation; fp32 weights in IEEE precision (no TF32)."""
+        if W_FP32:
+            acc += tl.dot(a, b, input_precision="ieee")
+        else:
+            acc += tl.dot(a, b)
+        return acc
+
+    @triton.jit
     def _linear_chunk(k0, w, wu, nw, nb, acc, acc_u, acc3, acc3_u, x_ptr, w_ptr, nw_ptr, mean, rstd, eps,
                       row0, M, stride_xm,
                       N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -290,14 +299,9 @@ if HAVE_TRITON:
                 xv = _normalize(xv, mean[:, None], rstd[:, None], nw[None, :], nb[None, :],
                                 nw_ptr.dtype.element_ty, NORM, HAS_NB)
             a_t = tl.trans(xv.to(wdt))  # [BK, BM], the matmul input in the weight dtype
-            if W_FP32:
-                acc += tl.dot(w, a_t, input_precision="ieee")
-                if GATED:
-                    acc_u += tl.dot(wu, a_t, input_precision="ieee")
-            else:
-                acc += tl.dot(w, a_t)
-                if GATED:
-                    acc_u += tl.dot(wu, a_t)
+            acc = _dot_acc(acc, w, a_t, W_FP32)
+            if GATED:
+                acc_u = _dot_acc(acc_u, wu, a_t, W_FP32)
         else:
             wf = w.to(tl.float32)
             if GATED:
@@ -569,20 +573,14 @@ if HAVE_TRITON:
                 w = w_desc.load([pid_n * BLOCK_N, k_lo + kk])
             else:
                 w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=wm, other=0.0)
-            if W_FP32:
-                acc += tl.dot(a, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(a, tl.trans(w))
+            acc = _dot_acc(acc, a, tl.trans(w), W_FP32)
             if GATED:
                 # (with TMA, a first-half tile's rows past N read gate rows: their columns are masked)
                 if W_TMA:
                     wu = w_desc.load([N + pid_n * BLOCK_N, k_lo + kk])
                 else:
                     wu = tl.load(w_ptr + (cols + N)[:, None] * K + ks[None, :], mask=wm, other=0.0)
-                if W_FP32:
-                    acc_u += tl.dot(a, tl.trans(wu), input_precision="ieee")
-                else:
-                    acc_u += tl.dot(a, tl.trans(wu))
+                acc_u = _dot_acc(acc_u, a, tl.trans(wu), W_FP32)
         NT_OUT: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
         if SPLIT > 1:
             # split-K: every split stores its fp32 partial; the last of a tile's splits to arrive (a
@@ -599,11 +597,10 @@ if HAVE_TRITON:
             arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
             if arrived == SPLIT - 1:
                 acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 for sk in tl.static_range(SPLIT):
                     acc += tl.load(wp + sk * M * NTOT, mask=om, other=0.0, cache_modifier=".cg")
-                if GATED:
-                    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                    for sk in tl.static_range(SPLIT):
+                    if GATED:
                         acc_u += tl.load(wp + sk * M * NTOT + N, mask=om, other=0.0, cache_modifier=".cg")
                 tl.store(cnt_ptr + tile, 0)
                 _gemm_epilogue(acc, acc_u, pid_n, rows, row_mask, cols, col_mask,
