@@ -126,6 +126,44 @@ def validate_parallel(cfg: EncDecConfig, tp: int, pp: int) -> None:
             f"--pp-size {pp} exceeds the layer count (encoder {cfg.encoder_layers}, decoder {cfg.decoder_layers})")
 
 
+def rank_tensors(tensors: dict[str, torch.Tensor], cfg: EncDecConfig, ctx: ParallelContext,
+                 dtype: torch.dtype | None = None, plan: list[ShardRule] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors rank ``ctx.rank`` holds, from a single-rank state (names as in the checkpoint):
+    its pipeline stage's layers, each cut to its tensor-parallel slice (``shard_plan``)."""
+    plan = shard_plan(cfg) if plan is None else plan
+    out = {}
+    for name, t in tensors.items():
+        st = stage_of(name, cfg, ctx.pp_size)
+        if st is not None and st != ctx.pp_rank:
+            continue
+        x = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        out[name] = shard_tensor(name, x, plan, ctx.tp_size, ctx.tp_rank).contiguous()
+    return out
+
+
+@torch.no_grad()
+def shard_model(model: EncDecModel, ctx: ParallelContext, device=None) -> EncDecModel:
+    """This rank's part of a single-rank model held in memory (every rank holds the same full model,
+    e.g. built from a preset with one seed): the model ``load_model`` would build from a checkpoint
+    converted with ``ctx``'s mapping. No collective runs."""
+    if model.ctx.world_size != 1:
+        raise EncDecError(f"shard_model: expected a single-rank model, got tp={model.ctx.tp_size} "
+                          f"pp={model.ctx.pp_size}")
+    validate_parallel(model.cfg, ctx.tp_size, ctx.pp_size)
+    tensors = rank_tensors(model.state_dict(), model.cfg, ctx)
+    part = build_model(model.cfg, ctx, model.dtype, meta=True)
+    expected = part.expected_shapes()
+    wrong = sorted(set(expected) ^ set(tensors))
+    wrong += [k for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    if wrong:
+        raise WeightError(f"shard_model: tensors that do not fit rank {ctx.rank}'s model: {', '.join(wrong[:8])}")
+    part = part.to_empty(device=device if device is not None else model.device)
+    for k, v in part.state_dict().items():
+        v.copy_(tensors[k])
+    part.init_buffers()
+    return part.eval()
+
+
 def write_checkpoint(out_dir: Path, cfg: EncDecConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
                      tp: int = 1, pp: int = 1, extra_meta: dict | None = None, extra_files=(),
                      progress: bool = False) -> Path:
@@ -143,14 +181,7 @@ def write_checkpoint(out_dir: Path, cfg: EncDecConfig, tensors: dict[str, torch.
 
             it = tqdm(it, desc="writing shards", unit="rank", disable=world == 1 and False)
         for rank in it:
-            ctx = ParallelContext(tp_size=tp, pp_size=pp, rank=rank)
-            shard = {}
-            for name, t in tensors.items():
-                st = stage_of(name, cfg, pp)
-                if st is not None and st != ctx.pp_rank:
-                    continue
-                x = t.to(dtype) if t.is_floating_point() else t
-                shard[name] = shard_tensor(name, x, plan, tp, ctx.tp_rank).contiguous()
+            shard = rank_tensors(tensors, cfg, ParallelContext(tp_size=tp, pp_size=pp, rank=rank), dtype, plan)
             save_file(shard, str(tmp / f"rank{rank}.safetensors"), metadata={"rank": str(rank)})
         meta = checkpoint_meta(cfg, dtype, tp, pp, extra_meta)
         meta["checksum"] = checksum_dir(tmp, world)

@@ -54,6 +54,9 @@ class VocabEmbedding(nn.Module):
             y = linear(x, self.weight, None, self._packed)
         else:
             y = linear(x, weight, None, None)
+            local = self.weight.shape[0]
+            if y.shape[-1] != local and self.ctx.distributed:
+                y = y[..., :local]  # each rank's part must be its own slice before the gather
         return self.ctx.all_gather_last(y)[..., : self.vocab]
 
 

@@ -145,25 +145,55 @@ def have_generation() -> bool:
     return True
 
 
-def generate_ids(model, ids, mask, num_beams: int, **kw) -> torch.Tensor:
+def generate_ids(model, ids, mask, num_beams: int, runner=None, **kw) -> torch.Tensor:
     from encdec_core.runtime.generation import GenerationConfig, generate
 
     gc = GenerationConfig.from_model(model.cfg, None, max_new_tokens=GREEDY_NEW, num_beams=num_beams, **kw)
     with torch.no_grad():
-        out = generate(model, ids, mask, gc)
+        out = generate(model, ids, mask, gc, runner=runner)
     return out.sequences
 
 
+STATIC_KEYS = ("static_greedy_ids", "static_beam_ids", "static_fused_greedy_ids")
+
+
+def static_runner(model):
+    """The CUDA graph runner's static step (graphs on CUDA; on a CPU the same step run directly,
+    uncompiled): it serves tensor parallelism, not pipeline parallelism."""
+    from encdec_core.runtime.cuda import CudaGraphRunner
+
+    cuda = model.device.type == "cuda"
+    return CudaGraphRunner(model, ids_shape()[0] * BEAMS, GREEDY_NEW + 1, ids_shape()[1], compile=False,
+                           use_graphs=cuda, kernels="inductor")
+
+
+def ids_shape() -> tuple[int, int]:
+    return len(BATCH), len(BATCH[0])
+
+
 def run_all(model) -> dict:
-    """Everything compared between single rank and parallel runs."""
+    """Everything compared between single rank and parallel runs; with pipeline size 1 also the
+    static (CUDA graph runner) step's greedy, beam and fused greedy ids."""
     ids, mask = inputs(model.device)
     res = {"tf_logits": teacher_forced(model, ids, mask).cpu()}
+    # the lm_head through a copy of the (rank's) output embedding padded with rows (the CUDA runner's
+    # aligned GEMM): each rank's padding columns must go before the gather
+    w = model.output_embedding.weight
+    pad = torch.cat([w, torch.randn(5, w.shape[1], generator=torch.Generator().manual_seed(3)).to(w)], 0)
+    h = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(4)).to(w)
+    with torch.no_grad():
+        res["padded_lm_logits"] = model.logits(h, weight=pad).cpu()
     toks, step_logits = greedy_loop(model, ids, mask)
     res["loop_ids"], res["loop_logits"] = toks.cpu(), step_logits.cpu()
     if have_generation():
         res["greedy_ids"] = generate_ids(model, ids, mask, 1).cpu()
         res["beam_ids"] = generate_ids(model, ids, mask, BEAMS).cpu()
         res["sample_ids"] = generate_ids(model, ids, mask, 1, do_sample=True, seed=7, top_k=0).cpu()
+        if model.ctx.pp_size == 1:
+            runner = static_runner(model)
+            res["static_greedy_ids"] = generate_ids(model, ids, mask, 1, runner=runner).cpu()
+            res["static_beam_ids"] = generate_ids(model, ids, mask, BEAMS, runner=runner).cpu()
+            res["static_fused_greedy_ids"] = runner.greedy(ids, mask, max_new_tokens=GREEDY_NEW).cpu()
     return res
 
 

@@ -204,13 +204,15 @@ class StaticDecoder:
 
     def __init__(self, model, max_batch: int, max_len: int, max_input_len: int, attention: str = "auto"):
         cfg, ctx = model.cfg, model.ctx
-        if ctx.tp_size != 1 or ctx.pp_size != 1:
-            raise NotImplementedError("the CUDA graph runner serves tp=1, pp=1 (use the eager runner under TP/PP)")
+        if ctx.pp_size != 1:
+            raise NotImplementedError(
+                f"the CUDA graph runner serves pipeline size 1, got pp_size {ctx.pp_size}: under pipeline "
+                "parallelism use the eager runner (it runs the same loop on every rank)")
         self.model, self.cfg = model, cfg
         dec = model.decoder
         self.layer_ids = list(dec.layer_ids)
         self.L = len(self.layer_ids)
-        self.H = cfg.decoder_heads
+        self.H = cfg.decoder_heads // ctx.tp_size  # this rank's heads under tensor parallelism
         self.D = cfg.head_dim
         self.max_batch = int(max_batch)
         self.T = _round_up(max(int(max_len), 1), 16)
@@ -250,9 +252,11 @@ class StaticDecoder:
         when the vocabulary is not a multiple of 8 (BART's 50265, mBART's 250027): the [B, V] product
         then has a row stride cuBLAS can vectorise (unpadded it ran several times slower on an H200,
         bart-large: 136 us at batch 64, 286 us at 256, against about 25 / 50 us). Costs one
-        vocabulary x d_model copy of the weight; later changes to the model's weight are not seen."""
+        vocabulary x d_model copy of the weight; later changes to the model's weight are not seen.
+        Under tensor parallelism the rank's vocabulary slice is padded (BART's 50266 / 2 = 25133
+        rows) and ``VocabEmbedding.logits`` drops the padding columns before the gather."""
         w = self.model.output_embedding.weight
-        if w.shape[0] % 8 == 0 or self.model.ctx.tp_size != 1:
+        if w.shape[0] % 8 == 0:
             return
         pad = w.new_zeros(_round_up(w.shape[0], 64), w.shape[1])
         pad[: w.shape[0]] = w

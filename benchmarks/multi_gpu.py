@@ -1,0 +1,394 @@
+"""Tensor / pipeline parallelism on several GPUs: token identity and scaling (issue 8).
+
+Models are presets with random weights built on every rank from one seed (``benchmark.model_from_preset``),
+then cut to the rank's part in memory (``checkpoint.shard_model``: the same tensors a checkpoint
+converted with that mapping holds), so no checkpoint is written. Each mapping is one launch of
+``torch.distributed.run``; this script is both the driver and (``--worker``) the ranks.
+
+parity: for every model and mapping, greedy and beam-4 ids of the eager runner, and (pipeline size 1)
+of the CUDA graph runner, against the single-GPU run of the same runner; teacher-forced logits max|diff|.
+    python benchmarks/multi_gpu.py parity --models flan-t5-large,bart-large --mappings 1x1,2x1,1x2
+
+scale: end-to-end greedy generation (in 512 / out 128 by default) and the decoder step's device
+time per batch size, on the CUDA graph runner, for each tensor-parallel size.
+    python benchmarks/multi_gpu.py scale --model flan-t5-xl --batches 1,8,64 --mappings 1x1,2x1
+
+Results: one JSON per command under --out (default $OUT or .); rank 0 prints a table.
+NVLink multicast stays off (NCCL_NVLS_ENABLE=0 is set for the ranks unless already set).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, ensure_families  # noqa: E402
+
+import torch  # noqa: E402
+
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def parse_mappings(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in text.split(","):
+        try:
+            tp, pp = (int(x) for x in part.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--mappings: {part!r}: expected TPxPP, e.g. 2x1") from None
+        if tp < 1 or pp < 1:
+            raise SystemExit(f"--mappings: {part!r}: sizes must be positive")
+        out.append((tp, pp))
+    if (1, 1) not in out:
+        out.insert(0, (1, 1))  # the reference
+    return out
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+# ---------------------------------------------------------------------------------------- ranks
+def _setup(tp: int, pp: int, device: str):
+    ensure_families()
+    if tp * pp == 1:
+        return None, torch.device(device if device != "cuda" else "cuda:0")
+    from encdec_core.parallel.launch import init_parallel
+
+    ctx = init_parallel(tp, pp, device)
+    return ctx, ctx.device
+
+
+def _model(name: str, ctx, dev, dtype, seed: int):
+    from encdec_core.benchmark import model_from_preset
+    from encdec_core.checkpoint import shard_model
+
+    full = model_from_preset(name, dtype, dev, seed)
+    if ctx is None:
+        return full
+    part = shard_model(full, ctx)
+    del full
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return part
+
+
+def _inputs(cfg, batch: int, lo: int, hi: int, seed: int, dev):
+    """Random source ids of lengths in [lo, hi] (right-padded), no special tokens but EOS last."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (batch,), generator=g)
+    ids = torch.randint(3, cfg.vocab_size, (batch, int(lens.max())), generator=g)
+    ar = torch.arange(ids.shape[1])
+    mask = (ar[None] < lens[:, None]).long()
+    ids[torch.arange(batch), lens - 1] = cfg.eos_token_id
+    ids = ids.masked_fill(mask == 0, cfg.pad_token_id)
+    return ids.to(dev), mask.to(dev)
+
+
+def _sync(ctx, dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    if ctx is not None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _gen(model, ids, mask, new: int, beams: int, runner=None):
+    from encdec_core.runtime.generation import GenerationConfig, generate
+
+    gc = GenerationConfig.from_model(model.cfg, None, max_new_tokens=new, num_beams=beams, do_sample=False)
+    out = generate(model, ids, mask, gc, runner=runner)
+    return out.sequences if hasattr(out, "sequences") else out
+
+
+@torch.no_grad()
+def worker_parity(a) -> dict:
+    from encdec_core.runtime.cuda import CudaGraphRunner
+
+    ctx, dev = _setup(a.tp, a.pp, a.device)
+    dtype = getattr(torch, a.dtype)
+    res = {}
+    for name in a.models.split(","):
+        t0 = time.time()
+        model = _model(name, ctx, dev, dtype, a.seed)
+        cfg = model.cfg
+        ids, mask = _inputs(cfg, a.batch, a.min_in, a.max_in, a.seed + 1, dev)
+        g = torch.Generator().manual_seed(a.seed + 2)
+        dec = torch.randint(3, cfg.vocab_size, (a.batch, 16), generator=g).to(dev)
+        dec[:, 0] = cfg.decoder_start_token_id
+        r = {"tf_logits": model(ids, mask, dec).float().cpu(),
+             "eager_greedy": _gen(model, ids, mask, a.new, 1).cpu(),
+             "eager_beam": _gen(model, ids, mask, a.new, a.beams).cpu()}
+        if a.pp == 1:
+            runner = CudaGraphRunner(model, a.batch * a.beams, a.new + 1, a.max_in,
+                                     use_graphs=dev.type == "cuda", compile=dev.type == "cuda",
+                                     compile_encoder=False)  # the step is what differs under TP
+            r["graph_greedy"] = runner.greedy(ids, mask, max_new_tokens=a.new).cpu()
+            r["graph_beam"] = _gen(model, ids, mask, a.new, a.beams, runner).cpu()
+            del runner
+        r["seconds"] = time.time() - t0
+        res[name] = r
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+@torch.no_grad()
+def worker_scale(a) -> dict:
+    from encdec_core.runtime.cuda import CudaGraphRunner
+
+    ctx, dev = _setup(a.tp, a.pp, a.device)
+    if a.pp != 1:
+        raise SystemExit("scale: the CUDA graph runner serves pipeline size 1")
+    dtype = getattr(torch, a.dtype)
+    t0 = time.time()
+    model = _model(a.model, ctx, dev, dtype, a.seed)
+    batches = _ints(a.batches)
+    # the encoder stays eager (GEMM-bound at these lengths; its compile costs minutes at this size)
+    def make(compile_step: bool):
+        return CudaGraphRunner(model, max(batches), a.out_len + 1, a.in_len, use_graphs=dev.type == "cuda",
+                               compile=compile_step and dev.type == "cuda", compile_encoder=False)
+
+    runner, step_kind = make(True), "compiled"
+    rows = []
+    for b in batches:
+        ids, mask = _inputs(model.cfg, b, a.in_len, a.in_len, a.seed + b, dev)
+        t1 = time.time()
+        try:
+            runner.greedy(ids, mask, max_new_tokens=a.out_len, min_new_tokens=a.out_len)  # compile + capture
+        except Exception:
+            if step_kind != "compiled":
+                raise
+            import traceback
+
+            traceback.print_exc()
+            print("# the compiled step failed: the uncompiled step in CUDA graphs from here on", flush=True)
+            runner, step_kind = make(False), "uncompiled"
+            runner.greedy(ids, mask, max_new_tokens=a.out_len, min_new_tokens=a.out_len)
+        warm = time.time() - t1
+        step_ms = runner.time_step(ids, mask, steps=min(32, a.out_len), repeats=3)
+        times = []
+        for _ in range(a.repeats):
+            _sync(ctx, dev)
+            t1 = time.perf_counter()
+            out = runner.greedy(ids, mask, max_new_tokens=a.out_len, min_new_tokens=a.out_len)
+            _sync(ctx, dev)
+            times.append(time.perf_counter() - t1)
+        assert out.shape == (b, a.out_len + 1), out.shape
+        _sync(ctx, dev)
+        t1 = time.perf_counter()
+        for _ in range(a.repeats):
+            runner.encode(ids, mask)
+        _sync(ctx, dev)
+        enc_ms = (time.perf_counter() - t1) / a.repeats * 1e3
+        best = min(times)
+        rows.append(dict(batch=b, step=step_kind, in_len=a.in_len, out_len=a.out_len, e2e_ms=best * 1e3,
+                         tokens_per_s=b * a.out_len / best, step_ms=step_ms, encoder_ms=enc_ms,
+                         warmup_s=warm, peak_mem_gib=(torch.cuda.max_memory_allocated(dev) / 2**30
+                                                      if dev.type == "cuda" else None)))
+        print(json.dumps({"rank": 0 if ctx is None else ctx.rank, **rows[-1]}), flush=True)
+    comm = _allreduce_us(ctx, dev, model.cfg.d_model, batches, dtype) if ctx is not None else {}
+    return {"rows": rows, "load_s": time.time() - t0, "allreduce_us": comm}
+
+
+def _allreduce_us(ctx, dev, d_model: int, batches, dtype, n: int = 48) -> dict:
+    """Device time of one tensor-parallel all-reduce of a decoder step's [batch, d_model] activations,
+    from a CUDA graph of ``n`` of them (the step's count for 24 layers) -> {batch: microseconds}."""
+    if dev.type != "cuda":
+        return {}
+    import torch.distributed as dist
+
+    out = {}
+    for b in batches:
+        x = torch.ones(b, d_model, dtype=dtype, device=dev)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                dist.all_reduce(x, group=ctx.tp_group)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(n):
+                dist.all_reduce(x, group=ctx.tp_group)
+        g.replay()
+        _sync(ctx, dev)
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(5):
+            g.replay()
+        e1.record()
+        e1.synchronize()
+        out[b] = e0.elapsed_time(e1) * 1e3 / (5 * n)
+    print(json.dumps({"rank": ctx.rank, "allreduce_us": out}), flush=True)
+    return out
+
+
+def worker(a) -> int:
+    fn = worker_parity if a.cmd == "parity" else worker_scale
+    res = fn(a)
+    rank = int(os.environ.get("RANK", "0"))
+    Path(a.result_dir).mkdir(parents=True, exist_ok=True)
+    torch.save(res, Path(a.result_dir) / f"rank{rank}.pt")
+    from encdec_core.parallel.launch import shutdown
+
+    shutdown()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- driver
+def launch(a, tp: int, pp: int, result_dir: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", ENCDEC_DISABLE_PLUGIN_AUTOLOAD="1")
+    for k, v in SAFE_ENV.items():
+        env.setdefault(k, v)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "families"), env.get("PYTHONPATH", "")])
+    argv = [a for a in sys.argv[1:]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp * pp}",
+           os.path.abspath(__file__), *argv, "--worker", "--tp", str(tp), "--pp", str(pp),
+           "--result-dir", str(result_dir)]
+    t0 = time.time()
+    print(f"# tp={tp} pp={pp}: launching", flush=True)
+    try:  # the ranks' output goes straight to ours (a log keeps what a killed run printed)
+        r = subprocess.run(cmd, env=env, timeout=a.timeout)
+    except subprocess.TimeoutExpired:
+        print(f"# tp={tp} pp={pp}: no result within {a.timeout:.0f} s", flush=True)
+        return subprocess.CompletedProcess(cmd, 124)
+    print(f"# tp={tp} pp={pp}: exit {r.returncode} in {time.time() - t0:.0f} s", flush=True)
+    return r
+
+
+def first_diff(a: torch.Tensor, b: torch.Tensor) -> list:
+    """Per row of two [rows, len] id tensors (lengths may differ): the first position where the ids
+    differ, None where the rows are equal."""
+    out = []
+    for x, y in zip(a.tolist(), b.tolist()):
+        n = min(len(x), len(y))
+        d = [i for i in range(n) if x[i] != y[i]]
+        out.append(d[0] if d else (None if len(x) == len(y) else n))
+    return out
+
+
+def drive(a) -> int:
+    mappings = parse_mappings(a.mappings)
+    work = Path(tempfile.mkdtemp(prefix="encdec-mgpu-"))
+    results, ok = {}, True
+    for tp, pp in mappings:
+        if a.cmd == "scale" and pp != 1:
+            print(f"# skipping {tp}x{pp}: scale runs the CUDA graph runner (pipeline size 1)")
+            continue
+        d = work / f"tp{tp}pp{pp}"
+        r = launch(a, tp, pp, d)
+        if r.returncode != 0:
+            ok = False
+            continue
+        results[(tp, pp)] = [torch.load(d / f"rank{k}.pt") for k in range(tp * pp)]
+        if a.cmd == "scale":
+            _report(a, results, ok)  # what is done so far survives a later launch that hangs
+    return _report(a, results, ok)
+
+
+def _report(a, results: dict, ok: bool) -> int:
+    summary = {"command": " ".join(sys.argv), "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+               "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if a.cmd == "parity":
+        ref = results.get((1, 1))
+        rows = []
+        if ref is None:
+            print("no single-GPU reference")
+            return 1
+        for (tp, pp), ranks in results.items():
+            if (tp, pp) == (1, 1):
+                continue
+            for name, want in ref[0].items():
+                for rank, res in enumerate(ranks):
+                    got = res[name]
+                    row = dict(model=name, tp=tp, pp=pp, rank=rank)
+                    row["tf_logits_maxdiff"] = (got["tf_logits"] - want["tf_logits"]).abs().max().item()
+                    row["tf_logits_scale"] = want["tf_logits"].abs().max().item()
+                    for k in ("eager_greedy", "eager_beam", "graph_greedy", "graph_beam"):
+                        if k not in got:
+                            continue
+                        same = torch.equal(got[k], want[k])
+                        row[k] = same
+                        if not same:  # which rows differ, and from which position
+                            fd = first_diff(got[k], want[k])
+                            row[k + "_rows_equal"] = f"{sum(d is None for d in fd)}/{len(fd)}"
+                            row[k + "_first_diff"] = fd
+                        ok &= same
+                    # every rank of a launch returns the same ids
+                    for k in got:
+                        if k.endswith(("greedy", "beam")):
+                            ok &= torch.equal(got[k], ranks[0][name][k])
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+        summary.update(ok=ok, rows=rows)
+        name = "multi_gpu_parity.json"
+    else:
+        rows = []
+        for (tp, pp), ranks in results.items():
+            for r in ranks[0]["rows"]:
+                rows.append(dict(model=a.model, tp=tp, pp=pp, **r))
+        base = {r["batch"]: r for r in rows if r["tp"] == 1}
+        for r in rows:
+            b = base.get(r["batch"])
+            if b is not None:
+                r["throughput_vs_1gpu"] = r["tokens_per_s"] / b["tokens_per_s"]
+                r["step_vs_1gpu"] = b["step_ms"] / r["step_ms"]
+        print(f"{'tp':>3} {'batch':>5} {'e2e ms':>9} {'tok/s':>9} {'step ms':>8} {'enc ms':>8} {'x tput':>7} "
+              f"{'x step':>7} {'GiB':>6}")
+        for r in rows:
+            print(f"{r['tp']:>3} {r['batch']:>5} {r['e2e_ms']:>9.1f} {r['tokens_per_s']:>9.0f} {r['step_ms']:>8.3f} "
+                  f"{r['encoder_ms']:>8.1f} {r.get('throughput_vs_1gpu', 0):>7.2f} {r.get('step_vs_1gpu', 0):>7.2f} "
+                  f"{(r['peak_mem_gib'] or 0):>6.1f}")
+        comm = {f"tp{tp}": ranks[0].get("allreduce_us") for (tp, pp), ranks in results.items() if tp > 1}
+        print("all-reduce of [batch, d_model] in a CUDA graph, us:", json.dumps(comm))
+        summary.update(ok=ok, rows=rows, allreduce_us=comm)
+        name = "multi_gpu_scale.json"
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / name).write_text(json.dumps(summary, indent=1))
+    print("ALL EQUAL" if a.cmd == "parity" and ok else ("OK" if ok else "FAILED"), flush=True)
+    return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cmd", choices=("parity", "scale"))
+    ap.add_argument("--mappings", default="1x1,2x1,1x2", help="TPxPP launches; 1x1 is the reference")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds per launch")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    # parity
+    ap.add_argument("--models", default="flan-t5-large,bart-large")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--min-in", type=int, default=24)
+    ap.add_argument("--max-in", type=int, default=128)
+    ap.add_argument("--new", type=int, default=32, help="new tokens (greedy and beam)")
+    ap.add_argument("--beams", type=int, default=4)
+    # scale
+    ap.add_argument("--model", default="flan-t5-xl")
+    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--in-len", type=int, default=512)
+    ap.add_argument("--out-len", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    # set by the driver for the ranks
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--pp", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--result-dir", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    return worker(a) if a.worker else drive(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""checkpoint.shard_model / rank_tensors: a rank's part of an in-memory model equals the shard that
+``convert`` writes for the same mapping; benchmarks/multi_gpu.py's driver on CPU ranks (gloo)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from encdec_core.benchmark import model_from_preset
+from encdec_core.checkpoint import load_rank_tensors, shard_model, write_checkpoint
+from encdec_core.errors import ConfigError, EncDecError
+from encdec_core.parallel.context import ParallelContext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
+def test_shard_model_equals_the_written_shards(tmp_path, tp, pp, builtin_registry):
+    full = model_from_preset("flan-t5-small", seed=3, reg=builtin_registry)
+    write_checkpoint(tmp_path / "ck", full.cfg, full.state_dict(), torch.float32, tp=tp, pp=pp)
+    for rank in range(tp * pp):
+        ctx = ParallelContext(tp_size=tp, pp_size=pp, rank=rank)
+        part = shard_model(full, ctx)
+        want = load_rank_tensors(tmp_path / "ck", rank)
+        got = part.state_dict()
+        assert set(got) == set(want)
+        for k, v in want.items():
+            assert torch.equal(got[k], v), (rank, k)
+        assert part.ctx is ctx and not part.training
+        assert list(part.decoder.layer_ids) == list(ctx.layer_range(full.cfg.decoder_layers))
+
+
+def test_shard_model_checks_its_input(builtin_registry):
+    full = model_from_preset("flan-t5-small", seed=3, reg=builtin_registry)
+    with pytest.raises(ConfigError, match="does not divide"):
+        shard_model(full, ParallelContext(tp_size=5, rank=0))  # 6 heads
+    part = shard_model(full, ParallelContext(tp_size=2, rank=1))
+    with pytest.raises(EncDecError, match="single-rank"):
+        shard_model(part, ParallelContext(tp_size=2, rank=0))
+
+
+def test_first_diff():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from multi_gpu import first_diff, parse_mappings
+
+    a = torch.tensor([[0, 5, 6, 7], [0, 1, 2, 3], [0, 9, 9, 9]])
+    b = torch.tensor([[0, 5, 6, 7], [0, 1, 4, 3], [1, 9, 9, 9]])
+    assert first_diff(a, b) == [None, 2, 0]
+    assert first_diff(a[:, :3], a) == [3, 3, 3]  # a shorter row differs where it ends
+    assert parse_mappings("2x1,1x2") == [(1, 1), (2, 1), (1, 2)]
+    with pytest.raises(SystemExit):
+        parse_mappings("2-1")
+
+
+def test_multi_gpu_script_on_cpu_ranks(tmp_path):
+    """The driver launches torchrun per mapping (gloo on CPU) and compares with the 1x1 run: the
+    eager runner under TP and PP, the static (graph runner) step under TP, every rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "multi_gpu.py"), "parity", "--device", "cpu",
+           "--dtype", "float32", "--models", "flan-t5-small", "--mappings", "1x1,2x1,1x2", "--batch", "2",
+           "--new", "4", "--beams", "2", "--min-in", "5", "--max-in", "12", "--out", str(tmp_path), "--timeout", "300"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "ALL EQUAL" in r.stdout
+    res = json.loads((tmp_path / "multi_gpu_parity.json").read_text())
+    rows = {(x["tp"], x["pp"], x["rank"]): x for x in res["rows"]}
+    assert set(rows) == {(2, 1, 0), (2, 1, 1), (1, 2, 0), (1, 2, 1)}
+    for (tp, pp, _), x in rows.items():
+        assert x["eager_greedy"] is True and x["eager_beam"] is True
+        assert x["tf_logits_maxdiff"] < 1e-4
+        if pp == 1:
+            assert x["graph_greedy"] is True and x["graph_beam"] is True
+        else:
+            assert "graph_greedy" not in x
