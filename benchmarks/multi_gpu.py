@@ -55,13 +55,19 @@ def _ints(text: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------- ranks
-def _setup(tp: int, pp: int, device: str):
+def _setup(a):
+    """This rank's context and device; ``--allreduce symm``: every run's small all-reduces (eager
+    and graph runner) through symmetric memory."""
     ensure_families()
-    if tp * pp == 1:
-        return None, torch.device(device if device != "cuda" else "cuda:0")
+    if a.tp * a.pp == 1:
+        return None, torch.device(a.device if a.device != "cuda" else "cuda:0")
     from encdec_core.parallel.launch import init_parallel
 
-    ctx = init_parallel(tp, pp, device)
+    ctx = init_parallel(a.tp, a.pp, a.device)
+    if a.allreduce == "symm":
+        from encdec_core.parallel.symm import enable_symm_allreduce
+
+        enable_symm_allreduce(ctx)
     return ctx, ctx.device
 
 
@@ -112,7 +118,7 @@ def _gen(model, ids, mask, new: int, beams: int, runner=None):
 def worker_parity(a) -> dict:
     from encdec_core.runtime.cuda import CudaGraphRunner
 
-    ctx, dev = _setup(a.tp, a.pp, a.device)
+    ctx, dev = _setup(a)
     dtype = getattr(torch, a.dtype)
     res = {}
     for name in a.models.split(","):
@@ -129,7 +135,8 @@ def worker_parity(a) -> dict:
         if a.pp == 1:
             runner = CudaGraphRunner(model, a.batch * a.beams, a.new + 1, a.max_in,
                                      use_graphs=dev.type == "cuda", compile=dev.type == "cuda",
-                                     compile_encoder=False)  # the step is what differs under TP
+                                     compile_encoder=False,  # the step is what differs under TP
+                                     tp_allreduce=a.allreduce)
             r["graph_greedy"] = runner.greedy(ids, mask, max_new_tokens=a.new).cpu()
             r["graph_beam"] = _gen(model, ids, mask, a.new, a.beams, runner).cpu()
             del runner
@@ -145,7 +152,7 @@ def worker_parity(a) -> dict:
 def worker_scale(a) -> dict:
     from encdec_core.runtime.cuda import CudaGraphRunner
 
-    ctx, dev = _setup(a.tp, a.pp, a.device)
+    ctx, dev = _setup(a)
     if a.pp != 1:
         raise SystemExit("scale: the CUDA graph runner serves pipeline size 1")
     dtype = getattr(torch, a.dtype)
@@ -155,7 +162,8 @@ def worker_scale(a) -> dict:
     # the encoder stays eager (GEMM-bound at these lengths; its compile costs minutes at this size)
     def make(compile_step: bool):
         return CudaGraphRunner(model, max(batches), a.out_len + 1, a.in_len, use_graphs=dev.type == "cuda",
-                               compile=compile_step and dev.type == "cuda", compile_encoder=False)
+                               compile=compile_step and dev.type == "cuda", compile_encoder=False,
+                               tp_allreduce=a.allreduce)
 
     runner, step_kind = make(True), "compiled"
     rows = []
@@ -206,28 +214,39 @@ def _allreduce_us(ctx, dev, d_model: int, batches, dtype, n: int = 48) -> dict:
         return {}
     import torch.distributed as dist
 
+    def nccl(x):
+        dist.all_reduce(x, group=ctx.tp_group)
+        return x
+
+    kinds = {"nccl": nccl}
+    if ctx.fast_allreduce is not None:  # --allreduce symm
+        kinds["symm"] = ctx.fast_allreduce
     out = {}
-    for b in batches:
-        x = torch.ones(b, d_model, dtype=dtype, device=dev)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                dist.all_reduce(x, group=ctx.tp_group)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(n):
-                dist.all_reduce(x, group=ctx.tp_group)
-        g.replay()
-        _sync(ctx, dev)
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        for _ in range(5):
+    for kind, fn in kinds.items():
+        for b in batches:
+            x = torch.full((b, d_model), float(ctx.tp_rank + 1), dtype=dtype, device=dev)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    y = fn(x.clone())
+            torch.cuda.current_stream().wait_stream(s)
+            want = float(sum(range(1, ctx.tp_size + 1)))
+            ok = bool((y == want).all())
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(n):
+                    y = fn(x)
             g.replay()
-        e1.record()
-        e1.synchronize()
-        out[b] = e0.elapsed_time(e1) * 1e3 / (5 * n)
+            _sync(ctx, dev)
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(5):
+                g.replay()
+            e1.record()
+            e1.synchronize()
+            out[f"{kind}_b{b}"] = e0.elapsed_time(e1) * 1e3 / (5 * n)
+            out[f"{kind}_b{b}_sum_ok"] = ok
     print(json.dumps({"rank": ctx.rank, "allreduce_us": out}), flush=True)
     return out
 
@@ -368,6 +387,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per launch")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--allreduce", default="nccl", choices=("nccl", "symm"),
+                    help="the graph runner's tensor-parallel all-reduce (CudaGraphRunner tp_allreduce)")
     # parity
     ap.add_argument("--models", default="flan-t5-large,bart-large")
     ap.add_argument("--batch", type=int, default=8)

@@ -304,8 +304,11 @@ class _Ours:
         dev = model.device
         if runner not in RUNNERS:
             raise EncDecError(f"benchmark: runner {runner!r}: expected one of {', '.join(RUNNERS)}")
-        if runner == "auto":
-            runner = "cuda-graph" if dev.type == "cuda" else "eager"
+        if runner == "auto":  # the graph runner serves tensor parallelism, not pipelines
+            runner = "cuda-graph" if dev.type == "cuda" and model.ctx.pp_size == 1 else "eager"
+        if runner in ("cuda-graph", "compiled") and model.ctx.pp_size != 1:
+            raise EncDecError(f"benchmark: runner '{runner}' serves pipeline size 1, this model has pp_size "
+                              f"{model.ctx.pp_size}: use --runner eager")
         if runner == "compiled" and dev.type == "cuda":
             runner = "cuda-graph"
         if runner == "cuda-graph" and dev.type != "cuda":

@@ -228,8 +228,9 @@ def cmd_run(args) -> int:
     if args.cuda_graph:
         if torch.device(device).type != "cuda":
             raise EncDecError("--cuda-graph needs a CUDA device (--device cuda)")
-        if ctx is not None:
-            raise EncDecError("--cuda-graph serves tp=1, pp=1; multi-rank runs use the eager runner")
+        if ctx is not None and ctx.pp_size != 1:
+            raise EncDecError(f"--cuda-graph serves tensor parallelism with pp_size 1, this engine has pp_size "
+                              f"{ctx.pp_size}; pipeline-parallel runs use the eager runner (drop --cuda-graph)")
         from .runtime.cuda.runner import CudaGraphRunner
 
         runner = CudaGraphRunner.for_engine(engine)  # compiles and captures once, sized by the engine limits
@@ -333,10 +334,9 @@ def cmd_benchmark(args) -> int:
     if bool(args.engine_dir) == bool(args.preset):
         raise EncDecError("give exactly one of --engine-dir E or --preset NAME (e.g. t5-small, bart-large)")
     if args.engine_dir:
-        target, ctx = _load_engine(Path(args.engine_dir), device, args.dtype)
+        target, _ = _load_engine(Path(args.engine_dir), device, args.dtype)
         device = target.model.device
-        if ctx is not None:
-            runner = "eager"  # the CUDA-graph runner serves tp = pp = 1
+        # --runner auto: the CUDA-graph runner on CUDA, tensor parallelism included; eager for pipelines
     else:
         target = args.preset
     rank0 = _rank0()

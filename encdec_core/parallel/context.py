@@ -33,6 +33,9 @@ class ParallelContext:
     extra: dict = field(default_factory=dict)
     device: object = None  # torch.device of this rank (None: cpu); collectives run on it
     force_collectives: bool = False  # run collectives on groups of one rank too (world-1 NCCL checks)
+    # small all-reduces through another implementation (parallel/symm.py: symmetric memory on CUDA);
+    # an object with fits(x) -> bool and __call__(x) -> the sum over the tp group (a new tensor)
+    fast_allreduce: object = None
 
     @property
     def distributed(self) -> bool:
@@ -84,8 +87,11 @@ class ParallelContext:
 
     # ------------------------------------------------------------ tensor parallel
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of ``x`` over the tensor-parallel group; use the result (it may be a new tensor)."""
         if self.tp_size == 1 and not self.force_collectives:
             return x
+        if self.fast_allreduce is not None and self.fast_allreduce.fits(x):
+            return self.fast_allreduce(x)
         import torch.distributed as dist
 
         dist.all_reduce(x, group=self.tp_group)

@@ -39,6 +39,10 @@ fused greedy loop, which feeds its own argmax back inside the graph) and launch 
 - ``beam_topk="triton"``: beam search's candidates (top 2 x beams over beams x vocabulary) from a
   two-stage Triton top-k instead of ``torch.topk``'s radix select (~72 us of bart-large's 0.9 ms
   beam step at 8 x 4); equal scores lowest index first. Not yet measured on a GPU: off by default.
+- Tensor parallelism (pipeline size 1): each rank's static step holds its heads; the compiled step
+  traces the model's all-reduces / all-gather (dynamo's functional collectives) and the CUDA graph
+  captures them. ``tp_allreduce="symm"`` sends the small ones through symmetric memory
+  (``parallel/symm.py``). The Triton step does not serve TP: every bucket runs the compiled step.
 - ``compile_options``: inductor config patched around the compiled step (every (re)compilation),
   e.g. ``{"triton.enable_pdl": True}`` (measured: bart-large batch 64 0.81 -> 0.76 ms on an H200;
   off by default until its tokens are checked on a GPU).
@@ -387,7 +391,7 @@ class CudaGraphRunner:
                  dynamic: bool | None = None, use_graphs: bool = True, compile_mode: str | None = None,
                  compile_encoder: bool | None = None, kernels: str = "auto", fused_max_batch: int = 16,
                  beam_reorder: str = "auto", encoder_launch_cost: int | None = None,
-                 compile_options: dict | None = None, beam_topk: str = "torch"):
+                 compile_options: dict | None = None, beam_topk: str = "torch", tp_allreduce: str = "nccl"):
         cpu = model.device.type == "cpu"
         if model.device.type != "cuda" and use_graphs:
             raise ValueError(f"CUDA graphs need a model on CUDA, got {model.device}: pass use_graphs=False "
@@ -416,6 +420,18 @@ class CudaGraphRunner:
         if beam_topk == "triton" and not cuda_ops.HAVE_TRITON:
             raise ValueError("beam_topk='triton' needs triton installed")
         self.beam_topk = beam_topk
+        # tensor parallelism: the step's all-reduces through NCCL, or ("symm") small ones through
+        # PyTorch's symmetric memory (parallel/symm.py: 6-9 us against NCCL's 16-18 us on 2 x H200;
+        # collective set-up: every rank builds its runner with the same option)
+        if tp_allreduce not in ("nccl", "symm"):
+            raise ValueError(f"tp_allreduce={tp_allreduce!r}: expected 'nccl' or 'symm'")
+        if tp_allreduce == "symm" and model.ctx.tp_size > 1:
+            if model.device.type != "cuda":
+                raise ValueError(f"tp_allreduce='symm' needs CUDA devices, got {model.device}")
+            from ...parallel.symm import enable_symm_allreduce
+
+            enable_symm_allreduce(model.ctx)
+        self.tp_allreduce = tp_allreduce
         # token-rows a further encoder call is worth when grouping mixed source lengths (None: the
         # device's default, 0: one call for the whole batch; ``runtime.encode.plan_groups``)
         self.encoder_launch_cost = encoder_launch_cost

@@ -1,0 +1,95 @@
+"""The tensor-parallel all-reduce hook: ParallelContext routes small all-reduces to ``fast_allreduce``
+(parallel/symm.py on CUDA), the runner's ``tp_allreduce`` option is checked, and on 2 GPUs the
+symmetric-memory path gives the single-GPU ids (tests marked gpu; skipped below 2 GPUs)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from encdec_core.errors import EncDecError
+from encdec_core.parallel.context import ParallelContext
+
+ROOT = Path(__file__).resolve().parents[1]
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+
+
+class _Fake:
+    def __init__(self, limit):
+        self.limit, self.calls = limit, 0
+
+    def fits(self, x):
+        return x.numel() <= self.limit
+
+    def __call__(self, x):
+        self.calls += 1
+        return x * 2  # a new tensor, as the symmetric-memory op returns
+
+
+def test_small_all_reduces_go_to_fast_allreduce(monkeypatch):
+    import torch.distributed as dist
+
+    fast = _Fake(limit=8)
+    ctx = ParallelContext(tp_size=2, rank=0, fast_allreduce=fast)
+    x = torch.ones(2, 4)
+    y = ctx.all_reduce(x)
+    assert fast.calls == 1 and torch.equal(y, x * 2) and torch.equal(x, torch.ones(2, 4))
+    seen = []
+    monkeypatch.setattr(dist, "all_reduce", lambda t, group=None: seen.append(t.shape) or t.mul_(3))
+    big = torch.ones(3, 4)
+    assert torch.equal(ctx.all_reduce(big), torch.full((3, 4), 3.0)) and seen == [(3, 4)] and fast.calls == 1
+    # tp 1: no collective at all
+    assert ParallelContext(fast_allreduce=fast).all_reduce(x) is x and fast.calls == 1
+
+
+def test_symm_allreduce_needs_cuda_and_tp():
+    from encdec_core.parallel.symm import SymmAllReduce, enable_symm_allreduce
+
+    assert enable_symm_allreduce(ParallelContext()) is False  # tp 1
+    assert enable_symm_allreduce(ParallelContext(tp_size=2, device=torch.device("cpu"))) is False
+    with pytest.raises(EncDecError, match="needs CUDA"):
+        SymmAllReduce(None, "cpu")
+
+
+def test_runner_checks_tp_allreduce(builtin_registry):
+    from encdec_core.benchmark import model_from_preset
+    from encdec_core.runtime.cuda import CudaGraphRunner
+
+    model = model_from_preset("flan-t5-small", reg=builtin_registry)
+    with pytest.raises(ValueError, match="tp_allreduce"):
+        CudaGraphRunner(model, 2, 4, 16, use_graphs=False, compile=False, tp_allreduce="mpi")
+    r = CudaGraphRunner(model, 2, 4, 16, use_graphs=False, compile=False, tp_allreduce="symm")  # tp 1: nothing
+    assert r.tp_allreduce == "symm" and model.ctx.fast_allreduce is None
+
+
+def _multi_gpu(tmp_path, *args) -> dict:
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "multi_gpu.py"), *args, "--out", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return json.loads(next(tmp_path.glob("multi_gpu_*.json")).read_text())
+
+
+@pytest.mark.gpu
+@TWO_GPUS
+@pytest.mark.parametrize("allreduce", ["nccl", "symm"])
+def test_tp2_graph_runner_fp32_ids_equal_one_gpu(tmp_path, allreduce):
+    """fp32 (reductions differ only in order): TP = 2 eager and graph runner ids equal one GPU's."""
+    res = _multi_gpu(tmp_path, "parity", "--models", "flan-t5-small,bart-base", "--mappings", "1x1,2x1",
+                     "--dtype", "float32", "--new", "12", "--allreduce", allreduce)
+    assert res["ok"] and {r["tp"] for r in res["rows"]} == {2}
+    assert all(r["graph_greedy"] and r["graph_beam"] for r in res["rows"])
+
+
+@pytest.mark.gpu
+@TWO_GPUS
+def test_symm_allreduce_sums_in_graphs(tmp_path):
+    res = _multi_gpu(tmp_path, "scale", "--model", "flan-t5-small", "--mappings", "2x1", "--batches", "1,8",
+                     "--in-len", "64", "--out-len", "16", "--repeats", "1", "--allreduce", "symm")
+    comm = res["allreduce_us"]["tp2"]
+    assert all(comm[f"{k}_b{b}_sum_ok"] for k in ("nccl", "symm") for b in (1, 8)), comm
