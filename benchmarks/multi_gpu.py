@@ -8,6 +8,13 @@ converted with that mapping holds), so no checkpoint is written. Each mapping is
 parity: for every model and mapping, greedy and beam-4 ids of the eager runner, and (pipeline size 1)
 of the CUDA graph runner, against the single-GPU run of the same runner; teacher-forced logits max|diff|.
     python benchmarks/multi_gpu.py parity --models flan-t5-large,bart-large --mappings 1x1,2x1,1x2
+Exit 0 when every id is equal ("ALL EQUAL"), or, in bf16 / fp16, when every difference is shown to be a
+near-tie ("EQUAL EXCEPT AT NEAR-TIES"): tensor parallelism sums partial products across ranks, which
+moves bf16 logits by about one rounding step, and random-weight models have many near-tied (even
+exactly tied, bf16-quantised) top logits. A difference counts as a near-tie when the teacher-forced
+logits agree within NOISE of their scale and (greedy) the one-GPU run's top two logits at the first
+differing position were at most 2 x max|diff| apart, or (beam) both runs' sequences score within
+2 x max|diff| per token of each other under this mapping's model. Anything else is a mismatch.
 
 scale: end-to-end greedy generation (in 512 / out 128 by default) and the decoder step's device
 time per batch size, on the CUDA graph runner, for each tensor-parallel size.
@@ -32,6 +39,7 @@ from _common import ROOT, ensure_families  # noqa: E402
 
 import torch  # noqa: E402
 
+NOISE = 0.05  # parity: teacher-forced logits within this fraction of their scale count as rounding noise
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -97,6 +105,11 @@ def _inputs(cfg, batch: int, lo: int, hi: int, seed: int, dev):
     return ids.to(dev), mask.to(dev)
 
 
+def _rows(src: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
+    """Source rows repeated for the output rows (beam search returns one row per request here)."""
+    return src.repeat_interleave(seqs.shape[0] // src.shape[0], 0)
+
+
 def _sync(ctx, dev):
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -112,6 +125,28 @@ def _gen(model, ids, mask, new: int, beams: int, runner=None):
     gc = GenerationConfig.from_model(model.cfg, None, max_new_tokens=new, num_beams=beams, do_sample=False)
     out = generate(model, ids, mask, gc, runner=runner)
     return out.sequences if hasattr(out, "sequences") else out
+
+
+@torch.no_grad()
+def top2_gap(model, ids, mask, seq) -> torch.Tensor:
+    """[B, len - 1]: at each generated position p >= 1 of ``seq``, the gap between the largest and the
+    second largest logit the model gives (teacher-forced on seq[:, :p]). A greedy run that differs
+    from another first at p chose between candidates this close."""
+    logits = model(ids, mask, seq[:, :-1]).float()
+    top = logits.topk(2, dim=-1).values
+    return (top[..., 0] - top[..., 1]).cpu()
+
+
+@torch.no_grad()
+def seq_logprob(model, ids, mask, seq, eos: int) -> torch.Tensor:
+    """[B]: the model's log-probability of each row's generated tokens (after the start token, up to
+    and including the first EOS), teacher-forced."""
+    logp = model(ids, mask, seq[:, :-1]).float().log_softmax(-1)
+    tok = seq[:, 1:]
+    lp = logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+    is_eos = (tok == eos).long()
+    after = (is_eos.cumsum(1) - is_eos) > 0  # positions after the first EOS
+    return lp.masked_fill(after, 0.0).sum(1).cpu()
 
 
 @torch.no_grad()
@@ -132,14 +167,24 @@ def worker_parity(a) -> dict:
         r = {"tf_logits": model(ids, mask, dec).float().cpu(),
              "eager_greedy": _gen(model, ids, mask, a.new, 1).cpu(),
              "eager_beam": _gen(model, ids, mask, a.new, a.beams).cpu()}
+        r["eager_greedy_gap"] = top2_gap(model, ids, mask, r["eager_greedy"].to(dev))
         if a.pp == 1:
             runner = CudaGraphRunner(model, a.batch * a.beams, a.new + 1, a.max_in,
                                      use_graphs=dev.type == "cuda", compile=dev.type == "cuda",
                                      compile_encoder=False,  # the step is what differs under TP
                                      tp_allreduce=a.allreduce)
             r["graph_greedy"] = runner.greedy(ids, mask, max_new_tokens=a.new).cpu()
+            r["graph_greedy_gap"] = top2_gap(model, ids, mask, r["graph_greedy"].to(dev))
             r["graph_beam"] = _gen(model, ids, mask, a.new, a.beams, runner).cpu()
             del runner
+        if a.ref_dir:  # score the one-GPU run's sequences and ours under this mapping's model
+            ref = torch.load(Path(a.ref_dir) / "rank0.pt")[name]
+            for k in ("eager_greedy", "eager_beam", "graph_greedy", "graph_beam"):
+                if k in r and k in ref:
+                    r[k + "_score"] = seq_logprob(model, _rows(ids, r[k]), _rows(mask, r[k]), r[k].to(dev),
+                                                  cfg.eos_token_id)
+                    r[k + "_ref_score"] = seq_logprob(model, _rows(ids, ref[k]), _rows(mask, ref[k]),
+                                                      ref[k].to(dev), cfg.eos_token_id)
         r["seconds"] = time.time() - t0
         res[name] = r
         del model
@@ -264,7 +309,7 @@ def worker(a) -> int:
 
 
 # ---------------------------------------------------------------------------------------- driver
-def launch(a, tp: int, pp: int, result_dir: Path) -> subprocess.CompletedProcess:
+def launch(a, tp: int, pp: int, result_dir: Path, ref_dir: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", ENCDEC_DISABLE_PLUGIN_AUTOLOAD="1")
     for k, v in SAFE_ENV.items():
         env.setdefault(k, v)
@@ -273,6 +318,8 @@ def launch(a, tp: int, pp: int, result_dir: Path) -> subprocess.CompletedProcess
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp * pp}",
            os.path.abspath(__file__), *argv, "--worker", "--tp", str(tp), "--pp", str(pp),
            "--result-dir", str(result_dir)]
+    if ref_dir is not None:
+        cmd += ["--ref-dir", str(ref_dir)]
     t0 = time.time()
     print(f"# tp={tp} pp={pp}: launching", flush=True)
     try:  # the ranks' output goes straight to ours (a log keeps what a killed run printed)
@@ -304,7 +351,8 @@ def drive(a) -> int:
             print(f"# skipping {tp}x{pp}: scale runs the CUDA graph runner (pipeline size 1)")
             continue
         d = work / f"tp{tp}pp{pp}"
-        r = launch(a, tp, pp, d)
+        ref_dir = work / "tp1pp1" if a.cmd == "parity" and (tp, pp) != (1, 1) and (1, 1) in results else None
+        r = launch(a, tp, pp, d, ref_dir)
         if r.returncode != 0:
             ok = False
             continue
@@ -315,6 +363,7 @@ def drive(a) -> int:
 
 
 def _report(a, results: dict, ok: bool) -> int:
+    near_ties = True  # parity: every difference is a greedy near-tie (bf16 / fp16 only)
     summary = {"command": " ".join(sys.argv), "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
                "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -342,14 +391,41 @@ def _report(a, results: dict, ok: bool) -> int:
                             fd = first_diff(got[k], want[k])
                             row[k + "_rows_equal"] = f"{sum(d is None for d in fd)}/{len(fd)}"
                             row[k + "_first_diff"] = fd
+                            gap = want.get(k + "_gap")
+                            explained = False
+                            if gap is not None:  # how close the one-GPU run's top two were there
+                                at = [None if d is None or d < 1 or d > gap.shape[1] else float(gap[i, d - 1])
+                                      for i, d in enumerate(fd)]
+                                row[k + "_ref_gap_at_diff"] = [None if g is None else round(g, 5) for g in at]
+                                row[k + "_ref_gap_median"] = round(float(gap.median()), 5)
+                                # a near-tie: logits that move by up to tf_logits_maxdiff can swap
+                                # two candidates at most 2 x that far apart
+                                tie = 2 * row["tf_logits_maxdiff"]
+                                explained = all(g is not None and g <= tie for g, d in zip(at, fd) if d is not None)
+                            sc, rsc = got.get(k + "_score"), got.get(k + "_ref_score")
+                            if sc is not None:
+                                # under this mapping's model, both runs' sequences of a differing row score
+                                # alike: the search chose between near-equal hypotheses (each step's
+                                # log-probabilities move by up to 2 x tf_logits_maxdiff)
+                                n = got[k].shape[1] - 1
+                                tol = 2 * row["tf_logits_maxdiff"] * n
+                                d = [abs(float(sc[i] - rsc[i])) for i, x in enumerate(fd) if x is not None]
+                                row[k + "_score_diff"] = [round(x, 5) for x in d]
+                                row[k + "_score_tol"] = round(tol, 5)
+                                if gap is None:
+                                    explained = all(x <= tol for x in d)
+                            # only where the logits agree to bf16 noise (a wrong shard moves them by their scale)
+                            explained &= row["tf_logits_maxdiff"] <= NOISE * row["tf_logits_scale"]
+                            row[k + "_near_ties_only"] = explained
+                            near_ties &= explained and a.dtype != "float32"
                         ok &= same
                     # every rank of a launch returns the same ids
                     for k in got:
-                        if k.endswith(("greedy", "beam")):
+                        if k.endswith(("greedy", "beam")):  # ids
                             ok &= torch.equal(got[k], ranks[0][name][k])
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-        summary.update(ok=ok, rows=rows)
+        summary.update(ok=ok, near_ties_only=not ok and near_ties, rows=rows)
         name = "multi_gpu_parity.json"
     else:
         rows = []
@@ -374,6 +450,11 @@ def _report(a, results: dict, ok: bool) -> int:
         name = "multi_gpu_scale.json"
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / name).write_text(json.dumps(summary, indent=1))
+    if a.cmd == "parity" and not ok and near_ties:
+        print("EQUAL EXCEPT AT NEAR-TIES: logits agree to rounding noise, every greedy difference starts where "
+              "the one-GPU run's top two logits were within 2 x their max difference, and every other differing "
+              "sequence scores within that noise of the one-GPU run's", flush=True)
+        return 0
     print("ALL EQUAL" if a.cmd == "parity" and ok else ("OK" if ok else "FAILED"), flush=True)
     return 0 if ok else 1
 
@@ -407,6 +488,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--pp", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--result-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--ref-dir", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     return worker(a) if a.worker else drive(a)
 

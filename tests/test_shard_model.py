@@ -77,3 +77,40 @@ def test_multi_gpu_script_on_cpu_ranks(tmp_path):
             assert x["graph_greedy"] is True and x["graph_beam"] is True
         else:
             assert "graph_greedy" not in x
+
+
+def _parity_results(gap_at_diff: float, tp_logit_shift: float, score_shift: float = 0.0):
+    """Synthetic 1x1 and 2x1 parity results: row 1 of the greedy ids differs from position 2."""
+    ids = torch.tensor([[0, 5, 6, 7], [0, 1, 2, 3]])
+    other = torch.tensor([[0, 5, 6, 7], [0, 1, 9, 3]])
+    logits = torch.linspace(-4, 4, 2 * 3 * 10).view(2, 3, 10)
+    gap = torch.full((2, 3), 0.5)
+    gap[1, 1] = gap_at_diff
+    ref = {"m": {"tf_logits": logits, "eager_greedy": ids, "eager_greedy_gap": gap, "eager_beam": ids}}
+    got = {"m": {"tf_logits": logits + tp_logit_shift, "eager_greedy": other, "eager_beam": other,
+                 "eager_greedy_score": torch.zeros(2), "eager_greedy_ref_score": torch.zeros(2),
+                 "eager_beam_score": torch.zeros(2), "eager_beam_ref_score": torch.full((2,), score_shift)}}
+    return {(1, 1): [ref], (2, 1): [got, got]}
+
+
+@pytest.mark.parametrize("gap,shift,score,dtype,verdict", [
+    (0.01, 0.01, 0.0, "bfloat16", "EQUAL EXCEPT AT NEAR-TIES"),  # the greedy flip was a near-tie
+    (0.5, 0.01, 0.0, "bfloat16", "FAILED"),  # a clear winner changed: not noise
+    (0.01, 0.01, 1.0, "bfloat16", "FAILED"),  # the beam's sequences score far apart
+    (0.01, 2.0, 0.0, "bfloat16", "FAILED"),  # logits moved by half their scale: a wrong shard
+    (0.01, 0.01, 0.0, "float32", "FAILED"),  # fp32 must be identical
+])
+def test_parity_verdict(tmp_path, capsys, gap, shift, score, dtype, verdict):
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from multi_gpu import _report
+
+    a = argparse.Namespace(cmd="parity", dtype=dtype, out=str(tmp_path))
+    rc = _report(a, _parity_results(gap, shift, score), True)
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].startswith(verdict), out
+    assert rc == (0 if verdict != "FAILED" else 1)
+    res = json.loads((tmp_path / "multi_gpu_parity.json").read_text())
+    assert res["ok"] is False and res["rows"][0]["eager_greedy_first_diff"] == [None, 2]
+    assert res["near_ties_only"] is (verdict != "FAILED")
