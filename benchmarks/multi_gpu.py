@@ -172,7 +172,7 @@ def worker_parity(a) -> dict:
             runner = CudaGraphRunner(model, a.batch * a.beams, a.new + 1, a.max_in,
                                      use_graphs=dev.type == "cuda", compile=dev.type == "cuda",
                                      compile_encoder=False,  # the step is what differs under TP
-                                     tp_allreduce=a.allreduce)
+                                     tp_allreduce=a.allreduce, kernels=a.kernels)
             r["graph_greedy"] = runner.greedy(ids, mask, max_new_tokens=a.new).cpu()
             r["graph_greedy_gap"] = top2_gap(model, ids, mask, r["graph_greedy"].to(dev))
             r["graph_beam"] = _gen(model, ids, mask, a.new, a.beams, runner).cpu()
@@ -208,7 +208,7 @@ def worker_scale(a) -> dict:
     def make(compile_step: bool):
         return CudaGraphRunner(model, max(batches), a.out_len + 1, a.in_len, use_graphs=dev.type == "cuda",
                                compile=compile_step and dev.type == "cuda", compile_encoder=False,
-                               tp_allreduce=a.allreduce)
+                               tp_allreduce=a.allreduce, kernels=a.kernels)
 
     runner, step_kind = make(True), "compiled"
     rows = []
@@ -468,6 +468,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per launch")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--kernels", default="auto", choices=("auto", "inductor", "triton"),
+                    help="the graph runner's step (CudaGraphRunner kernels): triton runs the Triton step "
+                         "up to 16 rows, under TP too")
     ap.add_argument("--allreduce", default="nccl", choices=("nccl", "symm"),
                     help="the graph runner's tensor-parallel all-reduce (CudaGraphRunner tp_allreduce)")
     # parity
@@ -490,6 +493,8 @@ def main(argv=None) -> int:
     ap.add_argument("--result-dir", help=argparse.SUPPRESS)
     ap.add_argument("--ref-dir", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if not 1 <= a.min_in <= a.max_in:
+        ap.error(f"--min-in {a.min_in} / --max-in {a.max_in}: expected 1 <= min-in <= max-in")
     return worker(a) if a.worker else drive(a)
 
 

@@ -77,11 +77,13 @@ def _multi_gpu(tmp_path, *args) -> dict:
 
 @pytest.mark.gpu
 @TWO_GPUS
-@pytest.mark.parametrize("allreduce", ["nccl", "symm"])
-def test_tp2_graph_runner_fp32_ids_equal_one_gpu(tmp_path, allreduce):
-    """fp32 (reductions differ only in order): TP = 2 eager and graph runner ids equal one GPU's."""
+@pytest.mark.parametrize("allreduce,kernels", [("nccl", "auto"), ("symm", "auto"), ("nccl", "triton"),
+                                               ("symm", "triton")])
+def test_tp2_graph_runner_fp32_ids_equal_one_gpu(tmp_path, allreduce, kernels):
+    """fp32 (reductions differ only in order): TP = 2 eager and graph runner ids equal one GPU's, with
+    the compiled step or the Triton step (batch 8: every bucket but the beams' 32 rows)."""
     res = _multi_gpu(tmp_path, "parity", "--models", "flan-t5-small,bart-base", "--mappings", "1x1,2x1",
-                     "--dtype", "float32", "--new", "12", "--allreduce", allreduce)
+                     "--dtype", "float32", "--new", "12", "--allreduce", allreduce, "--kernels", kernels)
     assert res["ok"] and {r["tp"] for r in res["rows"]} == {2}
     assert all(r["graph_greedy"] and r["graph_beam"] for r in res["rows"])
 

@@ -154,17 +154,20 @@ def generate_ids(model, ids, mask, num_beams: int, runner=None, **kw) -> torch.T
     return out.sequences
 
 
-STATIC_KEYS = ("static_greedy_ids", "static_beam_ids", "static_fused_greedy_ids")
+STATIC_KEYS = ("static_greedy_ids", "static_beam_ids", "static_fused_greedy_ids",
+               "triton_step_logits", "triton_greedy_ids")
+TRITON_NEW = 3  # the Triton step runs interpreted on a CPU: a few steps
 
 
-def static_runner(model):
+def static_runner(model, kernels: str = "inductor"):
     """The CUDA graph runner's static step (graphs on CUDA; on a CPU the same step run directly,
-    uncompiled): it serves tensor parallelism, not pipeline parallelism."""
+    uncompiled; kernels="triton": the Triton step, interpreted on a CPU): it serves tensor
+    parallelism, not pipeline parallelism."""
     from encdec_core.runtime.cuda import CudaGraphRunner
 
     cuda = model.device.type == "cuda"
     return CudaGraphRunner(model, ids_shape()[0] * BEAMS, GREEDY_NEW + 1, ids_shape()[1], compile=False,
-                           use_graphs=cuda, kernels="inductor")
+                           use_graphs=cuda, kernels=kernels)
 
 
 def ids_shape() -> tuple[int, int]:
@@ -194,6 +197,13 @@ def run_all(model) -> dict:
             res["static_greedy_ids"] = generate_ids(model, ids, mask, 1, runner=runner).cpu()
             res["static_beam_ids"] = generate_ids(model, ids, mask, BEAMS, runner=runner).cpu()
             res["static_fused_greedy_ids"] = runner.greedy(ids, mask, max_new_tokens=GREEDY_NEW).cpu()
+            # the Triton step (under TP: fp32 partial products, all-reduce, one residual rounding)
+            runner = static_runner(model, "triton")
+            runner.prefill(ids, mask)
+            start = torch.full((ids.shape[0],), model.cfg.decoder_start_token_id, dtype=torch.long,
+                               device=ids.device)
+            res["triton_step_logits"] = runner.step(start).clone().cpu()
+            res["triton_greedy_ids"] = runner.greedy(ids, mask, max_new_tokens=TRITON_NEW).cpu()
     return res
 
 

@@ -32,13 +32,28 @@ def _spec(norm):
     return None if norm is None else (norm.kind, norm.weight, norm.bias, norm.eps)
 
 
+def residual_sum(x, partial, bias, norm, out_dtype):
+    """Tensor parallelism's residual add: ``norm(x) + (partial + bias)`` in fp32, rounded once to
+    ``out_dtype`` -- the math ``fused_linear`` does in its epilogue on one rank (``partial``: the
+    all-reduced fp32 sum of the ranks' products; ``norm``: None or the pending post-norm spec)."""
+    r = x.float()
+    if norm is not None:
+        kind, w, b, eps = norm
+        if kind == "rms":
+            r = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+        else:
+            r = torch.nn.functional.layer_norm(r, (r.shape[-1],), w.float(), None if b is None else b.float(), eps)
+    y = partial if bias is None else partial + bias.float()
+    return (r + y).to(out_dtype)
+
+
 def unsupported_reason(model) -> str | None:
     """Why ``FusedStep`` cannot run this model (None when it can)."""
     if not HAVE_TRITON:
         return "triton is not installed"
     cfg, ctx = model.cfg, model.ctx
-    if ctx.tp_size != 1 or ctx.pp_size != 1:
-        return "tensor / pipeline parallelism"
+    if ctx.pp_size != 1:
+        return "pipeline parallelism"
     if cfg.activation not in ACTIVATIONS:  # the activations fused_linear implements
         return f"activation {cfg.activation!r}"
     if not cfg.pre_norm("decoder") and cfg.final_norm("decoder"):
@@ -84,6 +99,12 @@ class FusedStep:
         # of each out-projection / FFN-out is written two or more kernels before it.
         self.pdl = pdl_supported(model.device)
         self._embed = self._embed_tokens
+        # tensor parallelism: each row-parallel product (out-projections, FFN-out) is this rank's
+        # fp32 partial sum, all-reduced in fp32, then added to the residual in one rounding
+        # (``residual_sum``): the single-rank kernel's math up to the order of the fp32 sum
+        self.ctx = model.ctx
+        self.tp = model.ctx.distributed
+        self._residual_sum = residual_sum
         # split-K tile counters of the tiled kernel (batches above 16): each split-K GEMM leaves its
         # counters zero again, and the step's kernels run one after another, so one buffer serves all
         self.counters = torch.zeros(1 << 16, dtype=torch.int32, device=model.device)
@@ -99,6 +120,18 @@ class FusedStep:
         ~9 eager kernels for BART) into one or two kernels. The CUDA runner calls this when it
         compiles; the ops and their fp32 math are the model's own (inductor rounds once at the end)."""
         self._embed = torch.compile(self._embed_tokens, fullgraph=True, dynamic=False)
+        if self.tp:  # the residual add of tensor parallelism: 3-5 eager kernels become one
+            self._residual_sum = torch.compile(residual_sum, fullgraph=True, dynamic=False)
+
+    def _row_parallel(self, a, weight, bias, x, pending, st, lin):
+        """An out-projection / FFN-out and its residual add: one kernel on one rank; under tensor
+        parallelism the rank's fp32 product, the all-reduce, and ``residual_sum``. -> (x, stats)."""
+        if not self.tp:
+            return fused_linear(a, weight, bias, residual=x, residual_norm=pending, residual_stats=st,
+                                out_dtype=self.res_dtype, residual_ready=True, return_stats=True, **lin)
+        part = fused_linear(a, weight, None, out_dtype=torch.float32, **lin)
+        part = self.ctx.all_reduce(part)
+        return self._residual_sum(x, part, bias, pending, self.res_dtype), None
 
     def __call__(self, tokens, pos, k, v, ck, cv, cross_bias, rows=None, group: int = 1):
         """``StaticDecoder.step``; rows: None or the [B, T] cache-row index of every key position
@@ -111,7 +144,7 @@ class FusedStep:
         model = self.model
         b = tokens.shape[0]
         x = self._embed(tokens, pos)
-        dt, rdt, pre = self.dtype, self.res_dtype, self.pre
+        dt, pre = self.dtype, self.pre
         pending = None  # post-norm: the norm the stored residual still needs
         st = None  # partial statistics of x's rows (from the kernel that wrote x)
         lin = dict(pdl=self.pdl, counters=self.counters)
@@ -126,28 +159,33 @@ class FusedStep:
             vn = qkv[:, 2 * hd:].view(b, sa.h, sa.dh)
             o = decode_attention(q, k[li], v[li], sa.scale, pos=pos, k_new=kn, v_new=vn, bias_table=self.bias[li],
                                  row_index=rows, pdl=self.pdl)
-            x, st = fused_linear(o.reshape(b, hd), sa.out.weight, sa.out.bias, residual=x,
-                                 residual_norm=None if pre else pending, residual_stats=st, out_dtype=rdt,
-                                 residual_ready=True, return_stats=True, **lin)
+            x, st = self._row_parallel(o.reshape(b, hd), sa.out.weight, sa.out.bias, x, None if pre else pending,
+                                       st, lin)
             pending = None if pre else _spec(layer.self_attn_norm)
             # cross-attention
             q = fused_linear(x, ca.q.weight, ca.q.bias, norm=_spec(layer.cross_attn_norm) if pre else pending,
                              norm_stats=st, out_dtype=dt, **lin).view(b, ca.h, ca.dh)
             o = decode_attention(q, ck[li], cv[li], ca.scale, key_bias=cross_bias, kv_group=group, pdl=self.pdl)
-            x, st = fused_linear(o.reshape(b, hd), ca.out.weight, ca.out.bias, residual=x,
-                                 residual_norm=None if pre else pending, residual_stats=st, out_dtype=rdt,
-                                 residual_ready=True, return_stats=True, **lin)
+            x, st = self._row_parallel(o.reshape(b, hd), ca.out.weight, ca.out.bias, x, None if pre else pending,
+                                       st, lin)
             pending = None if pre else _spec(layer.cross_attn_norm)
             # feed-forward
             h = fused_linear(x, ffn.wi.weight, ffn.wi.bias, norm=_spec(layer.ffn_norm) if pre else pending,
                              norm_stats=st, act=self.act, gated=ffn.gated, out_dtype=dt, **lin)
-            x, st = fused_linear(h, ffn.wo.weight, ffn.wo.bias, residual=x, residual_norm=None if pre else pending,
-                                 residual_stats=st, out_dtype=rdt, residual_ready=True, return_stats=True, **lin)
+            x, st = self._row_parallel(h, ffn.wo.weight, ffn.wo.bias, x, None if pre else pending, st, lin)
             pending = None if pre else _spec(layer.ffn_norm)
         final = self.final if pre else pending
         if final is None and self.out_scale != 1.0:  # pre-norm without a final norm (rare)
             x = (x.to(dt) * self.out_scale)
             st = None
+        if self.tp:  # this rank's vocabulary slice, gathered; the (full) logits bias after the gather
+            logits = fused_linear(x, model.output_embedding.weight, None, norm=final, norm_stats=st,
+                                  out_dtype=torch.float32, **lin)
+            logits = self.ctx.all_gather_last(logits)[:, : self.vocab]
+            if self.lm_bias is not None:
+                logits = logits + self.lm_bias.float()
+            pos.add_(1)
+            return logits
         logits = fused_linear(x, model.output_embedding.weight, self.lm_bias, norm=final, norm_stats=st,
                               out_dtype=torch.float32, **lin)
         pos.add_(1)
