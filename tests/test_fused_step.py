@@ -123,6 +123,36 @@ def test_fused_step_refuses_what_it_cannot_run():
         CudaGraphRunner(model, 2, 4, 8, compile=False, use_graphs=False, kernels="cutlass")
 
 
+@pytest.mark.parametrize("dtype", [
+    pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, pytest.mark.skipif(
+        DEV != "cuda", reason="bf16 needs a GPU: the Triton interpreter computes bf16 wrongly")]),
+    torch.float32])
+@pytest.mark.parametrize("rows", [3, 20])  # the small-batch kernel and the tiled one
+def test_residual_sum_is_the_fused_epilogue(dtype, rows):
+    """Tensor parallelism's residual add (fp32 product, all-reduce, ``residual_sum``) against the
+    single-rank kernel that adds bias and residual in its epilogue: bit-identical without a residual
+    norm (same fp32 sum, one rounding), and to fp32 rounding with a pending post-norm."""
+    from encdec_core.runtime.cuda.fused import residual_sum
+    from encdec_core.runtime.cuda.triton_kernels import fused_linear
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(rows, 48, generator=g).to(DEV, dtype)
+    w = (torch.randn(40, 48, generator=g) * 0.2).to(DEV, dtype)
+    b = torch.randn(40, generator=g).to(DEV, dtype)
+    x = torch.randn(rows, 40, generator=g).to(DEV, dtype)
+    one = fused_linear(a, w, b, residual=x, out_dtype=dtype)
+    part = fused_linear(a, w, None, out_dtype=torch.float32)
+    assert torch.equal(residual_sum(x, part, b, None, dtype), one)
+    ln = ("layer", (1 + 0.1 * torch.randn(40, generator=g)).to(DEV, dtype), torch.randn(40, generator=g).to(DEV, dtype),
+          1e-5)
+    one = fused_linear(a, w, b, residual=x, residual_norm=ln, out_dtype=dtype)
+    got = residual_sum(x, part, b, ln, dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7 * one.abs().max().item()
+    assert (got.float() - one.float()).abs().max().item() <= tol
+    # without the residual the sum differs: the check above can fail
+    assert not torch.equal(residual_sum(torch.zeros_like(x), part, b, None, dtype), one)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(DEV != "cuda", reason="programmatic dependent launch needs a GPU")
 @pytest.mark.parametrize("family", ["t5", "bart"])
