@@ -96,6 +96,8 @@ def prepare(root: Path, mappings=((1, 1), (2, 1), (1, 2), (2, 2)), other: bool =
             for p in model.parameters():
                 if p.dim() > 1:
                     p.normal_(0.0, 0.15)
+            if hasattr(model, "final_logits_bias"):  # BART: a bias on every vocabulary slice's logits
+                model.final_logits_bias.normal_(0.0, 0.5)
         hf = root / "hf" / name
         model.save_pretrained(hf)
         for tp, pp in mappings:
