@@ -241,12 +241,16 @@ class EncDecModel(nn.Module):
 
     # ------------------------------------------------------------------ encoder
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder output [B, S, d]. ``attention_mask`` None: no position is padding, and attention
+        gets no padding bias at all (BART's then runs without a mask, T5's with the relative bias
+        broadcast over the batch instead of a [B, H, S, S] sum)."""
+        base = None if attention_mask is None else padding_bias(attention_mask, self.dtype)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         enc = self.encoder
         x = enc.embed(input_ids, attention_mask, 0).to(enc.residual_dtype)
         s = input_ids.shape[1]
-        biases = enc.layer_biases(padding_bias(attention_mask, self.dtype), s, s, 0)
+        biases = enc.layer_biases(base, s, s, 0)
         x = self.ctx.stage_input(x)
         for b, i in zip(biases, enc.layer_ids):
             x = enc.layers[str(i)](x, b)

@@ -64,18 +64,22 @@ def test_encode_grouped_equals_one_padded_call(family):
     for r, n in enumerate(lens):
         mask[r, :n] = 1
         ids[r, n:] = model.cfg.pad_token_id
-    calls = []
+    calls, masks = [], []
 
     def encode(i, m):
         calls.append(tuple(i.shape))
+        masks.append(m is not None)
         # contiguous inputs: a compiled encoder guards on strides (a sliced view recompiles it)
-        assert i.is_contiguous() and m.is_contiguous()
+        assert i.is_contiguous() and (m is None or m.is_contiguous())
+        # no mask exactly where the group has no padding (padded positions hold the pad id)
+        assert (m is None) == bool((i != model.cfg.pad_token_id).all()), (i.shape, m)
         return model.encode(i, m)
 
     with torch.no_grad():
         ref = model.encode(ids[:, :40], mask[:, :40])
         out, m = encode_grouped(encode, ids, mask, launch_cost=1)
         assert len(calls) > 1 and all(s[1] < 40 for s in calls[:-1])  # several calls, the short ones shorter
+        assert not all(masks) and any(masks)  # groups of equal lengths go without a mask
         assert out.shape == ref.shape and torch.equal(m, mask[:, :40])
         valid = m.bool()
         torch.testing.assert_close(out[valid], ref[valid], rtol=1e-5, atol=1e-5)
@@ -120,3 +124,28 @@ def test_generate_with_grouped_encoder_equals_one_call(family, device):
         assert torch.equal(generate(model, ids, mask, gc, runner=split).sequences, ref), kw
         assert torch.equal(generate(model, ids, mask, gc).sequences, ref), kw  # eager runner (CPU default cost)
     assert torch.equal(split.greedy(ids, mask, max_new_tokens=12), whole.greedy(ids, mask, max_new_tokens=12))
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_unpadded_rows_encode_without_a_mask(family):
+    """Rows without padding reach the encoder with mask None (no padding bias: BART's attention runs
+    unmasked, T5's relative bias is broadcast over the batch); the output is the masked call's."""
+    model = _tiny(family, "cpu")
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(4, model.cfg.vocab_size, (3, 24), generator=g)
+    seen = []
+
+    def encode(i, m):
+        seen.append(m)
+        return model.encode(i, m)
+
+    with torch.no_grad():
+        out, m = encode_grouped(encode, ids, torch.ones_like(ids))
+        assert seen == [None] and torch.equal(m, torch.ones_like(ids))
+        torch.testing.assert_close(out, model.encode(ids, torch.ones_like(ids)), rtol=1e-5, atol=1e-5)
+        # a hole inside a row keeps the mask, though the row's last position is real
+        holed = torch.ones_like(ids)
+        holed[1, 3] = 0
+        seen.clear()
+        encode_grouped(encode, ids, holed)
+        assert len(seen) == 1 and torch.equal(seen[0], holed)

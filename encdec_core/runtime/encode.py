@@ -82,7 +82,8 @@ def encode_grouped(encode, input_ids: torch.Tensor, attention_mask: torch.Tensor
     (default: ``LAUNCH_COST`` of the device); 0 or less never splits."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    lens = row_lengths(attention_mask).tolist()  # one host read
+    # one host read: every row's length (last non-padding position + 1) and its non-padding count
+    lens, counts = torch.stack([row_lengths(attention_mask), attention_mask.ne(0).sum(1)]).tolist()
     keep = max(1, max(lens, default=0))
     # contiguous copies (tiny int tensors): a column slice's row stride differs from its width,
     # which a compiled encoder guards on (one recompile, seen on an H200 with dynamic=True)
@@ -90,14 +91,20 @@ def encode_grouped(encode, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if launch_cost is None:
         launch_cost = default_launch_cost(input_ids.device.type)
     groups = plan_groups(lens, launch_cost) if launch_cost > 0 and len(lens) > 1 else None
+
+    def mask_of(rows, s, mask):
+        """None where no row has padding in its first s positions: the encoder then adds no
+        padding bias (no [B, H, S, S] bias to build and read; BART's attention runs unmasked)."""
+        return None if all(counts[i] == s for i in rows) else mask
+
     if not groups or len(groups) == 1:
-        return encode(input_ids, attention_mask), attention_mask
+        return encode(input_ids, mask_of(range(len(lens)), keep, attention_mask)), attention_mask
     out = None
     for rows in groups:
         s = max(1, max(lens[i] for i in rows))
         idx = torch.tensor(rows, device=input_ids.device)
         enc = encode(input_ids.index_select(0, idx)[:, :s].contiguous(),
-                     attention_mask.index_select(0, idx)[:, :s].contiguous())
+                     mask_of(rows, s, attention_mask.index_select(0, idx)[:, :s].contiguous()))
         if out is None:
             out = enc.new_zeros((input_ids.shape[0], keep, enc.shape[-1]))
         out[idx, :s] = enc
