@@ -96,6 +96,38 @@ def hf_model_from_preset(name: str, dtype=torch.float32, device="cpu", seed: int
     return hf, model
 
 
+def parallel_preset(name: str, tp: int, pp: int, device="cpu", dtype=None, seed: int = 0,
+                    hf_weights: bool = False, keep_hf: bool = False, reg=None):
+    """-> (this rank's part of a preset model, HF model or None, ParallelContext) for a tensor /
+    pipeline-parallel run launched by mpirun / torchrun: every rank builds the whole model from one
+    seed on its device, starts the ranks (``init_parallel``) and keeps its part
+    (``checkpoint.shard_model``). hf_weights: the weights of HF's own initialisation (every rank
+    alike), for a run that compares with HF; keep_hf: return that HF model (rank 0) too. The models
+    are built before torch.distributed starts: transformers then writes the HF checkpoint of the
+    conversion on every rank (it writes only on rank 0 once a process group exists)."""
+    from .checkpoint import shard_model, validate_parallel
+    from .parallel.launch import _resolve_device, detect_launch, init_parallel
+
+    info = detect_launch()
+    if info.world_size != tp * pp:
+        init_parallel(tp, pp, device)  # raises its launch-size error before anything is built
+    dev = _resolve_device(device, info)
+    dtype = _dtype_of(dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32))
+    fam, src = find_preset(name, reg)
+    validate_parallel(fam.make_config(src, f"preset '{name}'"), tp, pp)  # before building anything
+    hf = None
+    if hf_weights:
+        hf, full = hf_model_from_preset(name, dtype, dev, seed, reg)
+        if not keep_hf:
+            hf = None
+    else:
+        full = model_from_preset(name, dtype, dev, seed, reg)
+    ctx = init_parallel(tp, pp, dev)
+    part = shard_model(full, ctx)
+    del full
+    return part, hf, ctx
+
+
 # ---------------------------------------------------------------------------- CLI argument helpers
 
 
@@ -406,7 +438,7 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
                   runner: str = "auto", hf_static: bool | None = None, compare_ct2: bool | None = None,
                   hf_static_max_batch: int = 64, log=None, reg=None,
                   configs: Sequence[tuple[int, int]] | None = None,
-                  runner_options: dict | None = None) -> list[dict]:
+                  runner_options: dict | None = None, hf_model=None) -> list[dict]:
     """Measure our engine (and, with ``compare_hf``, HF transformers side by side in the same run).
 
     engine_or_model: an Engine, an EncDecModel, an engine directory or a preset name ("t5-small":
@@ -421,6 +453,8 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
         speedup_vs_hf  tokens/s over HF eager generate's;  token_match_vs_ours  equal-token rate
     configs: explicit (batch_size, num_beams) pairs instead of batch_sizes x num_beams.
     runner_options: keyword arguments of CudaGraphRunner (e.g. {"compile_mode": "max-autotune-no-cudagraphs"}).
+    hf_model: with compare_hf and an EncDecModel, the HF model that holds its weights (e.g. from
+        ``hf_model_from_preset`` before the model was cut to a rank's part: ``parallel_preset``).
     Systems: "encdec" (CUDA graph runner on CUDA, eager on CPU), "hf" (generate, eager), "hf-static"
     (generate with cache_implementation="static", compiled; CUDA, batch <= hf_static_max_batch),
     "ctranslate2" (CPU, when importable and the family converts). Writes CSV / JSON / a PNG plot when
@@ -445,7 +479,9 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
     for io in ios:
         if len(io) != 2 or int(io[0]) < 1 or int(io[1]) < 1:
             raise EncDecError(f"benchmark: input/output length {io!r}: expected two positive integers")
-    name, model, hf = _resolve(engine_or_model, device, dtype, seed, compare_hf, reg)
+    name, model, hf = _resolve(engine_or_model, device, dtype, seed, compare_hf and hf_model is None, reg)
+    if compare_hf and hf_model is not None:
+        hf = hf_model
     if compare_hf and hf is None:
         say("benchmark: no HF reference for this model (HF rows skipped)")
     if hf_static is None:
@@ -472,7 +508,8 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
         # after each configuration (complete=False) the JSON holds the rows measured so far, so a run
         # stopped by a time limit keeps them; the final write replaces it
         if json_path:
-            _atomic_write(Path(json_path), json.dumps({"environment": environment(device), "complete": complete,
+            env = {**environment(device), "tp_size": model.ctx.tp_size, "pp_size": model.ctx.pp_size}
+            _atomic_write(Path(json_path), json.dumps({"environment": env, "complete": complete,
                                                        "rows": [asdict(r) for r in done]}, indent=2) + "\n")
 
     def save_partial():

@@ -333,10 +333,20 @@ def cmd_benchmark(args) -> int:
     runner = args.runner
     if bool(args.engine_dir) == bool(args.preset):
         raise EncDecError("give exactly one of --engine-dir E or --preset NAME (e.g. t5-small, bart-large)")
+    hf_model = None
     if args.engine_dir:
+        if args.tp_size != 1 or args.pp_size != 1:
+            raise EncDecError("--tp-size / --pp-size apply to --preset: an engine's mapping comes from its "
+                              "config.json (convert with --tp-size / --pp-size)")
         target, _ = _load_engine(Path(args.engine_dir), device, args.dtype)
         device = target.model.device
         # --runner auto: the CUDA-graph runner on CUDA, tensor parallelism included; eager for pipelines
+    elif args.tp_size * args.pp_size > 1:
+        from .benchmark import parallel_preset
+
+        target, hf_model, _ = parallel_preset(args.preset, args.tp_size, args.pp_size, device, args.dtype,
+                                              hf_weights=args.compare_hf, keep_hf=args.compare_hf and _rank0())
+        device = target.device
     else:
         target = args.preset
     rank0 = _rank0()
@@ -345,7 +355,7 @@ def cmd_benchmark(args) -> int:
         compare_hf=args.compare_hf and rank0, device=device, dtype=args.dtype,
         csv_path=args.csv if rank0 else None, json_path=args.json if rank0 else None,
         plot_path=args.plot if rank0 else None, progress=rank0 and not args.quiet,
-        repeats=args.repeats, warmup=args.warmup, runner=runner,
+        repeats=args.repeats, warmup=args.warmup, runner=runner, hf_model=hf_model,
         log=(lambda *a: print(*a, file=sys.stderr)) if rank0 and not args.quiet else None)
     out(format_table(rows))
     return 0
@@ -432,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, "--runner", default="auto", choices=("auto", "eager", "cuda-graph", "compiled"),
          help="auto: cuda-graph on CUDA, eager on CPU; compiled: on a CPU, the decoder step compiled "
               "by inductor with frozen, autotuned weights (a one-off compile per batch size)")
+    _opt(s, "--tp-size", type=int, default=1,
+         help="with --preset: tensor-parallel size (launch tp x pp ranks with mpirun / torchrun)")
+    _opt(s, "--pp-size", type=int, default=1, help="with --preset: pipeline-parallel size")
     _opt(s, "--repeats", type=int, default=3)
     _opt(s, "--warmup", type=int, default=1)
     _opt(s, "--csv", default=None)

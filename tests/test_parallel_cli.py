@@ -112,3 +112,31 @@ def test_mpirun_wrong_world_size_fails_on_every_rank(engines):
     assert all("this launch has 3 rank(s) (mpirun) but the mapping needs tp_size 2 x pp_size 1 = 2" in e
                for e in errs), errs
     assert "Traceback" not in r.stderr + r.stdout
+
+
+@need_mpi
+def test_mpirun_benchmark_preset_tp2_matches_hf(tmp_path):
+    """encdec benchmark --preset ... --tp-size 2: each rank builds the preset from one seed (HF's
+    initialisation with --compare-hf) and keeps its part; rank 0 compares with HF in the same run."""
+    out = tmp_path / "bench.json"
+    r = _launch([MPIRUN, *MPI_ARGS, "-n", "2", *_encdec(), "benchmark", "--preset", "t5-small", "--tp-size", "2",
+                 "--device", "cpu", "--batch-size", "2", "--input-output-len", "12,6", "--repeats", "1",
+                 "--warmup", "0", "--compare-hf", "--json", out, "--quiet"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    assert res["environment"]["tp_size"] == 2 and res["environment"]["pp_size"] == 1
+    rows = {row["system"]: row for row in res["rows"]}
+    assert rows["encdec"]["tokens_per_s"] > 0 and rows["hf"]["token_match_vs_ours"] == 1.0
+
+
+def test_benchmark_parallel_options_are_checked(tmp_path, capsys, builtin_registry):
+    from encdec_core.cli import main as cli_main
+
+    def fails(*argv) -> str:
+        assert cli_main(["benchmark", *argv, "--device", "cpu"]) != 0
+        return capsys.readouterr().err
+
+    # an engine's mapping comes from its config.json
+    assert "apply to --preset" in fails("--engine-dir", str(tmp_path), "--tp-size", "2")
+    # the launch must have tp x pp ranks: a plain process has one
+    assert "needs tp_size 2 x pp_size 1 = 2 rank(s)" in fails("--preset", "t5-small", "--tp-size", "2")
