@@ -5,6 +5,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def norm(x: torch.Tensor, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm ("layer") or RMSNorm ("rms") of x's last dim, computed in fp32, returned in the
+    weight's dtype (RMS: the normalised rows are rounded to it before the weight multiplies)."""
+    if kind == "rms":
+        xf = x.float()
+        var = xf.pow(2).mean(-1, keepdim=True)
+        y = xf * torch.rsqrt(var + eps)
+        return weight * y.to(weight.dtype)
+    b = bias.float() if bias is not None else None
+    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), b, eps).to(weight.dtype)
+
+
 class Norm(nn.Module):
     """LayerNorm or RMSNorm (T5: no mean subtraction, no bias), computed in fp32.
 
@@ -23,11 +35,4 @@ class Norm(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "rms":
-            xf = x.float()
-            var = xf.pow(2).mean(-1, keepdim=True)
-            y = xf * torch.rsqrt(var + self.eps)
-            return self.weight * y.to(self.weight.dtype)
-        w = self.weight.float()
-        b = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), (x.shape[-1],), w, b, self.eps).to(self.weight.dtype)
+        return norm(x, self.kind, self.weight, self.bias, self.eps)

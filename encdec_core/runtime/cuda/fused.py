@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ...layers.norm import norm as apply_norm
 from .triton_kernels import ACTIVATIONS, HAVE_TRITON, decode_attention, fused_linear, pdl_supported
 
 
@@ -35,16 +36,11 @@ def _spec(norm):
 def residual_sum(x, partial, bias, norm, out_dtype):
     """Tensor parallelism's residual add: ``norm(x) + (partial + bias)`` in fp32, rounded once to
     ``out_dtype`` -- the math ``fused_linear`` does in its epilogue on one rank (``partial``: the
-    all-reduced fp32 sum of the ranks' products; ``norm``: None or the pending post-norm spec)."""
-    r = x.float()
-    if norm is not None:
-        kind, w, b, eps = norm
-        if kind == "rms":
-            r = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * w.float()
-        else:
-            r = torch.nn.functional.layer_norm(r, (r.shape[-1],), w.float(), None if b is None else b.float(), eps)
+    all-reduced fp32 sum of the ranks' products; ``norm``: None or the pending post-norm spec,
+    applied as ``Norm.forward`` does, like the kernel's residual norm)."""
+    r = x if norm is None else apply_norm(x, *norm)
     y = partial if bias is None else partial + bias.float()
-    return (r + y).to(out_dtype)
+    return (r.float() + y).to(out_dtype)
 
 
 def unsupported_reason(model) -> str | None:
@@ -178,15 +174,13 @@ class FusedStep:
         if final is None and self.out_scale != 1.0:  # pre-norm without a final norm (rare)
             x = (x.to(dt) * self.out_scale)
             st = None
-        if self.tp:  # this rank's vocabulary slice, gathered; the (full) logits bias after the gather
-            logits = fused_linear(x, model.output_embedding.weight, None, norm=final, norm_stats=st,
-                                  out_dtype=torch.float32, **lin)
-            logits = self.ctx.all_gather_last(logits)[:, : self.vocab]
-            if self.lm_bias is not None:
-                logits = logits + self.lm_bias.float()
-            pos.add_(1)
-            return logits
-        logits = fused_linear(x, model.output_embedding.weight, self.lm_bias, norm=final, norm_stats=st,
-                              out_dtype=torch.float32, **lin)
+        # under TP: this rank's vocabulary slice, gathered, and the (full) logits bias after the gather
+        logits = fused_linear(x, model.output_embedding.weight, None if self.tp else self.lm_bias, norm=final,
+                              norm_stats=st, out_dtype=torch.float32, **lin)
+        if self.tp:
+            logits = self.ctx.all_gather_last(logits)
+        logits = logits[:, : self.vocab]
+        if self.tp and self.lm_bias is not None:
+            logits = logits + self.lm_bias.float()
         pos.add_(1)
-        return logits[:, : self.vocab]
+        return logits
