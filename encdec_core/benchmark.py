@@ -106,11 +106,10 @@ def parallel_preset(name: str, tp: int, pp: int, device="cpu", dtype=None, seed:
     are built before torch.distributed starts: transformers then writes the HF checkpoint of the
     conversion on every rank (it writes only on rank 0 once a process group exists)."""
     from .checkpoint import shard_model, validate_parallel
-    from .parallel.launch import _resolve_device, detect_launch, init_parallel
+    from .parallel.launch import _resolve_device, check_launch_size, detect_launch, init_parallel
 
     info = detect_launch()
-    if info.world_size != tp * pp:
-        init_parallel(tp, pp, device)  # raises its launch-size error before anything is built
+    check_launch_size(tp, pp, info)  # before anything is built
     dev = _resolve_device(device, info)
     dtype = _dtype_of(dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32))
     fam, src = find_preset(name, reg)

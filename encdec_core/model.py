@@ -244,9 +244,10 @@ class EncDecModel(nn.Module):
         """Encoder output [B, S, d]. ``attention_mask`` None: no position is padding, and attention
         gets no padding bias at all (BART's then runs without a mask, T5's with the relative bias
         broadcast over the batch instead of a [B, H, S, S] sum)."""
-        base = None if attention_mask is None else padding_bias(attention_mask, self.dtype)
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            base, attention_mask = None, torch.ones_like(input_ids)
+        else:
+            base = padding_bias(attention_mask, self.dtype)
         enc = self.encoder
         x = enc.embed(input_ids, attention_mask, 0).to(enc.residual_dtype)
         s = input_ids.shape[1]

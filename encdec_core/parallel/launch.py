@@ -183,6 +183,21 @@ def _mpi_store(info: LaunchInfo, timeout: datetime.timedelta):
     return store
 
 
+def check_launch_size(tp_size: int, pp_size: int, info: LaunchInfo | None = None) -> None:
+    """Raise LaunchError unless the launch (``detect_launch``) has exactly tp_size x pp_size ranks."""
+    info = info if info is not None else detect_launch()
+    need = tp_size * pp_size
+    if info.world_size != need:
+        if info.launcher == "none":
+            how = f"launch {need} ranks: `mpirun -n {need} ...` or `torchrun --nproc-per-node {need} ...`"
+        else:
+            how = f"launch with {info.hint} -n {need}" if info.launcher == "mpi" else \
+                f"launch with torchrun --nproc-per-node {need} (or --nnodes x --nproc-per-node = {need})"
+        raise LaunchError(
+            f"this launch has {info.world_size} rank(s) ({info.hint}) but the mapping needs tp_size {tp_size} x "
+            f"pp_size {pp_size} = {need} rank(s); {how}")
+
+
 def init_parallel(tp_size: int = 1, pp_size: int = 1, device="cpu", timeout: float | None = None,
                   backend: str | None = None, force_collectives: bool = False,
                   env: Mapping[str, str] | None = None) -> ParallelContext:
@@ -197,16 +212,7 @@ def init_parallel(tp_size: int = 1, pp_size: int = 1, device="cpu", timeout: flo
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConfigError(f"{name} = {v!r}: expected a positive integer")
     info = detect_launch(env)
-    need = tp_size * pp_size
-    if info.world_size != need:
-        if info.launcher == "none":
-            how = f"launch {need} ranks: `mpirun -n {need} ...` or `torchrun --nproc-per-node {need} ...`"
-        else:
-            how = f"launch with {info.hint} -n {need}" if info.launcher == "mpi" else \
-                f"launch with torchrun --nproc-per-node {need} (or --nnodes x --nproc-per-node = {need})"
-        raise LaunchError(
-            f"this launch has {info.world_size} rank(s) ({info.hint}) but the mapping needs tp_size {tp_size} x "
-            f"pp_size {pp_size} = {need} rank(s); {how}")
+    check_launch_size(tp_size, pp_size, info)
     td = dist_timeout(timeout)
     dev = _resolve_device(device, info)
     if _STATE["ctx"] is not None:
