@@ -140,6 +140,24 @@ def test_beam_with_eos_at_start_of_batch_and_eos_list(models, batch):
     assert all(len(o.tokens(i)) >= 3 for i in range(len(o)))  # min_length 4 counts the start token
 
 
+def test_small_topk_is_topk_with_ties_lowest_index_first():
+    """The beam update's short-row top-k: torch.topk's indices where values are distinct (and the
+    same in a batch of rows); equal values (here -1e9 placeholders, -inf and repeats) lowest index
+    first, as a stable descending sort orders them."""
+    from encdec_core.runtime.beam import small_topk
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, 12, generator=g)
+    for k in (1, 4, 12):
+        assert torch.equal(small_topk(x, k), torch.topk(x, k).indices)
+    t = torch.tensor([[0.5, -1e9, 2.0, -1e9, 2.0, float("-inf"), 0.5, float("-inf")],
+                      [-1e9] * 8])
+    ref = torch.sort(t, dim=-1, descending=True, stable=True).indices
+    for k in (3, 6, 8):
+        assert torch.equal(small_topk(t, k), ref[:, :k])
+    assert small_topk(t, 6)[0].tolist() == [2, 4, 0, 6, 1, 3]
+
+
 # ----------------------------------------------------------------------------------------- processors
 @pytest.mark.parametrize("kw", [
     dict(num_beams=3, no_repeat_ngram_size=3, min_new_tokens=5, max_new_tokens=12),
