@@ -32,14 +32,15 @@ def parse_configs(text: str):
 
 @torch.no_grad()
 def profile_step(name: str, batch: int, out_dir: str, steps: int = 20, kernels: str = "inductor",
-                 fused_max_batch: int = 16, beams: int = 1) -> dict:
+                 fused_max_batch: int = 16, beams: int = 1, runner_options: dict | None = None) -> dict:
     """Kernels of the decoder step (run without a graph so each kernel shows), grouped by kind and,
     in ``sequence``, one step's kernels in launch order with their mean durations over ``steps``
     (which kernel is which layer's projection or attention follows from the order).
 
     beams > 1: a whole beam search of ``batch`` requests (``generate``: the step, log-softmax, the
     processors, the beam update and the cache reorder of every step, plus one encoder pass and
-    prefill), per step; no ``sequence``."""
+    prefill), per step; no ``sequence``. ``runner_options``: further CudaGraphRunner keywords
+    (beam_topk, compile_options, ...), as the benchmark passes them."""
     from torch.profiler import ProfilerActivity, profile
 
     from encdec_core.benchmark import model_from_preset
@@ -49,7 +50,7 @@ def profile_step(name: str, batch: int, out_dir: str, steps: int = 20, kernels: 
     model = model_from_preset(name, torch.bfloat16, "cuda")
     ids = torch.randint(4, model.cfg.vocab_size, (batch, 128), device="cuda")
     r = CudaGraphRunner(model, batch * beams, steps + 8, 128, use_graphs=False, kernels=kernels,
-                        fused_max_batch=fused_max_batch)
+                        fused_max_batch=fused_max_batch, **(runner_options or {}))
     if beams > 1:
         gc = GenerationConfig.from_model(model.cfg, None, max_new_tokens=steps, min_new_tokens=steps,
                                          num_beams=beams, do_sample=False, forced_eos_token_id=None)
@@ -113,7 +114,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode of the decoder step")
     ap.add_argument("--beam-topk", default=None, choices=("torch", "triton"),
-                    help="beam search's candidate top-k: torch.topk or the Triton two-stage kernel")
+                    help="beam search's candidate top-k: torch.topk or the Triton two-stage kernel "
+                         "(default: the runner's, Triton on CUDA)")
     ap.add_argument("--inductor-pdl", action="store_true",
                     help="inductor's kernels of the compiled step with programmatic dependent launch "
                          "(compile_options={'triton.enable_pdl': True})")
@@ -164,7 +166,8 @@ def main():
         for b in (int(x) for x in a.profile_batches.split(",")):
             profile_step(name, b, a.out, kernels=a.kernels or "inductor",
                          fused_max_batch=a.fused_max_batch if a.fused_max_batch is not None else 16,
-                         beams=a.profile_beams)
+                         beams=a.profile_beams,
+                         runner_options={k: v for k, v in opts.items() if k not in ("kernels", "fused_max_batch")})
 
 
 if __name__ == "__main__":

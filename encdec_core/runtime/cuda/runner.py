@@ -36,18 +36,23 @@ fused greedy loop, which feeds its own argmax back inside the graph) and launch 
   reorders and reads the caches directly; so on the compiled path a batch bucket used both by
   greedy and by the runner interface / beam search compiles the step twice (with and without the
   index).
-- ``beam_topk="triton"``: beam search's candidates (top 2 x beams over beams x vocabulary) from a
-  two-stage Triton top-k instead of ``torch.topk``'s radix select (~72 us of bart-large's 0.9 ms
-  beam step at 8 x 4); equal scores lowest index first. Not yet measured on a GPU: off by default.
+- ``beam_topk``: beam search's candidates (top 2 x beams over beams x vocabulary) from a two-stage
+  Triton top-k ("triton"; equal scores lowest index first) or ``torch.topk``'s radix select
+  ("torch"); "auto" (the default): triton on CUDA where Triton is installed. bart-large beam 4 x 8
+  on an H200: 0.897 -> 0.850 ms per step end to end (docs/performance.md, 2026-11-30 12:33).
 - Tensor parallelism (pipeline size 1): each rank's static step holds its heads; the compiled step
   traces the model's all-reduces / all-gather (dynamo's functional collectives) and the CUDA graph
   captures them. ``tp_allreduce="symm"`` sends the small ones through symmetric memory
   (``parallel/symm.py``). ``kernels="triton"`` runs the Triton step under TP too (each row-parallel
   product an fp32 partial sum, all-reduced, added to the residual with one rounding); "auto" keeps
   the compiled step there until that form is timed on GPUs.
-- ``compile_options``: inductor config patched around the compiled step (every (re)compilation),
-  e.g. ``{"triton.enable_pdl": True}`` (measured: bart-large batch 64 0.81 -> 0.76 ms on an H200;
-  off by default until its tokens are checked on a GPU).
+- ``compile_options``: inductor config for the compiled step, given to ``torch.compile`` (so the
+  step is compiled anew rather than reused from a default runner of the same shapes) and patched
+  around every (re)compilation, e.g. ``{"triton.enable_pdl": True}``: inductor's kernels with
+  programmatic dependent launch. Not the default: through this option it did not speed the bart-large
+  batch-64 step up on an H200 (0.807 / 0.809 ms; the environment variable TORCHINDUCTOR_ENABLE_PDL=1
+  gave 0.815 -> 0.758 ms, cause of the difference unknown), T5's logits move by ~1e-6 in fp32, and
+  the GPU test's BART case failed once (docs/performance.md, 2026-11-30 12:27-12:58).
 """
 from __future__ import annotations
 
@@ -95,7 +100,7 @@ class _PatchedStep:
     """The compiled step called with inductor's config patched by ``options`` (``compile_options``:
     every (re)compilation sees them), e.g. ``{"triton.enable_pdl": True}``: inductor's own kernels
     launched with programmatic dependent launch (Hopper+; measured, not the default:
-    docs/performance.md, 2026-11-30 09:24)."""
+    docs/performance.md, 2026-11-30 09:24 and 12:27-12:58)."""
 
     def __init__(self, compiled, options: dict):
         self.compiled, self.options = compiled, dict(options)
@@ -393,7 +398,7 @@ class CudaGraphRunner:
                  dynamic: bool | None = None, use_graphs: bool = True, compile_mode: str | None = None,
                  compile_encoder: bool | None = None, kernels: str = "auto", fused_max_batch: int = 16,
                  beam_reorder: str = "auto", encoder_launch_cost: int | None = None,
-                 compile_options: dict | None = None, beam_topk: str = "torch", tp_allreduce: str = "nccl"):
+                 compile_options: dict | None = None, beam_topk: str = "auto", tp_allreduce: str = "nccl"):
         cpu = model.device.type == "cpu"
         if model.device.type != "cuda" and use_graphs:
             raise ValueError(f"CUDA graphs need a model on CUDA, got {model.device}: pass use_graphs=False "
@@ -416,9 +421,11 @@ class CudaGraphRunner:
             raise ValueError(f"beam_reorder={beam_reorder!r}: expected 'auto', 'index' or 'copy'")
         self.beam_reorder = beam_reorder
         # beam search in the graph: the candidates' top-k by torch.topk or the Triton two-stage kernel
-        # (``triton_kernels.row_topk``: equal scores lowest index first; not yet measured on a GPU)
-        if beam_topk not in ("torch", "triton"):
-            raise ValueError(f"beam_topk={beam_topk!r}: expected 'torch' or 'triton'")
+        # (``triton_kernels.row_topk``: equal scores lowest index first); "auto": triton on CUDA
+        if beam_topk not in ("auto", "torch", "triton"):
+            raise ValueError(f"beam_topk={beam_topk!r}: expected 'auto', 'torch' or 'triton'")
+        if beam_topk == "auto":
+            beam_topk = "triton" if model.device.type == "cuda" and cuda_ops.HAVE_TRITON else "torch"
         if beam_topk == "triton" and not cuda_ops.HAVE_TRITON:
             raise ValueError("beam_topk='triton' needs triton installed")
         self.beam_topk = beam_topk
@@ -448,6 +455,11 @@ class CudaGraphRunner:
             self._select = torch.compile(self.dec.greedy_select, **kw)
             if compile_mode:
                 kw["mode"] = compile_mode
+            elif compile_options:
+                # options make the compiler backend differ from a default runner's, so dynamo compiles
+                # this step anew: with the patch alone it reused a step that another runner of the
+                # same shapes had compiled earlier in the process, and the options never applied
+                kw["options"] = dict(compile_options)
             self._step = torch.compile(self.dec.step, **kw)
             if cpu and not compile_mode:
                 self._step = _CpuCompiledStep(self._step, self.dec.step, {**CPU_COMPILE_OPTIONS,
