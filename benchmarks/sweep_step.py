@@ -114,6 +114,23 @@ def _tiled(bn=None, bk=None, warps=None, stages=None, split=None, target=None, b
     return policy
 
 
+def _gemv_rows(bm_max: int, bn: int = 16, warps: int = 4, bk: int = 256):
+    """16 < M <= ``bm_max`` on the tensor-core GEMV path of batches 3-16 instead of the tiled kernel:
+    one row tile of all M rows (``BLOCK_M`` = M's power of two), ``bn`` columns a program, the K
+    loop in ``bk`` chunks unrolled up to 4, so every weight byte is read once, issued before the
+    PDL wait (the tiled kernel pipelines a rolled loop after it)."""
+    def policy(M, N, K, gated=False, weight_bytes=2, pdl=False):
+        if not 16 < M <= bm_max:
+            return BASE(M, N, K, gated, weight_bytes, pdl)
+        cfg = BASE(16, N, K, gated, weight_bytes, pdl)
+        kb = min(bk, max(16, tk._next_pow2(K)))
+        cfg.update(BLOCK_M=tk._next_pow2(M), BLOCK_N=bn, BLOCK_K=kb, num_warps=warps,
+                   UNROLL=tk._cdiv(K, kb) <= tk._max_unroll(16))
+        tk._stats_blocks(cfg, N, K)
+        return cfg
+    return policy
+
+
 def _attn(block_t=None, warps=None, cross_only=False):
     """Attention: another key tile / warp count (the default: 64 keys; 4 warps, 2 above 16 rows); ``cross_only``: for
     cross-attention only (its whole source in one tile, loaded before the PDL wait, when it fits)."""
@@ -170,6 +187,11 @@ POLICIES = {
     "tiled-t512": _tiled(target=512),
     "tiled-m32": _tiled(bm=32),
     "tiled-m128": _tiled(bm=128, warps=8),
+    # batches 17-64 on the GEMV path (one row tile)
+    "gemv-m64": _gemv_rows(64),
+    "gemv-m64n32": _gemv_rows(64, bn=32),
+    "gemv-m64w8": _gemv_rows(64, warps=8),
+    "gemv-m64k128": _gemv_rows(64, bk=128),
 }
 
 
