@@ -74,6 +74,22 @@ DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # ms per step against 17-22 ms for the eager step with oneDNN-packed weights (docs/performance.md).
 CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
+# compilations dynamo may keep of one function: every batch bucket x source bucket x step variant
+# (with / without the beam row index, the cross-row group) and every beam configuration is one, and
+# several runners (models) in a process add theirs to the same functions
+RECOMPILE_LIMIT = 1024
+
+
+def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
+    """Raise dynamo's recompile limits to at least ``limit`` per function (never lower them). Its
+    default, 8, made a compiled runner fail (``FailOnRecompileLimitHit``: the step compiles with
+    fullgraph) at the ninth bucket combination on a CPU, where every bucket is its own static
+    compilation, and would silently run the beam tail eagerly after eight beam configurations."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 8 * limit)
+
 
 def _round_up(n: int, m: int) -> int:
     return int(math.ceil(n / m) * m)
@@ -449,6 +465,7 @@ class CudaGraphRunner:
         self.use_graphs = use_graphs
         self._compile = compile
         if compile:
+            allow_recompiles()
             kw = {"fullgraph": True, "dynamic": dynamic}
             if cpu and dynamic is None:
                 kw["dynamic"] = False  # one step per batch bucket, like the CUDA graphs
