@@ -39,7 +39,8 @@ fused greedy loop, which feeds its own argmax back inside the graph) and launch 
 - ``beam_topk``: beam search's candidates (top 2 x beams over beams x vocabulary) from a two-stage
   Triton top-k ("triton"; equal scores lowest index first) or ``torch.topk``'s radix select
   ("torch"); "auto" (the default): triton on CUDA where Triton is installed. bart-large beam 4 x 8
-  on an H200: 0.897 -> 0.850 ms per step end to end (docs/performance.md, 2026-11-30 12:33).
+  on an H200: 0.897 -> 0.850 ms per step end to end, 0.795 with ``beam.small_topk`` for the running
+  beams (docs/performance.md, 2026-11-30 12:27-12:58).
 - Tensor parallelism (pipeline size 1): each rank's static step holds its heads; the compiled step
   traces the model's all-reduces / all-gather (dynamo's functional collectives) and the CUDA graph
   captures them. ``tp_allreduce="symm"`` sends the small ones through symmetric memory
@@ -475,7 +476,8 @@ class CudaGraphRunner:
             elif compile_options:
                 # options make the compiler backend differ from a default runner's, so dynamo compiles
                 # this step anew: with the patch alone it reused a step that another runner of the
-                # same shapes had compiled earlier in the process, and the options never applied
+                # same shapes had compiled earlier in the process, and the options never applied.
+                # (torch.compile takes a mode or options: with a compile_mode only the patch applies)
                 kw["options"] = dict(compile_options)
             self._step = torch.compile(self.dec.step, **kw)
             if cpu and not compile_mode:
