@@ -314,9 +314,8 @@ def launch(a, tp: int, pp: int, result_dir: Path, ref_dir: Path | None = None) -
     for k, v in SAFE_ENV.items():
         env.setdefault(k, v)
     env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "families"), env.get("PYTHONPATH", "")])
-    argv = [a for a in sys.argv[1:]]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp * pp}",
-           os.path.abspath(__file__), *argv, "--worker", "--tp", str(tp), "--pp", str(pp),
+           os.path.abspath(__file__), *sys.argv[1:], "--worker", "--tp", str(tp), "--pp", str(pp),
            "--result-dir", str(result_dir)]
     if ref_dir is not None:
         cmd += ["--ref-dir", str(ref_dir)]

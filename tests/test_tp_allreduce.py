@@ -4,7 +4,6 @@ symmetric-memory path gives the single-GPU ids (tests marked gpu; skipped below 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,9 +67,9 @@ def test_runner_checks_tp_allreduce(builtin_registry):
 
 
 def _multi_gpu(tmp_path, *args) -> dict:
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    # (the driver keeps NVLink multicast off for its ranks: multi_gpu.SAFE_ENV)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "multi_gpu.py"), *args, "--out", str(tmp_path)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     return json.loads(next(tmp_path.glob("multi_gpu_*.json")).read_text())
 

@@ -92,19 +92,20 @@ def encode_grouped(encode, input_ids: torch.Tensor, attention_mask: torch.Tensor
         launch_cost = default_launch_cost(input_ids.device.type)
     groups = plan_groups(lens, launch_cost) if launch_cost > 0 and len(lens) > 1 else None
 
-    def mask_of(rows, s, mask):
-        """None where no row has padding in its first s positions: the encoder then adds no
-        padding bias (no [B, H, S, S] bias to build and read; BART's attention runs unmasked)."""
-        return None if all(counts[i] == s for i in rows) else mask
+    def padded(rows, s):
+        """Whether a row has padding in its first s positions; where none has, the encoder gets no
+        mask and adds no padding bias (no [B, H, S, S] bias to build and read; BART's attention
+        runs unmasked)."""
+        return any(counts[i] != s for i in rows)
 
     if not groups or len(groups) == 1:
-        return encode(input_ids, mask_of(range(len(lens)), keep, attention_mask)), attention_mask
+        return encode(input_ids, attention_mask if padded(range(len(lens)), keep) else None), attention_mask
     out = None
     for rows in groups:
         s = max(1, max(lens[i] for i in rows))
         idx = torch.tensor(rows, device=input_ids.device)
-        enc = encode(input_ids.index_select(0, idx)[:, :s].contiguous(),
-                     mask_of(rows, s, attention_mask.index_select(0, idx)[:, :s].contiguous()))
+        mask = attention_mask.index_select(0, idx)[:, :s].contiguous() if padded(rows, s) else None
+        enc = encode(input_ids.index_select(0, idx)[:, :s].contiguous(), mask)
         if out is None:
             out = enc.new_zeros((input_ids.shape[0], keep, enc.shape[-1]))
         out[idx, :s] = enc
