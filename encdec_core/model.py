@@ -168,7 +168,11 @@ class Stack(nn.Module):
         def fin(b):
             if b is None:
                 return None
-            return b.clamp_min(lo).to(self.dtype) if b.dtype != self.dtype else b
+            b = b.clamp_min(lo).to(self.dtype) if b.dtype != self.dtype else b
+            # the relative bias comes out of its embedding heads-last ([q, k, H] permuted): the fused
+            # SDPA kernels on CUDA need the key dimension at stride 1, or attention falls back to the
+            # math path (T5's encoder at 512 tokens: fp32 matmuls, 3-4x slower). Once per forward.
+            return b.contiguous()
 
         if cfg.position_type != "relative":
             b = fin(base)

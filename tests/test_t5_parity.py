@@ -339,3 +339,18 @@ def test_tp_checkpoint_splits_relative_bias_tables_by_heads(tmp_path, builtin_re
     with pytest.raises(ConfigError, match=r"--tp-size 2 does not divide the encoder's 3 attention heads"):
         convert(three, tmp_path / "bad", tp=2, reg=builtin_registry_module)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_attention_biases_are_key_contiguous(built, variant):
+    """The additive biases reach SDPA with the key dimension at stride 1: on CUDA the fused kernels
+    (cuDNN, memory-efficient) refuse any other layout and attention silently fell back to fp32 math
+    (T5's relative bias comes out of its embedding heads-last). With and without padding."""
+    _, _, ours = built(variant)
+    enc = ours.encoder
+    ids, mask, _ = inputs(ours.cfg.vocab_size)
+    from encdec_core.model import padding_bias
+
+    for base in (None, padding_bias(mask, ours.dtype)):
+        for b in enc.layer_biases(base, ids.shape[1], ids.shape[1], 0):
+            assert b is not None and b.stride(-1) == 1 and b.is_contiguous(), (variant, b.stride())
