@@ -204,10 +204,12 @@ def worker_scale(a) -> dict:
     t0 = time.time()
     model = _model(a.model, ctx, dev, dtype, a.seed)
     batches = _ints(a.batches)
-    # the encoder stays eager (GEMM-bound at these lengths; its compile costs minutes at this size)
+    # the encoder stays eager unless --compile-encoder (GEMM-bound at long inputs; inductor's compile
+    # of a 24-layer encoder costs a minute or more per launch)
     def make(compile_step: bool):
         return CudaGraphRunner(model, max(batches), a.out_len + 1, a.in_len, use_graphs=dev.type == "cuda",
-                               compile=compile_step and dev.type == "cuda", compile_encoder=False,
+                               compile=compile_step and dev.type == "cuda",
+                               compile_encoder=a.compile_encoder and dev.type == "cuda",
                                tp_allreduce=a.allreduce, kernels=a.kernels)
 
     runner, step_kind = make(True), "compiled"
@@ -243,13 +245,47 @@ def worker_scale(a) -> dict:
         _sync(ctx, dev)
         enc_ms = (time.perf_counter() - t1) / a.repeats * 1e3
         best = min(times)
-        rows.append(dict(batch=b, step=step_kind, in_len=a.in_len, out_len=a.out_len, e2e_ms=best * 1e3,
+        prof = _profile(runner, ids, mask, min(16, a.out_len), dev) if b in _ints(a.profile_batches) else None
+        rows.append(dict(profile=prof, batch=b, step=step_kind, in_len=a.in_len, out_len=a.out_len, e2e_ms=best * 1e3,
                          tokens_per_s=b * a.out_len / best, step_ms=step_ms, encoder_ms=enc_ms,
                          warmup_s=warm, peak_mem_gib=(torch.cuda.max_memory_allocated(dev) / 2**30
                                                       if dev.type == "cuda" else None)))
         print(json.dumps({"rank": 0 if ctx is None else ctx.rank, **rows[-1]}), flush=True)
     comm = _allreduce_us(ctx, dev, model.cfg.d_model, batches, dtype) if ctx is not None else {}
     return {"rows": rows, "load_s": time.time() - t0, "allreduce_us": comm}
+
+
+def _kernels(prof, per: int, top: int = 14) -> dict:
+    """A torch profiler's CUDA kernels: total device time and count per ``per`` (steps), and the
+    ``top`` kernels by time, each [us per unit, count per unit, name]."""
+    evs = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.count]
+    rows = sorted(((e.self_device_time_total / per, e.count / per, e.key[:80]) for e in evs), reverse=True)
+    return {"us": round(sum(r[0] for r in rows), 1), "kernels": round(sum(r[1] for r in rows), 1),
+            "top": [[round(t, 1), round(c, 2), n] for t, c, n in rows[:top]]}
+
+
+def _profile(runner, ids, mask, steps: int, dev) -> dict | None:
+    """Where the device time goes at this batch: the decoder step's kernels (``steps`` graph replays,
+    per step) and the encoder's (one ``encode``), on this rank."""
+    if dev.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    runner.ready_steps(ids, mask, steps)
+    _sync(runner.model.ctx if runner.model.ctx.distributed else None, dev)  # ranks start together
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(steps):
+            runner._run("greedy")
+        torch.cuda.synchronize(dev)
+    runner.set_eos_pad()
+    step = _kernels(p, steps)
+    _sync(runner.model.ctx if runner.model.ctx.distributed else None, dev)
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        runner.encode(ids, mask)
+        torch.cuda.synchronize(dev)
+    enc = _kernels(p, 1)
+    print(json.dumps({"profile_step": step, "profile_encoder": enc}), flush=True)
+    return {"step": step, "encoder": enc}
 
 
 def _allreduce_us(ctx, dev, d_model: int, batches, dtype, n: int = 48) -> dict:
@@ -485,6 +521,10 @@ def main(argv=None) -> int:
     ap.add_argument("--in-len", type=int, default=512)
     ap.add_argument("--out-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile-encoder", action="store_true",
+                    help="scale: compile the encoder too (CudaGraphRunner compile_encoder)")
+    ap.add_argument("--profile-batches", default="",
+                    help="scale: batch sizes whose decoder step and encoder kernels are profiled on every rank")
     # set by the driver for the ranks
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)

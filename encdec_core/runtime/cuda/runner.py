@@ -799,6 +799,24 @@ class CudaGraphRunner:
         return st.result(gc.num_return_sequences)
 
     @torch.no_grad()
+    def ready_steps(self, input_ids, attention_mask=None, steps: int = 32) -> None:
+        """Prefill ``input_ids`` for ``steps`` fused-greedy steps that EOS never ends, replay (or capture)
+        the step once and rewind to position 0: the next ``steps`` calls of ``_run("greedy")`` are the
+        steps ``time_step`` times (a profiler can wrap them the same way). ``set_eos_pad()`` restores
+        the model's EOS afterwards."""
+        self.set_eos_pad(-1, None)
+        self.prefill(input_ids, attention_mask, 1, steps)
+        bb, sb, n = self._cur
+        vw = self.dec.views(bb, sb)
+        vw.tokens.fill_(self.model.cfg.decoder_start_token_id)
+        vw.finished.zero_()
+        self.dec.min_steps.zero_()
+        self.dec.forced_bos.fill_(-1)
+        self.dec.forced_eos.fill_(-1)
+        self._run("greedy")  # capture / warm
+        self.dec.pos.zero_()
+
+    @torch.no_grad()
     def time_step(self, input_ids, attention_mask=None, steps: int = 32, repeats: int = 3) -> float:
         """Median device time (ms) of one decode step: ``steps`` fused-greedy graph replays timed with
         CUDA events after a prefill (EOS never ends the run). Captures the graph first if needed.
@@ -808,17 +826,7 @@ class CudaGraphRunner:
         cuda = self.dec.device.type == "cuda"
         times = []
         for _ in range(repeats + 1):
-            self.set_eos_pad(-1, None)
-            self.prefill(input_ids, attention_mask, 1, steps)
-            bb, sb, n = self._cur
-            vw = self.dec.views(bb, sb)
-            vw.tokens.fill_(self.model.cfg.decoder_start_token_id)
-            vw.finished.zero_()
-            self.dec.min_steps.zero_()
-            self.dec.forced_bos.fill_(-1)
-            self.dec.forced_eos.fill_(-1)
-            self._run("greedy")  # capture / warm
-            self.dec.pos.zero_()
+            self.ready_steps(input_ids, attention_mask, steps)
             if cuda:
                 e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 e0.record()
