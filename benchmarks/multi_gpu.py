@@ -72,7 +72,7 @@ def _setup(a):
     from encdec_core.parallel.launch import init_parallel
 
     ctx = init_parallel(a.tp, a.pp, a.device)
-    if a.allreduce == "symm":
+    if a.allreduce in ("symm", "fused"):
         from encdec_core.parallel.symm import enable_symm_allreduce
 
         enable_symm_allreduce(ctx)
@@ -506,8 +506,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default="auto", choices=("auto", "inductor", "triton"),
                     help="the graph runner's step (CudaGraphRunner kernels): triton runs the Triton step "
                          "up to 16 rows, under TP too")
-    ap.add_argument("--allreduce", default="nccl", choices=("nccl", "symm"),
-                    help="the graph runner's tensor-parallel all-reduce (CudaGraphRunner tp_allreduce)")
+    ap.add_argument("--allreduce", default="nccl", choices=("nccl", "symm", "fused"),
+                    help="the graph runner's tensor-parallel all-reduce (CudaGraphRunner tp_allreduce; fused: "
+                         "symm, and the Triton step's all-reduce + bias + residual in one kernel)")
     # parity
     ap.add_argument("--models", default="flan-t5-large,bart-large")
     ap.add_argument("--batch", type=int, default=8)

@@ -62,8 +62,18 @@ def test_runner_checks_tp_allreduce(builtin_registry):
     model = model_from_preset("flan-t5-small", reg=builtin_registry)
     with pytest.raises(ValueError, match="tp_allreduce"):
         CudaGraphRunner(model, 2, 4, 16, use_graphs=False, compile=False, tp_allreduce="mpi")
-    r = CudaGraphRunner(model, 2, 4, 16, use_graphs=False, compile=False, tp_allreduce="symm")  # tp 1: nothing
-    assert r.tp_allreduce == "symm" and model.ctx.fast_allreduce is None
+    for kind in ("symm", "fused"):  # tp 1: nothing to set up
+        r = CudaGraphRunner(model, 2, 4, 16, use_graphs=False, compile=False, tp_allreduce=kind)
+        assert r.tp_allreduce == kind and model.ctx.fast_allreduce is None
+
+
+def test_fused_allreduce_needs_cuda_and_tp():
+    from encdec_core.runtime.cuda.allreduce import ResidualAllReduce
+
+    with pytest.raises(EncDecError, match="needs CUDA and tp >= 2"):
+        ResidualAllReduce(ParallelContext(tp_size=2, device=torch.device("cpu")), 64)
+    with pytest.raises(EncDecError, match="needs CUDA and tp >= 2"):
+        ResidualAllReduce(ParallelContext(device=torch.device("cpu")), 64)
 
 
 def _multi_gpu(tmp_path, *args) -> dict:
@@ -77,7 +87,7 @@ def _multi_gpu(tmp_path, *args) -> dict:
 @pytest.mark.gpu
 @TWO_GPUS
 @pytest.mark.parametrize("allreduce,kernels", [("nccl", "auto"), ("symm", "auto"), ("nccl", "triton"),
-                                               ("symm", "triton")])
+                                               ("symm", "triton"), ("fused", "triton")])
 def test_tp2_graph_runner_fp32_ids_equal_one_gpu(tmp_path, allreduce, kernels):
     """fp32 (reductions differ only in order): TP = 2 eager and graph runner ids equal one GPU's, with
     the compiled step or the Triton step (batch 8: every bucket but the beams' 32 rows)."""
@@ -94,3 +104,23 @@ def test_symm_allreduce_sums_in_graphs(tmp_path):
                      "--in-len", "64", "--out-len", "16", "--repeats", "1", "--allreduce", "symm")
     comm = res["allreduce_us"]["tp2"]
     assert all(comm[f"{k}_b{b}_sum_ok"] for k in ("nccl", "symm") for b in (1, 8)), comm
+
+
+@pytest.mark.gpu
+@TWO_GPUS
+def test_fused_allreduce_kernel_equals_the_sum_of_partials():
+    """runtime/cuda/allreduce.py on 2 GPUs: bit-identical to residual_sum of the ranks' summed
+    partials, eager (1-16 rows, bf16 / fp32 residual, with and without bias) and from a CUDA graph
+    of an odd number of calls replayed 40 times; no spin timed out."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from multi_gpu import SAFE_ENV
+
+    import os
+
+    env = dict(os.environ, **{k: os.environ.get(k, v) for k, v in SAFE_ENV.items()})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(ROOT / "tests" / "mpi_scripts" / "fused_allreduce.py")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    out = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert r.returncode == 0 and len(out) == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    assert all(o["different"] == 0 and o["spin_timeouts"] == 0 and o["calls"] == 296 for o in out), out

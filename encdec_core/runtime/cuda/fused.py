@@ -101,6 +101,7 @@ class FusedStep:
         self.ctx = model.ctx
         self.tp = model.ctx.distributed
         self._residual_sum = residual_sum
+        self.fused_ar = None  # enable_fused_allreduce: all-reduce + bias + residual in one kernel
         # split-K tile counters of the tiled kernel (batches above 16): each split-K GEMM leaves its
         # counters zero again, and the step's kernels run one after another, so one buffer serves all
         self.counters = torch.zeros(1 << 16, dtype=torch.int32, device=model.device)
@@ -119,6 +120,15 @@ class FusedStep:
         if self.tp:  # the residual add of tensor parallelism: 3-5 eager kernels become one
             self._residual_sum = torch.compile(residual_sum, fullgraph=True, dynamic=False)
 
+    def enable_fused_allreduce(self, max_rows: int) -> None:
+        """Tensor parallelism on CUDA: the row-parallel blocks' all-reduce, bias and residual add run
+        as one kernel (``allreduce.ResidualAllReduce``; pre-norm decoders, up to ``max_rows`` rows;
+        others keep the all-reduce + ``residual_sum``). Collective: every rank calls it."""
+        from .allreduce import ResidualAllReduce
+
+        if self.tp and self.pre:
+            self.fused_ar = ResidualAllReduce(self.ctx, self.model.cfg.d_model, max_rows)
+
     def _row_parallel(self, a, weight, bias, x, pending, st, lin):
         """An out-projection / FFN-out and its residual add: one kernel on one rank; under tensor
         parallelism the rank's fp32 product, the all-reduce, and ``residual_sum``. -> (x, stats)."""
@@ -126,6 +136,8 @@ class FusedStep:
             return fused_linear(a, weight, bias, residual=x, residual_norm=pending, residual_stats=st,
                                 out_dtype=self.res_dtype, residual_ready=True, return_stats=True, **lin)
         part = fused_linear(a, weight, None, out_dtype=torch.float32, **lin)
+        if self.fused_ar is not None and pending is None and self.fused_ar.fits(part):
+            return self.fused_ar(part, x, bias, self.res_dtype), None
         part = self.ctx.all_reduce(part)
         return self._residual_sum(x, part, bias, pending, self.res_dtype), None
 

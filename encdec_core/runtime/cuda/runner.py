@@ -449,11 +449,13 @@ class CudaGraphRunner:
         # tensor parallelism: the step's all-reduces through NCCL, or ("symm") small ones through
         # PyTorch's symmetric memory (parallel/symm.py: 6-9 us against NCCL's 16-18 us on 2 x H200;
         # collective set-up: every rank builds its runner with the same option)
-        if tp_allreduce not in ("nccl", "symm"):
-            raise ValueError(f"tp_allreduce={tp_allreduce!r}: expected 'nccl' or 'symm'")
-        if tp_allreduce == "symm" and model.ctx.tp_size > 1:
+        # "fused": "symm", and the Triton step's row-parallel blocks add bias and residual inside the
+        # all-reduce kernel (runtime/cuda/allreduce.py: one PDL kernel instead of two plain ones)
+        if tp_allreduce not in ("nccl", "symm", "fused"):
+            raise ValueError(f"tp_allreduce={tp_allreduce!r}: expected 'nccl', 'symm' or 'fused'")
+        if tp_allreduce in ("symm", "fused") and model.ctx.tp_size > 1:
             if model.device.type != "cuda":
-                raise ValueError(f"tp_allreduce='symm' needs CUDA devices, got {model.device}")
+                raise ValueError(f"tp_allreduce={tp_allreduce!r} needs CUDA devices, got {model.device}")
             from ...parallel.symm import enable_symm_allreduce
 
             enable_symm_allreduce(model.ctx)
@@ -506,6 +508,8 @@ class CudaGraphRunner:
                 raise ValueError(f"kernels='triton': the Triton decoder step does not support {why}")
             if why is None and (model.device.type == "cuda" or kernels == "triton"):
                 self._fused = FusedStep(self.dec)
+                if tp_allreduce == "fused" and model.ctx.tp_size > 1:
+                    self._fused.enable_fused_allreduce(self.fused_max_batch)
                 if compile:
                     self._fused.compile_embedding()
         if model.device.type == "cuda" and (self._fused is None or self.dec.max_batch > self.fused_max_batch):
@@ -887,4 +891,6 @@ class CudaGraphRunner:
             first = torch.where(is_eos, torch.arange(done, device=out.device), done).min(1).values
             out = out[:, : int(first.max()) + 1]
         head = torch.full((n, 1), start, dtype=torch.long, device=self.dec.device)
+        if self._fused is not None and self._fused.fused_ar is not None:
+            self._fused.fused_ar.check()  # a rank that waited for a peer in vain: raise, not wrong ids
         return torch.cat([head, out], 1)
