@@ -72,6 +72,10 @@ def _setup(a):
     from encdec_core.parallel.launch import init_parallel
 
     ctx = init_parallel(a.tp, a.pp, a.device)
+    if a.allreduce == "auto":  # what CudaGraphRunner's default picks (collective)
+        from encdec_core.parallel.symm import choose_tp_allreduce
+
+        a.allreduce = choose_tp_allreduce(ctx)
     if a.allreduce in ("symm", "fused"):
         from encdec_core.parallel.symm import enable_symm_allreduce
 
@@ -203,6 +207,8 @@ def worker_scale(a) -> dict:
     dtype = getattr(torch, a.dtype)
     t0 = time.time()
     model = _model(a.model, ctx, dev, dtype, a.seed)
+    if dev.type == "cuda":  # peak memory of serving, not of building the full model before the cut
+        torch.cuda.reset_peak_memory_stats(dev)
     batches = _ints(a.batches)
     # the encoder stays eager unless --compile-encoder (GEMM-bound at long inputs; inductor's compile
     # of a 24-layer encoder costs a minute or more per launch)
@@ -246,7 +252,8 @@ def worker_scale(a) -> dict:
         enc_ms = (time.perf_counter() - t1) / a.repeats * 1e3
         best = min(times)
         prof = _profile(runner, ids, mask, min(16, a.out_len), dev) if b in _ints(a.profile_batches) else None
-        rows.append(dict(profile=prof, batch=b, step=step_kind, in_len=a.in_len, out_len=a.out_len, e2e_ms=best * 1e3,
+        served = "triton" if runner._fused is not None and runner._cur[0] <= runner.fused_max_batch else step_kind
+        rows.append(dict(profile=prof, batch=b, step=served, allreduce=runner.tp_allreduce, in_len=a.in_len, out_len=a.out_len, e2e_ms=best * 1e3,
                          tokens_per_s=b * a.out_len / best, step_ms=step_ms, encoder_ms=enc_ms,
                          warmup_s=warm, peak_mem_gib=(torch.cuda.max_memory_allocated(dev) / 2**30
                                                       if dev.type == "cuda" else None)))
@@ -506,7 +513,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default="auto", choices=("auto", "inductor", "triton"),
                     help="the graph runner's step (CudaGraphRunner kernels): triton runs the Triton step "
                          "up to 16 rows, under TP too")
-    ap.add_argument("--allreduce", default="nccl", choices=("nccl", "symm", "fused"),
+    ap.add_argument("--allreduce", default="auto", choices=("auto", "nccl", "symm", "fused"),
                     help="the graph runner's tensor-parallel all-reduce (CudaGraphRunner tp_allreduce; fused: "
                          "symm, and the Triton step's all-reduce + bias + residual in one kernel)")
     # parity

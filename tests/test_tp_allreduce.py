@@ -65,6 +65,29 @@ def test_runner_checks_tp_allreduce(builtin_registry):
     for kind in ("symm", "fused"):  # tp 1: nothing to set up
         r = CudaGraphRunner(model, 2, 4, 16, use_graphs=False, compile=False, tp_allreduce=kind)
         assert r.tp_allreduce == kind and model.ctx.fast_allreduce is None
+    r = CudaGraphRunner(model, 2, 4, 16, use_graphs=False, compile=False)  # the default: auto
+    assert r.tp_allreduce == "nccl" and model.ctx.fast_allreduce is None
+
+
+def test_auto_allreduce_needs_cuda_peers(monkeypatch):
+    """tp_allreduce="auto" picks symmetric memory only where this rank's GPU maps every other GPU of
+    the host; on a CPU (or tp 1) it is NCCL / gloo without a collective."""
+    from encdec_core.parallel.symm import choose_tp_allreduce, symm_memory_usable
+
+    assert choose_tp_allreduce(ParallelContext()) == "nccl"
+    cpu = ParallelContext(tp_size=2, device=torch.device("cpu"))
+    assert choose_tp_allreduce(cpu) == "nccl" and "not CUDA" in symm_memory_usable(cpu)
+    ctx = ParallelContext(tp_size=2, device=torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    why = symm_memory_usable(ctx)
+    if why is not None and "torch build" in why:
+        pytest.skip(why)
+    assert "exceeds this host's 1 GPUs" in why
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: b != 3)
+    assert "no peer access to GPU(s) [3]" in symm_memory_usable(ctx)
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: True)
+    assert symm_memory_usable(ctx) is None
 
 
 def test_fused_allreduce_needs_cuda_and_tp():

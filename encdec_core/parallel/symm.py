@@ -83,3 +83,41 @@ def enable_symm_allreduce(ctx, max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
         return True
     ctx.fast_allreduce = SymmAllReduce(ctx.tp_group, ctx.device, max_bytes=max_bytes)
     return True
+
+
+def symm_memory_usable(ctx) -> str | None:
+    """Why this rank cannot use symmetric memory for ``ctx``'s tensor-parallel group (None: it can):
+    CUDA, a torch build with the symmetric-memory ops, and peer access from this rank's GPU to every
+    other GPU of the host (the tensor-parallel ranks of one host; a group wider than the host's GPUs
+    cannot map its peers' memory)."""
+    device = None if ctx.device is None else torch.device(ctx.device)
+    if device is None or device.type != "cuda":
+        return f"device {device} is not CUDA"
+    try:
+        from torch.distributed import _symmetric_memory  # noqa: F401
+
+        torch.ops.symm_mem.one_shot_all_reduce_copy  # noqa: B018
+    except (ImportError, AttributeError) as exc:
+        return f"this torch build has no symmetric-memory all-reduce ({exc})"
+    n = torch.cuda.device_count()
+    if ctx.tp_size > n:
+        return f"tensor-parallel size {ctx.tp_size} exceeds this host's {n} GPUs"
+    own = device.index if device.index is not None else torch.cuda.current_device()
+    blocked = [d for d in range(n) if d != own and not torch.cuda.can_device_access_peer(own, d)]
+    if blocked:
+        return f"GPU {own} has no peer access to GPU(s) {blocked}"
+    return None
+
+
+def choose_tp_allreduce(ctx) -> str:
+    """``tp_allreduce="auto"``: "fused" (symmetric memory, and the Triton step's fused residual
+    all-reduce) where every rank of the tensor-parallel group can use symmetric memory, else "nccl".
+    Collective when ``tp_size > 1`` (the ranks agree through one all-reduce, so no rank sets up
+    buffers that another would never exchange)."""
+    if ctx.tp_size == 1 or ctx.device is None or torch.device(ctx.device).type != "cuda":
+        return "nccl"
+    import torch.distributed as dist
+
+    ok = torch.tensor([0 if symm_memory_usable(ctx) else 1], dtype=torch.int32, device=ctx.device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=ctx.tp_group)
+    return "fused" if int(ok.item()) == 1 else "nccl"

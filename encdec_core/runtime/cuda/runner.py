@@ -44,9 +44,13 @@ fused greedy loop, which feeds its own argmax back inside the graph) and launch 
 - Tensor parallelism (pipeline size 1): each rank's static step holds its heads; the compiled step
   traces the model's all-reduces / all-gather (dynamo's functional collectives) and the CUDA graph
   captures them. ``tp_allreduce="symm"`` sends the small ones through symmetric memory
-  (``parallel/symm.py``). ``kernels="triton"`` runs the Triton step under TP too (each row-parallel
-  product an fp32 partial sum, all-reduced, added to the residual with one rounding); "auto" keeps
-  the compiled step there until that form is timed on GPUs.
+  (``parallel/symm.py``); "fused" also makes the Triton step's all-reduce, bias and residual add
+  one kernel (``allreduce.py``); "auto" (the default) is "fused" where every rank can map its
+  peers' GPU memory, else "nccl". ``kernels="triton"`` runs the Triton step under TP too (each
+  row-parallel product an fp32 partial sum, all-reduced, added to the residual with one rounding);
+  "auto" does so for batch buckets up to ``fused_max_batch`` with the fused all-reduce on a
+  pre-norm decoder (2 x H200, flan-t5-xl shape: batch-1 step 1.13 ms against one GPU's 1.36;
+  docs/performance.md, 2026-11-30 13:40-14:08), and keeps the compiled step otherwise.
 - ``compile_options``: inductor config for the compiled step, given to ``torch.compile`` (so the
   step is compiled anew rather than reused from a default runner of the same shapes) and patched
   around every (re)compilation, e.g. ``{"triton.enable_pdl": True}``: inductor's kernels with
@@ -415,7 +419,7 @@ class CudaGraphRunner:
                  dynamic: bool | None = None, use_graphs: bool = True, compile_mode: str | None = None,
                  compile_encoder: bool | None = None, kernels: str = "auto", fused_max_batch: int = 16,
                  beam_reorder: str = "auto", encoder_launch_cost: int | None = None,
-                 compile_options: dict | None = None, beam_topk: str = "auto", tp_allreduce: str = "nccl"):
+                 compile_options: dict | None = None, beam_topk: str = "auto", tp_allreduce: str = "auto"):
         cpu = model.device.type == "cpu"
         if model.device.type != "cuda" and use_graphs:
             raise ValueError(f"CUDA graphs need a model on CUDA, got {model.device}: pass use_graphs=False "
@@ -450,9 +454,14 @@ class CudaGraphRunner:
         # PyTorch's symmetric memory (parallel/symm.py: 6-9 us against NCCL's 16-18 us on 2 x H200;
         # collective set-up: every rank builds its runner with the same option)
         # "fused": "symm", and the Triton step's row-parallel blocks add bias and residual inside the
-        # all-reduce kernel (runtime/cuda/allreduce.py: one PDL kernel instead of two plain ones)
-        if tp_allreduce not in ("nccl", "symm", "fused"):
-            raise ValueError(f"tp_allreduce={tp_allreduce!r}: expected 'nccl', 'symm' or 'fused'")
+        # all-reduce kernel (runtime/cuda/allreduce.py: one PDL kernel instead of two plain ones);
+        # "auto": "fused" where every tensor-parallel rank can map its peers' memory, else "nccl"
+        if tp_allreduce not in ("auto", "nccl", "symm", "fused"):
+            raise ValueError(f"tp_allreduce={tp_allreduce!r}: expected 'auto', 'nccl', 'symm' or 'fused'")
+        if tp_allreduce == "auto":
+            from ...parallel.symm import choose_tp_allreduce
+
+            tp_allreduce = choose_tp_allreduce(model.ctx)
         if tp_allreduce in ("symm", "fused") and model.ctx.tp_size > 1:
             if model.device.type != "cuda":
                 raise ValueError(f"tp_allreduce={tp_allreduce!r} needs CUDA devices, got {model.device}")
@@ -492,12 +501,14 @@ class CudaGraphRunner:
         # kernels: "inductor" (the compiled model step), "triton" (FusedStep for batch buckets up to
         # fused_max_batch: 8 Triton kernels per layer; runs interpreted on CPU for checks), or "auto"
         # (triton on CUDA when installed and the model is supported, else inductor). Under tensor
-        # parallelism "auto" is inductor: the Triton step's TP form (fp32 partial products, all-reduce,
-        # one residual rounding) is checked on CPU ranks but not yet timed on GPUs
+        # parallelism "auto" is triton only with the fused residual all-reduce on a pre-norm decoder
+        # (the form measured on 2 x H200: flan-t5-xl shape, batch 1 / 8 steps 1.13 / 2.05 ms against
+        # one GPU's 1.36 / 2.77 and the compiled TP step's 2.51 / 2.53); otherwise inductor
         if kernels not in ("inductor", "triton", "auto"):
             raise ValueError(f"kernels={kernels!r}: expected 'inductor', 'triton' or 'auto'")
         if kernels == "auto" and model.ctx.distributed:
-            kernels = "inductor"
+            fused_tp = tp_allreduce == "fused" and model.ctx.tp_size > 1 and model.cfg.pre_norm("decoder")
+            kernels = "auto" if fused_tp else "inductor"
         self._fused = None
         self.fused_max_batch = int(fused_max_batch)
         if kernels != "inductor":
@@ -564,6 +575,7 @@ class CudaGraphRunner:
     @torch.no_grad()
     def prefill(self, input_ids, attention_mask=None, expand: int = 1, max_len: int | None = None):
         d = self.dec
+        self._check_fused_allreduce()  # the previous request (beam search, sampling) ran to the end
         dev = d.device
         input_ids = input_ids.to(dev)
         attention_mask = None if attention_mask is None else attention_mask.to(dev)
@@ -891,6 +903,11 @@ class CudaGraphRunner:
             first = torch.where(is_eos, torch.arange(done, device=out.device), done).min(1).values
             out = out[:, : int(first.max()) + 1]
         head = torch.full((n, 1), start, dtype=torch.long, device=self.dec.device)
-        if self._fused is not None and self._fused.fused_ar is not None:
-            self._fused.fused_ar.check()  # a rank that waited for a peer in vain: raise, not wrong ids
+        self._check_fused_allreduce()
         return torch.cat([head, out], 1)
+
+    def _check_fused_allreduce(self) -> None:
+        """Raise if a fused tensor-parallel all-reduce gave up waiting for a peer (its results, and
+        every step's after it, are wrong): checked after ``greedy`` and before each prefill."""
+        if self._fused is not None and self._fused.fused_ar is not None:
+            self._fused.fused_ar.check()
