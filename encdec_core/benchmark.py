@@ -356,6 +356,13 @@ class _Ours:
                 opts.setdefault("use_graphs", False)
             self.runner = CudaGraphRunner(model, max_batch, max_out + 1, max_in, **opts)
 
+    @property
+    def note(self) -> str:
+        """The rows' note: the runner, and under tensor parallelism the all-reduce it chose."""
+        if self.runner is not None and self.model.ctx.tp_size > 1:
+            return f"{self.kind}, tp_allreduce {self.runner.tp_allreduce}"
+        return self.kind
+
     def encode(self, ids, mask):
         with torch.inference_mode():
             if self.runner is not None:
@@ -530,7 +537,7 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
             if ours.runner is not None and num_beams == 1:
                 gstep = ours.runner.time_step(ids, mask, min(out_len, 32))
             ours_row = Row("encdec", **base, encoder_ms=enc_ms, e2e_ms=e2e, peak_mem_mb=mem[0] if mem else None,
-                           graph_step_ms=gstep, note=ours.kind)
+                           graph_step_ms=gstep, note=ours.note)
             rows.append(ours_row)
             tick(f"encdec b{b} {in_len}/{out_len}")
             say(f"encdec b={b} in={in_len} out={out_len}: {e2e:.2f} ms")
