@@ -147,3 +147,46 @@ def test_fused_allreduce_kernel_equals_the_sum_of_partials():
     out = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     assert r.returncode == 0 and len(out) == 2, r.stdout[-3000:] + r.stderr[-3000:]
     assert all(o["different"] == 0 and o["spin_timeouts"] == 0 and o["calls"] == 296 for o in out), out
+
+
+def test_fused_allreduce_epilogue_at_world_one():
+    """The fused all-reduce kernel's own arithmetic (no peer to exchange with: world 1), interpreted on
+    the CPU: (partial + bias) added to the residual in fp32 with one rounding, for 1-16 rows and a
+    width that is no multiple of the column block; every program's call parity advances. fp32 exact;
+    bf16 within one bf16 step (the Triton interpreter truncates where the GPU rounds to nearest; on
+    GPUs the kernel is bit-identical: test_fused_allreduce_kernel_equals_the_sum_of_partials)."""
+    from encdec_core.runtime.cuda import allreduce as A
+    from encdec_core.runtime.cuda.fused import residual_sum
+
+    if not A.HAVE_TRITON:
+        pytest.skip("triton is not installed")
+    ar = object.__new__(A.ResidualAllReduce)  # the buffers by hand: symmetric memory needs CUDA
+    n, rows = 300, 16
+    ar.world, ar.rank, ar.n, ar.max_rows = 1, 0, n, rows
+    ar.programs = -(-n // A.BLOCK_N)
+    data = torch.zeros(2 * rows * n)
+    flags = torch.zeros(2 * ar.programs, dtype=torch.int32)
+    ar.data_ptrs = torch.tensor([data.data_ptr()], dtype=torch.int64)
+    ar.flag_ptrs = torch.tensor([flags.data_ptr()], dtype=torch.int64)
+    ar.epoch = torch.zeros(ar.programs, dtype=torch.int32)
+    ar.errors = torch.zeros(1, dtype=torch.int32)
+    ar.pdl, ar.timeout_ns = False, 10**9
+    g = torch.Generator().manual_seed(0)
+    calls = 0
+    for m in (1, 3, 16):
+        for dt in (torch.float32, torch.bfloat16):
+            for with_bias in (True, False):
+                p = torch.randn(m, n, generator=g) * 3
+                x = torch.randn(m, n, generator=g).to(dt)
+                b = torch.randn(n, generator=g).to(torch.bfloat16) if with_bias else None
+                got, want = ar(p, x, b, dt), residual_sum(x, p, b, None, dt)
+                calls += 1
+                assert got.dtype == dt and got.shape == (m, n)
+                if dt == torch.float32:
+                    assert torch.equal(got, want)
+                else:
+                    torch.testing.assert_close(got.float(), want.float(), atol=0, rtol=2.0 ** -7)
+    assert ar.epoch.tolist() == [calls] * ar.programs and int(ar.errors) == 0
+    assert not data.any() and not flags.any()  # nothing pushed or signalled without peers
+    with pytest.raises(ValueError, match="partial fp32"):
+        ar(torch.zeros(17, n), torch.zeros(17, n), None, torch.float32)  # more rows than the buffers hold
