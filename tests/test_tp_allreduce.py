@@ -86,6 +86,9 @@ def test_auto_allreduce_needs_cuda_peers(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: b != 3)
     assert "no peer access to GPU(s) [3]" in symm_memory_usable(ctx)
+    assert symm_memory_usable(ctx, [0, 1]) is None  # the group's own GPUs only: 3 does not matter
+    assert "no peer access to GPU(s) [3]" in symm_memory_usable(ctx, [3, 0])
+    assert "not distinct" in symm_memory_usable(ctx, [0, 0])  # ranks that each see one GPU as 0
     monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: True)
     assert symm_memory_usable(ctx) is None
 
@@ -190,3 +193,35 @@ def test_fused_allreduce_epilogue_at_world_one():
     assert not data.any() and not flags.any()  # nothing pushed or signalled without peers
     with pytest.raises(ValueError, match="partial fp32"):
         ar(torch.zeros(17, n), torch.zeros(17, n), None, torch.float32)  # more rows than the buffers hold
+
+
+def _choose_on_rank(rank, init_file, verdicts, out_dir):
+    import torch.distributed as dist
+
+    from encdec_core.parallel import symm
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    seen = []
+
+    def usable(ctx, peers=None):  # this rank's verdict; the exchange is what is under test
+        seen.append(list(peers))
+        return verdicts[rank]
+
+    symm.symm_memory_usable = usable
+    ctx = ParallelContext(tp_size=2, rank=rank, tp_group=dist.group.WORLD, device=torch.device("cuda", 1 - rank))
+    choice = symm.choose_tp_allreduce(ctx)
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"choice": choice, "peers": seen}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("verdicts,want", [((None, None), "fused"), ((None, "no peer access"), "nccl")])
+def test_auto_allreduce_ranks_agree(tmp_path, verdicts, want):
+    """choose_tp_allreduce's exchange (2 CPU ranks, gloo, devices named cuda:1 / cuda:0): every rank
+    checks its peer access to the group's devices in rank order, and one rank that cannot map its
+    peers makes every rank take NCCL."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_choose_on_rank, args=(str(tmp_path / "init"), verdicts, str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [g["choice"] for g in got] == [want, want]
+    assert [g["peers"] for g in got] == [[[1, 0]], [[1, 0]]]

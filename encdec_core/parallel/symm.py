@@ -85,11 +85,11 @@ def enable_symm_allreduce(ctx, max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
     return True
 
 
-def symm_memory_usable(ctx) -> str | None:
+def symm_memory_usable(ctx, peers=None) -> str | None:
     """Why this rank cannot use symmetric memory for ``ctx``'s tensor-parallel group (None: it can):
-    CUDA, a torch build with the symmetric-memory ops, and peer access from this rank's GPU to every
-    other GPU of the host (the tensor-parallel ranks of one host; a group wider than the host's GPUs
-    cannot map its peers' memory)."""
+    CUDA, a torch build with the symmetric-memory ops, and peer access from this rank's GPU to the
+    other ranks' GPUs of the group (``peers``: their device indices on this host; None: every other
+    GPU of the host). A group wider than the host's visible GPUs cannot map its peers' memory."""
     device = None if ctx.device is None else torch.device(ctx.device)
     if device is None or device.type != "cuda":
         return f"device {device} is not CUDA"
@@ -103,7 +103,10 @@ def symm_memory_usable(ctx) -> str | None:
     if ctx.tp_size > n:
         return f"tensor-parallel size {ctx.tp_size} exceeds this host's {n} GPUs"
     own = device.index if device.index is not None else torch.cuda.current_device()
-    blocked = [d for d in range(n) if d != own and not torch.cuda.can_device_access_peer(own, d)]
+    others = [d for d in (range(n) if peers is None else peers) if d != own]
+    if peers is not None and len(set(peers)) != len(peers):
+        return f"the ranks' GPUs {list(peers)} are not distinct on this host"
+    blocked = [d for d in others if not 0 <= d < n or not torch.cuda.can_device_access_peer(own, d)]
     if blocked:
         return f"GPU {own} has no peer access to GPU(s) {blocked}"
     return None
@@ -111,13 +114,20 @@ def symm_memory_usable(ctx) -> str | None:
 
 def choose_tp_allreduce(ctx) -> str:
     """``tp_allreduce="auto"``: "fused" (symmetric memory, and the Triton step's fused residual
-    all-reduce) where every rank of the tensor-parallel group can use symmetric memory, else "nccl".
-    Collective when ``tp_size > 1`` (the ranks agree through one all-reduce, so no rank sets up
-    buffers that another would never exchange)."""
+    all-reduce) where every rank of the tensor-parallel group can map the others' GPUs, else
+    "nccl". Collective when ``tp_size > 1``: the ranks exchange their device indices, each checks
+    its peer access to the others', and they agree through one all-reduce, so no rank sets up
+    buffers that another would never exchange."""
     if ctx.tp_size == 1 or ctx.device is None or torch.device(ctx.device).type != "cuda":
         return "nccl"
     import torch.distributed as dist
 
-    ok = torch.tensor([0 if symm_memory_usable(ctx) else 1], dtype=torch.int32, device=ctx.device)
+    dev = torch.device(ctx.device)
+    own = dev.index if dev.index is not None else torch.cuda.current_device()
+    comm = dev if dist.get_backend(ctx.tp_group) == "nccl" else torch.device("cpu")  # gloo: CPU tensors
+    idx = [torch.zeros(1, dtype=torch.int64, device=comm) for _ in range(ctx.tp_size)]
+    dist.all_gather(idx, torch.tensor([own], dtype=torch.int64, device=comm), group=ctx.tp_group)
+    why = symm_memory_usable(ctx, [int(t) for t in idx])
+    ok = torch.tensor([0 if why else 1], dtype=torch.int64, device=comm)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=ctx.tp_group)
     return "fused" if int(ok.item()) == 1 else "nccl"
