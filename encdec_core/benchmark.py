@@ -348,6 +348,10 @@ class _Ours:
         if runner == "compiled" and dev.type != "cpu":
             raise EncDecError(f"benchmark: runner 'compiled' serves CUDA and CPU devices, got {dev}")
         self.kind = runner
+        if options and runner == "eager":
+            names = ", ".join(sorted(options))
+            raise EncDecError(f"benchmark: runner options ({names}) apply to the cuda-graph and compiled runners, "
+                              f"and this run uses the eager runner (device {dev}, pp_size {model.ctx.pp_size})")
         if runner in ("cuda-graph", "compiled"):
             from .runtime.cuda import CudaGraphRunner
 

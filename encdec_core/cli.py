@@ -28,6 +28,15 @@ def _opt(p: argparse.ArgumentParser, *names: str, **kw):
     return p.add_argument(*all_names, **kw)
 
 
+def _tp_allreduce_opt(s) -> None:
+    from .runtime.cuda.runner import TP_ALLREDUCE
+
+    _opt(s, "--tp-allreduce", default=None, choices=TP_ALLREDUCE,
+         help="tensor parallelism on GPUs, CUDA-graph runner: the step's all-reduce. auto (default, or "
+              "ENCDEC_TP_ALLREDUCE): fused where the GPUs map each other's memory, else nccl; symm: "
+              "symmetric memory; fused: symm plus all-reduce + residual add in one kernel")
+
+
 def _bool(v: str):
     s = str(v).strip().lower()
     if s in ("1", "true", "yes", "on"):
@@ -233,7 +242,10 @@ def cmd_run(args) -> int:
                               f"{ctx.pp_size}; pipeline-parallel runs use the eager runner (drop --cuda-graph)")
         from .runtime.cuda.runner import CudaGraphRunner
 
-        runner = CudaGraphRunner.for_engine(engine)  # compiles and captures once, sized by the engine limits
+        # compiles and captures once, sized by the engine limits
+        runner = CudaGraphRunner.for_engine(engine, tp_allreduce=args.tp_allreduce)
+    elif args.tp_allreduce is not None:
+        raise EncDecError(f"--tp-allreduce {args.tp_allreduce}: the all-reduce of the CUDA-graph runner; add --cuda-graph")
     res = engine.generate_ids(ids, target_lang_ids=langs, runner=runner, **overrides)
     n = res.num_return_sequences
     outputs = [[tok.decode(res.tokens(i * n + j)) for j in range(n)] for i in range(len(texts))]
@@ -356,6 +368,7 @@ def cmd_benchmark(args) -> int:
         csv_path=args.csv if rank0 else None, json_path=args.json if rank0 else None,
         plot_path=args.plot if rank0 else None, progress=rank0 and not args.quiet,
         repeats=args.repeats, warmup=args.warmup, runner=runner, hf_model=hf_model,
+        runner_options={"tp_allreduce": args.tp_allreduce} if args.tp_allreduce else None,
         log=(lambda *a: print(*a, file=sys.stderr)) if rank0 and not args.quiet else None)
     out(format_table(rows))
     return 0
@@ -426,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, "--cuda-graph", action="store_true",
          help="decode with the compiled CUDA-graph runner (pays a one-off compile; for long runs and serving)")
     _opt(s, "--dtype", default=None, help="override the engine dtype at load")
+    _tp_allreduce_opt(s)
     _opt(s, "--output-json", default=None)
     s.set_defaults(func=cmd_run)
 
@@ -445,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, "--tp-size", type=int, default=1,
          help="with --preset: tensor-parallel size (launch tp x pp ranks with mpirun / torchrun)")
     _opt(s, "--pp-size", type=int, default=1, help="with --preset: pipeline-parallel size")
+    _tp_allreduce_opt(s)
     _opt(s, "--repeats", type=int, default=3)
     _opt(s, "--warmup", type=int, default=1)
     _opt(s, "--csv", default=None)

@@ -316,3 +316,30 @@ def test_run_more_inputs_than_the_batch_limit(builtin_registry, tmp_path, t5_dir
         assert a.all_tokens() == b.all_tokens(), kw
         if b.sequences_scores is not None:
             torch.testing.assert_close(a.sequences_scores, b.sequences_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_tp_allreduce_option(builtin_registry, tmp_path, t5_dir, capsys, monkeypatch):
+    """--tp-allreduce: the CUDA-graph runner's tensor-parallel all-reduce; refused where no such
+    runner runs (run without --cuda-graph, benchmark on the eager runner), and a bad
+    ENCDEC_TP_ALLREDUCE is named."""
+    _, eng = _pipeline(tmp_path, t5_dir)
+    capsys.readouterr()
+    assert main(["run", "--engine-dir", str(eng), "--input-text", "x", "--device", "cpu",
+                 "--tp-allreduce", "nccl"]) != 0
+    assert "--cuda-graph" in _err(capsys)
+    assert main(["benchmark", "--engine-dir", str(eng), "--batch-size", "1", "--input-output-len", "8,2",
+                 "--repeats", "1", "--warmup", "0", "--device", "cpu", "--runner", "eager", "--tp-allreduce",
+                 "nccl", "--quiet"]) != 0
+    assert "eager runner" in _err(capsys)
+    rc = main(["benchmark", "--engine-dir", str(eng), "--batch-size", "1", "--input-output-len", "8,2",
+               "--repeats", "1", "--warmup", "0", "--device", "cpu", "--runner", "compiled",
+               "--tp_allreduce", "symm", "--quiet"])  # tp 1: accepted, nothing to set up
+    assert rc == 0 and "| encdec |" in capsys.readouterr().out
+    from encdec_core.errors import ConfigError
+    from encdec_core.runtime.cuda.runner import tp_allreduce_default
+
+    monkeypatch.setenv("ENCDEC_TP_ALLREDUCE", "NCCL")
+    assert tp_allreduce_default() == "nccl"
+    monkeypatch.setenv("ENCDEC_TP_ALLREDUCE", "mpi")
+    with pytest.raises(ConfigError, match="ENCDEC_TP_ALLREDUCE='mpi'"):
+        tp_allreduce_default()

@@ -67,7 +67,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...errors import LimitError
+from ...errors import ConfigError, LimitError
 from ..encode import encode_grouped
 from . import ops as cuda_ops
 
@@ -405,6 +405,21 @@ class StaticDecoder:
         return nxt
 
 
+TP_ALLREDUCE = ("auto", "nccl", "symm", "fused")
+
+
+def tp_allreduce_default() -> str:
+    """``CudaGraphRunner``'s tensor-parallel all-reduce when none is given: ``ENCDEC_TP_ALLREDUCE``
+    (one of TP_ALLREDUCE), else "auto"."""
+    import os
+
+    v = os.environ.get("ENCDEC_TP_ALLREDUCE", "").strip().lower() or "auto"
+    if v not in TP_ALLREDUCE:
+        raise ConfigError(f"ENCDEC_TP_ALLREDUCE={os.environ['ENCDEC_TP_ALLREDUCE']!r}: expected one of "
+                          f"{', '.join(TP_ALLREDUCE)}")
+    return v
+
+
 class CudaGraphRunner:
     """The runner interface of ``encdec_core.runtime.generation.generate`` on CUDA graphs.
 
@@ -419,7 +434,7 @@ class CudaGraphRunner:
                  dynamic: bool | None = None, use_graphs: bool = True, compile_mode: str | None = None,
                  compile_encoder: bool | None = None, kernels: str = "auto", fused_max_batch: int = 16,
                  beam_reorder: str = "auto", encoder_launch_cost: int | None = None,
-                 compile_options: dict | None = None, beam_topk: str = "auto", tp_allreduce: str = "auto"):
+                 compile_options: dict | None = None, beam_topk: str = "auto", tp_allreduce: str | None = None):
         cpu = model.device.type == "cpu"
         if model.device.type != "cuda" and use_graphs:
             raise ValueError(f"CUDA graphs need a model on CUDA, got {model.device}: pass use_graphs=False "
@@ -456,8 +471,10 @@ class CudaGraphRunner:
         # "fused": "symm", and the Triton step's row-parallel blocks add bias and residual inside the
         # all-reduce kernel (runtime/cuda/allreduce.py: one PDL kernel instead of two plain ones);
         # "auto": "fused" where every tensor-parallel rank can map its peers' memory, else "nccl"
-        if tp_allreduce not in ("auto", "nccl", "symm", "fused"):
-            raise ValueError(f"tp_allreduce={tp_allreduce!r}: expected 'auto', 'nccl', 'symm' or 'fused'")
+        # None: the ENCDEC_TP_ALLREDUCE environment variable, else "auto" (a switch for deployments)
+        tp_allreduce = tp_allreduce_default() if tp_allreduce is None else tp_allreduce
+        if tp_allreduce not in TP_ALLREDUCE:
+            raise ValueError(f"tp_allreduce={tp_allreduce!r}: expected one of {', '.join(TP_ALLREDUCE)}")
         if tp_allreduce == "auto":
             from ...parallel.symm import choose_tp_allreduce
 
