@@ -32,3 +32,10 @@ def ensure_families():
         except ImportError:
             pass
     return registry
+
+
+def kernel_rows(prof, per: float) -> list:
+    """A torch profiler's CUDA kernels as [(device us per ``per``, launches per ``per``, name)], the
+    most time first (``per``: the steps or calls the profile covered)."""
+    return sorted(((e.self_device_time_total / per, e.count / per, e.key) for e in prof.key_averages()
+                   if e.device_type.name == "CUDA" and e.count), reverse=True)

@@ -17,7 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ensure_families  # noqa: E402
+from _common import ensure_families, kernel_rows  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -69,20 +69,16 @@ def profile_step(name: str, batch: int, out_dir: str, steps: int = 20, kernels: 
         torch.cuda.synchronize()
     groups: dict = {}
     total, count = 0.0, 0
-    for ev in prof.key_averages():
-        if ev.device_type.name != "CUDA" or ev.count == 0:
-            continue
-        n = ev.key
+    rows = kernel_rows(prof, steps)
+    for t, c, n in rows:
         kind = ("gemm" if any(s in n.lower() for s in ("gemm", "gemv", "cublas", "cutlass", "sm90_xmma", "nvjet"))
                 else "triton" if n.startswith(("triton", "_fused_linear", "_decode_attention")) else "other")
-        t = ev.self_device_time_total / steps
         g = groups.setdefault(kind, {"us_per_step": 0.0, "kernels_per_step": 0.0})
         g["us_per_step"] += t
-        g["kernels_per_step"] += ev.count / steps
+        g["kernels_per_step"] += c
         total += t
-        count += ev.count / steps
-    top = sorted(((ev.self_device_time_total / steps, ev.count / steps, ev.key[:90]) for ev in prof.key_averages()
-                  if ev.device_type.name == "CUDA"), reverse=True)[:25]
+        count += c
+    top = [(t, c, n[:90]) for t, c, n in rows[:25]]
     kern = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
     per = len(kern) // steps
     sequence = []

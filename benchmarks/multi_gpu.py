@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, ensure_families  # noqa: E402
+from _common import ROOT, ensure_families, kernel_rows  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -252,7 +252,7 @@ def worker_scale(a) -> dict:
         enc_ms = (time.perf_counter() - t1) / a.repeats * 1e3
         best = min(times)
         prof = _profile(runner, ids, mask, min(16, a.out_len), dev) if b in _ints(a.profile_batches) else None
-        served = "triton" if runner._fused is not None and runner._cur[0] <= runner.fused_max_batch else step_kind
+        served = "triton" if runner._step_fn(runner._cur[0]) is runner._fused else step_kind
         rows.append(dict(profile=prof, batch=b, step=served, allreduce=runner.tp_allreduce, in_len=a.in_len, out_len=a.out_len, e2e_ms=best * 1e3,
                          tokens_per_s=b * a.out_len / best, step_ms=step_ms, encoder_ms=enc_ms,
                          warmup_s=warm, peak_mem_gib=(torch.cuda.max_memory_allocated(dev) / 2**30
@@ -265,10 +265,9 @@ def worker_scale(a) -> dict:
 def _kernels(prof, per: int, top: int = 14) -> dict:
     """A torch profiler's CUDA kernels: total device time and count per ``per`` (steps), and the
     ``top`` kernels by time, each [us per unit, count per unit, name]."""
-    evs = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.count]
-    rows = sorted(((e.self_device_time_total / per, e.count / per, e.key[:80]) for e in evs), reverse=True)
+    rows = kernel_rows(prof, per)
     return {"us": round(sum(r[0] for r in rows), 1), "kernels": round(sum(r[1] for r in rows), 1),
-            "top": [[round(t, 1), round(c, 2), n] for t, c, n in rows[:top]]}
+            "top": [[round(t, 1), round(c, 2), n[:80]] for t, c, n in rows[:top]]}
 
 
 def _profile(runner, ids, mask, steps: int, dev) -> dict | None:

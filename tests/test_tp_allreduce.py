@@ -225,3 +225,18 @@ def test_auto_allreduce_ranks_agree(tmp_path, verdicts, want):
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [g["choice"] for g in got] == [want, want]
     assert [g["peers"] for g in got] == [[[1, 0]], [[1, 0]]]
+
+
+def test_fused_allreduce_timeout_variable(monkeypatch):
+    """ENCDEC_AR_TIMEOUT_S: seconds a program waits for a peer; anything but a positive number is named."""
+    from encdec_core.errors import ConfigError
+    from encdec_core.runtime.cuda.allreduce import TIMEOUT_S, _timeout_ns
+
+    monkeypatch.delenv("ENCDEC_AR_TIMEOUT_S", raising=False)
+    assert _timeout_ns() == int(TIMEOUT_S * 1e9)
+    monkeypatch.setenv("ENCDEC_AR_TIMEOUT_S", "2.5")
+    assert _timeout_ns() == 2_500_000_000
+    for bad in ("soon", "0", "-3", "nan"):
+        monkeypatch.setenv("ENCDEC_AR_TIMEOUT_S", bad)
+        with pytest.raises(ConfigError, match="ENCDEC_AR_TIMEOUT_S"):
+            _timeout_ns()

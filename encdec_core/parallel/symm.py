@@ -27,6 +27,26 @@ DEFAULT_MAX_BYTES = 1 << 20  # 1 MiB: a [256, 2048] bf16 step activation
 _BUFFERS: dict = {}  # (group name, dtype) -> this rank's symmetric buffer (1-D)
 
 
+def symm_ops_missing() -> str | None:
+    """Why this torch build cannot run the symmetric-memory all-reduces (None: it can)."""
+    try:
+        from torch.distributed import _symmetric_memory  # noqa: F401
+
+        torch.ops.symm_mem.one_shot_all_reduce_copy  # noqa: B018 - present in this build?
+    except (ImportError, AttributeError) as exc:
+        return f"this torch build has no symmetric-memory all-reduce ({exc})"
+    return None
+
+
+def _cuda_tp(ctx) -> bool:
+    """Whether ``ctx`` is tensor-parallel (tp > 1) on CUDA devices: where symmetric memory applies."""
+    return ctx.tp_size > 1 and ctx.device is not None and torch.device(ctx.device).type == "cuda"
+
+
+def _gpu_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 class SymmAllReduce:
     """Sum over a tensor-parallel group through symmetric-memory buffers (see the module doc)."""
 
@@ -35,12 +55,11 @@ class SymmAllReduce:
         device = torch.device(device)
         if device.type != "cuda":
             raise EncDecError(f"the symmetric-memory all-reduce needs CUDA devices, got {device}")
-        try:
-            import torch.distributed._symmetric_memory as symm_mem
+        why = symm_ops_missing()
+        if why:
+            raise EncDecError(why)
+        import torch.distributed._symmetric_memory as symm_mem
 
-            torch.ops.symm_mem.one_shot_all_reduce_copy  # noqa: B018 - present in this build?
-        except (ImportError, AttributeError) as exc:
-            raise EncDecError(f"this torch build has no symmetric-memory all-reduce ({exc})") from None
         self.group_name = group.group_name
         self.max_bytes = int(max_bytes)
         self.dtypes = tuple(dtypes)
@@ -77,7 +96,7 @@ def enable_symm_allreduce(ctx, max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
     """Route ``ctx``'s small tensor-parallel all-reduces through symmetric memory (collective over
     the whole launch: call it on every rank). Returns False, changing nothing, where it does not
     apply (tp 1, not CUDA)."""
-    if ctx.tp_size == 1 or ctx.device is None or torch.device(ctx.device).type != "cuda":
+    if not _cuda_tp(ctx):
         return False
     if isinstance(ctx.fast_allreduce, SymmAllReduce):
         return True
@@ -93,19 +112,16 @@ def symm_memory_usable(ctx, peers=None) -> str | None:
     device = None if ctx.device is None else torch.device(ctx.device)
     if device is None or device.type != "cuda":
         return f"device {device} is not CUDA"
-    try:
-        from torch.distributed import _symmetric_memory  # noqa: F401
-
-        torch.ops.symm_mem.one_shot_all_reduce_copy  # noqa: B018
-    except (ImportError, AttributeError) as exc:
-        return f"this torch build has no symmetric-memory all-reduce ({exc})"
+    why = symm_ops_missing()
+    if why:
+        return why
     n = torch.cuda.device_count()
     if ctx.tp_size > n:
         return f"tensor-parallel size {ctx.tp_size} exceeds this host's {n} GPUs"
-    own = device.index if device.index is not None else torch.cuda.current_device()
-    others = [d for d in (range(n) if peers is None else peers) if d != own]
     if peers is not None and len(set(peers)) != len(peers):
         return f"the ranks' GPUs {list(peers)} are not distinct on this host"
+    own = _gpu_index(device)
+    others = [d for d in (range(n) if peers is None else peers) if d != own]
     blocked = [d for d in others if not 0 <= d < n or not torch.cuda.can_device_access_peer(own, d)]
     if blocked:
         return f"GPU {own} has no peer access to GPU(s) {blocked}"
@@ -118,12 +134,12 @@ def choose_tp_allreduce(ctx) -> str:
     "nccl". Collective when ``tp_size > 1``: the ranks exchange their device indices, each checks
     its peer access to the others', and they agree through one all-reduce, so no rank sets up
     buffers that another would never exchange."""
-    if ctx.tp_size == 1 or ctx.device is None or torch.device(ctx.device).type != "cuda":
+    if not _cuda_tp(ctx):
         return "nccl"
     import torch.distributed as dist
 
     dev = torch.device(ctx.device)
-    own = dev.index if dev.index is not None else torch.cuda.current_device()
+    own = _gpu_index(dev)
     comm = dev if dist.get_backend(ctx.tp_group) == "nccl" else torch.device("cpu")  # gloo: CPU tensors
     idx = [torch.zeros(1, dtype=torch.int64, device=comm) for _ in range(ctx.tp_size)]
     dist.all_gather(idx, torch.tensor([own], dtype=torch.int64, device=comm), group=ctx.tp_group)

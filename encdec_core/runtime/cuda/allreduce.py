@@ -25,18 +25,21 @@ the Triton step's overlap of one kernel's start with its predecessor's tail is l
   back or earlier, as the step's other kernels assume) and its parity counter.
 - A program that waits for a peer longer than ``TIMEOUT_S`` (a peer that never arrives) gives up,
   counts an error in ``errors`` (this result and later ones are then wrong) and returns instead of
-  hanging the GPU; ``check()`` raises on the host when that happened (``CudaGraphRunner.greedy``
-  checks after each call).
+  hanging the GPU; ``check()`` raises on the host when that happened (``CudaGraphRunner`` checks
+  after ``greedy`` and before each prefill).
 
 CUDA with symmetric memory and peer access only; nothing else can run it (CPU tests cover the
 unfused path it replaces; the GPU test compares it with torch's sum on 2 GPUs).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
-from ...errors import EncDecError
-from .triton_kernels import HAVE_TRITON, _next_pow2, pdl_supported
+from ...errors import ConfigError, EncDecError
+from ...parallel.symm import symm_ops_missing
+from .triton_kernels import HAVE_TRITON, _launch_options, _next_pow2, pdl_supported
 
 MAX_ROWS = 16  # the Triton step's batch buckets (fused_max_batch's default)
 BLOCK_N = 256
@@ -126,6 +129,20 @@ if HAVE_TRITON:
         tl.store(epoch_ptr + pid, epoch + 1)
 
 
+def _timeout_ns() -> int:
+    """How long a program waits for a peer: ``ENCDEC_AR_TIMEOUT_S`` seconds (positive), else TIMEOUT_S."""
+    raw = os.environ.get("ENCDEC_AR_TIMEOUT_S")
+    if raw is None:
+        return int(TIMEOUT_S * 1e9)
+    try:
+        secs = float(raw)
+    except ValueError:
+        secs = -1.0
+    if not secs > 0:
+        raise ConfigError(f"ENCDEC_AR_TIMEOUT_S={raw!r}: expected a positive number of seconds")
+    return int(secs * 1e9)
+
+
 class ResidualAllReduce:
     """``out = residual + (sum over the tensor-parallel group of partial + bias)``, one kernel
     (see the module doc). Collective to build: every rank of ``ctx``'s tensor-parallel group
@@ -138,10 +155,12 @@ class ResidualAllReduce:
         if device.type != "cuda" or ctx.tp_size < 2:
             raise EncDecError(f"the fused tensor-parallel all-reduce needs CUDA and tp >= 2 "
                               f"(device {device}, tp {ctx.tp_size})")
-        try:
-            import torch.distributed._symmetric_memory as symm_mem
-        except ImportError as exc:
-            raise EncDecError(f"this torch build has no symmetric memory ({exc})") from None
+        why = symm_ops_missing()
+        if why:
+            raise EncDecError(why)
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.timeout_ns = _timeout_ns()  # a bad ENCDEC_AR_TIMEOUT_S is refused before any collective
         self.world, self.rank = ctx.tp_size, ctx.tp_rank
         self.n, self.max_rows = int(n), int(max_rows)
         self.programs = -(-self.n // BLOCK_N)
@@ -158,9 +177,6 @@ class ResidualAllReduce:
         self.epoch = torch.zeros(self.programs, dtype=torch.int32, device=device)
         self.errors = torch.zeros(1, dtype=torch.int32, device=device)
         self.pdl = pdl_supported(device)
-        import os
-
-        self.timeout_ns = int(float(os.environ.get("ENCDEC_AR_TIMEOUT_S", TIMEOUT_S)) * 1e9)
 
     def fits(self, partial: torch.Tensor) -> bool:
         return partial.dim() == 2 and partial.shape[0] <= self.max_rows and partial.shape[1] == self.n
@@ -180,7 +196,7 @@ class ResidualAllReduce:
             self.errors, m, self.n, partial.stride(0), x.stride(0), out.stride(0),
             RANK=self.rank, WORLD=self.world, R_MAX=self.max_rows, N_BUF=self.n, P_MAX=self.programs,
             BLOCK_M=max(2, _next_pow2(m)), BLOCK_N=BLOCK_N, HAS_BIAS=bias is not None, PDL=self.pdl,
-            TIMEOUT_NS=self.timeout_ns, num_warps=4, **({"launch_pdl": True} if self.pdl else {}))
+            TIMEOUT_NS=self.timeout_ns, **_launch_options({"num_warps": 4}, self.pdl))
         return out
 
     def check(self) -> None:
