@@ -112,9 +112,9 @@ def main():
     ap.add_argument("--beam-topk", default=None, choices=("torch", "triton"),
                     help="beam search's candidate top-k: torch.topk or the Triton two-stage kernel "
                          "(default: the runner's, Triton on CUDA)")
-    ap.add_argument("--inductor-pdl", action="store_true",
-                    help="inductor's kernels of the compiled step with programmatic dependent launch "
-                         "(compile_options={'triton.enable_pdl': True})")
+    ap.add_argument("--no-inductor-pdl", action="store_true",
+                    help="inductor's kernels of the compiled step without programmatic dependent launch "
+                         "(compile_options={}; the runner's default on Hopper launches them with it)")
     ap.add_argument("--kernels", default=None, help="decoder step kernels: inductor, triton or auto (runner default)")
     ap.add_argument("--attention", default=None, help="attention of the compiled step: math or sdpa")
     ap.add_argument("--fused-max-batch", type=int, default=None, help="largest batch bucket of the Triton step")
@@ -138,8 +138,8 @@ def main():
         opts["compile_mode"] = a.compile_mode
     if a.beam_topk:
         opts["beam_topk"] = a.beam_topk
-    if a.inductor_pdl:
-        opts["compile_options"] = {"triton.enable_pdl": True}
+    if a.no_inductor_pdl:
+        opts["compile_options"] = {}
     if a.kernels:
         opts["kernels"] = a.kernels
     if a.attention:

@@ -196,14 +196,15 @@ POLICIES = {
 
 
 COMPILED = {  # the compiled step's base policies: (attention, torch.compile mode, TunableOp, inductor options)
+    # the runner's default options (None): inductor's kernels with PDL on Hopper+ (default_compile_options)
     "inductor": ("triton", None, False, None),
+    "inductor-nopdl": ("triton", None, False, {}),
     "inductor-math": ("math", None, False, None),
     "inductor-autotune": ("triton", "max-autotune-no-cudagraphs", False, None),  # inductor's GEMM templates too
     # torch.cuda.tunable: every cuBLAS / cuBLASLt GEMM benchmarks the library's algorithms for its
     # shape at the first call (the warm-up before graph capture) and keeps the fastest
     "inductor-tunableop": ("triton", None, True, None),
-    # inductor's own kernels with programmatic dependent launch (compile_options); its tokens are
-    # compared with the first policy's: run it after "inductor"
+    # inductor's own kernels with programmatic dependent launch, asked for explicitly (compile_options)
     "inductor-pdl": ("triton", None, False, {"triton.enable_pdl": True}),
 }
 
@@ -212,7 +213,8 @@ def _compiled(policy: str):
     """The inductor-compiled model step: "inductor" (its default attention, the Triton op on CUDA),
     "inductor-math" (inductor's own fp32 reductions), "inductor-autotune" (compile mode
     max-autotune-no-cudagraphs: inductor benchmarks its Triton GEMM templates, with fused epilogues,
-    against cuBLAS per shape), "inductor-pdl" (inductor's kernels with PDL), each optionally
+    against cuBLAS per shape), "inductor-pdl" / "inductor-nopdl" (inductor's kernels with / without
+    PDL; "inductor" takes the runner's default: with it on Hopper), each optionally
     "+<attention policy>" (the Triton op with that policy's block sizes) -> (attention, attention
     policy or None, compile mode, TunableOp, inductor options or None); else None."""
     base, _, attn = policy.partition("+")

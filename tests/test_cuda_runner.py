@@ -143,7 +143,7 @@ def test_cpu_compiled_step_matches_eager(family):
     assert runner.time_step(ids, mask, steps=4, repeats=1) > 0
 
 
-def test_compiled_runner_serves_more_bucket_combinations_than_dynamos_default_limit(monkeypatch):
+def test_compiled_runner_serves_more_bucket_combinations_than_dynamos_default_limit():
     """Every (batch bucket, source bucket) is its own static compilation of the step on a CPU; with
     dynamo's recompile limit at its default (8) the ninth stopped the fullgraph step with
     FailOnRecompileLimitHit. Here the limit starts at 2 and three combinations are served: the
@@ -153,17 +153,20 @@ def test_compiled_runner_serves_more_bucket_combinations_than_dynamos_default_li
     from encdec_core.runtime.cuda import CudaGraphRunner
     from encdec_core.runtime.cuda.runner import RECOMPILE_LIMIT
 
-    monkeypatch.setattr(dynamo_config, "recompile_limit", 2)
-    monkeypatch.setattr(dynamo_config, "accumulated_recompile_limit", 2)
-    model = _tiny("t5", "cpu")
-    fast = {"max_autotune": False, "freezing": False}  # the limit is the point here, not the speed
-    runner = CudaGraphRunner(model, 8, 6, 64, compile=True, use_graphs=False, compile_options=fast)
-    assert dynamo_config.recompile_limit >= RECOMPILE_LIMIT
-    assert dynamo_config.accumulated_recompile_limit >= RECOMPILE_LIMIT
-    eager = CudaGraphRunner(model, 8, 6, 64, compile=False, use_graphs=False)
-    for b, s in ((1, 5), (2, 20), (5, 40)):  # buckets (1, 16), (2, 32), (8, 64): three compilations
-        ids = torch.randint(4, model.cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(b))
-        assert torch.equal(runner.greedy(ids, None, max_new_tokens=4), eager.greedy(ids, None, max_new_tokens=4))
+    # dynamo's config.patch, not monkeypatch: pytest's monkeypatch sees no attribute on a config
+    # module and deletes the entry when it undoes the change (later compilations then fail)
+    with dynamo_config.patch(recompile_limit=2, accumulated_recompile_limit=2):
+        model = _tiny("t5", "cpu")
+        fast = {"max_autotune": False, "freezing": False}  # the limit is the point here, not the speed
+        runner = CudaGraphRunner(model, 8, 6, 64, compile=True, use_graphs=False, compile_options=fast)
+        assert dynamo_config.recompile_limit >= RECOMPILE_LIMIT
+        assert dynamo_config.accumulated_recompile_limit >= RECOMPILE_LIMIT
+        eager = CudaGraphRunner(model, 8, 6, 64, compile=False, use_graphs=False)
+        for b, s in ((1, 5), (2, 20), (5, 40)):  # buckets (1, 16), (2, 32), (8, 64): three compilations
+            ids = torch.randint(4, model.cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(b))
+            assert torch.equal(runner.greedy(ids, None, max_new_tokens=4),
+                               eager.greedy(ids, None, max_new_tokens=4))
+    assert hasattr(dynamo_config, "recompile_limit")
 
 
 def test_cpu_compiled_step_patches_inductor_config_and_falls_back():
@@ -322,6 +325,29 @@ def test_beam_search_in_graph_with_triton_topk(family):
     assert torch.equal(a.sequences, b.sequences)
 
 
+def test_default_compile_options(monkeypatch):
+    """PDL for inductor's kernels by default only where it was measured: one rank, a GPU with PDL
+    (Hopper+, not ENCDEC_PDL=0), no compile mode; a CPU model compiles without options."""
+    from types import SimpleNamespace
+
+    import encdec_core.runtime.cuda.triton_kernels as tk
+    from encdec_core.runtime.cuda import CudaGraphRunner
+    from encdec_core.runtime.cuda.runner import default_compile_options
+
+    cpu = _tiny("t5", "cpu")
+    assert default_compile_options(cpu) == {}
+    assert CudaGraphRunner(cpu, 2, 4, 8, use_graphs=False).compile_options == {}
+    gpu = SimpleNamespace(device=torch.device("cuda", 0), ctx=SimpleNamespace(distributed=False))
+    monkeypatch.setattr(tk, "pdl_supported", lambda device: True)
+    assert default_compile_options(gpu) == {"triton.enable_pdl": True}
+    assert default_compile_options(gpu, compile=False) == {}
+    assert default_compile_options(gpu, compile_mode="max-autotune-no-cudagraphs") == {}
+    tp = SimpleNamespace(device=torch.device("cuda", 0), ctx=SimpleNamespace(distributed=True))
+    assert default_compile_options(tp) == {}
+    monkeypatch.setattr(tk, "pdl_supported", lambda device: False)  # older GPU, or ENCDEC_PDL=0
+    assert default_compile_options(gpu) == {}
+
+
 def test_compile_options_are_checked():
     from encdec_core.runtime.cuda import CudaGraphRunner
 
@@ -335,15 +361,12 @@ def test_compile_options_are_checked():
 
 @CUDA
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["t5", pytest.param("bart", marks=pytest.mark.xfail(
-    strict=False, reason="failed once on an H200 (2026-11-30 12:55, after the t5 case in the same process; "
-    "its message was lost): likely dynamo's recompile limit (8), which the fixed compile_options made the "
-    "runners reach and allow_recompiles has raised since; not re-run on a GPU yet"))])
+@pytest.mark.parametrize("family", ["t5", "bart"])
 def test_compiled_step_with_inductor_pdl(family):
-    """compile_options={"triton.enable_pdl": True}: inductor launches its kernels with PDL (Hopper+),
-    each waiting only where it reads its predecessor's writes. The option must reach the code of a
-    step compiled after a default runner's step of the same shapes in the same process (dynamo
-    reused that one before: the options then never applied). The PDL step (graphs, 24 rows, fp32)
+    """compile_options={"triton.enable_pdl": True} (the default on Hopper+): inductor launches its
+    kernels with PDL, each waiting only where it reads its predecessor's writes. The option must
+    reach the code of a step compiled after a runner without options compiled the step of the same
+    shapes in the same process (dynamo reused that one before: the options then never applied). The PDL step (graphs, 24 rows, fp32)
     stays within the parity tolerance of the step without it, with the same greedy and beam tokens
     (BART bit-identical; T5 ~1.5e-6 apart on an H200: inductor generates other code)."""
     from unittest import mock
@@ -360,8 +383,10 @@ def test_compiled_step_with_inductor_pdl(family):
     B = 24
     ids, mask = _ragged(model.cfg, B, 12, seed=9, device="cuda")  # lengths 12 down to 5
     kw = dict(kernels="inductor")
-    ref = CudaGraphRunner(model, 32, 12, 16, **kw)
-    pdl = CudaGraphRunner(model, 32, 12, 16, compile_options={"triton.enable_pdl": True}, **kw)
+    ref = CudaGraphRunner(model, 32, 12, 16, compile_options={}, **kw)  # no options: no PDL
+    assert ref.compile_options == {}
+    pdl = CudaGraphRunner(model, 32, 12, 16, **kw)  # the default on Hopper
+    assert pdl.compile_options == {"triton.enable_pdl": True}
     ref.prefill(ids, mask, 1, 10)
     pdl.prefill(ids, mask, 1, 10)
     tok = torch.full((B,), model.cfg.decoder_start_token_id, device="cuda")

@@ -52,12 +52,14 @@ fused greedy loop, which feeds its own argmax back inside the graph) and launch 
   pre-norm decoder (2 x H200, flan-t5-xl shape: batch-1 step 1.13 ms against one GPU's 1.36;
   docs/performance.md, 2026-11-30 13:40-14:08), and keeps the compiled step otherwise.
 - ``compile_options``: inductor config for the compiled step, given to ``torch.compile`` (so the
-  step is compiled anew rather than reused from a default runner of the same shapes) and patched
-  around every (re)compilation, e.g. ``{"triton.enable_pdl": True}``: inductor's kernels with
-  programmatic dependent launch. Not the default: through this option it did not speed the bart-large
-  batch-64 step up on an H200 (0.807 / 0.809 ms; the environment variable TORCHINDUCTOR_ENABLE_PDL=1
-  gave 0.815 -> 0.758 ms, cause of the difference unknown), T5's logits move by ~1e-6 in fp32, and
-  the GPU test's BART case failed once (docs/performance.md, 2026-11-30 12:27-12:58).
+  step is compiled anew rather than reused from a runner of the same shapes with other options) and
+  patched around every (re)compilation. None (the default) is ``default_compile_options``:
+  ``{"triton.enable_pdl": True}`` for a single-rank model on a Hopper or newer GPU (inductor's own
+  kernels launched with programmatic dependent launch: each waits only where it reads its
+  predecessor's writes, so its start overlaps the predecessor's tail), else none; ``{}`` compiles
+  without options, and ``ENCDEC_PDL=0`` switches PDL off everywhere. bart-large batch 64 on an H200:
+  0.817 -> 0.759 ms per step, the same tokens as TORCHINDUCTOR_ENABLE_PDL=1 (docs/performance.md,
+  2026-11-30 15:02-15:16). Not the default under tensor or pipeline parallelism (not measured there).
 """
 from __future__ import annotations
 
@@ -117,11 +119,23 @@ def _reorder(vw, n: int, index: torch.Tensor, pos: torch.Tensor, indirect: bool)
         t[:n].copy_(t[:n].index_select(0, index))
 
 
+def default_compile_options(model, compile: bool = True, compile_mode: str | None = None) -> dict:
+    """The compiled step's inductor options when a runner is given none: programmatic dependent
+    launch (``triton.enable_pdl``) for a single-rank model compiled on a GPU that supports it
+    (Hopper or newer, ``triton_kernels.pdl_supported``: not with ``ENCDEC_PDL=0``) without a
+    compile mode (torch.compile takes a mode or options); else none."""
+    from .triton_kernels import pdl_supported
+
+    if (not compile or compile_mode or model.device.type != "cuda" or model.ctx.distributed
+            or not pdl_supported(model.device)):
+        return {}
+    return {"triton.enable_pdl": True}
+
+
 class _PatchedStep:
     """The compiled step called with inductor's config patched by ``options`` (``compile_options``:
-    every (re)compilation sees them), e.g. ``{"triton.enable_pdl": True}``: inductor's own kernels
-    launched with programmatic dependent launch (Hopper+; measured, not the default:
-    docs/performance.md, 2026-11-30 09:24 and 12:27-12:58)."""
+    every (re)compilation sees them), e.g. ``{"triton.enable_pdl": True}`` (the default on Hopper:
+    ``default_compile_options``)."""
 
     def __init__(self, compiled, options: dict):
         self.compiled, self.options = compiled, dict(options)
@@ -442,6 +456,9 @@ class CudaGraphRunner:
         if model.device.type != "cuda" and compile and not cpu:
             raise ValueError(f"compile=True serves CUDA and CPU models, got {model.device}")
         self.model = model
+        if compile_options is None:
+            compile_options = default_compile_options(model, compile, compile_mode)
+        self.compile_options = dict(compile_options)
         if compile_options:
             import torch._inductor.config as inductor_config
 
