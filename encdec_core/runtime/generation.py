@@ -477,7 +477,14 @@ def feed_prefix(runner, prefix: torch.Tensor) -> None:
 
 def _sample(runner, gc: GenerationConfig, rows: int, max_len: int, pipeline, generator, device,
             prefix: torch.Tensor) -> torch.Tensor:
-    """Greedy (argmax) or multinomial sampling; finished rows continue with the pad token."""
+    """Greedy (argmax) or multinomial sampling; finished rows continue with the pad token.
+
+    A runner with ``greedy_search`` (the CUDA-graph runner built with ``fused_greedy=True``) runs
+    greedy decoding itself where its ``greedy_search_serves`` says so (the processors depend on the
+    position only): argmax and token feedback inside its graph, no host round trip per token."""
+    fused = getattr(runner, "greedy_search", None)
+    if fused is not None and runner.greedy_search_serves(gc, pipeline, prefix):
+        return fused(gc, rows, max_len, pipeline, prefix)
     eos = gc.eos_token_ids
     pad = gc.pad_id
     cur = prefix.shape[1]

@@ -283,7 +283,7 @@ class StaticDecoder:
         self.eos = torch.full((), cfg.eos_token_id, dtype=torch.long, device=dev)
         self.pad = torch.full((), cfg.pad_token_id, dtype=torch.long, device=dev)
         self.min_steps = torch.zeros((), dtype=torch.long, device=dev)  # EOS suppressed while pos < this
-        self.forced_bos = torch.full((), -1, dtype=torch.long, device=dev)  # first token (-1: none)
+        self.forced_bos = torch.full((self.max_batch,), -1, dtype=torch.long, device=dev)  # first token per row (-1: none)
         self.forced_eos = torch.full((), -1, dtype=torch.long, device=dev)  # token at step last_step
         self.last_step = torch.full((), -1, dtype=torch.long, device=dev)
         self.bias = self._bias_tables()
@@ -448,7 +448,8 @@ class CudaGraphRunner:
                  dynamic: bool | None = None, use_graphs: bool = True, compile_mode: str | None = None,
                  compile_encoder: bool | None = None, kernels: str = "auto", fused_max_batch: int = 16,
                  beam_reorder: str = "auto", encoder_launch_cost: int | None = None,
-                 compile_options: dict | None = None, beam_topk: str = "auto", tp_allreduce: str | None = None):
+                 compile_options: dict | None = None, beam_topk: str = "auto", tp_allreduce: str | None = None,
+                 fused_greedy: bool = False):
         cpu = model.device.type == "cpu"
         if model.device.type != "cuda" and use_graphs:
             raise ValueError(f"CUDA graphs need a model on CUDA, got {model.device}: pass use_graphs=False "
@@ -456,6 +457,10 @@ class CudaGraphRunner:
         if model.device.type != "cuda" and compile and not cpu:
             raise ValueError(f"compile=True serves CUDA and CPU models, got {model.device}")
         self.model = model
+        # generate's greedy decoding through the fused loop (greedy_search) instead of its token loop:
+        # off until the GPU check passes (2026-11-30: one request of the compiled runner gave other
+        # tokens than the eager path on an H200, see docs/performance.md)
+        self.fused_greedy = bool(fused_greedy)
         if compile_options is None:
             compile_options = default_compile_options(model, compile, compile_mode)
         self.compile_options = dict(compile_options)
@@ -718,7 +723,7 @@ class CudaGraphRunner:
             def fn():
                 logits = step(*self._args(vw))
                 self._select(logits, vw.tokens, d.pos, vw.out_tokens, vw.finished, d.eos, d.pad, d.min_steps,
-                             d.forced_bos, d.forced_eos, d.last_step)
+                             d.forced_bos[:bb], d.forced_eos, d.last_step)
                 return logits
         saved = [d.pos.clone(), vw.tokens.clone(), vw.finished.clone()]
 
@@ -901,32 +906,86 @@ class CudaGraphRunner:
                min_new_tokens: int = 0, forced_bos_token_id: int | None = None,
                forced_eos_token_id: int | None = None) -> torch.Tensor:
         """Greedy decoding with argmax, EOS and token feedback inside the graph; the host checks
-        "all finished" every ``check_every`` steps (results are the same as checking every step:
-        finished rows only emit ``pad``). ``min_new_tokens`` suppresses EOS before that many tokens
-        (HF's MinNewTokensLengthLogitsProcessor); ``forced_bos_token_id`` / ``forced_eos_token_id``
-        force the first / the last token (HF's processors of those names). Returns [B, 1 + steps] starting with the start token."""
+        "all finished" every ``check_every`` steps once more than ``min_new_tokens`` tokens are out
+        (results are the same as checking every step: finished rows only emit ``pad``).
+        ``min_new_tokens`` suppresses EOS before that many tokens (HF's
+        MinNewTokensLengthLogitsProcessor); ``forced_bos_token_id`` / ``forced_eos_token_id`` force
+        the first / the last token (HF's processors of those names). Returns [B, 1 + steps] starting
+        with the start token. ``generate`` reaches the same loop through ``greedy_search``."""
         cfg = self.model.cfg
-        eos = cfg.eos_token_id if eos is None else eos
-        pad = cfg.pad_token_id if pad is None else pad
-        start = cfg.decoder_start_token_id if start_token is None else start_token
-        self.set_eos_pad(eos, pad)
-        self.dec.min_steps.fill_(int(min_new_tokens))
-        self.dec.forced_bos.fill_(-1 if forced_bos_token_id is None else int(forced_bos_token_id))
-        self.dec.forced_eos.fill_(-1 if forced_eos_token_id is None else int(forced_eos_token_id))
-        self.dec.last_step.fill_(int(max_new_tokens) - 1)
-        n = self.prefill(input_ids, attention_mask, 1, max_new_tokens)
         if max_new_tokens > self.dec.max_len:
             raise LimitError(f"max_new_tokens {max_new_tokens} exceeds the runner's max length {self.dec.max_len}")
+        n = self.prefill(input_ids, attention_mask, 1, max_new_tokens)
+        return self._greedy_loop(
+            n, max_new_tokens, cfg.decoder_start_token_id if start_token is None else start_token,
+            cfg.eos_token_id if eos is None else eos, cfg.pad_token_id if pad is None else pad, check_every,
+            min_new_tokens, forced_bos_token_id, forced_eos_token_id)
+
+    def greedy_search_serves(self, gc, pipeline, prefix: torch.Tensor) -> bool:
+        """Whether ``generate`` hands greedy decoding to ``greedy_search``: the runner was built with
+        ``fused_greedy=True`` and the fused loop gives the token loop's result there (argmax without
+        sampling, processors that depend on the position only: min length, forced first / last token,
+        no repetition penalty or n-gram ban; one EOS id at most, one forced last token at most, a
+        decoder prefix of the start token alone)."""
+        return (self.fused_greedy and not gc.do_sample and pipeline.static and prefix.shape[1] == 1
+                and len(gc.eos_token_ids) <= 1
+                and (pipeline.forced_eos is None or pipeline.forced_eos.numel() == 1))
+
+    @torch.no_grad()
+    def greedy_search(self, gc, rows: int, max_len: int, pipeline, prefix: torch.Tensor,
+                      check_every: int = 8) -> torch.Tensor:
+        """``generate``'s greedy decoding after ``prefill`` (where ``greedy_search_serves``): the fused
+        loop of ``greedy`` (argmax, the processors and the token feedback inside the CUDA graph, a
+        host check every ``check_every`` steps) instead of a host round trip per token. ``max_len``
+        and the pipeline's min length count the start token, as ``generate`` does; forced first
+        tokens may differ per row (mBART target languages: -1 = none). Returns [rows, 1 + steps]."""
+        if self._cur is None:
+            raise RuntimeError("prefill() first")
+        if not self.greedy_search_serves(gc, pipeline, prefix):
+            raise ValueError("greedy_search: needs a runner built with fused_greedy=True and a generation config "
+                             "without sampling, repetition penalty / n-gram ban, several EOS ids or a decoder prefix")
+        n = self._cur[2]
+        if n != rows or prefix.shape[0] != rows:
+            raise ValueError(f"greedy_search: prefill holds {n} rows, expected {rows}")
+        eos = gc.eos_token_ids[0] if gc.eos_token_ids else -1
+        pad = gc.pad_id if gc.pad_id is not None else self.model.cfg.pad_token_id
+        min_new = max(0, pipeline.min_length - 1) if pipeline.eos_mask is not None else 0
+        forced_eos = None if pipeline.forced_eos is None else int(pipeline.forced_eos[0])
+        return self._greedy_loop(n, max_len - 1, int(prefix[0, 0]), eos, pad, check_every, min_new,
+                                 pipeline.forced_bos, forced_eos)
+
+    def _greedy_loop(self, n: int, max_new_tokens: int, start: int, eos: int, pad: int, check_every: int,
+                     min_new_tokens: int, forced_bos, forced_eos: int | None) -> torch.Tensor:
+        """The fused greedy loop over the ``n`` prefilled rows. ``forced_bos``: None, one id, or a
+        per-row LongTensor [n] (-1 = none)."""
+        d = self.dec
+        if max_new_tokens > d.max_len:
+            raise LimitError(f"max_new_tokens {max_new_tokens} exceeds the runner's max length {d.max_len}")
+        self.set_eos_pad(eos, pad)
+        d.min_steps.fill_(int(min_new_tokens))
         bb, sb, _ = self._cur
-        vw = self.dec.views(bb, sb)
+        if isinstance(forced_bos, torch.Tensor):
+            d.forced_bos[:n].copy_(forced_bos.view(-1))
+            forced_ids = set(forced_bos.view(-1).tolist())
+        else:
+            d.forced_bos[:n].fill_(-1 if forced_bos is None else int(forced_bos))
+            forced_ids = {forced_bos}
+        d.forced_bos[n:].fill_(-1)
+        d.forced_eos.fill_(-1 if forced_eos is None else int(forced_eos))
+        d.last_step.fill_(int(max_new_tokens) - 1)
+        vw = d.views(bb, sb)
         vw.tokens.fill_(start)
         vw.finished.zero_()
         vw.finished[n:].fill_(True)
         done = 0
+        # no row can finish within its first min_new_tokens tokens (EOS suppressed; unless a forced
+        # first token is EOS itself): no check there, so the host does not wait for the GPU
+        # (summarisation presets ask for 56+ tokens)
+        unfinished = 0 if eos in forced_ids else int(min_new_tokens)
         for i in range(max_new_tokens):
             self._run("greedy")
             done = i + 1
-            if done % check_every == 0 and done < max_new_tokens and bool(vw.finished.all()):
+            if done % check_every == 0 and unfinished < done < max_new_tokens and self._all_finished(vw):
                 break
         self.steps = done
         out = vw.out_tokens[:n, :done]
@@ -936,9 +995,14 @@ class CudaGraphRunner:
         if bool(ended.all()) and done:
             first = torch.where(is_eos, torch.arange(done, device=out.device), done).min(1).values
             out = out[:, : int(first.max()) + 1]
-        head = torch.full((n, 1), start, dtype=torch.long, device=self.dec.device)
+        head = torch.full((n, 1), start, dtype=torch.long, device=d.device)
         self._check_fused_allreduce()
         return torch.cat([head, out], 1)
+
+    @staticmethod
+    def _all_finished(vw) -> bool:
+        """The host's check in ``greedy``: every row has finished (waits for the GPU)."""
+        return bool(vw.finished.all())
 
     def _check_fused_allreduce(self) -> None:
         """Raise if a fused tensor-parallel all-reduce gave up waiting for a peer (its results, and
