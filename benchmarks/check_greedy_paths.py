@@ -4,7 +4,7 @@ tells a near-tie from a wrong result.
 For each model (the preset's real shape, random weights, fp32, TF32 off) and runner variant
 (``graph``: CUDA graphs of the uncompiled step; ``compiled``: the runner's default; ``compiled-static``:
 dynamic=False; ``compiled-inductor``: the compiled model step instead of the Triton step;
-``compiled-nopdl``: compile_options={}), two requests of other batch and source buckets are decoded
+``compiled-nopdl``: compile_options={}; ``compiled-eager-encoder``: compile_encoder=False), two requests of other batch and source buckets are decoded
 with ``runner.greedy`` (the fused loop), on a fresh runner and on one that served a first request,
 and through ``generate(..., runner)`` (its token loop). Each result is compared with
 ``generate(model, ...)`` without a runner. Where a row differs, the eager top-1 / top-2 logit gap at
@@ -31,6 +31,7 @@ VARIANTS = {
     "compiled-static": dict(dynamic=False),
     "compiled-inductor": dict(kernels="inductor"),
     "compiled-nopdl": dict(compile_options={}),
+    "compiled-eager-encoder": dict(compile_encoder=False),
 }
 
 
@@ -96,7 +97,9 @@ def main():
                         todo = todo[1:]
                     for k, ((ids, mask), ref) in enumerate(todo):
                         if path == "greedy":
-                            got = r.greedy(ids, mask, max_new_tokens=a.new_tokens)
+                            got = r.greedy(ids, mask, max_new_tokens=a.new_tokens,
+                                           forced_bos_token_id=gc.forced_bos_token_id,
+                                           forced_eos_token_id=gc.forced_eos_token_id)
                         else:
                             got = generate(model, ids, mask, gc, runner=r).sequences
                         same = got.shape == ref.shape and torch.equal(got, ref)
