@@ -76,13 +76,13 @@ def _gc(cfg, **kw):
     return GenerationConfig.from_model(cfg, None, **kw)
 
 
-def _setup(family, mode):
+def _setup(family, mode, **runner_kw):
     """(device, tiny model, its config, padded inputs, a runner for 16 rows) for a test mode."""
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = "cpu" if mode == "cpu-static" else "cuda"
     model = _tiny(family, dev)
     ids, mask = _inputs(model.cfg, device=dev)
-    return dev, model, model.cfg, ids, mask, _runner(model, mode, 16, 24, 32)
+    return dev, model, model.cfg, ids, mask, _runner(model, mode, 16, 24, 32, **runner_kw)
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
@@ -135,11 +135,7 @@ def test_generate_greedy_runs_the_runners_fused_loop(mode, family, monkeypatch):
     does a runner without fused_greedy (the default)."""
     from encdec_core.runtime.generation import generate
 
-    dev = "cpu" if mode == "cpu-static" else "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = False
-    model = _tiny(family, dev)
-    cfg = model.cfg
-    runner = _runner(model, mode, 16, 24, 32, fused_greedy=True)
+    dev, model, cfg, _, _, runner = _setup(family, mode, fused_greedy=True)
     ids, mask = _ragged(cfg, 6, 12, seed=4, device=dev)
     free = generate(model, ids, mask, _gc(cfg, max_new_tokens=16, min_new_tokens=16)).sequences[:, 1:12]
     # EOS: the emitted token found in the most rows (then the most frequent), so rows end early

@@ -616,12 +616,12 @@ class CudaGraphRunner:
         d = self.dec
         self._check_fused_allreduce()  # the previous request (beam search, sampling) ran to the end
         dev = d.device
+        if max_len is not None and max_len > d.max_len:  # before the encoder runs
+            raise LimitError(f"decoder length {max_len} exceeds the runner's max length {d.max_len}")
         input_ids = input_ids.to(dev)
         attention_mask = None if attention_mask is None else attention_mask.to(dev)
         enc, mask = self.encode(input_ids, attention_mask)
         n = input_ids.shape[0] * expand
-        if max_len is not None and max_len > d.max_len:
-            raise LimitError(f"decoder length {max_len} exceeds the runner's max length {d.max_len}")
         s = enc.shape[1]
         if s > d.S:
             raise LimitError(f"input length {s} exceeds the runner's max input length {d.S}")
@@ -958,9 +958,7 @@ class CudaGraphRunner:
                      min_new_tokens: int, forced_bos, forced_eos: int | None) -> torch.Tensor:
         """The fused greedy loop over the ``n`` prefilled rows. ``forced_bos``: None, one id, or a
         per-row LongTensor [n] (-1 = none)."""
-        d = self.dec
-        if max_new_tokens > d.max_len:
-            raise LimitError(f"max_new_tokens {max_new_tokens} exceeds the runner's max length {d.max_len}")
+        d = self.dec  # max_new_tokens is within the limits: prefill checked them
         self.set_eos_pad(eos, pad)
         d.min_steps.fill_(int(min_new_tokens))
         bb, sb, _ = self._cur
