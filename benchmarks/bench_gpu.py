@@ -115,6 +115,9 @@ def main():
     ap.add_argument("--no-inductor-pdl", action="store_true",
                     help="inductor's kernels of the compiled step without programmatic dependent launch "
                          "(compile_options={}; the runner's default on Hopper launches them with it)")
+    ap.add_argument("--no-attention-pdl", action="store_true",
+                    help="the compiled step's Triton attention ops without programmatic dependent launch "
+                         "(attention_pdl=False; the runner's default follows inductor's PDL)")
     ap.add_argument("--kernels", default=None, help="decoder step kernels: inductor, triton or auto (runner default)")
     ap.add_argument("--attention", default=None, help="attention of the compiled step: math or sdpa")
     ap.add_argument("--fused-max-batch", type=int, default=None, help="largest batch bucket of the Triton step")
@@ -140,6 +143,8 @@ def main():
         opts["beam_topk"] = a.beam_topk
     if a.no_inductor_pdl:
         opts["compile_options"] = {}
+    if a.no_attention_pdl:
+        opts["attention_pdl"] = False
     if a.kernels:
         opts["kernels"] = a.kernels
     if a.attention:

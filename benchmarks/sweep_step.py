@@ -206,7 +206,10 @@ COMPILED = {  # the compiled step's base policies: (attention, torch.compile mod
     "inductor-tunableop": ("triton", None, True, None),
     # inductor's own kernels with programmatic dependent launch, asked for explicitly (compile_options)
     "inductor-pdl": ("triton", None, False, {"triton.enable_pdl": True}),
+    # the runner's default options, the Triton attention ops launched without PDL
+    "inductor-noattnpdl": ("triton", None, False, None),
 }
+RUNNER_KW = {"inductor-noattnpdl": dict(attention_pdl=False)}  # further runner keywords of a base policy
 
 
 def _compiled(policy: str):
@@ -214,7 +217,8 @@ def _compiled(policy: str):
     "inductor-math" (inductor's own fp32 reductions), "inductor-autotune" (compile mode
     max-autotune-no-cudagraphs: inductor benchmarks its Triton GEMM templates, with fused epilogues,
     against cuBLAS per shape), "inductor-pdl" / "inductor-nopdl" (inductor's kernels with / without
-    PDL; "inductor" takes the runner's default: with it on Hopper), each optionally
+    PDL; "inductor" takes the runner's default: with it on Hopper), "inductor-noattnpdl" (the default
+    without PDL for the attention ops), each optionally
     "+<attention policy>" (the Triton op with that policy's block sizes) -> (attention, attention
     policy or None, compile mode, TunableOp, inductor options or None); else None."""
     base, _, attn = policy.partition("+")
@@ -273,7 +277,8 @@ def main():
                                     kernels="inductor" if comp else "triton",
                                     attention=comp[0] if comp else "auto",
                                     fused_max_batch=a.fused_max_batch,
-                                    compile_options=comp[4] if comp else None)
+                                    compile_options=comp[4] if comp else None,
+                                    **(RUNNER_KW.get(pol.partition("+")[0], {}) if comp else {}))
                 if r._fused is not None:
                     r._fused.pdl = r._fused.pdl and pdl
                 r.warmup(batch_sizes=batches, source_lens=(128,), kinds=("greedy",), eos=-1, pad=0)

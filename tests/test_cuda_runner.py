@@ -109,33 +109,71 @@ def test_greedy_and_beam_match_eager(family, mode):
                               min_new_tokens=gc.min_new_tokens or 0, forced_bos_token_id=gc.forced_bos_token_id,
                               forced_eos_token_id=gc.forced_eos_token_id)
         assert torch.equal(fused, ref.sequences), kw
-    # a second request of another batch size and source length reuses the buffers correctly
+    # a second request of another batch size and source length reuses the buffers correctly. On an
+    # H200 the compiled T5 step flips row 1 at position 9, where the eager logits' top two are 7.6e-6
+    # apart and the compiled step's fp32 logits differ from eager by up to 3.5e-5 (inductor's and
+    # cuDNN's sum orders): such a row must be a near-tie of the reference, nothing else may differ
     ids2, mask2 = _inputs(cfg, b=5, s=29, seed=1, device=dev)
     ref2 = generate(model, ids2, mask2, _gc(cfg, max_new_tokens=12))
     out2 = generate(model, ids2, mask2, _gc(cfg, max_new_tokens=12), runner=runner)
-    assert torch.equal(out2.sequences, ref2.sequences)
+    _assert_equal_up_to_near_ties(model, ids2, mask2, out2.sequences, ref2.sequences,
+                                  tol=0.0 if mode == "cpu-static" else 1e-4)
 
 
-FUSED_GREEDY_MODES = [MODES[0], MODES[1], pytest.param("cuda-compiled", marks=[CUDA, pytest.mark.gpu, pytest.mark.xfail(
-    strict=False, reason="2026-11-30 15:41, H200: the compiled runner's fused loop gave other tokens than the eager path "
-    "for a second request (5 rows, source 29) in test_greedy_and_beam_match_eager[cuda-compiled-t5] when generate "
-    "routed greedy decoding to it; not reproduced on a CPU, not diagnosed (no device time left; maybe the compiled "
-    "encoder's rounding at a near-tie: benchmarks/check_greedy_paths.py tells)")],
-    id="cuda-compiled")]
+@torch.no_grad()
+def _assert_equal_up_to_near_ties(model, ids, mask, got, ref, tol: float):
+    """got == ref, except rows whose first differing token is a near-tie of the eager reference: its
+    top-1 / top-2 logits (teacher forced on ``ref``) within ``tol`` at that position."""
+    from encdec_core.runtime.generation import EagerRunner
+
+    assert got.shape == ref.shape
+    if torch.equal(got, ref):
+        return
+    diff = got != ref
+    first = {row: int(diff[row].float().argmax()) for row in diff.any(1).nonzero().flatten().tolist()}
+    r = EagerRunner(model)  # the whole batch, as generate ran it: the same sums
+    r.prefill(ids, mask, 1, ref.shape[1] + 1)
+    for t in range(max(first.values())):
+        logits = r.step(ref[:, t].contiguous()).float()
+        for row, p in first.items():
+            if p != t + 1:
+                continue
+            top = logits[row].topk(2)
+            gap = float(top.values[0] - top.values[1])
+            assert int(ref[row, p]) == int(top.indices[0]), "the reference is not the eager argmax"
+            assert gap <= tol and int(got[row, p]) == int(top.indices[1]), (
+                f"row {row} differs at position {p}: {int(got[row, p])} against {int(ref[row, p])}, "
+                f"the eager top-2 gap there is {gap:.2e} (> {tol:.0e} or not the runner's token)")
+
+
+def test_near_tie_check_fails_on_a_clear_difference():
+    """_assert_equal_up_to_near_ties passes equal tokens and refuses a changed token whose eager
+    top-2 gap is far above the tolerance (so the second-request check above can fail)."""
+    from encdec_core.runtime.generation import generate
+
+    model = _tiny("t5", "cpu")
+    ids, mask = _inputs(model.cfg, b=5, s=29, seed=1, device="cpu")
+    ref = generate(model, ids, mask, _gc(model.cfg, max_new_tokens=12, min_new_tokens=12)).sequences
+    _assert_equal_up_to_near_ties(model, ids, mask, ref.clone(), ref, tol=1e-4)
+    bad = ref.clone()
+    bad[2, 4] = (int(ref[2, 4]) + 1) % model.cfg.vocab_size
+    with pytest.raises(AssertionError, match="row 2 differs at position 4"):
+        _assert_equal_up_to_near_ties(model, ids, mask, bad, ref, tol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
-@pytest.mark.parametrize("mode", FUSED_GREEDY_MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_generate_greedy_runs_the_runners_fused_loop(mode, family, monkeypatch):
-    """generate(..., runner=CudaGraphRunner(fused_greedy=True)) decodes greedily through the runner's
+    """generate(..., runner=CudaGraphRunner(...)) (fused_greedy=True, the default) decodes greedily through the runner's
     fused loop (no host round trip per token) wherever the processors depend on the position only,
     with the token loop's result: an EOS the model emits (rows end at different steps), min length, a
     forced last token, a forced first token per request (mBART target languages). A repetition
     penalty, several EOS ids or a decoder prefix keep the token loop, which gives the same tokens; so
-    does a runner without fused_greedy (the default)."""
+    does a runner built with fused_greedy=False."""
     from encdec_core.runtime.generation import generate
 
-    dev, model, cfg, _, _, runner = _setup(family, mode, fused_greedy=True)
+    dev, model, cfg, _, _, runner = _setup(family, mode)
+    assert runner.fused_greedy
     ids, mask = _ragged(cfg, 6, 12, seed=4, device=dev)
     free = generate(model, ids, mask, _gc(cfg, max_new_tokens=16, min_new_tokens=16)).sequences[:, 1:12]
     # EOS: the emitted token found in the most rows (then the most frequent), so rows end early
@@ -171,7 +209,7 @@ def test_generate_greedy_runs_the_runners_fused_loop(mode, family, monkeypatch):
     gc = _gc(cfg, max_new_tokens=8, eos_token_id=eos)
     out = generate(model, ids, mask, gc, runner=runner, decoder_input_ids=prefix)
     assert not calls and torch.equal(out.sequences, generate(model, ids, mask, gc, decoder_input_ids=prefix).sequences)
-    runner.fused_greedy = False  # the default: generate keeps its token loop
+    runner.fused_greedy = False  # generate keeps its token loop
     out = generate(model, ids, mask, _gc(cfg, max_new_tokens=16, eos_token_id=eos), runner=runner)
     assert not calls and torch.equal(out.sequences, generate(model, ids, mask, _gc(cfg, max_new_tokens=16,
                                                                                  eos_token_id=eos)).sequences)
@@ -450,6 +488,53 @@ def test_compile_options_are_checked():
                         compile_options={"triton.enable_pdl": True})
 
 
+def test_attention_pdl_option_checked():
+    """attention_pdl (the compiled step's attention ops launched with PDL): off by default where
+    inductor's PDL is off (a CPU model), refused when asked for where it cannot run."""
+    from encdec_core.runtime.cuda import CudaGraphRunner
+
+    model = _tiny("t5", "cpu")
+    r = CudaGraphRunner(model, 4, 8, 16, compile=False, use_graphs=False)
+    assert r.attention_pdl is False and r.dec.attn_pdl is False
+    with pytest.raises(ValueError, match="attention_pdl=True needs compile=True"):
+        CudaGraphRunner(model, 4, 8, 16, compile=False, use_graphs=False, attention_pdl=True)
+
+
+@CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_attention_pdl_gives_the_same_logits(family):
+    """The compiled step with its Triton attention ops launched with PDL (the default where inductor's
+    PDL is on) against the same step without: the kernels compute the same sums, only the cached
+    K/V loads move before the wait, so logits are bit-identical (fp32, graphs, 24 rows of mixed
+    lengths, self- and cross-attention at every step) and greedy / beam tokens equal."""
+    from encdec_core.runtime.cuda import CudaGraphRunner
+    from encdec_core.runtime.cuda.triton_kernels import pdl_supported
+    from encdec_core.runtime.generation import generate
+
+    if not pdl_supported("cuda"):
+        pytest.skip("GPU older than Hopper: no programmatic dependent launch")
+    model = _tiny(family, "cuda")
+    B = 24
+    ids, mask = _ragged(model.cfg, B, 12, seed=5, device="cuda")
+    kw = dict(kernels="inductor")
+    on = CudaGraphRunner(model, 32, 20, 16, **kw)
+    off = CudaGraphRunner(model, 32, 20, 16, attention_pdl=False, **kw)
+    assert on.attention_pdl and not off.attention_pdl
+    assert on.compile_options == off.compile_options == {"triton.enable_pdl": True}
+    for r in (on, off):
+        r.prefill(ids, mask, 1, 10)
+    tok = torch.full((B,), model.cfg.decoder_start_token_id, device="cuda")
+    for _ in range(9):
+        a, b = off.step(tok).clone(), on.step(tok).clone()
+        assert torch.equal(a, b)
+        tok = a.argmax(-1)
+    assert torch.equal(off.greedy(ids, mask, max_new_tokens=8), on.greedy(ids, mask, max_new_tokens=8))
+    gc = _gc(model.cfg, num_beams=2, max_new_tokens=6)
+    assert torch.equal(generate(model, ids[:8], mask[:8], gc, runner=off).sequences,
+                       generate(model, ids[:8], mask[:8], gc, runner=on).sequences)
+
+
 @CUDA
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["t5", "bart"])
@@ -470,6 +555,9 @@ def test_compiled_step_with_inductor_pdl(family):
 
     if not pdl_supported("cuda"):
         pytest.skip("GPU older than Hopper: no programmatic dependent launch")
+    # a step of these shapes and options compiled by an earlier test would be reused here (the code
+    # this test inspects then never compiles): start from an empty dynamo cache
+    torch._dynamo.reset()
     model = _tiny(family, "cuda")
     B = 24
     ids, mask = _ragged(model.cfg, B, 12, seed=9, device="cuda")  # lengths 12 down to 5

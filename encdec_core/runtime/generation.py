@@ -479,7 +479,7 @@ def _sample(runner, gc: GenerationConfig, rows: int, max_len: int, pipeline, gen
             prefix: torch.Tensor) -> torch.Tensor:
     """Greedy (argmax) or multinomial sampling; finished rows continue with the pad token.
 
-    A runner with ``greedy_search`` (the CUDA-graph runner built with ``fused_greedy=True``) runs
+    A runner with ``greedy_search`` (the CUDA-graph runner, unless built with ``fused_greedy=False``) runs
     greedy decoding itself where its ``greedy_search_serves`` says so (the processors depend on the
     position only): argmax and token feedback inside its graph, no host round trip per token."""
     fused = getattr(runner, "greedy_search", None)

@@ -60,6 +60,16 @@ fused greedy loop, which feeds its own argmax back inside the graph) and launch 
   without options, and ``ENCDEC_PDL=0`` switches PDL off everywhere. bart-large batch 64 on an H200:
   0.817 -> 0.759 ms per step, the same tokens as TORCHINDUCTOR_ENABLE_PDL=1 (docs/performance.md,
   2026-11-30 15:02-15:16). Not the default under tensor or pipeline parallelism (not measured there).
+- ``attention_pdl``: the compiled step's Triton attention ops launched with programmatic dependent
+  launch too (each loads its cached K/V while the GEMM before it ends, then waits for q). None (the
+  default): wherever ``compile_options`` turn on inductor's PDL, for steps of up to 64 rows
+  (``ops.ATTN_PDL_MAX_ROWS``; H200, 2026-11-30 16:48: bart-large / flan-t5-large batch 64 0.813 ->
+  0.781 / 1.550 -> 1.483 ms per step, batch 256 1.5 % slower with it, so not there).
+- ``fused_greedy`` (default True): ``generate(..., runner)`` hands greedy decoding to the fused loop
+  (``greedy_search``: argmax, min length, forced first / last tokens and the token feedback in the
+  graph) wherever its processors depend on the position only; False keeps generate's token loop
+  (a host round trip per token). bart-large on an H200: the same tokens, 27.7 against 29.8 ms per
+  request at batch 1, 60.5 against 66.5 at 64 (64 tokens; 2026-11-30 16:43).
 """
 from __future__ import annotations
 
@@ -291,6 +301,9 @@ class StaticDecoder:
         # 0..pos only, so a causal mask alone is redundant; only a relative position bias needs them
         self.kernel_bias = self.bias if cfg.position_type == "relative" else [None] * self.L
         self.lm_weight = None  # pad_lm_head()
+        # the Triton attention ops launched with programmatic dependent launch (the runner's
+        # attention_pdl): each loads its cached K/V while the kernel before it ends
+        self.attn_pdl = False
 
     @torch.no_grad()
     def pad_lm_head(self) -> None:
@@ -376,7 +389,7 @@ class StaticDecoder:
                 if self.attention == "triton":
                     shape = (b, sa.h, sa.dh)
                     o = cuda_ops.self_attention(q.view(shape), k[li], v[li], sa.scale, pos, kk.view(shape),
-                                                vv.view(shape), self.kernel_bias[li], rows)
+                                                vv.view(shape), self.kernel_bias[li], rows, self.attn_pdl)
                     return sa.out(o.reshape(b, 1, sa.h * sa.dh))
                 q = q.view(b, 1, sa.h, sa.dh).transpose(1, 2)
                 k[li].index_copy_(2, pos1, kk.view(b, 1, sa.h, sa.dh).transpose(1, 2))
@@ -388,7 +401,7 @@ class StaticDecoder:
                 ca = layer.cross_attn
                 if self.attention == "triton":
                     o = cuda_ops.cross_attention(ca.q(h).view(b, ca.h, ca.dh), ck[li], cv[li], ca.scale, cross_bias,
-                                                 group)
+                                                 group, self.attn_pdl)
                     return ca.out(o.reshape(b, 1, ca.h * ca.dh))
                 q = ca.q(h).view(b, 1, ca.h, ca.dh).transpose(1, 2)
                 o = self.attend(q, ck[li], cv[li], cb, ca.scale)
@@ -449,7 +462,7 @@ class CudaGraphRunner:
                  compile_encoder: bool | None = None, kernels: str = "auto", fused_max_batch: int = 16,
                  beam_reorder: str = "auto", encoder_launch_cost: int | None = None,
                  compile_options: dict | None = None, beam_topk: str = "auto", tp_allreduce: str | None = None,
-                 fused_greedy: bool = False):
+                 fused_greedy: bool = True, attention_pdl: bool | None = None):
         cpu = model.device.type == "cpu"
         if model.device.type != "cuda" and use_graphs:
             raise ValueError(f"CUDA graphs need a model on CUDA, got {model.device}: pass use_graphs=False "
@@ -457,9 +470,9 @@ class CudaGraphRunner:
         if model.device.type != "cuda" and compile and not cpu:
             raise ValueError(f"compile=True serves CUDA and CPU models, got {model.device}")
         self.model = model
-        # generate's greedy decoding through the fused loop (greedy_search) instead of its token loop:
-        # off until the GPU check passes (2026-11-30: one request of the compiled runner gave other
-        # tokens than the eager path on an H200, see docs/performance.md)
+        # generate's greedy decoding through the fused loop (greedy_search) instead of its token loop
+        # (2026-11-30 16:44, H200: the same tokens, bart-large 2-6 ms less per request of 64 tokens);
+        # False keeps the token loop
         self.fused_greedy = bool(fused_greedy)
         if compile_options is None:
             compile_options = default_compile_options(model, compile, compile_mode)
@@ -512,6 +525,20 @@ class CudaGraphRunner:
         # device's default, 0: one call for the whole batch; ``runtime.encode.plan_groups``)
         self.encoder_launch_cost = encoder_launch_cost
         self.dec = StaticDecoder(model, max_batch, max_len, max_input_len, attention)
+        # the compiled step's Triton attention launched with programmatic dependent launch (its cached
+        # K/V loaded while the GEMM before it ends); None: wherever inductor's kernels use PDL
+        # (compile_options' triton.enable_pdl, the default on Hopper for one rank)
+        from .triton_kernels import pdl_supported
+
+        pdl_ok = compile and self.dec.attention == "triton" and pdl_supported(model.device)
+        if attention_pdl is None:
+            attention_pdl = pdl_ok and bool(self.compile_options.get("triton.enable_pdl"))
+        elif attention_pdl and not pdl_ok:
+            raise ValueError("attention_pdl=True needs compile=True, the Triton attention (attention='auto' or "
+                             f"'triton', got {self.dec.attention!r}) and a GPU with programmatic dependent "
+                             "launch (Hopper or newer, ENCDEC_PDL not 0)")
+        self.dec.attn_pdl = bool(attention_pdl)
+        self.attention_pdl = self.dec.attn_pdl
         self.batch_buckets = tuple(sorted(batch_buckets))
         self.use_graphs = use_graphs
         self._compile = compile
@@ -923,8 +950,8 @@ class CudaGraphRunner:
 
     def greedy_search_serves(self, gc, pipeline, prefix: torch.Tensor) -> bool:
         """Whether ``generate`` hands greedy decoding to ``greedy_search``: the runner was built with
-        ``fused_greedy=True`` and the fused loop gives the token loop's result there (argmax without
-        sampling, processors that depend on the position only: min length, forced first / last token,
+        ``fused_greedy=True`` (the default) and the fused loop gives the token loop's result there
+        (argmax without sampling, processors that depend on the position only: min length, forced first / last token,
         no repetition penalty or n-gram ban; one EOS id at most, one forced last token at most, a
         decoder prefix of the start token alone)."""
         return (self.fused_greedy and not gc.do_sample and pipeline.static and prefix.shape[1] == 1
@@ -942,7 +969,7 @@ class CudaGraphRunner:
         if self._cur is None:
             raise RuntimeError("prefill() first")
         if not self.greedy_search_serves(gc, pipeline, prefix):
-            raise ValueError("greedy_search: needs a runner built with fused_greedy=True and a generation config "
+            raise ValueError("greedy_search: needs a runner with fused_greedy=True and a generation config "
                              "without sampling, repetition penalty / n-gram ban, several EOS ids or a decoder prefix")
         n = self._cur[2]
         if n != rows or prefix.shape[0] != rows:
