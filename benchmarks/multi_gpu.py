@@ -14,7 +14,13 @@ moves bf16 logits by about one rounding step, and random-weight models have many
 exactly tied, bf16-quantised) top logits. A difference counts as a near-tie when the teacher-forced
 logits agree within NOISE of their scale and (greedy) the one-GPU run's top two logits at the first
 differing position were at most 2 x max|diff| apart, or (beam) both runs' sequences score within
-2 x max|diff| per token of each other under this mapping's model. Anything else is a mismatch.
+2 x max|diff| per token of each other under this mapping's model. In bf16 / fp16 the one-GPU run
+also holds the fp32 model (the same weights before rounding): a run whose teacher-forced logits are on
+average within ANCHOR (1.5) x the one-GPU run's own distance from the fp32 logits is as exact as one
+GPU, and its other differences count as rounding too ("AS CLOSE TO FP32 AS ONE GPU", exit 0): a
+random flan-t5-large is chaotic in bf16 (one GPU's bf16 logits 1.6 from fp32 at a scale of 3, its
+greedy ids differ from fp32's from the first tokens on), so TP = 2 differs from one GPU far beyond
+near-ties while being as close to fp32. Anything else is a mismatch.
 
 scale: end-to-end greedy generation (in 512 / out 128 by default) and the decoder step's device
 time per batch size, on the CUDA graph runner, for each tensor-parallel size.
@@ -40,6 +46,10 @@ from _common import ROOT, ensure_families, kernel_rows  # noqa: E402
 import torch  # noqa: E402
 
 NOISE = 0.05  # parity: teacher-forced logits within this fraction of their scale count as rounding noise
+# parity in bf16 / fp16: a parallel run whose teacher-forced logits are on average within this factor of
+# the one-GPU run's own distance from the fp32 model is as exact as one GPU (its differing ids are
+# rounding, amplified by the model); a wrong shard lands at the logits' scale
+ANCHOR = 1.5
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -172,6 +182,14 @@ def worker_parity(a) -> dict:
              "eager_greedy": _gen(model, ids, mask, a.new, 1).cpu(),
              "eager_beam": _gen(model, ids, mask, a.new, a.beams).cpu()}
         r["eager_greedy_gap"] = top2_gap(model, ids, mask, r["eager_greedy"].to(dev))
+        if ctx is None and dtype != torch.float32:
+            # the one-GPU run also holds the fp32 model (the same draws: the weights are the fp32
+            # weights rounded): how far its own bf16 / fp16 logits are from exact, the yardstick of
+            # the parallel runs' distance (a random model can be chaotic in bf16: flan-t5-large)
+            m32 = _model(name, None, dev, torch.float32, a.seed)
+            r["tf_logits_fp32"] = m32(ids, mask, dec).float().cpu()
+            r["eager_greedy_fp32"] = _gen(m32, ids, mask, a.new, 1).cpu()
+            del m32
         if a.pp == 1:
             runner = CudaGraphRunner(model, a.batch * a.beams, a.new + 1, a.max_in,
                                      use_graphs=dev.type == "cuda", compile=dev.type == "cuda",
@@ -404,7 +422,8 @@ def drive(a) -> int:
 
 
 def _report(a, results: dict, ok: bool) -> int:
-    near_ties = True  # parity: every difference is a greedy near-tie (bf16 / fp16 only)
+    near_ties = True  # parity: every difference is a greedy near-tie (bf16 / fp16 only) or bf16 noise
+    anchored = False  # ... some of them explained only by the fp32 yardstick
     summary = {"command": " ".join(sys.argv), "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
                "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -423,6 +442,17 @@ def _report(a, results: dict, ok: bool) -> int:
                     row = dict(model=name, tp=tp, pp=pp, rank=rank)
                     row["tf_logits_maxdiff"] = (got["tf_logits"] - want["tf_logits"]).abs().max().item()
                     row["tf_logits_scale"] = want["tf_logits"].abs().max().item()
+                    exact = want.get("tf_logits_fp32")
+                    as_one_gpu = False  # this run's logits no further from the fp32 model's than one GPU's
+                    if exact is not None:
+                        row["tf_vs_fp32_mean"] = (got["tf_logits"] - exact).abs().mean().item()
+                        row["one_gpu_vs_fp32_mean"] = (want["tf_logits"] - exact).abs().mean().item()
+                        row["tf_vs_fp32_max"] = (got["tf_logits"] - exact).abs().max().item()
+                        row["one_gpu_vs_fp32_max"] = (want["tf_logits"] - exact).abs().max().item()
+                        fd32 = first_diff(want["eager_greedy"], want["eager_greedy_fp32"])
+                        row["one_gpu_greedy_rows_equal_fp32"] = f"{sum(d is None for d in fd32)}/{len(fd32)}"
+                        as_one_gpu = row["tf_vs_fp32_mean"] <= ANCHOR * row["one_gpu_vs_fp32_mean"]
+                        row["as_close_to_fp32_as_one_gpu"] = as_one_gpu
                     for k in ("eager_greedy", "eager_beam", "graph_greedy", "graph_beam"):
                         if k not in got:
                             continue
@@ -458,15 +488,19 @@ def _report(a, results: dict, ok: bool) -> int:
                             # only where the logits agree to bf16 noise (a wrong shard moves them by their scale)
                             explained &= row["tf_logits_maxdiff"] <= NOISE * row["tf_logits_scale"]
                             row[k + "_near_ties_only"] = explained
-                            near_ties &= explained and a.dtype != "float32"
+                            anchored |= not explained and as_one_gpu
+                            near_ties &= (explained or as_one_gpu) and a.dtype != "float32"
                         ok &= same
                     # every rank of a launch returns the same ids
                     for k in got:
                         if k.endswith(("greedy", "beam")):  # ids
-                            ok &= torch.equal(got[k], ranks[0][name][k])
+                            agree = torch.equal(got[k], ranks[0][name][k])
+                            ok &= agree
+                            near_ties &= agree  # ranks that disagree are no rounding question
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-        summary.update(ok=ok, near_ties_only=not ok and near_ties, rows=rows)
+        summary.update(ok=ok, near_ties_only=not ok and near_ties and not anchored,
+                       noise_only=not ok and near_ties, rows=rows)
         name = "multi_gpu_parity.json"
     else:
         rows = []
@@ -491,6 +525,12 @@ def _report(a, results: dict, ok: bool) -> int:
         name = "multi_gpu_scale.json"
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / name).write_text(json.dumps(summary, indent=1))
+    if a.cmd == "parity" and not ok and near_ties and anchored:
+        print(f"AS CLOSE TO FP32 AS ONE GPU: ids differ beyond near-ties, but each such run's teacher-forced logits "
+              f"are, on average, within {ANCHOR} x the one-GPU {a.dtype} run's own distance from the fp32 model "
+              "(the random model amplifies rounding: one GPU's bf16 ids differ from fp32 too, see "
+              "one_gpu_greedy_rows_equal_fp32); other differences are near-ties", flush=True)
+        return 0
     if a.cmd == "parity" and not ok and near_ties:
         print("EQUAL EXCEPT AT NEAR-TIES: logits agree to rounding noise, every greedy difference starts where "
               "the one-GPU run's top two logits were within 2 x their max difference, and every other differing "

@@ -7,7 +7,8 @@
 #     OUT=/tmp/out bash benchmarks/multi_gpu_session.sh scale
 # 1. the fused all-reduce kernel against torch's sum (bit-identical, eager and CUDA graphs);
 # 2. bf16 ids of TP = 2 against one GPU on flan-t5-large and bart-large shapes (greedy, beam 4):
-#    "ALL EQUAL", or "EQUAL EXCEPT AT NEAR-TIES" with every difference shown to be a near-tie;
+#    "ALL EQUAL", or "EQUAL EXCEPT AT NEAR-TIES" with every difference shown to be a near-tie, or
+#    "AS CLOSE TO FP32 AS ONE GPU" (TP's logits as far from the fp32 model as one GPU's bf16 ones);
 # 3. flan-t5-xl scaling, in 512 / out 128, batch 1 / 8 / 64, one and two GPUs, profiles at 64.
 set -u
 OUT=${OUT:-multi_gpu_out}

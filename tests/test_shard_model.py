@@ -79,8 +79,10 @@ def test_multi_gpu_script_on_cpu_ranks(tmp_path):
             assert "graph_greedy" not in x
 
 
-def _parity_results(gap_at_diff: float, tp_logit_shift: float, score_shift: float = 0.0):
-    """Synthetic 1x1 and 2x1 parity results: row 1 of the greedy ids differs from position 2."""
+def _parity_results(gap_at_diff: float, tp_logit_shift: float, score_shift: float = 0.0,
+                    fp32_offset: float | None = None):
+    """Synthetic 1x1 and 2x1 parity results: row 1 of the greedy ids differs from position 2.
+    fp32_offset: the one-GPU run also holds fp32 logits, its own bf16 logits minus this offset."""
     ids = torch.tensor([[0, 5, 6, 7], [0, 1, 2, 3]])
     other = torch.tensor([[0, 5, 6, 7], [0, 1, 9, 3]])
     logits = torch.linspace(-4, 4, 2 * 3 * 10).view(2, 3, 10)
@@ -90,6 +92,8 @@ def _parity_results(gap_at_diff: float, tp_logit_shift: float, score_shift: floa
     got = {"m": {"tf_logits": logits + tp_logit_shift, "eager_greedy": other, "eager_beam": other,
                  "eager_greedy_score": torch.zeros(2), "eager_greedy_ref_score": torch.zeros(2),
                  "eager_beam_score": torch.zeros(2), "eager_beam_ref_score": torch.full((2,), score_shift)}}
+    if fp32_offset is not None:
+        ref["m"].update(tf_logits_fp32=logits - fp32_offset, eager_greedy_fp32=other)
     return {(1, 1): [ref], (2, 1): [got, got]}
 
 
@@ -114,3 +118,46 @@ def test_parity_verdict(tmp_path, capsys, gap, shift, score, dtype, verdict):
     res = json.loads((tmp_path / "multi_gpu_parity.json").read_text())
     assert res["ok"] is False and res["rows"][0]["eager_greedy_first_diff"] == [None, 2]
     assert res["near_ties_only"] is (verdict != "FAILED")
+
+
+@pytest.mark.parametrize("shift,offset,verdict", [
+    # fp32 = one GPU's bf16 logits + 1.0 (a chaotic random model); TP's = one GPU's + 2.0, i.e. 1.0
+    # from fp32 on the other side: ids changed where the winner was clear, yet TP is as exact as one GPU
+    (2.0, -1.0, "AS CLOSE TO FP32 AS ONE GPU"),
+    (-2.0, -1.0, "FAILED"),  # TP's logits 3.0 from fp32: further than one GPU's bf16 noise (a wrong shard)
+    (2.0, None, "FAILED"),  # no fp32 yardstick: a clear winner changed
+])
+def test_parity_verdict_against_fp32(tmp_path, capsys, shift, offset, verdict):
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from multi_gpu import _report
+
+    a = argparse.Namespace(cmd="parity", dtype="bfloat16", out=str(tmp_path))
+    rc = _report(a, _parity_results(0.5, shift, 0.0, fp32_offset=offset), True)
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].startswith(verdict), out
+    assert rc == (0 if verdict != "FAILED" else 1)
+    res = json.loads((tmp_path / "multi_gpu_parity.json").read_text())
+    row = res["rows"][0]
+    assert res["noise_only"] is (verdict != "FAILED") and res["near_ties_only"] is False
+    if offset is not None:
+        assert row["one_gpu_vs_fp32_mean"] == pytest.approx(abs(offset))
+        assert row["tf_vs_fp32_mean"] == pytest.approx(abs(shift + offset))
+        assert row["one_gpu_greedy_rows_equal_fp32"] == "1/2"
+
+
+def test_parity_verdict_needs_ranks_that_agree(tmp_path, capsys):
+    """A near-tie difference does not excuse two ranks of one launch returning different ids."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from multi_gpu import _report
+
+    res = _parity_results(0.01, 0.01)
+    other_rank = {"m": dict(res[(2, 1)][0]["m"])}
+    other_rank["m"]["eager_beam"] = torch.tensor([[0, 5, 6, 8], [0, 1, 9, 3]])
+    res[(2, 1)] = [res[(2, 1)][0], other_rank]
+    a = argparse.Namespace(cmd="parity", dtype="bfloat16", out=str(tmp_path))
+    assert _report(a, res, True) == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "FAILED"
