@@ -1,0 +1,76 @@
+"""Where a greedy request's time outside the decode steps goes, on the CUDA graph runner: the encoder,
+the prefill (encoder + cross-K/V projections into the static caches), the host's time to launch the
+prefill (no synchronisation), the whole ``runner.greedy`` request, and 64 graph steps.
+
+Random weights of the preset's real shapes, source length 128, 64 new tokens (EOS suppressed); best of
+5 (greedy: 3) after two warm-up requests; ms.
+
+    PYTHONPATH=.:families python benchmarks/time_prefill.py --model bart-large --batches 1,64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import ensure_families  # noqa: E402
+
+
+def best(fn, n: int = 5, sync: bool = True) -> float:
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    return min(times)
+
+
+@torch.no_grad()
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="bart-large")
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = ap.parse_args()
+    ensure_families()
+    from encdec_core.benchmark import model_from_preset
+    from encdec_core.runtime.cuda import CudaGraphRunner
+
+    batches = [int(x) for x in a.batches.split(",")]
+    model = model_from_preset(a.model, dtype=getattr(torch, a.dtype), device="cuda")
+    runner = CudaGraphRunner(model, max(batches), a.new + 16, 128)
+    rows = []
+    for b in batches:
+        ids = torch.randint(4, model.cfg.vocab_size, (b, 128), device="cuda")
+        mask = torch.ones_like(ids)
+        request = lambda: runner.greedy(ids, mask, max_new_tokens=a.new, min_new_tokens=a.new)  # noqa: E731
+        for _ in range(2):
+            request()
+        enc = best(lambda: runner.encode(ids, mask))
+        pre = best(lambda: runner.prefill(ids, mask, 1, a.new + 1))
+        pre_host = best(lambda: runner.prefill(ids, mask, 1, a.new + 1), sync=False)
+        req = best(request, n=3)
+        step = runner.time_step(ids, None, steps=a.new)
+        row = dict(model=a.model, batch=b, encoder_ms=enc, prefill_ms=pre, prefill_host_launch_ms=pre_host,
+                   request_ms=req, step_ms=step, cross_kv_ms=pre - enc, loop_rest_ms=req - pre - a.new * step)
+        rows.append(row)
+        print(f"batch {b}: encoder {enc:.2f} ms, prefill {pre:.2f} (host launch {pre_host:.2f}), request {req:.2f}, "
+              f"{a.new} steps {a.new * step:.2f} ({step:.4f} each); prefill minus encoder {pre - enc:.2f}, "
+              f"rest of the loop {req - pre - a.new * step:.2f}", flush=True)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, f"time_prefill_{a.model}.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
