@@ -673,3 +673,74 @@ def test_attention_ops_pass_pdl_up_to_64_rows(monkeypatch, rows, launched_with_p
         ops.self_attention(q, k, k, 0.5, pos, q, q, None, None, pdl)
         assert seen == [pdl and launched_with_pdl] * 2
     assert ops.ATTN_PDL_MAX_ROWS == 64
+
+
+PREFILL_MODES = [MODES[0],
+                 pytest.param("cuda-graph", marks=[CUDA, pytest.mark.gpu], id="cuda-graph"),
+                 pytest.param("cuda-compiled", marks=[CUDA, pytest.mark.gpu], id="cuda-compiled")]
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("mode", PREFILL_MODES)
+def test_static_prefill_matches_the_eager_prefill(family, mode):
+    """prefill_graphs=True: the sources padded into static buffers of the (rows, source) bucket and
+    the encoder, cross K/V and padding bias from one graph (on a CPU the same padded prefill without
+    a graph). The caches and bias of the request's rows equal the eager prefill's up to rounding
+    (the encoder runs at the bucket's length), and so do greedy tokens (up to near-ties of the
+    eager reference); a later request of a smaller bucket reuses the buffers; mixed lengths that the
+    encoder splits into length groups, and beam search with expanded cross rows, keep the eager
+    prefill."""
+    from encdec_core.runtime.generation import generate
+
+    dev, model, cfg, ids, mask, ref_runner = _setup(family, mode, encoder_launch_cost=0)
+    runner = _runner(model, mode, 16, 24, 32, encoder_launch_cost=0, prefill_graphs=True)
+    tol = 1e-5 if mode == "cpu-static" else 1e-4
+    for b, s, seed in ((5, 29, 1), (3, 13, 2), (1, 7, 3)):  # a smaller bucket after a larger one
+        ids, mask = _inputs(cfg, b=b, s=s, seed=seed, device=dev)
+        n_ref = ref_runner.prefill(ids, mask, 1, 12)
+        n = runner.prefill(ids, mask, 1, 12)
+        assert n == n_ref == b
+        bb, sb, _ = runner._cur
+        assert runner._cur == ref_runner._cur and ("prefill", _bucket_of(runner, b), sb, 1) in runner._graphs
+        a, r = runner.dec.views(bb, sb), ref_runner.dec.views(bb, sb)
+        L = int(mask.sum(1).max())
+        for li in range(runner.dec.L):
+            torch.testing.assert_close(a.ck[li][:b, :, :L], r.ck[li][:b, :, :L], rtol=0, atol=tol)
+            torch.testing.assert_close(a.cv[li][:b, :, :L], r.cv[li][:b, :, :L], rtol=0, atol=tol)
+        assert torch.equal(a.cross_bias[:b, :L], r.cross_bias[:b, :L])
+        assert bool((a.cross_bias[:b, L:] == torch.finfo(runner.dec.dtype).min).all())
+        assert bool((a.cross_bias[b:] == 0).all())
+        tok = torch.full((b,), cfg.decoder_start_token_id, device=dev)
+        for _ in range(4):
+            x, y = runner.step(tok).clone(), ref_runner.step(tok).clone()
+            torch.testing.assert_close(x, y, rtol=0, atol=10 * tol)
+            tok = y.argmax(-1)
+        gc = _gc(cfg, max_new_tokens=10)
+        ref = generate(model, ids, mask, gc)
+        got = generate(model, ids, mask, gc, runner=runner)
+        _assert_equal_up_to_near_ties(model, ids, mask, got.sequences, ref.sequences, tol=tol)
+    # mixed lengths that length groups serve better: the eager prefill (no new prefill graph)
+    grouped = _runner(model, mode, 16, 24, 32, encoder_launch_cost=1, prefill_graphs=True)
+    ids, mask = _ragged(cfg, 8, 24, seed=6, device=dev)
+    mask[4:, 8:] = 0
+    ids[4:, 8:] = cfg.pad_token_id
+    grouped.prefill(ids, mask, 1, 12)
+    assert not any(k[0] == "prefill" for k in grouped._graphs)
+    # beam search: the eager prefill where beams get expanded cross rows; the same sequences either way
+    gc = _gc(cfg, max_new_tokens=8, num_beams=2)
+    ids, mask = _inputs(cfg, b=3, s=13, seed=2, device=dev)
+    torch.testing.assert_close(generate(model, ids, mask, gc, runner=runner).sequences_scores,
+                               generate(model, ids, mask, gc).sequences_scores, rtol=0, atol=1e-4)
+
+
+def _bucket_of(runner, b: int) -> int:
+    return next(x for x in runner.batch_buckets if x >= b)
+
+
+def test_static_prefill_refused_under_tensor_parallelism(monkeypatch):
+    from encdec_core.runtime.cuda import CudaGraphRunner
+
+    model = _tiny("t5", "cpu")
+    monkeypatch.setattr(type(model.ctx), "distributed", property(lambda self: True))
+    with pytest.raises(ValueError, match="prefill_graphs=True serves a single rank"):
+        CudaGraphRunner(model, 4, 8, 16, compile=False, use_graphs=False, prefill_graphs=True)

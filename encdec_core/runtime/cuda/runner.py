@@ -70,6 +70,14 @@ fused greedy loop, which feeds its own argmax back inside the graph) and launch 
   graph) wherever its processors depend on the position only; False keeps generate's token loop
   (a host round trip per token). bart-large on an H200: the same tokens, 27.7 against 29.8 ms per
   request at batch 1, 60.5 against 66.5 at 64 (64 tokens; 2026-11-30 16:43).
+- ``prefill_graphs`` (default False; one rank): the prefill (encoder, every layer's cross K/V, the
+  padding bias) replayed from one CUDA graph per (request rows, source) bucket, the sources copied
+  into static buffers padded to the bucket, for batches the encoder runs in one call (mixed lengths
+  that ``runtime.encode`` splits into length groups, and beams with expanded cross rows, keep the
+  eager prefill). For small batches, where the prefill is launch-bound (bart-large, H200: 4.8 ms of a
+  26.1 ms batch-1 request, docs/performance.md 17:55). The encoder then runs at the bucket's length:
+  equal to the eager prefill up to rounding. Checked on a CPU (the padded prefill without a graph);
+  not yet run on a GPU, hence off.
 """
 from __future__ import annotations
 
@@ -462,7 +470,7 @@ class CudaGraphRunner:
                  compile_encoder: bool | None = None, kernels: str = "auto", fused_max_batch: int = 16,
                  beam_reorder: str = "auto", encoder_launch_cost: int | None = None,
                  compile_options: dict | None = None, beam_topk: str = "auto", tp_allreduce: str | None = None,
-                 fused_greedy: bool = True, attention_pdl: bool | None = None):
+                 fused_greedy: bool = True, attention_pdl: bool | None = None, prefill_graphs: bool = False):
         cpu = model.device.type == "cpu"
         if model.device.type != "cuda" and use_graphs:
             raise ValueError(f"CUDA graphs need a model on CUDA, got {model.device}: pass use_graphs=False "
@@ -597,6 +605,14 @@ class CudaGraphRunner:
             model.pack_cpu_weights()
         if (compile and not cpu) if compile_encoder is None else compile_encoder:
             self._encode = torch.compile(model.encode, dynamic=True)
+        # the prefill (encoder, cross K/V, padding bias) as one CUDA graph per (request rows, source)
+        # bucket on static source buffers, for batches the encoder would run in one call; without
+        # graphs (use_graphs=False) the same padded prefill runs uncompiled (a check of its logic)
+        if prefill_graphs and model.ctx.distributed:
+            raise ValueError("prefill_graphs=True serves a single rank (the encoder's collectives are not "
+                             "captured)")
+        self.prefill_graphs = bool(prefill_graphs)
+        self._src_ids = self._src_mask = None
         self._graphs: dict = {}
         self._pool = None
         self._cur = None  # (bucket B, bucket S, N)
@@ -647,20 +663,24 @@ class CudaGraphRunner:
             raise LimitError(f"decoder length {max_len} exceeds the runner's max length {d.max_len}")
         input_ids = input_ids.to(dev)
         attention_mask = None if attention_mask is None else attention_mask.to(dev)
-        enc, mask = self.encode(input_ids, attention_mask)
         n = input_ids.shape[0] * expand
-        s = enc.shape[1]
-        if s > d.S:
-            raise LimitError(f"input length {s} exceeds the runner's max input length {d.S}")
         bb = _bucket(n, self.batch_buckets, d.max_batch, "batch size (requests x beams)")
-        sb = self._source_bucket(s)
-        vw = d.views(bb, sb)
-        dec = self.model.decoder
         # the Triton cross-attention reads row b // group: a request's beams share one copy of its
         # cross K/V and padding bias; other attention reads one expanded copy per row
         group = expand if expand > 1 and self._triton_attention(bb) else 1
         rep = expand // group
         rows = n // group
+        if self.prefill_graphs and rep == 1:
+            sb = self._prefill_static(input_ids, attention_mask)
+            if sb is not None:
+                return self._prefill_done(d.views(bb, sb), bb, sb, n, group, rows, max_len)
+        enc, mask = self.encode(input_ids, attention_mask)
+        s = enc.shape[1]
+        if s > d.S:
+            raise LimitError(f"input length {s} exceeds the runner's max input length {d.S}")
+        sb = self._source_bucket(s)
+        vw = d.views(bb, sb)
+        dec = self.model.decoder
         for li, i in enumerate(d.layer_ids):
             k, v = dec.layers[str(i)].cross_attn.project_kv(enc)
             if rep > 1:
@@ -673,6 +693,11 @@ class CudaGraphRunner:
             cb = cb.repeat_interleave(rep, 0)
         vw.cross_bias[:rows, :s].copy_(cb)
         vw.cross_bias[:rows, s:].fill_(lo)
+        return self._prefill_done(vw, bb, sb, n, group, rows, max_len)
+
+    def _prefill_done(self, vw: _Views, bb: int, sb: int, n: int, group: int, rows: int, max_len) -> int:
+        """The prefill's bookkeeping after the cross K/V and padding bias of ``rows`` rows are in place."""
+        d = self.dec
         vw.cross_bias[rows:].zero_()
         d.reset_rows(vw)
         d.pos.zero_()
@@ -681,6 +706,72 @@ class CudaGraphRunner:
         self.steps = 0
         self.max_steps = max_len if max_len is not None else d.max_len
         return n
+
+    def _prefill_static(self, input_ids, attention_mask) -> int | None:
+        """``prefill_graphs``: the sources copied into static buffers padded to the (request rows,
+        source) bucket, then the encoder, every layer's cross K/V and the padding bias from one CUDA
+        graph (captured at a bucket's first request). Returns the source bucket, or None where the
+        eager prefill serves the batch (mixed lengths that ``encode`` splits into length groups).
+
+        The encoder runs at the bucket's length, so the outputs equal the eager prefill's up to the
+        rounding of kernels of another shape (padding is masked: the softmax gives it exact zeros).
+        Padding rows of the bucket hold one pad token each (no all-masked row)."""
+        from ..encode import default_launch_cost, plan_groups, row_lengths
+
+        d = self.dec
+        b = input_ids.shape[0]
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        lens = row_lengths(mask).tolist()  # one host read, as encode's
+        s = max(1, max(lens))
+        if s > d.S:
+            raise LimitError(f"input length {s} exceeds the runner's max input length {d.S}")
+        cost = default_launch_cost(d.device.type) if self.encoder_launch_cost is None else self.encoder_launch_cost
+        if b > 1 and cost > 0 and len(plan_groups(lens, cost)) > 1:
+            return None
+        rb = _bucket(b, self.batch_buckets, d.max_batch, "batch size")
+        sb = self._source_bucket(s)
+        if self._src_ids is None:  # flat, so that every bucket's view is contiguous (as encode's inputs)
+            self._src_ids = torch.zeros(d.max_batch * d.S, dtype=torch.long, device=d.device)
+            self._src_mask = torch.zeros(d.max_batch * d.S, dtype=torch.long, device=d.device)
+        pad = self.model.cfg.pad_token_id
+        ids, msk = self._src_views(rb, sb)
+        ids.fill_(pad)
+        msk.zero_()
+        ids[:b, :s].copy_(input_ids[:, :s])
+        msk[:b, :s].copy_(mask[:, :s])
+        msk[b:, 0] = 1
+        key = ("prefill", rb, sb, 1)
+        ent = self._graphs.get(key)
+        if ent is None:
+            ent = self._graphs[key] = self._graph(self._prefill_fn(rb, sb))
+        g, fn = ent
+        if g is None:
+            fn()
+        else:
+            g.replay()
+        return sb
+
+    def _src_views(self, rb: int, sb: int):
+        """The static source ids and mask of bucket (rb, sb): contiguous [rb, sb] views."""
+        return self._src_ids[: rb * sb].view(rb, sb), self._src_mask[: rb * sb].view(rb, sb)
+
+    def _prefill_fn(self, rb: int, sb: int):
+        """The graphed prefill of bucket (rb request rows, sb source positions): row r of every cache
+        and of the padding bias sits at the same place in any batch bucket's view of source bucket sb."""
+        d, dec = self.dec, self.model.decoder
+        vw = d.views(rb, sb)
+        ids, msk = self._src_views(rb, sb)
+        lo = torch.finfo(d.dtype).min
+
+        def fn():
+            enc = self._encode_rows(ids, msk)
+            for li, i in enumerate(d.layer_ids):
+                k, v = dec.layers[str(i)].cross_attn.project_kv(enc)
+                vw.ck[li].copy_(k)
+                vw.cv[li].copy_(v)
+            vw.cross_bias.copy_((1.0 - msk.to(torch.float32)) * lo)
+            return enc
+        return fn
 
     # ------------------------------------------------------------------ graphs
     def _step_fn(self, bb: int):
