@@ -1,0 +1,40 @@
+#!/bin/bash
+# Issue 6's open GPU checks after 2026-11-30 17:55, in steps that fit device calls (a call allows 10
+# minutes; each step below takes 2-5 on an H200 with the compiles). Logs and JSON go to $OUT (default
+# ./gpu_session_out). Run from the repository root, all steps or some:
+#     OUT=/tmp/out bash benchmarks/gpu_session.sh prefill
+#     OUT=/tmp/out bash benchmarks/gpu_session.sh attnpdl
+# prefill: the graphed prefill (CudaGraphRunner(prefill_graphs=True)) against the eager prefill, time per
+#          request at batch 1 / 8 / 64, and its GPU tests;
+# attnpdl: the attention ops with / without PDL at 128 rows and in the 8 x 4 beam step, one process each.
+set -u
+OUT=${OUT:-gpu_session_out}
+mkdir -p "$OUT"
+export PYTHONPATH=.:families${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+step() {  # name, seconds, command...
+    local name=$1 secs=$2; shift 2
+    echo "== $name ($(date -u +%H:%M:%S))"
+    timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "rc=$rc" >> "$OUT/$name.log"
+    grep -v -i 'warn' "$OUT/$name.log" | grep -v '^{' | tail -12
+    return $rc
+}
+want() { [ $# -eq 0 ] || [[ " $* " == *" $STEP "* ]]; }
+ARGS=("$@")
+STEP=prefill; if want "${ARGS[@]}"; then
+    step prefill_time 240 python benchmarks/time_prefill.py --model bart-large --batches 1,8,64 \
+        --prefill-graphs 0,1 --out "$OUT"
+    step prefill_tests 240 python -m pytest -v -p no:cacheprovider -m gpu tests/test_cuda_runner.py \
+        -k static_prefill --tb=short
+fi
+STEP=attnpdl; if want "${ARGS[@]}"; then
+    for pol in inductor inductor-noattnpdl; do
+        step "sweep_$pol" 150 python benchmarks/sweep_step.py --models bart-large --batches 128 --policies $pol \
+            --out "$OUT"
+    done
+    step beam_attnpdl 150 python benchmarks/bench_gpu.py --models bart-large --configs 8x4 --repeats 3 --no-hf \
+        --out "$OUT" --tag _attnpdl
+    step beam_noattnpdl 150 python benchmarks/bench_gpu.py --models bart-large --configs 8x4 --repeats 3 --no-hf \
+        --no-attention-pdl --out "$OUT" --tag _noattnpdl
+fi
