@@ -744,3 +744,24 @@ def test_static_prefill_refused_under_tensor_parallelism(monkeypatch):
     monkeypatch.setattr(type(model.ctx), "distributed", property(lambda self: True))
     with pytest.raises(ValueError, match="prefill_graphs=True serves a single rank"):
         CudaGraphRunner(model, 4, 8, 16, compile=False, use_graphs=False, prefill_graphs=True)
+
+
+def test_static_prefill_falls_back_when_capture_fails(monkeypatch):
+    """A prefill graph that cannot be captured (compiled here without graphs: the padded prefill
+    raising) warns once, and the eager prefill serves this request and the later ones."""
+    from encdec_core.runtime.generation import generate
+
+    model = _tiny("bart", "cpu")
+    runner = _runner(model, "cpu-static", 16, 24, 32, encoder_launch_cost=0, prefill_graphs=True)
+
+    def broken(rb, sb):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(runner, "_prefill_fn", broken)
+    ids, mask = _inputs(model.cfg, device="cpu")
+    gc = _gc(model.cfg, max_new_tokens=6)
+    with pytest.warns(UserWarning, match="capturing the prefill failed"):
+        out = generate(model, ids, mask, gc, runner=runner)
+    assert runner.prefill_graphs is False and not any(k[0] == "prefill" for k in runner._graphs)
+    assert torch.equal(out.sequences, generate(model, ids, mask, gc).sequences)
+    assert torch.equal(generate(model, ids, mask, gc, runner=runner).sequences, out.sequences)

@@ -743,7 +743,15 @@ class CudaGraphRunner:
         key = ("prefill", rb, sb, 1)
         ent = self._graphs.get(key)
         if ent is None:
-            ent = self._graphs[key] = self._graph(self._prefill_fn(rb, sb))
+            try:
+                ent = self._graphs[key] = self._graph(self._prefill_fn(rb, sb))
+            except Exception as exc:  # a prefill that cannot be captured must not fail the request
+                import warnings
+
+                warnings.warn(f"capturing the prefill failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                              "the eager prefill serves this runner from now on")
+                self.prefill_graphs = False
+                return None
         g, fn = ent
         if g is None:
             fn()
