@@ -243,6 +243,32 @@ def test_fused_greedy_checks_only_after_min_new_tokens(monkeypatch):
     seen.clear()
     runner.greedy(ids, mask, max_new_tokens=20, check_every=3, min_new_tokens=7)
     assert seen == [9] and runner.steps == 9
+    # the default on a CPU: every step (a check costs nothing there, a step after the end does)
+    answer[0] = False
+    seen.clear()
+    runner.greedy(ids, mask, max_new_tokens=12, min_new_tokens=7)
+    assert seen == [8, 9, 10, 11]
+    assert runner._check_every(None, 8) == 1 and runner._check_every(5, 8) == 5 and runner._check_every(0, 8) == 1
+
+
+def test_generate_on_a_cpu_runner_stops_when_the_last_row_ends():
+    """generate's greedy decoding through a CPU runner's fused loop computes no step after the last
+    row emitted EOS (the default check runs every step there), with the eager path's tokens."""
+    from encdec_core.runtime.generation import generate
+
+    model = _tiny("t5", "cpu")
+    ids, mask = _ragged(model.cfg, 1, 12, seed=4, device="cpu")
+    free = generate(model, ids, mask, _gc(model.cfg, max_new_tokens=16, min_new_tokens=16)).sequences[0, 1:]
+    # as EOS: the first token after the first two that the row had not emitted before, so the row
+    # ends at step 3..7 (before the first check of a GPU's every-8-steps default)
+    k = next(k for k in range(2, 7) if int(free[k]) not in free[:k].tolist())
+    gc = _gc(model.cfg, max_new_tokens=16, eos_token_id=int(free[k]))
+    ref = generate(model, ids, mask, gc).sequences
+    assert ref.shape[1] == k + 2  # start token, k tokens, EOS
+    runner = _runner(model, "cpu-static", 16, 24, 32)
+    out = generate(model, ids, mask, gc, runner=runner).sequences
+    assert torch.equal(out, ref)
+    assert runner.steps == k + 1
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])

@@ -910,12 +910,14 @@ class CudaGraphRunner:
 
     # ------------------------------------------------------------------ beam search in the graph
     @torch.no_grad()
-    def beam_search(self, gc, batch: int, max_len: int, pipeline, prefix: torch.Tensor, check_every: int = 4):
+    def beam_search(self, gc, batch: int, max_len: int, pipeline, prefix: torch.Tensor,
+                    check_every: int | None = None):
         """Beam search (``encdec_core.runtime.beam``) with the whole step in one CUDA graph: decoder
         step, log-softmax, the position-dependent logits processors, the beam update and the
         self-attention cache reorder. The host replays the graph and reads the stop flag every
-        ``check_every`` steps (the result is the same as stopping at once: see ``beam``'s docstring).
-        ``generate`` calls this for a runner after ``prefill`` when the pipeline is ``static``."""
+        ``check_every`` steps (the result is the same as stopping at once: see ``beam``'s docstring;
+        None: ``_check_every``, 4 on a GPU). ``generate`` calls this for a runner after ``prefill``
+        when the pipeline is ``static``."""
         from ..beam import BeamState
         from ..generation import feed_prefix
 
@@ -969,6 +971,7 @@ class CudaGraphRunner:
         self.steps = 0
         feed_prefix(self, prefix)  # a decoder prefix: every beam has the same one
         d._tokens[:n].copy_(prefix[:, -1])
+        check_every = self._check_every(check_every, 4)
         for i in range(max_len - prompt):
             if g is None:
                 fn()
@@ -1028,11 +1031,12 @@ class CudaGraphRunner:
     # ------------------------------------------------------------------ fused greedy
     @torch.no_grad()
     def greedy(self, input_ids, attention_mask=None, max_new_tokens: int = 20, start_token: int | None = None,
-               eos: int | None = None, pad: int | None = None, check_every: int = 8,
+               eos: int | None = None, pad: int | None = None, check_every: int | None = None,
                min_new_tokens: int = 0, forced_bos_token_id: int | None = None,
                forced_eos_token_id: int | None = None) -> torch.Tensor:
         """Greedy decoding with argmax, EOS and token feedback inside the graph; the host checks
-        "all finished" every ``check_every`` steps once more than ``min_new_tokens`` tokens are out
+        "all finished" every ``check_every`` steps (None: 8 on a GPU, every step on a CPU) once more
+        than ``min_new_tokens`` tokens are out
         (results are the same as checking every step: finished rows only emit ``pad``).
         ``min_new_tokens`` suppresses EOS before that many tokens (HF's
         MinNewTokensLengthLogitsProcessor); ``forced_bos_token_id`` / ``forced_eos_token_id`` force
@@ -1059,7 +1063,7 @@ class CudaGraphRunner:
 
     @torch.no_grad()
     def greedy_search(self, gc, rows: int, max_len: int, pipeline, prefix: torch.Tensor,
-                      check_every: int = 8) -> torch.Tensor:
+                      check_every: int | None = None) -> torch.Tensor:
         """``generate``'s greedy decoding after ``prefill`` (where ``greedy_search_serves``): the fused
         loop of ``greedy`` (argmax, the processors and the token feedback inside the CUDA graph, a
         host check every ``check_every`` steps) instead of a host round trip per token. ``max_len``
@@ -1080,11 +1084,20 @@ class CudaGraphRunner:
         return self._greedy_loop(n, max_len - 1, int(prefix[0, 0]), eos, pad, check_every, min_new,
                                  pipeline.forced_bos, forced_eos)
 
-    def _greedy_loop(self, n: int, max_new_tokens: int, start: int, eos: int, pad: int, check_every: int,
+    def _check_every(self, check_every: int | None, gpu_default: int) -> int:
+        """Steps between the host's "all finished" checks: as given, else ``gpu_default`` where the
+        steps run asynchronously on a GPU (a check waits for it) and 1 elsewhere (on a CPU a check
+        costs nothing, and every step after the last row finished is wasted work)."""
+        if check_every is not None:
+            return max(1, int(check_every))
+        return gpu_default if self.dec.device.type == "cuda" else 1
+
+    def _greedy_loop(self, n: int, max_new_tokens: int, start: int, eos: int, pad: int, check_every: int | None,
                      min_new_tokens: int, forced_bos, forced_eos: int | None) -> torch.Tensor:
         """The fused greedy loop over the ``n`` prefilled rows. ``forced_bos``: None, one id, or a
         per-row LongTensor [n] (-1 = none)."""
         d = self.dec  # max_new_tokens is within the limits: prefill checked them
+        check_every = self._check_every(check_every, 8)
         self.set_eos_pad(eos, pad)
         d.min_steps.fill_(int(min_new_tokens))
         bb, sb, _ = self._cur
