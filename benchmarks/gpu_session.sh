@@ -11,16 +11,7 @@ set -u
 OUT=${OUT:-gpu_session_out}
 mkdir -p "$OUT"
 export PYTHONPATH=.:families${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-step() {  # name, seconds, command...
-    local name=$1 secs=$2; shift 2
-    echo "== $name ($(date -u +%H:%M:%S))"
-    timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
-    local rc=$?
-    echo "rc=$rc" >> "$OUT/$name.log"
-    grep -v -i 'warn' "$OUT/$name.log" | grep -v '^{' | tail -12
-    return $rc
-}
-want() { [ $# -eq 0 ] || [[ " $* " == *" $STEP "* ]]; }
+source "$(dirname "$0")/_session.sh"
 ARGS=("$@")
 STEP=prefill; if want "${ARGS[@]}"; then
     step prefill_time 240 python benchmarks/time_prefill.py --model bart-large --batches 1,8,64 \

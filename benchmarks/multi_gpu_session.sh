@@ -15,16 +15,7 @@ OUT=${OUT:-multi_gpu_out}
 mkdir -p "$OUT"
 export PYTHONPATH=.:families${PYTHONPATH:+:$PYTHONPATH}
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
-step() {  # name, seconds, command...
-    local name=$1 secs=$2; shift 2
-    echo "== $name ($(date -u +%H:%M:%S))"
-    timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
-    local rc=$?
-    echo "rc=$rc" >> "$OUT/$name.log"
-    grep -v '^{' "$OUT/$name.log" | grep -v -i 'warn' | tail -12
-    return $rc
-}
-want() { [ $# -eq 0 ] || [[ " $* " == *" $STEP "* ]]; }
+source "$(dirname "$0")/_session.sh"
 ARGS=("$@")
 STEP=kernel; if want "${ARGS[@]}"; then
     step kernel 120 python -m torch.distributed.run --standalone --nproc-per-node 2 tests/mpi_scripts/fused_allreduce.py \
