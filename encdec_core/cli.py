@@ -210,6 +210,22 @@ def _load_engine(engine_dir: Path, device: str, dtype):
     return Engine.load(engine_dir, device=device, ctx=ctx, dtype=dtype), ctx
 
 
+def _run_runner(args, device_type: str) -> str:
+    """The decoder runner of ``encdec run``: eager, compiled (a CPU: the inductor-compiled static step;
+    CUDA: the CUDA-graph runner) or cuda-graph (``--cuda-graph`` is ``--runner cuda-graph``)."""
+    kind = args.runner
+    if args.cuda_graph:
+        if kind not in ("auto", "cuda-graph"):
+            raise EncDecError(f"--cuda-graph and --runner {kind} disagree: give one of them")
+        kind = "cuda-graph"
+    if kind == "cuda-graph" and device_type != "cuda":
+        raise EncDecError("--cuda-graph needs a CUDA device (--device cuda); on a CPU, --runner compiled "
+                          "runs the compiled static step")
+    if kind == "compiled" and device_type not in ("cpu", "cuda"):
+        raise EncDecError(f"--runner compiled serves CPU and CUDA devices, got {device_type}")
+    return "eager" if kind == "auto" else kind
+
+
 def cmd_run(args) -> int:
     import torch
 
@@ -234,15 +250,16 @@ def cmd_run(args) -> int:
         ids = tok.encode(texts)
     langs = engine.lang_ids(tok, target, len(texts))
     runner = None
-    if args.cuda_graph:
-        if torch.device(device).type != "cuda":
-            raise EncDecError("--cuda-graph needs a CUDA device (--device cuda)")
+    kind = _run_runner(args, torch.device(device).type)
+    if kind in ("cuda-graph", "compiled"):
+        what = "--cuda-graph" if kind == "cuda-graph" else "--runner compiled"
         if ctx is not None and ctx.pp_size != 1:
-            raise EncDecError(f"--cuda-graph serves tensor parallelism with pp_size 1, this engine has pp_size "
-                              f"{ctx.pp_size}; pipeline-parallel runs use the eager runner (drop --cuda-graph)")
+            raise EncDecError(f"{what} serves tensor parallelism with pp_size 1, this engine has pp_size "
+                              f"{ctx.pp_size}; pipeline-parallel runs use the eager runner (drop {what})")
         from .runtime.cuda.runner import CudaGraphRunner
 
-        # compiles and captures once, sized by the engine limits
+        # compiles (and on CUDA captures) once, sized by the engine limits; on a CPU the static step
+        # compiled by inductor, without graphs
         runner = CudaGraphRunner.for_engine(engine, tp_allreduce=args.tp_allreduce)
     elif args.tp_allreduce is not None:
         raise EncDecError(f"--tp-allreduce {args.tp_allreduce}: the all-reduce of the CUDA-graph runner; add --cuda-graph")
@@ -438,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, "--device", default="auto", help="cpu | cuda | auto")
     _opt(s, "--cuda-graph", action="store_true",
          help="decode with the compiled CUDA-graph runner (pays a one-off compile; for long runs and serving)")
+    _opt(s, "--runner", default="auto", choices=("auto", "eager", "cuda-graph", "compiled"),
+         help="auto: eager (cuda-graph with --cuda-graph); compiled: on a CPU the decoder step compiled by "
+              "inductor with frozen, autotuned weights (a one-off compile per batch size; for many inputs), "
+              "on CUDA the CUDA-graph runner")
     _opt(s, "--dtype", default=None, help="override the engine dtype at load")
     _tp_allreduce_opt(s)
     _opt(s, "--output-json", default=None)

@@ -288,6 +288,31 @@ def test_run_cuda_graph_needs_cuda(builtin_registry, tmp_path, t5_dir, capsys):
     assert "--cuda-graph needs a CUDA device" in _err(capsys)
 
 
+def test_run_compiled_runner_on_cpu(builtin_registry, tmp_path, t5_dir, capsys):
+    """encdec run --runner compiled on a CPU: the inductor-compiled static step (no graphs) gives the
+    eager runner's outputs, greedy and beam; options that disagree or need CUDA are refused in one line."""
+    _, eng = _pipeline(tmp_path, t5_dir)
+    capsys.readouterr()
+    texts = ["hello world", "a much longer input here", "abc"]
+    outs = {}
+    for runner in ("eager", "compiled"):
+        for beams in ("1", "2"):
+            j = tmp_path / f"{runner}{beams}.json"
+            assert main(["run", "--engine-dir", str(eng), "--input-text", *texts, "--device", "cpu",
+                         "--runner", runner, "--num-beams", beams, "--max-new-tokens", "8",
+                         "--output-json", str(j)]) == 0
+            outs[runner, beams] = json.loads(j.read_text())
+    for beams in ("1", "2"):
+        assert outs["compiled", beams] == outs["eager", beams]
+    capsys.readouterr()
+    assert main(["run", "--engine-dir", str(eng), "--input-text", "abc", "--device", "cpu", "--cuda-graph",
+                 "--runner", "compiled"]) == 2
+    assert "--cuda-graph and --runner compiled disagree" in _err(capsys)
+    assert main(["run", "--engine-dir", str(eng), "--input-text", "abc", "--device", "cpu",
+                 "--runner", "cuda-graph"]) == 2
+    assert "--runner compiled runs the compiled static step" in _err(capsys)
+
+
 def test_run_more_inputs_than_the_batch_limit(builtin_registry, tmp_path, t5_dir, capsys):
     """An input file longer than the engine's max batch size runs in batches (requests sorted by
     length), every output next to its own input: each matches HF fp32 on that input, and the Python
