@@ -449,6 +449,13 @@ def test_step_logits_match_eager_and_limits(mode):
         graph.prefill(ids.repeat(2, 1), mask.repeat(2, 1), 1, 8)  # 6 rows > max_batch 4
     with pytest.raises(LimitError):
         graph.prefill(ids, mask, 1, 9)
+    with pytest.raises(LimitError, match="decoder length 9 exceeds the runner's max length 8"):
+        graph.greedy(ids, mask, max_new_tokens=9)
+    long_ids = torch.full((1, 33), 5, device=dev)
+    for static in (False, True):  # the eager prefill and the padded one (prefill_graphs) check it alike
+        r = _runner(model, mode, 4, 8, 32, prefill_graphs=static)
+        with pytest.raises(LimitError, match="input length 33 exceeds the runner's max input length 32"):
+            r.prefill(long_ids, None, 1, 8)
 
 
 def test_beam_topk_option_is_checked():
@@ -716,6 +723,7 @@ def test_static_prefill_matches_the_eager_prefill(family, mode):
     eager reference); a later request of a smaller bucket reuses the buffers; mixed lengths that the
     encoder splits into length groups, and beam search with expanded cross rows, keep the eager
     prefill."""
+    from encdec_core.runtime.cuda.runner import _bucket
     from encdec_core.runtime.generation import generate
 
     dev, model, cfg, ids, mask, ref_runner = _setup(family, mode, encoder_launch_cost=0)
@@ -727,7 +735,8 @@ def test_static_prefill_matches_the_eager_prefill(family, mode):
         n = runner.prefill(ids, mask, 1, 12)
         assert n == n_ref == b
         bb, sb, _ = runner._cur
-        assert runner._cur == ref_runner._cur and ("prefill", _bucket_of(runner, b), sb, 1) in runner._graphs
+        rb = _bucket(b, runner.batch_buckets, runner.dec.max_batch, "batch size")
+        assert runner._cur == ref_runner._cur and ("prefill", rb, sb, 1) in runner._graphs
         a, r = runner.dec.views(bb, sb), ref_runner.dec.views(bb, sb)
         L = int(mask.sum(1).max())
         for li in range(runner.dec.L):
@@ -757,10 +766,6 @@ def test_static_prefill_matches_the_eager_prefill(family, mode):
     ids, mask = _inputs(cfg, b=3, s=13, seed=2, device=dev)
     torch.testing.assert_close(generate(model, ids, mask, gc, runner=runner).sequences_scores,
                                generate(model, ids, mask, gc).sequences_scores, rtol=0, atol=1e-4)
-
-
-def _bucket_of(runner, b: int) -> int:
-    return next(x for x in runner.batch_buckets if x >= b)
 
 
 def test_static_prefill_refused_under_tensor_parallelism(monkeypatch):

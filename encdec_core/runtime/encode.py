@@ -73,6 +73,14 @@ def plan_groups(lengths: list[int], launch_cost: int) -> list[list[int]]:
     return groups[::-1]
 
 
+def length_groups(lengths: list[int], launch_cost: int | None, device_type: str) -> list[list[int]] | None:
+    """``plan_groups`` of the rows' lengths, or None where the batch is encoded in one call (one row,
+    or launch_cost 0 or less; None: the device type's ``default_launch_cost``)."""
+    if launch_cost is None:
+        launch_cost = default_launch_cost(device_type)
+    return plan_groups(lengths, launch_cost) if launch_cost > 0 and len(lengths) > 1 else None
+
+
 def encode_grouped(encode, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    launch_cost: int | None = None):
     """``encode(ids, mask)`` -> [b, s, d] over length groups of the batch (see the module).
@@ -88,9 +96,7 @@ def encode_grouped(encode, input_ids: torch.Tensor, attention_mask: torch.Tensor
     # contiguous copies (tiny int tensors): a column slice's row stride differs from its width,
     # which a compiled encoder guards on (one recompile, seen on an H200 with dynamic=True)
     input_ids, attention_mask = input_ids[:, :keep].contiguous(), attention_mask[:, :keep].contiguous()
-    if launch_cost is None:
-        launch_cost = default_launch_cost(input_ids.device.type)
-    groups = plan_groups(lens, launch_cost) if launch_cost > 0 and len(lens) > 1 else None
+    groups = length_groups(lens, launch_cost, input_ids.device.type)
 
     def padded(rows, s):
         """Whether a row has padding in its first s positions; where none has, the encoder gets no

@@ -546,7 +546,6 @@ class CudaGraphRunner:
                              f"'triton', got {self.dec.attention!r}) and a GPU with programmatic dependent "
                              "launch (Hopper or newer, ENCDEC_PDL not 0)")
         self.dec.attn_pdl = bool(attention_pdl)
-        self.attention_pdl = self.dec.attn_pdl
         self.batch_buckets = tuple(sorted(batch_buckets))
         self.use_graphs = use_graphs
         self._compile = compile
@@ -620,6 +619,11 @@ class CudaGraphRunner:
         self.steps = 0
         self.stream = None
 
+    @property
+    def attention_pdl(self) -> bool:
+        """Whether the compiled step's attention ops launch with programmatic dependent launch."""
+        return self.dec.attn_pdl
+
     @classmethod
     def for_engine(cls, engine, **kw) -> "CudaGraphRunner":
         """A runner sized by an engine's build limits (batch x beams, input length, output length + 1
@@ -632,10 +636,12 @@ class CudaGraphRunner:
 
     # ------------------------------------------------------------------ request setup
     def _source_bucket(self, s: int) -> int:
+        if s > self.dec.S:
+            raise LimitError(f"input length {s} exceeds the runner's max input length {self.dec.S}")
         b = 16
         while b < s:
             b *= 2
-        return min(b, self.dec.S) if s <= self.dec.S else _bucket(s, (), self.dec.S, "input length")
+        return min(b, self.dec.S)
 
     def _encode_rows(self, input_ids, attention_mask):
         if self._encode is not self.model.encode:
@@ -676,8 +682,6 @@ class CudaGraphRunner:
                 return self._prefill_done(d.views(bb, sb), bb, sb, n, group, rows, max_len)
         enc, mask = self.encode(input_ids, attention_mask)
         s = enc.shape[1]
-        if s > d.S:
-            raise LimitError(f"input length {s} exceeds the runner's max input length {d.S}")
         sb = self._source_bucket(s)
         vw = d.views(bb, sb)
         dec = self.model.decoder
@@ -716,20 +720,18 @@ class CudaGraphRunner:
         The encoder runs at the bucket's length, so the outputs equal the eager prefill's up to the
         rounding of kernels of another shape (padding is masked: the softmax gives it exact zeros).
         Padding rows of the bucket hold one pad token each (no all-masked row)."""
-        from ..encode import default_launch_cost, plan_groups, row_lengths
+        from ..encode import length_groups, row_lengths
 
         d = self.dec
         b = input_ids.shape[0]
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         lens = row_lengths(mask).tolist()  # one host read, as encode's
         s = max(1, max(lens))
-        if s > d.S:
-            raise LimitError(f"input length {s} exceeds the runner's max input length {d.S}")
-        cost = default_launch_cost(d.device.type) if self.encoder_launch_cost is None else self.encoder_launch_cost
-        if b > 1 and cost > 0 and len(plan_groups(lens, cost)) > 1:
+        sb = self._source_bucket(s)
+        groups = length_groups(lens, self.encoder_launch_cost, d.device.type)
+        if groups is not None and len(groups) > 1:
             return None
         rb = _bucket(b, self.batch_buckets, d.max_batch, "batch size")
-        sb = self._source_bucket(s)
         if self._src_ids is None:  # flat, so that every bucket's view is contiguous (as encode's inputs)
             self._src_ids = torch.zeros(d.max_batch * d.S, dtype=torch.long, device=d.device)
             self._src_mask = torch.zeros(d.max_batch * d.S, dtype=torch.long, device=d.device)
@@ -1043,9 +1045,7 @@ class CudaGraphRunner:
         the first / the last token (HF's processors of those names). Returns [B, 1 + steps] starting
         with the start token. ``generate`` reaches the same loop through ``greedy_search``."""
         cfg = self.model.cfg
-        if max_new_tokens > self.dec.max_len:
-            raise LimitError(f"max_new_tokens {max_new_tokens} exceeds the runner's max length {self.dec.max_len}")
-        n = self.prefill(input_ids, attention_mask, 1, max_new_tokens)
+        n = self.prefill(input_ids, attention_mask, 1, max_new_tokens)  # checks the length limit first
         return self._greedy_loop(
             n, max_new_tokens, cfg.decoder_start_token_id if start_token is None else start_token,
             cfg.eos_token_id if eos is None else eos, cfg.pad_token_id if pad is None else pad, check_every,
