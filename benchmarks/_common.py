@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 for p in (ROOT, os.path.join(ROOT, "families")):
@@ -39,3 +40,18 @@ def kernel_rows(prof, per: float) -> list:
     most time first (``per``: the steps or calls the profile covered)."""
     return sorted(((e.self_device_time_total / per, e.count / per, e.key) for e in prof.key_averages()
                    if e.device_type.name == "CUDA" and e.count), reverse=True)
+
+
+def best_ms(fn, repeats: int, sync=lambda: None, wait: bool = True):
+    """The best wall time (ms) of ``repeats`` calls of ``fn``, each started after ``sync()`` (the device
+    idle) and timed until ``sync()`` returns after it, or with ``wait=False`` until ``fn`` returns (the
+    host's time to launch the call); -> (ms, the last call's result)."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        out = fn()
+        if wait:
+            sync()
+        best = min(best, (time.perf_counter() - t) * 1e3)
+    return best, out

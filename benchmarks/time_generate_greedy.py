@@ -13,12 +13,11 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ensure_families  # noqa: E402
+from _common import best_ms, ensure_families  # noqa: E402
 
 
 @torch.no_grad()
@@ -50,17 +49,11 @@ def main():
             mask = torch.ones_like(ids)
             for min_new in (a.new, 0):
                 gc = GenerationConfig.from_model(cfg, None, max_new_tokens=a.new, min_new_tokens=min_new or None)
-                out = generate(model, ids, mask, gc, runner=runner)  # warm-up: graphs captured
-                sync()
-                times = []
-                for _ in range(3):
-                    t = time.perf_counter()
-                    out = generate(model, ids, mask, gc, runner=runner)
-                    sync()
-                    times.append(time.perf_counter() - t)
+                generate(model, ids, mask, gc, runner=runner)  # warm-up: graphs captured
+                ms, out = best_ms(lambda: generate(model, ids, mask, gc, runner=runner), 3, sync)
                 seqs[(fused, b, min_new)] = out.sequences.cpu()
                 row = dict(model=a.model, fused_greedy=fused, batch=b, min_new_tokens=min_new,
-                           ms_per_request=min(times) * 1e3, length=out.sequences.shape[1])
+                           ms_per_request=ms, length=out.sequences.shape[1])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     for row in rows:

@@ -13,24 +13,11 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ensure_families  # noqa: E402
-
-
-def best(fn, n: int = 5, sync: bool = True) -> float:
-    times = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    return min(times)
+from _common import best_ms, ensure_families  # noqa: E402
 
 
 @torch.no_grad()
@@ -67,10 +54,11 @@ def run(runner, model, batches, new: int, setting: bool) -> list:
         request = lambda: runner.greedy(ids, mask, max_new_tokens=new, min_new_tokens=new)  # noqa: E731
         for _ in range(2):
             request()
-        enc = best(lambda: runner.encode(ids, mask))
-        pre = best(lambda: runner.prefill(ids, mask, 1, new + 1))
-        pre_host = best(lambda: runner.prefill(ids, mask, 1, new + 1), sync=False)
-        req = best(request, n=3)
+        sync = torch.cuda.synchronize
+        enc = best_ms(lambda: runner.encode(ids, mask), 5, sync)[0]
+        pre = best_ms(lambda: runner.prefill(ids, mask, 1, new + 1), 5, sync)[0]
+        pre_host = best_ms(lambda: runner.prefill(ids, mask, 1, new + 1), 5, sync, wait=False)[0]
+        req = best_ms(request, 3, sync)[0]
         step = runner.time_step(ids, None, steps=new)
         row = dict(prefill_graphs=setting, batch=b, encoder_ms=enc, prefill_ms=pre, prefill_host_launch_ms=pre_host,
                    request_ms=req, step_ms=step, loop_rest_ms=req - pre - new * step)
