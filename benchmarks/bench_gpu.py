@@ -118,8 +118,9 @@ def main():
     ap.add_argument("--no-attention-pdl", action="store_true",
                     help="the compiled step's Triton attention ops without programmatic dependent launch "
                          "(attention_pdl=False; the runner's default follows inductor's PDL)")
-    ap.add_argument("--prefill-graphs", action="store_true",
-                    help="the prefill (encoder, cross K/V) from one CUDA graph per bucket (prefill_graphs=True)")
+    ap.add_argument("--no-prefill-graphs", action="store_true",
+                    help="the eager prefill (prefill_graphs=False; the runner's default replays the encoder and "
+                         "cross K/V from one CUDA graph per bucket)")
     ap.add_argument("--kernels", default=None, help="decoder step kernels: inductor, triton or auto (runner default)")
     ap.add_argument("--attention", default=None, help="attention of the compiled step: math or sdpa")
     ap.add_argument("--fused-max-batch", type=int, default=None, help="largest batch bucket of the Triton step")
@@ -147,8 +148,8 @@ def main():
         opts["compile_options"] = {}
     if a.no_attention_pdl:
         opts["attention_pdl"] = False
-    if a.prefill_graphs:
-        opts["prefill_graphs"] = True
+    if a.no_prefill_graphs:
+        opts["prefill_graphs"] = False
     if a.kernels:
         opts["kernels"] = a.kernels
     if a.attention:

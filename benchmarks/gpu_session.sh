@@ -6,7 +6,8 @@
 #     OUT=/tmp/out bash benchmarks/gpu_session.sh attnpdl
 # prefill: the graphed prefill (CudaGraphRunner(prefill_graphs=True)) against the eager prefill, time per
 #          request at batch 1 / 8 / 64, and its GPU tests;
-# attnpdl: the attention ops with / without PDL at 128 rows and in the 8 x 4 beam step, one process each.
+# attnpdl: the attention ops with / without PDL at 128 rows and in the 8 x 4 beam step, one process each;
+# profile: flan-t5-large's greedy step by kernel at batch 64 and 256 (where its batch-256 time goes).
 set -u
 OUT=${OUT:-gpu_session_out}
 mkdir -p "$OUT"
@@ -28,4 +29,8 @@ STEP=attnpdl; if want "${ARGS[@]}"; then
         --out "$OUT" --tag _attnpdl
     step beam_noattnpdl 150 python benchmarks/bench_gpu.py --models bart-large --configs 8x4 --repeats 3 --no-hf \
         --no-attention-pdl --out "$OUT" --tag _noattnpdl
+fi
+STEP=profile; if want "${ARGS[@]}"; then
+    step profile 240 python benchmarks/bench_gpu.py --models "" --profile flan-t5-large --profile-batches 64,256 \
+        --out "$OUT"
 fi

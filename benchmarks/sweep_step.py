@@ -154,6 +154,31 @@ ATTN_POLICIES = {
     "attn-x32": _attn(32, cross_only=True), "attn-x32w2": _attn(32, 2, cross_only=True),
 }
 
+
+def _attn_split(self_t=None, self_w=None, cross_t=None, cross_w=None):
+    """Attention: self- and cross-attention tiles / warps chosen apart (None: the default's)."""
+    def cfg(D, T=None, self_mode=True, pdl=False, batch=None):
+        c = BASE_ATTN(D, T, self_mode, pdl, batch)
+        t, w = (self_t, self_w) if self_mode else (cross_t, cross_w)
+        if t:
+            c["BLOCK_T"] = t
+        if w:
+            c["num_warps"] = w
+        return c
+    return cfg
+
+
+# attn-s<keys>[w<warps>] (self-attention only), attn-c<keys>[w<warps>] (cross only), and the pairs
+for _t in (16, 32, 64):
+    for _w in (None, 1, 2, 4):
+        _sfx = f"{_t}" + (f"w{_w}" if _w else "")
+        ATTN_POLICIES[f"attn-s{_sfx}"] = _attn_split(self_t=_t, self_w=_w)
+        ATTN_POLICIES[f"attn-c{_sfx}"] = _attn_split(cross_t=_t, cross_w=_w)
+        for _t2 in (16, 32, 64, 128):
+            for _w2 in (None, 1, 2, 4):
+                ATTN_POLICIES[f"attn-s{_sfx}c{_t2}" + (f"w{_w2}" if _w2 else "")] = \
+                    _attn_split(_t, _w, _t2, _w2)
+
 POLICIES = {
     "base": BASE,
     "fullk32": _fullk(32),

@@ -775,6 +775,31 @@ def test_static_prefill_refused_under_tensor_parallelism(monkeypatch):
     monkeypatch.setattr(type(model.ctx), "distributed", property(lambda self: True))
     with pytest.raises(ValueError, match="prefill_graphs=True serves a single rank"):
         CudaGraphRunner(model, 4, 8, 16, compile=False, use_graphs=False, prefill_graphs=True)
+    # the default leaves it off there
+    assert CudaGraphRunner(model, 4, 8, 16, compile=False, use_graphs=False).prefill_graphs is False
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_static_prefill_default_and_warmup(mode):
+    """prefill_graphs=None (the default) is on where the runner replays CUDA graphs on one rank and
+    off without graphs (a CPU: no launches to save, only padding to add); warmup captures each
+    (batch, source) bucket's prefill graph with the step graphs, and a request of that bucket then
+    replays it (no new capture) with the eager prefill's tokens."""
+    from encdec_core.runtime.generation import generate
+
+    dev = "cpu" if mode == "cpu-static" else "cuda"
+    model = _tiny("t5", dev)
+    assert _runner(model, mode, 8, 16, 32).prefill_graphs is (mode != "cpu-static")
+    runner = _runner(model, mode, 8, 16, 32, prefill_graphs=True)
+    runner.warmup(batch_sizes=(3,), source_lens=(20,), kinds=("greedy",))
+    keys = {k for k in runner._graphs if k[0] == "prefill"}
+    assert keys == {("prefill", 4, 32, 1)}
+    ids, mask = _inputs(model.cfg, b=3, s=20, seed=4, device=dev)
+    gc = _gc(model.cfg, max_new_tokens=6)
+    got = generate(model, ids, mask, gc, runner=runner)
+    assert {k for k in runner._graphs if k[0] == "prefill"} == keys
+    _assert_equal_up_to_near_ties(model, ids, mask, got.sequences, generate(model, ids, mask, gc).sequences,
+                                  tol=1e-5 if mode == "cpu-static" else 1e-4)
 
 
 def test_static_prefill_falls_back_when_capture_fails(monkeypatch):

@@ -585,6 +585,36 @@ def test_attention_default_config_by_batch():
     small, big = tk.attention_config(64, 128, False, batch=16), tk.attention_config(64, 128, False, batch=64)
     assert small["num_warps"] == 4 and big["num_warps"] == 2 and small["BLOCK_T"] == big["BLOCK_T"] == 128
     assert tk.attention_config(64, None, True)["num_warps"] == 4
+    # above 64 rows: 1 warp, 16-key self-attention tiles, 32-key cross tiles (16 for a short source)
+    assert tk.ATTN_SMALL_TILE_ROWS == 64
+    assert tk.attention_config(64, 80, True, batch=64) == dict(BLOCK_T=64, num_warps=2)
+    assert tk.attention_config(64, 80, True, batch=65) == dict(BLOCK_T=16, num_warps=1)
+    assert tk.attention_config(64, 128, False, batch=256) == dict(BLOCK_T=32, num_warps=1)
+    assert tk.attention_config(64, 9, False, batch=256) == dict(BLOCK_T=16, num_warps=1)
+
+
+def test_attention_default_config_above_64_rows_is_exact():
+    """The defaults above 64 rows (several key tiles per program) against the fp32 reference:
+    self-attention with a bias table at a position past the first tile, cross-attention with a
+    source that is not a multiple of the tile and a key bias."""
+    g = _gen(101)
+    B, H, T, D, pos_val, S = 65, 2, 40, 16, 37, 45
+    scale = D ** -0.5
+    k_cache, v_cache = _rand(B, H, T, D, gen=g), _rand(B, H, T, D, gen=g)
+    q, k_new, v_new = (_rand(B, H, D, gen=g) for _ in range(3))
+    table = _causal_table(H, T, g)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_ref[:, :, pos_val], v_ref[:, :, pos_val] = k_new, v_new
+    n = pos_val + 1
+    ref = _attn_ref(q, k_ref[:, :, :n], v_ref[:, :, :n], scale, table[:, pos_val, :n].unsqueeze(0))
+    out = tk.decode_attention(q, k_cache, v_cache, scale, pos=torch.tensor(pos_val, device=DEV),
+                              k_new=k_new, v_new=v_new, bias_table=table)
+    _check(out, ref, torch.float32)
+    kc, vc = _rand(B, H, S, D, gen=g), _rand(B, H, S, D, gen=g)
+    kb = torch.where(torch.rand(B, S, generator=g) < 0.2, -1e9, 0.0).to(DEV)
+    kb[:, 0] = 0.0
+    _check(tk.decode_attention(q, kc, vc, scale, key_bias=kb), _attn_ref(q, kc, vc, scale, kb[:, None, :]),
+           torch.float32)
 
 
 def test_attention_block_t_override_and_all_minus_inf_is_finite():

@@ -70,14 +70,17 @@ fused greedy loop, which feeds its own argmax back inside the graph) and launch 
   graph) wherever its processors depend on the position only; False keeps generate's token loop
   (a host round trip per token). bart-large on an H200: the same tokens, 27.7 against 29.8 ms per
   request at batch 1, 60.5 against 66.5 at 64 (64 tokens; 2026-11-30 16:43).
-- ``prefill_graphs`` (default False; one rank): the prefill (encoder, every layer's cross K/V, the
-  padding bias) replayed from one CUDA graph per (request rows, source) bucket, the sources copied
-  into static buffers padded to the bucket, for batches the encoder runs in one call (mixed lengths
-  that ``runtime.encode`` splits into length groups, and beams with expanded cross rows, keep the
-  eager prefill). For small batches, where the prefill is launch-bound (bart-large, H200: 4.8 ms of a
-  26.1 ms batch-1 request, docs/performance.md 17:55). The encoder then runs at the bucket's length:
-  equal to the eager prefill up to rounding. Checked on a CPU (the padded prefill without a graph);
-  not yet run on a GPU, hence off.
+- ``prefill_graphs`` (None, the default: on wherever the runner replays CUDA graphs on one rank): the
+  prefill (encoder, every layer's cross K/V, the padding bias) replayed from one CUDA graph per
+  (request rows, source) bucket, the sources copied into static buffers padded to the bucket, for
+  batches the encoder runs in one call (mixed lengths that ``runtime.encode`` splits into length
+  groups, and beams with expanded cross rows, keep the eager prefill). The eager prefill is
+  launch-bound at small batches: bart-large on an H200 (docs/performance.md, 2026-11-30 18:45),
+  prefill 3.70 -> 0.92 ms and the 64-token greedy request 23.9 -> 22.6 ms at batch 1, 5.62 -> 1.35
+  and 50.0 -> 45.5 at batch 8, 6.93 -> 6.31 and 61.3 -> 60.7 at batch 64. The encoder then runs at
+  the bucket's length: equal to the eager prefill up to rounding. Off on a CPU (no graphs, and the
+  padding would only add work) and under tensor parallelism (the encoder's collectives are not
+  captured; True is refused there).
 """
 from __future__ import annotations
 
@@ -470,7 +473,7 @@ class CudaGraphRunner:
                  compile_encoder: bool | None = None, kernels: str = "auto", fused_max_batch: int = 16,
                  beam_reorder: str = "auto", encoder_launch_cost: int | None = None,
                  compile_options: dict | None = None, beam_topk: str = "auto", tp_allreduce: str | None = None,
-                 fused_greedy: bool = True, attention_pdl: bool | None = None, prefill_graphs: bool = False):
+                 fused_greedy: bool = True, attention_pdl: bool | None = None, prefill_graphs: bool | None = None):
         cpu = model.device.type == "cpu"
         if model.device.type != "cuda" and use_graphs:
             raise ValueError(f"CUDA graphs need a model on CUDA, got {model.device}: pass use_graphs=False "
@@ -610,6 +613,8 @@ class CudaGraphRunner:
         if prefill_graphs and model.ctx.distributed:
             raise ValueError("prefill_graphs=True serves a single rank (the encoder's collectives are not "
                              "captured)")
+        if prefill_graphs is None:
+            prefill_graphs = use_graphs and not model.ctx.distributed
         self.prefill_graphs = bool(prefill_graphs)
         self._src_ids = self._src_mask = None
         self._graphs: dict = {}
@@ -780,7 +785,8 @@ class CudaGraphRunner:
                 vw.ck[li].copy_(k)
                 vw.cv[li].copy_(v)
             vw.cross_bias.copy_((1.0 - msk.to(torch.float32)) * lo)
-            return enc
+            # nothing returned: the encoder output is a temporary of the graph, its pool memory free
+            # for the next capture (no graph keeps a [rows, source, d_model] output alive per bucket)
         return fn
 
     # ------------------------------------------------------------------ graphs
@@ -876,12 +882,17 @@ class CudaGraphRunner:
     def warmup(self, batch_sizes=(1,), source_lens=(16,), kinds=("step",), eos: int | None = None,
                pad: int | None = None):
         """Compile and capture ahead of time (keeps compilation out of timed regions).
-        kinds: "step" (the runner interface) and/or "greedy" (the fused greedy loop)."""
+        kinds: "step" (the runner interface) and/or "greedy" (the fused greedy loop). With
+        ``prefill_graphs`` the prefill graph of each (batch, source) bucket is captured too (batch
+        sizes count request rows there)."""
         self.set_eos_pad(eos, pad)
         for b in batch_sizes:
             for s in source_lens:
                 bb = _bucket(b, self.batch_buckets, self.dec.max_batch, "batch size")
                 sb = self._source_bucket(s)
+                if self.prefill_graphs:
+                    tok = min(self.model.cfg.vocab_size - 1, self.model.cfg.pad_token_id + 1)
+                    self._prefill_static(torch.full((b, s), tok, dtype=torch.long, device=self.dec.device), None)
                 for kind in kinds:
                     if (kind, bb, sb, 1) not in self._graphs:
                         self._graphs[(kind, bb, sb, 1)] = self._capture((kind, bb, sb, 1))

@@ -1176,13 +1176,26 @@ def attention_config(D: int, T: int | None = None, self_mode: bool = True, pdl: 
     - above 16 rows (the compiled step's buckets) 2 warps: more programs resident per SM. Measured
       in the step (bart-large, H200, ``sweep_step.py`` policy ``inductor+attn-w2``, 2026-11-30):
       batch 256 1.455 -> 1.371 ms, batch 64 0.819 -> 0.813, batch 32 0.708 -> 0.704.
+    - above 64 rows (``ATTN_SMALL_TILE_ROWS``) 1 warp, self-attention on 16-key tiles and
+      cross-attention on 32-key tiles: more, smaller programs resident. Measured in the step (H200,
+      ``sweep_step.py`` policy ``inductor+attn-s16w1c32w1``, 2026-11-30 18:53): batch 256 bart-large
+      1.378 -> 1.309 ms, flan-t5-large 2.516 -> 2.505; at batch 64 it was slower for flan-t5-large
+      (1.489 -> 1.570), so not there.
     """
     block_d = _next_pow2(D)
+    if batch is not None and batch > ATTN_SMALL_TILE_ROWS:
+        block_t = 16 if self_mode else 32
+        if T is not None and not self_mode:
+            block_t = max(16, min(block_t, _next_pow2(T)))
+        return dict(BLOCK_T=block_t, num_warps=1)
     cap = 4096 if self_mode else 8192
     block_t = max(16, min(64 if self_mode else 128, cap // block_d))
     if T is not None and not self_mode:
         block_t = max(16, min(block_t, _next_pow2(T)))
     return dict(BLOCK_T=block_t, num_warps=2 if batch is not None and batch > 16 else 4)
+
+
+ATTN_SMALL_TILE_ROWS = 64
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, *,
