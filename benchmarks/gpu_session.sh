@@ -1,6 +1,6 @@
 #!/bin/bash
-# Issue 6's open GPU checks after 2026-11-30 17:55, in steps that fit device calls (a call allows 10
-# minutes; each step below takes 2-5 on an H200 with the compiles). Logs and JSON go to $OUT (default
+# Issue 6's GPU checks of 2026-11-30 18:45 (docs/performance.md, that section), in steps that fit
+# device calls (a call allows 10 minutes; each step below takes 2-5 on an H200 with the compiles). Logs and JSON go to $OUT (default
 # ./gpu_session_out). Run from the repository root, all steps or some:
 #     OUT=/tmp/out bash benchmarks/gpu_session.sh prefill
 #     OUT=/tmp/out bash benchmarks/gpu_session.sh attnpdl

@@ -1165,7 +1165,7 @@ def _launch_big(x, weight, bias, out, cfg, launch, pdl, norm_kind, nw, nb, eps, 
 def attention_config(D: int, T: int | None = None, self_mode: bool = True, pdl: bool = False,
                      batch: int | None = None) -> dict:
     """Default block sizes for ``decode_attention`` (T: keys in the cache, self_mode: self-attention,
-    pdl: launched with PDL, batch: query rows), 4 warps, 2 above 16 rows.
+    pdl: launched with PDL, batch: query rows), 4 warps, 2 above 16 rows, 1 above 64.
 
     - self-attention: BLOCK_T*BLOCK_D <= 4096 (32 fp32 registers per thread for a key tile),
       BLOCK_T in [16, 64]: the filled rows grow by one per step.
@@ -1179,8 +1179,8 @@ def attention_config(D: int, T: int | None = None, self_mode: bool = True, pdl: 
     - above 64 rows (``ATTN_SMALL_TILE_ROWS``) 1 warp, self-attention on 16-key tiles and
       cross-attention on 32-key tiles: more, smaller programs resident. Measured in the step (H200,
       ``sweep_step.py`` policy ``inductor+attn-s16w1c32w1``, 2026-11-30 18:53): batch 256 bart-large
-      1.378 -> 1.309 ms, flan-t5-large 2.516 -> 2.505; at batch 64 it was slower for flan-t5-large
-      (1.489 -> 1.570), so not there.
+      1.378 -> 1.309 ms, flan-t5-large 2.516 -> 2.505 (2.638 -> 2.494 in a second run, 19:14); at
+      batch 64 it was slower for flan-t5-large (1.489 -> 1.570), so not there.
     """
     block_d = _next_pow2(D)
     if batch is not None and batch > ATTN_SMALL_TILE_ROWS:
