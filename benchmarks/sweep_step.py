@@ -131,32 +131,9 @@ def _gemv_rows(bm_max: int, bn: int = 16, warps: int = 4, bk: int = 256):
     return policy
 
 
-def _attn(block_t=None, warps=None, cross_only=False):
-    """Attention: another key tile / warp count (the default: 64 keys; 4 warps, 2 above 16 rows); ``cross_only``: for
-    cross-attention only (its whole source in one tile, loaded before the PDL wait, when it fits)."""
-    def cfg(D, T=None, self_mode=True, pdl=False, batch=None):
-        c = BASE_ATTN(D, T, self_mode, pdl, batch)
-        if cross_only and self_mode:
-            return c
-        if block_t:
-            c["BLOCK_T"] = block_t
-        if warps:
-            c["num_warps"] = warps
-        return c
-    return cfg
-
-
-ATTN_POLICIES = {
-    "attn-t32": _attn(32), "attn-t128": _attn(128), "attn-w1": _attn(warps=1), "attn-w2": _attn(warps=2),
-    "attn-w4": _attn(warps=4),
-    "attn-t128w8": _attn(128, 8), "attn-t32w2": _attn(32, 2),
-    "attn-x64": _attn(64, cross_only=True), "attn-x128w8": _attn(128, 8, cross_only=True),
-    "attn-x32": _attn(32, cross_only=True), "attn-x32w2": _attn(32, 2, cross_only=True),
-}
-
-
 def _attn_split(self_t=None, self_w=None, cross_t=None, cross_w=None):
-    """Attention: self- and cross-attention tiles / warps chosen apart (None: the default's)."""
+    """Attention: self- and cross-attention key tiles / warps chosen apart (None: the default's, see
+    ``triton_kernels.attention_config``)."""
     def cfg(D, T=None, self_mode=True, pdl=False, batch=None):
         c = BASE_ATTN(D, T, self_mode, pdl, batch)
         t, w = (self_t, self_w) if self_mode else (cross_t, cross_w)
@@ -166,6 +143,21 @@ def _attn_split(self_t=None, self_w=None, cross_t=None, cross_w=None):
             c["num_warps"] = w
         return c
     return cfg
+
+
+def _attn(block_t=None, warps=None, cross_only=False):
+    """Attention: another key tile / warp count for both attentions; ``cross_only``: for
+    cross-attention only (its whole source in one tile, loaded before the PDL wait, when it fits)."""
+    return _attn_split(None if cross_only else block_t, None if cross_only else warps, block_t, warps)
+
+
+ATTN_POLICIES = {
+    "attn-t32": _attn(32), "attn-t128": _attn(128), "attn-w1": _attn(warps=1), "attn-w2": _attn(warps=2),
+    "attn-w4": _attn(warps=4),
+    "attn-t128w8": _attn(128, 8), "attn-t32w2": _attn(32, 2),
+    "attn-x64": _attn(64, cross_only=True), "attn-x128w8": _attn(128, 8, cross_only=True),
+    "attn-x32": _attn(32, cross_only=True), "attn-x32w2": _attn(32, 2, cross_only=True),
+}
 
 
 # attn-s<keys>[w<warps>] (self-attention only), attn-c<keys>[w<warps>] (cross only), and the pairs

@@ -890,7 +890,7 @@ class CudaGraphRunner:
             for s in source_lens:
                 bb = _bucket(b, self.batch_buckets, self.dec.max_batch, "batch size")
                 sb = self._source_bucket(s)
-                if self.prefill_graphs:
+                if self.prefill_graphs and ("prefill", bb, sb, 1) not in self._graphs:  # its key: bucket of b rows
                     tok = min(self.model.cfg.vocab_size - 1, self.model.cfg.pad_token_id + 1)
                     self._prefill_static(torch.full((b, s), tok, dtype=torch.long, device=self.dec.device), None)
                 for kind in kinds:

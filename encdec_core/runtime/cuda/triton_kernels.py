@@ -1162,6 +1162,10 @@ def _launch_big(x, weight, bias, out, cfg, launch, pdl, norm_kind, nw, nb, eps, 
     return (out, stats) if return_stats else out
 
 
+# above this many query rows decode_attention defaults to 1 warp and small key tiles (attention_config)
+ATTN_SMALL_TILE_ROWS = 64
+
+
 def attention_config(D: int, T: int | None = None, self_mode: bool = True, pdl: bool = False,
                      batch: int | None = None) -> dict:
     """Default block sizes for ``decode_attention`` (T: keys in the cache, self_mode: self-attention,
@@ -1182,20 +1186,16 @@ def attention_config(D: int, T: int | None = None, self_mode: bool = True, pdl: 
       1.378 -> 1.309 ms, flan-t5-large 2.516 -> 2.505 (2.638 -> 2.494 in a second run, 19:14); at
       batch 64 it was slower for flan-t5-large (1.489 -> 1.570), so not there.
     """
-    block_d = _next_pow2(D)
-    if batch is not None and batch > ATTN_SMALL_TILE_ROWS:
-        block_t = 16 if self_mode else 32
-        if T is not None and not self_mode:
-            block_t = max(16, min(block_t, _next_pow2(T)))
-        return dict(BLOCK_T=block_t, num_warps=1)
-    cap = 4096 if self_mode else 8192
-    block_t = max(16, min(64 if self_mode else 128, cap // block_d))
+    rows = 0 if batch is None else batch
+    if rows > ATTN_SMALL_TILE_ROWS:
+        block_t, warps = (16 if self_mode else 32), 1
+    else:
+        cap = 4096 if self_mode else 8192
+        block_t = max(16, min(64 if self_mode else 128, cap // _next_pow2(D)))
+        warps = 2 if rows > 16 else 4
     if T is not None and not self_mode:
         block_t = max(16, min(block_t, _next_pow2(T)))
-    return dict(BLOCK_T=block_t, num_warps=2 if batch is not None and batch > 16 else 4)
-
-
-ATTN_SMALL_TILE_ROWS = 64
+    return dict(BLOCK_T=block_t, num_warps=warps)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float, *,
