@@ -292,6 +292,11 @@ def hf_from_model(model, meta: dict | None = None):
 
             cls = getattr(transformers, (fam.hf_class if fam is not None else None) or "AutoModelForSeq2SeqLM")
             hf = cls.from_pretrained(src)
+        if (meta or {}).get("adapters"):
+            from .adapters import hf_with_adapters
+            from .registry import registry
+
+            hf = hf_with_adapters(hf, meta["adapters"], registry)
         return hf.to(device=model.device, dtype=model.dtype).eval()
     except Exception as exc:  # the benchmark still runs; the HF rows are skipped
         print(f"benchmark: cannot load the HF reference from {src}: {type(exc).__name__}: {exc}", file=sys.stderr)

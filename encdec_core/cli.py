@@ -117,8 +117,9 @@ def cmd_convert(args) -> int:
         raise EncDecError(f"--model-dir {src}: no such file or directory")
     dtype = parse_dtype(args.dtype)
     outdir = convert(src, Path(args.output_dir), args.family, dtype, args.tp_size, args.pp_size,
-                     progress=not args.quiet)
-    print(f"wrote {outdir} (tp={args.tp_size}, pp={args.pp_size}, {args.dtype})")
+                     progress=not args.quiet, adapters=[Path(d) for d in args.adapter_dirs])
+    merged = f", {len(args.adapter_dirs)} adapter(s) merged" if args.adapter_dirs else ""
+    print(f"wrote {outdir} (tp={args.tp_size}, pp={args.pp_size}, {args.dtype}{merged})")
     return 0
 
 
@@ -308,6 +309,11 @@ def compare_hf(engine, args, ids, langs, overrides, res) -> list[dict]:
 
         cls = getattr(transformers, (fam.hf_class if fam and fam.hf_class else "AutoModelForSeq2SeqLM"))
         hf = cls.from_pretrained(str(src), dtype=torch.float32)
+    if engine.meta.get("adapters") and not args.hf_model_dir:
+        from .adapters import hf_with_adapters
+        from .registry import registry
+
+        hf = hf_with_adapters(hf, engine.meta["adapters"], registry)  # the same adapters, merged by HF's side
     hf.eval()
     gc = engine.generation_config(**overrides)
     hgc = hf_generation_config(gc)
@@ -414,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, "--dtype", default="float32", help="float32 | float16 | bfloat16")
     _opt(s, "--tp-size", type=int, default=1)
     _opt(s, "--pp-size", type=int, default=1)
+    _opt(s, "--lora-dir", "--hf-lora-dir", "--adapter-dir", dest="adapter_dirs", action="append", default=[],
+         metavar="DIR", help="an adapter to merge into the weights (a peft LoRA directory: adapter_config.json + "
+                             "adapter_model.safetensors); repeat to merge several, in order")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_convert)
 

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
+from .adapters import apply_adapters, check_loaded
 from .checkpoint import validate_parallel, write_checkpoint
 from .family import Family, Source
 from .model import EncDecModel, build_model
@@ -16,31 +18,47 @@ def resolve_family(source: Path, family: str | None = None, reg=None) -> Family:
     return reg.get(family) if family else reg.detect(source)
 
 
-def map_source(fam: Family, src: Source) -> dict[str, torch.Tensor]:
-    """Rename the source tensors into our names; every problem reported at once."""
+def map_source(fam: Family, src: Source, adapter_changes: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Rename the source tensors into our names; every problem reported at once. ``adapter_changes``
+    (from ``apply_adapters``): source keys an adapter changed, which the map must not drop."""
     model = build_model(src.config, meta=True)
     wm = fam.make_weight_map(src.config)
-    tensors, _ = wm.apply(src.tensors, model.expected_shapes(), src.config, source=str(src.path))
+    tensors, report = wm.apply(src.tensors, model.expected_shapes(), src.config, source=str(src.path))
+    if adapter_changes:
+        check_loaded(adapter_changes, report.dropped, fam)
     return tensors
 
 
-def convert(source: Path, output_dir: Path, family: str | None = None, dtype: torch.dtype = torch.float32,
-            tp: int = 1, pp: int = 1, reg=None, progress: bool = False) -> Path:
+def read_and_map(source: Path, family: str | None = None, reg=None, adapters: Sequence[Path] = ()
+                 ) -> tuple[Family, Source, dict[str, torch.Tensor], list[dict]]:
+    """The family, the source, our tensors and the adapters' descriptions: ``source`` read by its
+    family, with ``adapters`` (LoRA directories, ...) merged in order before the WeightMap."""
+    reg = reg or default_registry
     fam = resolve_family(Path(source), family, reg)
     src = fam.read(Path(source))
+    changes, described = {}, []
+    if adapters:
+        src, described, changes = apply_adapters(fam, src, adapters, reg)
+    return fam, src, map_source(fam, src, changes), described
+
+
+def convert(source: Path, output_dir: Path, family: str | None = None, dtype: torch.dtype = torch.float32,
+            tp: int = 1, pp: int = 1, reg=None, progress: bool = False, adapters: Sequence[Path] = ()) -> Path:
+    """``source`` (with ``adapters`` merged, in order) -> our checkpoint in ``output_dir``."""
+    fam, src, tensors, described = read_and_map(source, family, reg, adapters)
     validate_parallel(src.config, tp, pp)
-    tensors = map_source(fam, src)
     extra = {"family": fam.name, "source": str(Path(source).resolve()), "generation_config": src.generation_config}
+    if described:
+        extra["adapters"] = described
     return write_checkpoint(Path(output_dir), src.config, tensors, dtype, tp, pp, extra, src.tokenizer_files,
                             progress=progress)
 
 
 def load_source_model(source: Path, family: str | None = None, dtype=torch.float32, device="cpu",
-                      reg=None) -> tuple[EncDecModel, Source, Family]:
-    """An in-memory model straight from a source dir (tests, --compare-hf helpers)."""
-    fam = resolve_family(Path(source), family, reg)
-    src = fam.read(Path(source))
-    tensors = map_source(fam, src)
+                      reg=None, adapters: Sequence[Path] = ()) -> tuple[EncDecModel, Source, Family]:
+    """An in-memory model straight from a source dir (tests, --compare-hf helpers), with ``adapters``
+    merged."""
+    fam, src, tensors, _ = read_and_map(source, family, reg, adapters)
     model = build_model(src.config, dtype=dtype, device=device)
     model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=True)
     model.eval()

@@ -73,12 +73,22 @@ class Family:
 
 @dataclass(frozen=True)
 class AdapterKind:
-    """An adapter plugin (LoRA, ...): how to read it and how to apply it to a model."""
+    """An adapter plugin (LoRA, ...): how to read it and how to apply it to a model.
+
+    detect(path) -> bool: whether ``path`` holds an adapter of this kind.
+    load(path, family, EncDecConfig) -> adapter: read and check it. The adapter object has
+      ``merge(tensors, source) -> (tensors, changed)``: the source's tensors (source names, before
+      the family's WeightMap) with the adapter applied, and the changed keys, each with the adapter
+      module it belongs to; and ``describe() -> dict`` (recorded in the checkpoint's config.json).
+    hf_apply(hf_model, path) -> hf_model (optional): the same adapter applied to an HF transformers
+      model, for ``--compare-hf`` against a checkpoint converted with adapters.
+    """
 
     name: str
     description: str
     detect: Callable[[Path], bool]
     load: Callable[..., Any]  # (path, family, EncDecConfig) -> adapter object
+    hf_apply: Callable[..., Any] | None = None
 
 
 # ---------------------------------------------------------------------------- HF directories

@@ -86,6 +86,7 @@ class MapReport:
     unmatched: list[str] = field(default_factory=list)
     unfilled: list[str] = field(default_factory=list)
     shape_errors: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # source keys a "drop" rule consumed (not an error)
 
     @property
     def ok(self) -> bool:
@@ -156,6 +157,7 @@ class WeightMap:
                 consumed.add(key)
                 t = state[key]
                 if rule.op == "drop":
+                    report.dropped.append(key)
                     continue
                 targets = [tg.format(**groups) for tg in _as_tuple(rule.target)]
                 if rule.op == "identity":

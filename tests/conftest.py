@@ -25,7 +25,7 @@ if not torch.cuda.is_available():
 # tiny models: one thread is faster than two on a 2-core box shared with the test's other processes
 torch.set_num_threads(1)
 
-BUILTIN_PLUGINS = ("encdec_t5.plugin", "encdec_bart.plugin", "encdec_nmt.plugin")
+BUILTIN_PLUGINS = ("encdec_t5.plugin", "encdec_bart.plugin", "encdec_nmt.plugin", "encdec_lora.plugin")
 
 
 def make_registry(*modules: str):

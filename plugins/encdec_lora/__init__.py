@@ -1,0 +1,1 @@
+"""LoRA adapters in peft's format for encdec (entry point ``encdec`` -> ``lora``)."""

@@ -1,0 +1,280 @@
+"""LoRA adapters (plugins/encdec_lora): peft adapters merged at conversion, against peft itself.
+
+Tiny T5 / BART models from config classes (fixed seeds), adapters made by peft with
+``init_lora_weights=False`` (B != 0, so the update is not zero), saved with ``save_pretrained``. The
+references are peft's merged model (``merge_and_unload``: HF's numerics of the merged weights) and
+the unmerged peft model (base + scale * B A x at run time): fp32 logits within 1e-4 of both, greedy
+and beam tokens equal to peft's ``generate``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from encdec_core import checkpoint  # noqa: E402
+from encdec_core.convert import convert, load_source_model  # noqa: E402
+from encdec_core.errors import ConfigError, EncDecError, WeightError  # noqa: E402
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def reg():
+    from conftest import make_registry
+
+    return make_registry("encdec_t5.plugin", "encdec_bart.plugin", "encdec_lora.plugin")
+
+
+def _t5_base(out: Path, seed: int = 0):
+    cfg = transformers.T5Config(vocab_size=96, d_model=24, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+                                num_heads=3, relative_attention_num_buckets=8, relative_attention_max_distance=12,
+                                feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(seed)
+    m = transformers.T5ForConditionalGeneration(cfg).eval()
+    m.save_pretrained(out)
+    return m
+
+
+def _bart_base(out: Path, seed: int = 0):
+    from _bart_helpers import make_model
+
+    return make_model(out, "bart", dict(d_model=24, encoder_layers=2, decoder_layers=2, encoder_attention_heads=3,
+                                        decoder_attention_heads=3, encoder_ffn_dim=40, decoder_ffn_dim=36,
+                                        max_position_embeddings=48, scale_embedding=False), vocab_size=90, seed=seed)
+
+
+def _adapter(base, out: Path, seed: int, **lora):
+    """Save a peft LoRA adapter of ``base`` (random A and B) to ``out``; return the unmerged peft model."""
+    torch.manual_seed(seed)
+    lc = peft.LoraConfig(task_type="SEQ_2_SEQ_LM", init_lora_weights=False, lora_dropout=0.0, **lora)
+    pm = peft.get_peft_model(base, lc).eval()
+    pm.save_pretrained(out)
+    return pm
+
+
+def _inputs(vocab: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (2, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    ids[1, 7:] = 1 if vocab == 90 else 0
+    dec = torch.randint(3, vocab, (2, 9), generator=g)
+    dec[:, 0] = 2 if vocab == 90 else 0
+    return ids, mask, dec
+
+
+def _logits(m, ids, mask, dec):
+    with torch.no_grad():
+        return m(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits.float()
+
+
+T5_CASES = {
+    # attention q / v of every attention, plain scale alpha / r
+    "qv": dict(r=4, lora_alpha=8, target_modules=["q", "v"]),
+    # every linear, rsLoRA scale, per-module rank and alpha
+    "all-rslora-patterns": dict(r=4, lora_alpha=6, target_modules=["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+                                use_rslora=True, rank_pattern={"wo": 2}, alpha_pattern={"EncDecAttention.q": 3}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(T5_CASES))
+def test_t5_adapter_merged_at_convert_matches_peft(tmp_path, reg, case):
+    base = _t5_base(tmp_path / "hf")
+    pm = _adapter(base, tmp_path / "lora", seed=5, **T5_CASES[case])
+    out = convert(tmp_path / "hf", tmp_path / "ckpt", reg=reg, adapters=[tmp_path / "lora"])
+    meta = json.loads((out / "config.json").read_text())
+    assert [a["kind"] for a in meta["adapters"]] == ["lora"] and meta["adapters"][0]["modules"] > 0
+    ours = checkpoint.load_model(out)
+    ids, mask, dec = _inputs(96)
+    unmerged = _logits(pm, ids, mask, dec)
+    merged = _logits(copy.deepcopy(pm).merge_and_unload(), ids, mask, dec)  # HF numerics of the merged model
+    with torch.no_grad():
+        got = ours(ids, mask, dec)
+        plain = load_source_model(tmp_path / "hf", reg=reg)[0](ids, mask, dec)
+    assert (got - merged).abs().max().item() <= TOL
+    assert (got - unmerged).abs().max().item() <= TOL
+    # the adapter changes the model: the merged logits are far from the base model's
+    assert (plain - merged).abs().max().item() > 1.0
+
+
+def test_bart_adapter_with_trained_biases_matches_peft_generate(tmp_path, reg):
+    from encdec_core.runtime.generation import GenerationConfig, generate
+
+    base = _bart_base(tmp_path / "hf")
+    pm = _adapter(base, tmp_path / "lora", seed=7, r=3, lora_alpha=5,
+                  target_modules=["q_proj", "v_proj", "out_proj", "fc1", "fc2"], bias="lora_only")
+    with torch.no_grad():  # trained biases differ from the base's
+        for n, p in pm.named_parameters():
+            if n.endswith("bias") and p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path / "lora")
+    ours, _, _ = load_source_model(tmp_path / "hf", reg=reg, adapters=[tmp_path / "lora"])
+    ids, mask, dec = _inputs(90)
+    with torch.no_grad():
+        got = ours(ids, mask, dec)
+    want = _logits(pm, ids, mask, dec)
+    assert (got - want).abs().max().item() <= TOL
+    for beams in (1, 3):
+        gc = GenerationConfig(max_new_tokens=8, num_beams=beams, decoder_start_token_id=2, eos_token_id=2,
+                              pad_token_id=1, forced_eos_token_id=None)
+        res = generate(ours, ids, mask, gc)
+        with torch.no_grad():
+            hf = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, num_beams=beams, do_sample=False,
+                             decoder_start_token_id=2, eos_token_id=2, pad_token_id=1, forced_eos_token_id=None,
+                             forced_bos_token_id=None, early_stopping=True if beams > 1 else False)
+        for i in range(ids.shape[0]):
+            h = hf[i].tolist()[1:]
+            h = h[:h.index(2)] if 2 in h else [t for t in h if t != 1]
+            assert res.tokens(i) == h, (beams, i)
+
+
+def test_two_adapters_merge_in_order_and_shard(tmp_path, reg):
+    base = _t5_base(tmp_path / "hf")
+    a1 = _adapter(base, tmp_path / "a1", seed=1, r=2, lora_alpha=2, target_modules=["q", "wo"])
+    merged = a1.merge_and_unload()  # peft: base + adapter 1 ...
+    a2 = _adapter(merged, tmp_path / "a2", seed=2, r=4, lora_alpha=4, target_modules=["q", "v"])  # ... + adapter 2
+    ids, mask, dec = _inputs(96)
+    want = _logits(a2, ids, mask, dec)
+    one = convert(tmp_path / "hf", tmp_path / "tp1", reg=reg, adapters=[tmp_path / "a1", tmp_path / "a2"])
+    with torch.no_grad():
+        got = checkpoint.load_model(one)(ids, mask, dec)
+    assert (got - want).abs().max().item() <= TOL
+    # the merge happens before sharding: TP = 3 shards hold the merged model
+    two = convert(tmp_path / "hf", tmp_path / "tp2", tp=3, reg=reg, adapters=[tmp_path / "a1", tmp_path / "a2"])
+    from safetensors.torch import load_file
+
+    full = load_file(str(one / "rank0.safetensors"))
+    parts = [load_file(str(two / f"rank{r}.safetensors")) for r in range(3)]
+    name = next(k for k in full if "self_attn" in k and k.endswith("weight") and "decoder" in k and "qkv" in k)
+    assert sum(p[name].numel() for p in parts) == full[name].numel()
+
+
+def _write_adapter(d: Path, cfg: dict, tensors: dict):
+    from safetensors.torch import save_file
+
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, **cfg}))
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+
+
+Q0 = "base_model.model.encoder.block.0.layer.0.SelfAttention.q"
+
+
+@pytest.mark.parametrize("cfg,tensors,exc,words", [
+    ({"use_dora": True}, None, ConfigError, ["use_dora", "DoRA"]),
+    ({"modules_to_save": ["lm_head"]}, None, ConfigError, ["modules_to_save", "merge_and_unload"]),
+    ({"peft_type": "IA3"}, None, ConfigError, ["peft_type", "'IA3'", "LORA"]),
+    ({"r": 0}, None, ConfigError, ["'r' = 0", "positive integer"]),
+    ({}, {"base_model.model.encoder.block.0.layer.0.SelfAttention.zz.lora_A.weight": torch.ones(2, 24),
+          "base_model.model.encoder.block.0.layer.0.SelfAttention.zz.lora_B.weight": torch.ones(24, 2)},
+     WeightError, ["does not fit", "SelfAttention.zz.weight", "not in"]),
+    ({}, {f"{Q0}.lora_A.weight": torch.ones(2, 20), f"{Q0}.lora_B.weight": torch.ones(24, 2)},
+     WeightError, ["wrong shape", "24 x 20", "(24, 24)"]),
+    ({}, {f"{Q0}.lora_A.weight": torch.ones(2, 24)}, WeightError, ["lora_B.weight missing"]),
+    ({}, {f"{Q0}.lora_A.weight": torch.ones(3, 24), f"{Q0}.lora_B.weight": torch.ones(24, 3)},
+     WeightError, ["rank 3 in the weights, 2 in the config"]),
+    ({}, {"base_model.model.shared.lora_embedding_A": torch.ones(2, 96)}, ConfigError, ["embedding LoRA"]),
+])
+def test_bad_adapters_name_file_field_and_value(tmp_path, reg, cfg, tensors, exc, words):
+    _t5_base(tmp_path / "hf")
+    if tensors is None:
+        tensors = {f"{Q0}.lora_A.weight": torch.ones(2, 24), f"{Q0}.lora_B.weight": torch.ones(24, 2)}
+    _write_adapter(tmp_path / "lora", cfg, tensors)
+    with pytest.raises(exc) as ei:
+        convert(tmp_path / "hf", tmp_path / "ckpt", reg=reg, adapters=[tmp_path / "lora"])
+    msg = str(ei.value)
+    assert str(tmp_path / "lora") in msg
+    for w in words:
+        assert w in msg, (w, msg)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_adapter_on_a_tied_tensor_is_refused(tmp_path, reg):
+    """BART ties lm_head to the shared embedding: the family drops lm_head.weight, so an adapter that
+    changes it would silently do nothing; it is refused instead."""
+    base = _bart_base(tmp_path / "hf")
+    sd = base.state_dict()
+    assert "lm_head.weight" in sd
+    from safetensors.torch import load_file, save_file
+
+    f = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(str(f))
+    if "lm_head.weight" not in tensors:  # transformers may not save the tied copy: put it back
+        tensors["lm_head.weight"] = sd["lm_head.weight"].clone()
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    _write_adapter(tmp_path / "lora", {}, {"base_model.model.lm_head.lora_A.weight": torch.ones(2, 24),
+                                           "base_model.model.lm_head.lora_B.weight": torch.ones(90, 2)})
+    with pytest.raises(EncDecError) as ei:
+        convert(tmp_path / "hf", tmp_path / "ckpt", reg=reg, adapters=[tmp_path / "lora"])
+    assert "lm_head.weight" in str(ei.value) and "does not load" in str(ei.value)
+
+
+def test_not_an_adapter_directory(tmp_path, reg):
+    _t5_base(tmp_path / "hf")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EncDecError) as ei:
+        convert(tmp_path / "hf", tmp_path / "ckpt", reg=reg, adapters=[tmp_path / "empty"])
+    assert str(tmp_path / "empty") in str(ei.value) and "lora" in str(ei.value)
+
+
+def test_scale_is_alpha_over_r_or_sqrt_r(tmp_path):
+    from encdec_lora.plugin import load
+
+    _write_adapter(tmp_path / "a", {"r": 4, "lora_alpha": 8}, {f"{Q0}.lora_A.weight": torch.ones(4, 24),
+                                                               f"{Q0}.lora_B.weight": torch.ones(24, 4)})
+    assert load(tmp_path / "a").updates[Q0.removeprefix("base_model.model.")][2] == 2.0
+    _write_adapter(tmp_path / "b", {"r": 4, "lora_alpha": 8, "use_rslora": True},
+                   {f"{Q0}.lora_A.weight": torch.ones(4, 24), f"{Q0}.lora_B.weight": torch.ones(24, 4)})
+    assert math.isclose(load(tmp_path / "b").updates[Q0.removeprefix("base_model.model.")][2], 4.0)
+
+
+def test_cli_convert_with_lora_dir_then_run_compare_hf(builtin_registry, tmp_path, tmp_path_factory, capsys):
+    """`encdec convert --lora-dir` -> build -> run --compare-hf: the HF side gets the same adapter
+    (peft's merge), and our greedy and beam outputs match it; `encdec plugins` lists the kind."""
+    import shutil
+
+    from _bart_helpers import load_hf, tiny
+    from encdec_core.cli import main
+
+    src = tmp_path / "hf"
+    shutil.copytree(tiny("bart", tmp_path_factory), src)
+    base = load_hf(src)
+    _adapter(base, tmp_path / "lora", seed=3, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc2"])
+    ck, eng = tmp_path / "ckpt", tmp_path / "engine"
+    assert main(["convert", "--model-dir", str(src), "--output-dir", str(ck), "--lora-dir", str(tmp_path / "lora"),
+                 "--quiet"]) == 0
+    assert "1 adapter(s) merged" in capsys.readouterr().out
+    assert main(["build", "--checkpoint-dir", str(ck), "--output-dir", str(eng), "--max-batch-size", "4",
+                 "--max-input-len", "32", "--max-output-len", "12", "--max-beam-width", "2"]) == 0
+    assert json.loads((eng / "config.json").read_text())["adapters"][0]["kind"] == "lora"  # what --compare-hf reads
+    texts = ["The house is wonderful.", "I like green apples and red cherries."]
+    for beams in ("1", "2"):
+        out_json = tmp_path / f"out{beams}.json"
+        rc = main(["run", "--engine-dir", str(eng), "--input-text", *texts, "--compare-hf", "--device", "cpu",
+                   "--num-beams", beams, "--max-new-tokens", "10", "--output-json", str(out_json)])
+        printed = capsys.readouterr().out
+        assert rc == 0, printed
+        res = json.loads(out_json.read_text())["results"]
+        assert [r["match"] for r in res] == [True, True], res
+    # the adapter changed the outputs: the base model's (plain convert) differ
+    ck0 = tmp_path / "ckpt0"
+    assert main(["convert", "--model-dir", str(src), "--output-dir", str(ck0), "--quiet"]) == 0
+    from encdec_core import checkpoint as ckpt
+
+    m0, m1 = ckpt.load_model(ck0), ckpt.load_model(ck)
+    ids = torch.tensor([[0, 50, 60, 70, 2]])
+    with torch.no_grad():
+        d = (m0(ids, torch.ones_like(ids), ids[:, :3]) - m1(ids, torch.ones_like(ids), ids[:, :3])).abs().max()
+    assert d > 1e-2
+    capsys.readouterr()
+    assert main(["plugins", "--json"]) == 0
+    assert "lora" in [a["name"] for a in json.loads(capsys.readouterr().out)["adapters"]]
