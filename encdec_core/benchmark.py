@@ -494,6 +494,18 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
     for io in ios:
         if len(io) != 2 or int(io[0]) < 1 or int(io[1]) < 1:
             raise EncDecError(f"benchmark: input/output length {io!r}: expected two positive integers")
+    if int(repeats) < 1 or int(warmup) < 0:
+        raise EncDecError(f"benchmark: repeats {repeats!r}, warmup {warmup!r}: expected repeats >= 1 and warmup >= 0")
+    if isinstance(engine_or_model, (str, Path)) and Path(engine_or_model).exists():
+        from .engine import Engine
+
+        engine_or_model = Engine.load(engine_or_model, device=device, dtype=dtype)
+    limits = getattr(engine_or_model, "limits", None)
+    if limits is not None:  # an engine serves what it was built for (learned positions end at its limit)
+        where = f"benchmark of engine {getattr(engine_or_model, 'engine_dir', '')}"
+        for in_len, out_len in ios:
+            for b, k in configs:
+                limits.check(b, int(in_len), int(out_len), k, where=where)
     name, model, hf = _resolve(engine_or_model, device, dtype, seed, compare_hf and hf_model is None, reg)
     if compare_hf and hf_model is not None:
         hf = hf_model

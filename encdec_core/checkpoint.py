@@ -227,7 +227,44 @@ def read_meta(ckpt_dir: Path) -> dict:
     for key in ("model", "dtype", "mapping"):
         if key not in meta:
             raise ConfigError(f"{ckpt_dir / 'config.json'}: missing field '{key}'")
+    where = ckpt_dir / "config.json"
+    if not isinstance(meta["model"], dict):
+        raise ConfigError(f"{where}: field 'model' = {meta['model']!r}: expected an object of model fields")
+    if not isinstance(meta["dtype"], str):
+        raise ConfigError(f"{where}: field 'dtype' = {meta['dtype']!r}: expected one of {', '.join(DTYPES)}")
+    mp = meta["mapping"]
+    if not isinstance(mp, dict):
+        raise ConfigError(f"{where}: field 'mapping' = {mp!r}: expected "
+                          f"{{'tp_size': N, 'pp_size': M, 'world_size': N*M}}")
+    for key in ("tp_size", "pp_size", "world_size"):
+        v = mp.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{where}: field 'mapping.{key}' = {v!r}: expected a positive integer")
+    if mp["world_size"] != mp["tp_size"] * mp["pp_size"]:
+        raise ConfigError(f"{where}: field 'mapping.world_size' = {mp['world_size']}: expected tp_size x pp_size = "
+                          f"{mp['tp_size'] * mp['pp_size']}")
     return meta
+
+
+def check_float_tensors(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Every weight is a floating-point tensor (an integer or bool tensor would be cast silently)."""
+    bad = [f"{k} ({str(t.dtype).replace('torch.', '')})" for k, t in tensors.items() if not t.is_floating_point()]
+    if bad:
+        raise WeightError(f"{source}: tensor(s) of a non-floating dtype: {', '.join(bad)}; expected float32, "
+                          f"float16 or bfloat16 weights")
+
+
+def check_shard(f: Path) -> None:
+    """``f`` is a complete safetensors file (its header is read, not its tensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not f.is_file():
+        raise WeightError(f"{f}: shard is missing")
+    try:
+        with safe_open(str(f), "pt") as h:
+            h.keys()
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightError(f"{f}: not a valid safetensors file ({exc})") from None
 
 
 def config_from_meta(meta: dict, source: str) -> EncDecConfig:
@@ -283,6 +320,7 @@ def load_model(ckpt_dir: Path, ctx: ParallelContext | None = None, device="cpu",
         if wrong:
             parts.append("wrong shape: " + "; ".join(wrong))
         raise WeightError(f"{ckpt_dir / f'rank{ctx.rank}.safetensors'}: " + " | ".join(parts))
+    check_float_tensors({k: tensors[k] for k in expected}, str(ckpt_dir / f"rank{ctx.rank}.safetensors"))
     model = model.to_empty(device=device)
     with torch.no_grad():
         for k, v in model.state_dict().items():

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .errors import EncDecError
+from .fsutil import check_output_file, write_text_atomic
 
 BUNDLED_DEFAULT = Path(__file__).resolve().parent / "assets" / "default"
 
@@ -46,6 +47,17 @@ def _bool(v: str):
     if s == "never":
         return "never"
     raise argparse.ArgumentTypeError(f"expected true, false or never, got {v!r}")
+
+
+def _float(v: str) -> float:
+    """A finite number (argparse's float takes 'nan' and 'inf', which no option means)."""
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
+    if x != x or x in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {v!r}")
+    return x
 
 
 def _rank0() -> bool:
@@ -194,6 +206,12 @@ def _device(name: str | None) -> str:
 
     if name in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise EncDecError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto")
     return name
 
 
@@ -231,6 +249,8 @@ def cmd_run(args) -> int:
     import torch
 
     texts = _read_inputs(args)
+    if args.output_json:
+        check_output_file(Path(args.output_json), "--output-json")  # before any work
     engine_dir = Path(args.engine_dir) if args.engine_dir else default_engine()
     device = _device(args.device)
     engine, ctx = _load_engine(engine_dir, device, args.dtype)
@@ -277,7 +297,8 @@ def cmd_run(args) -> int:
             row.update(hf_rows[i])
         report["results"].append(row)
     if args.output_json and _rank0():
-        Path(args.output_json).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_text_atomic(Path(args.output_json), json.dumps(report, indent=2, ensure_ascii=False) + "\n",
+                          "--output-json")
     for row in report["results"]:
         out(f"Input : {row['input']}")
         for j, o in enumerate(row["output"]):
@@ -366,6 +387,13 @@ def cmd_benchmark(args) -> int:
     beams = parse_batch_sizes(args.num_beams, "--num-beams")
     device = _device(args.device)
     runner = args.runner
+    if args.repeats < 1:
+        raise EncDecError(f"--repeats {args.repeats}: expected a positive integer (timed runs per configuration)")
+    if args.warmup < 0:
+        raise EncDecError(f"--warmup {args.warmup}: expected a non-negative integer (untimed runs first)")
+    for flag, path in (("--csv", args.csv), ("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output_file(Path(path), flag)  # before the measurements, not after
     if bool(args.engine_dir) == bool(args.preset):
         raise EncDecError("give exactly one of --engine-dir E or --preset NAME (e.g. t5-small, bart-large)")
     hf_model = None
@@ -444,16 +472,16 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, "--max-output-len", "--max-new-tokens", "--max-new-token", type=int, default=None)
     _opt(s, "--min-new-tokens", type=int, default=None)
     _opt(s, "--num-beams", type=int, default=None)
-    _opt(s, "--length-penalty", type=float, default=None)
+    _opt(s, "--length-penalty", type=_float, default=None)
     _opt(s, "--early-stopping", type=_bool, default=None)
     _opt(s, "--num-return-sequences", type=int, default=None)
     _opt(s, "--sampling", "--do-sample", action="store_true")
-    _opt(s, "--temperature", type=float, default=None)
+    _opt(s, "--temperature", type=_float, default=None)
     _opt(s, "--top-k", type=int, default=None)
-    _opt(s, "--top-p", type=float, default=None)
+    _opt(s, "--top-p", type=_float, default=None)
     _opt(s, "--random-seed", "--seed", type=int, default=None)
     _opt(s, "--no-repeat-ngram-size", type=int, default=None)
-    _opt(s, "--repetition-penalty", type=float, default=None)
+    _opt(s, "--repetition-penalty", type=_float, default=None)
     _opt(s, "--target-lang", nargs="+", default=None, help="target language code(s): one, or one per input")
     _opt(s, "--source-lang", default=None, help="source language code (mBART-50 tokenizers)")
     _opt(s, "--no-generation-config", action="store_true",
@@ -508,6 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error message on one line (a library's message may span several)."""
+    return " ".join(str(exc).split())
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -517,20 +550,20 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except EncDecError as exc:
-        print(f"encdec: error: {exc}", file=sys.stderr)
+        print(f"encdec: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     except (OSError, MemoryError) as exc:
         if os.environ.get("ENCDEC_DEBUG"):
             raise
-        print(f"encdec: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"encdec: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:  # a bug: say so in one line; ENCDEC_DEBUG=1 shows the traceback
         if os.environ.get("ENCDEC_DEBUG"):
             raise
-        print(f"encdec: internal error: {type(exc).__name__}: {exc} (set ENCDEC_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(f"encdec: internal error: {type(exc).__name__}: {_one_line(exc)} (set ENCDEC_DEBUG=1 for the "
+              f"traceback)", file=sys.stderr)
         return 1
 
 

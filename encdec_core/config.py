@@ -94,8 +94,42 @@ class EncDecConfig:
             bad("norm_type", self.norm_type, f"one of {NORMS}")
         if self.position_type not in POSITIONS:
             bad("position_type", self.position_type, f"one of {POSITIONS}")
-        if self.q_scaling <= 0:
+
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not number(self.q_scaling) or self.q_scaling <= 0:
             bad("q_scaling", self.q_scaling, "a positive number")
+        if not number(self.norm_eps) or self.norm_eps <= 0:
+            bad("norm_eps", self.norm_eps, "a positive number")
+        for name in ("embedding_scale", "output_scale"):
+            if not number(getattr(self, name)):
+                bad(name, getattr(self, name), "a finite number")
+        if not isinstance(self.family, str) or not self.family:
+            bad("family", self.family, "a family name")
+        for f in fields(self):
+            if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool):
+                bad(f.name, getattr(self, f.name), "true or false")
+        for name in ("max_position_embeddings", "relative_num_buckets", "relative_max_distance"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(name, v, "a positive integer")
+        v = self.position_offset
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            bad("position_offset", v, "a non-negative integer")
+        if self.src_vocab_size is not None and (not isinstance(self.src_vocab_size, int)
+                                                or isinstance(self.src_vocab_size, bool) or self.src_vocab_size <= 0):
+            bad("src_vocab_size", self.src_vocab_size, "a positive integer or null")
+        # token ids index the embeddings: out of range, they would fail deep inside torch
+        for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id", "bos_token_id",
+                     "forced_bos_token_id", "forced_eos_token_id"):
+            v = getattr(self, name)
+            if v is None and name not in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < self.vocab_size:
+                bad(name, v, f"a token id in [0, {self.vocab_size}) (vocab_size {self.vocab_size})")
+        if not isinstance(self.extra, Mapping):
+            bad("extra", self.extra, "an object")
 
     # ------------------------------------------------------------ derived
     @property
@@ -134,6 +168,8 @@ class EncDecConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "config") -> "EncDecConfig":
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{source}: the encdec config is {type(d).__name__}, expected an object of fields")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -145,7 +181,7 @@ class EncDecConfig:
             raise ConfigError(f"{source}: missing required field(s) {missing}")
         try:
             return cls(**d)
-        except TypeError as exc:
+        except (ConfigError, TypeError) as exc:  # name the file, not only the field
             raise ConfigError(f"{source}: {exc}") from None
 
 
@@ -170,12 +206,14 @@ class ConfigMap:
         out: dict[str, Any] = dict(self.constants)
         missing = []
         for target, rule in self.fields.items():
+            seen = _Reads(src)
             try:
-                value = _resolve(rule, src)
+                value = _resolve(rule, seen)
             except ConfigError as exc:
                 raise ConfigError(f"{source}: {exc}") from None
-            except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
-                raise ConfigError(f"{source}: cannot derive '{target}': {type(exc).__name__}: {exc}") from None
+            except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError, IndexError) as exc:
+                raise ConfigError(f"{source}: cannot derive '{target}': {type(exc).__name__}: {exc}"
+                                  f"{seen.describe()}") from None
             if value is _REQUIRED:
                 if target in self.defaults:
                     value = self.defaults[target]
@@ -191,6 +229,41 @@ class ConfigMap:
             return EncDecConfig(**out)
         except (ConfigError, TypeError) as exc:  # name the source file, not only the field
             raise ConfigError(f"{source}: {exc}") from None
+
+
+class _Reads(dict):
+    """The source config, noting which keys a field's rule reads (for the error message)."""
+
+    def __init__(self, src):
+        super().__init__(src)
+        self.keys_read: list = []
+
+    def _note(self, key):
+        if key not in self.keys_read:
+            self.keys_read.append(key)
+
+    def __getitem__(self, key):
+        self._note(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._note(key)
+        return super().get(key, default)
+
+    def __contains__(self, key):
+        self._note(key)
+        return super().__contains__(key)
+
+    def describe(self) -> str:
+        """" (from field 'a' = 1, field 'b' missing)" for the keys read, or ""."""
+        parts = []
+        for k in self.keys_read[:6]:
+            if dict.__contains__(self, k):
+                v = repr(dict.__getitem__(self, k))
+                parts.append(f"field {k!r} = {v if len(v) <= 60 else v[:57] + '...'}")
+            else:
+                parts.append(f"field {k!r} missing")
+        return f" (from {', '.join(parts)})" if parts else ""
 
 
 def _resolve(rule, src):

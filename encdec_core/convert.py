@@ -7,8 +7,9 @@ from typing import Sequence
 import torch
 
 from .adapters import apply_adapters, check_loaded
-from .checkpoint import validate_parallel, write_checkpoint
+from .checkpoint import check_float_tensors, validate_parallel, write_checkpoint
 from .family import Family, Source
+from .fsutil import check_output_dir
 from .model import EncDecModel, build_model
 from .registry import registry as default_registry
 
@@ -24,6 +25,7 @@ def map_source(fam: Family, src: Source, adapter_changes: dict[str, str] | None 
     model = build_model(src.config, meta=True)
     wm = fam.make_weight_map(src.config)
     tensors, report = wm.apply(src.tensors, model.expected_shapes(), src.config, source=str(src.path))
+    check_float_tensors(tensors, str(src.path))
     if adapter_changes:
         check_loaded(adapter_changes, report.dropped, fam)
     return tensors
@@ -45,6 +47,7 @@ def read_and_map(source: Path, family: str | None = None, reg=None, adapters: Se
 def convert(source: Path, output_dir: Path, family: str | None = None, dtype: torch.dtype = torch.float32,
             tp: int = 1, pp: int = 1, reg=None, progress: bool = False, adapters: Sequence[Path] = ()) -> Path:
     """``source`` (with ``adapters`` merged, in order) -> our checkpoint in ``output_dir``."""
+    check_output_dir(Path(output_dir), "--output-dir")  # before reading anything
     fam, src, tensors, described = read_and_map(source, family, reg, adapters)
     validate_parallel(src.config, tp, pp)
     extra = {"family": fam.name, "source": str(Path(source).resolve()), "generation_config": src.generation_config}

@@ -9,16 +9,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .checkpoint import (checksum_dir, config_from_meta, dtype_name, file_sha256, load_model, parse_dtype,
-                         read_meta)
+from .checkpoint import (check_shard, checksum_dir, config_from_meta, dtype_name, file_sha256, load_model,
+                         parse_dtype, read_meta)
 from .config import read_json
-from .fsutil import atomic_dir
+from .family import HF_TOKENIZER_FILES
+from .fsutil import atomic_dir, check_output_dir
 from .errors import ConfigError, EncDecError, LimitError
 
 ENGINE_FILE = "engine.json"
@@ -40,8 +41,24 @@ class Limits:
             ("beam width", beams, self.max_beam_width, "--max-beam-width"),
         ):
             if val > lim:
+                # the output length may be a default the user never typed (HF's 20 new tokens)
+                ask = f"ask for at most {lim} new tokens, or " if what == "output length" else ""
                 raise LimitError(
-                    f"{where}: {what} {val} exceeds the engine's limit {lim} (rebuild with a larger {flag})")
+                    f"{where}: {what} {val} exceeds the engine's limit {lim} ({ask}rebuild with a larger {flag})")
+
+
+def _check_limits(limits, where: Path) -> None:
+    """engine.json's "limits": the four limits, each a positive integer."""
+    names = [f.name for f in fields(Limits)]
+    if not isinstance(limits, dict):
+        raise ConfigError(f"{where}: field 'limits' = {limits!r}: expected an object with {', '.join(names)}")
+    unknown = sorted(set(limits) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: field 'limits' has unknown key(s) {unknown}: expected {', '.join(names)}")
+    for name in names:
+        v = limits.get(name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{where}: field 'limits.{name}' = {v!r}: expected a positive integer")
 
 
 def _positive(name: str, v) -> int:
@@ -57,10 +74,12 @@ def build(checkpoint_dir: Path, output_dir: Path, max_batch_size: int = 8, max_i
                     _positive("--max-output-len", max_output_len), _positive("--max-beam-width", max_beam_width))
     meta = read_meta(checkpoint_dir)
     cfg = config_from_meta(meta, str(checkpoint_dir / "config.json"))
+    check_output_dir(output_dir, "--output-dir")  # before any work
     world = int(meta["mapping"]["world_size"])
     for r in range(world):
         if not (checkpoint_dir / f"rank{r}.safetensors").is_file():
             raise EncDecError(f"{checkpoint_dir / f'rank{r}.safetensors'}: shard for rank {r} is missing")
+        check_shard(checkpoint_dir / f"rank{r}.safetensors")  # a truncated shard is refused here, not at run
     got = checksum_dir(checkpoint_dir, world)
     if meta.get("checksum") and got != meta["checksum"]:
         raise EncDecError(
@@ -69,11 +88,13 @@ def build(checkpoint_dir: Path, output_dir: Path, max_batch_size: int = 8, max_i
     src_dtype = parse_dtype(meta["dtype"], f"{checkpoint_dir / 'config.json'} field 'dtype'")
     tgt_dtype = parse_dtype(dtype) if dtype else src_dtype
     if cfg.position_type == "learned" and not cfg.position_padding_aware:
-        if max_input_len > cfg.max_position_embeddings or max_output_len + 1 > cfg.max_position_embeddings:
-            raise ConfigError(
-                f"limits exceed the model's learned positions ({cfg.max_position_embeddings}): "
-                f"--max-input-len {max_input_len}, --max-output-len {max_output_len}")
-    with atomic_dir(output_dir) as tmp:
+        n = cfg.max_position_embeddings
+        for flag, val, lim in (("--max-input-len", max_input_len, n), ("--max-output-len", max_output_len, n - 1)):
+            if val > lim:
+                raise ConfigError(
+                    f"{flag} {val} exceeds the model's learned positions: expected at most {lim} "
+                    f"(max_position_embeddings {n} in {checkpoint_dir / 'config.json'})")
+    with atomic_dir(output_dir, "--output-dir") as tmp:
         for item in checkpoint_dir.iterdir():
             if item.name.startswith("rank") and item.suffix == ".safetensors":
                 continue
@@ -157,6 +178,7 @@ class Engine:
         for key in ("limits", "mapping", "dtype"):
             if key not in info:
                 raise ConfigError(f"{engine_dir / ENGINE_FILE}: missing field '{key}'")
+        _check_limits(info["limits"], engine_dir / ENGINE_FILE)
         meta = read_meta(engine_dir)
         dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype
         device = torch.device(device)
@@ -171,7 +193,15 @@ class Engine:
 
         if tokenizer_dir is None and self._tokenizer is not None:
             return self._tokenizer
-        tok = load_tokenizer(self.family, Path(tokenizer_dir or self.engine_dir), self.config)
+        fam = self.family
+        where = Path(tokenizer_dir or self.engine_dir)
+        if (fam is None or fam.tokenizer is None) and where.is_dir() \
+                and not any((where / f).is_file() for f in (*HF_TOKENIZER_FILES, "vocab.txt", "tokenizer.model")):
+            what, hint = (("--tokenizer-dir", "") if tokenizer_dir is not None else
+                          ("engine directory", "; give --tokenizer-dir with the model's tokenizer"))
+            raise ConfigError(f"{what} {where}: no tokenizer files (expected tokenizer.json or "
+                              f"tokenizer_config.json, as 'encdec convert' copies from the model folder){hint}")
+        tok = load_tokenizer(fam, where, self.config)
         if tokenizer_dir is None:
             self._tokenizer = tok
         return tok
@@ -179,8 +209,15 @@ class Engine:
     def generation_config(self, **overrides):
         from .runtime.generation import GenerationConfig
 
-        return GenerationConfig.from_model(self.config, self.generation_defaults,
-                                           **{k: v for k, v in overrides.items() if v is not None})
+        try:
+            return GenerationConfig.from_model(self.config, self.generation_defaults,
+                                               **{k: v for k, v in overrides.items() if v is not None})
+        except ConfigError as exc:  # the defaults live in the engine's config.json, copied at convert time
+            head = "generation_config.json:"
+            if not str(exc).startswith(head):
+                raise
+            raise ConfigError(f"{self.engine_dir / 'config.json'} field 'generation_config' (the model's "
+                              f"generation_config.json):{str(exc)[len(head):]}") from None
 
     def generate_ids(self, ids: list[list[int]], target_lang_ids=None, runner=None, **overrides):
         """Token ids in, GenerationOutput out (rows in the order of ``ids``); limits checked first.

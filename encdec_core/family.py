@@ -113,8 +113,12 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(st))
         if idx.is_file():
             index = read_json(idx, "safetensors index")
+            wmap = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(wmap, dict) or not wmap or not all(isinstance(v, str) for v in wmap.values()):
+                raise WeightError(f"{idx}: field 'weight_map' = {str(wmap)[:80]!r}: expected a non-empty object "
+                                  f"of tensor name -> shard file name")
             out = {}
-            for shard in sorted(set(index.get("weight_map", {}).values())):
+            for shard in sorted(set(wmap.values())):
                 f = path / shard
                 if not f.is_file():
                     raise WeightError(f"{idx}: shard '{shard}' listed in weight_map is missing")

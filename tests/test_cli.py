@@ -138,6 +138,16 @@ def test_error_corrupt_safetensors(builtin_registry, tmp_path, t5_dir, capsys):
     _no_partial(tmp_path, "o")
 
 
+@pytest.mark.parametrize("wmap", [["model.safetensors"], {}, {"shared.weight": 3}])
+def test_error_bad_sharded_index(builtin_registry, tmp_path, t5_dir, capsys, wmap):
+    (t5_dir / "model.safetensors").rename(t5_dir / "model-00001-of-00001.safetensors")
+    (t5_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+    assert main(["convert", "--model-dir", str(t5_dir), "--output-dir", str(tmp_path / "o")]) == 2
+    msg = _err(capsys)
+    assert "model.safetensors.index.json" in msg and "'weight_map'" in msg and "expected a non-empty object" in msg
+    _no_partial(tmp_path, "o")
+
+
 def _rewrite_weights(d: Path, fn):
     from safetensors.torch import load_file, save_file
 
@@ -201,6 +211,15 @@ def test_error_input_too_long(builtin_registry, tmp_path, t5_dir, capsys):
     assert rc == 2
     msg = _err(capsys)
     assert "input length 41 exceeds the engine's limit 32" in msg
+
+
+def test_error_default_output_length_beyond_the_limit(builtin_registry, tmp_path, t5_dir, capsys):
+    """The default 20 new tokens on an engine built for 16: the message says how to ask for fewer."""
+    _, eng = _pipeline(tmp_path, t5_dir)
+    capsys.readouterr()
+    assert main(["run", "--engine-dir", str(eng), "--input-text", "abc", "--device", "cpu"]) == 2
+    msg = _err(capsys)
+    assert "output length 20 exceeds the engine's limit 16 (ask for at most 16 new tokens, or rebuild" in msg
 
 
 def test_error_tampered_shard(builtin_registry, tmp_path, t5_dir, capsys):
@@ -368,3 +387,273 @@ def test_tp_allreduce_option(builtin_registry, tmp_path, t5_dir, capsys, monkeyp
     monkeypatch.setenv("ENCDEC_TP_ALLREDUCE", "mpi")
     with pytest.raises(ConfigError, match="ENCDEC_TP_ALLREDUCE='mpi'"):
         tp_allreduce_default()
+
+
+# ---------------------------------------------------------------------------- bad input (audit)
+def _edit_json(path: Path, fn):
+    d = json.loads(path.read_text())
+    fn(d)
+    path.write_text(json.dumps(d))
+
+
+def _convert(src, out, *extra):
+    return main(["convert", "--model-dir", str(src), "--output-dir", str(out), "--quiet", *extra])
+
+
+def test_error_source_config_field_of_a_wrong_type(builtin_registry, tmp_path, t5_dir, capsys):
+    """A source field a family rule cannot read, or a value of the wrong type, is named with the file
+    (not an AttributeError, not a checkpoint that fails at run time)."""
+    cfg = t5_dir / "config.json"
+    good = cfg.read_text()
+    _edit_json(cfg, lambda d: d.__setitem__("feed_forward_proj", 5))
+    assert _convert(t5_dir, tmp_path / "o") == 2
+    msg = _err(capsys)
+    assert "config.json: cannot derive 'activation'" in msg and "field 'feed_forward_proj' = 5" in msg
+    cfg.write_text(good)
+    _edit_json(cfg, lambda d: d.__setitem__("layer_norm_epsilon", "x"))
+    assert _convert(t5_dir, tmp_path / "o") == 2
+    msg = _err(capsys)
+    assert "config.json" in msg and "'norm_eps' = 'x'" in msg and "a positive number" in msg
+    _no_partial(tmp_path, "o")
+
+
+def test_error_integer_weights(builtin_registry, tmp_path, t5_dir, capsys):
+    """An integer tensor where a weight belongs is refused (convert: the source; run: the engine's
+    shard), not cast silently."""
+    _, eng = _pipeline(tmp_path, t5_dir)
+    capsys.readouterr()
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(eng / "rank0.safetensors"))
+    t["decoder.final_norm.weight"] = t["decoder.final_norm.weight"].long()
+    (eng / "rank0.safetensors").unlink()
+    save_file(t, str(eng / "rank0.safetensors"))
+    assert main(["run", "--engine-dir", str(eng), "--input-text", "abc", "--device", "cpu",
+                 "--max-output-len", "4"]) == 2
+    msg = _err(capsys)
+    assert "rank0.safetensors" in msg and "decoder.final_norm.weight (int64)" in msg and "float32" in msg
+    name = "encoder.final_layer_norm.weight"
+    _rewrite_weights(t5_dir, lambda t: t.__setitem__(name, t[name].long()))
+    assert _convert(t5_dir, tmp_path / "o") == 2
+    msg = _err(capsys)
+    assert str(t5_dir) in msg and "encoder.final_norm.weight (int64)" in msg
+    _no_partial(tmp_path, "o")
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda d: d.__setitem__("mapping", {"pp_size": 1}), "field 'mapping.tp_size' = None: expected a positive integer"),
+    (lambda d: d["mapping"].__setitem__("world_size", "one"), "field 'mapping.world_size' = 'one'"),
+    (lambda d: d["mapping"].__setitem__("world_size", 2), "field 'mapping.world_size' = 2: expected tp_size x pp_size"),
+    (lambda d: d.__setitem__("model", [1]), "field 'model' = [1]: expected an object"),
+    (lambda d: d["model"].__setitem__("d_model", -1), "field 'd_model' = -1: expected a positive integer"),
+    (lambda d: d["model"].__setitem__("pad_token_id", 10**6), "field 'pad_token_id' = 1000000: expected a token id"),
+])
+def test_error_bad_checkpoint_config(builtin_registry, tmp_path, t5_dir, capsys, edit, words):
+    ck = tmp_path / "ckpt"
+    assert _convert(t5_dir, ck) == 0
+    capsys.readouterr()
+    _edit_json(ck / "config.json", edit)
+    assert main(["build", "--checkpoint-dir", str(ck), "--output-dir", str(tmp_path / "e")]) == 2
+    msg = _err(capsys)
+    assert str(ck / "config.json") in msg and words in msg
+    _no_partial(tmp_path, "e")
+
+
+def test_build_refuses_a_truncated_shard(builtin_registry, tmp_path, t5_dir, capsys):
+    """Without a checksum to compare, build still reads every shard's header: a truncated shard is
+    refused at build, not copied into an engine that fails at run."""
+    ck = tmp_path / "ckpt"
+    assert _convert(t5_dir, ck) == 0
+    capsys.readouterr()
+    _edit_json(ck / "config.json", lambda d: (d.pop("checksum"), d.pop("shard_checksums")))
+    f = ck / "rank0.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert main(["build", "--checkpoint-dir", str(ck), "--output-dir", str(tmp_path / "e")]) == 2
+    msg = _err(capsys)
+    assert str(f) in msg and "not a valid safetensors file" in msg
+    _no_partial(tmp_path, "e")
+
+
+def test_build_learned_positions_message(builtin_registry, tmp_path, t5_dir, capsys):
+    ck = tmp_path / "ckpt"
+    assert _convert(t5_dir, ck) == 0
+    capsys.readouterr()
+    _edit_json(ck / "config.json", lambda d: d["model"].update(position_type="learned", max_position_embeddings=16))
+    assert main(["build", "--checkpoint-dir", str(ck), "--output-dir", str(tmp_path / "e"),
+                 "--max-input-len", "32", "--max-output-len", "8"]) == 2
+    msg = _err(capsys)
+    assert "--max-input-len 32 exceeds the model's learned positions: expected at most 16" in msg
+    assert str(ck / "config.json") in msg
+    assert main(["build", "--checkpoint-dir", str(ck), "--output-dir", str(tmp_path / "e"),
+                 "--max-input-len", "8", "--max-output-len", "16"]) == 2
+    assert "--max-output-len 16 exceeds the model's learned positions: expected at most 15" in _err(capsys)
+
+
+@pytest.mark.parametrize("limits,words", [
+    ({"max_batch_size": "4", "max_input_len": 32, "max_output_len": 16, "max_beam_width": 4},
+     "field 'limits.max_batch_size' = '4': expected a positive integer"),
+    ({"max_batch_size": 4}, "field 'limits.max_input_len' = None"),
+    ({"max_batch_size": 4, "max_input_len": -1, "max_output_len": 16, "max_beam_width": 4},
+     "field 'limits.max_input_len' = -1"),
+    ({"max_batch_size": 4, "max_input_len": 32, "max_output_len": 16, "max_beam_width": 4, "bogus": 1},
+     "unknown key(s) ['bogus']"),
+    ([4, 32], "field 'limits' = [4, 32]: expected an object"),
+])
+def test_error_bad_engine_limits(builtin_registry, tmp_path, t5_dir, capsys, limits, words):
+    _, eng = _pipeline(tmp_path, t5_dir)
+    capsys.readouterr()
+    _edit_json(eng / "engine.json", lambda d: d.__setitem__("limits", limits))
+    assert main(["run", "--engine-dir", str(eng), "--input-text", "abc", "--device", "cpu",
+                 "--max-output-len", "4"]) == 2
+    msg = _err(capsys)
+    assert str(eng / "engine.json") in msg and words in msg
+
+
+def test_error_bad_generation_config_names_the_engine_file(builtin_registry, tmp_path, t5_dir, capsys):
+    _, eng = _pipeline(tmp_path, t5_dir)
+    capsys.readouterr()
+    _edit_json(eng / "config.json", lambda d: d.__setitem__("generation_config", {"num_beams": "two"}))
+    assert main(["run", "--engine-dir", str(eng), "--input-text", "abc", "--device", "cpu",
+                 "--max-output-len", "4"]) == 2
+    msg = _err(capsys)
+    assert f"{eng / 'config.json'} field 'generation_config'" in msg and "'num_beams' = 'two'" in msg
+
+
+def test_error_output_dir_that_is_not_ours(builtin_registry, tmp_path, t5_dir, capsys):
+    """An --output-dir that is a file, lies under a file, or is a folder of other files (the model's
+    own folder above all) is refused before any work and left as it was; encdec's own output is
+    replaced."""
+    before = sorted(p.name for p in t5_dir.iterdir())
+    assert _convert(t5_dir, t5_dir) == 2
+    msg = _err(capsys)
+    assert f"--output-dir {t5_dir}: exists and is not an encdec checkpoint or engine" in msg
+    assert "model.safetensors" in msg and sorted(p.name for p in t5_dir.iterdir()) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    assert _convert(t5_dir, other) == 2
+    assert "notes.txt" in _err(capsys) and (other / "notes.txt").read_text() == "keep"
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert _convert(t5_dir, f) == 2
+    assert f"--output-dir {f}: exists and is not a directory" in _err(capsys)
+    assert _convert(t5_dir, f / "sub") == 2
+    assert f"--output-dir {f / 'sub'}: {f} is a file, expected a directory" in _err(capsys)
+    assert main(["build", "--checkpoint-dir", str(t5_dir), "--output-dir", str(f / "e")]) == 2
+    _err(capsys)
+    # encdec's own output (and an empty folder) is replaced
+    ck, eng = _pipeline(tmp_path, t5_dir)
+    assert _convert(t5_dir, ck) == 0
+    (tmp_path / "empty").mkdir()
+    assert main(["build", "--checkpoint-dir", str(ck), "--output-dir", str(eng)]) == 0
+    assert main(["build", "--checkpoint-dir", str(ck), "--output-dir", str(tmp_path / "empty")]) == 0
+    assert (tmp_path / "empty" / "engine.json").is_file()
+    assert f.read_text() == "x"
+
+
+def test_error_tokenizer_files_missing(builtin_registry, tmp_path, t5_dir, capsys):
+    _, eng = _pipeline(tmp_path, t5_dir)
+    capsys.readouterr()
+    empty = tmp_path / "tok"
+    empty.mkdir()
+    assert main(["run", "--engine-dir", str(eng), "--tokenizer-dir", str(empty), "--input-text", "abc",
+                 "--device", "cpu", "--max-output-len", "4"]) == 2
+    assert f"--tokenizer-dir {empty}: no tokenizer files" in _err(capsys)
+    for name in ("tokenizer_config.json", "added_tokens.json", "special_tokens_map.json"):
+        (eng / name).unlink(missing_ok=True)
+    assert main(["run", "--engine-dir", str(eng), "--input-text", "abc", "--device", "cpu",
+                 "--max-output-len", "4"]) == 2
+    msg = _err(capsys)
+    assert f"engine directory {eng}: no tokenizer files" in msg and "--tokenizer-dir" in msg
+
+
+def test_error_messages_are_one_line(builtin_registry, monkeypatch, capsys):
+    """A library's multi-line message (transformers' tokenizer errors) is printed on one line."""
+    import encdec_core.cli as cli
+    from encdec_core.errors import EncDecError
+
+    def boom(args):
+        raise EncDecError("tok: cannot load a tokenizer (ValueError: one\n(1) two \n(2) three)")
+
+    monkeypatch.setattr(cli, "cmd_list_families", boom)
+    assert main(["list-families"]) == 2
+    assert _err(capsys) == "encdec: error: tok: cannot load a tokenizer (ValueError: one (1) two (2) three)"
+
+
+def test_run_output_json_path_checked_first_and_written_whole(builtin_registry, tmp_path, t5_dir, capsys,
+                                                             monkeypatch):
+    _, eng = _pipeline(tmp_path, t5_dir)
+    capsys.readouterr()
+    import encdec_core.cli as cli
+
+    loads = []
+    real = cli._load_engine
+    monkeypatch.setattr(cli, "_load_engine", lambda *a: loads.append(a) or real(*a))
+    base = ["run", "--engine-dir", str(eng), "--input-text", "abc", "--device", "cpu", "--max-output-len", "4"]
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert main([*base, "--output-json", str(f / "out.json")]) == 2
+    assert f"--output-json {f / 'out.json'}: {f} is a file, expected a directory" in _err(capsys)
+    assert main([*base, "--output-json", str(tmp_path)]) == 2
+    assert f"--output-json {tmp_path}: is a directory" in _err(capsys)
+    assert loads == []  # refused before the engine was loaded
+    out = tmp_path / "new" / "out.json"
+    assert main([*base, "--output-json", str(out)]) == 0
+    assert json.loads(out.read_text())["results"][0]["input"] == "abc"
+    assert [p.name for p in out.parent.iterdir()] == ["out.json"]
+
+
+def test_error_bad_device_and_float_options(builtin_registry, tmp_path, t5_dir, capsys):
+    _, eng = _pipeline(tmp_path, t5_dir)
+    capsys.readouterr()
+    assert main(["run", "--engine-dir", str(eng), "--input-text", "abc", "--device", "tpu"]) == 2
+    assert "--device 'tpu': expected cpu, cuda, cuda:N or auto" in _err(capsys)
+    assert main(["benchmark", "--engine-dir", str(eng), "--batch-size", "1", "--input-output-len", "8,2",
+                 "--device", "tpu", "--quiet"]) == 2
+    assert "--device 'tpu'" in _err(capsys)
+    with pytest.raises(SystemExit) as ei:
+        main(["run", "--engine-dir", str(eng), "--input-text", "abc", "--length-penalty", "nan"])
+    assert ei.value.code == 2
+    assert "--length-penalty/--length_penalty: expected a finite number, got 'nan'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("opts,words", [
+    (["--batch-size", "8"], "batch size 8 exceeds the engine's limit 4"),
+    (["--input-output-len", "40,2"], "input length 40 exceeds the engine's limit 32"),
+    (["--input-output-len", "8,20"], "output length 20 exceeds the engine's limit 16"),
+    (["--num-beams", "8"], "beam width 8 exceeds the engine's limit 4"),
+])
+def test_benchmark_respects_the_engine_limits(builtin_registry, tmp_path, t5_dir, capsys, opts, words):
+    """A benchmark of an engine stays inside its build limits (beyond max_input_len a learned
+    position table would fail deep inside torch)."""
+    _, eng = _pipeline(tmp_path, t5_dir)
+    capsys.readouterr()
+    args = {"--batch-size": "1", "--input-output-len": "8,2", "--num-beams": "1"}
+    args.update(dict(zip(opts[::2], opts[1::2])))
+    assert main(["benchmark", "--engine-dir", str(eng), "--device", "cpu", "--repeats", "1", "--warmup", "0",
+                 "--quiet", *[x for kv in args.items() for x in kv]]) == 2
+    msg = _err(capsys)
+    assert f"benchmark of engine {eng}: {words}" in msg and "rebuild with a larger" in msg
+
+
+def test_benchmark_bad_counts_and_output_paths(builtin_registry, tmp_path, t5_dir, capsys, monkeypatch):
+    """--repeats / --warmup out of range and --csv / --json / --plot paths that cannot be written are
+    refused before anything is measured."""
+    _, eng = _pipeline(tmp_path, t5_dir)
+    capsys.readouterr()
+    import encdec_core.benchmark as bm
+
+    monkeypatch.setattr(bm, "run_benchmark", lambda *a, **k: pytest.fail("measured despite a bad option"))
+    base = ["benchmark", "--engine-dir", str(eng), "--batch-size", "1", "--input-output-len", "8,2",
+            "--device", "cpu", "--quiet"]
+    assert main([*base, "--repeats", "0"]) == 2
+    assert "--repeats 0: expected a positive integer" in _err(capsys)
+    assert main([*base, "--warmup", "-1"]) == 2
+    assert "--warmup -1: expected a non-negative integer" in _err(capsys)
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for flag in ("--csv", "--json", "--plot"):
+        assert main([*base, flag, str(f / "x")]) == 2
+        assert f"{flag} {f / 'x'}: {f} is a file, expected a directory" in _err(capsys)
+    assert main([*base, "--json", str(tmp_path)]) == 2
+    assert f"--json {tmp_path}: is a directory" in _err(capsys)

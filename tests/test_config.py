@@ -170,3 +170,53 @@ def test_read_json_errors(tmp_path):
     p.write_bytes(b'{"a": "\xff"}')
     with pytest.raises(ConfigError, match="not UTF-8"):
         read_json(p)
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("norm_eps", "x", "a positive number"),
+    ("norm_eps", 0.0, "a positive number"),
+    ("embedding_scale", float("nan"), "a finite number"),
+    ("output_scale", "1", "a finite number"),
+    ("tie_lm_head", 1, "true or false"),
+    ("encoder_pre_norm", "yes", "true or false"),
+    ("max_position_embeddings", 0, "a positive integer"),
+    ("relative_num_buckets", 2.0, "a positive integer"),
+    ("position_offset", -1, "a non-negative integer"),
+    ("src_vocab_size", 0, "a positive integer or null"),
+    ("pad_token_id", 11, "a token id in [0, 11)"),
+    ("eos_token_id", None, "a token id"),
+    ("forced_bos_token_id", -1, "a token id"),
+    ("decoder_start_token_id", "0", "a token id"),
+    ("family", "", "a family name"),
+    ("extra", [1], "an object"),
+])
+def test_bad_field_types_are_refused_at_construction(field, value, words):
+    """Values that used to pass and fail later inside torch (a string epsilon, a token id past the
+    vocabulary) are refused with the field, value and expectation."""
+    with pytest.raises(ConfigError) as ei:
+        EncDecConfig(**{**BASE, field: value})
+    msg = str(ei.value)
+    assert f"'{field}'" in msg and repr(value) in msg and words in msg
+
+
+def test_from_dict_names_the_file_for_a_bad_value_and_a_non_object():
+    d = EncDecConfig(**BASE).to_dict()
+    with pytest.raises(ConfigError, match=r"^ckpt/config.json: EncDecConfig field 'd_model' = -1"):
+        EncDecConfig.from_dict({**d, "d_model": -1}, "ckpt/config.json")
+    with pytest.raises(ConfigError, match=r"^ckpt/config.json: the encdec config is list"):
+        EncDecConfig.from_dict([1], "ckpt/config.json")
+
+
+def test_config_map_rule_failure_names_the_source_fields_it_read():
+    """A rule that fails on a value of the wrong type (AttributeError included) names the fields it
+    read and their values; a missing one is named missing."""
+    cm = ConfigMap(fields={**CM.fields, "activation": lambda s: s.get("act", "relu").split("-")[-1]},
+                   constants=CM.constants, defaults=CM.defaults)
+    with pytest.raises(ConfigError) as ei:
+        cm.apply({**SRC, "act": 5}, "m/config.json")
+    msg = str(ei.value)
+    assert msg.startswith("m/config.json: cannot derive 'activation': AttributeError")
+    assert msg.endswith("(from field 'act' = 5)")
+    with pytest.raises(ConfigError) as ei:
+        CM.apply({k: v for k, v in SRC.items() if k != "hidden"}, "m/config.json")
+    assert "(from field 'hidden' missing, field 'd_model' missing)" in str(ei.value)
