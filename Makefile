@@ -30,8 +30,8 @@ test-all: setup
 # GPU (on a CPU they run in Triton's interpreter). Inductor's compiles dominate; keeping
 # TORCHINDUCTOR_CACHE_DIR between runs makes the second run much shorter.
 test-gpu:
-	PYTHONPATH=.:families $(PY) -m pytest -q -p no:cacheprovider -m gpu $(PYTEST_ARGS) tests
-	PYTHONPATH=.:families $(PY) -m pytest -q -p no:cacheprovider -m "not gpu and not slow" $(PYTEST_ARGS) \
+	PYTHONPATH=.:families:plugins $(PY) -m pytest -q -p no:cacheprovider -m gpu $(PYTEST_ARGS) tests
+	PYTHONPATH=.:families:plugins $(PY) -m pytest -q -p no:cacheprovider -m "not gpu and not slow" $(PYTEST_ARGS) \
 		tests/test_triton_kernels.py tests/test_fused_step.py
 
 clean:

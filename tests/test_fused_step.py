@@ -142,7 +142,12 @@ def test_residual_sum_is_the_fused_epilogue(dtype, rows):
     x = torch.randn(rows, 40, generator=g).to(DEV, dtype)
     one = fused_linear(a, w, b, residual=x, out_dtype=dtype)
     part = fused_linear(a, w, None, out_dtype=torch.float32)
-    assert torch.equal(residual_sum(x, part, b, None, dtype), one)
+    if dtype == torch.float32 and DEV == "cuda":
+        # compiled for the GPU, the two launches' fp32 sums may round differently in the last bit
+        # (seen on an H200, 2026-11-30: 1 ulp); the interpreter and bf16 outputs are bit-identical
+        torch.testing.assert_close(residual_sum(x, part, b, None, dtype), one, rtol=5e-7, atol=1e-6)
+    else:
+        assert torch.equal(residual_sum(x, part, b, None, dtype), one)
     ln = ("layer", (1 + 0.1 * torch.randn(40, generator=g)).to(DEV, dtype), torch.randn(40, generator=g).to(DEV, dtype),
           1e-5)
     one = fused_linear(a, w, b, residual=x, residual_norm=ln, out_dtype=dtype)
@@ -221,7 +226,9 @@ def test_static_step_with_triton_attention_and_padded_lm_head(family, compile):
         assert torch.equal(generate(model, ids, mask, gc, runner=tri).sequences,
                            generate(model, ids, mask, gc, runner=ref).sequences), opts
         assert tri._group == 2 and ref._group == 1
-        assert torch.equal(tri.dec.views(8, 16).ck[0][:3], ref.dec.views(8, 16).ck[0][0:6:2])
+        # the real source positions (9 of the 16-wide bucket): past them a graphed prefill leaves the
+        # padding tokens' K/V and an eager one zeros, both masked by the padding bias
+        assert torch.equal(tri.dec.views(8, 16).ck[0][:3, :, :9], ref.dec.views(8, 16).ck[0][0:6:2, :, :9])
     copy = CudaGraphRunner(model, 8, 12, 16, attention="triton", beam_reorder="copy", **kw)
     assert not copy._indirect(8)
     assert torch.equal(generate(model, ids, mask, gc, runner=copy).sequences,
