@@ -278,3 +278,26 @@ def test_cli_convert_with_lora_dir_then_run_compare_hf(builtin_registry, tmp_pat
     capsys.readouterr()
     assert main(["plugins", "--json"]) == 0
     assert "lora" in [a["name"] for a in json.loads(capsys.readouterr().out)["adapters"]]
+
+
+def test_fairseq_nmt_adapter_on_fsmt_folder_and_fairseq_checkpoint(tmp_path):
+    """The NMT family: an adapter trained on transformers' FSMT merges into the FSMT folder and into the
+    fairseq checkpoint of the same weights (fairseq names lack FSMT's leading ``model.``)."""
+    from _nmt_helpers import fairseq_state_from_fsmt, fsmt_options, tiny_fsmt, write_fairseq_checkpoint
+    from conftest import make_registry
+    from test_nmt_parity import SRC, TGT, fsmt_logits, our_logits
+
+    reg = make_registry("encdec_nmt.plugin", "encdec_lora.plugin")
+    base = tiny_fsmt(seed=0)
+    base.save_pretrained(tmp_path / "fsmt")
+    state = fairseq_state_from_fsmt(base)
+    ckpt = write_fairseq_checkpoint(tmp_path / "fairseq" / "model.pt", state, fsmt_options(base), "args")
+    pm = _adapter(base, tmp_path / "lora", seed=4, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc1"])
+    want = fsmt_logits(copy.deepcopy(pm).merge_and_unload(), SRC, TGT)
+    assert (fsmt_logits(pm, SRC, TGT) - want).abs().max().item() <= TOL
+    for src in (tmp_path / "fsmt", ckpt):
+        ours, _, fam = load_source_model(src, reg=reg, adapters=[tmp_path / "lora"])
+        assert fam.name == "nmt"
+        assert (our_logits(ours, SRC, TGT) - want).abs().max().item() <= TOL, src
+        plain, _, _ = load_source_model(src, reg=reg)
+        assert (our_logits(plain, SRC, TGT) - want).abs().max().item() > 1e-2
