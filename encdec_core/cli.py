@@ -186,6 +186,25 @@ def _gen_overrides(args) -> dict:
     return {k: v for k, v in ov.items() if v is not None}
 
 
+# generation fields -> the run option that sets them (for error messages)
+_GEN_FLAGS = {"max_new_tokens": "--max-output-len", "min_new_tokens": "--min-new-tokens", "num_beams": "--num-beams",
+              "length_penalty": "--length-penalty", "early_stopping": "--early-stopping",
+              "num_return_sequences": "--num-return-sequences", "temperature": "--temperature", "top_k": "--top-k",
+              "top_p": "--top-p", "seed": "--random-seed", "no_repeat_ngram_size": "--no-repeat-ngram-size",
+              "repetition_penalty": "--repetition-penalty", "do_sample": "--sampling"}
+
+
+def _flag_error(exc: EncDecError) -> EncDecError:
+    """A generation option's error, named by its command-line flag ("--num-beams 0: expected ...")
+    instead of the generation field; other errors unchanged."""
+    import re
+
+    m = re.match(r"generate option: field '(\w+)' = (.*?): expected (.*)\Z", str(exc), re.S)
+    if not m or m.group(1) not in _GEN_FLAGS:
+        return exc
+    return type(exc)(f"{_GEN_FLAGS[m.group(1)]} {m.group(2)}: expected {m.group(3)}")
+
+
 def _read_inputs(args) -> list[str]:
     texts = list(args.input_text or [])
     if args.input_file:
@@ -284,7 +303,10 @@ def cmd_run(args) -> int:
         runner = CudaGraphRunner.for_engine(engine, tp_allreduce=args.tp_allreduce)
     elif args.tp_allreduce is not None:
         raise EncDecError(f"--tp-allreduce {args.tp_allreduce}: the all-reduce of the CUDA-graph runner; add --cuda-graph")
-    res = engine.generate_ids(ids, target_lang_ids=langs, runner=runner, **overrides)
+    try:
+        res = engine.generate_ids(ids, target_lang_ids=langs, runner=runner, **overrides)
+    except EncDecError as exc:
+        raise _flag_error(exc) from None
     n = res.num_return_sequences
     outputs = [[tok.decode(res.tokens(i * n + j)) for j in range(n)] for i in range(len(texts))]
     report = {"engine": str(engine_dir), "device": str(device), "results": []}

@@ -222,6 +222,19 @@ def test_error_default_output_length_beyond_the_limit(builtin_registry, tmp_path
     assert "output length 20 exceeds the engine's limit 16 (ask for at most 16 new tokens, or rebuild" in msg
 
 
+@pytest.mark.parametrize("opts,want", [
+    (["--num-beams", "0"], "--num-beams 0: expected a positive integer"),
+    (["--sampling", "--top-p", "2"], "--top-p 2.0: expected a number in [0, 1]"),
+    (["--max-output-len", "0"], "--max-output-len 0: expected a positive integer"),
+])
+def test_error_generation_options_name_the_flag(builtin_registry, tmp_path, t5_dir, capsys, opts, want):
+    _, eng = _pipeline(tmp_path, t5_dir)
+    capsys.readouterr()
+    assert main(["run", "--engine-dir", str(eng), "--input-text", "abc", "--device", "cpu", *opts]) == 2
+    msg = _err(capsys)
+    assert want in msg and "field '" not in msg
+
+
 def test_error_tampered_shard(builtin_registry, tmp_path, t5_dir, capsys):
     ck = tmp_path / "ckpt"
     assert main(["convert", "--model-dir", str(t5_dir), "--output-dir", str(ck), "--quiet"]) == 0
