@@ -129,8 +129,10 @@ def cmd_convert(args) -> int:
         raise EncDecError(f"--model-dir {src}: no such file or directory")
     dtype = parse_dtype(args.dtype)
     outdir = convert(src, Path(args.output_dir), args.family, dtype, args.tp_size, args.pp_size,
-                     progress=not args.quiet, adapters=[Path(d) for d in args.adapter_dirs])
-    merged = f", {len(args.adapter_dirs)} adapter(s) merged" if args.adapter_dirs else ""
+                     progress=not args.quiet, adapters=[Path(d) for d in args.adapter_dirs],
+                     adapter_mode=args.lora_mode)
+    how = "merged" if args.lora_mode == "merge" else "kept for run time (uids 0..)"
+    merged = f", {len(args.adapter_dirs)} adapter(s) {how}" if args.adapter_dirs else ""
     print(f"wrote {outdir} (tp={args.tp_size}, pp={args.pp_size}, {args.dtype}{merged})")
     return 0
 
@@ -303,8 +305,11 @@ def cmd_run(args) -> int:
         runner = CudaGraphRunner.for_engine(engine, tp_allreduce=args.tp_allreduce)
     elif args.tp_allreduce is not None:
         raise EncDecError(f"--tp-allreduce {args.tp_allreduce}: the all-reduce of the CUDA-graph runner; add --cuda-graph")
+    uids = args.lora_task_uids
+    if uids is not None and len(uids) == 1:
+        uids = uids * len(ids)
     try:
-        res = engine.generate_ids(ids, target_lang_ids=langs, runner=runner, **overrides)
+        res = engine.generate_ids(ids, target_lang_ids=langs, runner=runner, lora_uids=uids, **overrides)
     except EncDecError as exc:
         raise _flag_error(exc) from None
     n = res.num_return_sequences
@@ -312,7 +317,7 @@ def cmd_run(args) -> int:
     report = {"engine": str(engine_dir), "device": str(device), "results": []}
     hf_rows = None
     if args.compare_hf:
-        hf_rows = compare_hf(engine, args, ids, langs, overrides, res)
+        hf_rows = compare_hf(engine, args, ids, langs, overrides, res, uids)
     for i, t in enumerate(texts):
         row = {"input": t, "input_ids": ids[i], "output": outputs[i]}
         if hf_rows is not None:
@@ -337,7 +342,7 @@ def cmd_run(args) -> int:
     return 0
 
 
-def compare_hf(engine, args, ids, langs, overrides, res) -> list[dict]:
+def compare_hf(engine, args, ids, langs, overrides, res, lora_uids=None) -> list[dict]:
     """HF transformers in fp32 on the same inputs and settings; per input: outputs and whether ids match."""
     import torch
 
@@ -358,6 +363,15 @@ def compare_hf(engine, args, ids, langs, overrides, res) -> list[dict]:
 
         hf = hf_with_adapters(hf, engine.meta["adapters"], registry)  # the same adapters, merged by HF's side
     hf.eval()
+    variants = {-1: hf}  # run-time adapters: per uid, the HF model with that adapter merged (peft)
+    if lora_uids is not None:
+        import copy
+
+        from .adapters import hf_with_adapters
+        from .registry import registry
+
+        for u in sorted(set(lora_uids) - {-1}):
+            variants[u] = hf_with_adapters(copy.deepcopy(hf), [engine.meta["lora_runtime"][u]], registry).eval()
     gc = engine.generation_config(**overrides)
     hgc = hf_generation_config(gc)
     rows = []
@@ -371,7 +385,8 @@ def compare_hf(engine, args, ids, langs, overrides, res) -> list[dict]:
         if gc.seed is not None:
             torch.manual_seed(gc.seed)
         with torch.no_grad():
-            seq = hf.generate(input_ids=inp, attention_mask=torch.ones_like(inp), generation_config=hgc, **kw)
+            ref = hf if lora_uids is None else variants[lora_uids[i]]
+            seq = ref.generate(input_ids=inp, attention_mask=torch.ones_like(inp), generation_config=hgc, **kw)
         hf_tokens = []
         for j in range(seq.shape[0]):
             hf_tokens.append(_strip(seq[j].tolist(), gc))
@@ -473,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, "--lora-dir", "--hf-lora-dir", "--adapter-dir", dest="adapter_dirs", action="append", default=[],
          metavar="DIR", help="an adapter to merge into the weights (a peft LoRA directory: adapter_config.json + "
                              "adapter_model.safetensors); repeat to merge several, in order")
+    _opt(s, "--lora-mode", choices=("merge", "runtime"), default="merge",
+         help="merge: add the adapters to the weights (default); runtime: keep them apart, one chosen per "
+              "request by `run --lora-task-uids` (uid = position of its --lora-dir; eager runner, tp 1)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_convert)
 
@@ -508,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, "--source-lang", default=None, help="source language code (mBART-50 tokenizers)")
     _opt(s, "--no-generation-config", action="store_true",
          help="ignore the model's generation_config.json defaults")
+    _opt(s, "--lora-task-uids", type=int, nargs="+", default=None, metavar="UID",
+         help="run-time LoRA (convert --lora-mode runtime): the adapter uid of each input, or one for all; "
+              "-1 = the base model")
     _opt(s, "--compare-hf", "--compare-hf-fp32", action="store_true",
          help="also run HF transformers in fp32 and report whether token ids match")
     _opt(s, "--hf-model-dir", "--model-name", default=None, help="HF model dir for --compare-hf")

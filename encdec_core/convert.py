@@ -8,6 +8,7 @@ import torch
 
 from .adapters import apply_adapters, check_loaded
 from .checkpoint import check_float_tensors, validate_parallel, write_checkpoint
+from .errors import ConfigError
 from .family import Family, Source
 from .fsutil import check_output_dir
 from .model import EncDecModel, build_model
@@ -45,9 +46,20 @@ def read_and_map(source: Path, family: str | None = None, reg=None, adapters: Se
 
 
 def convert(source: Path, output_dir: Path, family: str | None = None, dtype: torch.dtype = torch.float32,
-            tp: int = 1, pp: int = 1, reg=None, progress: bool = False, adapters: Sequence[Path] = ()) -> Path:
-    """``source`` (with ``adapters`` merged, in order) -> our checkpoint in ``output_dir``."""
+            tp: int = 1, pp: int = 1, reg=None, progress: bool = False, adapters: Sequence[Path] = (),
+            adapter_mode: str = "merge") -> Path:
+    """``source`` -> our checkpoint in ``output_dir``. ``adapters`` (LoRA directories, ...):
+    ``adapter_mode`` "merge" adds them to the weights, in order; "runtime" keeps the base weights and
+    writes each adapter's factors under ``lora/`` (uid = position in ``adapters``), chosen per
+    request at run time (``runtime/lora.py``)."""
+    if adapter_mode not in ("merge", "runtime"):
+        raise ConfigError(f"--lora-mode {adapter_mode!r}: expected merge or runtime")
     check_output_dir(Path(output_dir), "--output-dir")  # before reading anything
+    if adapter_mode == "runtime" and adapters:
+        if tp * pp != 1:
+            raise ConfigError(f"--lora-mode runtime: run-time adapters need --tp-size 1 --pp-size 1 (got {tp} x "
+                              f"{pp}); merge them (--lora-mode merge) for a parallel checkpoint")
+        return _convert_runtime_adapters(source, Path(output_dir), family, dtype, reg, progress, adapters)
     fam, src, tensors, described = read_and_map(source, family, reg, adapters)
     validate_parallel(src.config, tp, pp)
     extra = {"family": fam.name, "source": str(Path(source).resolve()), "generation_config": src.generation_config}
@@ -55,6 +67,31 @@ def convert(source: Path, output_dir: Path, family: str | None = None, dtype: to
         extra["adapters"] = described
     return write_checkpoint(Path(output_dir), src.config, tensors, dtype, tp, pp, extra, src.tokenizer_files,
                             progress=progress)
+
+
+def _convert_runtime_adapters(source, output_dir: Path, family, dtype, reg, progress, adapters) -> Path:
+    import tempfile
+
+    from .adapters import adapter_kind
+    from .runtime.lora import LORA_DIR, map_factors, write_bank
+
+    reg = reg or default_registry
+    fam, src, tensors, _ = read_and_map(source, family, reg)
+    banks, described = [], []
+    for p in adapters:
+        p = Path(p)
+        ad = adapter_kind(p, reg).load(p, fam, src.config)
+        if not hasattr(ad, "factors"):
+            raise ConfigError(f"{p}: this adapter kind can only be merged (--lora-mode merge)")
+        banks.append(map_factors(fam, src, ad.factors(), str(p), str(src.path)))
+        described.append({**ad.describe(), "uid": len(described)})
+    extra = {"family": fam.name, "source": str(Path(source).resolve()), "generation_config": src.generation_config,
+             "lora_runtime": described}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / LORA_DIR
+        write_bank(folder, banks)
+        return write_checkpoint(output_dir, src.config, tensors, dtype, 1, 1, extra,
+                                [*src.tokenizer_files, folder], progress=progress)
 
 
 def load_source_model(source: Path, family: str | None = None, dtype=torch.float32, device="cpu",

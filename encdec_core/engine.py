@@ -185,6 +185,13 @@ class Engine:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise EncDecError("--device cuda: CUDA is not available on this machine")
         model = load_model(engine_dir, ctx=ctx, device=device, dtype=dt, meta=meta)
+        lora = meta.get("lora_runtime")
+        if lora:  # adapters kept unmerged (convert --lora-mode runtime): chosen per request
+            from .runtime.lora import LORA_DIR, LoraBank
+
+            if not isinstance(lora, list):
+                raise ConfigError(f"{engine_dir / 'config.json'}: field 'lora_runtime' = {lora!r}: expected a list")
+            model.lora_bank = LoraBank(model, engine_dir / LORA_DIR, len(lora))
         return cls(engine_dir, model, info, meta, ctx)
 
     # ------------------------------------------------------------------ text
@@ -219,16 +226,33 @@ class Engine:
             raise ConfigError(f"{self.engine_dir / 'config.json'} field 'generation_config' (the model's "
                               f"generation_config.json):{str(exc)[len(head):]}") from None
 
-    def generate_ids(self, ids: list[list[int]], target_lang_ids=None, runner=None, **overrides):
+    def generate_ids(self, ids: list[list[int]], target_lang_ids=None, runner=None, lora_uids=None, **overrides):
         """Token ids in, GenerationOutput out (rows in the order of ``ids``); limits checked first.
 
         More requests than the engine's max batch size run in batches of at most that many, the
         requests sorted by length first so that each batch holds similar lengths (less padding;
-        CTranslate2 does the same); the outputs come back in the input order."""
+        CTranslate2 does the same); the outputs come back in the input order.
+
+        lora_uids: with run-time adapters (convert --lora-mode runtime), one adapter uid per request
+        (-1: the base model), or one int for all."""
         from .runtime.generation import merge_outputs
 
         if not ids:
             raise EncDecError("no input given")
+        if lora_uids is not None:
+            bank = getattr(self.model, "lora_bank", None)
+            if bank is None:
+                raise EncDecError(f"LoRA task uids given, but engine {self.engine_dir} has no run-time adapters "
+                                  f"(convert with --lora-dir ... --lora-mode runtime)")
+            if isinstance(lora_uids, int):
+                lora_uids = [lora_uids] * len(ids)
+            lora_uids = list(lora_uids)
+            if len(lora_uids) != len(ids):
+                raise EncDecError(f"LoRA task uids: {len(lora_uids)} for {len(ids)} inputs (expected one per input, "
+                                  f"or one for all)")
+            if runner is not None:
+                raise EncDecError("run-time LoRA runs on the eager runner: drop --cuda-graph / --runner compiled, "
+                                  "or merge the adapter at convert (--lora-mode merge)")
         gc = self.generation_config(**overrides)
         max_in = max(len(x) for x in ids)
         if min(len(x) for x in ids) == 0:
@@ -239,16 +263,20 @@ class Engine:
         bmax = self.limits.max_batch_size
         self.limits.check(min(len(ids), bmax), max_in, out_len, max(gc.num_beams, 1))
         if len(ids) <= bmax:
-            return self._generate_batch(ids, target_lang_ids, runner, gc)
+            return self._generate_batch(ids, target_lang_ids, runner, gc, lora_uids)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         parts = []
         for c in range(0, len(ids), bmax):
             reqs = order[c: c + bmax]
             langs = None if target_lang_ids is None else [target_lang_ids[i] for i in reqs]
-            parts.append((reqs, self._generate_batch([ids[i] for i in reqs], langs, runner, gc)))
+            uids = None if lora_uids is None else [lora_uids[i] for i in reqs]
+            parts.append((reqs, self._generate_batch([ids[i] for i in reqs], langs, runner, gc, uids)))
         return merge_outputs(parts, len(ids), self.config.pad_token_id)
 
-    def _generate_batch(self, ids, target_lang_ids, runner, gc):
+    def _generate_batch(self, ids, target_lang_ids, runner, gc, lora_uids=None):
+        if lora_uids is not None:
+            with self.model.lora_bank.rows(lora_uids):
+                return self._generate_batch(ids, target_lang_ids, runner, gc)
         """One batch of at most the engine's max batch size through ``generate``."""
         from .runtime.generation import generate
 

@@ -79,7 +79,9 @@ class AdapterKind:
     load(path, family, EncDecConfig) -> adapter: read and check it. The adapter object has
       ``merge(tensors, source) -> (tensors, changed)``: the source's tensors (source names, before
       the family's WeightMap) with the adapter applied, and the changed keys, each with the adapter
-      module it belongs to; and ``describe() -> dict`` (recorded in the checkpoint's config.json).
+      module it belongs to; and ``describe() -> dict`` (recorded in the checkpoint's config.json);
+      optionally ``factors() -> {module: (A [r, in], B [out, r], scale)}`` for adapters that can
+      also run unmerged, chosen per request (``encdec convert --lora-mode runtime``).
     hf_apply(hf_model, path) -> hf_model (optional): the same adapter applied to an HF transformers
       model, for ``--compare-hf`` against a checkpoint converted with adapters.
     """

@@ -301,3 +301,110 @@ def test_fairseq_nmt_adapter_on_fsmt_folder_and_fairseq_checkpoint(tmp_path):
         assert (our_logits(ours, SRC, TGT) - want).abs().max().item() <= TOL, src
         plain, _, _ = load_source_model(src, reg=reg)
         assert (our_logits(plain, SRC, TGT) - want).abs().max().item() > 1e-2
+
+
+# ------------------------------------------------------------------------------- run-time adapters
+def _engine(tmp_path, name, reg, src, adapters=(), mode="merge"):
+    from encdec_core.engine import Engine, build
+
+    ck = convert(src, tmp_path / f"ck-{name}", reg=reg, adapters=adapters, adapter_mode=mode)
+    eng = build(ck, tmp_path / f"en-{name}", max_batch_size=8, max_input_len=32, max_output_len=12, max_beam_width=3)
+    return Engine.load(eng)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_runtime_adapters_per_request_equal_merged_models(tmp_path, reg, family):
+    """convert --lora-mode runtime keeps two adapters apart; a batch mixing uid 0, the base model (-1)
+    and uid 1 gives each row the logits and tokens of the model with that adapter merged."""
+    if family == "t5":
+        base = _t5_base(tmp_path / "hf")
+        specs = [dict(r=2, lora_alpha=4, target_modules=["q", "v", "wo"]),
+                 dict(r=4, lora_alpha=3, target_modules=["k", "o", "wi_0", "EncDecAttention.q"], use_rslora=True)]
+        vocab, start = 96, 0
+    else:
+        base = _bart_base(tmp_path / "hf")
+        specs = [dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc2"]),
+                 dict(r=3, lora_alpha=6, target_modules=["k_proj", "out_proj", "fc1"])]
+        vocab, start = 90, 2
+    dirs = []
+    for i, spec in enumerate(specs):
+        import copy as _copy
+
+        _adapter(_copy.deepcopy(base), tmp_path / f"a{i}", seed=10 + i, **spec)
+        dirs.append(tmp_path / f"a{i}")
+    rt = _engine(tmp_path, "rt", reg, tmp_path / "hf", dirs, "runtime")
+    assert len(rt.meta["lora_runtime"]) == 2 and (rt.engine_dir / "lora" / "adapter1.safetensors").is_file()
+    merged = [_engine(tmp_path, f"m{i}", reg, tmp_path / "hf", [d]) for i, d in enumerate(dirs)]
+    plain = _engine(tmp_path, "plain", reg, tmp_path / "hf")
+    by_uid = {0: merged[0], 1: merged[1], -1: plain}
+    uids = [0, -1, 1, 1]
+    ids, mask, dec = _inputs(vocab)
+    ids, mask, dec = ids.repeat(2, 1), mask.repeat(2, 1), dec.repeat(2, 1)
+    with torch.no_grad(), rt.model.lora_bank.rows(uids):
+        got = rt.model(ids, mask, dec)
+    for i, u in enumerate(uids):
+        with torch.no_grad():
+            want = by_uid[u].model(ids[i:i + 1], mask[i:i + 1], dec[i:i + 1])
+        assert (got[i:i + 1] - want).abs().max().item() <= TOL, (i, u)
+    with torch.no_grad():  # outside the block: the base model
+        assert (rt.model(ids[:1], mask[:1], dec[:1]) - plain.model(ids[:1], mask[:1], dec[:1])).abs().max() <= TOL
+    seqs = [[int(t) for t in row[: int(m.sum())]] for row, m in zip(ids, mask)]
+    for beams in (1, 3):
+        out = rt.generate_ids(seqs, lora_uids=uids, num_beams=beams, max_new_tokens=10)
+        for i, u in enumerate(uids):
+            one = by_uid[u].generate_ids([seqs[i]], num_beams=beams, max_new_tokens=10)
+            assert out.tokens(i) == one.tokens(0), (beams, i, u)
+    # the adapters change the tokens somewhere (the comparison is not between equal models)
+    assert any(merged[0].generate_ids([s], max_new_tokens=10).tokens(0)
+               != plain.generate_ids([s], max_new_tokens=10).tokens(0) for s in seqs)
+    assert start is not None
+
+
+def test_runtime_adapter_refusals(tmp_path, reg):
+    base = _t5_base(tmp_path / "hf")
+    _adapter(base, tmp_path / "a", seed=1, r=2, lora_alpha=2, target_modules=["q"])
+    rt = _engine(tmp_path, "rt", reg, tmp_path / "hf", [tmp_path / "a"], "runtime")
+    with pytest.raises(EncDecError, match=r"uid\(s\) \[1\]: expected -1 .* \[0, 1\)"):
+        rt.generate_ids([[5, 6, 1]], lora_uids=[1], max_new_tokens=4)
+    with pytest.raises(EncDecError, match="2 for 1 inputs"):
+        rt.generate_ids([[5, 6, 1]], lora_uids=[0, 0], max_new_tokens=4)
+    with pytest.raises(EncDecError, match="eager runner"):
+        rt.generate_ids([[5, 6, 1]], lora_uids=[0], runner=object(), max_new_tokens=4)
+    plain = _engine(tmp_path, "plain", reg, tmp_path / "hf")
+    with pytest.raises(EncDecError, match="no run-time adapters"):
+        plain.generate_ids([[5, 6, 1]], lora_uids=[0], max_new_tokens=4)
+    with pytest.raises(ConfigError, match="--tp-size 1"):
+        convert(tmp_path / "hf", tmp_path / "tp", tp=3, reg=reg, adapters=[tmp_path / "a"], adapter_mode="runtime")
+    assert not (tmp_path / "tp").exists()
+    b = _bart_base(tmp_path / "hfb")
+    _adapter(b, tmp_path / "ab", seed=2, r=2, lora_alpha=2, target_modules=["q_proj"], bias="lora_only")
+    with pytest.raises(ConfigError, match="trains biases"):
+        convert(tmp_path / "hfb", tmp_path / "x", reg=reg, adapters=[tmp_path / "ab"], adapter_mode="runtime")
+
+
+def test_cli_runtime_adapters_with_task_uids_and_compare_hf(builtin_registry, tmp_path, tmp_path_factory, capsys):
+    import shutil
+
+    from _bart_helpers import load_hf, tiny
+    from encdec_core.cli import main
+
+    src = tmp_path / "hf"
+    shutil.copytree(tiny("bart", tmp_path_factory), src)
+    _adapter(load_hf(src), tmp_path / "a0", seed=3, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc2"])
+    _adapter(load_hf(src), tmp_path / "a1", seed=4, r=2, lora_alpha=8, target_modules=["k_proj", "fc1"])
+    ck, eng = tmp_path / "ckpt", tmp_path / "engine"
+    assert main(["convert", "--model-dir", str(src), "--output-dir", str(ck), "--lora-dir", str(tmp_path / "a0"),
+                 "--lora-dir", str(tmp_path / "a1"), "--lora-mode", "runtime", "--quiet"]) == 0
+    assert "2 adapter(s) kept for run time" in capsys.readouterr().out
+    assert main(["build", "--checkpoint-dir", str(ck), "--output-dir", str(eng), "--max-batch-size", "4",
+                 "--max-input-len", "32", "--max-output-len", "12", "--max-beam-width", "2"]) == 0
+    texts = ["The house is wonderful.", "I like green apples and red cherries.", "The cat sleeps on the sofa."]
+    out_json = tmp_path / "out.json"
+    rc = main(["run", "--engine-dir", str(eng), "--input-text", *texts, "--lora-task-uids", "0", "-1", "1",
+               "--compare-hf", "--device", "cpu", "--max-new-tokens", "10", "--output-json", str(out_json)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert [r["match"] for r in json.loads(out_json.read_text())["results"]] == [True, True, True]
+    assert main(["run", "--engine-dir", str(eng), "--input-text", *texts, "--lora-task-uids", "0", "1",
+                 "--device", "cpu", "--max-new-tokens", "4"]) == 2
+    assert "2 for 3 inputs" in capsys.readouterr().err

@@ -334,6 +334,8 @@ class EagerRunner:
             # mixed source lengths: encoded in length groups on one rank (runtime.encode); under
             # tensor / pipeline parallelism one call (the grouped path has not been run across ranks)
             cost = None if ctx.tp_size == 1 and ctx.pp_size == 1 else 0
+            if getattr(getattr(self.model, "lora_bank", None), "active", False):
+                cost = 0  # run-time LoRA maps rows to requests: one call over the batch in order
             enc, attention_mask = encode_grouped(self.model.encode, input_ids, attention_mask, cost)
             state = self.model.init_state(enc, attention_mask, max_len)
             if expand > 1:

@@ -21,8 +21,8 @@ modules replaced), ``fan_in_fan_out``, ``layer_replication``, ``trainable_token_
 ``target_parameters``, other peft types, and an adapter whose modules the model lacks or whose
 shapes do not match it. Several adapters are merged one after the other, each with its own scale.
 
-Not here (yet): keeping adapters unmerged and choosing one per request at run time (TensorRT-LLM's
-``--lora_task_uids``); one converted checkpoint serves one merged set of adapters.
+``--lora-mode runtime`` keeps the adapters unmerged instead (``factors()``), one chosen per request at
+run time (``encdec_core/runtime/lora.py``; TensorRT-LLM's ``--lora_task_uids``).
 """
 from __future__ import annotations
 
@@ -81,6 +81,14 @@ class LoraAdapter:
     biases: dict[str, torch.Tensor] = field(default_factory=dict)
     # module -> scale * lora_B.bias, added to the module's bias (peft lora_bias=True)
     bias_updates: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """``{module: (A [r, in], B [out, r], scale)}`` for run-time (unmerged) use
+        (``encdec convert --lora-mode runtime``); adapters with trained biases can only be merged."""
+        if self.biases or self.bias_updates:
+            raise ConfigError(f"{self.path}: this adapter trains biases (peft bias / lora_bias), which only a merge "
+                              f"applies: convert with --lora-mode merge")
+        return dict(self.updates)
 
     def describe(self) -> dict:
         return {"kind": "lora", "path": str(self.path.resolve()), "r": self.r, "lora_alpha": self.alpha,

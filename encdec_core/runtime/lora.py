@@ -1,0 +1,208 @@
+"""Unmerged low-rank adapters chosen per request at run time (TensorRT-LLM's ``--lora_task_uids``).
+
+``encdec convert --lora-dir A --lora-dir B --lora-mode runtime`` keeps the base weights and writes
+each adapter's factors, renamed into our parameter names, to ``lora/adapter{u}.safetensors`` (uid u
+in the order given). An engine built from it loads them into a ``LoraBank``; every request names its
+adapter (uid, or -1 for the base model), and each adapted linear layer adds
+``x @ A[u].T @ B[u].T`` for its rows (rows of one request share the uid: beams, samples).
+
+Our layout fuses projections (T5's q, k and v into one QKV weight; the gated FFN's two inputs), so
+an adapter on q and v becomes one factor pair of the fused weight: A = [A_q; A_v] and B with B_q in
+q's rows and B_v in v's rows (rank r_q + r_v, exact). Where each source row lands is found by
+sending row markers through the family's own WeightMap (``map_factors``), so no family is special-
+cased; a layout that moves columns instead of rows (transpose, a fuse along the input dimension)
+or scales the weight is refused.
+
+Runs on the eager path (CPU or CUDA) with tensor-parallel size 1. The CUDA-graph runner refuses it.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, EncDecError, WeightError
+
+LORA_DIR = "lora"
+
+
+def map_factors(fam, src, factors: dict, label: str, source: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """An adapter's factors ``{source module: (A [r, in], B [out, r], scale)}`` as factors of our
+    parameters ``{target: (A [R, in], B [out_t, R])}`` (the scale folded into B)."""
+    from ..model import build_model
+
+    keys = {}
+    for module in factors:
+        for name in (module, module.removeprefix("model."), "model." + module):
+            if f"{name}.weight" in src.tensors:
+                keys[module] = f"{name}.weight"
+                break
+        else:
+            raise WeightError(f"{label}: module {module}.weight is not in {source}")
+    code_of = {keys[m]: i + 1 for i, m in enumerate(factors)}  # marker = code * 2**24 + row + 1
+    markers = {}
+    for k, t in src.tensors.items():
+        if t.dim() == 2:
+            m = torch.zeros(t.shape[0], 1, dtype=torch.float64)
+            if k in code_of:
+                m[:, 0] = code_of[k] * 2.0 ** 24 + torch.arange(1, t.shape[0] + 1, dtype=torch.float64)
+        else:
+            m = torch.zeros(t.shape, dtype=torch.float64)
+        markers[k] = m
+    wm = fam.make_weight_map(src.config)
+    mapped, report = wm.apply(markers, None, src.config, source=source, strict=False)
+    dropped = [k for k in report.dropped if k in code_of]
+    if dropped:
+        raise WeightError(f"{label}: the adapter changes {', '.join(dropped)}, which the {fam.name} family does not "
+                          f"load (tied to another tensor)")
+    expected = build_model(src.config, meta=True).expected_shapes()
+    placed: dict[str, list] = {}
+    seen = set()
+    for target, m in mapped.items():
+        if m.dim() != 2 or not bool((m != 0).any()):
+            continue
+        if m.shape[1] != 1 or target not in expected or len(expected[target]) != 2:
+            raise ConfigError(f"{label}: the {fam.name} family's layout moves the adapted weights' columns "
+                              f"(target {target}); run-time LoRA is not supported for it: merge the adapter at "
+                              f"convert (--lora-mode merge)")
+        v = m[:, 0]
+        rows = torch.nonzero(v).flatten()
+        codes = torch.div(v[rows], 2.0 ** 24, rounding_mode="floor").long()
+        src_rows = (v[rows] - codes.double() * 2.0 ** 24 - 1).long()
+        for code in codes.unique().tolist():
+            if code not in code_of.values():
+                raise ConfigError(f"{label}: the {fam.name} family's layout scales or mixes the adapted weights "
+                                  f"(target {target}); run-time LoRA is not supported for it: merge the adapter")
+            sel = codes == code
+            module = list(factors)[code - 1]
+            placed.setdefault(target, []).append((module, rows[sel], src_rows[sel]))
+            seen.add(module)
+    missing = [m for m in factors if m not in seen]
+    if missing:
+        raise WeightError(f"{label}: module(s) {', '.join(missing)} reach no parameter of the model")
+    out = {}
+    for target, parts in placed.items():
+        n_out, n_in = expected[target]
+        ranks = [factors[m][0].shape[0] for m, _, _ in parts]
+        A = torch.zeros(sum(ranks), n_in, dtype=torch.float32)
+        B = torch.zeros(n_out, sum(ranks), dtype=torch.float32)
+        c = 0
+        for (module, trow, srow), r in zip(parts, ranks):
+            a, b, scale = factors[module]
+            if a.shape[1] != n_in:
+                raise WeightError(f"{label}: {module}: lora_A has {a.shape[1]} inputs, {target} has {n_in}")
+            A[c:c + r] = a.float()
+            B[trow, c:c + r] = scale * b.float()[srow]
+            c += r
+        out[target] = (A, B)
+    return out
+
+
+def write_bank(folder: Path, adapters: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    """``folder/adapter{u}.safetensors``: ``{target}.lora_A`` and ``{target}.lora_B`` (fp32)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for u, fac in enumerate(adapters):
+        t = {}
+        for target, (a, b) in fac.items():
+            t[f"{target}.lora_A"] = a.contiguous()
+            t[f"{target}.lora_B"] = b.contiguous()
+        save_file(t, str(folder / f"adapter{u}.safetensors"), metadata={"uid": str(u)})
+
+
+class LoraBank:
+    """Every adapter's factors, stacked per adapted layer (index 0: zeros, the base model; uid u at
+    u + 1), and forward hooks that add each row's update while ``rows(uids)`` is active."""
+
+    def __init__(self, model, folder: Path, count: int):
+        from safetensors.torch import load_file
+
+        ctx = getattr(model, "ctx", None)
+        if ctx is not None and (ctx.tp_size != 1 or ctx.pp_size != 1):
+            raise ConfigError(f"{folder}: run-time LoRA needs tensor / pipeline parallel size 1 (this run has "
+                              f"tp {ctx.tp_size}, pp {ctx.pp_size}); convert with --lora-mode merge for parallel runs")
+        self.count = count
+        self._uids: torch.Tensor | None = None
+        per: dict[str, list] = {}
+        for u in range(count):
+            f = folder / f"adapter{u}.safetensors"
+            if not f.is_file():
+                raise WeightError(f"{f}: adapter file missing (the engine lists {count} adapters)")
+            try:
+                t = load_file(str(f))
+            except Exception as exc:  # noqa: BLE001 - a corrupt file: name it
+                raise WeightError(f"{f}: cannot read: {type(exc).__name__}: {exc}") from None
+            for key in t:
+                if key.endswith(".lora_A"):
+                    target = key[: -len(".lora_A")]
+                    per.setdefault(target, [None] * count)[u] = (t[key], t[target + ".lora_B"])
+        dev, dt = model.device, model.dtype
+        self._hooks = []
+        self.layers = {}
+        for target, facs in per.items():
+            path = target.removesuffix(".weight")
+            try:
+                mod = model.get_submodule(path)
+            except AttributeError:
+                raise WeightError(f"{folder}: adapted parameter {target} is not in the model") from None
+            w = getattr(mod, "weight", None)
+            r_max = max(f[0].shape[0] for f in facs if f is not None)
+            n_out, n_in = w.shape
+            A = torch.zeros(count + 1, r_max, n_in, dtype=dt, device=dev)
+            B = torch.zeros(count + 1, n_out, r_max, dtype=dt, device=dev)
+            for u, f in enumerate(facs):
+                if f is None:
+                    continue
+                a, b = f
+                if a.shape[1] != n_in or b.shape[0] != n_out:
+                    raise WeightError(f"{folder / f'adapter{u}.safetensors'}: {target} factors {tuple(a.shape)} / "
+                                      f"{tuple(b.shape)} do not fit the weight {tuple(w.shape)}")
+                A[u + 1, : a.shape[0]] = a.to(dt)
+                B[u + 1, :, : b.shape[1]] = b.to(dt)
+            self.layers[target] = (A, B)
+            self._hooks.append(mod.register_forward_hook(self._hook(A, B)))
+
+    def _hook(self, A, B):
+        def hook(mod, args, out):
+            uids = self._uids
+            if uids is None:
+                return out
+            x = args[0]
+            n = x.shape[0]
+            if n != uids.shape[0]:
+                if n % uids.shape[0]:
+                    raise EncDecError(f"run-time LoRA: {n} rows for {uids.shape[0]} requests")
+                uids_n = uids.repeat_interleave(n // uids.shape[0])
+            else:
+                uids_n = uids
+            idx = uids_n + 1
+            x3 = x.reshape(n, -1, x.shape[-1])
+            delta = torch.bmm(torch.bmm(x3, A[idx].transpose(1, 2)), B[idx].transpose(1, 2))
+            return out + delta.reshape(out.shape).to(out.dtype)
+
+        return hook
+
+    @contextlib.contextmanager
+    def rows(self, uids):
+        """Within this block, request i uses adapter ``uids[i]`` (-1: none)."""
+        bad = [u for u in uids if not isinstance(u, int) or isinstance(u, bool) or not -1 <= u < self.count]
+        if bad:
+            raise EncDecError(f"LoRA task uid(s) {bad}: expected -1 (the base model) or an adapter uid in "
+                              f"[0, {self.count})")
+        prev = self._uids
+        self._uids = torch.tensor(list(uids), dtype=torch.long, device=next(iter(self.layers.values()))[0].device)
+        try:
+            yield
+        finally:
+            self._uids = prev
+
+    @property
+    def active(self) -> bool:
+        return self._uids is not None
+
+
+def active(model) -> bool:
+    bank = getattr(model, "lora_bank", None)
+    return bank is not None and bank.active
