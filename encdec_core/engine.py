@@ -67,12 +67,31 @@ def _positive(name: str, v) -> int:
     return v
 
 
+def _default_limits(meta: dict) -> tuple[int, int]:
+    """Output length and beam width an engine gets when the build does not say: 200 and 4, or the
+    model's own generation defaults where larger (fairseq NMT decodes with 5 beams), so that
+    ``run`` with the model's defaults is never refused by an engine built with the defaults."""
+    gen = meta.get("generation_config") or {}
+    beams, out = 4, 200
+    try:
+        beams = max(beams, int(gen.get("num_beams") or 1))
+        out = max(out, int(gen.get("max_new_tokens") or 0), int(gen.get("max_length") or 0))
+    except (TypeError, ValueError):
+        pass  # a malformed default is reported where generation reads it
+    return out, beams
+
+
 def build(checkpoint_dir: Path, output_dir: Path, max_batch_size: int = 8, max_input_len: int = 512,
-          max_output_len: int = 200, max_beam_width: int = 4, dtype: str | None = None) -> Path:
+          max_output_len: int | None = None, max_beam_width: int | None = None, dtype: str | None = None) -> Path:
+    """Engine directory from a checkpoint. ``max_output_len`` / ``max_beam_width`` None: 200 / 4, or
+    the model's generation defaults where larger."""
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    meta = read_meta(checkpoint_dir)
+    d_out, d_beams = _default_limits(meta)
+    max_output_len = d_out if max_output_len is None else max_output_len
+    max_beam_width = d_beams if max_beam_width is None else max_beam_width
     limits = Limits(_positive("--max-batch-size", max_batch_size), _positive("--max-input-len", max_input_len),
                     _positive("--max-output-len", max_output_len), _positive("--max-beam-width", max_beam_width))
-    meta = read_meta(checkpoint_dir)
     cfg = config_from_meta(meta, str(checkpoint_dir / "config.json"))
     check_output_dir(output_dir, "--output-dir")  # before any work
     world = int(meta["mapping"]["world_size"])

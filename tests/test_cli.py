@@ -235,6 +235,27 @@ def test_error_generation_options_name_the_flag(builtin_registry, tmp_path, t5_d
     assert want in msg and "field '" not in msg
 
 
+def test_build_defaults_cover_the_models_generation_defaults(builtin_registry, tmp_path, t5_dir, capsys):
+    """A model that decodes with 6 beams and 300 tokens by default (fairseq NMT: 5 beams) gets an engine
+    that serves its defaults when the build leaves the limits out; explicit limits still win."""
+    (t5_dir / "generation_config.json").write_text(json.dumps({"num_beams": 6, "max_length": 300,
+                                                               "decoder_start_token_id": 0}))
+    ck = tmp_path / "ck"
+    assert main(["convert", "--model-dir", str(t5_dir), "--output-dir", str(ck), "--quiet"]) == 0
+    assert main(["build", "--checkpoint-dir", str(ck), "--output-dir", str(tmp_path / "e1")]) == 0
+    lim = json.loads((tmp_path / "e1" / "engine.json").read_text())["limits"]
+    assert (lim["max_beam_width"], lim["max_output_len"]) == (6, 300)
+    assert main(["build", "--checkpoint-dir", str(ck), "--output-dir", str(tmp_path / "e2"),
+                 "--max-beam-width", "2", "--max-output-len", "16"]) == 0
+    lim = json.loads((tmp_path / "e2" / "engine.json").read_text())["limits"]
+    assert (lim["max_beam_width"], lim["max_output_len"]) == (2, 16)
+    (t5_dir / "generation_config.json").unlink()
+    assert main(["convert", "--model-dir", str(t5_dir), "--output-dir", str(tmp_path / "ck0"), "--quiet"]) == 0
+    assert main(["build", "--checkpoint-dir", str(tmp_path / "ck0"), "--output-dir", str(tmp_path / "e3")]) == 0
+    lim = json.loads((tmp_path / "e3" / "engine.json").read_text())["limits"]
+    assert (lim["max_beam_width"], lim["max_output_len"]) == (4, 200)
+
+
 def test_error_tampered_shard(builtin_registry, tmp_path, t5_dir, capsys):
     ck = tmp_path / "ckpt"
     assert main(["convert", "--model-dir", str(t5_dir), "--output-dir", str(ck), "--quiet"]) == 0
