@@ -81,6 +81,8 @@ class PluginManager:
         self._entry_points_loaded = False
 
     def register(self, plugin, origin: Origin | None = None, name: str | None = None) -> None:
+        if self.pm.is_registered(plugin):
+            return  # the same module twice (by hand and by its entry point): one registration
         if origin is None:
             mod = getattr(plugin, "__name__", type(plugin).__name__)
             origin = Origin("<registered>", "", mod)

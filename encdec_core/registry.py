@@ -35,8 +35,11 @@ class Registry:
 
     # ---------------------------------------------------------------- loading
     def register_plugin(self, plugin, origin: Origin | None = None, name: str | None = None) -> None:
-        """Register a plugin object/module by hand (tests, embedding applications)."""
+        """Register a plugin object/module by hand (tests, embedding applications). A plugin that is
+        registered already (e.g. also installed, found through its entry point) is left as it is."""
         with self._lock:
+            if self.manager.pm.is_registered(plugin):
+                return
             self.manager.register(plugin, origin, name)
             if self._loaded:
                 self._collect_from(plugin)

@@ -691,3 +691,14 @@ def test_benchmark_bad_counts_and_output_paths(builtin_registry, tmp_path, t5_di
         assert f"{flag} {f / 'x'}: {f} is a file, expected a directory" in _err(capsys)
     assert main([*base, "--json", str(tmp_path)]) == 2
     assert f"--json {tmp_path}: is a directory" in _err(capsys)
+
+
+def test_main_tears_down_the_process_group(monkeypatch):
+    """Every command ends with parallel.launch.shutdown() once the launcher module is in use (a
+    multi-rank CPU run's gloo threads aborted the process at exit without it)."""
+    import encdec_core.parallel.launch as launch
+
+    calls = []
+    monkeypatch.setattr(launch, "shutdown", lambda: calls.append(1))
+    assert main(["list-families", "--json"]) == 0
+    assert calls == [1]

@@ -232,6 +232,20 @@ def test_builtin_t5_loads_through_its_entry_point(make_dist, monkeypatch):
     assert (o.distribution, o.version, o.module) == ("encdec", md.version("encdec"), "encdec_t5.plugin")
 
 
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_hand_registering_an_installed_plugin_is_one_registration(make_dist, monkeypatch, when):
+    """A plugin registered by hand that is also installed (found again through its entry point), or
+    registered twice, is one registration: no pluggy ValueError, no duplicate-family error."""
+    monkeypatch.setenv(ALLOW_ENV, "t5")
+    mod = importlib.import_module("encdec_t5.plugin")
+    reg = Registry()
+    if when == "after":
+        assert reg.names() == ["t5"]
+    reg.register_plugin(mod)
+    reg.register_plugin(mod)
+    assert reg.names() == ["t5"]
+
+
 def test_autoload_disabled_loads_nothing(make_dist, monkeypatch):
     make_dist("demo-family-dist", "1.0", {"demo": fam_plugin("demo-fam")})
     for value in ("1", "true", "YES", "on"):
