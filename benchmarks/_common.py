@@ -55,3 +55,34 @@ def best_ms(fn, repeats: int, sync=lambda: None, wait: bool = True):
             sync()
         best = min(best, (time.perf_counter() - t) * 1e3)
     return best, out
+
+
+def graph_time(fn, calls: int = 1, replays: int = 5):
+    """``fn`` called ``calls`` times inside one CUDA graph (after 3 warm-up calls on a side stream),
+    the graph replayed ``replays`` times: (median ms per call, what the last captured call returned,
+    a static tensor the replays overwrite)."""
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    out = None
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            out = fn()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(replays):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        ts.append(e0.elapsed_time(e1) / calls)
+    ts.sort()
+    return ts[len(ts) // 2], out

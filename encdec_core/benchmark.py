@@ -620,17 +620,9 @@ def _finish(rows: list[Row]) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    from .fsutil import write_text_atomic
+
+    write_text_atomic(Path(path), text)
 
 
 def write_csv(rows: list[dict], path) -> None:

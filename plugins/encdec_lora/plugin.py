@@ -123,27 +123,19 @@ class LoraAdapter:
                 continue
             out[key] = w.float() + scale * (b @ a)
             changed[key] = module
-        for module, bias in self.biases.items():
-            key = self._find(tensors, module, "bias")
-            if key is None:
-                missing.append(f"{module}.bias")
-                continue
-            if tuple(tensors[key].shape) != tuple(bias.shape):
-                bad.append(f"{module}: bias {tuple(bias.shape)}, the model's {key} is {tuple(tensors[key].shape)}")
-                continue
-            out[key] = bias.float()
-            changed[key] = module
-        for module, delta in self.bias_updates.items():
-            key = self._find(tensors, module, "bias")
-            if key is None:
-                missing.append(f"{module}.bias (lora_bias needs a bias in the model)")
-                continue
-            if tuple(tensors[key].shape) != tuple(delta.shape):
-                bad.append(f"{module}: lora_B.bias {tuple(delta.shape)}, the model's {key} is "
-                           f"{tuple(tensors[key].shape)}")
-                continue
-            out[key] = out[key].float() + delta
-            changed[key] = module
+        # trained biases replace the model's; lora_bias adds the scaled B bias to it
+        for replace, items, what, note in ((True, self.biases, "bias", ""),
+                                           (False, self.bias_updates, "lora_B.bias",
+                                            " (lora_bias needs a bias in the model)")):
+            for module, t in items.items():
+                key = self._find(tensors, module, "bias")
+                if key is None:
+                    missing.append(f"{module}.bias{note}")
+                elif tuple(tensors[key].shape) != tuple(t.shape):
+                    bad.append(f"{module}: {what} {tuple(t.shape)}, the model's {key} is {tuple(tensors[key].shape)}")
+                else:
+                    out[key] = t.float() if replace else out[key].float() + t
+                    changed[key] = module
         if missing or bad:
             parts = []
             if missing:
