@@ -187,6 +187,8 @@ class Engine:
 
     @classmethod
     def load(cls, engine_dir, device: str | torch.device = "cpu", ctx=None, dtype=None) -> "Engine":
+        if not isinstance(engine_dir, (str, os.PathLike)):
+            raise EncDecError(f"engine directory = {engine_dir!r}: expected a path (str or Path)")
         engine_dir = Path(engine_dir)
         if not engine_dir.is_dir():
             raise EncDecError(f"{engine_dir}: engine directory not found (run 'encdec build' first)")
@@ -199,8 +201,8 @@ class Engine:
                 raise ConfigError(f"{engine_dir / ENGINE_FILE}: missing field '{key}'")
         _check_limits(info["limits"], engine_dir / ENGINE_FILE)
         meta = read_meta(engine_dir)
-        dt = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-        device = torch.device(device)
+        dt = _load_dtype(dtype)
+        device = _load_device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise EncDecError("--device cuda: CUDA is not available on this machine")
         model = load_model(engine_dir, ctx=ctx, device=device, dtype=dt, meta=meta)
@@ -219,6 +221,8 @@ class Engine:
 
         if tokenizer_dir is None and self._tokenizer is not None:
             return self._tokenizer
+        if tokenizer_dir is not None and not isinstance(tokenizer_dir, (str, os.PathLike)):
+            raise EncDecError(f"tokenizer_dir = {tokenizer_dir!r}: expected a path (str or Path) or None")
         fam = self.family
         where = Path(tokenizer_dir or self.engine_dir)
         if (fam is None or fam.tokenizer is None) and where.is_dir() \
@@ -256,9 +260,21 @@ class Engine:
         (-1: the base model), or one int for all."""
         from .runtime.generation import merge_outputs
 
-        if not ids:
+        if isinstance(ids, (str, bytes)):
+            raise EncDecError(f"generate: ids = {ids!r}: expected a list of requests, each a list of int token ids "
+                              f"(for text use generate)")
+        if ids is None or len(ids) == 0:
             raise EncDecError("no input given")
+        _check_ids(ids, self.config.encoder_vocab_size)
+        if target_lang_ids is not None and (isinstance(target_lang_ids, (str, bytes))
+                                            or not hasattr(target_lang_ids, "__len__")):
+            raise EncDecError(f"target language ids = {target_lang_ids!r}: expected a list with one token id "
+                              f"(or None) per input")
         if lora_uids is not None:
+            if isinstance(lora_uids, (str, bytes, bool)) or not isinstance(lora_uids, int) \
+                    and not hasattr(lora_uids, "__iter__"):
+                raise EncDecError(f"LoRA task uids = {lora_uids!r}: expected an int (one uid for all inputs) "
+                                  f"or a list with one int per input")
             bank = getattr(self.model, "lora_bank", None)
             if bank is None:
                 raise EncDecError(f"LoRA task uids given, but engine {self.engine_dir} has no run-time adapters "
@@ -305,7 +321,7 @@ class Engine:
         input_ids = torch.full((len(ids), max_in), pad, dtype=torch.long)
         mask = torch.zeros((len(ids), max_in), dtype=torch.long)
         for i, x in enumerate(ids):
-            input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+            input_ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
             mask[i, : len(x)] = 1
         with torch.inference_mode():
             return generate(self.model, input_ids.to(dev), mask.to(dev), gc,
@@ -316,7 +332,13 @@ class Engine:
         request (None keeps the model's default); None when no language is asked for."""
         if target_lang is None:
             return None
+        if not isinstance(target_lang, (str, list, tuple)):
+            raise EncDecError(f"target language = {target_lang!r}: expected a language code (str) or a list "
+                              f"with one code (or None) per input")
         codes = [target_lang] * n if isinstance(target_lang, str) else list(target_lang)
+        bad = [c for c in codes if c is not None and not isinstance(c, str)]
+        if bad:
+            raise EncDecError(f"target language code(s) {bad}: expected language codes (str) or None")
         if len(codes) != n:
             raise EncDecError(f"target language: {len(codes)} codes for {n} inputs (give 1 or one per input)")
         if not hasattr(tok, "lang_id"):
@@ -330,11 +352,64 @@ class Engine:
         """
         if isinstance(texts, str):
             texts = [texts]
+        if texts is None or isinstance(texts, (bytes, bytearray)) or not hasattr(texts, "__iter__"):
+            raise EncDecError(f"generate: texts = {texts!r}: expected a string or a list of strings")
+        texts = list(texts)
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise EncDecError(f"generate: texts[{bad[0]}] = {texts[bad[0]]!r}: expected a string (for token ids "
+                              f"use generate_ids)")
         tok = self.tokenizer(tokenizer_dir)
         ids = tok.encode(list(texts))
         out = self.generate_ids(ids, target_lang_ids=self.lang_ids(tok, target_lang, len(texts)), **overrides)
         n = out.num_return_sequences
         return [[tok.decode(out.tokens(i * n + j)) for j in range(n)] for i in range(len(texts))]
+
+
+def _load_dtype(dtype):
+    """Engine.load's dtype: None (the engine's), a name (float16, bf16, ...) or one of the torch dtypes we run."""
+    from .checkpoint import DTYPES
+
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        return parse_dtype(dtype)
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise ConfigError(f"dtype = {dtype!r}: expected None (the engine's dtype) or one of {', '.join(DTYPES)}")
+
+
+def _load_device(device) -> torch.device:
+    """Engine.load's device: cpu, cuda or cuda:N (a str or torch.device)."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = f"cuda:{device}"  # torch's meaning of a bare index
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(device) if isinstance(device, str) else None
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise EncDecError(f"device = {device!r}: expected cpu, cuda or cuda:N")
+    return dev
+
+
+def _check_ids(ids, vocab: int) -> None:
+    """generate_ids' input: a list of requests, each a list of int token ids in [0, vocab)."""
+    import operator
+
+    for i, row in enumerate(ids):
+        if isinstance(row, (str, bytes)) or not hasattr(row, "__len__") or not hasattr(row, "__iter__"):
+            raise EncDecError(f"generate: input {i} = {row!r}: expected a list of token ids (ids is a list of "
+                              f"requests, each a list of ints)")
+        for j, t in enumerate(row):
+            try:
+                if isinstance(t, bool):
+                    raise TypeError
+                t = operator.index(t)
+            except TypeError:
+                raise EncDecError(f"generate: input {i}, position {j}: token id {t!r}: expected an int") from None
+            if not 0 <= t < vocab:
+                raise EncDecError(f"generate: input {i}, position {j}: token id {t}: expected ids in [0, {vocab}) "
+                                  f"(the encoder vocabulary)")
 
 
 def _output_len(gc) -> int:

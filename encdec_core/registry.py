@@ -108,11 +108,14 @@ class Registry:
     # ---------------------------------------------------------------- queries
     def get(self, name: str):
         """A family by name, alias, HF architecture or model_type (case-insensitive)."""
+        if not isinstance(name, str):
+            raise RegistryError(f"family = {name!r}: expected a family name (str): a name, alias, HF architecture "
+                                f"or model_type")
         self._ensure_loaded()
-        hit = self._keys.get(str(name).lower())
+        hit = self._keys.get(name.lower())
         if hit is None:
             known = self.names()
-            close = difflib.get_close_matches(str(name).lower(), list(self._keys), n=1)
+            close = difflib.get_close_matches(name.lower(), list(self._keys), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise RegistryError(
                 f"unknown family '{name}'; known families: {', '.join(known) or '(none installed)'}{hint}"
@@ -142,6 +145,8 @@ class Registry:
         return [self._adapters[k] for k in sorted(self._adapters)]
 
     def adapter(self, name: str):
+        if not isinstance(name, str):
+            raise RegistryError(f"adapter kind = {name!r}: expected an adapter kind name (str)")
         self._ensure_loaded()
         e = self._adapters.get(name.lower())
         if e is None:
@@ -152,8 +157,12 @@ class Registry:
 
     def detect(self, source) -> object:
         """Which family handles a source directory/file (HF config.json or a family's detect())."""
+        import os
+
         from .family import detect_family
 
+        if not isinstance(source, (str, os.PathLike)):
+            raise RegistryError(f"source = {source!r}: expected a path (str or Path) to a model directory or file")
         self._ensure_loaded()
         return detect_family(self, source)
 

@@ -20,6 +20,7 @@ torch's global generator, like HF.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -115,8 +116,11 @@ class GenerationConfig:
         unknown = sorted(k for k in overrides if k not in names)
         if unknown:
             raise ConfigError(f"generate: unknown option(s) {unknown}; known: {sorted(names)}")
-        gen = dict(generation_config or {})
         src = "generation_config.json"
+        if generation_config is not None and not isinstance(generation_config, Mapping):
+            raise ConfigError(f"{src}: {type(generation_config).__name__} {generation_config!r}: expected a JSON "
+                              f"object (a dict of generation options)")
+        gen = dict(generation_config or {})
         for key, value in gen.items():
             if key in _NEUTRAL and value not in _NEUTRAL[key] and overrides.get(key) is None:
                 raise ConfigError(
@@ -199,8 +203,8 @@ class GenerationConfig:
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)
 
-        def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
+        def is_num(v):  # finite: nan / inf would silently scramble the scores
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         for name in ("max_new_tokens", "max_length"):
             v = getattr(self, name)
@@ -219,7 +223,7 @@ class GenerationConfig:
         if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, (bool, str)):
             bad("early_stopping", self.early_stopping, 'true, false or "never"')
         if not is_num(self.length_penalty):
-            bad("length_penalty", self.length_penalty, "a number")
+            bad("length_penalty", self.length_penalty, "a finite number")
         if self.do_sample:  # like HF, sampling options are only read (and checked) when sampling
             if not is_num(self.temperature) or not self.temperature > 0:
                 bad("temperature", self.temperature, "a number > 0 (for greedy decoding set do_sample false)")
@@ -227,8 +231,8 @@ class GenerationConfig:
                 bad("top_p", self.top_p, "a number in [0, 1]")
         if not is_num(self.repetition_penalty) or not self.repetition_penalty > 0:
             bad("repetition_penalty", self.repetition_penalty, "a number > 0")
-        if self.seed is not None and not is_int(self.seed):
-            bad("seed", self.seed, "an integer")
+        if self.seed is not None and (not is_int(self.seed) or not -2 ** 63 <= self.seed < 2 ** 64):
+            bad("seed", self.seed, "a 64-bit integer")
         if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
             bad("num_return_sequences", self.num_return_sequences,
                 "1 for greedy decoding (use beam search or sampling for several outputs)")
@@ -243,8 +247,8 @@ class GenerationConfig:
                 if t is None:
                     continue
                 if not is_int(t) or t < 0 or (vocab_size is not None and t >= vocab_size):
-                    rng = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
-                    bad(name, v, f"a token id in {rng}")
+                    rng = f"in [0, {vocab_size})" if vocab_size is not None else ">= 0"
+                    bad(name, v, f"a token id {rng}")
         if self.decoder_start_token_id is None:
             bad("decoder_start_token_id", None, "a token id (set it in the model config or generation config)")
         min_len, max_len = self.limits()
@@ -370,10 +374,20 @@ def _check_inputs(input_ids, attention_mask, vocab: int, forced_bos_token_ids, o
             shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
             raise EncDecError(f"generate: attention_mask shape {shape}: expected {tuple(input_ids.shape)} "
                               "like input_ids")
+        if attention_mask.is_floating_point() or attention_mask.is_complex():
+            bad = ~((attention_mask == 0) | (attention_mask == 1))
+        else:
+            bad = (attention_mask != 0) & (attention_mask != 1)
+        if bool(bad.any()):
+            v = attention_mask[bad][0].item()
+            raise EncDecError(f"generate: attention_mask contains {v!r}: expected 1 (a source token) or 0 (padding)")
         if bool((attention_mask.sum(dim=1) == 0).any()):
             raise EncDecError("generate: attention_mask has a row with no tokens: expected every request to "
                               "have at least one source token")
     if forced_bos_token_ids is not None:
+        if isinstance(forced_bos_token_ids, (str, bytes)) or not hasattr(forced_bos_token_ids, "__len__"):
+            raise EncDecError(f"generate: forced_bos_token_ids = {forced_bos_token_ids!r}: expected a list with one "
+                              f"entry (a token id or None) per request")
         if len(forced_bos_token_ids) != input_ids.shape[0]:
             raise EncDecError(f"generate: forced_bos_token_ids has {len(forced_bos_token_ids)} entries: expected "
                               f"one per request ({input_ids.shape[0]})")
@@ -396,8 +410,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     cfg = model.cfg
     if gc is None:
         gc = GenerationConfig.from_model(cfg, None)
+    elif not isinstance(gc, GenerationConfig):
+        raise EncDecError(f"generate: gc = {type(gc).__name__}: expected a GenerationConfig (build one with "
+                          f"GenerationConfig.from_model(model.cfg, None, **options))")
     vocab = cfg.vocab_size
     gc.validate(vocab)
+    if runner is not None and not all(callable(getattr(runner, m, None)) for m in ("prefill", "step", "reorder")):
+        raise EncDecError(f"generate: runner = {runner!r}: expected a runner with prefill, step and reorder "
+                          f"(None: the eager runner)")
     runner = runner if runner is not None else EagerRunner(model)
     device = model.device
     _check_inputs(input_ids, attention_mask, cfg.encoder_vocab_size, forced_bos_token_ids, vocab)
@@ -461,6 +481,8 @@ def _decoder_prefix(decoder_input_ids, batch: int, start: int, vocab: int, devic
     if not isinstance(d, torch.Tensor) or d.dim() != 2 or d.shape[0] != batch or d.shape[1] == 0:
         shape = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
         raise EncDecError(f"generate: decoder_input_ids = {shape}: expected a LongTensor [{batch}, prefix length]")
+    if d.dtype not in (torch.int64, torch.int32):
+        raise EncDecError(f"generate: decoder_input_ids has dtype {d.dtype}: expected integer token ids")
     lo, hi = int(d.min()), int(d.max())
     if lo < 0 or hi >= vocab:
         raise EncDecError(f"generate: decoder_input_ids contain token id {lo if lo < 0 else hi}: expected ids in "

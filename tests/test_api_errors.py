@@ -1,0 +1,151 @@
+"""Bad input through the Python API (Engine, generate, registry, convert) ends in an EncDecError that
+names the argument, the value and what was expected, never in a traceback from inside torch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _cli_helpers import make_t5_dir
+from conftest import make_registry
+
+pytest.importorskip("transformers")
+
+from encdec_core.convert import convert  # noqa: E402
+from encdec_core.engine import Engine, build  # noqa: E402
+from encdec_core.errors import ConfigError, EncDecError  # noqa: E402
+from encdec_core.registry import RegistryError  # noqa: E402
+from encdec_core.runtime.generation import GenerationConfig, generate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def reg():
+    return make_registry("encdec_t5.plugin", "encdec_lora.plugin")
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory, reg):
+    tmp = tmp_path_factory.mktemp("apierr")
+    src = make_t5_dir(tmp / "hf")
+    ck = convert(src, tmp / "ck", reg=reg)
+    eng = build(ck, tmp / "eng", max_batch_size=4, max_input_len=32, max_output_len=16, max_beam_width=4)
+    return src, eng
+
+
+@pytest.fixture(scope="module")
+def engine(dirs):
+    return Engine.load(dirs[1])
+
+
+def _raises(exc, words, fn, *a, **kw):
+    with pytest.raises(exc) as ei:
+        fn(*a, **kw)
+    msg = str(ei.value)
+    assert all(w in msg for w in words), msg
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(device="gpu"), ["device = 'gpu'", "cpu, cuda"]),
+    (dict(device=None), ["device = None"]),
+])
+def test_load_bad_device(dirs, kw, words):
+    _raises(EncDecError, words, Engine.load, dirs[1], **kw)
+
+
+@pytest.mark.parametrize("dtype", [16, torch.int32, torch.float64])
+def test_load_bad_dtype(dirs, dtype):
+    _raises(ConfigError, [f"dtype = {dtype!r}", "float16"], Engine.load, dirs[1], dtype=dtype)
+
+
+def test_load_bad_path():
+    _raises(EncDecError, ["engine directory = None", "expected a path"], Engine.load, None)
+
+
+@pytest.mark.parametrize("texts, words", [
+    (None, ["texts = None"]), (b"abc", ["texts = b'abc'"]),
+    ([1, 2], ["texts[0] = 1", "generate_ids"]), (["a", None], ["texts[1] = None"]),
+])
+def test_generate_bad_texts(engine, texts, words):
+    _raises(EncDecError, words, engine.generate, texts, max_new_tokens=2)
+
+
+def test_generate_bad_target_lang_and_tokenizer_dir(engine):
+    _raises(EncDecError, ["target language = 5"], engine.generate, ["a"], target_lang=5, max_new_tokens=2)
+    _raises(EncDecError, ["code(s) [5]"], engine.generate, ["a"], target_lang=[5], max_new_tokens=2)
+    _raises(EncDecError, ["tokenizer_dir = 5"], engine.generate, ["a"], tokenizer_dir=5, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("ids, words", [
+    ([[5, 1.5]], ["input 0, position 1", "1.5", "expected an int"]),
+    ([[5], ["a"]], ["input 1, position 0", "'a'"]),
+    ([[None]], ["None", "expected an int"]),
+    ([[True, 5]], ["True", "expected an int"]),
+    ([[[5, 6]]], ["[5, 6]", "expected an int"]),
+    ([5, 6], ["input 0 = 5", "list of token ids"]),
+    ([[2 ** 70]], [str(2 ** 70), "[0, 384)"]),
+    ("abc", ["ids = 'abc'", "use generate"]),
+    (torch.tensor([[5.0, 6.0]]), ["expected an int"]),
+])
+def test_generate_ids_bad_ids(engine, ids, words):
+    _raises(EncDecError, words, engine.generate_ids, ids, max_new_tokens=2)
+
+
+def test_generate_ids_takes_a_tensor(engine):
+    want = engine.generate_ids([[5, 6, 1]], max_new_tokens=3).sequences
+    assert torch.equal(engine.generate_ids(torch.tensor([[5, 6, 1]]), max_new_tokens=3).sequences, want)
+
+
+def test_generate_ids_bad_target_lang_ids_and_lora_uids(engine):
+    _raises(EncDecError, ["target language ids = 5"], engine.generate_ids, [[5]], target_lang_ids=5,
+            max_new_tokens=2)
+    for uids in ("ab", 1.0, True):
+        _raises(EncDecError, [f"LoRA task uids = {uids!r}"], engine.generate_ids, [[5]], lora_uids=uids,
+                max_new_tokens=2)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(length_penalty=float("nan"), num_beams=2), ["length_penalty", "nan", "finite"]),
+    (dict(repetition_penalty=float("inf")), ["repetition_penalty", "inf"]),
+    (dict(temperature=float("inf"), do_sample=True), ["temperature", "inf"]),
+    (dict(seed=2 ** 70, do_sample=True), ["seed", "64-bit integer"]),
+    (dict(eos_token_id=-5), ["eos_token_id", "= -5: expected a token id >= 0"]),
+])
+def test_bad_generation_values(engine, kw, words):
+    _raises(ConfigError, words, engine.generate_ids, [[5, 6]], max_new_tokens=2, **kw)
+
+
+def test_runtime_generate_bad_arguments(engine):
+    model = engine.model
+    gc = GenerationConfig.from_model(model.cfg, None, max_new_tokens=2)
+    ids = torch.tensor([[5, 6, 7], [8, 9, 1]])
+    mask = torch.ones_like(ids)
+    _raises(EncDecError, ["gc = dict", "GenerationConfig"], generate, model, ids, mask, {"max_new_tokens": 2})
+    _raises(EncDecError, ["runner = 'x'"], generate, model, ids, mask, gc, runner="x")
+    _raises(EncDecError, ["forced_bos_token_ids = 5"], generate, model, ids, mask, gc, forced_bos_token_ids=5)
+    _raises(EncDecError, ["decoder_input_ids has dtype torch.float32"], generate, model, ids, mask, gc,
+            decoder_input_ids=torch.tensor([[0.0, 5.0], [0.0, 6.0]]))
+    for bad in (2, -1):
+        _raises(EncDecError, ["attention_mask contains", str(bad)], generate, model, ids, mask * bad, gc)
+    for m in (mask.bool(), mask.float()):  # 0/1 masks of any dtype stay accepted
+        assert torch.equal(generate(model, ids, m, gc).sequences, generate(model, ids, mask, gc).sequences)
+    _raises(ConfigError, ["generation_config.json", "str 'x'", "expected a JSON object"],
+            GenerationConfig.from_model, model.cfg, "x")
+
+
+def test_registry_non_string_names(reg):
+    for name in (None, 5):
+        _raises(RegistryError, [f"family = {name!r}", "expected a family name"], reg.get, name)
+        assert reg.find(name) is None
+    _raises(RegistryError, ["adapter kind = None"], reg.adapter, None)
+    _raises(RegistryError, ["source = None", "expected a path"], reg.detect, None)
+
+
+def test_convert_dtype(dirs, reg, tmp_path):
+    src = dirs[0]
+    _raises(ConfigError, ["--dtype = torch.int32", "float16"], convert, src, tmp_path / "a", dtype=torch.int32,
+            reg=reg)
+    _raises(ConfigError, ["--dtype = 'fp8'"], convert, src, tmp_path / "b", dtype="fp8", reg=reg)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    out = convert(src, tmp_path / "c", dtype="float16", reg=reg)  # a dtype name, as Engine.load takes
+    import json
+
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
