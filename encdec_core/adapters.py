@@ -15,6 +15,17 @@ from .errors import ConfigError, WeightError
 from .family import AdapterKind, Family, Source
 
 
+def source_key(tensors, module: str, leaf: str) -> str | None:
+    """The source key of ``module``'s ``leaf`` tensor ("weight", "bias"). Adapters name modules as the
+    HF model does; a source without the HF wrapper's leading ``model.`` (a fairseq checkpoint) is
+    matched too. None where the source has no such tensor."""
+    for name in (module, module.removeprefix("model."), "model." + module):
+        key = f"{name}.{leaf}"
+        if key in tensors:
+            return key
+    return None
+
+
 def adapter_kind(path: Path, reg) -> AdapterKind:
     """The installed adapter kind that recognises ``path``."""
     path = Path(path)

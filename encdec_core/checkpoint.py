@@ -29,7 +29,10 @@ FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def parse_dtype(name: str, what: str = "--dtype") -> torch.dtype:
+def parse_dtype(name, what: str = "--dtype") -> torch.dtype:
+    """A dtype we store and run: its name (float16, bf16, ...) or the torch dtype itself."""
+    if isinstance(name, torch.dtype) and name in DTYPES.values():
+        return name
     key = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}.get(str(name), str(name))
     if key not in DTYPES:
         raise ConfigError(f"{what} = {name!r}: expected one of {', '.join(DTYPES)}")

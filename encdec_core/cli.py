@@ -357,18 +357,15 @@ def compare_hf(engine, args, ids, langs, overrides, res, lora_uids=None) -> list
 
         cls = getattr(transformers, (fam.hf_class if fam and fam.hf_class else "AutoModelForSeq2SeqLM"))
         hf = cls.from_pretrained(str(src), dtype=torch.float32)
-    if engine.meta.get("adapters") and not args.hf_model_dir:
-        from .adapters import hf_with_adapters
-        from .registry import registry
+    from .adapters import hf_with_adapters
+    from .registry import registry
 
+    if engine.meta.get("adapters") and not args.hf_model_dir:
         hf = hf_with_adapters(hf, engine.meta["adapters"], registry)  # the same adapters, merged by HF's side
     hf.eval()
     variants = {-1: hf}  # run-time adapters: per uid, the HF model with that adapter merged (peft)
     if lora_uids is not None:
         import copy
-
-        from .adapters import hf_with_adapters
-        from .registry import registry
 
         for u in sorted(set(lora_uids) - {-1}):
             variants[u] = hf_with_adapters(copy.deepcopy(hf), [engine.meta["lora_runtime"][u]], registry).eval()

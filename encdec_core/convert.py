@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from .adapters import apply_adapters, check_loaded
-from .checkpoint import DTYPES, check_float_tensors, parse_dtype, validate_parallel, write_checkpoint
+from .checkpoint import check_float_tensors, parse_dtype, validate_parallel, write_checkpoint
 from .errors import ConfigError
 from .family import Family, Source
 from .fsutil import check_output_dir
@@ -54,7 +54,7 @@ def convert(source: Path, output_dir: Path, family: str | None = None, dtype: to
     request at run time (``runtime/lora.py``)."""
     if adapter_mode not in ("merge", "runtime"):
         raise ConfigError(f"--lora-mode {adapter_mode!r}: expected merge or runtime")
-    dtype = _checkpoint_dtype(dtype)
+    dtype = parse_dtype(dtype)  # a name or a torch dtype
     check_output_dir(Path(output_dir), "--output-dir")  # before reading anything
     if adapter_mode == "runtime" and adapters:
         if tp * pp != 1:
@@ -68,15 +68,6 @@ def convert(source: Path, output_dir: Path, family: str | None = None, dtype: to
         extra["adapters"] = described
     return write_checkpoint(Path(output_dir), src.config, tensors, dtype, tp, pp, extra, src.tokenizer_files,
                             progress=progress)
-
-
-def _checkpoint_dtype(dtype) -> torch.dtype:
-    """convert's dtype: one of the torch dtypes we store, or its name (float16, bf16, ...)."""
-    if isinstance(dtype, str):
-        return parse_dtype(dtype)
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    raise ConfigError(f"--dtype = {dtype!r}: expected one of {', '.join(DTYPES)}")
 
 
 def _convert_runtime_adapters(source, output_dir: Path, family, dtype, reg, progress, adapters) -> Path:

@@ -201,7 +201,7 @@ class Engine:
                 raise ConfigError(f"{engine_dir / ENGINE_FILE}: missing field '{key}'")
         _check_limits(info["limits"], engine_dir / ENGINE_FILE)
         meta = read_meta(engine_dir)
-        dt = _load_dtype(dtype)
+        dt = None if dtype is None else parse_dtype(dtype, "--dtype" if isinstance(dtype, str) else "dtype")
         device = _load_device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise EncDecError("--device cuda: CUDA is not available on this machine")
@@ -309,10 +309,11 @@ class Engine:
         return merge_outputs(parts, len(ids), self.config.pad_token_id)
 
     def _generate_batch(self, ids, target_lang_ids, runner, gc, lora_uids=None):
+        """One batch of at most the engine's max batch size through ``generate`` (with ``lora_uids``:
+        each request's run-time adapter active)."""
         if lora_uids is not None:
             with self.model.lora_bank.rows(lora_uids):
                 return self._generate_batch(ids, target_lang_ids, runner, gc)
-        """One batch of at most the engine's max batch size through ``generate``."""
         from .runtime.generation import generate
 
         pad = self.config.pad_token_id
@@ -364,19 +365,6 @@ class Engine:
         out = self.generate_ids(ids, target_lang_ids=self.lang_ids(tok, target_lang, len(texts)), **overrides)
         n = out.num_return_sequences
         return [[tok.decode(out.tokens(i * n + j)) for j in range(n)] for i in range(len(texts))]
-
-
-def _load_dtype(dtype):
-    """Engine.load's dtype: None (the engine's), a name (float16, bf16, ...) or one of the torch dtypes we run."""
-    from .checkpoint import DTYPES
-
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        return parse_dtype(dtype)
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    raise ConfigError(f"dtype = {dtype!r}: expected None (the engine's dtype) or one of {', '.join(DTYPES)}")
 
 
 def _load_device(device) -> torch.device:

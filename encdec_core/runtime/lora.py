@@ -30,15 +30,13 @@ LORA_DIR = "lora"
 def map_factors(fam, src, factors: dict, label: str, source: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """An adapter's factors ``{source module: (A [r, in], B [out, r], scale)}`` as factors of our
     parameters ``{target: (A [R, in], B [out_t, R])}`` (the scale folded into B)."""
+    from ..adapters import check_loaded, source_key
     from ..model import build_model
 
     keys = {}
     for module in factors:
-        for name in (module, module.removeprefix("model."), "model." + module):
-            if f"{name}.weight" in src.tensors:
-                keys[module] = f"{name}.weight"
-                break
-        else:
+        keys[module] = source_key(src.tensors, module, "weight")
+        if keys[module] is None:
             raise WeightError(f"{label}: module {module}.weight is not in {source}")
     code_of = {keys[m]: i + 1 for i, m in enumerate(factors)}  # marker = code * 2**24 + row + 1
     markers = {}
@@ -52,10 +50,7 @@ def map_factors(fam, src, factors: dict, label: str, source: str) -> dict[str, t
         markers[k] = m
     wm = fam.make_weight_map(src.config)
     mapped, report = wm.apply(markers, None, src.config, source=source, strict=False)
-    dropped = [k for k in report.dropped if k in code_of]
-    if dropped:
-        raise WeightError(f"{label}: the adapter changes {', '.join(dropped)}, which the {fam.name} family does not "
-                          f"load (tied to another tensor)")
+    check_loaded({keys[m]: f"{label}: {m}" for m in factors}, report.dropped, fam)
     expected = build_model(src.config, meta=True).expected_shapes()
     placed: dict[str, list] = {}
     seen = set()

@@ -35,6 +35,7 @@ from typing import Mapping
 
 import torch
 
+from encdec_core.adapters import source_key
 from encdec_core.errors import ConfigError, WeightError
 from encdec_core.family import AdapterKind
 from encdec_core.plugins import hookimpl
@@ -94,15 +95,6 @@ class LoraAdapter:
         return {"kind": "lora", "path": str(self.path.resolve()), "r": self.r, "lora_alpha": self.alpha,
                 "modules": len(self.updates), "biases": len(self.biases) + len(self.bias_updates)}
 
-    def _find(self, tensors: Mapping[str, torch.Tensor], module: str, leaf: str) -> str | None:
-        """The source key of ``module``'s ``leaf`` tensor (peft names modules as the HF model does;
-        a source without the HF wrapper's leading ``model.`` is matched too)."""
-        for name in (module, module.removeprefix("model."), "model." + module):
-            key = f"{name}.{leaf}"
-            if key in tensors:
-                return key
-        return None
-
     def merge(self, tensors: Mapping[str, torch.Tensor], source: str = "source"
               ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """``(merged, changed)``: a new dict, ``tensors`` with this adapter merged (the changed
@@ -112,7 +104,7 @@ class LoraAdapter:
         missing, bad = [], []
         changed = {}
         for module, (a, b, scale) in self.updates.items():
-            key = self._find(tensors, module, "weight")
+            key = source_key(tensors, module, "weight")
             if key is None:
                 missing.append(f"{module}.weight")
                 continue
@@ -128,7 +120,7 @@ class LoraAdapter:
                                            (False, self.bias_updates, "lora_B.bias",
                                             " (lora_bias needs a bias in the model)")):
             for module, t in items.items():
-                key = self._find(tensors, module, "bias")
+                key = source_key(tensors, module, "bias")
                 if key is None:
                     missing.append(f"{module}.bias{note}")
                 elif tuple(tensors[key].shape) != tuple(t.shape):
