@@ -285,9 +285,9 @@ class Engine:
             if len(lora_uids) != len(ids):
                 raise EncDecError(f"LoRA task uids: {len(lora_uids)} for {len(ids)} inputs (expected one per input, "
                                   f"or one for all)")
-            if runner is not None:
-                raise EncDecError("run-time LoRA runs on the eager runner: drop --cuda-graph / --runner compiled, "
-                                  "or merge the adapter at convert (--lora-mode merge)")
+            if runner is not None and getattr(runner, "_lora", None) is not bank:
+                raise EncDecError("run-time LoRA: the runner was not built for this engine's adapters (build it "
+                                  "with CudaGraphRunner.for_engine(engine) after loading the engine)")
         gc = self.generation_config(**overrides)
         max_in = max(len(x) for x in ids)
         if min(len(x) for x in ids) == 0:

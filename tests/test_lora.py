@@ -349,15 +349,99 @@ def test_runtime_adapters_per_request_equal_merged_models(tmp_path, reg, family)
     with torch.no_grad():  # outside the block: the base model
         assert (rt.model(ids[:1], mask[:1], dec[:1]) - plain.model(ids[:1], mask[:1], dec[:1])).abs().max() <= TOL
     seqs = [[int(t) for t in row[: int(m.sum())]] for row, m in zip(ids, mask)]
+    want = {}
     for beams in (1, 3):
         out = rt.generate_ids(seqs, lora_uids=uids, num_beams=beams, max_new_tokens=10)
         for i, u in enumerate(uids):
-            one = by_uid[u].generate_ids([seqs[i]], num_beams=beams, max_new_tokens=10)
-            assert out.tokens(i) == one.tokens(0), (beams, i, u)
+            want[beams, i] = by_uid[u].generate_ids([seqs[i]], num_beams=beams, max_new_tokens=10).tokens(0)
+            assert out.tokens(i) == want[beams, i], (beams, i, u)
+    # the static-buffer runner (the CUDA-graph runner's code; on a CPU without graphs, its step
+    # uncompiled here, compiled by inductor in test_runtime_adapters_in_the_compiled_runner): each
+    # row's first-step logits and tokens are its merged model's, beams and sampling rows included
+    from encdec_core.runtime.cuda import CudaGraphRunner
+
+    r = CudaGraphRunner.for_engine(rt, compile=False)
+    with torch.no_grad(), rt.model.lora_bank.rows(uids):
+        r.prefill(ids, mask, 1, 12)
+        first = r.step(dec[:, 0]).clone()
+    for i, u in enumerate(uids):
+        with torch.no_grad():
+            ref = by_uid[u].model(ids[i:i + 1], mask[i:i + 1], dec[i:i + 1, :1])[:, -1].float()
+        assert (first[i:i + 1] - ref).abs().max().item() <= TOL, (i, u)
+    for beams in (1, 3):
+        out = rt.generate_ids(seqs, lora_uids=uids, num_beams=beams, max_new_tokens=10, runner=r)
+        for i, u in enumerate(uids):
+            assert out.tokens(i) == want[beams, i], ("runner", beams, i, u)
+    out = rt.generate_ids(seqs[:2], max_new_tokens=10, runner=r)  # no uids: the base model
+    assert [out.tokens(i) for i in range(2)] == [plain.generate_ids([s], max_new_tokens=10).tokens(0)
+                                                 for s in seqs[:2]]
+
     # the adapters change the tokens somewhere (the comparison is not between equal models)
     assert any(merged[0].generate_ids([s], max_new_tokens=10).tokens(0)
                != plain.generate_ids([s], max_new_tokens=10).tokens(0) for s in seqs)
     assert start is not None
+
+
+def test_code_compiled_for_a_model_without_adapters_is_not_reused(tmp_path, reg):
+    """torch.compile keys its cache on the code, guarded by what the code read: an adapted layer's
+    ``lora`` attribute is read (and guarded), a forward hook would not be (dynamo skips hook guards),
+    so code compiled for the plain model must not serve the adapted one. Seen on an H200 with hooks:
+    the graph runner's step for the adapted engine ran without the adapters."""
+    base = _t5_base(tmp_path / "hf")
+    _adapter(base, tmp_path / "a", seed=3, r=2, lora_alpha=4, target_modules=["q", "v", "wo"])
+    plain = _engine(tmp_path, "p", reg, tmp_path / "hf")
+    rt = _engine(tmp_path, "rt", reg, tmp_path / "hf", [tmp_path / "a"], "runtime")
+    merged = _engine(tmp_path, "m", reg, tmp_path / "hf", [tmp_path / "a"])
+
+    def layer0(model, x):
+        att = model.decoder.layers["0"].self_attn
+        return att.out(att.qkv(x)[..., : att.h * att.dh]), model.decoder.layers["0"].ffn(x)
+
+    f = torch.compile(layer0, backend="eager", fullgraph=True)
+    x = torch.randn(3, 1, plain.model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for want, got in zip(layer0(plain.model, x), f(plain.model, x)):
+            assert torch.equal(want, got)
+        with rt.model.lora_bank.static_rows(torch.tensor([0, -1, 0])):
+            got = f(rt.model, x)
+        for g, m, p in zip(got, layer0(merged.model, x), layer0(plain.model, x)):
+            assert (g[0::2] - m[0::2]).abs().max().item() <= TOL  # uid 0: the merged model
+            assert (g[1] - p[1]).abs().max().item() <= TOL  # uid -1: the base model
+            assert (m[0::2] - p[0::2]).abs().max().item() > 1e-2
+
+def test_runtime_adapters_in_the_compiled_runner(tmp_path, reg):
+    """The compiled static step (inductor on a CPU; on CUDA the same step inside CUDA graphs) traces
+    the adapted layers' updates: a batch mixing uids gives each row its merged model's greedy tokens,
+    and a second batch with other uids reuses the compiled step (the uids are a buffer, not a guard)."""
+    import copy as _copy
+
+    import torch._dynamo.utils as dyn_utils
+
+    from encdec_core.runtime.cuda import CudaGraphRunner
+
+    base = _t5_base(tmp_path / "hf")
+    specs = [dict(r=2, lora_alpha=4, target_modules=["q", "v", "wo"]),
+             dict(r=3, lora_alpha=3, target_modules=["k", "wi_0", "EncDecAttention.o"])]
+    dirs = []
+    for i, spec in enumerate(specs):
+        _adapter(_copy.deepcopy(base), tmp_path / f"a{i}", seed=20 + i, **spec)
+        dirs.append(tmp_path / f"a{i}")
+    rt = _engine(tmp_path, "rt", reg, tmp_path / "hf", dirs, "runtime")
+    by_uid = {0: _engine(tmp_path, "m0", reg, tmp_path / "hf", [dirs[0]]),
+              1: _engine(tmp_path, "m1", reg, tmp_path / "hf", [dirs[1]]), -1: _engine(tmp_path, "p", reg, tmp_path / "hf")}
+    ids, mask, _ = _inputs(96)
+    seqs = [[int(t) for t in row[: int(m.sum())]] for row, m in zip(ids, mask)]
+    r = CudaGraphRunner.for_engine(rt)  # compile=True: inductor on a CPU
+    assert r._fused is None
+    for n, (uids, beams) in enumerate([([1, 0], 1), ([-1, 1], 1)]):  # beams: the per-request test
+        if n == 1:
+            graphs = dyn_utils.counters["stats"]["unique_graphs"]
+        out = rt.generate_ids(seqs, lora_uids=uids, num_beams=beams, max_new_tokens=8, runner=r)
+        for i, u in enumerate(uids):
+            assert out.tokens(i) == by_uid[u].generate_ids([seqs[i]], num_beams=beams, max_new_tokens=8).tokens(0), \
+                (uids, beams, i)
+        if n == 1:  # same shapes, other uids: nothing compiled anew
+            assert dyn_utils.counters["stats"]["unique_graphs"] == graphs
 
 
 def test_runtime_adapter_refusals(tmp_path, reg):
@@ -368,7 +452,7 @@ def test_runtime_adapter_refusals(tmp_path, reg):
         rt.generate_ids([[5, 6, 1]], lora_uids=[1], max_new_tokens=4)
     with pytest.raises(EncDecError, match="2 for 1 inputs"):
         rt.generate_ids([[5, 6, 1]], lora_uids=[0, 0], max_new_tokens=4)
-    with pytest.raises(EncDecError, match="eager runner"):
+    with pytest.raises(EncDecError, match="not built for this engine's adapters"):
         rt.generate_ids([[5, 6, 1]], lora_uids=[0], runner=object(), max_new_tokens=4)
     plain = _engine(tmp_path, "plain", reg, tmp_path / "hf")
     with pytest.raises(EncDecError, match="no run-time adapters"):

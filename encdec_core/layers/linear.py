@@ -73,9 +73,15 @@ class ColumnLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(d_out_local, d_in))
         self.bias = nn.Parameter(torch.zeros(d_out_local)) if bias else None
         self._packed: PackedWeight | None = None  # CPU inference (pack_cpu_weights)
+        self.lora = None  # run-time LoRA (runtime.lora.LoraDelta): each row's adapter update
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self._packed)
+        y = linear(x, self.weight, self.bias, self._packed)
+        if self.lora is not None:
+            d = self.lora(x)
+            if d is not None:
+                y = y + d
+        return y
 
 
 class RowLinear(nn.Module):
@@ -85,15 +91,24 @@ class RowLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
         self.ctx = ctx
         self._packed: PackedWeight | None = None  # CPU inference (pack_cpu_weights)
+        self.lora = None  # run-time LoRA (runtime.lora.LoraDelta; tensor-parallel size 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float16:
             # fp16 safety (T5's FFN output overflows fp16): scale the input down by an exact power
             # of two, accumulate/all-reduce, and return the result in fp32 for the fp32 residual.
-            y = F.linear(x * _FP16_SCALE, self.weight).float()
+            xs = x * _FP16_SCALE
+            y = F.linear(xs, self.weight).float()
+            d = None if self.lora is None else self.lora(xs)  # the adapter's update, scaled alike
+            if d is not None:
+                y = y + d.float()
             y = self.ctx.all_reduce(y) * (1.0 / _FP16_SCALE)
         else:
-            y = self.ctx.all_reduce(linear(x, self.weight, None, self._packed))
+            y = linear(x, self.weight, None, self._packed)
+            d = None if self.lora is None else self.lora(x)
+            if d is not None:
+                y = y + d
+            y = self.ctx.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
         return y

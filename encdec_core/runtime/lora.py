@@ -13,7 +13,9 @@ sending row markers through the family's own WeightMap (``map_factors``), so no 
 cased; a layout that moves columns instead of rows (transpose, a fuse along the input dimension)
 or scales the weight is refused.
 
-Runs on the eager path (CPU or CUDA) with tensor-parallel size 1. The CUDA-graph runner refuses it.
+Runs with tensor / pipeline parallel size 1 on the eager runner (CPU or CUDA) and on the
+CUDA-graph runner (its compiled step and graphs; on a CPU the compiled runner), whose buffers hold
+each row's uid.
 """
 from __future__ import annotations
 
@@ -107,9 +109,40 @@ def write_bank(folder: Path, adapters: list[dict[str, tuple[torch.Tensor, torch.
         save_file(t, str(folder / f"adapter{u}.safetensors"), metadata={"uid": str(u)})
 
 
+class LoraDelta:
+    """One adapted layer's factors (the ``lora`` attribute of a ColumnLinear / RowLinear): called with
+    the layer's input, returns each row's update, or None while no adapter is active.
+
+    An attribute the layer reads rather than a forward hook: torch.compile guards on module
+    attributes it reads, but not on hooks (``skip_nnmodule_hook_guards``), and reused a step
+    compiled for a model without adapters for one with them (seen on an H200: the adapters silently
+    missing from the compiled step)."""
+
+    def __init__(self, bank: "LoraBank", A: torch.Tensor, B: torch.Tensor, slot: torch.Tensor):
+        self.bank, self.A, self.B, self.slot = bank, A, B, slot
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        n = x.shape[0]
+        uids = self.bank._row_uids(n)
+        if uids is None:
+            return None
+        x3 = x.reshape(n, -1, x.shape[-1])
+        xa = torch.matmul(x3, self.A.t())  # [n, T, U*R]: every adapter's down-projection
+        keep = (self.slot.unsqueeze(0) == uids.unsqueeze(1)).unsqueeze(1)  # [n, 1, U*R]: the row's adapter
+        delta = torch.matmul(torch.where(keep, xa, torch.zeros((), dtype=xa.dtype, device=xa.device)), self.B)
+        return delta.reshape(*x.shape[:-1], self.B.shape[1])
+
+
 class LoraBank:
-    """Every adapter's factors, stacked per adapted layer (index 0: zeros, the base model; uid u at
-    u + 1), and forward hooks that add each row's update while ``rows(uids)`` is active."""
+    """Every adapter's factors, stacked per adapted layer, which each adapted layer adds for its rows
+    while ``rows(uids)`` (per request) or ``static_rows(idx)`` (per row) is active.
+
+    A layer's factors are kept as ``A [U*R, in]`` and ``B [U*R, out]`` (adapter u in rows
+    ``u*R .. u*R + R``, R the largest rank, smaller ranks zero-padded) with ``slot[j]`` = the adapter
+    of row j. A batch's update is two dense products over all adapters, the first one's columns of
+    other adapters zeroed per row: ``((x A^T) * [slot == uid(row)]) B``. Static shapes, no gather of
+    factors per row, so the same code runs in the eager runner and, traced by torch.compile, inside
+    the CUDA-graph runner's graphs (there the per-row uids are a static buffer the runner fills)."""
 
     def __init__(self, model, folder: Path, count: int):
         from safetensors.torch import load_file
@@ -120,6 +153,7 @@ class LoraBank:
                               f"tp {ctx.tp_size}, pp {ctx.pp_size}); convert with --lora-mode merge for parallel runs")
         self.count = count
         self._uids: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None
         per: dict[str, list] = {}
         for u in range(count):
             f = folder / f"adapter{u}.safetensors"
@@ -134,7 +168,7 @@ class LoraBank:
                     target = key[: -len(".lora_A")]
                     per.setdefault(target, [None] * count)[u] = (t[key], t[target + ".lora_B"])
         dev, dt = model.device, model.dtype
-        self._hooks = []
+        self.device = dev
         self.layers = {}
         for target, facs in per.items():
             path = target.removesuffix(".weight")
@@ -143,10 +177,12 @@ class LoraBank:
             except AttributeError:
                 raise WeightError(f"{folder}: adapted parameter {target} is not in the model") from None
             w = getattr(mod, "weight", None)
+            if not hasattr(mod, "lora") or not isinstance(w, torch.Tensor) or w.dim() != 2:
+                raise WeightError(f"{folder}: adapted parameter {target} is not the weight of a linear layer")
             r_max = max(f[0].shape[0] for f in facs if f is not None)
             n_out, n_in = w.shape
-            A = torch.zeros(count + 1, r_max, n_in, dtype=dt, device=dev)
-            B = torch.zeros(count + 1, n_out, r_max, dtype=dt, device=dev)
+            A = torch.zeros(count * r_max, n_in, dtype=dt, device=dev)
+            B = torch.zeros(count * r_max, n_out, dtype=dt, device=dev)
             for u, f in enumerate(facs):
                 if f is None:
                     continue
@@ -154,48 +190,70 @@ class LoraBank:
                 if a.shape[1] != n_in or b.shape[0] != n_out:
                     raise WeightError(f"{folder / f'adapter{u}.safetensors'}: {target} factors {tuple(a.shape)} / "
                                       f"{tuple(b.shape)} do not fit the weight {tuple(w.shape)}")
-                A[u + 1, : a.shape[0]] = a.to(dt)
-                B[u + 1, :, : b.shape[1]] = b.to(dt)
+                A[u * r_max: u * r_max + a.shape[0]] = a.to(dt)
+                B[u * r_max: u * r_max + b.shape[1]] = b.t().to(dt)
+            slot = torch.arange(count, device=dev).repeat_interleave(r_max)
             self.layers[target] = (A, B)
-            self._hooks.append(mod.register_forward_hook(self._hook(A, B)))
+            mod.lora = LoraDelta(self, A, B, slot)
 
-    def _hook(self, A, B):
-        def hook(mod, args, out):
-            uids = self._uids
-            if uids is None:
-                return out
-            x = args[0]
-            n = x.shape[0]
-            if n != uids.shape[0]:
-                if n % uids.shape[0]:
-                    raise EncDecError(f"run-time LoRA: {n} rows for {uids.shape[0]} requests")
-                uids_n = uids.repeat_interleave(n // uids.shape[0])
-            else:
-                uids_n = uids
-            idx = uids_n + 1
-            x3 = x.reshape(n, -1, x.shape[-1])
-            delta = torch.bmm(torch.bmm(x3, A[idx].transpose(1, 2)), B[idx].transpose(1, 2))
-            return out + delta.reshape(out.shape).to(out.dtype)
+    def _row_uids(self, n: int) -> torch.Tensor | None:
+        """The adapter uid of each of ``n`` input rows (-1: none), or None where no adapter is active."""
+        rows = self._rows
+        if rows is not None:
+            if rows.shape[0] != n:
+                raise EncDecError(f"run-time LoRA: {n} rows for a row index of {rows.shape[0]}")
+            return rows
+        uids = self._uids
+        if uids is None:
+            return None
+        if n == uids.shape[0]:
+            return uids
+        if n % uids.shape[0]:
+            raise EncDecError(f"run-time LoRA: {n} rows for {uids.shape[0]} requests")
+        return uids.repeat_interleave(n // uids.shape[0])
 
-        return hook
-
-    @contextlib.contextmanager
-    def rows(self, uids):
-        """Within this block, request i uses adapter ``uids[i]`` (-1: none)."""
+    def check_uids(self, uids) -> list[int]:
         bad = [u for u in uids if not isinstance(u, int) or isinstance(u, bool) or not -1 <= u < self.count]
         if bad:
             raise EncDecError(f"LoRA task uid(s) {bad}: expected -1 (the base model) or an adapter uid in "
                               f"[0, {self.count})")
+        return list(uids)
+
+    @contextlib.contextmanager
+    def rows(self, uids):
+        """Within this block, request i uses adapter ``uids[i]`` (-1: none); a layer's input rows are
+        the requests' rows, each repeated equally often (beams, samples)."""
+        uids = self.check_uids(uids)
         prev = self._uids
-        self._uids = torch.tensor(list(uids), dtype=torch.long, device=next(iter(self.layers.values()))[0].device)
+        self._uids = torch.tensor(uids, dtype=torch.long, device=self.device)
         try:
             yield
         finally:
             self._uids = prev
 
+    @contextlib.contextmanager
+    def static_rows(self, idx: torch.Tensor):
+        """Within this block, input row r uses adapter ``idx[r]`` (-1: none), for every adapted layer:
+        ``idx`` is a [rows] long tensor on the model's device (a CUDA-graph runner's static buffer,
+        filled before each replay). Takes precedence over ``rows``."""
+        prev = self._rows
+        self._rows = idx
+        try:
+            yield
+        finally:
+            self._rows = prev
+
     @property
     def active(self) -> bool:
         return self._uids is not None
+
+    def request_uids(self, n: int) -> torch.Tensor | None:
+        """The active per-request uids (``rows``) for a batch of ``n`` requests, or None."""
+        if self._uids is None:
+            return None
+        if self._uids.shape[0] != n:
+            raise EncDecError(f"run-time LoRA: {n} requests for {self._uids.shape[0]} task uids")
+        return self._uids
 
 
 def active(model) -> bool:

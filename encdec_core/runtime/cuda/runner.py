@@ -84,6 +84,7 @@ fused greedy loop, which feeds its own argmax back inside the graph) and launch 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 from dataclasses import dataclass
@@ -481,6 +482,10 @@ class CudaGraphRunner:
         if model.device.type != "cuda" and compile and not cpu:
             raise ValueError(f"compile=True serves CUDA and CPU models, got {model.device}")
         self.model = model
+        # run-time LoRA (runtime/lora.py): the bank's hooks add each row's update to the model's own
+        # linear layers, which the compiled step and the encoder call (the Triton step does not); the
+        # adapter uid of each source row and of each decoder row sit in static buffers
+        self._lora = getattr(model, "lora_bank", None)
         # generate's greedy decoding through the fused loop (greedy_search) instead of its token loop
         # (2026-11-30 16:44, H200: the same tokens, bart-large 2-6 ms less per request of 64 tokens);
         # False keeps the token loop
@@ -534,8 +539,16 @@ class CudaGraphRunner:
         self.tp_allreduce = tp_allreduce
         # token-rows a further encoder call is worth when grouping mixed source lengths (None: the
         # device's default, 0: one call for the whole batch; ``runtime.encode.plan_groups``)
+        if self._lora is not None:
+            if encoder_launch_cost not in (None, 0):
+                raise ValueError("encoder_launch_cost: run-time LoRA encodes a batch in one call (its rows are "
+                                 "the requests' rows), so only None or 0 is accepted")
+            encoder_launch_cost = 0
         self.encoder_launch_cost = encoder_launch_cost
         self.dec = StaticDecoder(model, max_batch, max_len, max_input_len, attention)
+        if self._lora is not None:
+            self._lora_src = torch.full((max_batch,), -1, dtype=torch.long, device=model.device)
+            self._lora_rows = torch.full((max_batch,), -1, dtype=torch.long, device=model.device)
         # the compiled step's Triton attention launched with programmatic dependent launch (its cached
         # K/V loaded while the GEMM before it ends); None: wherever inductor's kernels use PDL
         # (compile_options' triton.enable_pdl, the default on Hopper for one rank)
@@ -582,6 +595,11 @@ class CudaGraphRunner:
         # one GPU's 1.36 / 2.77 and the compiled TP step's 2.51 / 2.53); otherwise inductor
         if kernels not in ("inductor", "triton", "auto"):
             raise ValueError(f"kernels={kernels!r}: expected 'inductor', 'triton' or 'auto'")
+        if self._lora is not None:
+            if kernels == "triton":
+                raise ValueError("kernels='triton': the Triton decoder step does not apply run-time LoRA "
+                                 "adapters (kernels='inductor' or 'auto' does)")
+            kernels = "inductor"
         if kernels == "auto" and model.ctx.distributed:
             fused_tp = tp_allreduce == "fused" and model.ctx.tp_size > 1 and model.cfg.pre_norm("decoder")
             kernels = "auto" if fused_tp else "inductor"
@@ -640,6 +658,33 @@ class CudaGraphRunner:
                    lim.max_input_len, **kw)
 
     # ------------------------------------------------------------------ request setup
+    def _lora_fill(self, b: int, expand: int) -> None:
+        """Run-time LoRA: the adapter uid of each of ``b`` source rows and of their ``b * expand``
+        decoder rows (a request's beams / samples follow it) into the static buffers; -1 (none) for
+        the rest and for every row while no ``lora_bank.rows(uids)`` is active."""
+        if self._lora is None:
+            return
+        uids = self._lora.request_uids(b)
+        self._lora_src.fill_(-1)
+        self._lora_rows.fill_(-1)
+        if uids is not None:
+            self._lora_src[:b].copy_(uids)
+            self._lora_rows[: b * expand].copy_(uids.repeat_interleave(expand))
+
+    def _lora_rows_active(self, idx):
+        """A context with the run-time LoRA row index ``idx`` (a view of a static buffer) active."""
+        return contextlib.nullcontext() if self._lora is None else self._lora.static_rows(idx)
+
+    def _lora_rows_of(self, fn, idx):
+        """``fn`` run with the run-time LoRA row index ``idx`` active."""
+        if self._lora is None:
+            return fn
+
+        def wrapped():
+            with self._lora_rows_active(idx):
+                return fn()
+        return wrapped
+
     def _source_bucket(self, s: int) -> int:
         if s > self.dec.S:
             raise LimitError(f"input length {s} exceeds the runner's max input length {self.dec.S}")
@@ -676,6 +721,7 @@ class CudaGraphRunner:
         attention_mask = None if attention_mask is None else attention_mask.to(dev)
         n = input_ids.shape[0] * expand
         bb = _bucket(n, self.batch_buckets, d.max_batch, "batch size (requests x beams)")
+        self._lora_fill(input_ids.shape[0], expand)
         # the Triton cross-attention reads row b // group: a request's beams share one copy of its
         # cross K/V and padding bias; other attention reads one expanded copy per row
         group = expand if expand > 1 and self._triton_attention(bb) else 1
@@ -685,13 +731,16 @@ class CudaGraphRunner:
             sb = self._prefill_static(input_ids, attention_mask)
             if sb is not None:
                 return self._prefill_done(d.views(bb, sb), bb, sb, n, group, rows, max_len)
-        enc, mask = self.encode(input_ids, attention_mask)
+        src = None if self._lora is None else self._lora_src[: input_ids.shape[0]]
+        with self._lora_rows_active(src):
+            enc, mask = self.encode(input_ids, attention_mask)
         s = enc.shape[1]
         sb = self._source_bucket(s)
         vw = d.views(bb, sb)
         dec = self.model.decoder
         for li, i in enumerate(d.layer_ids):
-            k, v = dec.layers[str(i)].cross_attn.project_kv(enc)
+            with self._lora_rows_active(src):
+                k, v = dec.layers[str(i)].cross_attn.project_kv(enc)
             if rep > 1:
                 k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
             vw.ck[li][:rows, :, :s].copy_(k)
@@ -787,7 +836,7 @@ class CudaGraphRunner:
             vw.cross_bias.copy_((1.0 - msk.to(torch.float32)) * lo)
             # nothing returned: the encoder output is a temporary of the graph, its pool memory free
             # for the next capture (no graph keeps a [rows, source, d_model] output alive per bucket)
-        return fn
+        return self._lora_rows_of(fn, self._lora_src[:rb] if self._lora is not None else None)
 
     # ------------------------------------------------------------------ graphs
     def _step_fn(self, bb: int):
@@ -859,6 +908,7 @@ class CudaGraphRunner:
                 self._select(logits, vw.tokens, d.pos, vw.out_tokens, vw.finished, d.eos, d.pad, d.min_steps,
                              d.forced_bos[:bb], d.forced_eos, d.last_step)
                 return logits
+        fn = self._lora_rows_of(fn, self._lora_rows[:bb] if self._lora is not None else None)
         saved = [d.pos.clone(), vw.tokens.clone(), vw.finished.clone()]
 
         def restore():
@@ -973,6 +1023,7 @@ class CudaGraphRunner:
                 tail(step(*self._args(vw), **kw))
                 return st.go_on
 
+            fn = self._lora_rows_of(fn, self._lora_rows[:bb] if self._lora is not None else None)
             g, out = self._graph(fn, warm_pos=prompt - 1)  # the beam update needs a length >= prompt
             ent = self._graphs[key] = (g, out, st, pipe)
         g, fn, st, pipe = ent
