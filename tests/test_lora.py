@@ -304,6 +304,17 @@ def test_fairseq_nmt_adapter_on_fsmt_folder_and_fairseq_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------------------- run-time adapters
+def _adapters(tmp_path, base, specs, seed: int) -> list:
+    """One peft adapter per spec on copies of ``base``, saved to tmp_path/a0, a1, ...; their folders."""
+    import copy
+
+    dirs = []
+    for i, spec in enumerate(specs):
+        _adapter(copy.deepcopy(base), tmp_path / f"a{i}", seed=seed + i, **spec)
+        dirs.append(tmp_path / f"a{i}")
+    return dirs
+
+
 def _engine(tmp_path, name, reg, src, adapters=(), mode="merge"):
     from encdec_core.engine import Engine, build
 
@@ -326,12 +337,7 @@ def test_runtime_adapters_per_request_equal_merged_models(tmp_path, reg, family)
         specs = [dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc2"]),
                  dict(r=3, lora_alpha=6, target_modules=["k_proj", "out_proj", "fc1"])]
         vocab, start = 90, 2
-    dirs = []
-    for i, spec in enumerate(specs):
-        import copy as _copy
-
-        _adapter(_copy.deepcopy(base), tmp_path / f"a{i}", seed=10 + i, **spec)
-        dirs.append(tmp_path / f"a{i}")
+    dirs = _adapters(tmp_path, base, specs, 10)
     rt = _engine(tmp_path, "rt", reg, tmp_path / "hf", dirs, "runtime")
     assert len(rt.meta["lora_runtime"]) == 2 and (rt.engine_dir / "lora" / "adapter1.safetensors").is_file()
     merged = [_engine(tmp_path, f"m{i}", reg, tmp_path / "hf", [d]) for i, d in enumerate(dirs)]
@@ -372,9 +378,24 @@ def test_runtime_adapters_per_request_equal_merged_models(tmp_path, reg, family)
         out = rt.generate_ids(seqs, lora_uids=uids, num_beams=beams, max_new_tokens=10, runner=r)
         for i, u in enumerate(uids):
             assert out.tokens(i) == want[beams, i], ("runner", beams, i, u)
-    out = rt.generate_ids(seqs[:2], max_new_tokens=10, runner=r)  # no uids: the base model
-    assert [out.tokens(i) for i in range(2)] == [plain.generate_ids([s], max_new_tokens=10).tokens(0)
-                                                 for s in seqs[:2]]
+    assert any(k[-1] == "lora" for k in r._graphs)  # the batches above ran the adapter variant
+    base_want = [plain.generate_ids([s], max_new_tokens=10).tokens(0) for s in seqs[:2]]
+    n_graphs = len(r._graphs)
+    from encdec_core.runtime.lora import LoraDelta
+
+    calls = []
+    real = LoraDelta.delta
+    LoraDelta.delta = lambda self, x, uids: calls.append(1) or real(self, x, uids)
+    try:
+        for lora_uids in (None, [-1, -1]):  # no request names an adapter: the graphs without adapter kernels
+            out = rt.generate_ids(seqs[:2], lora_uids=lora_uids, max_new_tokens=10, runner=r)
+            assert [out.tokens(i) for i in range(2)] == base_want, lora_uids
+        assert not calls  # (the runner's step is not compiled here: every call runs this Python)
+        assert len(r._graphs) == n_graphs + 1 and ("greedy", 2, 16, 1) in r._graphs  # one base variant, shared
+        rt.generate_ids(seqs[:2], lora_uids=[0, -1], max_new_tokens=2, runner=r)
+        assert calls
+    finally:
+        LoraDelta.delta = real
 
     # the adapters change the tokens somewhere (the comparison is not between equal models)
     assert any(merged[0].generate_ids([s], max_new_tokens=10).tokens(0)
@@ -409,12 +430,11 @@ def test_code_compiled_for_a_model_without_adapters_is_not_reused(tmp_path, reg)
             assert (g[1] - p[1]).abs().max().item() <= TOL  # uid -1: the base model
             assert (m[0::2] - p[0::2]).abs().max().item() > 1e-2
 
+
 def test_runtime_adapters_in_the_compiled_runner(tmp_path, reg):
     """The compiled static step (inductor on a CPU; on CUDA the same step inside CUDA graphs) traces
     the adapted layers' updates: a batch mixing uids gives each row its merged model's greedy tokens,
     and a second batch with other uids reuses the compiled step (the uids are a buffer, not a guard)."""
-    import copy as _copy
-
     import torch._dynamo.utils as dyn_utils
 
     from encdec_core.runtime.cuda import CudaGraphRunner
@@ -422,10 +442,7 @@ def test_runtime_adapters_in_the_compiled_runner(tmp_path, reg):
     base = _t5_base(tmp_path / "hf")
     specs = [dict(r=2, lora_alpha=4, target_modules=["q", "v", "wo"]),
              dict(r=3, lora_alpha=3, target_modules=["k", "wi_0", "EncDecAttention.o"])]
-    dirs = []
-    for i, spec in enumerate(specs):
-        _adapter(_copy.deepcopy(base), tmp_path / f"a{i}", seed=20 + i, **spec)
-        dirs.append(tmp_path / f"a{i}")
+    dirs = _adapters(tmp_path, base, specs, 20)
     rt = _engine(tmp_path, "rt", reg, tmp_path / "hf", dirs, "runtime")
     by_uid = {0: _engine(tmp_path, "m0", reg, tmp_path / "hf", [dirs[0]]),
               1: _engine(tmp_path, "m1", reg, tmp_path / "hf", [dirs[1]]), -1: _engine(tmp_path, "p", reg, tmp_path / "hf")}
@@ -433,7 +450,7 @@ def test_runtime_adapters_in_the_compiled_runner(tmp_path, reg):
     seqs = [[int(t) for t in row[: int(m.sum())]] for row, m in zip(ids, mask)]
     r = CudaGraphRunner.for_engine(rt)  # compile=True: inductor on a CPU
     assert r._fused is None
-    for n, (uids, beams) in enumerate([([1, 0], 1), ([-1, 1], 1)]):  # beams: the per-request test
+    for n, (uids, beams) in enumerate([([1, 0], 1), ([-1, 1], 1), ([-1, -1], 1)]):  # beams: the per-request test
         if n == 1:
             graphs = dyn_utils.counters["stats"]["unique_graphs"]
         out = rt.generate_ids(seqs, lora_uids=uids, num_beams=beams, max_new_tokens=8, runner=r)
@@ -492,3 +509,39 @@ def test_cli_runtime_adapters_with_task_uids_and_compare_hf(builtin_registry, tm
     assert main(["run", "--engine-dir", str(eng), "--input-text", *texts, "--lora-task-uids", "0", "1",
                  "--device", "cpu", "--max-new-tokens", "4"]) == 2
     assert "2 for 3 inputs" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_runtime_adapters_in_the_cuda_graph_runner(tmp_path, reg):
+    """On a GPU (fp32): the CUDA-graph runner with run-time adapters: each row's first-step logits
+    within 1e-4 of its merged model's, greedy and beam tokens equal."""
+    from encdec_core.engine import Engine
+    from encdec_core.runtime.cuda import CudaGraphRunner
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    base = _bart_base(tmp_path / "hf")
+    specs = [dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc2"]),
+             dict(r=3, lora_alpha=6, target_modules=["k_proj", "out_proj", "fc1"])]
+    dirs = _adapters(tmp_path, base, specs, 30)
+
+    def load(name, ad=(), mode="merge"):
+        e = _engine(tmp_path, name, reg, tmp_path / "hf", ad, mode)
+        return Engine.load(e.engine_dir, device="cuda", dtype=torch.float32)
+    rt = load("rt", dirs, "runtime")
+    by_uid = {0: load("m0", dirs[:1]), 1: load("m1", dirs[1:]), -1: load("p")}
+    uids = [0, -1, 1, 1]
+    ids, mask, dec = (t.repeat(2, 1).cuda() for t in _inputs(90))
+    r = CudaGraphRunner.for_engine(rt)
+    with torch.no_grad(), rt.model.lora_bank.rows(uids):
+        r.prefill(ids, mask, 1, 12)
+        first = r.step(dec[:, 0]).float().clone()
+    for i, u in enumerate(uids):
+        with torch.no_grad():
+            ref = by_uid[u].model(ids[i:i + 1], mask[i:i + 1], dec[i:i + 1, :1])[:, -1].float()
+        assert (first[i:i + 1] - ref).abs().max().item() <= TOL, (i, u)
+    seqs = [[int(t) for t in row[: int(m.sum())]] for row, m in zip(ids, mask)]
+    for beams in (1, 3):
+        out = rt.generate_ids(seqs, lora_uids=uids, num_beams=beams, max_new_tokens=10, runner=r)
+        for i, u in enumerate(uids):
+            assert out.tokens(i) == by_uid[u].generate_ids([seqs[i]], num_beams=beams, max_new_tokens=10).tokens(0)

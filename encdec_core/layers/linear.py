@@ -77,11 +77,7 @@ class ColumnLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight, self.bias, self._packed)
-        if self.lora is not None:
-            d = self.lora(x)
-            if d is not None:
-                y = y + d
-        return y
+        return y if self.lora is None else self.lora.add(x, y)
 
 
 class RowLinear(nn.Module):
@@ -99,15 +95,13 @@ class RowLinear(nn.Module):
             # of two, accumulate/all-reduce, and return the result in fp32 for the fp32 residual.
             xs = x * _FP16_SCALE
             y = F.linear(xs, self.weight).float()
-            d = None if self.lora is None else self.lora(xs)  # the adapter's update, scaled alike
-            if d is not None:
-                y = y + d.float()
+            if self.lora is not None:
+                y = self.lora.add(xs, y)  # the adapter's update, scaled alike
             y = self.ctx.all_reduce(y) * (1.0 / _FP16_SCALE)
         else:
             y = linear(x, self.weight, None, self._packed)
-            d = None if self.lora is None else self.lora(x)
-            if d is not None:
-                y = y + d
+            if self.lora is not None:
+                y = self.lora.add(x, y)
             y = self.ctx.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias

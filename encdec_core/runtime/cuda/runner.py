@@ -546,6 +546,9 @@ class CudaGraphRunner:
             encoder_launch_cost = 0
         self.encoder_launch_cost = encoder_launch_cost
         self.dec = StaticDecoder(model, max_batch, max_len, max_input_len, attention)
+        # graph keys of the current request: ("lora",) appended where one of its requests names an
+        # adapter; otherwise the graphs hold no adapter kernels (the base model's step)
+        self._lkey: tuple = ()
         if self._lora is not None:
             self._lora_src = torch.full((max_batch,), -1, dtype=torch.long, device=model.device)
             self._lora_rows = torch.full((max_batch,), -1, dtype=torch.long, device=model.device)
@@ -661,8 +664,12 @@ class CudaGraphRunner:
     def _lora_fill(self, b: int, expand: int) -> None:
         """Run-time LoRA: the adapter uid of each of ``b`` source rows and of their ``b * expand``
         decoder rows (a request's beams / samples follow it) into the static buffers; -1 (none) for
-        the rest and for every row while no ``lora_bank.rows(uids)`` is active."""
+        the rest and for every row while no ``lora_bank.rows(uids)`` is active. A batch where no
+        request names an adapter runs the graphs without adapter kernels (``_lkey``)."""
         if self._lora is None:
+            return
+        self._lkey = ("lora",) if self._lora.any_adapter else ()
+        if not self._lkey:
             return
         uids = self._lora.request_uids(b)
         self._lora_src.fill_(-1)
@@ -672,11 +679,16 @@ class CudaGraphRunner:
             self._lora_rows[: b * expand].copy_(uids.repeat_interleave(expand))
 
     def _lora_rows_active(self, idx):
-        """A context with the run-time LoRA row index ``idx`` (a view of a static buffer) active."""
+        """A context with the run-time LoRA row index ``idx`` (a view of a static buffer; None: no
+        adapter) active."""
         return contextlib.nullcontext() if self._lora is None else self._lora.static_rows(idx)
 
+    def _lora_idx(self, buf_name: str, rows: int, on: bool):
+        """The view of static uid buffer ``buf_name`` for ``rows`` rows, or None (no adapter)."""
+        return getattr(self, buf_name)[:rows] if self._lora is not None and on else None
+
     def _lora_rows_of(self, fn, idx):
-        """``fn`` run with the run-time LoRA row index ``idx`` active."""
+        """``fn`` run with the run-time LoRA row index ``idx`` active (None: no adapter)."""
         if self._lora is None:
             return fn
 
@@ -731,7 +743,7 @@ class CudaGraphRunner:
             sb = self._prefill_static(input_ids, attention_mask)
             if sb is not None:
                 return self._prefill_done(d.views(bb, sb), bb, sb, n, group, rows, max_len)
-        src = None if self._lora is None else self._lora_src[: input_ids.shape[0]]
+        src = self._lora_idx("_lora_src", input_ids.shape[0], bool(self._lkey))
         with self._lora_rows_active(src):
             enc, mask = self.encode(input_ids, attention_mask)
         s = enc.shape[1]
@@ -796,11 +808,11 @@ class CudaGraphRunner:
         ids[:b, :s].copy_(input_ids[:, :s])
         msk[:b, :s].copy_(mask[:, :s])
         msk[b:, 0] = 1
-        key = ("prefill", rb, sb, 1)
+        key = ("prefill", rb, sb, 1) + self._lkey
         ent = self._graphs.get(key)
         if ent is None:
             try:
-                ent = self._graphs[key] = self._graph(self._prefill_fn(rb, sb))
+                ent = self._graphs[key] = self._graph(self._prefill_fn(rb, sb, bool(self._lkey)))
             except Exception as exc:  # a prefill that cannot be captured must not fail the request
                 import warnings
 
@@ -819,9 +831,10 @@ class CudaGraphRunner:
         """The static source ids and mask of bucket (rb, sb): contiguous [rb, sb] views."""
         return self._src_ids[: rb * sb].view(rb, sb), self._src_mask[: rb * sb].view(rb, sb)
 
-    def _prefill_fn(self, rb: int, sb: int):
+    def _prefill_fn(self, rb: int, sb: int, lora: bool = False):
         """The graphed prefill of bucket (rb request rows, sb source positions): row r of every cache
-        and of the padding bias sits at the same place in any batch bucket's view of source bucket sb."""
+        and of the padding bias sits at the same place in any batch bucket's view of source bucket sb.
+        lora: with the run-time adapters of the source rows' uids."""
         d, dec = self.dec, self.model.decoder
         vw = d.views(rb, sb)
         ids, msk = self._src_views(rb, sb)
@@ -836,7 +849,7 @@ class CudaGraphRunner:
             vw.cross_bias.copy_((1.0 - msk.to(torch.float32)) * lo)
             # nothing returned: the encoder output is a temporary of the graph, its pool memory free
             # for the next capture (no graph keeps a [rows, source, d_model] output alive per bucket)
-        return self._lora_rows_of(fn, self._lora_src[:rb] if self._lora is not None else None)
+        return self._lora_rows_of(fn, self._lora_idx("_lora_src", rb, lora))
 
     # ------------------------------------------------------------------ graphs
     def _step_fn(self, bb: int):
@@ -895,7 +908,7 @@ class CudaGraphRunner:
 
     @torch.no_grad()
     def _capture(self, key):
-        kind, bb, sb, group = key
+        kind, bb, sb, group = key[:4]  # then ("lora",) for the graphs with run-time adapters
         d = self.dec
         vw = d.views(bb, sb)
         step = self._step_fn(bb)
@@ -908,7 +921,7 @@ class CudaGraphRunner:
                 self._select(logits, vw.tokens, d.pos, vw.out_tokens, vw.finished, d.eos, d.pad, d.min_steps,
                              d.forced_bos[:bb], d.forced_eos, d.last_step)
                 return logits
-        fn = self._lora_rows_of(fn, self._lora_rows[:bb] if self._lora is not None else None)
+        fn = self._lora_rows_of(fn, self._lora_idx("_lora_rows", bb, len(key) > 4))
         saved = [d.pos.clone(), vw.tokens.clone(), vw.finished.clone()]
 
         def restore():
@@ -918,7 +931,7 @@ class CudaGraphRunner:
 
     def _run(self, kind: str):
         bb, sb, n = self._cur
-        key = (kind, bb, sb, self._group)
+        key = (kind, bb, sb, self._group) + self._lkey
         ent = self._graphs.get(key)
         if ent is None:
             ent = self._graphs[key] = self._capture(key)
@@ -936,6 +949,7 @@ class CudaGraphRunner:
         ``prefill_graphs`` the prefill graph of each (batch, source) bucket is captured too (batch
         sizes count request rows there)."""
         self.set_eos_pad(eos, pad)
+        self._lkey = ()  # the graphs without run-time adapters
         for b in batch_sizes:
             for s in source_lens:
                 bb = _bucket(b, self.batch_buckets, self.dec.max_batch, "batch size")
@@ -997,7 +1011,7 @@ class CudaGraphRunner:
                     None if pipeline.forced_eos is None else tuple(pipeline.forced_eos.tolist()))
         group = self._group
         key = ("beam", bb, sb, group, batch, nb, max_len, prompt, gc.eos_token_ids, gc.pad_token_id, gc.length_penalty,
-               str(gc.early_stopping), pipe_sig)
+               str(gc.early_stopping), pipe_sig) + self._lkey
         ent = self._graphs.get(key)
         if ent is None:
             st = BeamState(gc, batch, max_len, prompt, d.device)
@@ -1023,7 +1037,7 @@ class CudaGraphRunner:
                 tail(step(*self._args(vw), **kw))
                 return st.go_on
 
-            fn = self._lora_rows_of(fn, self._lora_rows[:bb] if self._lora is not None else None)
+            fn = self._lora_rows_of(fn, self._lora_idx("_lora_rows", bb, bool(self._lkey)))
             g, out = self._graph(fn, warm_pos=prompt - 1)  # the beam update needs a length >= prompt
             ent = self._graphs[key] = (g, out, st, pipe)
         g, fn, st, pipe = ent
