@@ -1338,3 +1338,83 @@ def row_topk(x: torch.Tensor, k: int, chunk: int | None = None):
     _topk_chunk_kernel[(R, C)](x, cv, ci, N, x.stride(0), C, K=k, CH=ch, num_warps=4)
     _topk_merge_kernel[(R,)](cv, ci, values, indices, C * k, K=k, BLOCK=_next_pow2(C * k), num_warps=4)
     return values, indices
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _lora_dot(acc, a, b, X_FP32: tl.constexpr):
+        """acc + a @ b on fp32 operands: IEEE for fp32 data; TF32 for values up-cast from bf16 / fp16,
+        which TF32 holds exactly (the tensor-core products of the 16-bit inputs, fp32 sums; the
+        Triton interpreter's bf16 dot is wrong, its fp32 one is not)."""
+        if X_FP32:
+            acc += tl.dot(a, b, input_precision="ieee")
+        else:
+            acc += tl.dot(a, b, input_precision="tf32")
+        return acc
+
+    @triton.jit
+    def _lora_add_kernel(x_ptr, a_ptr, b_ptr, slot_ptr, uid_ptr, y_ptr, out_ptr, M, N, T,
+                         stride_xm, stride_am, stride_bm, stride_ym, stride_om,
+                         K: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, X_FP32: tl.constexpr):
+        """out[m, n] = y[m, n] + sum_r [slot[r] == uid[m // T]] (x[m] . a[r]) b[r, n]: every adapter's
+        down-projection of the program's rows, the columns of other adapters zeroed per row, times
+        the up-projection. The down-projection is rounded to x's dtype and the update to x's dtype
+        before the add (the rounding points of ``LoraDelta``'s two products)."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mm = rm < M
+        nm = rn < N
+        uid = tl.load(uid_ptr + rm // T, mask=mm, other=-2)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + tl.arange(0, BLOCK_R)
+            rmask = rr < R
+            slot = tl.load(slot_ptr + rr, mask=rmask, other=-3)
+            keep = slot[None, :] == uid[:, None]
+            if tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) > 0:  # a row of the block uses this chunk
+                xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    rk = k0 + tl.arange(0, BLOCK_K)
+                    km = rk < K
+                    x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mm[:, None] & km[None, :],
+                                other=0.0).to(tl.float32)
+                    a = tl.load(a_ptr + rr[None, :] * stride_am + rk[:, None], mask=rmask[None, :] & km[:, None],
+                                other=0.0).to(tl.float32)
+                    xa = _lora_dot(xa, x, a, X_FP32)
+                # rounded to x's dtype as the dense product's output is
+                xa = tl.where(keep, xa, 0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
+                b = tl.load(b_ptr + rr[:, None] * stride_bm + rn[None, :], mask=rmask[:, None] & nm[None, :],
+                            other=0.0).to(tl.float32)
+                acc = _lora_dot(acc, xa, b, X_FP32)
+        delta = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+        om = mm[:, None] & nm[None, :]
+        y = tl.load(y_ptr + rm[:, None] * stride_ym + rn[None, :], mask=om, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], (y + delta).to(out_ptr.dtype.element_ty), mask=om)
+
+
+def lora_add(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slot: torch.Tensor, uids: torch.Tensor,
+             y: torch.Tensor, rows_per_uid: int = 1) -> torch.Tensor:
+    """``y`` plus each row's run-time LoRA update, in one kernel (``runtime.lora.LoraDelta``'s two
+    products and the add): x [M, K], A [R, K] (every adapter's down-projection rows stacked), B [R, N],
+    slot [R] (the adapter of each of A's rows), uids [M / rows_per_uid] (row m uses uid
+    ``uids[m // rows_per_uid]``, -1: none), y [M, N] -> [M, N] in y's dtype. Each program recomputes
+    the down-projection of its rows (cheap at decode-step sizes; the caller keeps large M, the
+    encoder's, on the two dense products). Needs last-dim stride 1 everywhere."""
+    _require_triton()
+    M, K = x.shape
+    R, N = B.shape
+    out = torch.empty_like(y)
+    if M == 0:
+        return out
+    bm = min(64, max(16, _next_pow2(M)))
+    br = min(64, max(16, _next_pow2(R)))
+    grid = (_cdiv(M, bm), _cdiv(N, 128))
+    _lora_add_kernel[grid](x, A, B, slot, uids, y, out, M, N, int(rows_per_uid),
+                           x.stride(0), A.stride(0), B.stride(0), y.stride(0), out.stride(0),
+                           K=K, R=R, BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, BLOCK_R=br, X_FP32=x.dtype == torch.float32,
+                           num_warps=4)
+    return out
