@@ -822,32 +822,3 @@ def test_pdl_flag_is_ignored_where_unsupported(monkeypatch):
     monkeypatch.delenv("ENCDEC_PDL")
     if DEV == "cpu":
         assert not tk.pdl_supported("cpu")
-
-
-@pytest.mark.parametrize("dtype,ydtype,tol", [(torch.float32, torch.float32, 1e-5), (torch.bfloat16, torch.bfloat16, 0.02),
-                                              (torch.float16, torch.float32, 0.002)])
-@pytest.mark.parametrize("m,per", [(5, 1), (12, 3), (1, 1)])
-def test_lora_add_equals_the_two_dense_products(dtype, ydtype, tol, m, per):
-    """``lora_add`` (run-time LoRA's fused kernel) against ``LoraDelta.delta``: two adapters of ranks
-    20 and 7 stacked to 2 x 20 rows, uids -1 / 0 / 1 mixed, rows_per_uid > 1 (a request's tokens),
-    shapes off every block size. fp16 input with an fp32 output: the fp16 RowLinear's form."""
-    from encdec_core.runtime.lora import LoraDelta
-
-    g = torch.Generator().manual_seed(m * 7 + per)
-    K, N, r = 72, 200, 20
-    A = torch.zeros(2 * r, K)
-    B = torch.zeros(2 * r, N)
-    A[:r], B[:r] = torch.randn(r, K, generator=g), torch.randn(r, N, generator=g)
-    A[r:r + 7], B[r:r + 7] = torch.randn(7, K, generator=g), torch.randn(7, N, generator=g)
-    slot = torch.arange(2).repeat_interleave(r)
-    uids = torch.tensor([-1, 0, 1, 1, 0][: max(1, m // per)], dtype=torch.long)
-    x = torch.randn(m, K, generator=g) * 0.3
-    y = torch.randn(m, N, generator=g)
-    x, A, B, y = x.to(dtype), A.to(dtype), (B * 0.1).to(dtype), y.to(ydtype)
-    ref = y + LoraDelta(None, A, B, slot).delta(x.view(m // per, per, K), uids).reshape(m, N).to(ydtype)
-    got = tk.lora_add(x.to(DEV), A.to(DEV), B.to(DEV), slot.to(DEV), uids.to(DEV), y.to(DEV), per).cpu()
-    assert got.dtype == ydtype and got.shape == (m, N)
-    scale = ref.float().abs().max().item()
-    assert (got.float() - ref.float()).abs().max().item() <= tol * max(1.0, scale)
-    base_rows = (uids.repeat_interleave(per) == -1)
-    assert torch.equal(got[base_rows], y[base_rows])  # uid -1: y untouched

@@ -27,8 +27,6 @@ import torch
 from ..errors import ConfigError, EncDecError, WeightError
 
 LORA_DIR = "lora"
-# rows (tokens) up to which a CUDA layer adds its update with the fused Triton kernel: decoder steps
-FUSED_MAX_ROWS = 512
 
 
 def map_factors(fam, src, factors: dict, label: str, source: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -134,19 +132,15 @@ class LoraDelta:
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``y`` (the layer's output for input ``x``) plus each row's update; ``y`` itself while no
-        adapter is active. On CUDA, up to ``FUSED_MAX_ROWS`` rows (a decoder step) in one Triton
-        kernel (``triton_kernels.lora_add``: the two products and the add) instead of about four."""
-        n = x.shape[0]
-        uids = self.bank._row_uids(n)
+        adapter is active.
+
+        Tried and dropped (2026-11-30, H200, bart-large at 64 rows): one Triton kernel for the two
+        products and the add, each program recomputing the down-projection of its rows. Correct, but
+        no faster with adapters on q and v (1.155 against 1.132 ms per step) and much slower on every
+        linear layer at rank 16 (2.54 against 1.64 ms): few programs, each looping over all of K."""
+        uids = self.bank._row_uids(x.shape[0])
         if uids is None:
             return y
-        k, m = x.shape[-1], x.numel() // x.shape[-1]
-        if self.bank.fused and x.is_cuda and m <= FUSED_MAX_ROWS:
-            from .cuda import ops as cuda_ops
-
-            out = cuda_ops.lora(x.reshape(m, k).contiguous(), self.A, self.B, self.slot, uids,
-                                y.reshape(m, -1).contiguous(), m // n)
-            return out.view(y.shape)
         return y + self.delta(x, uids).to(y.dtype)
 
 
@@ -173,10 +167,6 @@ class LoraBank:
         self._uid_list: list[int] = []
         self._rows: torch.Tensor | None = None
         self._off = False  # static_rows(None): no row uses an adapter (the layers add nothing)
-        # CUDA: the fused Triton kernel where it applies (False: the two dense products everywhere)
-        from .cuda.triton_kernels import HAVE_TRITON
-
-        self.fused = HAVE_TRITON
         per: dict[str, list] = {}
         for u in range(count):
             f = folder / f"adapter{u}.safetensors"

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .triton_kernels import HAVE_TRITON, decode_attention, lora_add, row_topk
+from .triton_kernels import HAVE_TRITON, decode_attention, row_topk
 
 __all__ = ["self_attention", "cross_attention", "topk", "ATTN_PDL_MAX_ROWS"]
 
@@ -63,15 +63,6 @@ if HAVE_TRITON:
     def _(x, k):
         return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.int64)
 
-    @torch.library.custom_op("encdec::lora_add", mutates_args=())
-    def _lora_add(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slot: torch.Tensor, uids: torch.Tensor,
-                  y: torch.Tensor, rows_per_uid: int) -> torch.Tensor:
-        return lora_add(x, a, b, slot, uids, y, rows_per_uid)
-
-    @_lora_add.register_fake
-    def _(x, a, b, slot, uids, y, rows_per_uid):
-        return torch.empty_like(y)
-
 
 def self_attention(q, k_cache, v_cache, scale: float, pos, k_new, v_new, bias_table=None, row_index=None,
                    pdl: bool = False):
@@ -87,12 +78,6 @@ def cross_attention(q, k_cache, v_cache, scale: float, key_bias=None, kv_group: 
     (query row b reads row b // kv_group); pdl: launch with programmatic dependent launch; -> [B, H, D]."""
     return torch.ops.encdec.decode_cross_attention(q, k_cache, v_cache, float(scale), key_bias, int(kv_group),
                                                    bool(pdl))
-
-
-def lora(x, a, b, slot, uids, y, rows_per_uid: int = 1):
-    """``y`` + each row's run-time LoRA update (``triton_kernels.lora_add``): x [M, K], y [M, N];
-    row m uses adapter ``uids[m // rows_per_uid]``."""
-    return torch.ops.encdec.lora_add(x, a, b, slot, uids, y, int(rows_per_uid))
 
 
 def topk(x, k: int):
