@@ -64,13 +64,19 @@ def shard_plan(cfg: EncDecConfig) -> list[ShardRule]:
     ]
 
 
+def shard_rule(name: str, plan: list[ShardRule]) -> ShardRule | None:
+    """The rule of ``plan`` that parameter ``name`` follows, or None (replicated)."""
+    for rule in plan:
+        if re.fullmatch(rule.pattern, name):
+            return rule
+    return None
+
+
 def shard_tensor(name: str, t: torch.Tensor, plan: list[ShardRule], tp: int, rank: int) -> torch.Tensor:
     if tp == 1:
         return t
-    for rule in plan:
-        if re.fullmatch(rule.pattern, name):
-            break
-    else:
+    rule = shard_rule(name, plan)
+    if rule is None:
         return t
     if rule.kind == "vocab":
         v = t.shape[0]

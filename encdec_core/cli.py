@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "adapter_model.safetensors); repeat to merge several, in order")
     _opt(s, "--lora-mode", choices=("merge", "runtime"), default="merge",
          help="merge: add the adapters to the weights (default); runtime: keep them apart, one chosen per "
-              "request by `run --lora-task-uids` (uid = position of its --lora-dir; tp = pp = 1)")
+              "request by `run --lora-task-uids` (uid = position of its --lora-dir; any --tp-size / --pp-size)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_convert)
 

@@ -57,10 +57,7 @@ def convert(source: Path, output_dir: Path, family: str | None = None, dtype: to
     dtype = parse_dtype(dtype)  # a name or a torch dtype
     check_output_dir(Path(output_dir), "--output-dir")  # before reading anything
     if adapter_mode == "runtime" and adapters:
-        if tp * pp != 1:
-            raise ConfigError(f"--lora-mode runtime: run-time adapters need --tp-size 1 --pp-size 1 (got {tp} x "
-                              f"{pp}); merge them (--lora-mode merge) for a parallel checkpoint")
-        return _convert_runtime_adapters(source, Path(output_dir), family, dtype, reg, progress, adapters)
+        return _convert_runtime_adapters(source, Path(output_dir), family, dtype, reg, progress, adapters, tp, pp)
     fam, src, tensors, described = read_and_map(source, family, reg, adapters)
     validate_parallel(src.config, tp, pp)
     extra = {"family": fam.name, "source": str(Path(source).resolve()), "generation_config": src.generation_config}
@@ -70,7 +67,10 @@ def convert(source: Path, output_dir: Path, family: str | None = None, dtype: to
                             progress=progress)
 
 
-def _convert_runtime_adapters(source, output_dir: Path, family, dtype, reg, progress, adapters) -> Path:
+def _convert_runtime_adapters(source, output_dir: Path, family, dtype, reg, progress, adapters, tp: int = 1,
+                              pp: int = 1) -> Path:
+    """The base weights sharded for (tp, pp) like any checkpoint; every adapter's whole factors under
+    ``lora/`` (each rank takes its layers' slices at load: ``runtime.lora.LoraBank``)."""
     import tempfile
 
     from .adapters import adapter_kind
@@ -78,6 +78,7 @@ def _convert_runtime_adapters(source, output_dir: Path, family, dtype, reg, prog
 
     reg = reg or default_registry
     fam, src, tensors, _ = read_and_map(source, family, reg)
+    validate_parallel(src.config, tp, pp)
     banks, described = [], []
     for p in adapters:
         p = Path(p)
@@ -91,7 +92,7 @@ def _convert_runtime_adapters(source, output_dir: Path, family, dtype, reg, prog
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / LORA_DIR
         write_bank(folder, banks)
-        return write_checkpoint(output_dir, src.config, tensors, dtype, 1, 1, extra,
+        return write_checkpoint(output_dir, src.config, tensors, dtype, tp, pp, extra,
                                 [*src.tokenizer_files, folder], progress=progress)
 
 

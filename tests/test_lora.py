@@ -11,10 +11,12 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _mpi import need_mpi
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -306,8 +308,6 @@ def test_fairseq_nmt_adapter_on_fsmt_folder_and_fairseq_checkpoint(tmp_path):
 # ------------------------------------------------------------------------------- run-time adapters
 def _adapters(tmp_path, base, specs, seed: int) -> list:
     """One peft adapter per spec on copies of ``base``, saved to tmp_path/a0, a1, ...; their folders."""
-    import copy
-
     dirs = []
     for i, spec in enumerate(specs):
         _adapter(copy.deepcopy(base), tmp_path / f"a{i}", seed=seed + i, **spec)
@@ -474,8 +474,8 @@ def test_runtime_adapter_refusals(tmp_path, reg):
     plain = _engine(tmp_path, "plain", reg, tmp_path / "hf")
     with pytest.raises(EncDecError, match="no run-time adapters"):
         plain.generate_ids([[5, 6, 1]], lora_uids=[0], max_new_tokens=4)
-    with pytest.raises(ConfigError, match="--tp-size 1"):
-        convert(tmp_path / "hf", tmp_path / "tp", tp=3, reg=reg, adapters=[tmp_path / "a"], adapter_mode="runtime")
+    with pytest.raises(ConfigError, match="--tp-size 2 does not divide the encoder's 3 attention heads"):
+        convert(tmp_path / "hf", tmp_path / "tp", tp=2, reg=reg, adapters=[tmp_path / "a"], adapter_mode="runtime")
     assert not (tmp_path / "tp").exists()
     b = _bart_base(tmp_path / "hfb")
     _adapter(b, tmp_path / "ab", seed=2, r=2, lora_alpha=2, target_modules=["q_proj"], bias="lora_only")
@@ -545,3 +545,45 @@ def test_runtime_adapters_in_the_cuda_graph_runner(tmp_path, reg):
         out = rt.generate_ids(seqs, lora_uids=uids, num_beams=beams, max_new_tokens=10, runner=r)
         for i, u in enumerate(uids):
             assert out.tokens(i) == by_uid[u].generate_ids([seqs[i]], num_beams=beams, max_new_tokens=10).tokens(0)
+
+
+@need_mpi
+@pytest.mark.mpi
+def test_runtime_adapters_across_ranks_match_single_rank(tmp_path):
+    """Run-time adapters under TP = 2 and PP = 2 (mpirun -n 2, gloo): each rank loads its shard and its
+    slices of the whole factors (B's rows of column-parallel layers, A's columns of row-parallel ones,
+    its stage's layers only); teacher-forced logits within 1e-5 of one rank's, greedy and beam ids
+    equal for two uid mixes, and (TP) the static step's greedy, beam and fused greedy ids too."""
+    from _mpi import mpirun
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "mpi_scripts"))
+    import parallel_common as pc
+
+    from encdec_core.checkpoint import load_model
+
+    root = tmp_path / "models"
+    names = pc.prepare_lora(root)
+    assert names == ["flan-t5", "bart"]
+    ref = {}
+    for name in names:
+        ck = root / f"lora-{pc.ckpt_name(name, 1, 1)}"
+        model = load_model(ck)
+        pc.load_lora_bank(model, ck)
+        ref[name] = pc.lora_run_all(model)
+        # the adapters change the tokens (the comparison is not between equal models)
+        assert not torch.equal(ref[name]["greedy_ids_0"], ref[name]["static_greedy_ids_base"]), name
+    r = mpirun(2, sys.executable, Path(__file__).resolve().parent / "mpi_scripts" / "lora_parity.py", root,
+               tmp_path / "out")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for rank in (0, 1):
+        got_all = torch.load(tmp_path / "out" / f"rank{rank}.pt")["results"]
+        for tp, pp in pc.MAPPINGS[2]:
+            for name in names:
+                got, want = got_all[f"{name}-tp{tp}pp{pp}"], ref[name]
+                assert set(got) == {k for k in want if pp == 1 or not k.startswith("static_")}
+                for k, v in got.items():
+                    where = f"rank {rank} {name} tp{tp}pp{pp} {k}"
+                    if v.is_floating_point():
+                        assert (v - want[k]).abs().max().item() <= 1e-5, where
+                    else:
+                        assert torch.equal(v, want[k]), (where, v.tolist(), want[k].tolist())

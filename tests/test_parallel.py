@@ -11,14 +11,12 @@ Bar: fp32 logits max|diff| <= 1e-5; greedy, beam and sampled token ids identical
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from _mpi import MPIRUN, need_mpi
+from _mpi import mpirun, need_mpi
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -32,21 +30,6 @@ pytestmark = [pytest.mark.mpi]
 
 
 
-
-
-def launch_env() -> dict:
-    env = dict(os.environ)
-    env.update(ENCDEC_DISABLE_PLUGIN_AUTOLOAD="1", ENCDEC_DIST_TIMEOUT="90", OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def mpirun(n: int, *cmd, timeout: float = 300) -> subprocess.CompletedProcess:
-    args = [str(MPIRUN), *pc.MPIRUN_ARGS, "-n", str(n), *map(str, cmd)]
-    try:
-        return subprocess.run(args, capture_output=True, text=True, env=launch_env(), timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"mpirun -n {n} {' '.join(map(str, cmd))} hung (> {timeout}s):\n{exc.stdout}\n{exc.stderr}")
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ sending row markers through the family's own WeightMap (``map_factors``), so no 
 cased; a layout that moves columns instead of rows (transpose, a fuse along the input dimension)
 or scales the weight is refused.
 
-Runs with tensor / pipeline parallel size 1 on the eager runner (CPU or CUDA) and on the
-CUDA-graph runner (its compiled step and graphs; on a CPU the compiled runner), whose buffers hold
-each row's uid.
+Runs on the eager runner (CPU or CUDA) and on the CUDA-graph runner (its compiled step and graphs;
+on a CPU the compiled runner), whose buffers hold each row's uid; under tensor / pipeline
+parallelism each rank slices the whole factors to its layers (``LoraBank``).
 """
 from __future__ import annotations
 
@@ -158,10 +158,16 @@ class LoraBank:
     def __init__(self, model, folder: Path, count: int):
         from safetensors.torch import load_file
 
+        from ..checkpoint import shard_plan, shard_rule, shard_tensor, stage_of
+
+        # parallel runs: the files hold every adapter's whole factors; this rank keeps the layers of
+        # its pipeline stage and, under tensor parallelism, the slices that match its weights: B's
+        # output rows of a column-parallel layer, A's input columns of a row-parallel one (whose
+        # partial updates join the layer's all-reduce)
         ctx = getattr(model, "ctx", None)
-        if ctx is not None and (ctx.tp_size != 1 or ctx.pp_size != 1):
-            raise ConfigError(f"{folder}: run-time LoRA needs tensor / pipeline parallel size 1 (this run has "
-                              f"tp {ctx.tp_size}, pp {ctx.pp_size}); convert with --lora-mode merge for parallel runs")
+        tp, tp_rank = (ctx.tp_size, ctx.tp_rank) if ctx is not None else (1, 0)
+        pp, pp_rank = (ctx.pp_size, ctx.pp_rank) if ctx is not None else (1, 0)
+        plan = shard_plan(model.cfg)
         self.count = count
         self._uids: torch.Tensor | None = None
         self._uid_list: list[int] = []
@@ -184,6 +190,22 @@ class LoraBank:
         self.device = dev
         self.layers = {}
         for target, facs in per.items():
+            st = stage_of(target, model.cfg, pp) if pp > 1 else None
+            if st is not None and st != pp_rank:
+                continue  # another pipeline stage's layer
+            rule = shard_rule(target, plan)
+            if tp > 1 and rule is not None and rule.kind not in ("column", "row"):
+                raise ConfigError(f"{folder}: adapted parameter {target} is split by {rule.kind} under tensor "
+                                  f"parallelism, which run-time LoRA does not slice; merge the adapter instead")
+            if tp > 1 and rule is not None:
+                cut = []
+                for f in facs:
+                    if f is not None and rule.kind == "column":  # B [out, r]: the weight's output rows
+                        f = (f[0], shard_tensor(target, f[1], plan, tp, tp_rank))
+                    elif f is not None:  # row: A [r, in], the weight's input columns
+                        f = (shard_tensor(target, f[0], plan, tp, tp_rank), f[1])
+                    cut.append(f)
+                facs = cut
             path = target.removesuffix(".weight")
             try:
                 mod = model.get_submodule(path)

@@ -213,3 +213,81 @@ def add_src_to_path() -> None:
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:
         sys.path.insert(0, here)
+
+
+# ------------------------------------------------------------------------ run-time LoRA across ranks
+LORA_MODELS = ("flan-t5", "bart")
+LORA_UIDS = ([1, 0], [-1, 1])  # per BATCH row: two mixes (-1: the base model)
+LORA_MAPPINGS = ((1, 1), (2, 1), (1, 2))
+
+
+def prepare_lora(root: Path) -> list[str]:
+    """Each LORA_MODELS model (as ``prepare`` makes it) with two peft adapters on every kind of layer
+    (column- and row-parallel, attention and FFN), converted with --lora-mode runtime for every
+    LORA_MAPPINGS mapping (the base weights sharded, the factors whole under lora/)."""
+    import copy
+    import importlib
+
+    import peft
+
+    from encdec_core.convert import convert
+    from encdec_core.registry import Registry
+
+    reg = Registry()
+    for m in [*plugin_modules(), "encdec_lora.plugin"]:
+        reg.register_plugin(importlib.import_module(m), name=m)
+    names = [n for n in LORA_MODELS if n in hf_models()]
+    prepare(root, mappings=(), other=False, only=tuple(names))  # the HF models under root/hf
+    targets = {"flan-t5": (["q", "v", "wo"], ["k", "o", "wi_0", "EncDecAttention.q"]),
+               "bart": (["q_proj", "v_proj", "fc2"], ["k_proj", "out_proj", "fc1"])}
+    for name in names:
+        cls = hf_models()[name][0]
+        base = cls.from_pretrained(root / "hf" / name).eval()
+        dirs = []
+        for i, mods in enumerate(targets[name]):
+            torch.manual_seed(50 + i)
+            pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+                task_type="SEQ_2_SEQ_LM", init_lora_weights=False, lora_dropout=0.0, r=2 + i, lora_alpha=4,
+                target_modules=mods))
+            with torch.no_grad():  # updates as large as the weights' spread: tokens change with the uid
+                for n_, p in pm.named_parameters():
+                    if "lora_" in n_:
+                        p.normal_(0.0, 0.3)
+            d = root / "lora" / name / f"a{i}"
+            pm.save_pretrained(d)
+            dirs.append(d)
+        for tp, pp in LORA_MAPPINGS:
+            convert(root / "hf" / name, root / f"lora-{ckpt_name(name, tp, pp)}", tp=tp, pp=pp, reg=reg,
+                    adapters=dirs, adapter_mode="runtime")
+    (root / "lora_models.json").write_text(json.dumps(names))
+    return names
+
+
+def load_lora_bank(model, ckpt: Path) -> None:
+    from encdec_core.runtime.lora import LORA_DIR, LoraBank
+
+    meta = json.loads((ckpt / "config.json").read_text())
+    model.lora_bank = LoraBank(model, ckpt / LORA_DIR, len(meta["lora_runtime"]))
+
+
+def lora_run_all(model) -> dict:
+    """Teacher-forced logits and greedy / beam ids for each LORA_UIDS mix (eager runner), and with
+    pipeline size 1 the static (CUDA-graph runner) step's greedy, beam and fused greedy ids, also for
+    a batch naming no adapter."""
+    ids, mask = inputs(model.device)
+    res = {}
+    bank = model.lora_bank
+    for j, uids in enumerate(LORA_UIDS):
+        with bank.rows(uids):
+            res[f"tf_logits_{j}"] = teacher_forced(model, ids, mask).cpu()
+            res[f"greedy_ids_{j}"] = generate_ids(model, ids, mask, 1).cpu()
+            res[f"beam_ids_{j}"] = generate_ids(model, ids, mask, BEAMS).cpu()
+    if model.ctx.pp_size == 1:
+        runner = static_runner(model)
+        for j, uids in enumerate(LORA_UIDS):
+            with bank.rows(uids):
+                res[f"static_greedy_ids_{j}"] = generate_ids(model, ids, mask, 1, runner=runner).cpu()
+                res[f"static_beam_ids_{j}"] = generate_ids(model, ids, mask, BEAMS, runner=runner).cpu()
+                res[f"static_fused_greedy_ids_{j}"] = runner.greedy(ids, mask, max_new_tokens=GREEDY_NEW).cpu()
+        res["static_greedy_ids_base"] = generate_ids(model, ids, mask, 1, runner=runner).cpu()
+    return res
