@@ -1,4 +1,4 @@
-"""encdec command line: list-families, plugins, convert, build, run, benchmark.
+"""encdec command line: list-families, plugins, convert, build, run, benchmark, score.
 
 Option names follow TensorRT-LLM's enc_dec example in kebab-case; the snake_case spellings users
 type from there (--max_batch_size) are accepted too.
@@ -309,7 +309,16 @@ def cmd_run(args) -> int:
     if uids is not None and len(uids) == 1:
         uids = uids * len(ids)
     try:
-        res = engine.generate_ids(ids, target_lang_ids=langs, runner=runner, lora_uids=uids, **overrides)
+        prefix = engine.prefix_ids(tok, args.target_prefix[0] if args.target_prefix and len(args.target_prefix) == 1
+                                   else args.target_prefix, len(ids))
+    except EncDecError as exc:
+        raise EncDecError(str(exc).replace("target prefix", "--target-prefix", 1)) from None
+    if args.streaming:
+        return _run_streaming(args, engine, engine_dir, device, texts, ids, tok, langs, runner, uids, overrides,
+                              prefix)
+    try:
+        res = engine.generate_ids(ids, target_lang_ids=langs, runner=runner, lora_uids=uids,
+                                  output_scores=args.output_log_probs, decoder_prefix=prefix, **overrides)
     except EncDecError as exc:
         raise _flag_error(exc) from None
     n = res.num_return_sequences
@@ -317,9 +326,14 @@ def cmd_run(args) -> int:
     report = {"engine": str(engine_dir), "device": str(device), "results": []}
     hf_rows = None
     if args.compare_hf:
-        hf_rows = compare_hf(engine, args, ids, langs, overrides, res, uids)
+        hf_rows = compare_hf(engine, args, ids, langs, overrides, res, uids, prefix)
     for i, t in enumerate(texts):
         row = {"input": t, "input_ids": ids[i], "output": outputs[i]}
+        if args.output_log_probs:
+            rows = range(i * n, i * n + n)
+            row["output_ids"] = [res.tokens(r) for r in rows]
+            row["scores"] = [res.score(r) for r in rows]
+            row["token_logprobs"] = [res.token_logprobs(r) for r in rows]
         if hf_rows is not None:
             row.update(hf_rows[i])
         report["results"].append(row)
@@ -331,6 +345,11 @@ def cmd_run(args) -> int:
         for j, o in enumerate(row["output"]):
             tag = f"Output[{j}]" if n > 1 else "Output"
             out(f"{tag}: {o}")
+            if args.output_log_probs:
+                lps = row["token_logprobs"][j]
+                what = "length-normalised beam score" if res.sequences_scores is not None else "sum of log-probs"
+                out(f"{' ' * len(tag)}  score {row['scores'][j]:.4f} ({what}; {len(lps)} tokens"
+                    f"{', EOS included' if len(lps) > len(row['output_ids'][j]) else ''})")
         if hf_rows is not None:
             for j, o in enumerate(row["hf_output"]):
                 tag = f"HF    [{j}]" if n > 1 else "HF    "
@@ -342,7 +361,53 @@ def cmd_run(args) -> int:
     return 0
 
 
-def compare_hf(engine, args, ids, langs, overrides, res, lora_uids=None) -> list[dict]:
+def _run_streaming(args, engine, engine_dir, device, texts, ids, tok, langs, runner, uids, overrides,
+                   prefix=None) -> int:
+    """``run --streaming``: one output is printed as it is generated; with several, each is printed
+    (with its input) as soon as it is complete, in the order they finish."""
+    for flag, on in (("--compare-hf", args.compare_hf), ("--output-log-probs", args.output_log_probs)):
+        if on:
+            raise EncDecError(f"--streaming and {flag} do not go together: drop one of them")
+    rank0 = _rank0()
+    outputs: dict[int, dict[int, str]] = {}
+    try:
+        gc = engine.generation_config(**overrides)
+        if gc.num_beams > 1:
+            where = "--num-beams" if overrides.get("num_beams") else "the model's generation defaults"
+            raise EncDecError(f"--streaming serves greedy decoding and sampling, and this run has {gc.num_beams} "
+                              f"beams ({where}): add --num-beams 1, or drop --streaming")
+        n = gc.num_return_sequences
+        one = len(ids) == 1 and n == 1
+        started = False
+        for ev in engine.stream_ids(ids, tok, langs, runner=runner, lora_uids=uids, decoder_prefix=prefix,
+                                    **overrides):
+            if ev.finished:
+                outputs.setdefault(ev.index, {})[ev.sequence] = ev.output
+            if not rank0:
+                continue
+            if one:
+                if not started:  # the header once generation runs (a refused request prints only the error)
+                    out(f"Input : {texts[0]}")
+                    sys.stdout.write("Output: ")
+                    started = True
+                sys.stdout.write(ev.text + ("\n\n" if ev.finished else ""))
+                sys.stdout.flush()
+            elif ev.finished:
+                out(f"Input : {texts[ev.index]}")
+                out(f"{f'Output[{ev.sequence}]' if n > 1 else 'Output'}: {ev.output}")
+                out("")
+    except EncDecError as exc:
+        raise _flag_error(exc) from None
+    if args.output_json and rank0:
+        report = {"engine": str(engine_dir), "device": str(device), "results": [
+            {"input": t, "input_ids": ids[i], "output": [outputs[i][j] for j in sorted(outputs[i])]}
+            for i, t in enumerate(texts)]}
+        write_text_atomic(Path(args.output_json), json.dumps(report, indent=2, ensure_ascii=False) + "\n",
+                          "--output-json")
+    return 0
+
+
+def compare_hf(engine, args, ids, langs, overrides, res, lora_uids=None, prefix=None) -> list[dict]:
     """HF transformers in fp32 on the same inputs and settings; per input: outputs and whether ids match."""
     import torch
 
@@ -371,6 +436,7 @@ def compare_hf(engine, args, ids, langs, overrides, res, lora_uids=None) -> list
             variants[u] = hf_with_adapters(copy.deepcopy(hf), [engine.meta["lora_runtime"][u]], registry).eval()
     gc = engine.generation_config(**overrides)
     hgc = hf_generation_config(gc)
+    prefixes = engine.decoder_prefixes(prefix, len(ids), langs, gc)  # as ours ran: a forced first token in front
     rows = []
     tok = engine.tokenizer(Path(args.tokenizer_dir) if args.tokenizer_dir else None)
     n = res.num_return_sequences
@@ -379,6 +445,8 @@ def compare_hf(engine, args, ids, langs, overrides, res, lora_uids=None) -> list
         kw = {}
         if langs is not None and langs[i] is not None:
             kw["forced_bos_token_id"] = langs[i]
+        if prefixes is not None and prefixes[i]:
+            kw["decoder_input_ids"] = torch.tensor([[gc.decoder_start_token_id] + prefixes[i]])
         if gc.seed is not None:
             torch.manual_seed(gc.seed)
         with torch.no_grad():
@@ -456,6 +524,65 @@ def cmd_benchmark(args) -> int:
         runner_options={"tp_allreduce": args.tp_allreduce} if args.tp_allreduce else None,
         log=(lambda *a: print(*a, file=sys.stderr)) if rank0 and not args.quiet else None)
     out(format_table(rows))
+    return 0
+
+
+# ---------------------------------------------------------------------------- score
+def _read_side(texts, file, side: str) -> tuple[list[str], str]:
+    """One side of ``encdec score``'s pairs: (texts, the flag they came from). A file keeps every
+    line (a blank line is an empty text: skipping it would pair the lines after it wrongly)."""
+    flag_t, flag_f = f"--{side}-text", f"--{side}-file"
+    if texts and file:
+        raise EncDecError(f"give {flag_t} or {flag_f}, not both")
+    if file:
+        p = Path(file)
+        if not p.is_file():
+            raise EncDecError(f"{flag_f} {p}: no such file")
+        try:
+            lines = [ln.rstrip("\r") for ln in p.read_text(encoding="utf-8").split("\n")]
+        except UnicodeDecodeError as exc:
+            raise EncDecError(f"{flag_f} {p}: not UTF-8 text ({exc.reason})") from None
+        if lines and lines[-1] == "":
+            lines.pop()  # the newline that ends the last line
+        if not lines:
+            raise EncDecError(f"{flag_f} {p}: empty file (expected one {side} per line)")
+        return lines, f"{flag_f} {p}"
+    if not texts:
+        raise EncDecError(f"no {side}s: give {flag_t} TEXT [TEXT ...] or {flag_f} FILE")
+    return list(texts), flag_t
+
+
+def cmd_score(args) -> int:
+    """Teacher-forced scores of given (source, target) pairs (encdec_core/scoring.py)."""
+    sources, s_from = _read_side(args.source_text, args.source_file, "source")
+    targets, t_from = _read_side(args.target_text, args.target_file, "target")
+    if len(sources) != len(targets):
+        raise EncDecError(f"{s_from} gives {len(sources)} source(s) but {t_from} gives {len(targets)} target(s): "
+                          f"expected one target per source")
+    if args.output_json:
+        check_output_file(Path(args.output_json), "--output-json")  # before any work
+    engine_dir = Path(args.engine_dir) if args.engine_dir else default_engine()
+    device = _device(args.device)
+    engine, _ = _load_engine(engine_dir, device, args.dtype)  # mpirun / torchrun: every rank scores
+    target = None
+    if args.target_lang:
+        target = args.target_lang if len(args.target_lang) > 1 else args.target_lang[0]
+    results = engine.score(sources, targets, tokenizer_dir=Path(args.tokenizer_dir) if args.tokenizer_dir else None,
+                           target_lang=target, source_lang=args.source_lang)
+    rows = []
+    for i, (src, tgt, r) in enumerate(zip(sources, targets, results)):
+        rows.append({"index": i, "source": src, "target": tgt, "score": r.mean, "sum": r.sum,
+                     "num_tokens": r.num_tokens, "target_ids": r.tokens, "tokens": r.token_strings,
+                     "token_logprobs": r.token_logprobs, "prefix": r.prefix, "prefix_logprobs": r.prefix_logprobs})
+    report = {"engine": str(engine_dir), "device": str(engine.model.device),
+              "score": "mean log-probability (natural log) per scored target token, EOS included; sum: the "
+                       "target's log-likelihood; prefix: forced tokens fed before the target, not scored",
+              "results": rows}
+    if args.output_json and _rank0():
+        write_text_atomic(Path(args.output_json), json.dumps(report, indent=2, ensure_ascii=False) + "\n",
+                          "--output-json")
+    for row in rows:
+        out(f"[{row['index']}] score {row['score']:.6f}  sum {row['sum']:.6f}  tokens {row['num_tokens']}")
     return 0
 
 
@@ -540,6 +667,16 @@ def build_parser() -> argparse.ArgumentParser:
               "on CUDA the CUDA-graph runner")
     _opt(s, "--dtype", default=None, help="override the engine dtype at load")
     _tp_allreduce_opt(s)
+    _opt(s, "--output-log-probs", "--return-scores", "--output-scores", action="store_true",
+         help="also each output's score and the log-probability of each generated token (printed, and in "
+              "--output-json as scores / token_logprobs / output_ids); beam search: HF's length-normalised "
+              "sequence score, else the sum of the token log-probs")
+    _opt(s, "--target-prefix", nargs="+", default=None, metavar="TEXT",
+         help="text each output starts with and continues (CTranslate2's target_prefix): one for all inputs, "
+              "or one per input; the outputs include it")
+    _opt(s, "--streaming", action="store_true",
+         help="print the output as it is generated (one input; with several, each output as soon as it is "
+              "complete); greedy decoding and sampling")
     _opt(s, "--output-json", default=None)
     s.set_defaults(func=cmd_run)
 
@@ -567,6 +704,22 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, "--plot", default=None, help="PNG plot (needs matplotlib)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_benchmark)
+
+    s = sub.add_parser("score", help="log-likelihood of given targets for given sources (teacher forcing)")
+    _opt(s, "--engine-dir", default=None, help="engine directory (default: the bundled model)")
+    _opt(s, "--tokenizer-dir", default=None, help="tokenizer folder (default: the engine dir)")
+    _opt(s, "--source-text", nargs="+", default=None, metavar="TEXT", help="source texts")
+    _opt(s, "--target-text", nargs="+", default=None, metavar="TEXT", help="target texts, one per source")
+    _opt(s, "--source-file", default=None, metavar="FILE", help="one source per line")
+    _opt(s, "--target-file", default=None, metavar="FILE", help="one target per line, as many lines as sources")
+    _opt(s, "--target-lang", nargs="+", default=None, metavar="CODE",
+         help="target language code(s) (mBART-50): one, or one per pair; the forced BOS the target is scored after")
+    _opt(s, "--source-lang", default=None, metavar="CODE", help="source language code (mBART-50 tokenizers)")
+    _opt(s, "--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    _opt(s, "--dtype", default=None, help="override the engine dtype at load (the log-softmax is fp32 anyway)")
+    _opt(s, "--output-json", default=None, metavar="FILE",
+         help="write every pair's score, sum, token ids, token strings and per-token log-probs as JSON")
+    s.set_defaults(func=cmd_score)
 
     try:
         from .registry import registry

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
+import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -24,6 +27,36 @@ from .errors import ConfigError, EncDecError, LimitError
 
 ENGINE_FILE = "engine.json"
 _MODEL_FILES = ("config.json",)
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """One output of ``Engine.generate(..., return_scores=True)``.
+
+    ``score``: beam search's length-normalised score (HF's ``sequences_scores``), else the sum of
+    ``token_logprobs``. ``token_logprobs``: one per generated token after any decoder prefix, plus
+    the EOS that ended the output when one did (``tokens`` leaves the EOS out)."""
+    text: str
+    tokens: list[int]
+    score: float
+    token_logprobs: list[float]
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One step of ``Engine.generate_stream`` for one output.
+
+    ``text``: the text added since this output's previous event (may be empty while a character is
+    incomplete); ``tokens``: the token ids behind it (never the EOS). With ``finished`` the output is
+    complete and ``output`` holds its whole text, exactly what ``generate`` returns; the ``text``
+    pieces of an output add up to it (incremental detokenization), except where a tokenizer's
+    clean-up rewrites earlier text, so a consumer that must be exact takes ``output``."""
+    index: int  # the request (position in the inputs)
+    sequence: int  # which of its num_return_sequences outputs
+    text: str
+    tokens: list[int]
+    finished: bool
+    output: str | None = None
 
 
 @dataclass(frozen=True)
@@ -249,15 +282,30 @@ class Engine:
             raise ConfigError(f"{self.engine_dir / 'config.json'} field 'generation_config' (the model's "
                               f"generation_config.json):{str(exc)[len(head):]}") from None
 
-    def generate_ids(self, ids: list[list[int]], target_lang_ids=None, runner=None, lora_uids=None, **overrides):
+    def generate_ids(self, ids: list[list[int]], target_lang_ids=None, runner=None, lora_uids=None,
+                     output_scores: bool = False, on_token=None, decoder_prefix=None, **overrides):
         """Token ids in, GenerationOutput out (rows in the order of ``ids``); limits checked first.
+        ``output_scores``: also each generated token's log-probability (``GenerationOutput.token_logprobs``,
+        ``.score``); the tokens are the same.
+        ``on_token(request, sequence, token, finished)``: called as tokens are generated (greedy and
+        sampling): each new token of output ``sequence`` of request ``request`` (an EOS that ends it
+        comes with finished=True), and ``token`` None with finished=True for an output the length
+        limit ends.
 
         More requests than the engine's max batch size run in batches of at most that many, the
         requests sorted by length first so that each batch holds similar lengths (less padding;
         CTranslate2 does the same); the outputs come back in the input order.
 
         lora_uids: with run-time adapters (convert --lora-mode runtime), one adapter uid per request
-        (-1: the base model), or one int for all."""
+        (-1: the base model), or one int for all.
+
+        decoder_prefix: target tokens each output starts with and continues (CTranslate2's
+        ``target_prefix``): one list of ids for all requests or one per request (None or [] for none),
+        after the decoder start token. A model's forced first token (mBART-50's target language,
+        BART's ``<s>``) is put in front of a prefix that does not begin with it. The output's tokens
+        include the prefix; lengths count after it (max_new_tokens new tokens follow it, and prefix
+        plus new tokens must fit the engine's max output length). Requests with prefixes of different
+        lengths run in separate batches."""
         from .runtime.generation import merge_outputs
 
         if isinstance(ids, (str, bytes)):
@@ -265,6 +313,11 @@ class Engine:
                               f"(for text use generate)")
         if ids is None or len(ids) == 0:
             raise EncDecError("no input given")
+        if not isinstance(output_scores, bool):
+            raise EncDecError(f"generate: output_scores = {output_scores!r}: expected True or False")
+        if on_token is not None and not callable(on_token):
+            raise EncDecError(f"generate: on_token = {on_token!r}: expected a callable "
+                              f"(request, sequence, token, finished)")
         _check_ids(ids, self.config.encoder_vocab_size)
         if target_lang_ids is not None and (isinstance(target_lang_ids, (str, bytes))
                                             or not hasattr(target_lang_ids, "__len__")):
@@ -296,24 +349,85 @@ class Engine:
             raise EncDecError(f"target language ids: {len(target_lang_ids)} for {len(ids)} inputs")
         out_len = _output_len(gc)
         bmax = self.limits.max_batch_size
+        prefixes = self.decoder_prefixes(decoder_prefix, len(ids), target_lang_ids, gc)
+        longest = max(map(len, prefixes)) if prefixes else 0
+        if longest:
+            out_len = gc.limits(1 + longest)[1] - 1
+            if out_len > self.limits.max_output_len:
+                raise LimitError(f"engine: a decoder prefix of {longest} tokens plus {out_len - longest} new tokens "
+                                 f"exceeds the engine's output limit {self.limits.max_output_len} (ask for at most "
+                                 f"{max(self.limits.max_output_len - longest, 0)} new tokens, or rebuild with a "
+                                 f"larger --max-output-len)")
         self.limits.check(min(len(ids), bmax), max_in, out_len, max(gc.num_beams, 1))
-        if len(ids) <= bmax:
-            return self._generate_batch(ids, target_lang_ids, runner, gc, lora_uids)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        if on_token is not None and gc.num_beams > 1:
+            raise EncDecError(f"streaming serves greedy decoding and sampling, not num_beams = {gc.num_beams} "
+                              f"(a beam's tokens are final only when the search ends)")
+
+        def streamer(reqs):
+            return None if on_token is None else _RowStreamer(on_token, reqs, gc.num_return_sequences, gc.eos_token_ids)
+
+        if len(ids) <= bmax and (prefixes is None or len({len(p) for p in prefixes}) == 1):
+            return self._generate_batch(ids, target_lang_ids, runner, gc, lora_uids, output_scores,
+                                        streamer(range(len(ids))), prefixes)
+        # batches of requests with prefixes of one length, sources of similar lengths
+        plen = [0] * len(ids) if prefixes is None else [len(p) for p in prefixes]
+        order = sorted(range(len(ids)), key=lambda i: (plen[i], len(ids[i])))
+        chunks, cur = [], []
+        for i in order:
+            if cur and (len(cur) == bmax or plen[i] != plen[cur[0]]):
+                chunks.append(cur)
+                cur = []
+            cur.append(i)
+        chunks.append(cur)
         parts = []
-        for c in range(0, len(ids), bmax):
-            reqs = order[c: c + bmax]
+        for reqs in chunks:
             langs = None if target_lang_ids is None else [target_lang_ids[i] for i in reqs]
             uids = None if lora_uids is None else [lora_uids[i] for i in reqs]
-            parts.append((reqs, self._generate_batch([ids[i] for i in reqs], langs, runner, gc, uids)))
+            pre = None if prefixes is None else [prefixes[i] for i in reqs]
+            parts.append((reqs, self._generate_batch([ids[i] for i in reqs], langs, runner, gc, uids, output_scores,
+                                                     streamer(reqs), pre)))
         return merge_outputs(parts, len(ids), self.config.pad_token_id)
 
-    def _generate_batch(self, ids, target_lang_ids, runner, gc, lora_uids=None):
+    def decoder_prefixes(self, decoder_prefix, n: int, target_lang_ids, gc) -> list[list[int]] | None:
+        """Each request's decoder prefix (checked; the forced first token put in front), or None."""
+        if decoder_prefix is None:
+            return None
+        what = "decoder prefix"
+        if isinstance(decoder_prefix, (str, bytes)) or not hasattr(decoder_prefix, "__len__"):
+            raise EncDecError(f"{what} = {decoder_prefix!r}: expected a list of token ids, or one such list (or "
+                              f"None) per input")
+        items = list(decoder_prefix)
+        if not items or all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+            items = [items] * n  # one prefix for all
+        if len(items) != n:
+            raise EncDecError(f"{what}: {len(items)} for {n} inputs (expected one per input, or one for all)")
+        vocab = self.config.vocab_size
+        out = []
+        for r, p in enumerate(items):
+            p = [] if p is None else p
+            if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__"):
+                raise EncDecError(f"{what}[{r}] = {p!r}: expected a list of token ids (or None)")
+            p = list(p)
+            bad = next((t for t in p if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
+            if bad is not None or any(not isinstance(t, int) or isinstance(t, bool) for t in p):
+                raise EncDecError(f"{what}[{r}] contains {bad!r}: expected token ids in [0, {vocab}) (the decoder "
+                                  f"vocabulary)")
+            forced = gc.forced_bos_token_id
+            if target_lang_ids is not None and target_lang_ids[r] is not None:
+                forced = target_lang_ids[r]
+            if p and forced is not None and p[0] != forced:
+                p = [int(forced)] + p
+            out.append(p)
+        return None if not any(out) else out
+
+    def _generate_batch(self, ids, target_lang_ids, runner, gc, lora_uids=None, output_scores=False, streamer=None,
+                        prefixes=None):
         """One batch of at most the engine's max batch size through ``generate`` (with ``lora_uids``:
         each request's run-time adapter active)."""
         if lora_uids is not None:
             with self.model.lora_bank.rows(lora_uids):
-                return self._generate_batch(ids, target_lang_ids, runner, gc)
+                return self._generate_batch(ids, target_lang_ids, runner, gc, output_scores=output_scores,
+                                            streamer=streamer, prefixes=prefixes)
         from .runtime.generation import generate
 
         pad = self.config.pad_token_id
@@ -326,7 +440,8 @@ class Engine:
             mask[i, : len(x)] = 1
         with torch.inference_mode():
             return generate(self.model, input_ids.to(dev), mask.to(dev), gc,
-                            forced_bos_token_ids=target_lang_ids, runner=runner)
+                            forced_bos_token_ids=target_lang_ids, runner=runner, output_scores=output_scores,
+                            streamer=streamer, decoder_input_ids=_prefix_tensor(prefixes, gc, dev))
 
     def lang_ids(self, tok, target_lang, n: int):
         """Target language code(s) -> forced-BOS token ids: one code for all n requests, or one per
@@ -346,25 +461,274 @@ class Engine:
             raise EncDecError(f"family '{self.config.family}' has no target-language control")
         return [None if c is None else tok.lang_id(c) for c in codes]
 
-    def generate(self, texts: list[str], tokenizer_dir=None, target_lang=None, **overrides) -> list[list[str]]:
+    # ------------------------------------------------------------------ scoring
+    def score_ids(self, source_ids, target_ids, target_lang_ids=None, token_strings=None) -> list:
+        """Teacher-forced scores of given targets: one ``ScoreResult`` per (source, target) pair, in
+        the order given (see encdec_core/scoring.py for what is scored).
+
+        source_ids: a list of requests, each a list of encoder token ids (as ``tokenizer().encode``
+        gives them). target_ids: one list of decoder token ids per request; an EOS is appended
+        unless the row ends with one, and a leading forced BOS (as HF labels carry it) is not
+        scored twice. target_lang_ids: one forced-BOS id (or None: the model's default) per
+        request, as ``generate_ids`` takes them. token_strings: ids -> vocabulary entries, for
+        ``ScoreResult.token_strings``. Limits: sources up to --max-input-len tokens, targets (with
+        EOS and forced BOS) up to --max-output-len; more pairs than --max-batch-size run in batches."""
+        from .scoring import check_forced, check_limits, check_pairs, plan, score_requests
+
+        src, tgt = check_pairs(source_ids, target_ids, self.config)
+        forced = check_forced(target_lang_ids, len(src), self.config.vocab_size)
+        gc = self.generation_config()
+        planned = plan(tgt, forced, gc.forced_bos_token_id, tuple(gc.eos_token_ids))
+        check_limits(self.limits, src, planned)
+        return score_requests(self.model, self.limits, src, planned, int(gc.decoder_start_token_id),
+                              token_strings)
+
+    def score(self, sources, targets, tokenizer_dir=None, target_lang=None, source_lang=None) -> list:
+        """Texts in: for each (source, target) pair a ``ScoreResult`` with the log-probability of each
+        target token (the target tokenized as HF tokenizes ``text_target``, ending with EOS), their
+        sum (the log-likelihood) and mean (per token: CTranslate2's score).
+
+        target_lang: one language code for all pairs, or one per pair (mBART-50: the forced BOS the
+        target is scored after, as in generation); source_lang: the source language (mBART-50
+        tokenizers)."""
+        from .scoring import check_texts
+
+        sources, targets = check_texts(sources, targets)
+        tok = self.tokenizer(tokenizer_dir)
+        if source_lang is not None:
+            if not isinstance(source_lang, str):
+                raise EncDecError(f"score: source_lang = {source_lang!r}: expected a language code (str) or None")
+            try:
+                src = tok.encode(sources, src_lang=source_lang)
+            except TypeError:
+                raise EncDecError(f"score: source_lang: family '{self.config.family}' has no source-language "
+                                  f"control") from None
+        else:
+            src = tok.encode(sources)
+        enc_t = getattr(tok, "encode_target", None)
+        tgt = enc_t(targets) if enc_t is not None else tok.encode(targets)
+        eos = set(self.generation_config().eos_token_ids)
+        # the target ends at its first EOS (mBART-cc25's tokenizer puts the language code after it)
+        tgt = [list(t[: next((j + 1 for j, x in enumerate(t) if x in eos), len(t))]) for t in tgt]
+        for i, s in enumerate(src):
+            if len(s) == 0:
+                raise EncDecError(f"score: sources[{i}] = {sources[i]!r} is empty after tokenization")
+        langs = self.lang_ids(tok, target_lang, len(sources))
+        return self.score_ids(src, tgt, target_lang_ids=langs,
+                              token_strings=getattr(tok, "target_token_strings", None))
+
+    def prefix_ids(self, tok, target_prefix, n: int) -> list[list[int]] | None:
+        """Token ids of target prefixes given as text (one for all, or one per input; None entries for
+        none): the target-side tokens (``tok.encode_target``) without their closing EOS."""
+        if target_prefix is None:
+            return None
+        if isinstance(target_prefix, str):
+            target_prefix = [target_prefix] * n
+        if isinstance(target_prefix, bytes) or not hasattr(target_prefix, "__iter__"):
+            raise EncDecError(f"target prefix = {target_prefix!r}: expected a string, or one string (or None) "
+                              f"per input")
+        target_prefix = list(target_prefix)
+        if len(target_prefix) != n:
+            raise EncDecError(f"target prefix: {len(target_prefix)} for {n} inputs (expected one per input, or one "
+                              f"for all)")
+        bad = next((i for i, t in enumerate(target_prefix) if t is not None and not isinstance(t, str)), None)
+        if bad is not None:
+            raise EncDecError(f"target prefix[{bad}] = {target_prefix[bad]!r}: expected a string or None")
+        enc = getattr(tok, "encode_target", None)
+        if enc is None:
+            raise EncDecError(f"target prefix: the tokenizer of family '{self.config.family}' cannot encode "
+                              f"target text (it has no encode_target); pass token ids to generate_ids")
+        eos = set(self.generation_config().eos_token_ids)
+        texts = [t for t in target_prefix if t]
+        coded = iter(enc(texts) if texts else [])
+        out = []
+        for t in target_prefix:
+            ids = list(next(coded)) if t else []
+            while ids and ids[-1] in eos:
+                ids.pop()
+            out.append(ids)
+        return out
+
+    def generate_stream(self, texts: list[str], tokenizer_dir=None, target_lang=None, runner=None,
+                        lora_uids=None, target_prefix=None, **overrides) -> Iterator[StreamEvent]:
+        """Like ``generate`` (greedy decoding or sampling), yielding a ``StreamEvent`` per output as its
+        tokens are generated, in the order they come (outputs of one batch interleave; inputs beyond
+        the max batch size run in later batches). Generation runs in a worker thread while the caller
+        consumes and detokenizes; closing the iterator early stops it at the next step."""
+        texts = _check_texts(texts)
+        tok = self.tokenizer(tokenizer_dir)
+        ids = tok.encode(texts)
+        return self.stream_ids(ids, tok, self.lang_ids(tok, target_lang, len(texts)), runner, lora_uids,
+                               decoder_prefix=self.prefix_ids(tok, target_prefix, len(texts)), **overrides)
+
+    def stream_ids(self, ids: list[list[int]], tok, target_lang_ids=None, runner=None, lora_uids=None,
+                   decoder_prefix=None, **overrides) -> Iterator[StreamEvent]:
+        """``generate_stream`` for token ids, detokenized with ``tok`` (``engine.tokenizer()``); an
+        output's first text includes its ``decoder_prefix`` (as ``generate_ids`` takes it)."""
+        langs = target_lang_ids
+        q: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        dev = self.model.device
+
+        def on_token(req, seq, t, finished):
+            if stop.is_set():
+                raise _Cancelled
+            q.put((req, seq, t, finished))
+
+        def work():
+            try:
+                if dev.type == "cuda":
+                    torch.cuda.set_device(dev)  # a new thread starts on device 0
+                self.generate_ids(ids, target_lang_ids=langs, runner=runner, lora_uids=lora_uids,
+                                  on_token=on_token, decoder_prefix=decoder_prefix, **overrides)
+                q.put(None)
+            except _Cancelled:
+                q.put(None)
+            except BaseException as exc:  # handed to the consumer
+                q.put(exc)
+
+        worker = threading.Thread(target=work, name="encdec-generate", daemon=True)
+        worker.start()
+        detok: dict[tuple[int, int], _Detokenizer] = {}
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                req, seq, t, finished = item
+                d = detok.get((req, seq))
+                if d is None:
+                    d = detok[(req, seq)] = _Detokenizer(tok, _prefix_of(decoder_prefix, req))
+                text = d.add(t) if t is not None and not finished else ""
+                if finished:
+                    rest, full = d.finish()
+                    yield StreamEvent(req, seq, text + rest, d.take_new(), True, full)
+                else:
+                    yield StreamEvent(req, seq, text, d.take_new(), False)
+        finally:
+            stop.set()
+            worker.join()
+
+    def generate(self, texts: list[str], tokenizer_dir=None, target_lang=None, return_scores: bool = False,
+                 target_prefix=None, **overrides) -> list[list[str]] | list[list[Hypothesis]]:
         """Texts in, for each input a list of num_return_sequences output texts.
 
         target_lang: one language code for all, or a list with one per request (None = model default).
+        return_scores: a ``Hypothesis`` (text, token ids, score, token log-probs) in place of each text.
+        target_prefix: text each output starts with and continues (one for all, or one per input; None
+        for none), tokenized as a target (``generate_ids``' ``decoder_prefix``); the outputs include it.
         """
-        if isinstance(texts, str):
-            texts = [texts]
-        if texts is None or isinstance(texts, (bytes, bytearray)) or not hasattr(texts, "__iter__"):
-            raise EncDecError(f"generate: texts = {texts!r}: expected a string or a list of strings")
-        texts = list(texts)
-        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-        if bad:
-            raise EncDecError(f"generate: texts[{bad[0]}] = {texts[bad[0]]!r}: expected a string (for token ids "
-                              f"use generate_ids)")
+        texts = _check_texts(texts)
         tok = self.tokenizer(tokenizer_dir)
         ids = tok.encode(list(texts))
-        out = self.generate_ids(ids, target_lang_ids=self.lang_ids(tok, target_lang, len(texts)), **overrides)
+        if not isinstance(return_scores, bool):
+            raise EncDecError(f"generate: return_scores = {return_scores!r}: expected True or False")
+        out = self.generate_ids(ids, target_lang_ids=self.lang_ids(tok, target_lang, len(texts)),
+                                output_scores=return_scores,
+                                decoder_prefix=self.prefix_ids(tok, target_prefix, len(texts)), **overrides)
         n = out.num_return_sequences
-        return [[tok.decode(out.tokens(i * n + j)) for j in range(n)] for i in range(len(texts))]
+        if not return_scores:
+            return [[tok.decode(out.tokens(i * n + j)) for j in range(n)] for i in range(len(texts))]
+        return [[hypothesis(out, i * n + j, tok) for j in range(n)] for i in range(len(texts))]
+
+
+def _check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    if texts is None or isinstance(texts, (bytes, bytearray)) or not hasattr(texts, "__iter__"):
+        raise EncDecError(f"generate: texts = {texts!r}: expected a string or a list of strings")
+    texts = list(texts)
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise EncDecError(f"generate: texts[{bad[0]}] = {texts[bad[0]]!r}: expected a string (for token ids "
+                          f"use generate_ids)")
+    return texts
+
+
+def _prefix_of(decoder_prefix, req: int) -> list[int]:
+    """Request ``req``'s prefix ids as ``generate_ids`` reads ``decoder_prefix``."""
+    if not decoder_prefix:
+        return []
+    items = list(decoder_prefix)
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+        return items
+    return list(items[req] or [])
+
+
+def _prefix_tensor(prefixes, gc, device):
+    """[B, 1 + P] decoder start token + the batch's prefixes (one length), or None without prefixes."""
+    if prefixes is None or not any(prefixes):
+        return None
+    start = gc.decoder_start_token_id
+    return torch.tensor([[start] + p for p in prefixes], dtype=torch.long, device=device)
+
+
+class _Cancelled(Exception):
+    """The consumer of generate_stream stopped reading: ends the worker's generation."""
+
+
+class _Detokenizer:
+    """Incremental text of one output: each call decodes only the tokens from a window's start,
+    and gives out what the newest tokens added to the text of the window without them (a token that
+    completes no character yet, U+FFFD at the end, waits for the next). The window moves on as
+    text is given out, so the cost per token does not grow with the output."""
+
+    def __init__(self, tok, prefix=()):
+        self.tok, self.ids, self.start, self.read, self.new = tok, list(prefix), 0, 0, []
+        self.sent = ""
+
+    def add(self, t: int) -> str:
+        self.ids.append(t)
+        self.new.append(t)
+        before = self.tok.decode(self.ids[self.start: self.read])
+        now = self.tok.decode(self.ids[self.start:])
+        if len(now) <= len(before) or now.endswith("\ufffd") or not now.startswith(before):
+            return ""
+        delta = now[len(before):]
+        self.start, self.read = self.read, len(self.ids)
+        self.sent += delta
+        return delta
+
+    def finish(self) -> tuple[str, str]:
+        """(the text not given out yet, the whole output text)."""
+        full = self.tok.decode(self.ids)
+        rest = full[len(self.sent):] if full.startswith(self.sent) else ""
+        self.sent += rest
+        return rest, full
+
+    def take_new(self) -> list[int]:
+        new, self.new = self.new, []
+        return new
+
+
+class _RowStreamer:
+    """generate's streamer for one batch, passing tokens on to ``on_token`` under request indices (row r
+    of the batch is output r % n of request reqs[r // n])."""
+
+    def __init__(self, on_token, reqs, n: int, eos):
+        self.on_token, self.reqs, self.n, self.eos = on_token, list(reqs), n, set(eos)
+        self.done = [False] * (len(self.reqs) * n)
+
+    def put(self, tokens, live) -> None:
+        for r, (t, alive) in enumerate(zip(tokens, live)):
+            if alive and not self.done[r]:
+                end = t in self.eos
+                self.done[r] = end
+                self.on_token(self.reqs[r // self.n], r % self.n, t, end)
+
+    def end(self) -> None:
+        for r, d in enumerate(self.done):
+            if not d:
+                self.done[r] = True
+                self.on_token(self.reqs[r // self.n], r % self.n, None, True)
+
+
+def hypothesis(out, row: int, tok) -> Hypothesis:
+    """Row ``row`` of a GenerationOutput made with output scores, as a Hypothesis."""
+    ids = out.tokens(row)
+    return Hypothesis(tok.decode(ids), ids, out.score(row), out.token_logprobs(row))
 
 
 def _load_device(device) -> torch.device:

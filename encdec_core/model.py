@@ -280,6 +280,13 @@ class EncDecModel(nn.Module):
 
     def decode(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
         """Run ``tokens`` [B, t] after the cached ones; returns fp32 logits [B, t, vocab]."""
+        return self.logits(self.decode_hidden(tokens, state))
+
+    def decode_hidden(self, tokens: torch.Tensor, state: DecoderState) -> torch.Tensor:
+        """``decode`` up to the decoder's final hidden states [B, t, d] (in the model dtype), before
+        the output projection: ``logits(decode_hidden(...))`` is ``decode(...)``. Scoring uses it to
+        project only the positions it needs, a few rows at a time (a [B, T, vocab] fp32 tensor of
+        a 250k vocabulary does not fit)."""
         dec = self.decoder
         past = state.cache.length
         t = tokens.shape[1]
@@ -295,8 +302,7 @@ class EncDecModel(nn.Module):
         for li, (b, i) in enumerate(zip(biases, dec.layer_ids)):
             x = dec.layers[str(i)](x, b, state.cache, li, (state.cross_k[li], state.cross_v[li], cross))
         state.cache.advance(t)
-        x = dec.finish(x)
-        return self.logits(x)
+        return dec.finish(x)
 
     def logits(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits; weight: a copy of the output embedding to multiply instead (see

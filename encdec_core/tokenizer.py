@@ -30,6 +30,24 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
+    def encode_target(self, texts: list[str]) -> list[list[int]]:
+        """Target-side ids of each text, as HF tokenizes ``text_target`` (labels): for T5
+        ``tokens </s>``, for BART ``<s> tokens </s>``. Scoring (``Engine.score``) uses it."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return [list(self.tok(text_target=t)["input_ids"]) for t in texts]
+
+    def target_token_strings(self, ids: list[int]) -> list[str]:
+        """The vocabulary entries of target ids (sub-word pieces, not detokenized text)."""
+        out = []
+        for i in ids:  # one at a time: an id past the tokenizer's vocabulary (padded model rows) is no error
+            try:
+                t = self.tok.convert_ids_to_tokens(int(i))
+            except (IndexError, KeyError, ValueError, TypeError, OverflowError):
+                t = None
+            out.append(f"<id {int(i)}>" if t is None else str(t))
+        return out
+
     def lang_id(self, code: str) -> int:
         tid = self.tok.convert_tokens_to_ids(code)
         if tid is None or tid == self.tok.unk_token_id:

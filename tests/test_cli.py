@@ -396,6 +396,46 @@ def test_run_more_inputs_than_the_batch_limit(builtin_registry, tmp_path, t5_dir
             torch.testing.assert_close(a.sequences_scores, b.sequences_scores, rtol=1e-5, atol=1e-5)
 
 
+def test_run_output_log_probs(builtin_registry, tmp_path, t5_dir, capsys):
+    """--output-log-probs prints each output's score and writes scores, token_logprobs and output_ids
+    to --output-json: the same numbers as Engine.generate(return_scores=True), also when the inputs
+    run in several batches (max batch size 3); the outputs are those of a run without scores."""
+    from encdec_core.engine import Engine, Hypothesis
+
+    ck, eng = _pipeline(tmp_path, t5_dir, build_args=("--max-batch-size", "3"))
+    lines = ["hello", "a much longer input here", "x y", "another input", "one"]
+    f = tmp_path / "in.txt"
+    f.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    engine = Engine.load(eng, device="cpu")
+    for extra in ((), ("--num-beams", "2", "--num-return-sequences", "2")):
+        base = ["run", "--engine-dir", str(eng), "--input-file", str(f), "--max-output-len", "8", "--device", "cpu",
+                *extra]
+        plain, scored = tmp_path / "plain.json", tmp_path / "scored.json"
+        assert main([*base, "--output-json", str(plain)]) == 0
+        assert main([*base, "--output-log-probs", "--output-json", str(scored)]) == 0
+        printed = capsys.readouterr().out
+        assert printed.count("score ") == len(lines) * (2 if extra else 1)
+        p_res = json.loads(plain.read_text())["results"]
+        s_res = json.loads(scored.read_text())["results"]
+        assert [r["output"] for r in s_res] == [r["output"] for r in p_res]
+        assert "scores" not in p_res[0]
+        kw = dict(max_new_tokens=8, num_beams=2, num_return_sequences=2) if extra else dict(max_new_tokens=8)
+        hyps = engine.generate(lines, return_scores=True, **kw)
+        for row, hs in zip(s_res, hyps):
+            assert all(isinstance(h, Hypothesis) for h in hs)
+            assert row["output"] == [h.text for h in hs] and row["output_ids"] == [h.tokens for h in hs]
+            assert row["scores"] == pytest.approx([h.score for h in hs], abs=1e-5)
+            for lps, h in zip(row["token_logprobs"], hs):
+                assert lps == pytest.approx(h.token_logprobs, abs=1e-5)
+                assert len(lps) in (len(h.tokens), len(h.tokens) + 1) and all(x <= 0 for x in lps)
+                if not extra:
+                    assert h.score == pytest.approx(sum(lps), abs=1e-5)
+        if extra:  # beams of a request in score order
+            assert all(r["scores"][0] >= r["scores"][1] for r in s_res)
+    with pytest.raises(Exception, match="return_scores = 'yes'"):
+        engine.generate(lines, return_scores="yes")
+
+
 def test_tp_allreduce_option(builtin_registry, tmp_path, t5_dir, capsys, monkeypatch):
     """--tp-allreduce: the CUDA-graph runner's tensor-parallel all-reduce; refused where no such
     runner runs (run without --cuda-graph, benchmark on the eager runner), and a bad

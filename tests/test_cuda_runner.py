@@ -215,6 +215,47 @@ def test_generate_greedy_runs_the_runners_fused_loop(mode, family, monkeypatch):
                                                                                  eos_token_id=eos)).sequences)
 
 
+@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("mode", MODES)
+def test_output_scores_through_the_runner(mode, family, monkeypatch):
+    """generate(output_scores=True) with the runner: its fused greedy and beam loops step aside (the
+    step-by-step loop computes the scores through the runner's step and reorder), and tokens and
+    token log-probs equal the eager path's; so does a streamer's greedy decoding."""
+    from encdec_core.runtime.generation import generate
+
+    dev, model, cfg, ids, mask, runner = _setup(family, mode)
+    fused = []
+    for name in ("greedy_search", "beam_search"):
+        real = getattr(runner, name)
+        monkeypatch.setattr(runner, name, lambda *a, _r=real, **k: fused.append(1) or _r(*a, **k))
+    for kw in (dict(max_new_tokens=12), dict(max_new_tokens=10, num_beams=3, num_return_sequences=2)):
+        gc = _gc(cfg, **kw)
+        ref = generate(model, ids, mask, gc, output_scores=True)
+        out = generate(model, ids, mask, gc, runner=runner, output_scores=True)
+        assert not fused, kw
+        assert torch.equal(out.sequences, ref.sequences), kw
+        torch.testing.assert_close(out.token_scores, ref.token_scores, atol=1e-4, rtol=1e-4)
+        assert ref.token_scores[:, 1:].ne(0).any()
+        generate(model, ids, mask, gc, runner=runner)  # without scores the fused loop runs again
+        assert fused
+        fused.clear()
+
+    class Rec:  # a streamer, too, keeps the step-by-step loop
+        steps = []
+
+        def put(self, tokens, live):
+            self.steps.append(tokens)
+
+        def end(self):
+            pass
+
+    gc = _gc(cfg, max_new_tokens=12)
+    rec = Rec()
+    out = generate(model, ids, mask, gc, runner=runner, streamer=rec)
+    assert not fused and torch.equal(out.sequences, generate(model, ids, mask, gc).sequences)
+    assert torch.tensor(rec.steps).T.tolist() == out.sequences[:, 1:].tolist()
+
+
 def test_fused_greedy_checks_only_after_min_new_tokens(monkeypatch):
     """The host's "all finished" check (a wait for the GPU) runs every check_every steps, but not
     within the first min_new_tokens tokens, where EOS is suppressed and no row can finish; with a

@@ -326,6 +326,84 @@ def test_decoder_prefix_matches_hf(models, batch, kw, with_start):
     assert all(o.tokens(i)[:2] == [42, 17] for i in range(len(o)))
 
 
+# ----------------------------------------------------------------------------------------- scores
+@pytest.mark.parametrize("kw", [
+    dict(max_new_tokens=15),
+    dict(max_new_tokens=12, no_repeat_ngram_size=2, repetition_penalty=1.3, forced_bos_token_id=7),
+    dict(do_sample=True, top_k=10, top_p=0.9, temperature=0.8, num_return_sequences=2, max_new_tokens=10),
+    dict(num_beams=4, num_return_sequences=2, length_penalty=1.7, max_new_tokens=11),
+    dict(num_beams=3, eos_token_id=[EOS, 9], min_length=3, max_length=12, num_return_sequences=3),
+    dict(num_beams=4, repetition_penalty=0.8, forced_bos_token_id=7, forced_eos_token_id=[EOS, 9],
+         max_length=8, length_penalty=2.0, early_stopping=True),
+    dict(do_sample=True, num_beams=3, top_k=10, temperature=1.3, max_new_tokens=10),
+], ids=["greedy", "greedy-processors", "sampling", "beam", "beam-eos-list", "beam-forced", "beam-sample"])
+def test_token_scores_match_hf_transition_scores(models, batch, kw):
+    """output_scores: the same tokens, and each generated token's log-prob equals HF's
+    compute_transition_scores (greedy / sampling: normalize_logits=True over the processed scores;
+    beam search: the processed log-probs along beam_indices), up to and including the EOS that ends a
+    row; a beam hypothesis' score is the sum of its token log-probs over its length ** length_penalty."""
+    hf, ours, src = models
+    ids, mask = batch
+    beam = kw.get("num_beams", 1) > 1
+    h = hf_generate(hf, ids, mask, seed=1234, **kw)
+    plain = ours_generate(ours, src, ids, mask, seed=1234, **kw)
+    gc = GenerationConfig.from_model(ours.cfg, src.generation_config, seed=1234, **kw)
+    o = generate(ours, ids, mask, gc, output_scores=True)
+    assert_same(h, o, beam=beam)
+    assert torch.equal(o.sequences, plain.sequences) and plain.token_scores is None
+    if beam:
+        ref = hf.compute_transition_scores(h.sequences, h.scores, h.beam_indices, normalize_logits=False)
+    else:
+        ref = hf.compute_transition_scores(h.sequences, h.scores, normalize_logits=True)
+    ends = []
+    for i in range(len(o)):
+        lps = o.token_logprobs(i)
+        toks = o.tokens(i)
+        ended = len(lps) == len(toks) + 1
+        assert ended or len(lps) == len(toks)
+        ends.append(ended)
+        if ended:
+            assert o.sequences[i, len(lps)] in (EOS, 9)
+        torch.testing.assert_close(torch.tensor(lps), ref[i, : len(lps)], atol=1e-5, rtol=1e-5)
+        if beam:
+            assert o.score(i) == pytest.approx(sum(lps) / len(lps) ** gc.length_penalty, abs=1e-5)
+        else:
+            assert o.score(i) == pytest.approx(sum(lps), abs=1e-6)
+        # past a row's end, only zeros
+        assert not o.token_scores[i, o.prompt(i) + len(lps):].any()
+    if kw.get("max_new_tokens") == 15 or "eos_token_id" in kw:
+        assert any(ends) and not all(ends)  # rows ending at an EOS and rows cut by the length limit
+
+
+def test_token_scores_with_a_decoder_prefix_and_merged_batches(models, batch):
+    """The prefix gets no scores (they start after it); outputs generated in several batches
+    (merge_outputs) keep each row's scores; without output_scores, asking for them is refused."""
+    from encdec_core.runtime.generation import merge_outputs
+
+    hf, ours, src = models
+    ids, mask = batch
+    prefix = torch.tensor([[42, 17]] * 3)
+    gc = GenerationConfig.from_model(ours.cfg, src.generation_config, max_new_tokens=6)
+    whole = generate(ours, ids, mask, gc, decoder_input_ids=prefix, output_scores=True)
+    h = hf_generate(hf, ids, mask, decoder_input_ids=prefix, max_new_tokens=6)
+    ref = hf.compute_transition_scores(h.sequences, h.scores, normalize_logits=True)
+    for i in range(3):
+        lps = whole.token_logprobs(i)
+        assert whole.tokens(i)[:2] == [42, 17] and len(lps) <= 6
+        torch.testing.assert_close(torch.tensor(lps), ref[i, : len(lps)], atol=1e-5, rtol=1e-5)
+    parts = [([2, 0], generate(ours, ids[[2, 0]], mask[[2, 0]], gc, decoder_input_ids=prefix[:2], output_scores=True)),
+             ([1], generate(ours, ids[1:2], mask[1:2], gc, decoder_input_ids=prefix[:1], output_scores=True))]
+    merged = merge_outputs(parts, 3, PAD)
+    for i in range(3):
+        assert merged.tokens(i) == whole.tokens(i)
+        assert merged.token_logprobs(i) == pytest.approx(whole.token_logprobs(i), abs=1e-5)
+    plain = generate(ours, ids, mask, gc)
+    with pytest.raises(EncDecError, match="output_scores=True"):
+        plain.token_logprobs(0)
+    with pytest.raises(EncDecError, match="output_scores = 1"):
+        generate(ours, ids, mask, gc, output_scores=1)
+
+
 # ----------------------------------------------------------------------------------------- config
 def test_generation_config_json_is_honoured_like_hf(tmp_path, batch):
     """bart-large-cnn style defaults from generation_config.json, no explicit options on either side."""

@@ -61,7 +61,8 @@ def small_topk(x: torch.Tensor, k: int) -> torch.Tensor:
 class BeamState:
     """Every tensor of a beam search over ``batch`` requests, in place (static addresses)."""
 
-    def __init__(self, gc: GenerationConfig, batch: int, max_len: int, prompt: int, device):
+    def __init__(self, gc: GenerationConfig, batch: int, max_len: int, prompt: int, device,
+                 track_scores: bool = False):
         nb = gc.num_beams
         self.gc, self.batch, self.nb, self.max_len, self.prompt = gc, batch, nb, max_len, prompt
         # the top-k over [batch, beams x vocabulary] of each step: torch.topk, or a callable with its
@@ -81,6 +82,9 @@ class BeamState:
         self.fin_score = torch.empty((batch, nb), dtype=torch.float32, **z)
         self.fin_done = torch.empty((batch, nb), dtype=torch.bool, **z)
         self.fin_len = torch.empty((batch, nb), dtype=torch.long, **z)
+        # track_scores: each token's processed log-prob, carried along with its hypothesis
+        self.run_tlp = torch.empty((batch, nb, max_len), dtype=torch.float32, **z) if track_scores else None
+        self.fin_tlp = torch.empty_like(self.run_tlp) if track_scores else None
         self.can_improve = torch.empty((batch, 1), dtype=torch.bool, **z)
         self.src_index = torch.empty(batch * nb, dtype=torch.long, **z)  # rows the caches take after a step
         self.go_on = torch.empty((), dtype=torch.bool, **z)
@@ -104,6 +108,9 @@ class BeamState:
         self.run_seq.fill_(self.fill)
         self.run_seq[:, :, :p] = prefix.view(b, nb, p)
         self.fin_seq.copy_(self.run_seq)
+        if self.run_tlp is not None:
+            self.run_tlp.zero_()
+            self.fin_tlp.zero_()
         self.run_score.zero_()
         self.run_score[:, 1:] = _BIG
         self.fin_score.fill_(_BIG)
@@ -139,6 +146,10 @@ class BeamState:
         tok = idx % vocab
         cand_seq = _take(self.run_seq, src)
         cand_seq.index_copy_(2, cur.view(1), tok.unsqueeze(-1))
+        cand_tlp = None
+        if self.run_tlp is not None:
+            cand_tlp = _take(self.run_tlp, src)
+            cand_tlp.index_copy_(2, cur.view(1), logp.reshape(b, nb * vocab).gather(1, idx).unsqueeze(-1))
 
         ended = (cur + 1 >= L).expand(b, keep)
         if self.eos_t is not None:
@@ -148,6 +159,8 @@ class BeamState:
         live_score = cand_score + ended.to(torch.float32) * _BIG
         pick = small_topk(live_score, nb)
         self.run_seq.copy_(_take(cand_seq, pick))
+        if cand_tlp is not None:
+            self.run_tlp.copy_(_take(cand_tlp, pick))
         self.run_score.copy_(_take(live_score, pick))
         run_src = _take(src, pick)
 
@@ -168,6 +181,8 @@ class BeamState:
         self.fin_score.copy_(_take(m_score, best))
         self.fin_done.copy_(_take(m_done, best))
         self.fin_len.copy_(_take(m_len, best))
+        if cand_tlp is not None:
+            self.fin_tlp.copy_(_take(torch.cat((self.fin_tlp, cand_tlp), dim=1), best))
         self.src_index.copy_((run_src + self.offsets).view(-1))
 
         # can a running beam still beat the worst finished one?
@@ -185,26 +200,32 @@ class BeamState:
         return self.run_seq[:, :, cur].reshape(-1)
 
     def result(self, n: int | None = None):
-        """(sequences [batch * n, out_len], scores [batch * n]) of the n best finished hypotheses."""
+        """(sequences [batch * n, out_len], scores [batch * n]) of the n best finished hypotheses,
+        and their token log-probs [batch * n, out_len] when the state tracks them."""
         n = self.gc.num_return_sequences if n is None else n
         seqs = self.fin_seq[:, :n].reshape(self.batch * n, self.max_len)
         scores = self.fin_score[:, :n].reshape(self.batch * n)
         out_len = self.prompt + int(self.fin_len[:, :n].max())
-        return seqs[:, :out_len], scores
+        if self.fin_tlp is None:
+            return seqs[:, :out_len], scores
+        # a position is written only when its token is chosen, so each row is 0 past its end
+        tlp = self.fin_tlp[:, :n].reshape(self.batch * n, self.max_len)
+        return seqs[:, :out_len], scores, tlp[:, :out_len]
 
 
 def beam_search(runner, gc: GenerationConfig, batch: int, max_len: int, pipeline, generator, device,
-                prefix: torch.Tensor):
+                prefix: torch.Tensor, output_scores: bool = False):
     """``prefix`` [batch * nb, P]: the decoder start token (and any decoder prefix), rows repeated per beam.
+    Returns (sequences, scores), and with ``output_scores`` each token's log-prob as a third item.
 
     A runner with a ``beam_search(gc, batch, max_len, pipeline, prefix)`` method (the CUDA-graph
-    runner) runs the loop itself when the pipeline can run on device positions (``pipeline.static``)
-    and nothing is sampled."""
+    runner) runs the loop itself when the pipeline can run on device positions (``pipeline.static``),
+    nothing is sampled and no token scores are asked for."""
     prompt = prefix.shape[1]
     fused = getattr(runner, "beam_search", None)
-    if fused is not None and pipeline.static and not gc.do_sample:
+    if fused is not None and pipeline.static and not gc.do_sample and not output_scores:
         return fused(gc, batch, max_len, pipeline, prefix)
-    st = BeamState(gc, batch, max_len, prompt, device)
+    st = BeamState(gc, batch, max_len, prompt, device, track_scores=output_scores)
     st.reset(prefix)
     feed_prefix(runner, prefix)  # every beam of a request has the same prefix: no reordering needed
     cur = prompt

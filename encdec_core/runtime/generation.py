@@ -263,8 +263,20 @@ class GenerationOutput:
     sequences_scores: torch.Tensor | None  # beam search: length-normalised score of each row
     num_return_sequences: int
     eos_token_ids: tuple[int, ...] = ()
-    prompt_len: int = 1  # the decoder start token (and any decoder prefix) at the start of each row
+    # the decoder start token (and any decoder prefix) at the start of each row; a list (one per row)
+    # where outputs with prefixes of different lengths were merged
+    prompt_len: int | list[int] = 1
+    # generate(output_scores=True): [rows, T] fp32 log-probability of each token of ``sequences``
+    # (0 at the prompt and after a row's end). Greedy / sampling: log_softmax of the processed
+    # scores (after the logits processors and, when sampling, temperature / top-k / top-p), HF's
+    # compute_transition_scores(normalize_logits=True); beam search: the processed log-probs the
+    # search adds up, HF's compute_transition_scores(sequences, scores, beam_indices).
+    token_scores: torch.Tensor | None = None
+    # where parts with prompts of different lengths were merged: each row's length before the padding
+    # the merge added (a row that ran to the length limit then ends before the padding, not at an EOS)
+    row_lengths: list[int] | None = None
     _host: list | None = field(default=None, repr=False)
+    _host_scores: list | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return self.sequences.shape[0]
@@ -274,16 +286,44 @@ class GenerationOutput:
         prefix (the EOS is dropped with what follows: only padding follows an EOS)."""
         if self._host is None:
             self._host = self.sequences.tolist()
-        p = self.prompt_len
-        head, row = self._host[i][1:p], self._host[i][p:]
+        p = self.prompt(i)
+        full = self._host[i] if self.row_lengths is None else self._host[i][: self.row_lengths[i]]
+        head, row = full[1:p], full[p:]
         eos = set(self.eos_token_ids)
         for j, t in enumerate(row):
             if t in eos:
                 return head + row[:j]
         return head + row
 
+    def prompt(self, i: int) -> int:
+        """Row i's prompt length (the start token and its decoder prefix)."""
+        return self.prompt_len if isinstance(self.prompt_len, int) else self.prompt_len[i]
+
     def all_tokens(self) -> list[list[int]]:
         return [self.tokens(i) for i in range(len(self))]
+
+    def token_logprobs(self, i: int) -> list[float]:
+        """Row i's log-probability of each generated token (needs ``generate(output_scores=True)``):
+        the tokens ``tokens(i)`` returns after the decoder prefix, followed by the EOS that ended the
+        row, if one did (its probability is part of the sequence's)."""
+        if self.token_scores is None:
+            raise EncDecError("token log-probabilities were not computed: generate with output_scores=True")
+        if self._host_scores is None:
+            self._host_scores = self.token_scores.tolist()
+        if self._host is None:
+            self._host = self.sequences.tolist()
+        p = self.prompt(i)
+        row = self._host[i][p:] if self.row_lengths is None else self._host[i][p: self.row_lengths[i]]
+        eos = set(self.eos_token_ids)
+        n = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
+        return self._host_scores[i][p: p + n]
+
+    def score(self, i: int) -> float:
+        """Row i's score: beam search's length-normalised score (HF's ``sequences_scores``), else the
+        sum of its token log-probabilities (``token_logprobs``; needs ``output_scores=True``)."""
+        if self.sequences_scores is not None:
+            return float(self.sequences_scores[i])
+        return math.fsum(self.token_logprobs(i))
 
     def request_tokens(self, b: int) -> list[list[int]]:
         """The num_return_sequences outputs of request b."""
@@ -300,17 +340,28 @@ def merge_outputs(parts, n_requests: int, pad_token_id: int) -> GenerationOutput
     n = first.num_return_sequences
     width = max(out.sequences.shape[1] for _, out in parts)
     seq = first.sequences.new_full((n_requests * n, width), pad_token_id)
-    scores = None
+    scores = tok_scores = None
     if first.sequences_scores is not None:
         scores = first.sequences_scores.new_zeros(n_requests * n)
+    if first.token_scores is not None:
+        tok_scores = first.token_scores.new_zeros((n_requests * n, width))
+    prompts = [0] * (n_requests * n)
+    lengths = [0] * (n_requests * n)
     for reqs, out in parts:
-        if out.num_return_sequences != n or out.prompt_len != first.prompt_len:
+        if out.num_return_sequences != n or (out.token_scores is None) != (tok_scores is None):
             raise ValueError("merge_outputs: the parts were generated with different settings")
         rows = (torch.tensor(reqs, device=seq.device).unsqueeze(1) * n + torch.arange(n, device=seq.device)).view(-1)
         seq[rows, : out.sequences.shape[1]] = out.sequences
         if scores is not None:
             scores[rows] = out.sequences_scores
-    return GenerationOutput(seq, scores, n, first.eos_token_ids, first.prompt_len)
+        if tok_scores is not None:
+            tok_scores[rows, : out.token_scores.shape[1]] = out.token_scores
+        for k, r in enumerate(rows.tolist()):
+            prompts[r] = out.prompt(k)
+            lengths[r] = out.sequences.shape[1] if out.row_lengths is None else out.row_lengths[k]
+    if len(set(prompts)) == 1 and all(out.row_lengths is None for _, out in parts):
+        return GenerationOutput(seq, scores, n, first.eos_token_ids, prompts[0], tok_scores)
+    return GenerationOutput(seq, scores, n, first.eos_token_ids, prompts, tok_scores, lengths)
 
 
 # ---------------------------------------------------------------------------- runner
@@ -399,14 +450,26 @@ def _check_inputs(input_ids, attention_mask, vocab: int, forced_bos_token_ids, o
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              gc: GenerationConfig | None = None, forced_bos_token_ids: Sequence[int | None] | None = None,
-             runner=None, decoder_input_ids: torch.Tensor | None = None) -> GenerationOutput:
+             runner=None, decoder_input_ids: torch.Tensor | None = None,
+             output_scores: bool = False, streamer=None) -> GenerationOutput:
     """Generate for a batch of (right-padded) sources. See the module docstring.
 
     ``forced_bos_token_ids``: one entry per request (None = the config's forced_bos_token_id).
     ``decoder_input_ids`` [B, P]: a decoder prefix the output continues (HF semantics: the decoder
     start token is put in front unless every row already starts with it; lengths, the length
     penalty and min/max_new_tokens count from the end of the prefix).
+    ``output_scores``: also the log-probability of every generated token (``GenerationOutput.token_scores``);
+    the tokens are the same. A runner's fused greedy / beam loop is not used then (the step-by-step
+    loop computes the scores).
+    ``streamer``: an object with ``put(tokens, live)`` and ``end()``, told each step's token of every
+    row (``tokens`` [rows] on the host as a list; ``live[r]`` False once row r has ended, its token
+    then being padding) and the end of the search; greedy and sampling only (a beam's tokens are not
+    final until the search ends). Rows are requests x num_return_sequences, as in the output.
     """
+    if not isinstance(output_scores, bool):
+        raise EncDecError(f"generate: output_scores = {output_scores!r}: expected True or False")
+    if streamer is not None and not all(callable(getattr(streamer, m, None)) for m in ("put", "end")):
+        raise EncDecError(f"generate: streamer = {streamer!r}: expected an object with put(tokens, live) and end()")
     cfg = model.cfg
     if gc is None:
         gc = GenerationConfig.from_model(cfg, None)
@@ -415,6 +478,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                           f"GenerationConfig.from_model(model.cfg, None, **options))")
     vocab = cfg.vocab_size
     gc.validate(vocab)
+    if streamer is not None and gc.num_beams > 1:
+        raise EncDecError(f"generate: streaming serves greedy decoding and sampling, not num_beams = {gc.num_beams} "
+                          f"(a beam's tokens are final only when the search ends)")
     if runner is not None and not all(callable(getattr(runner, m, None)) for m in ("prefill", "step", "reorder")):
         raise EncDecError(f"generate: runner = {runner!r}: expected a runner with prefill, step and reorder "
                           f"(None: the eager runner)")
@@ -466,10 +532,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if gc.num_beams > 1:
             from .beam import beam_search
 
-            seqs, scores = beam_search(runner, gc, batch, max_len, pipeline, generator, device, prefix)
-            return GenerationOutput(seqs, scores, gc.num_return_sequences, eos, prompt_len=prompt)
-        seqs = _sample(runner, gc, batch * expand, max_len, pipeline, generator, device, prefix)
-        return GenerationOutput(seqs, None, gc.num_return_sequences, eos, prompt_len=prompt)
+            res = beam_search(runner, gc, batch, max_len, pipeline, generator, device, prefix,
+                              output_scores=output_scores)
+            return GenerationOutput(res[0], res[1], gc.num_return_sequences, eos, prompt_len=prompt,
+                                    token_scores=res[2] if output_scores else None)
+        seqs, tok_scores = _sample(runner, gc, batch * expand, max_len, pipeline, generator, device, prefix,
+                                   output_scores, streamer)
+        return GenerationOutput(seqs, None, gc.num_return_sequences, eos, prompt_len=prompt,
+                                token_scores=tok_scores)
 
 
 def _decoder_prefix(decoder_input_ids, batch: int, start: int, vocab: int, device) -> torch.Tensor:
@@ -500,20 +570,24 @@ def feed_prefix(runner, prefix: torch.Tensor) -> None:
 
 
 def _sample(runner, gc: GenerationConfig, rows: int, max_len: int, pipeline, generator, device,
-            prefix: torch.Tensor) -> torch.Tensor:
-    """Greedy (argmax) or multinomial sampling; finished rows continue with the pad token.
+            prefix: torch.Tensor, output_scores: bool = False,
+            streamer=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Greedy (argmax) or multinomial sampling; finished rows continue with the pad token. Returns
+    (sequences, token log-probs [rows, T] or None).
 
     A runner with ``greedy_search`` (the CUDA-graph runner, unless built with ``fused_greedy=False``) runs
     greedy decoding itself where its ``greedy_search_serves`` says so (the processors depend on the
     position only): argmax and token feedback inside its graph, no host round trip per token."""
     fused = getattr(runner, "greedy_search", None)
-    if fused is not None and runner.greedy_search_serves(gc, pipeline, prefix):
-        return fused(gc, rows, max_len, pipeline, prefix)
+    if fused is not None and not output_scores and streamer is None \
+            and runner.greedy_search_serves(gc, pipeline, prefix):
+        return fused(gc, rows, max_len, pipeline, prefix), None
     eos = gc.eos_token_ids
     pad = gc.pad_id
     cur = prefix.shape[1]
     seqs = torch.empty((rows, max_len), dtype=torch.long, device=device)
     seqs[:, :cur] = prefix
+    tok_scores = torch.zeros((rows, max_len), dtype=torch.float32, device=device) if output_scores else None
     feed_prefix(runner, prefix)
     eos_t = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)
@@ -526,9 +600,16 @@ def _sample(runner, gc: GenerationConfig, rows: int, max_len: int, pipeline, gen
             nxt = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
         else:
             nxt = torch.argmax(scores, dim=-1)
+        if tok_scores is not None:  # finished rows (pad from here on) keep 0
+            lp = torch.log_softmax(scores, dim=-1).gather(1, nxt.unsqueeze(1)).squeeze(1)
+            tok_scores[:, cur] = torch.where(unfinished, lp, 0.0)
         if eos_t is not None:
             nxt = torch.where(unfinished, nxt, pad)
+            if streamer is not None:
+                streamer.put(nxt.tolist(), unfinished.tolist())
             unfinished = unfinished & ~torch.isin(nxt, eos_t)
+        elif streamer is not None:
+            streamer.put(nxt.tolist(), [True] * rows)
         seqs[:, cur] = nxt
         cur += 1
         if cur >= max_len:
@@ -536,4 +617,6 @@ def _sample(runner, gc: GenerationConfig, rows: int, max_len: int, pipeline, gen
         if eos_t is not None and not bool(unfinished.any()):  # the one host sync per step
             break
         tokens = nxt
-    return seqs[:, :cur]
+    if streamer is not None:
+        streamer.end()
+    return seqs[:, :cur], (tok_scores[:, :cur] if tok_scores is not None else None)

@@ -270,6 +270,25 @@ class BartTokenizer(HFTokenizer):
             ids = ids.tolist()
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def encode_target(self, texts) -> list[list[int]]:
+        """Target-side ids of each text as HF tokenizes ``text_target`` (BART: ``<s> tokens </s>``),
+        without the language code mBART tokenizers add (mBART-50 puts it first, cc25 after the
+        ``</s>``): the target language of a scored request is its forced BOS / decoder start, as in
+        generation (``Engine.score(..., target_lang=)``)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        codes = set(self.lang_codes.values())
+        out = []
+        for t in texts:
+            ids = list(self.tok(text_target=t)["input_ids"])
+            if codes:
+                if ids and ids[0] in codes:
+                    ids = ids[1:]
+                if ids and ids[-1] in codes:
+                    ids = ids[:-1]
+            out.append(ids)
+        return out
+
 
 def load_tokenizer(path: Path, cfg=None) -> BartTokenizer:
     return BartTokenizer(Path(path), cfg)

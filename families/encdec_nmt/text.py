@@ -173,6 +173,29 @@ class NMTTokenizer:
             ids = ids.tolist()
         return self.detokenize(self.remove_bpe(self.tgt_dict.string(ids)))
 
+    def tokenize_target(self, text: str) -> str:
+        """Moses tokenization in the target language (what fairseq-preprocess did to the targets)."""
+        if self._tok is None:
+            return text.strip()
+        if getattr(self, "_tgt_tok", None) is None:
+            from sacremoses import MosesTokenizer
+
+            self._tgt_tok = MosesTokenizer(lang=self.target_lang)
+        return self._tgt_tok.tokenize(text.strip(), aggressive_dash_splits=self.dash_splits, return_str=True,
+                                      escape=self.escape)
+
+    def encode_target(self, texts: list[str]) -> list[list[int]]:
+        """Target-side ids (moses in the target language -> BPE -> target dictionary + ``</s>``), the
+        reference fairseq scores (``--score-reference``). ``Engine.score`` uses it."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return [self.tgt_dict.encode_line(self.apply_bpe(self.tokenize_target(t))) for t in texts]
+
+    def target_token_strings(self, ids) -> list[str]:
+        """Target dictionary entries of ``ids`` (BPE pieces with their ``@@``)."""
+        syms = self.tgt_dict.symbols
+        return [syms[int(i)] if 0 <= int(i) < len(syms) else UNK for i in ids]
+
 
 class FSMTTextTokenizer:
     """transformers' FSMTTokenizer (facebook/wmt19-* folders) behind the same small interface."""
@@ -198,6 +221,31 @@ class FSMTTextTokenizer:
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    def encode_target(self, texts: list[str]) -> list[list[int]]:
+        """Target-side ids: moses in the target language, BPE, the TARGET vocabulary (vocab-tgt.json)
+        and ``</s>``. (HF's FSMTTokenizer has no target mode: its ``text_target`` looks the pieces up in
+        the source vocabulary, which is wrong wherever the two differ.)"""
+        if isinstance(texts, str):
+            texts = [texts]
+        tok = self.tok
+        lang = tok.tgt_lang
+        vocab = getattr(self, "_tgt_vocab", None)
+        if vocab is None:
+            vocab = self._tgt_vocab = {v: k for k, v in tok.decoder.items()}
+        unk = vocab.get(tok.unk_token, tok.unk_token_id)
+        eos = tok.sep_token_id  # fairseq's </s> (FSMT names it sep: build_inputs_with_special_tokens)
+        out = []
+        for t in texts:
+            if tok.do_lower_case:
+                t = t.lower()
+            words = tok.moses_tokenize(tok.moses_pipeline(t, lang=lang), lang=lang)
+            pieces = [p for w in words if w for p in tok.bpe(w).split(" ")]
+            out.append([vocab.get(p, unk) for p in pieces] + [eos])
+        return out
+
+    def target_token_strings(self, ids) -> list[str]:
+        return [self.tok.decoder.get(int(i), self.tok.unk_token) for i in ids]
 
 
 def _dict_for(folder: Path, lang: str | None) -> Path | None:
