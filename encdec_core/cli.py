@@ -568,7 +568,9 @@ def cmd_score(args) -> int:
     if args.target_lang:
         target = args.target_lang if len(args.target_lang) > 1 else args.target_lang[0]
     results = engine.score(sources, targets, tokenizer_dir=Path(args.tokenizer_dir) if args.tokenizer_dir else None,
-                           target_lang=target, source_lang=args.source_lang)
+                           target_lang=target, source_lang=args.source_lang,
+                           lora_uids=args.lora_task_uids[0] if args.lora_task_uids and len(args.lora_task_uids) == 1
+                           else args.lora_task_uids)
     rows = []
     for i, (src, tgt, r) in enumerate(zip(sources, targets, results)):
         rows.append({"index": i, "source": src, "target": tgt, "score": r.mean, "sum": r.sum,
@@ -715,6 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, "--target-lang", nargs="+", default=None, metavar="CODE",
          help="target language code(s) (mBART-50): one, or one per pair; the forced BOS the target is scored after")
     _opt(s, "--source-lang", default=None, metavar="CODE", help="source language code (mBART-50 tokenizers)")
+    _opt(s, "--lora-task-uids", type=int, nargs="+", default=None, metavar="UID",
+         help="run-time LoRA (convert --lora-mode runtime): the adapter uid of each pair, or one for all; "
+              "-1 = the base model")
     _opt(s, "--device", default="auto", help="cpu | cuda | cuda:N | auto")
     _opt(s, "--dtype", default=None, help="override the engine dtype at load (the log-softmax is fp32 anyway)")
     _opt(s, "--output-json", default=None, metavar="FILE",

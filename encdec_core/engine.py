@@ -323,24 +323,7 @@ class Engine:
                                             or not hasattr(target_lang_ids, "__len__")):
             raise EncDecError(f"target language ids = {target_lang_ids!r}: expected a list with one token id "
                               f"(or None) per input")
-        if lora_uids is not None:
-            if isinstance(lora_uids, (str, bytes, bool)) or not isinstance(lora_uids, int) \
-                    and not hasattr(lora_uids, "__iter__"):
-                raise EncDecError(f"LoRA task uids = {lora_uids!r}: expected an int (one uid for all inputs) "
-                                  f"or a list with one int per input")
-            bank = getattr(self.model, "lora_bank", None)
-            if bank is None:
-                raise EncDecError(f"LoRA task uids given, but engine {self.engine_dir} has no run-time adapters "
-                                  f"(convert with --lora-dir ... --lora-mode runtime)")
-            if isinstance(lora_uids, int):
-                lora_uids = [lora_uids] * len(ids)
-            lora_uids = list(lora_uids)
-            if len(lora_uids) != len(ids):
-                raise EncDecError(f"LoRA task uids: {len(lora_uids)} for {len(ids)} inputs (expected one per input, "
-                                  f"or one for all)")
-            if runner is not None and getattr(runner, "_lora", None) is not bank:
-                raise EncDecError("run-time LoRA: the runner was not built for this engine's adapters (build it "
-                                  "with CudaGraphRunner.for_engine(engine) after loading the engine)")
+        lora_uids = self._lora_uids(lora_uids, len(ids), runner)
         gc = self.generation_config(**overrides)
         max_in = max(len(x) for x in ids)
         if min(len(x) for x in ids) == 0:
@@ -420,6 +403,29 @@ class Engine:
             out.append(p)
         return None if not any(out) else out
 
+    def _lora_uids(self, lora_uids, n: int, runner=None) -> list[int] | None:
+        """Checked per-request adapter uids (one int: the same for all ``n``), or None."""
+        if lora_uids is None:
+            return None
+        if isinstance(lora_uids, (str, bytes, bool)) or not isinstance(lora_uids, int) \
+                and not hasattr(lora_uids, "__iter__"):
+            raise EncDecError(f"LoRA task uids = {lora_uids!r}: expected an int (one uid for all inputs) "
+                              f"or a list with one int per input")
+        bank = getattr(self.model, "lora_bank", None)
+        if bank is None:
+            raise EncDecError(f"LoRA task uids given, but engine {self.engine_dir} has no run-time adapters "
+                              f"(convert with --lora-dir ... --lora-mode runtime)")
+        if isinstance(lora_uids, int):
+            lora_uids = [lora_uids] * n
+        lora_uids = list(lora_uids)
+        if len(lora_uids) != n:
+            raise EncDecError(f"LoRA task uids: {len(lora_uids)} for {n} inputs (expected one per input, "
+                              f"or one for all)")
+        if runner is not None and getattr(runner, "_lora", None) is not bank:
+            raise EncDecError("run-time LoRA: the runner was not built for this engine's adapters (build it "
+                              "with CudaGraphRunner.for_engine(engine) after loading the engine)")
+        return lora_uids
+
     def _generate_batch(self, ids, target_lang_ids, runner, gc, lora_uids=None, output_scores=False, streamer=None,
                         prefixes=None):
         """One batch of at most the engine's max batch size through ``generate`` (with ``lora_uids``:
@@ -462,7 +468,7 @@ class Engine:
         return [None if c is None else tok.lang_id(c) for c in codes]
 
     # ------------------------------------------------------------------ scoring
-    def score_ids(self, source_ids, target_ids, target_lang_ids=None, token_strings=None) -> list:
+    def score_ids(self, source_ids, target_ids, target_lang_ids=None, token_strings=None, lora_uids=None) -> list:
         """Teacher-forced scores of given targets: one ``ScoreResult`` per (source, target) pair, in
         the order given (see encdec_core/scoring.py for what is scored).
 
@@ -472,7 +478,8 @@ class Engine:
         scored twice. target_lang_ids: one forced-BOS id (or None: the model's default) per
         request, as ``generate_ids`` takes them. token_strings: ids -> vocabulary entries, for
         ``ScoreResult.token_strings``. Limits: sources up to --max-input-len tokens, targets (with
-        EOS and forced BOS) up to --max-output-len; more pairs than --max-batch-size run in batches."""
+        EOS and forced BOS) up to --max-output-len; more pairs than --max-batch-size run in batches.
+        lora_uids: with run-time adapters, the adapter of each pair (-1: the base model), or one for all."""
         from .scoring import check_forced, check_limits, check_pairs, plan, score_requests
 
         src, tgt = check_pairs(source_ids, target_ids, self.config)
@@ -480,17 +487,18 @@ class Engine:
         gc = self.generation_config()
         planned = plan(tgt, forced, gc.forced_bos_token_id, tuple(gc.eos_token_ids))
         check_limits(self.limits, src, planned)
+        uids = self._lora_uids(lora_uids, len(src))
         return score_requests(self.model, self.limits, src, planned, int(gc.decoder_start_token_id),
-                              token_strings)
+                              token_strings, uids)
 
-    def score(self, sources, targets, tokenizer_dir=None, target_lang=None, source_lang=None) -> list:
+    def score(self, sources, targets, tokenizer_dir=None, target_lang=None, source_lang=None, lora_uids=None) -> list:
         """Texts in: for each (source, target) pair a ``ScoreResult`` with the log-probability of each
         target token (the target tokenized as HF tokenizes ``text_target``, ending with EOS), their
         sum (the log-likelihood) and mean (per token: CTranslate2's score).
 
         target_lang: one language code for all pairs, or one per pair (mBART-50: the forced BOS the
         target is scored after, as in generation); source_lang: the source language (mBART-50
-        tokenizers)."""
+        tokenizers); lora_uids: with run-time adapters, the adapter of each pair (or one for all)."""
         from .scoring import check_texts
 
         sources, targets = check_texts(sources, targets)
@@ -515,7 +523,7 @@ class Engine:
                 raise EncDecError(f"score: sources[{i}] = {sources[i]!r} is empty after tokenization")
         langs = self.lang_ids(tok, target_lang, len(sources))
         return self.score_ids(src, tgt, target_lang_ids=langs,
-                              token_strings=getattr(tok, "target_token_strings", None))
+                              token_strings=getattr(tok, "target_token_strings", None), lora_uids=lora_uids)
 
     def prefix_ids(self, tok, target_prefix, n: int) -> list[list[int]] | None:
         """Token ids of target prefixes given as text (one for all, or one per input; None entries for

@@ -171,9 +171,11 @@ def check_limits(limits, source_ids, planned) -> None:
                              f"limit {limits.max_output_len} (shorten it, or rebuild with a larger --max-output-len)")
 
 
-def score_requests(model, limits, source_ids, planned, start: int, token_strings=None) -> list[ScoreResult]:
+def score_requests(model, limits, source_ids, planned, start: int, token_strings=None,
+                   lora_uids=None) -> list[ScoreResult]:
     """Score every request, in batches of at most the engine's max batch size (requests sorted by
-    length so that a batch holds similar lengths, as generate_ids does); results in input order."""
+    length so that a batch holds similar lengths, as generate_ids does); results in input order.
+    lora_uids: each request's run-time adapter (model.lora_bank), or None."""
     n = len(source_ids)
     bmax = limits.max_batch_size
     pack = getattr(model, "pack_cpu_weights", None)
@@ -184,7 +186,11 @@ def score_requests(model, limits, source_ids, planned, start: int, token_strings
     for c in range(0, n, bmax):
         reqs = order[c: c + bmax]
         fulls = [planned[i][0] + planned[i][1] for i in reqs]
-        lps = score_batch(model, [source_ids[i] for i in reqs], fulls, start)
+        if lora_uids is None:
+            lps = score_batch(model, [source_ids[i] for i in reqs], fulls, start)
+        else:
+            with model.lora_bank.rows([lora_uids[i] for i in reqs]):
+                lps = score_batch(model, [source_ids[i] for i in reqs], fulls, start)
         for i, lp in zip(reqs, lps):
             prefix, toks = planned[i]
             p = len(prefix)

@@ -397,6 +397,15 @@ def test_runtime_adapters_per_request_equal_merged_models(tmp_path, reg, family)
     finally:
         LoraDelta.delta = real
 
+    # teacher-forced scores: each pair with its adapter equals the merged model's score
+    targets = [o for o in (want[1, i] for i in range(len(uids)))]
+    got = rt.score_ids(seqs, targets, lora_uids=uids)
+    for i, u in enumerate(uids):
+        ref = by_uid[u].score_ids([seqs[i]], [targets[i]])[0]
+        assert got[i].tokens == ref.tokens
+        assert max(abs(a - b) for a, b in zip(got[i].token_logprobs, ref.token_logprobs)) <= TOL, (i, u)
+    assert abs(rt.score_ids(seqs[:1], targets[:1])[0].sum - plain.score_ids(seqs[:1], targets[:1])[0].sum) <= 1e-4
+
     # the adapters change the tokens somewhere (the comparison is not between equal models)
     assert any(merged[0].generate_ids([s], max_new_tokens=10).tokens(0)
                != plain.generate_ids([s], max_new_tokens=10).tokens(0) for s in seqs)
@@ -509,6 +518,19 @@ def test_cli_runtime_adapters_with_task_uids_and_compare_hf(builtin_registry, tm
     assert main(["run", "--engine-dir", str(eng), "--input-text", *texts, "--lora-task-uids", "0", "1",
                  "--device", "cpu", "--max-new-tokens", "4"]) == 2
     assert "2 for 3 inputs" in capsys.readouterr().err
+    # encdec score with per-pair adapters: each pair scores as with its adapter alone
+    from encdec_core.engine import Engine
+
+    outs = ["Das Haus.", "Le chat.", "Die Katze."]
+    scored = tmp_path / "score.json"
+    assert main(["score", "--engine-dir", str(eng), "--source-text", *texts, "--target-text", *outs,
+                 "--lora-task-uids", "0", "-1", "1", "--device", "cpu", "--output-json", str(scored)]) == 0
+    rows = json.loads(scored.read_text())["results"]
+    engine = Engine.load(eng)
+    for i, u in enumerate((0, -1, 1)):
+        alone = engine.score([texts[i]], [outs[i]], lora_uids=u)[0]
+        assert rows[i]["sum"] == pytest.approx(alone.sum, abs=1e-4)
+    assert rows[0]["sum"] != pytest.approx(engine.score([texts[0]], [outs[0]])[0].sum, abs=1e-3)
 
 
 @pytest.mark.gpu
