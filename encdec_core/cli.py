@@ -272,6 +272,8 @@ def cmd_run(args) -> int:
     texts = _read_inputs(args)
     if args.output_json:
         check_output_file(Path(args.output_json), "--output-json")  # before any work
+    if args.output_file:
+        check_output_file(Path(args.output_file), "--output-file")
     engine_dir = Path(args.engine_dir) if args.engine_dir else default_engine()
     device = _device(args.device)
     engine, ctx = _load_engine(engine_dir, device, args.dtype)
@@ -340,7 +342,14 @@ def cmd_run(args) -> int:
     if args.output_json and _rank0():
         write_text_atomic(Path(args.output_json), json.dumps(report, indent=2, ensure_ascii=False) + "\n",
                           "--output-json")
-    for row in report["results"]:
+    if args.output_file:
+        _write_output_file(args.output_file, outputs)
+        if hf_rows is None:
+            return 0
+    for i, row in enumerate(report["results"]):
+        if args.output_file:  # the outputs went to the file: only --compare-hf's verdict here
+            out(f"input {i}: token ids match HF fp32: {'yes' if row['match'] else 'NO'}")
+            continue
         out(f"Input : {row['input']}")
         for j, o in enumerate(row["output"]):
             tag = f"Output[{j}]" if n > 1 else "Output"
@@ -392,19 +401,31 @@ def _run_streaming(args, engine, engine_dir, device, texts, ids, tok, langs, run
                     started = True
                 sys.stdout.write(ev.text + ("\n\n" if ev.finished else ""))
                 sys.stdout.flush()
-            elif ev.finished:
+            elif ev.finished and not args.output_file:
                 out(f"Input : {texts[ev.index]}")
                 out(f"{f'Output[{ev.sequence}]' if n > 1 else 'Output'}: {ev.output}")
                 out("")
     except EncDecError as exc:
         raise _flag_error(exc) from None
+    done = [[outputs[i][j] for j in sorted(outputs[i])] for i in range(len(texts))]
     if args.output_json and rank0:
         report = {"engine": str(engine_dir), "device": str(device), "results": [
-            {"input": t, "input_ids": ids[i], "output": [outputs[i][j] for j in sorted(outputs[i])]}
-            for i, t in enumerate(texts)]}
+            {"input": t, "input_ids": ids[i], "output": done[i]} for i, t in enumerate(texts)]}
         write_text_atomic(Path(args.output_json), json.dumps(report, indent=2, ensure_ascii=False) + "\n",
                           "--output-json")
+    if args.output_file:
+        _write_output_file(args.output_file, done)
     return 0
+
+
+def _write_output_file(path, outputs: list[list[str]]) -> None:
+    """``run --output-file``: each input's outputs, one per line, in input order (a line break inside
+    an output becomes a space, so line i * n + j is output j of input i); written atomically by rank 0."""
+    if not _rank0():
+        return
+    lines = [" ".join(o.splitlines()) for outs in outputs for o in outs]
+    write_text_atomic(Path(path), "".join(line + "\n" for line in lines), "--output-file")
+    out(f"wrote {len(lines)} output line(s) for {len(outputs)} input(s) to {path}")
 
 
 def compare_hf(engine, args, ids, langs, overrides, res, lora_uids=None, prefix=None) -> list[dict]:
@@ -680,6 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="print the output as it is generated (one input; with several, each output as soon as it is "
               "complete); greedy decoding and sampling")
     _opt(s, "--output-json", default=None)
+    _opt(s, "--output-file", default=None, metavar="FILE",
+         help="write the outputs as text, one per line in input order (num_return_sequences lines per input), "
+              "instead of printing them (CTranslate2's translate_file)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("benchmark", help="latency / throughput, optionally against HF generate")

@@ -436,6 +436,32 @@ def test_run_output_log_probs(builtin_registry, tmp_path, t5_dir, capsys):
         engine.generate(lines, return_scores="yes")
 
 
+def test_run_output_file(builtin_registry, tmp_path, t5_dir, capsys):
+    """--output-file: the outputs one per line in input order (n per input with num_return_sequences),
+    the same as --output-json's, with more inputs than the batch limit, with --streaming, and with
+    --compare-hf (only its verdict printed); a directory is refused before any work."""
+    ck, eng = _pipeline(tmp_path, t5_dir, build_args=("--max-batch-size", "2"))
+    lines = ["hello", "a much longer input here", "x y", "another input", "one"]
+    f = tmp_path / "in.txt"
+    f.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    base = ["run", "--engine-dir", str(eng), "--input-file", str(f), "--max-output-len", "6", "--device", "cpu"]
+    js = tmp_path / "o.json"
+    for extra in ((), ("--num-beams", "2", "--num-return-sequences", "2"), ("--streaming",)):
+        o = tmp_path / "out.txt"
+        assert main([*base, *extra, "--output-file", str(o), "--output-json", str(js)]) == 0
+        printed = capsys.readouterr().out
+        want = [x for r in json.loads(js.read_text())["results"] for x in r["output"]]
+        assert o.read_text(encoding="utf-8").split("\n") == [" ".join(w.splitlines()) for w in want] + [""]
+        assert len(want) == len(lines) * (2 if extra and extra[0] == "--num-beams" else 1)
+        assert "Output" not in printed and f"for {len(lines)} input(s)" in printed
+    assert main([*base, "--output-file", str(tmp_path / "c.txt"), "--compare-hf", "--hf-model-dir", str(t5_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("token ids match HF fp32: yes") == len(lines) and "Output" not in printed
+    assert main([*base, "--output-file", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--output-file {tmp_path}: is a directory" in err
+
+
 def test_tp_allreduce_option(builtin_registry, tmp_path, t5_dir, capsys, monkeypatch):
     """--tp-allreduce: the CUDA-graph runner's tensor-parallel all-reduce; refused where no such
     runner runs (run without --cuda-graph, benchmark on the eager runner), and a bad
