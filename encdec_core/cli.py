@@ -182,6 +182,8 @@ def _gen_overrides(args) -> dict:
         "seed": args.random_seed,
         "no_repeat_ngram_size": args.no_repeat_ngram_size,
         "repetition_penalty": args.repetition_penalty,
+        "suppress_tokens": args.suppress_tokens,
+        "begin_suppress_tokens": args.begin_suppress_tokens,
     }
     if args.sampling:
         ov["do_sample"] = True
@@ -193,7 +195,9 @@ _GEN_FLAGS = {"max_new_tokens": "--max-output-len", "min_new_tokens": "--min-new
               "length_penalty": "--length-penalty", "early_stopping": "--early-stopping",
               "num_return_sequences": "--num-return-sequences", "temperature": "--temperature", "top_k": "--top-k",
               "top_p": "--top-p", "seed": "--random-seed", "no_repeat_ngram_size": "--no-repeat-ngram-size",
-              "repetition_penalty": "--repetition-penalty", "do_sample": "--sampling"}
+              "repetition_penalty": "--repetition-penalty", "do_sample": "--sampling",
+              "suppress_tokens": "--suppress-tokens", "begin_suppress_tokens": "--begin-suppress-tokens",
+              "bad_words_ids": "--bad-words"}
 
 
 def _flag_error(exc: EncDecError) -> EncDecError:
@@ -285,6 +289,11 @@ def cmd_run(args) -> int:
         engine.meta["generation_config"] = {}
     overrides = _gen_overrides(args)
     tok = engine.tokenizer(Path(args.tokenizer_dir) if args.tokenizer_dir else None)
+    if args.bad_words:
+        try:
+            overrides["bad_words_ids"] = engine.word_ids(tok, args.bad_words)
+        except EncDecError as exc:
+            raise EncDecError(f"--bad-words: {exc}") from None
     if args.source_lang:
         try:
             ids = tok.encode(texts, src_lang=args.source_lang)
@@ -671,6 +680,13 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, "--random-seed", "--seed", type=int, default=None)
     _opt(s, "--no-repeat-ngram-size", type=int, default=None)
     _opt(s, "--repetition-penalty", type=_float, default=None)
+    _opt(s, "--suppress-tokens", type=int, nargs="+", default=None, metavar="ID",
+         help="token ids never generated (HF suppress_tokens)")
+    _opt(s, "--begin-suppress-tokens", type=int, nargs="+", default=None, metavar="ID",
+         help="token ids not generated as the first token (HF begin_suppress_tokens)")
+    _opt(s, "--bad-words", nargs="+", default=None, metavar="TEXT",
+         help="words or phrases never generated: each is tokenized as target text (without special tokens) and "
+              "its token sequence is never completed (HF bad_words_ids)")
     _opt(s, "--target-lang", nargs="+", default=None, help="target language code(s): one, or one per input")
     _opt(s, "--source-lang", default=None, help="source language code (mBART-50 tokenizers)")
     _opt(s, "--no-generation-config", action="store_true",

@@ -557,6 +557,36 @@ class Engine:
             out.append(ids)
         return out
 
+    def word_ids(self, tok, words) -> list[list[int]]:
+        """Token sequences of words or phrases (``bad_words_ids`` from text): each tokenized as target
+        text (``tok.encode_target``) without the special tokens around every target (found by
+        encoding an empty target: T5's closing ``</s>``, BART's ``<s>`` and ``</s>``)."""
+        if isinstance(words, str):
+            words = [words]
+        if isinstance(words, bytes) or not hasattr(words, "__iter__"):
+            raise EncDecError(f"words = {words!r}: expected a list of strings")
+        words = list(words)
+        bad = next((w for w in words if not isinstance(w, str) or not w.strip()), None)
+        if bad is not None or not words:
+            raise EncDecError(f"{bad!r}: expected non-empty words (strings)")
+        enc = getattr(tok, "encode_target", None)
+        if enc is None:
+            raise EncDecError(f"the tokenizer of family '{self.config.family}' cannot encode target text (it has "
+                              f"no encode_target); give token ids (generation option bad_words_ids)")
+        frame = list(enc([""])[0])
+        out = []
+        for w, ids in zip(words, enc(words)):
+            ids = list(ids)
+            lead = 0
+            while lead < len(frame) and lead < len(ids) and ids[lead] == frame[lead]:
+                lead += 1
+            tail = len(frame) - lead
+            core = ids[lead: len(ids) - tail if tail else None]
+            if not core:
+                raise EncDecError(f"{w!r} gives no tokens")
+            out.append(core)
+        return out
+
     def generate_stream(self, texts: list[str], tokenizer_dir=None, target_lang=None, runner=None,
                         lora_uids=None, target_prefix=None, **overrides) -> Iterator[StreamEvent]:
         """Like ``generate`` (greedy decoding or sampling), yielding a ``StreamEvent`` per output as its

@@ -462,6 +462,35 @@ def test_run_output_file(builtin_registry, tmp_path, t5_dir, capsys):
     assert f"--output-file {tmp_path}: is a directory" in err
 
 
+def test_run_suppress_and_bad_words(builtin_registry, tmp_path, t5_dir, capsys):
+    """--suppress-tokens / --begin-suppress-tokens / --bad-words reach generation (the words tokenized
+    as target text without the closing EOS): the banned tokens and phrases are gone from outputs that
+    had them, and --compare-hf gives HF the same options (ids match)."""
+    from encdec_core.engine import Engine
+
+    ck, eng = _pipeline(tmp_path, t5_dir)
+    engine = Engine.load(eng, device="cpu")
+    tok = engine.tokenizer()
+    texts = ["hello", "a much longer input here"]
+    plain = engine.generate_ids(tok.encode(texts), max_new_tokens=8).all_tokens()
+    top = max(set(t for r in plain for t in r), key=lambda t: sum(r.count(t) for r in plain))
+    word = tok.decode(plain[1][2:4])
+    assert engine.word_ids(tok, [word]) == [plain[1][2:4]]
+    base = ["run", "--engine-dir", str(eng), "--input-text", *texts, "--max-output-len", "8", "--device", "cpu",
+            "--compare-hf", "--hf-model-dir", str(t5_dir)]
+    for extra, check in ((["--suppress-tokens", str(top)], lambda r: top not in r),
+                         (["--begin-suppress-tokens", str(plain[0][0])], lambda r: r[:1] != plain[0][:1]),
+                         (["--bad-words", word], lambda r: all(r[j:j + 2] != plain[1][2:4] for j in range(len(r))))):
+        out_json = tmp_path / "o.json"
+        assert main([*base, *extra, "--output-json", str(out_json)]) == 0, extra
+        rows = json.loads(out_json.read_text())["results"]
+        assert all(r["match"] for r in rows), extra
+        ids = [r["ids"][0] for r in rows]
+        assert all(check(r) for r in ids) and ids != plain, extra
+    assert main([*base[:-3], "--suppress-tokens", "100000"]) == 2
+    assert "--suppress-tokens [100000]" in capsys.readouterr().err
+
+
 def test_tp_allreduce_option(builtin_registry, tmp_path, t5_dir, capsys, monkeypatch):
     """--tp-allreduce: the CUDA-graph runner's tensor-parallel all-reduce; refused where no such
     runner runs (run without --cuda-graph, benchmark on the eager runner), and a bad

@@ -166,15 +166,34 @@ def test_small_topk_is_topk_with_ties_lowest_index_first():
     dict(num_beams=4, repetition_penalty=0.8, forced_bos_token_id=7, forced_eos_token_id=[EOS, 9],
          max_length=8, length_penalty=2.0, early_stopping=True),
     dict(min_new_tokens=6, max_new_tokens=8),
-], ids=["beam-ngram3-minnew", "greedy-ngram2", "greedy-rep-forced", "beam-rep-forced", "greedy-minnew"])
+    dict(max_new_tokens=12, suppress_tokens=[25, 70], begin_suppress_tokens=[96, 3], bad_words_ids=[[40], [EOS]]),
+    dict(num_beams=3, max_new_tokens=12, bad_words_ids=[[51, 96], [70, 70, 70], [96, 96]], suppress_tokens=[4]),
+    dict(max_new_tokens=10, forced_bos_token_id=7, begin_suppress_tokens=[25, 70, 96], bad_words_ids=[[7, 25]]),
+    dict(do_sample=True, top_k=20, max_new_tokens=10, bad_words_ids=[[90], [70, 51]], begin_suppress_tokens=[96]),
+], ids=["beam-ngram3-minnew", "greedy-ngram2", "greedy-rep-forced", "beam-rep-forced", "greedy-minnew",
+        "greedy-suppress-bad", "beam-bad-multi", "greedy-begin-after-forced-bos", "sample-bad"])
 def test_processors_match_hf(models, batch, kw):
     hf, ours, src = models
     ids, mask = batch
     beam = kw.get("num_beams", 1) > 1
-    h = hf_generate(hf, ids, mask, **kw)
-    o = ours_generate(ours, src, ids, mask, **kw)
+    h = hf_generate(hf, ids, mask, seed=7, **kw)
+    o = ours_generate(ours, src, ids, mask, seed=7, **kw)
     assert_same(h, o, beam=beam)
     seqs = o.sequences.tolist()
+    plain = ours_generate(ours, src, ids, mask, seed=7, **{k: v for k, v in kw.items() if k not in (
+        "suppress_tokens", "begin_suppress_tokens", "bad_words_ids")})
+    for i in range(len(o)):
+        row = [START] + o.tokens(i)
+        for t in kw.get("suppress_tokens", ()):
+            assert t not in row[1:]
+        if "begin_suppress_tokens" in kw:
+            first = row[2] if kw.get("forced_bos_token_id") is not None else row[1]
+            assert first not in kw["begin_suppress_tokens"]
+        for w in kw.get("bad_words_ids", ()):
+            if w != [EOS]:
+                assert not any(row[j:j + len(w)] == w for j in range(len(row))), (w, row)
+    if any(k in kw for k in ("suppress_tokens", "begin_suppress_tokens", "bad_words_ids")):
+        assert not torch.equal(plain.sequences, o.sequences)  # the rules changed the outputs
     if "forced_bos_token_id" in kw:
         assert all(r[1] == 7 for r in seqs)
     if "min_new_tokens" in kw:
@@ -450,7 +469,11 @@ def test_generation_config_resolution(models):
     ({}, dict(max_new_tokens=0), ["max_new_tokens", "0"]),
     ({}, dict(num_beamz=2), ["unknown", "num_beamz"]),
     ({"num_beam_groups": 2, "diversity_penalty": 0.5}, {}, ["generation_config.json", "num_beam_groups", "2"]),
-    ({"suppress_tokens": [3]}, {}, ["suppress_tokens", "[3]"]),
+    ({"sequence_bias": [[[3], 1.0]]}, {}, ["sequence_bias", "[[[3], 1.0]]"]),
+    ({"suppress_tokens": [3, -2]}, {}, ["generation_config.json", "suppress_tokens", "[3, -2]", ">= 0"]),
+    ({}, dict(begin_suppress_tokens=[-1]), ["generate option", "begin_suppress_tokens", "[-1]"]),
+    ({}, dict(bad_words_ids=[3, 4]), ["bad_words_ids", "[3, 4]", "lists of token ids"]),
+    ({}, dict(bad_words_ids=[[3], []]), ["bad_words_ids", "[[3], []]", "non-empty lists"]),
     ({"num_beams": "4"}, {}, ["generation_config.json", "num_beams", "'4'"]),
 ])
 def test_bad_generation_options_are_named(models, gen, kw, words):

@@ -35,7 +35,8 @@ _DEFAULTS = dict(
     max_new_tokens=None, min_new_tokens=None, max_length=None, min_length=None,
     num_beams=1, length_penalty=1.0, early_stopping=False, num_return_sequences=1,
     do_sample=False, temperature=1.0, top_k=50, top_p=1.0, seed=None,
-    no_repeat_ngram_size=0, repetition_penalty=1.0,
+    no_repeat_ngram_size=0, repetition_penalty=1.0, suppress_tokens=None, begin_suppress_tokens=None,
+    bad_words_ids=None,
 )
 _DEFAULT_MAX_NEW = 20  # HF: max_length 20 on top of the decoder prompt when nothing sets a length
 _TOKEN_FIELDS = ("forced_bos_token_id", "forced_eos_token_id", "eos_token_id", "pad_token_id",
@@ -54,8 +55,8 @@ _NEUTRAL = {
     "num_beam_groups": (None, 1), "diversity_penalty": (None, 0.0), "penalty_alpha": (None, 0.0),
     "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0), "min_p": (None,),
     "top_h": (None,), "encoder_repetition_penalty": (None, 1.0), "encoder_no_repeat_ngram_size": (None, 0),
-    "bad_words_ids": (None,), "force_words_ids": (None,), "constraints": (None,), "sequence_bias": (None,),
-    "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "exponential_decay_length_penalty": (None,),
+    "force_words_ids": (None,), "constraints": (None,), "sequence_bias": (None,),
+    "exponential_decay_length_penalty": (None,),
     "renormalize_logits": (None, False), "remove_invalid_values": (None, False), "guidance_scale": (None, 1.0),
     "watermarking_config": (None,), "stop_strings": (None,), "low_memory": (None, False), "dola_layers": (None,),
     "prompt_lookup_num_tokens": (None,), "assistant_early_exit": (None,), "max_matching_ngram_size": (None,),
@@ -90,6 +91,9 @@ class GenerationConfig:
     seed: int | None = None
     no_repeat_ngram_size: int = 0
     repetition_penalty: float = 1.0
+    suppress_tokens: list[int] | None = None  # never generated
+    begin_suppress_tokens: list[int] | None = None  # not generated as the first token
+    bad_words_ids: list[list[int]] | None = None  # token sequences never completed
     forced_bos_token_id: int | None = None
     forced_eos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
@@ -249,6 +253,20 @@ class GenerationConfig:
                 if not is_int(t) or t < 0 or (vocab_size is not None and t >= vocab_size):
                     rng = f"in [0, {vocab_size})" if vocab_size is not None else ">= 0"
                     bad(name, v, f"a token id {rng}")
+        rng = f"in [0, {vocab_size})" if vocab_size is not None else ">= 0"
+
+        def id_list(v) -> bool:
+            return (isinstance(v, (list, tuple)) and len(v) > 0 and all(
+                is_int(t) and t >= 0 and (vocab_size is None or t < vocab_size) for t in v))
+
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (list, tuple)) and (len(v) == 0 or id_list(v))):
+                bad(name, v, f"a list of token ids {rng}")
+        if self.bad_words_ids is not None:
+            v = self.bad_words_ids
+            if not isinstance(v, (list, tuple)) or len(v) == 0 or not all(id_list(w) for w in v):
+                bad("bad_words_ids", v, f"a non-empty list of non-empty lists of token ids {rng}")
         if self.decoder_start_token_id is None:
             bad("decoder_start_token_id", None, "a token id (set it in the model config or generation config)")
         min_len, max_len = self.limits()
@@ -516,7 +534,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         vocab_size=vocab, eos_token_ids=eos, min_length=min_len, max_length=max_len,
         repetition_penalty=gc.repetition_penalty, no_repeat_ngram_size=gc.no_repeat_ngram_size,
         forced_bos=forced_bos, forced_eos=_as_id_list(gc.forced_eos_token_id), do_sample=gc.do_sample,
-        temperature=gc.temperature, top_k=gc.top_k, top_p=gc.top_p, min_tokens_to_keep=min_keep, device=device)
+        temperature=gc.temperature, top_k=gc.top_k, top_p=gc.top_p, min_tokens_to_keep=min_keep,
+        bad_words=gc.bad_words_ids, suppress=gc.suppress_tokens, begin_suppress=gc.begin_suppress_tokens,
+        # HF: the first generated position, after a forced first token when the prompt is the start token alone
+        begin_index=prompt + (1 if prompt == 1 and gc.forced_bos_token_id is not None else 0), device=device)
 
     generator = None
     seed = gc.seed

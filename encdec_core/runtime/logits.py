@@ -6,8 +6,9 @@ processor applies at a step depends only on host integers (the current length, t
 building the pipeline costs no device synchronisation.
 
 The order of the pipeline and each rule follow HF transformers' ``generate`` (v5), so that the
-same settings pick the same tokens: repetition penalty, no-repeat n-gram, minimum length,
-forced BOS, forced EOS, then (sampling only) temperature, top-k, top-p.
+same settings pick the same tokens: repetition penalty, no-repeat n-gram, bad words, minimum
+length, forced BOS, forced EOS, suppressed tokens, tokens suppressed at the beginning, then
+(sampling only) temperature, top-k, top-p.
 """
 from __future__ import annotations
 
@@ -42,6 +43,20 @@ def no_repeat_ngram(seqs: torch.Tensor, scores: torch.Tensor, n: int) -> torch.T
     windows = seqs.unfold(1, n, 1)  # [N, cur-n+1, n]: every n-gram so far
     hit = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)
     target = torch.where(hit, windows[..., -1].clamp(max=vocab), vocab)
+    banned = torch.zeros((scores.shape[0], vocab + 1), dtype=torch.bool, device=scores.device)
+    banned.scatter_(1, target, True)
+    return scores.masked_fill(banned[:, :vocab], NEG_INF)
+
+
+def bad_words(seqs: torch.Tensor, scores: torch.Tensor, prefixes: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Ban ``last[j]`` wherever a row ends with ``prefixes[j]`` (one group of multi-token bad words with
+    prefixes of one length: [W, n], [W]): the word would be completed."""
+    n = prefixes.shape[1]
+    if n > seqs.shape[1]:
+        return scores
+    vocab = scores.shape[-1]
+    hit = (seqs[:, None, -n:] == prefixes).all(dim=-1)  # [N, W]
+    target = torch.where(hit, last.unsqueeze(0), vocab)  # not hit: a spare column
     banned = torch.zeros((scores.shape[0], vocab + 1), dtype=torch.bool, device=scores.device)
     banned.scatter_(1, target, True)
     return scores.masked_fill(banned[:, :vocab], NEG_INF)
@@ -99,7 +114,9 @@ class LogitsPipeline:
                  repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
                  forced_bos: torch.Tensor | int | None = None, forced_eos: Sequence[int] | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 min_tokens_to_keep: int = 1, device=None):
+                 min_tokens_to_keep: int = 1, bad_words: Sequence[Sequence[int]] | None = None,
+                 suppress: Sequence[int] | None = None, begin_suppress: Sequence[int] | None = None,
+                 begin_index: int = 1, device=None):
         self.device = device
         self.rep = float(repetition_penalty)
         self.ngram = int(no_repeat_ngram_size or 0)
@@ -120,11 +137,36 @@ class LogitsPipeline:
         self.top_p = float(top_p)
         self.min_keep = int(min_tokens_to_keep)
 
+        def mask(ids):
+            m = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            m[torch.tensor(list(ids), dtype=torch.long, device=device)] = True
+            return m
+
+        # bad words (HF's NoBadWordsLogitsProcessor): a word that is an EOS alone is dropped, like HF;
+        # one-token words are a fixed mask, longer ones are grouped by prefix length
+        eos = set(eos_token_ids or ())
+        words = [list(w) for w in (bad_words or ()) if not (len(w) == 1 and w[0] in eos)]
+        single = [w[0] for w in words if len(w) == 1]
+        self.bad_single = mask(single) if single else None
+        groups: dict[int, list[list[int]]] = {}
+        for w in words:
+            if len(w) > 1:
+                groups.setdefault(len(w) - 1, []).append(w)
+        self.bad_multi = [(torch.tensor([w[:-1] for w in ws], dtype=torch.long, device=device),
+                           torch.tensor([w[-1] for w in ws], dtype=torch.long, device=device))
+                          for _, ws in sorted(groups.items())]
+        self.suppress = mask(suppress) if suppress else None
+        self.begin_suppress = mask(begin_suppress) if begin_suppress else None
+        self.begin_index = int(begin_index)
+
     @property
     def static(self) -> bool:
         """True when every processor depends on the position only (not on the tokens so far, no
-        random draws): ``at_position`` then gives the same scores with the position on the device."""
-        return self.rep == 1.0 and self.ngram == 0 and not self.do_sample
+        random draws) and is one the CUDA runner's fused loops implement (minimum length, forced
+        first / last tokens): ``at_position`` then gives the same scores with the position on the
+        device. Bad words and suppressed tokens keep the step-by-step loop."""
+        return (self.rep == 1.0 and self.ngram == 0 and not self.do_sample and self.bad_single is None
+                and not self.bad_multi and self.suppress is None and self.begin_suppress is None)
 
     def _force_bos(self, scores: torch.Tensor) -> torch.Tensor:
         """Scores that allow only the forced first token (one for all rows, or one per row)."""
@@ -152,12 +194,20 @@ class LogitsPipeline:
             scores = repetition_penalty(seqs, scores, self.rep)
         if self.ngram > 0:
             scores = no_repeat_ngram(seqs, scores, self.ngram)
+        if self.bad_single is not None:
+            scores = ban_tokens(scores, self.bad_single)
+        for prefixes, last in self.bad_multi:
+            scores = bad_words(seqs, scores, prefixes, last)
         if self.eos_mask is not None and cur < self.min_length:
             scores = ban_tokens(scores, self.eos_mask)
         if self.forced_bos is not None and cur == 1:
             scores = self._force_bos(scores)
         if self.forced_eos is not None and cur == self.max_length - 1:
             scores = force_tokens(scores, self.forced_eos)
+        if self.suppress is not None:
+            scores = ban_tokens(scores, self.suppress)
+        if self.begin_suppress is not None and cur == self.begin_index:
+            scores = ban_tokens(scores, self.begin_suppress)
         if self.do_sample:
             if self.temperature != 1.0:
                 scores = temperature(scores, self.temperature)
