@@ -301,6 +301,16 @@ def cmd_run(args) -> int:
             raise EncDecError(f"--source-lang: family '{engine.config.family}' has no source-language control") from None
     else:
         ids = tok.encode(texts)
+    if args.truncate or args.max_input_length is not None:
+        try:
+            ids, cut = engine.truncate(tok, ids, args.max_input_length)
+        except EncDecError as exc:
+            raise type(exc)(str(exc).replace("max input length", "--max-input-length", 1)) from None
+        if cut:
+            limit = args.max_input_length or engine.limits.max_input_len
+            if _rank0():
+                print(f"encdec: note: {len(cut)} input(s) cut to {limit} tokens (first: input {cut[0]})",
+                      file=sys.stderr)
     langs = engine.lang_ids(tok, target, len(texts))
     runner = None
     kind = _run_runner(args, torch.device(device).type)
@@ -680,6 +690,11 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, "--random-seed", "--seed", type=int, default=None)
     _opt(s, "--no-repeat-ngram-size", type=int, default=None)
     _opt(s, "--repetition-penalty", type=_float, default=None)
+    _opt(s, "--max-input-length", type=int, default=None, metavar="N",
+         help="cut each input to N tokens (keeping its closing special tokens), as TensorRT-LLM's run.py does; "
+              "N at most the engine's --max-input-len")
+    _opt(s, "--truncate", action="store_true",
+         help="cut inputs longer than the engine's --max-input-len instead of refusing them")
     _opt(s, "--suppress-tokens", type=int, nargs="+", default=None, metavar="ID",
          help="token ids never generated (HF suppress_tokens)")
     _opt(s, "--begin-suppress-tokens", type=int, nargs="+", default=None, metavar="ID",

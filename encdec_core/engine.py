@@ -557,6 +557,37 @@ class Engine:
             out.append(ids)
         return out
 
+    def truncate(self, tok, ids: list[list[int]], max_len: int | None = None) -> tuple[list[list[int]], list[int]]:
+        """Inputs cut to ``max_len`` tokens (default: the engine's max input length), keeping the special
+        tokens the tokenizer puts around every input (found by encoding an empty text: T5's closing
+        ``</s>``, BART's ``<s>`` and ``</s>``, mBART-cc25's ``</s> lang``), as HF's tokenizer truncation
+        and TensorRT-LLM's ``run.py --max_input_length`` do. Returns (ids, indices of the cut inputs)."""
+        limit = self.limits.max_input_len if max_len is None else max_len
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise EncDecError(f"max input length {limit!r}: expected a positive integer")
+        if limit > self.limits.max_input_len:
+            raise LimitError(f"max input length {limit} exceeds the engine's limit {self.limits.max_input_len} "
+                             f"(rebuild with a larger --max-input-len)")
+        frame = list(tok.encode([""])[0])
+        out, cut = [], []
+        for i, x in enumerate(ids):
+            x = list(x)
+            if len(x) <= limit:
+                out.append(x)
+                continue
+            lead = 0
+            while lead < len(frame) and x[lead] == frame[lead]:
+                lead += 1
+            tail = len(frame) - lead
+            if tail and x[-tail:] != frame[lead:]:
+                tail = 0  # the input does not end with the frame's closing tokens: cut plainly
+            if lead + tail >= limit:
+                raise EncDecError(f"max input length {limit}: too short to keep the {lead + tail} special token(s) "
+                                  f"around every input")
+            out.append(x[: limit - tail] + (x[-tail:] if tail else []))
+            cut.append(i)
+        return out, cut
+
     def word_ids(self, tok, words) -> list[list[int]]:
         """Token sequences of words or phrases (``bad_words_ids`` from text): each tokenized as target
         text (``tok.encode_target``) without the special tokens around every target (found by

@@ -491,6 +491,47 @@ def test_run_suppress_and_bad_words(builtin_registry, tmp_path, t5_dir, capsys):
     assert "--suppress-tokens [100000]" in capsys.readouterr().err
 
 
+def test_run_truncates_long_inputs(builtin_registry, tmp_path, t5_dir, tmp_path_factory, capsys):
+    """--max-input-length N / --truncate cut long inputs the way HF's tokenizer truncation does (the
+    closing special tokens kept: T5's </s>, BART's <s> ... </s>); without them a long input is refused;
+    N beyond the engine's limit is refused; --compare-hf runs HF on the same cut ids."""
+    from transformers import AutoTokenizer
+
+    from _bart_helpers import tiny
+    from encdec_core.engine import Engine
+
+    ck, eng = _pipeline(tmp_path, t5_dir)  # --max-input-len 32
+    long_text = "a long input " * 6
+    base = ["run", "--engine-dir", str(eng), "--input-text", "short", long_text, "--max-output-len", "4",
+            "--device", "cpu"]
+    assert main(base) == 2
+    assert "input length" in capsys.readouterr().err
+    out_json = tmp_path / "o.json"
+    assert main([*base, "--truncate", "--compare-hf", "--hf-model-dir", str(t5_dir),
+                 "--output-json", str(out_json)]) == 0
+    cap = capsys.readouterr()
+    assert "1 input(s) cut to 32 tokens (first: input 1)" in cap.err
+    rows = json.loads(out_json.read_text())["results"]
+    hf_tok = AutoTokenizer.from_pretrained(str(t5_dir))
+    assert rows[1]["input_ids"] == hf_tok(long_text, truncation=True, max_length=32)["input_ids"]
+    assert rows[0]["input_ids"] == hf_tok("short")["input_ids"] and all(r["match"] for r in rows)
+    assert main([*base, "--max-input-length", "10", "--output-json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["results"][1]["input_ids"] == hf_tok(
+        long_text, truncation=True, max_length=10)["input_ids"]
+    assert main([*base, "--max-input-length", "33"]) == 2
+    assert "--max-input-length 33 exceeds the engine's limit 32" in capsys.readouterr().err
+
+    bart = tiny("bart", tmp_path_factory)
+    b_eng = _pipeline(tmp_path / "bart", bart)[1]
+    engine = Engine.load(b_eng, device="cpu")
+    tok = engine.tokenizer()
+    text = "The house is wonderful. The cat sleeps on the sofa. I like green apples."
+    cut, which = engine.truncate(tok, tok.encode([text, "The cat."]), 9)
+    hf_b = AutoTokenizer.from_pretrained(str(bart))
+    assert which == [0] and cut[0] == hf_b(text, truncation=True, max_length=9)["input_ids"]
+    assert cut[1] == hf_b("The cat.")["input_ids"] and cut[0][0] == 0 and cut[0][-1] == 2
+
+
 def test_tp_allreduce_option(builtin_registry, tmp_path, t5_dir, capsys, monkeypatch):
     """--tp-allreduce: the CUDA-graph runner's tensor-parallel all-reduce; refused where no such
     runner runs (run without --cuda-graph, benchmark on the eager runner), and a bad
