@@ -815,22 +815,9 @@ def _load_device(device) -> torch.device:
 
 def _check_ids(ids, vocab: int) -> None:
     """generate_ids' input: a list of requests, each a list of int token ids in [0, vocab)."""
-    import operator
+    from .scoring import check_id_rows
 
-    for i, row in enumerate(ids):
-        if isinstance(row, (str, bytes)) or not hasattr(row, "__len__") or not hasattr(row, "__iter__"):
-            raise EncDecError(f"generate: input {i} = {row!r}: expected a list of token ids (ids is a list of "
-                              f"requests, each a list of ints)")
-        for j, t in enumerate(row):
-            try:
-                if isinstance(t, bool):
-                    raise TypeError
-                t = operator.index(t)
-            except TypeError:
-                raise EncDecError(f"generate: input {i}, position {j}: token id {t!r}: expected an int") from None
-            if not 0 <= t < vocab:
-                raise EncDecError(f"generate: input {i}, position {j}: token id {t}: expected ids in [0, {vocab}) "
-                                  f"(the encoder vocabulary)")
+    check_id_rows(ids, vocab, "ids", "encoder", who="generate", row_name=lambda i: f"input {i}")
 
 
 def _output_len(gc) -> int:

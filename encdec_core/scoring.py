@@ -82,15 +82,18 @@ def _same_count(a: list, b: list, na: str, nb: str) -> None:
         raise EncDecError(f"score: {len(a)} {na} but {len(b)} {nb}: expected one target per source")
 
 
-def check_id_rows(rows, vocab: int, name: str, side: str) -> list[list[int]]:
-    """A list of requests, each a list of int token ids in [0, vocab); returned as lists of int."""
+def check_id_rows(rows, vocab: int, name: str, side: str, who: str = "score",
+                  row_name=None) -> list[list[int]]:
+    """A list of requests, each a list of int token ids in [0, vocab); returned as lists of int.
+    Errors read "{who}: {row_name(i)}, position j: ..." (row_name default: ``{name}[i]``)."""
     if rows is None or isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__"):
-        raise EncDecError(f"score: {name} = {rows!r}: expected a list of requests, each a list of int token ids "
-                          f"(for text use score)")
+        raise EncDecError(f"{who}: {name} = {rows!r}: expected a list of requests, each a list of int token ids "
+                          f"(for text use {who})")
+    row_name = row_name or (lambda i: f"{name}[{i}]")
     out = []
     for i, row in enumerate(rows):
         if isinstance(row, (str, bytes)) or not hasattr(row, "__len__") or not hasattr(row, "__iter__"):
-            raise EncDecError(f"score: {name}[{i}] = {row!r}: expected a list of token ids ({name} is a list of "
+            raise EncDecError(f"{who}: {row_name(i)} = {row!r}: expected a list of token ids ({name} is a list of "
                               f"requests, each a list of ints)")
         ids = []
         for j, t in enumerate(row):
@@ -99,9 +102,9 @@ def check_id_rows(rows, vocab: int, name: str, side: str) -> list[list[int]]:
                     raise TypeError
                 t = operator.index(t)
             except TypeError:
-                raise EncDecError(f"score: {name}[{i}], position {j}: token id {t!r}: expected an int") from None
+                raise EncDecError(f"{who}: {row_name(i)}, position {j}: token id {t!r}: expected an int") from None
             if not 0 <= t < vocab:
-                raise EncDecError(f"score: {name}[{i}], position {j}: token id {t}: expected ids in [0, {vocab}) "
+                raise EncDecError(f"{who}: {row_name(i)}, position {j}: token id {t}: expected ids in [0, {vocab}) "
                                   f"(the {side} vocabulary)")
             ids.append(t)
         out.append(ids)

@@ -49,15 +49,22 @@ def builtin_modules() -> list[str]:
     return mods
 
 
-@pytest.fixture
-def builtin_registry():
+def fill_builtin_registry():
     """The process-wide registry, reset and filled by hand with the built-in families that import."""
     from encdec_core import registry
 
     registry.reset()
     for m in builtin_modules():
         registry.register_plugin(importlib.import_module(m), name=m)
-    yield registry
+    return registry
+
+
+@pytest.fixture
+def builtin_registry():
+    """The process-wide registry with the built-in families, for one test."""
+    yield fill_builtin_registry()
+    from encdec_core import registry
+
     registry.reset()
 
 

@@ -5,7 +5,6 @@ padded batches split by the engine's max batch size; batched equals one at a tim
 end; bad input refused with the argument, value and what was expected."""
 from __future__ import annotations
 
-import importlib
 import json
 import math
 
@@ -17,7 +16,7 @@ pytest.importorskip("transformers")
 from _bart_helpers import load_hf, tiny  # noqa: E402
 from _cli_helpers import make_t5_dir  # noqa: E402
 from _mpi import MPIRUN, need_mpi  # noqa: E402
-from conftest import builtin_modules  # noqa: E402
+from conftest import fill_builtin_registry  # noqa: E402
 from encdec_core.cli import main  # noqa: E402
 from encdec_core.convert import convert  # noqa: E402
 from encdec_core.engine import Engine, build  # noqa: E402
@@ -33,12 +32,9 @@ TARGETS = ["hi there friend", "ab", "a somewhat longer", "", "das Haus"]
 @pytest.fixture(scope="module")
 def reg():
     """The process-wide registry with the built-in families (Engine.tokenizer finds the family there)."""
+    yield fill_builtin_registry()
     from encdec_core import registry
 
-    registry.reset()
-    for m in builtin_modules():
-        registry.register_plugin(importlib.import_module(m), name=m)
-    yield registry
     registry.reset()
 
 

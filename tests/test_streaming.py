@@ -27,14 +27,9 @@ def _families(builtin_registry):
 
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory):
-    import importlib
+    from conftest import fill_builtin_registry
 
-    from conftest import builtin_modules
-    from encdec_core import registry
-
-    registry.reset()
-    for m in builtin_modules():
-        registry.register_plugin(importlib.import_module(m), name=m)
+    registry = fill_builtin_registry()
     tmp = tmp_path_factory.mktemp("stream")
     src = make_t5_dir(tmp / "hf-t5")
     ck, eng = tmp / "ckpt", tmp / "engine"
