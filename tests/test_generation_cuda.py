@@ -64,3 +64,27 @@ def test_cuda_per_request_forced_bos(cuda_models):
         extra = {} if want is None else {"forced_bos_token_id": want}
         h = hf_generate(hf, ids[b:b + 1, :n], mask[b:b + 1, :n], num_beams=3, max_new_tokens=8, **extra)
         assert out.tokens(b) == hf_tokens(h.sequences, 0)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(max_new_tokens=12),
+    dict(max_new_tokens=10, num_beams=3, num_return_sequences=2, length_penalty=1.3),
+    dict(max_new_tokens=10, bad_words_ids=[[25, 70]], suppress_tokens=[4], begin_suppress_tokens=[96]),
+], ids=["greedy", "beam", "greedy-bad-suppress"])
+def test_cuda_token_scores_and_processors_match_hf(cuda_models, kw):
+    """On CUDA: output_scores equal HF's compute_transition_scores, the new processors HF's tokens."""
+    from encdec_core.runtime.generation import GenerationConfig, generate
+
+    hf, ours, src, ids, mask = cuda_models
+    beam = kw.get("num_beams", 1) > 1
+    h = hf_generate(hf, ids, mask, **kw)
+    gc = GenerationConfig.from_model(ours.cfg, src.generation_config, **kw)
+    o = generate(ours, ids, mask, gc, output_scores=True)
+    assert_same(h, o, beam=beam)
+    if beam:
+        ref = hf.compute_transition_scores(h.sequences, h.scores, h.beam_indices, normalize_logits=False)
+    else:
+        ref = hf.compute_transition_scores(h.sequences, h.scores, normalize_logits=True)
+    for i in range(len(o)):
+        lps = o.token_logprobs(i)
+        torch.testing.assert_close(torch.tensor(lps), ref[i, : len(lps)].cpu(), atol=1e-4, rtol=1e-4)

@@ -364,3 +364,18 @@ def test_limits_name_the_pair_length_and_limit(t5):
                                          r"limit 20 .*--max-output-len"):
         engine.score_ids([[5]], [[7] * 20])
     assert engine.score_ids([[5]], [[7] * 19])[0].num_tokens == 20  # exactly at the limit is fine
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_scores_equal_cpu(t5):
+    """On a GPU in fp32 the scores equal the CPU's within 1e-4; in bf16 they stay finite and close."""
+    _, eng, cpu = t5
+    want = cpu.score(SOURCES, TARGETS)
+    got = Engine.load(eng, device="cuda").score(SOURCES, TARGETS)
+    for g, w in zip(got, want):
+        assert g.tokens == w.tokens and _close(g.token_logprobs, w.token_logprobs)
+    half = Engine.load(eng, device="cuda", dtype="bfloat16").score(SOURCES, TARGETS)
+    for h, w in zip(half, want):
+        assert all(math.isfinite(x) for x in h.token_logprobs)
+        assert abs(h.mean - w.mean) <= 0.05 * max(1.0, abs(w.mean))

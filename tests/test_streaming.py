@@ -205,3 +205,22 @@ def test_run_streaming_cli(engine_dir, tmp_path, capsys):
     assert "add --num-beams 1" in capsys.readouterr().err
     assert main([*base, "--input-text", TEXTS[0], "--streaming", "--compare-hf"]) == 2
     assert "--streaming and --compare-hf" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stream_through_the_cuda_graph_runner(engine_dir):
+    """On a GPU, streaming through the CUDA-graph runner (its step, not its fused loop) gives the
+    tokens of the runner's own greedy decoding and of the eager path."""
+    from encdec_core.engine import Engine
+    from encdec_core.runtime.cuda import CudaGraphRunner
+
+    engine = Engine.load(engine_dir, device="cuda")
+    runner = CudaGraphRunner.for_engine(engine)
+    ids = engine.tokenizer().encode(TEXTS)
+    fused = engine.generate_ids(ids, runner=runner, max_new_tokens=12)
+    eager = engine.generate_ids(ids, max_new_tokens=12)
+    got = {}
+    for ev in engine.stream_ids(ids, engine.tokenizer(), runner=runner, max_new_tokens=12):
+        got.setdefault(ev.index, []).extend(ev.tokens)
+    assert [got[i] for i in range(len(ids))] == fused.all_tokens() == eager.all_tokens()
