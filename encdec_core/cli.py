@@ -211,17 +211,26 @@ def _flag_error(exc: EncDecError) -> EncDecError:
     return type(exc)(f"{_GEN_FLAGS[m.group(1)]} {m.group(2)}: expected {m.group(3)}")
 
 
-def _read_inputs(args) -> list[str]:
+def _read_inputs(args, keep_blank: bool = False) -> list[str]:
+    """--input-text and --input-file (``-``: standard input) lines; blank lines are skipped, or with
+    ``keep_blank`` kept as "" (``--output-file`` keeps the line numbers)."""
     texts = list(args.input_text or [])
     if args.input_file:
         p = Path(args.input_file)
-        if not p.is_file():
-            raise EncDecError(f"--input-file {p}: no such file")
         try:
-            texts += [ln.rstrip("\n") for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            if args.input_file == "-":
+                if any(int(os.environ.get(v, "1") or 1) > 1 for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE")):
+                    raise EncDecError("--input-file -: standard input reaches one rank only; under mpirun / torchrun "
+                                      "give a file every rank can read")
+                data = sys.stdin.buffer.read().decode("utf-8")
+            elif not p.is_file():
+                raise EncDecError(f"--input-file {p}: no such file")
+            else:
+                data = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             raise EncDecError(f"--input-file {p}: not UTF-8 text ({exc.reason})") from None
-    if not texts:
+        texts += [ln if ln.strip() else "" for ln in data.splitlines() if keep_blank or ln.strip()]
+    if not any(t.strip() for t in texts):
         raise EncDecError("no input: give --input-text TEXT [TEXT ...] or --input-file FILE")
     return texts
 
@@ -273,11 +282,14 @@ def _run_runner(args, device_type: str) -> str:
 def cmd_run(args) -> int:
     import torch
 
-    texts = _read_inputs(args)
+    lines = _read_inputs(args, keep_blank=bool(args.output_file))
+    kept = [i for i, t in enumerate(lines) if t.strip()]  # blank lines: an empty output line, no model run
+    texts = [lines[i] for i in kept]
     if args.output_json:
         check_output_file(Path(args.output_json), "--output-json")  # before any work
-    if args.output_file:
+    if args.output_file and args.output_file != "-":
         check_output_file(Path(args.output_file), "--output-file")
+    args.line_map = (len(lines), kept)
     engine_dir = Path(args.engine_dir) if args.engine_dir else default_engine()
     device = _device(args.device)
     engine, ctx = _load_engine(engine_dir, device, args.dtype)
@@ -362,12 +374,13 @@ def cmd_run(args) -> int:
         write_text_atomic(Path(args.output_json), json.dumps(report, indent=2, ensure_ascii=False) + "\n",
                           "--output-json")
     if args.output_file:
-        _write_output_file(args.output_file, outputs)
+        _write_output_file(args.output_file, outputs, args.line_map)
         if hf_rows is None:
             return 0
     for i, row in enumerate(report["results"]):
         if args.output_file:  # the outputs went to the file: only --compare-hf's verdict here
-            out(f"input {i}: token ids match HF fp32: {'yes' if row['match'] else 'NO'}")
+            out(f"input {i}: token ids match HF fp32: {'yes' if row['match'] else 'NO'}",
+                file=sys.stderr if args.output_file == "-" else sys.stdout)
             continue
         out(f"Input : {row['input']}")
         for j, o in enumerate(row["output"]):
@@ -405,7 +418,7 @@ def _run_streaming(args, engine, engine_dir, device, texts, ids, tok, langs, run
             raise EncDecError(f"--streaming serves greedy decoding and sampling, and this run has {gc.num_beams} "
                               f"beams ({where}): add --num-beams 1, or drop --streaming")
         n = gc.num_return_sequences
-        one = len(ids) == 1 and n == 1
+        one = len(ids) == 1 and n == 1 and not args.output_file
         started = False
         for ev in engine.stream_ids(ids, tok, langs, runner=runner, lora_uids=uids, decoder_prefix=prefix,
                                     **overrides):
@@ -433,18 +446,32 @@ def _run_streaming(args, engine, engine_dir, device, texts, ids, tok, langs, run
         write_text_atomic(Path(args.output_json), json.dumps(report, indent=2, ensure_ascii=False) + "\n",
                           "--output-json")
     if args.output_file:
-        _write_output_file(args.output_file, done)
+        _write_output_file(args.output_file, done, args.line_map)
     return 0
 
 
-def _write_output_file(path, outputs: list[list[str]]) -> None:
-    """``run --output-file``: each input's outputs, one per line, in input order (a line break inside
-    an output becomes a space, so line i * n + j is output j of input i); written atomically by rank 0."""
+def _write_output_file(path, outputs: list[list[str]], line_map=None) -> None:
+    """``run --output-file``: each input line's outputs, one per line, in input order (a line break
+    inside an output becomes a space, so line i * n + j is output j of input line i; a blank input line
+    gives n empty lines); written atomically by rank 0, or to standard output for ``-``."""
     if not _rank0():
         return
+    n = len(outputs[0]) if outputs else 1
+    if line_map is not None:
+        total, kept = line_map
+        full: list[list[str]] = [[""] * n for _ in range(total)]
+        for i, outs in zip(kept, outputs):
+            full[i] = outs
+        outputs = full
     lines = [" ".join(o.splitlines()) for outs in outputs for o in outs]
-    write_text_atomic(Path(path), "".join(line + "\n" for line in lines), "--output-file")
-    out(f"wrote {len(lines)} output line(s) for {len(outputs)} input(s) to {path}")
+    text = "".join(line + "\n" for line in lines)
+    if path == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        print(f"encdec: wrote {len(lines)} output line(s) for {len(outputs)} input line(s)", file=sys.stderr)
+        return
+    write_text_atomic(Path(path), text, "--output-file")
+    out(f"wrote {len(lines)} output line(s) for {len(outputs)} input line(s) to {path}")
 
 
 def compare_hf(engine, args, ids, langs, overrides, res, lora_uids=None, prefix=None) -> list[dict]:

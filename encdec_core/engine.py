@@ -391,8 +391,9 @@ class Engine:
             if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__"):
                 raise EncDecError(f"{what}[{r}] = {p!r}: expected a list of token ids (or None)")
             p = list(p)
-            bad = next((t for t in p if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
-            if bad is not None or any(not isinstance(t, int) or isinstance(t, bool) for t in p):
+            bad = [t for t in p if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+            if bad:
+                bad = bad[0]
                 raise EncDecError(f"{what}[{r}] contains {bad!r}: expected token ids in [0, {vocab}) (the decoder "
                                   f"vocabulary)")
             forced = gc.forced_bos_token_id

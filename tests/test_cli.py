@@ -453,13 +453,39 @@ def test_run_output_file(builtin_registry, tmp_path, t5_dir, capsys):
         want = [x for r in json.loads(js.read_text())["results"] for x in r["output"]]
         assert o.read_text(encoding="utf-8").split("\n") == [" ".join(w.splitlines()) for w in want] + [""]
         assert len(want) == len(lines) * (2 if extra and extra[0] == "--num-beams" else 1)
-        assert "Output" not in printed and f"for {len(lines)} input(s)" in printed
+        assert "Output" not in printed and f"for {len(lines)} input line(s)" in printed
     assert main([*base, "--output-file", str(tmp_path / "c.txt"), "--compare-hf", "--hf-model-dir", str(t5_dir)]) == 0
     printed = capsys.readouterr().out
     assert printed.count("token ids match HF fp32: yes") == len(lines) and "Output" not in printed
     assert main([*base, "--output-file", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"--output-file {tmp_path}: is a directory" in err
+    # blank input lines keep their place (an empty output line each); - is standard input / output
+    f.write_text("hello\n\n  \none\n", encoding="utf-8")
+    o = tmp_path / "blank.txt"
+    assert main([*base, "--output-file", str(o)]) == 0
+    got = o.read_text(encoding="utf-8").split("\n")
+    capsys.readouterr()
+    assert main(["run", "--engine-dir", str(eng), "--input-text", "hello", "one", "--max-output-len", "6",
+                 "--device", "cpu", "--output-json", str(js)]) == 0
+    want = [r["output"][0] for r in json.loads(js.read_text())["results"]]
+    assert got == [want[0], "", "", want[1], ""]
+    import io
+    import sys
+
+    class Stdin:
+        buffer = io.BytesIO("hello\n\none\n".encode())
+
+    capsys.readouterr()
+    real = sys.stdin
+    sys.stdin = Stdin()
+    try:
+        assert main(["run", "--engine-dir", str(eng), "--input-file", "-", "--output-file", "-",
+                     "--max-output-len", "6", "--device", "cpu"]) == 0
+    finally:
+        sys.stdin = real
+    cap = capsys.readouterr()
+    assert cap.out == f"{want[0]}\n\n{want[1]}\n" and "wrote 3 output line(s)" in cap.err
 
 
 def test_run_suppress_and_bad_words(builtin_registry, tmp_path, t5_dir, capsys):
