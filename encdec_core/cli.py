@@ -1,4 +1,4 @@
-"""encdec command line: list-families, plugins, convert, build, run, benchmark, score.
+"""encdec command line: list-families, plugins, convert, build, run, benchmark, score, serve.
 
 Option names follow TensorRT-LLM's enc_dec example in kebab-case; the snake_case spellings users
 type from there (--max_batch_size) are accepted too.
@@ -619,6 +619,41 @@ def _read_side(texts, file, side: str) -> tuple[list[str], str]:
     return list(texts), flag_t
 
 
+def cmd_serve(args) -> int:
+    """An HTTP/JSON server for one engine (encdec_core/serve.py): dynamic batching, streaming, scoring."""
+    import torch
+
+    from .serve import Server
+
+    for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE"):
+        if int(os.environ.get(v, "1") or 1) > 1:
+            raise EncDecError("serve runs one process: a tensor- or pipeline-parallel engine under mpirun / torchrun "
+                              "is not served yet (use encdec run per batch, or a tp=pp=1 engine)")
+    if not 0 <= args.port < 65536:
+        raise EncDecError(f"--port {args.port}: expected 0..65535 (0: any free port)")
+    if not (args.max_batch_delay_ms >= 0 and args.max_batch_delay_ms <= 60_000):
+        raise EncDecError(f"--max-batch-delay-ms {args.max_batch_delay_ms}: expected 0..60000")
+    engine_dir = Path(args.engine_dir) if args.engine_dir else default_engine()
+    engine, _ = _load_engine(engine_dir, _device(args.device), args.dtype)
+    runner = None
+    kind = _run_runner(args, torch.device(engine.model.device).type)
+    if kind in ("cuda-graph", "compiled"):
+        from .runtime.cuda.runner import CudaGraphRunner
+
+        runner = CudaGraphRunner.for_engine(engine)
+    log = (lambda msg: print(f"encdec serve: {msg}", file=sys.stderr, flush=True)) if args.log_requests else None
+    server = Server(engine, args.host, args.port, runner=runner, max_delay=args.max_batch_delay_ms / 1000.0, log=log)
+    host, port = server.address
+    print(f"encdec serve: {engine_dir} ({engine.config.family}, {engine.model.device}, runner {kind}) on "
+          f"http://{host}:{port} (POST /v1/generate, /v1/score; GET /health, /v1/model); Ctrl-C stops",
+          file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def cmd_score(args) -> int:
     """Teacher-forced scores of given (source, target) pairs (encdec_core/scoring.py)."""
     sources, s_from = _read_side(args.source_text, args.source_file, "source")
@@ -788,6 +823,20 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, "--plot", default=None, help="PNG plot (needs matplotlib)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_benchmark)
+
+    s = sub.add_parser("serve", help="HTTP/JSON server: dynamic batching, streaming, scoring")
+    _opt(s, "--engine-dir", default=None, help="engine directory (default: the bundled model)")
+    _opt(s, "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    _opt(s, "--port", type=int, default=8000, help="port (0: any free port, printed at start)")
+    _opt(s, "--max-batch-delay-ms", type=_float, default=5.0,
+         help="how long the scheduler waits for more requests with the same options to batch with the first")
+    _opt(s, "--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    _opt(s, "--dtype", default=None, help="override the engine dtype at load")
+    _opt(s, "--cuda-graph", action="store_true", help="decode with the CUDA-graph runner (one-off compile)")
+    _opt(s, "--runner", default="auto", choices=("auto", "eager", "cuda-graph", "compiled"),
+         help="as for run: auto is eager (cuda-graph with --cuda-graph); compiled on a CPU: the inductor-compiled step")
+    _opt(s, "--log-requests", action="store_true", help="log each HTTP request to stderr")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("score", help="log-likelihood of given targets for given sources (teacher forcing)")
     _opt(s, "--engine-dir", default=None, help="engine directory (default: the bundled model)")

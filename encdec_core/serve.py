@@ -1,0 +1,461 @@
+"""``encdec serve``: one engine behind an HTTP/JSON API, with dynamic batching and streaming.
+
+Standard library only (``http.server``), one process, one engine. Connection threads parse
+requests and wait; a single scheduler thread owns the model (the CUDA-graph runner and its static
+buffers are not thread-safe) and runs the jobs:
+
+- ``POST /v1/generate`` ``{"inputs": "text" | ["text", ...], "parameters": {...}, "stream": false}``
+  -> ``{"outputs": [[text, ...], ...]}`` (one list per input, ``num_return_sequences`` long), or
+  with ``"return_scores": true`` a dict per output (text, tokens, score, token_logprobs).
+  ``parameters``: HF's generation option names (max_new_tokens, num_beams, do_sample, top_p, ...),
+  plus ``target_lang``, ``target_prefix``, ``lora_uid`` and ``return_scores``.
+- ``"stream": true``: ``text/event-stream``, one ``data: {json}`` event per StreamEvent (index,
+  sequence, text, finished, output), then ``data: [DONE]``.
+- ``POST /v1/score`` ``{"sources": [...], "targets": [...], "target_lang": ..., "lora_uid": ...}``
+  -> ``{"results": [{score, sum, num_tokens, tokens, token_logprobs}, ...]}``.
+- ``GET /health`` (queue length, requests and batches served), ``GET /v1/model`` (family, limits,
+  dtype, device).
+
+Dynamic batching: the scheduler takes the oldest job, then waits up to ``max_delay`` for more jobs
+with the same generation options (and the same return_scores), up to the engine's max batch size
+in inputs, and runs them as one batch (target languages, prefixes and adapters may differ per
+request: they go per input). Outputs equal each request run alone (batched == one at a time is
+a tested property of generate). A batch that fails is rerun request by request, so one bad
+request gets its own error and the others their outputs. Streaming and scoring jobs run one at a
+time. Errors are JSON ``{"error": message}``: 400 for bad input (the message names the field and
+value), 404 / 405 / 413 for the path, method and size, 500 for an internal error.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from .errors import EncDecError
+
+MAX_BODY = 16 << 20  # bytes of one request body
+_PER_REQUEST = ("target_lang", "target_prefix", "lora_uid")  # per input in a merged batch
+
+
+class RequestError(EncDecError):
+    """A request the server refuses (HTTP 4xx)."""
+
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Job:
+    kind: str  # "generate", "stream" or "score"
+    payload: dict
+    key: str = ""  # generate: jobs with equal keys may share a batch
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+    events: queue.Queue | None = None  # stream: StreamEvents, then None
+    cancelled: bool = False
+
+    def finish(self, result=None, error=None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
+
+
+# ---------------------------------------------------------------------------- request parsing
+def _texts(v, name: str) -> list[str]:
+    if isinstance(v, str):
+        return [v]
+    if not isinstance(v, list) or not v:
+        raise RequestError(f"{name} = {json.dumps(v)[:200]}: expected a string or a non-empty list of strings")
+    bad = next((i for i, t in enumerate(v) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise RequestError(f"{name}[{bad}] = {json.dumps(v[bad])[:200]}: expected a string")
+    return list(v)
+
+
+def parse_generate(body: dict, gen_fields) -> tuple[list[str], dict, dict, bool, bool]:
+    """(texts, generation options, per-request options, return_scores, stream) of a generate request."""
+    unknown = sorted(set(body) - {"inputs", "parameters", "stream"})
+    if unknown:
+        raise RequestError(f"unknown field(s) {unknown}: expected inputs, parameters, stream")
+    if "inputs" not in body:
+        raise RequestError("missing field 'inputs': a string or a list of strings")
+    texts = _texts(body["inputs"], "inputs")
+    params = body.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise RequestError(f"parameters = {json.dumps(params)[:200]}: expected an object")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(f"stream = {json.dumps(stream)}: expected true or false")
+    params = dict(params)
+    scores = params.pop("return_scores", False)
+    if not isinstance(scores, bool):
+        raise RequestError(f"parameters.return_scores = {json.dumps(scores)}: expected true or false")
+    per = {k: params.pop(k) for k in _PER_REQUEST if k in params}
+    unknown = sorted(k for k in params if k not in gen_fields)
+    if unknown:
+        raise RequestError(f"parameters: unknown option(s) {unknown}; known: {sorted(gen_fields)} and "
+                           f"{sorted(_PER_REQUEST + ('return_scores',))}")
+    for k in ("target_lang", "target_prefix"):
+        if per.get(k) is not None and not isinstance(per[k], str):
+            raise RequestError(f"parameters.{k} = {json.dumps(per[k])[:200]}: expected a string")
+    u = per.get("lora_uid")
+    if u is not None and (isinstance(u, bool) or not isinstance(u, int)):
+        raise RequestError(f"parameters.lora_uid = {json.dumps(u)}: expected an integer (-1: the base model)")
+    if stream and scores:
+        raise RequestError("stream and parameters.return_scores do not go together")
+    return texts, params, per, scores, stream
+
+
+# ---------------------------------------------------------------------------- the scheduler
+class Scheduler:
+    """The one thread that runs the model: batches generate jobs, runs stream and score jobs."""
+
+    def __init__(self, engine, runner=None, max_delay: float = 0.005, max_inputs: int | None = None):
+        self.engine, self.runner = engine, runner
+        self.max_delay = float(max_delay)
+        self.max_inputs = int(max_inputs or engine.limits.max_batch_size)
+        self.q: queue.Queue = queue.Queue()
+        self.held: list[Job] = []  # taken from the queue while gathering a batch, not in it
+        self.requests = 0
+        self.batches = 0
+        self._thread = threading.Thread(target=self._loop, name="encdec-scheduler", daemon=True)
+        self._stop = False
+
+    def start(self) -> "Scheduler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop = True
+        self.q.put(None)
+        self._thread.join(timeout=60)
+
+    def submit(self, job: Job) -> Job:
+        self.q.put(job)
+        return job
+
+    def pending(self) -> int:
+        return self.q.qsize() + len(self.held)
+
+    # -- the loop
+    def _next(self, timeout: float | None) -> Job | None:
+        if self.held:
+            return self.held.pop(0)
+        return self.q.get(timeout=timeout) if timeout is not None else self.q.get()
+
+    def _loop(self) -> None:
+        if self.engine.model.device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(self.engine.model.device)
+        while not self._stop:
+            job = self._next(None)
+            if job is None:
+                break
+            batch = [job]
+            try:
+                if job.kind == "generate":
+                    batch = self._gather(job)
+                    self._generate(batch)
+                elif job.kind == "stream":
+                    self._stream(job)
+                else:
+                    self._score(job)
+            except BaseException as exc:  # never leave a waiting connection behind
+                for j in batch:
+                    if not j.done.is_set():
+                        j.finish(error=exc)
+
+    def _gather(self, first: Job) -> list[Job]:
+        """``first`` and the jobs with its key that arrive within max_delay, up to max_inputs inputs."""
+        batch, n = [first], len(first.payload["texts"])
+        deadline = time.monotonic() + self.max_delay
+        skipped: list[Job] = []
+        while n < self.max_inputs:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                job = self._next(left)
+            except queue.Empty:
+                break
+            if job is None:  # stop: let the loop see it after this batch
+                self.q.put(None)
+                break
+            m = len(job.payload["texts"])
+            if job.kind == "generate" and job.key == first.key and n + m <= self.max_inputs:
+                batch.append(job)
+                n += m
+            else:
+                skipped.append(job)
+        self.held = skipped + self.held
+        return batch
+
+    def _generate(self, batch: list[Job]) -> None:
+        try:
+            results = self._run_generate(batch)
+        except EncDecError:
+            if len(batch) == 1:
+                raise
+            for job in batch:  # one request's error must not fail the others
+                try:
+                    job.finish(self._run_generate([job])[0])
+                except BaseException as exc:
+                    job.finish(error=exc)
+            return
+        for job, res in zip(batch, results):
+            job.finish(res)
+
+    def _run_generate(self, batch: list[Job]) -> list:
+        texts, langs, prefixes, uids = [], [], [], []
+        for job in batch:
+            p = job.payload
+            texts += p["texts"]
+            langs += [p["per"].get("target_lang")] * len(p["texts"])
+            prefixes += [p["per"].get("target_prefix")] * len(p["texts"])
+            uids += [p["per"].get("lora_uid", -1)] * len(p["texts"])
+        first = batch[0].payload
+        kw = dict(first["params"])
+        if any(x is not None for x in langs):
+            kw["target_lang"] = langs
+        if any(x is not None for x in prefixes):
+            kw["target_prefix"] = prefixes
+        if any(u != -1 for u in uids):
+            kw["lora_uids"] = uids
+        out = self.engine.generate(texts, runner=self.runner, return_scores=first["scores"], **kw)
+        self.requests += len(batch)
+        self.batches += 1
+        res, i = [], 0
+        for job in batch:
+            k = len(job.payload["texts"])
+            res.append(out[i: i + k])
+            i += k
+        return res
+
+    def _stream(self, job: Job) -> None:
+        p = job.payload
+        kw = dict(p["params"])
+        for k in ("target_lang", "target_prefix"):
+            if p["per"].get(k) is not None:
+                kw[k] = p["per"][k]
+        if p["per"].get("lora_uid") is not None:
+            kw["lora_uids"] = p["per"]["lora_uid"]
+        self.requests += 1
+        self.batches += 1
+        stream = None
+        try:
+            stream = self.engine.generate_stream(p["texts"], runner=self.runner, **kw)
+            for ev in stream:
+                if job.cancelled:
+                    break
+                job.events.put(ev)
+        except BaseException as exc:
+            job.events.put(exc)
+        finally:
+            if stream is not None:
+                stream.close()
+            job.events.put(None)
+            job.finish()
+
+    def _score(self, job: Job) -> None:
+        p = job.payload
+        res = self.engine.score(p["sources"], p["targets"], target_lang=p.get("target_lang"),
+                                lora_uids=p.get("lora_uid"))
+        self.requests += 1
+        self.batches += 1
+        job.finish(res)
+
+
+# ---------------------------------------------------------------------------- HTTP
+def _hypothesis_json(h) -> dict:
+    return {"text": h.text, "tokens": h.tokens, "score": h.score, "token_logprobs": h.token_logprobs}
+
+
+def make_handler(server_state: "Server"):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "encdec"
+
+        def log_message(self, fmt, *args):  # quiet unless asked
+            if server_state.log is not None:
+                server_state.log(f"{self.address_string()} {fmt % args}")
+
+        # -- replies
+        def _json(self, status: int, obj) -> None:
+            data = (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, exc: BaseException) -> None:
+            if isinstance(exc, RequestError):
+                self._json(exc.status, {"error": str(exc)})
+            elif isinstance(exc, EncDecError):
+                self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+            else:
+                self._json(HTTPStatus.INTERNAL_SERVER_ERROR,
+                           {"error": f"internal error: {type(exc).__name__}: {exc}"})
+
+        def _body(self) -> dict:
+            n = self.headers.get("Content-Length")
+            if n is None or not n.isdigit():
+                raise RequestError("a JSON body with a Content-Length header is expected", HTTPStatus.LENGTH_REQUIRED)
+            if int(n) > MAX_BODY:
+                raise RequestError(f"request body of {n} bytes: at most {MAX_BODY}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            raw = self.rfile.read(int(n))
+            try:
+                body = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise RequestError(f"the body is not JSON: {exc}") from None
+            if not isinstance(body, dict):
+                raise RequestError(f"the body is {type(body).__name__}: expected a JSON object")
+            return body
+
+        # -- routes
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            if self.path == "/health":
+                s = server_state.scheduler
+                self._json(HTTPStatus.OK, {"status": "ok", "pending": s.pending(), "requests": s.requests,
+                                           "batches": s.batches})
+            elif self.path == "/v1/model":
+                self._json(HTTPStatus.OK, server_state.model_info())
+            else:
+                self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path!r}: GET /health, /v1/model; "
+                                                           f"POST /v1/generate, /v1/score"})
+
+        def do_POST(self):  # noqa: N802
+            try:
+                if self.path not in ("/v1/generate", "/v1/score"):
+                    self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                    raise RequestError(f"no such path {self.path!r}: POST /v1/generate, /v1/score",
+                                       HTTPStatus.NOT_FOUND)
+                body = self._body()
+                if self.path == "/v1/score":
+                    return self._score(body)
+                texts, params, per, scores, stream = parse_generate(body, server_state.gen_fields)
+                payload = {"texts": texts, "params": params, "per": per, "scores": scores}
+                if stream:
+                    return self._stream(Job("stream", payload, events=queue.Queue()))
+                key = json.dumps([params, scores], sort_keys=True)
+                job = server_state.scheduler.submit(Job("generate", payload, key))
+                job.done.wait()
+                if job.error is not None:
+                    raise job.error
+                outs = job.result
+                if scores:
+                    outs = [[_hypothesis_json(h) for h in row] for row in outs]
+                self._json(HTTPStatus.OK, {"outputs": outs})
+            except BaseException as exc:
+                self._error(exc)
+
+        def _score(self, body: dict) -> None:
+            unknown = sorted(set(body) - {"sources", "targets", "target_lang", "lora_uid"})
+            if unknown:
+                raise RequestError(f"unknown field(s) {unknown}: expected sources, targets, target_lang, lora_uid")
+            for k in ("sources", "targets"):
+                if k not in body:
+                    raise RequestError(f"missing field {k!r}: a list of strings")
+            payload = {"sources": _texts(body["sources"], "sources"), "targets": _texts(body["targets"], "targets"),
+                       "target_lang": body.get("target_lang"), "lora_uid": body.get("lora_uid")}
+            job = server_state.scheduler.submit(Job("score", payload))
+            job.done.wait()
+            if job.error is not None:
+                raise job.error
+            self._json(HTTPStatus.OK, {"results": [
+                {"score": r.mean, "sum": r.sum, "num_tokens": r.num_tokens, "tokens": r.tokens,
+                 "token_logprobs": r.token_logprobs} for r in job.result]})
+
+        def _stream(self, job: Job) -> None:
+            server_state.scheduler.submit(job)
+            first = job.events.get()
+            if isinstance(first, BaseException):  # refused before any token: a plain JSON error
+                job.done.wait()
+                raise first
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            item = first
+            try:
+                while item is not None:
+                    if isinstance(item, BaseException):
+                        msg = item if isinstance(item, EncDecError) else f"internal error: {type(item).__name__}: {item}"
+                        data = {"error": str(msg)}
+                    else:
+                        data = {"index": item.index, "sequence": item.sequence, "text": item.text,
+                                "tokens": item.tokens, "finished": item.finished, "output": item.output}
+                    self.wfile.write(f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode())
+                    self.wfile.flush()
+                    item = job.events.get()
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                job.cancelled = True  # the client left: the scheduler stops this generation
+                while job.events.get() is not None:
+                    pass
+
+    return Handler
+
+
+class Server:
+    """The HTTP server and its scheduler; ``serve_forever`` blocks, ``start`` runs it in a thread."""
+
+    def __init__(self, engine, host: str = "127.0.0.1", port: int = 8000, runner=None, max_delay: float = 0.005,
+                 log=None):
+        from .runtime.generation import GenerationConfig
+
+        self.engine = engine
+        self.log = log
+        self.gen_fields = set(GenerationConfig.field_names()) - {"decoder_start_token_id", "pad_token_id"}
+        self.scheduler = Scheduler(engine, runner, max_delay)
+        try:
+            self.httpd = ThreadingHTTPServer((host, port), make_handler(self))
+        except OSError as exc:
+            raise EncDecError(f"serve: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+        self.httpd.daemon_threads = True
+        self._thread = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.httpd.server_address[:2]
+
+    def model_info(self) -> dict:
+        e = self.engine
+        lim = e.limits
+        return {"engine": str(e.engine_dir), "family": e.config.family, "dtype": str(e.model.dtype).replace("torch.", ""),
+                "device": str(e.model.device), "runner": type(self.scheduler.runner).__name__
+                if self.scheduler.runner is not None else "eager",
+                "limits": {"max_batch_size": lim.max_batch_size, "max_input_len": lim.max_input_len,
+                           "max_output_len": lim.max_output_len, "max_beam_width": lim.max_beam_width},
+                "generation_defaults": e.generation_defaults}
+
+    def start(self) -> "Server":
+        self.scheduler.start()
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="encdec-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.scheduler.start()
+        try:
+            self.httpd.serve_forever()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self._thread.join(timeout=30)
+            self._thread = None
+        self.httpd.server_close()
+        self.scheduler.stop()

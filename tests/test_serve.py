@@ -1,0 +1,188 @@
+"""encdec serve: the HTTP server's outputs equal Engine.generate / score, concurrent requests with
+the same options share batches, streaming sends the output in pieces, and bad requests get a JSON
+error naming the field while the requests batched with them still succeed."""
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from encdec_core.cli import main
+
+from _cli_helpers import make_t5_dir
+
+TEXTS = ["hello", "a much longer input here", "x y", "another input", "one", "two words"]
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory):
+    from conftest import fill_builtin_registry
+
+    registry = fill_builtin_registry()
+    tmp = tmp_path_factory.mktemp("serve")
+    src = make_t5_dir(tmp / "hf-t5")
+    ck, eng = tmp / "ckpt", tmp / "engine"
+    assert main(["convert", "--model-dir", str(src), "--output-dir", str(ck), "--quiet"]) == 0
+    assert main(["build", "--checkpoint-dir", str(ck), "--output-dir", str(eng), "--max-batch-size", "8",
+                 "--max-input-len", "32", "--max-output-len", "12", "--max-beam-width", "2"]) == 0
+    registry.reset()
+    return eng
+
+
+@pytest.fixture
+def server(engine_dir, builtin_registry):
+    from encdec_core.engine import Engine
+    from encdec_core.serve import Server
+
+    engine = Engine.load(engine_dir, device="cpu")
+    srv = Server(engine, "127.0.0.1", 0, max_delay=0.3).start()
+    yield srv, engine
+    srv.close()
+
+
+def _post(srv, path, body, raw: bytes | None = None):
+    host, port = srv.address
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://{host}:{port}{path}", data=data, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.headers.get("Content-Type"), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type"), e.read().decode()
+
+
+def _get(srv, path):
+    host, port = srv.address
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_concurrent_requests_are_batched_and_equal_generate(server):
+    """Six clients at once, one input each, the same options: fewer batches than requests, and each
+    output is what Engine.generate gives that input alone; other options run in their own batch."""
+    srv, engine = server
+    params = dict(max_new_tokens=8, num_beams=2)
+    results = [None] * len(TEXTS)
+    go = threading.Barrier(len(TEXTS))
+
+    def client(i):
+        go.wait()
+        results[i] = _post(srv, "/v1/generate", {"inputs": TEXTS[i], "parameters": params})
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(TEXTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (status, ctype, body) in enumerate(results):
+        assert status == 200 and ctype.startswith("application/json"), body
+        assert json.loads(body)["outputs"] == engine.generate([TEXTS[i]], **params)
+    _, health = _get(srv, "/health")
+    assert health["requests"] == len(TEXTS) and health["batches"] < len(TEXTS)
+    # a list of inputs, other options and a per-request prefix: its own batch, same as generate
+    status, _, body = _post(srv, "/v1/generate", {"inputs": TEXTS[:2], "parameters": {
+        "max_new_tokens": 6, "target_prefix": "ab", "return_scores": True}})
+    assert status == 200
+    want = engine.generate(TEXTS[:2], max_new_tokens=6, target_prefix="ab", return_scores=True)
+    got = json.loads(body)["outputs"]
+    for g_row, w_row in zip(got, want):
+        for g, w in zip(g_row, w_row):
+            assert g["text"] == w.text and g["tokens"] == w.tokens and g["text"].startswith("ab")
+            assert g["score"] == pytest.approx(w.score, abs=1e-5)
+            assert g["token_logprobs"] == pytest.approx(w.token_logprobs, abs=1e-5)
+
+
+def test_streaming_sends_events_that_add_up(server):
+    srv, engine = server
+    status, ctype, body = _post(srv, "/v1/generate", {"inputs": TEXTS[:3], "stream": True,
+                                                      "parameters": {"max_new_tokens": 10}})
+    assert status == 200 and ctype.startswith("text/event-stream")
+    chunks = [c[len("data: "):] for c in body.split("\n\n") if c.startswith("data: ")]
+    assert chunks[-1] == "[DONE]"
+    events = [json.loads(c) for c in chunks[:-1]]
+    want = engine.generate(TEXTS[:3], max_new_tokens=10)
+    for i in range(3):
+        mine = [e for e in events if e["index"] == i]
+        assert "".join(e["text"] for e in mine) == want[i][0]
+        assert mine[-1]["finished"] and mine[-1]["output"] == want[i][0]
+        assert sum(e["finished"] for e in mine) == 1
+    assert len(events) > 3  # pieces, not one event per output
+    # a refused streaming request is a plain JSON error
+    status, ctype, body = _post(srv, "/v1/generate", {"inputs": "abc", "stream": True,
+                                                      "parameters": {"num_beams": 2, "max_new_tokens": 4}})
+    assert status == 400 and "num_beams = 2" in json.loads(body)["error"]
+
+
+def test_score_endpoint_equals_engine_score(server):
+    srv, engine = server
+    status, _, body = _post(srv, "/v1/score", {"sources": TEXTS[:2], "targets": ["hi", "a b"]})
+    assert status == 200
+    got = json.loads(body)["results"]
+    want = engine.score(TEXTS[:2], ["hi", "a b"])
+    for g, w in zip(got, want):
+        assert g["tokens"] == w.tokens and g["sum"] == pytest.approx(w.sum, abs=1e-5)
+        assert g["score"] == pytest.approx(w.mean, abs=1e-5)
+
+
+@pytest.mark.parametrize("path, body, raw, status, words", [
+    ("/v1/generate", None, b"{not json", 400, "not JSON"),
+    ("/v1/generate", [1, 2], None, 400, "expected a JSON object"),
+    ("/v1/generate", {"input": "x"}, None, 400, "unknown field(s) ['input']"),
+    ("/v1/generate", {"inputs": []}, None, 400, "inputs = []"),
+    ("/v1/generate", {"inputs": ["a", 3]}, None, 400, "inputs[1] = 3"),
+    ("/v1/generate", {"inputs": "a", "parameters": {"num_beamz": 2}}, None, 400, "unknown option(s) ['num_beamz']"),
+    ("/v1/generate", {"inputs": "a", "parameters": {"num_beams": 0}}, None, 400, "num_beams"),
+    ("/v1/generate", {"inputs": "a", "parameters": {"max_new_tokens": 50}}, None, 400, "limit 12"),
+    ("/v1/generate", {"inputs": "a", "parameters": {"target_prefix": 3}}, None, 400, "target_prefix = 3"),
+    ("/v1/generate", {"inputs": "a", "stream": "yes"}, None, 400, 'stream = "yes"'),
+    ("/v1/score", {"sources": ["a"]}, None, 400, "missing field 'targets'"),
+    ("/v1/score", {"sources": ["a"], "targets": ["b", "c"]}, None, 400, "targets"),
+    ("/v1/nothing", {}, None, 404, "no such path"),
+], ids=["json", "not-object", "unknown-field", "empty", "not-string", "unknown-option", "bad-option", "limit",
+        "prefix-type", "stream-type", "score-missing", "score-count", "path"])
+def test_bad_requests_get_json_errors(server, path, body, raw, status, words):
+    srv, _ = server
+    got, ctype, text = _post(srv, path, body, raw)
+    assert got == status and ctype.startswith("application/json")
+    assert words in json.loads(text)["error"], text
+
+
+def test_a_bad_request_does_not_fail_its_batch(server):
+    """Two concurrent requests with the same options, one input too long for the engine: the batch
+    fails, is rerun request by request, and the good request gets its output."""
+    srv, engine = server
+    params = {"max_new_tokens": 5}
+    out = {}
+    go = threading.Barrier(2)
+
+    def client(name, text):
+        go.wait()
+        out[name] = _post(srv, "/v1/generate", {"inputs": text, "parameters": params})
+
+    threads = [threading.Thread(target=client, args=("good", "hello")),
+               threading.Thread(target=client, args=("bad", "x" * 100))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out["good"][0] == 200 and json.loads(out["good"][2])["outputs"] == engine.generate(["hello"], **params)
+    assert out["bad"][0] == 400 and "input length" in json.loads(out["bad"][2])["error"]
+
+
+def test_health_model_and_cli_refusals(server, capsys, monkeypatch):
+    srv, engine = server
+    status, info = _get(srv, "/v1/model")
+    assert status == 200 and info["family"] == "t5" and info["limits"]["max_batch_size"] == 8
+    status, body = _get(srv, "/nope")
+    assert status == 404 and "no such path" in body["error"]
+    assert main(["serve", "--engine-dir", str(engine.engine_dir), "--port", "70000"]) == 2
+    assert "--port 70000" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["serve", "--engine-dir", str(engine.engine_dir)]) == 2
+    assert "serve runs one process" in capsys.readouterr().err
