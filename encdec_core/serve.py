@@ -145,9 +145,12 @@ class Scheduler:
 
     # -- the loop
     def _next(self, timeout: float | None) -> Job | None:
+        """The next job: held ones first; ``timeout`` None waits, 0 takes only what is queued."""
         if self.held:
             return self.held.pop(0)
-        return self.q.get(timeout=timeout) if timeout is not None else self.q.get()
+        if timeout is None:
+            return self.q.get()
+        return self.q.get(block=timeout > 0, timeout=timeout if timeout > 0 else None)
 
     def _loop(self) -> None:
         if self.engine.model.device.type == "cuda":
@@ -177,12 +180,12 @@ class Scheduler:
         batch, n = [first], len(first.payload["texts"])
         deadline = time.monotonic() + self.max_delay
         skipped: list[Job] = []
+        held = self.held  # jobs taken earlier but not batched: looked at once, then the queue
+        self.held = []
         while n < self.max_inputs:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
+            left = max(0.0, deadline - time.monotonic())  # past the deadline: what is queued, no waiting
             try:
-                job = self._next(left)
+                job = held.pop(0) if held else self.q.get(block=left > 0, timeout=left if left > 0 else None)
             except queue.Empty:
                 break
             if job is None:  # stop: let the loop see it after this batch
@@ -194,7 +197,7 @@ class Scheduler:
                 n += m
             else:
                 skipped.append(job)
-        self.held = skipped + self.held
+        self.held = skipped + held
         return batch
 
     def _generate(self, batch: list[Job]) -> None:
@@ -407,6 +410,11 @@ def make_handler(server_state: "Server"):
     return Handler
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    request_queue_size = 256  # listen backlog: many clients connect at once (the default 5 resets them)
+    daemon_threads = True
+
+
 class Server:
     """The HTTP server and its scheduler; ``serve_forever`` blocks, ``start`` runs it in a thread."""
 
@@ -419,10 +427,9 @@ class Server:
         self.gen_fields = set(GenerationConfig.field_names()) - {"decoder_start_token_id", "pad_token_id"}
         self.scheduler = Scheduler(engine, runner, max_delay)
         try:
-            self.httpd = ThreadingHTTPServer((host, port), make_handler(self))
+            self.httpd = _HTTPServer((host, port), make_handler(self))
         except OSError as exc:
             raise EncDecError(f"serve: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
-        self.httpd.daemon_threads = True
         self._thread = None
 
     @property

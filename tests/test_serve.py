@@ -186,3 +186,24 @@ def test_health_model_and_cli_refusals(server, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["serve", "--engine-dir", str(engine.engine_dir)]) == 2
     assert "serve runs one process" in capsys.readouterr().err
+
+
+def test_gather_takes_queued_jobs_with_the_same_key_even_without_delay():
+    """With no delay the scheduler still batches what is already queued: same key, up to the max
+    batch size in inputs; other jobs are held, in order, for the next rounds."""
+    from types import SimpleNamespace
+
+    from encdec_core.serve import Job, Scheduler
+
+    fake = SimpleNamespace(limits=SimpleNamespace(max_batch_size=4))
+    s = Scheduler(fake, max_delay=0.0)
+    jobs = [Job("generate", {"texts": ["a"]}, "k1"), Job("generate", {"texts": ["b", "c"]}, "k2"),
+            Job("generate", {"texts": ["d", "e"]}, "k1"), Job("stream", {"texts": ["f"]}),
+            Job("generate", {"texts": ["g"]}, "k1"), Job("generate", {"texts": ["h"]}, "k1")]
+    for j in jobs[1:]:
+        s.submit(j)
+    batch = s._gather(jobs[0])
+    assert batch == [jobs[0], jobs[2], jobs[4]]  # 1 + 2 + 1 inputs; the 5th input would exceed 4
+    assert s.held == [jobs[1], jobs[3]] and s.q.qsize() == 1  # the batch was full before the last job
+    assert s._gather(s._next(0)) == [jobs[1]]  # k2 alone; the others held, in order
+    assert s.held == [jobs[3], jobs[5]] and s.q.qsize() == 0
