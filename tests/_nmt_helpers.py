@@ -253,3 +253,14 @@ def build_dictionary(folder: Path, lines: list[str], codes: Path, lang: str = "e
     path = Path(folder) / (name or f"dict.{lang}.txt")
     path.write_text("".join(f"{w} {c}\n" for w, c in words), encoding="utf-8")
     return path, n
+
+
+def write_fairseq_folder(folder: Path, fsmt, assets: Path, source_lang: str = "en", target_lang: str = "de") -> Path:
+    """A fairseq translation folder for an FSMT model: model.pt (its weights in fairseq's layout,
+    cfg-style options) plus the dictionaries and BPE codes found in ``assets``."""
+    folder = Path(folder)
+    write_fairseq_checkpoint(folder / "model.pt", fairseq_state_from_fsmt(fsmt),
+                             fsmt_options(fsmt, source_lang=source_lang, target_lang=target_lang), "cfg")
+    for name in (f"dict.{source_lang}.txt", f"dict.{target_lang}.txt", "bpecodes"):
+        (folder / name).write_bytes((Path(assets) / name).read_bytes())
+    return folder

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from _nmt_helpers import CORPUS, build_dictionary, fairseq_state_from_fsmt, fsmt_options, learn_bpe_codes, tiny_fsmt, \
-    write_fairseq_checkpoint
+from _nmt_helpers import (CORPUS, build_dictionary, learn_bpe_codes, tiny_fsmt,
+                          write_fairseq_folder)
 from encdec_core.errors import ConfigError
 
 
@@ -96,11 +96,7 @@ def test_convert_build_run_translates(builtin_registry, tmp_path, assets, capsys
 
     d, n = assets
     fs = tiny_fsmt(seed=21, src_vocab=n, tgt_vocab=n, tie=True)
-    src_dir = tmp_path / "wmt-tiny"
-    write_fairseq_checkpoint(src_dir / "model.pt", fairseq_state_from_fsmt(fs),
-                             fsmt_options(fs, source_lang="en", target_lang="de"), "cfg")
-    for name in ("dict.en.txt", "dict.de.txt", "bpecodes"):
-        (src_dir / name).write_bytes((d / name).read_bytes())
+    src_dir = write_fairseq_folder(tmp_path / "wmt-tiny", fs, d)
     ck, eng = tmp_path / "ckpt", tmp_path / "engine"
     assert main(["convert", "--model-dir", str(src_dir), "--output-dir", str(ck), "--quiet"]) == 0
     meta = json.loads((ck / "config.json").read_text())

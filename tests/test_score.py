@@ -183,8 +183,7 @@ def test_mbart50_target_language_is_the_forced_prefix(tmp_path_factory, reg):
 def test_fairseq_nmt_matches_fsmt(tmp_path_factory, reg):
     """fairseq NMT (sinusoidal positions, separate source and target dictionaries): targets through
     moses + BPE + the TARGET dictionary + </s>; log-probs equal FSMT's with the same weights."""
-    from _nmt_helpers import (CORPUS, build_dictionary, fairseq_state_from_fsmt, fsmt_options, learn_bpe_codes,
-                              tiny_fsmt, write_fairseq_checkpoint)
+    from _nmt_helpers import CORPUS, build_dictionary, learn_bpe_codes, tiny_fsmt, write_fairseq_folder
 
     d = tmp_path_factory.mktemp("score-nmt")
     codes = learn_bpe_codes(d, CORPUS, num_symbols=60)
@@ -193,11 +192,7 @@ def test_fairseq_nmt_matches_fsmt(tmp_path_factory, reg):
     targets = ["Das Haus ist wunderbar.", "The river is cold.", "ein Haus"]
     _, n_tgt = build_dictionary(d, CORPUS + targets * 2, codes, "de")  # another order, more entries
     fs = tiny_fsmt(seed=3, src_vocab=n_src, tgt_vocab=n_tgt, tie=False)
-    folder = d / "fairseq"
-    write_fairseq_checkpoint(folder / "model.pt", fairseq_state_from_fsmt(fs),
-                             fsmt_options(fs, source_lang="en", target_lang="de"), "cfg")
-    for name in ("dict.en.txt", "dict.de.txt", "bpecodes"):
-        (folder / name).write_bytes((d / name).read_bytes())
+    folder = write_fairseq_folder(d / "fairseq", fs, d)
     engine = Engine.load(_engine_dir(folder, d, reg))
     tok = engine.tokenizer()
     res = engine.score(sources, targets)

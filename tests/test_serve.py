@@ -12,24 +12,14 @@ import pytest
 
 from encdec_core.cli import main
 
-from _cli_helpers import make_t5_dir
+from _cli_helpers import make_t5_engine
 
 TEXTS = ["hello", "a much longer input here", "x y", "another input", "one", "two words"]
 
 
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory):
-    from conftest import fill_builtin_registry
-
-    registry = fill_builtin_registry()
-    tmp = tmp_path_factory.mktemp("serve")
-    src = make_t5_dir(tmp / "hf-t5")
-    ck, eng = tmp / "ckpt", tmp / "engine"
-    assert main(["convert", "--model-dir", str(src), "--output-dir", str(ck), "--quiet"]) == 0
-    assert main(["build", "--checkpoint-dir", str(ck), "--output-dir", str(eng), "--max-batch-size", "8",
-                 "--max-input-len", "32", "--max-output-len", "12", "--max-beam-width", "2"]) == 0
-    registry.reset()
-    return eng
+    return make_t5_engine(tmp_path_factory.mktemp("serve"), max_batch_size=8, max_output_len=12)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import torch
 from encdec_core.cli import main
 from encdec_core.errors import EncDecError
 
-from _cli_helpers import make_t5_dir
+from _cli_helpers import make_t5_engine
 
 
 @pytest.fixture(autouse=True)
@@ -27,17 +27,7 @@ def _families(builtin_registry):
 
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory):
-    from conftest import fill_builtin_registry
-
-    registry = fill_builtin_registry()
-    tmp = tmp_path_factory.mktemp("stream")
-    src = make_t5_dir(tmp / "hf-t5")
-    ck, eng = tmp / "ckpt", tmp / "engine"
-    assert main(["convert", "--model-dir", str(src), "--output-dir", str(ck), "--quiet"]) == 0
-    assert main(["build", "--checkpoint-dir", str(ck), "--output-dir", str(eng), "--max-batch-size", "3",
-                 "--max-input-len", "32", "--max-output-len", "16", "--max-beam-width", "2"]) == 0
-    registry.reset()
-    return eng
+    return make_t5_engine(tmp_path_factory.mktemp("stream"), max_batch_size=3, max_output_len=16)
 
 
 @pytest.fixture
