@@ -75,7 +75,13 @@ def test_fused_step_matches_model_step(family):
                        generate(model, ids, mask, gc, runner=ref).sequences)
 
 
-@pytest.mark.parametrize("family", ["t5", "bart"])
+# In Triton's interpreter (a CPU) each of the two heavy tests below takes about a minute per family:
+# the default run keeps one family of each (BART here, T5 there; both families run the fused step in
+# test_fused_step_matches_model_step), `make test-all` both; on a GPU both always run.
+_INTERP_SLOW = [pytest.mark.slow] if DEV != "cuda" else []
+
+
+@pytest.mark.parametrize("family", [pytest.param("t5", marks=_INTERP_SLOW), "bart"])
 def test_fused_step_many_rows_on_the_tiled_kernel(family):
     """Above 16 rows the Triton step's GEMMs are the tiled kernel (split-K where the shapes allow,
     norm statistics written by the residual producers and merged by the next norm): logits within
@@ -188,7 +194,7 @@ COMPILE = [False, pytest.param(True, marks=[pytest.mark.gpu,
 
 
 @pytest.mark.parametrize("compile", COMPILE)
-@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("family", ["t5", pytest.param("bart", marks=_INTERP_SLOW)])
 def test_static_step_with_triton_attention_and_padded_lm_head(family, compile):
     """The model-op static step (the path of batch buckets above ``fused_max_batch``) with the Triton
     attention kernel as a custom op (T5: relative bias table; BART: key padding) and the logits from
