@@ -67,6 +67,17 @@ def _rank0() -> bool:
     return True
 
 
+def _multi_rank() -> bool:
+    """Launched as one of several ranks (mpirun / torchrun)."""
+    return any(int(os.environ.get(v, "1") or 1) > 1 for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE"))
+
+
+def _write_json(path, report: dict, flag: str) -> None:
+    """A command's JSON report, written atomically by rank 0."""
+    if _rank0():
+        write_text_atomic(Path(path), json.dumps(report, indent=2, ensure_ascii=False) + "\n", flag)
+
+
 def out(*a, **k):
     if _rank0():
         print(*a, **k)
@@ -219,7 +230,7 @@ def _read_inputs(args, keep_blank: bool = False) -> list[str]:
         p = Path(args.input_file)
         try:
             if args.input_file == "-":
-                if any(int(os.environ.get(v, "1") or 1) > 1 for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE")):
+                if _multi_rank():
                     raise EncDecError("--input-file -: standard input reaches one rank only; under mpirun / torchrun "
                                       "give a file every rank can read")
                 data = sys.stdin.buffer.read().decode("utf-8")
@@ -289,7 +300,6 @@ def cmd_run(args) -> int:
         check_output_file(Path(args.output_json), "--output-json")  # before any work
     if args.output_file and args.output_file != "-":
         check_output_file(Path(args.output_file), "--output-file")
-    args.line_map = (len(lines), kept)
     engine_dir = Path(args.engine_dir) if args.engine_dir else default_engine()
     device = _device(args.device)
     engine, ctx = _load_engine(engine_dir, device, args.dtype)
@@ -348,7 +358,7 @@ def cmd_run(args) -> int:
         raise EncDecError(str(exc).replace("target prefix", "--target-prefix", 1)) from None
     if args.streaming:
         return _run_streaming(args, engine, engine_dir, device, texts, ids, tok, langs, runner, uids, overrides,
-                              prefix)
+                              prefix, (len(lines), kept))
     try:
         res = engine.generate_ids(ids, target_lang_ids=langs, runner=runner, lora_uids=uids,
                                   output_scores=args.output_log_probs, decoder_prefix=prefix, **overrides)
@@ -370,11 +380,10 @@ def cmd_run(args) -> int:
         if hf_rows is not None:
             row.update(hf_rows[i])
         report["results"].append(row)
-    if args.output_json and _rank0():
-        write_text_atomic(Path(args.output_json), json.dumps(report, indent=2, ensure_ascii=False) + "\n",
-                          "--output-json")
+    if args.output_json:
+        _write_json(args.output_json, report, "--output-json")
     if args.output_file:
-        _write_output_file(args.output_file, outputs, args.line_map)
+        _write_output_file(args.output_file, outputs, (len(lines), kept))
         if hf_rows is None:
             return 0
     for i, row in enumerate(report["results"]):
@@ -403,7 +412,7 @@ def cmd_run(args) -> int:
 
 
 def _run_streaming(args, engine, engine_dir, device, texts, ids, tok, langs, runner, uids, overrides,
-                   prefix=None) -> int:
+                   prefix=None, line_map=None) -> int:
     """``run --streaming``: one output is printed as it is generated; with several, each is printed
     (with its input) as soon as it is complete, in the order they finish."""
     for flag, on in (("--compare-hf", args.compare_hf), ("--output-log-probs", args.output_log_probs)):
@@ -440,13 +449,11 @@ def _run_streaming(args, engine, engine_dir, device, texts, ids, tok, langs, run
     except EncDecError as exc:
         raise _flag_error(exc) from None
     done = [[outputs[i][j] for j in sorted(outputs[i])] for i in range(len(texts))]
-    if args.output_json and rank0:
-        report = {"engine": str(engine_dir), "device": str(device), "results": [
-            {"input": t, "input_ids": ids[i], "output": done[i]} for i, t in enumerate(texts)]}
-        write_text_atomic(Path(args.output_json), json.dumps(report, indent=2, ensure_ascii=False) + "\n",
-                          "--output-json")
+    if args.output_json:
+        _write_json(args.output_json, {"engine": str(engine_dir), "device": str(device), "results": [
+            {"input": t, "input_ids": ids[i], "output": done[i]} for i, t in enumerate(texts)]}, "--output-json")
     if args.output_file:
-        _write_output_file(args.output_file, done, args.line_map)
+        _write_output_file(args.output_file, done, line_map)
     return 0
 
 
@@ -625,10 +632,9 @@ def cmd_serve(args) -> int:
 
     from .serve import Server
 
-    for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE"):
-        if int(os.environ.get(v, "1") or 1) > 1:
-            raise EncDecError("serve runs one process: a tensor- or pipeline-parallel engine under mpirun / torchrun "
-                              "is not served yet (use encdec run per batch, or a tp=pp=1 engine)")
+    if _multi_rank():
+        raise EncDecError("serve runs one process: a tensor- or pipeline-parallel engine under mpirun / torchrun "
+                          "is not served yet (use encdec run per batch, or a tp=pp=1 engine)")
     if not 0 <= args.port < 65536:
         raise EncDecError(f"--port {args.port}: expected 0..65535 (0: any free port)")
     if not (args.max_batch_delay_ms >= 0 and args.max_batch_delay_ms <= 60_000):
@@ -682,9 +688,8 @@ def cmd_score(args) -> int:
               "score": "mean log-probability (natural log) per scored target token, EOS included; sum: the "
                        "target's log-likelihood; prefix: forced tokens fed before the target, not scored",
               "results": rows}
-    if args.output_json and _rank0():
-        write_text_atomic(Path(args.output_json), json.dumps(report, indent=2, ensure_ascii=False) + "\n",
-                          "--output-json")
+    if args.output_json:
+        _write_json(args.output_json, report, "--output-json")
     for row in rows:
         out(f"[{row['index']}] score {row['score']:.6f}  sum {row['sum']:.6f}  tokens {row['num_tokens']}")
     return 0

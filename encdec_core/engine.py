@@ -379,9 +379,7 @@ class Engine:
         if isinstance(decoder_prefix, (str, bytes)) or not hasattr(decoder_prefix, "__len__"):
             raise EncDecError(f"{what} = {decoder_prefix!r}: expected a list of token ids, or one such list (or "
                               f"None) per input")
-        items = list(decoder_prefix)
-        if not items or all(isinstance(t, int) and not isinstance(t, bool) for t in items):
-            items = [items] * n  # one prefix for all
+        items = _split_prefix(decoder_prefix, n)
         if len(items) != n:
             raise EncDecError(f"{what}: {len(items)} for {n} inputs (expected one per input, or one for all)")
         vocab = self.config.vocab_size
@@ -435,16 +433,11 @@ class Engine:
             with self.model.lora_bank.rows(lora_uids):
                 return self._generate_batch(ids, target_lang_ids, runner, gc, output_scores=output_scores,
                                             streamer=streamer, prefixes=prefixes)
+        from .runtime.encode import pad_rows
         from .runtime.generation import generate
 
-        pad = self.config.pad_token_id
         dev = self.model.device
-        max_in = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), max_in), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), max_in), dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
-            mask[i, : len(x)] = 1
+        input_ids, mask = pad_rows(ids, self.config.pad_token_id)
         with torch.inference_mode():
             return generate(self.model, input_ids.to(dev), mask.to(dev), gc,
                             forced_bos_token_ids=target_lang_ids, runner=runner, output_scores=output_scores,
@@ -576,12 +569,7 @@ class Engine:
             if len(x) <= limit:
                 out.append(x)
                 continue
-            lead = 0
-            while lead < len(frame) and x[lead] == frame[lead]:
-                lead += 1
-            tail = len(frame) - lead
-            if tail and x[-tail:] != frame[lead:]:
-                tail = 0  # the input does not end with the frame's closing tokens: cut plainly
+            lead, tail = _special_frame(x, frame)  # not ending with the closing tokens: cut plainly
             if lead + tail >= limit:
                 raise EncDecError(f"max input length {limit}: too short to keep the {lead + tail} special token(s) "
                                   f"around every input")
@@ -609,10 +597,7 @@ class Engine:
         out = []
         for w, ids in zip(words, enc(words)):
             ids = list(ids)
-            lead = 0
-            while lead < len(frame) and lead < len(ids) and ids[lead] == frame[lead]:
-                lead += 1
-            tail = len(frame) - lead
+            lead, tail = _special_frame(ids, frame)
             core = ids[lead: len(ids) - tail if tail else None]
             if not core:
                 raise EncDecError(f"{w!r} gives no tokens")
@@ -660,6 +645,7 @@ class Engine:
         worker = threading.Thread(target=work, name="encdec-generate", daemon=True)
         worker.start()
         detok: dict[tuple[int, int], _Detokenizer] = {}
+        prefixes = _split_prefix(decoder_prefix, len(ids)) if decoder_prefix else None
         try:
             while True:
                 item = q.get()
@@ -670,7 +656,7 @@ class Engine:
                 req, seq, t, finished = item
                 d = detok.get((req, seq))
                 if d is None:
-                    d = detok[(req, seq)] = _Detokenizer(tok, _prefix_of(decoder_prefix, req))
+                    d = detok[(req, seq)] = _Detokenizer(tok, (prefixes[req] or []) if prefixes else [])
                 text = d.add(t) if t is not None and not finished else ""
                 if finished:
                     rest, full = d.finish()
@@ -691,10 +677,10 @@ class Engine:
         for none), tokenized as a target (``generate_ids``' ``decoder_prefix``); the outputs include it.
         """
         texts = _check_texts(texts)
-        tok = self.tokenizer(tokenizer_dir)
-        ids = tok.encode(list(texts))
         if not isinstance(return_scores, bool):
             raise EncDecError(f"generate: return_scores = {return_scores!r}: expected True or False")
+        tok = self.tokenizer(tokenizer_dir)
+        ids = tok.encode(texts)
         out = self.generate_ids(ids, target_lang_ids=self.lang_ids(tok, target_lang, len(texts)),
                                 output_scores=return_scores,
                                 decoder_prefix=self.prefix_ids(tok, target_prefix, len(texts)), **overrides)
@@ -717,14 +703,26 @@ def _check_texts(texts) -> list[str]:
     return texts
 
 
-def _prefix_of(decoder_prefix, req: int) -> list[int]:
-    """Request ``req``'s prefix ids as ``generate_ids`` reads ``decoder_prefix``."""
-    if not decoder_prefix:
-        return []
+def _split_prefix(decoder_prefix, n: int) -> list:
+    """``generate_ids``' ``decoder_prefix`` as one entry per request: a list of ids (or an empty
+    list) is one prefix for all ``n``; anything else is taken as one entry per request."""
     items = list(decoder_prefix)
-    if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
-        return items
-    return list(items[req] or [])
+    if not items or all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+        return [items] * n
+    return items
+
+
+def _special_frame(ids: list[int], frame: list[int]) -> tuple[int, int]:
+    """(lead, tail): how many of ``ids``' first tokens are the tokenizer's leading special tokens
+    (``frame``: what it makes of an empty text) and how many last tokens its closing ones (0 where
+    ``ids`` does not end with them)."""
+    lead = 0
+    while lead < len(frame) and lead < len(ids) and ids[lead] == frame[lead]:
+        lead += 1
+    tail = len(frame) - lead
+    if tail and ids[-tail:] != frame[lead:]:
+        tail = 0
+    return lead, tail
 
 
 def _prefix_tensor(prefixes, gc, device):

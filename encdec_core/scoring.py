@@ -211,23 +211,16 @@ def score_batch(model, sources: list[list[int]], fulls: list[list[int]], start: 
     (also for the cross attention), the decoder's padding follows every real token, so the causal
     mask keeps it out of them (positions count from 0 on every row). Only the real positions are
     projected to the vocabulary, a block of rows at a time; log-softmax in fp32."""
+    from .runtime.encode import pad_rows
+
     cfg = model.cfg
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     dev = model.device
-    b = len(sources)
-    s_len = max(len(x) for x in sources)
-    t_len = max(len(x) for x in fulls)
-    input_ids = torch.full((b, s_len), pad, dtype=torch.long)
-    mask = torch.zeros((b, s_len), dtype=torch.long)
-    dec_in = torch.full((b, t_len), pad, dtype=torch.long)
-    labels = torch.zeros((b, t_len), dtype=torch.long)
-    valid = torch.zeros((b, t_len), dtype=torch.bool)
-    for i, (x, y) in enumerate(zip(sources, fulls)):
-        input_ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
-        mask[i, : len(x)] = 1
-        dec_in[i, : len(y)] = torch.as_tensor([start] + y[:-1], dtype=torch.long)
-        labels[i, : len(y)] = torch.as_tensor(y, dtype=torch.long)
-        valid[i, : len(y)] = True
+    input_ids, mask = pad_rows(sources, pad)
+    dec_in, dec_mask = pad_rows([[start] + y[:-1] for y in fulls], pad)  # teacher forcing: shifted right
+    labels, _ = pad_rows(fulls, 0)
+    valid = dec_mask.bool()
+    t_len = dec_in.shape[1]
     input_ids, mask, dec_in = input_ids.to(dev), mask.to(dev), dec_in.to(dev)
     labels, valid = labels.to(dev), valid.to(dev)
     with torch.inference_mode():

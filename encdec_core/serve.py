@@ -31,7 +31,7 @@ import json
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -276,10 +276,6 @@ class Scheduler:
 
 
 # ---------------------------------------------------------------------------- HTTP
-def _hypothesis_json(h) -> dict:
-    return {"text": h.text, "tokens": h.tokens, "score": h.score, "token_logprobs": h.token_logprobs}
-
-
 def make_handler(server_state: "Server"):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -354,7 +350,7 @@ def make_handler(server_state: "Server"):
                     raise job.error
                 outs = job.result
                 if scores:
-                    outs = [[_hypothesis_json(h) for h in row] for row in outs]
+                    outs = [[asdict(h) for h in row] for row in outs]
                 self._json(HTTPStatus.OK, {"outputs": outs})
             except BaseException as exc:
                 self._error(exc)

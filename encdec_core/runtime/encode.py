@@ -26,6 +26,17 @@ _EDGES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 153
 LAUNCH_COST = {"cuda": 2048, "cpu": 32}
 
 
+def pad_rows(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows right-padded with ``pad``: (ids [B, S] long, mask [B, S] long, 1 on real tokens)."""
+    width = max(len(x) for x in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, x in enumerate(rows):
+        ids[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+        mask[i, : len(x)] = 1
+    return ids, mask
+
+
 def default_launch_cost(device_type: str) -> int:
     """``LAUNCH_COST`` of a device type (other accelerators: the GPU's)."""
     return LAUNCH_COST.get(device_type, LAUNCH_COST["cuda"])

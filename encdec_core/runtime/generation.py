@@ -299,19 +299,22 @@ class GenerationOutput:
     def __len__(self) -> int:
         return self.sequences.shape[0]
 
-    def tokens(self, i: int) -> list[int]:
-        """Row i without the start token (a decoder prefix is kept), cut at its first EOS after the
-        prefix (the EOS is dropped with what follows: only padding follows an EOS)."""
+    def _row(self, i: int) -> tuple[list[int], int, int, bool]:
+        """(row i on the host, its prompt length p, the number of tokens generated before its first
+        EOS after the prompt, whether an EOS ended it); only padding follows an EOS."""
         if self._host is None:
             self._host = self.sequences.tolist()
         p = self.prompt(i)
         full = self._host[i] if self.row_lengths is None else self._host[i][: self.row_lengths[i]]
-        head, row = full[1:p], full[p:]
         eos = set(self.eos_token_ids)
-        for j, t in enumerate(row):
-            if t in eos:
-                return head + row[:j]
-        return head + row
+        n = next((j for j, t in enumerate(full[p:]) if t in eos), None)
+        return full, p, (len(full) - p if n is None else n), n is not None
+
+    def tokens(self, i: int) -> list[int]:
+        """Row i without the start token (a decoder prefix is kept), cut at its first EOS after the
+        prefix (the EOS is dropped with what follows: only padding follows an EOS)."""
+        full, p, n, _ = self._row(i)
+        return full[1: p + n]
 
     def prompt(self, i: int) -> int:
         """Row i's prompt length (the start token and its decoder prefix)."""
@@ -328,13 +331,8 @@ class GenerationOutput:
             raise EncDecError("token log-probabilities were not computed: generate with output_scores=True")
         if self._host_scores is None:
             self._host_scores = self.token_scores.tolist()
-        if self._host is None:
-            self._host = self.sequences.tolist()
-        p = self.prompt(i)
-        row = self._host[i][p:] if self.row_lengths is None else self._host[i][p: self.row_lengths[i]]
-        eos = set(self.eos_token_ids)
-        n = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
-        return self._host_scores[i][p: p + n]
+        _, p, n, ended = self._row(i)
+        return self._host_scores[i][p: p + n + ended]
 
     def score(self, i: int) -> float:
         """Row i's score: beam search's length-normalised score (HF's ``sequences_scores``), else the

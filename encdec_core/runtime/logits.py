@@ -122,10 +122,14 @@ class LogitsPipeline:
         self.ngram = int(no_repeat_ngram_size or 0)
         self.min_length = int(min_length or 0)
         self.max_length = int(max_length)
-        self.eos_mask = None
-        if eos_token_ids and self.min_length > 0:
-            self.eos_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            self.eos_mask[torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)] = True
+
+        def mask(ids):
+            """[V] bool, True at ``ids``."""
+            m = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            m[torch.tensor(list(ids), dtype=torch.long, device=device)] = True
+            return m
+
+        self.eos_mask = mask(eos_token_ids) if eos_token_ids and self.min_length > 0 else None
         self.forced_bos = forced_bos
         self._bos_ids = (torch.tensor([int(forced_bos)], dtype=torch.long, device=device)
                          if forced_bos is not None and not isinstance(forced_bos, torch.Tensor) else None)
@@ -136,12 +140,6 @@ class LogitsPipeline:
         self.top_k = int(top_k or 0)
         self.top_p = float(top_p)
         self.min_keep = int(min_tokens_to_keep)
-
-        def mask(ids):
-            m = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            m[torch.tensor(list(ids), dtype=torch.long, device=device)] = True
-            return m
-
         # bad words (HF's NoBadWordsLogitsProcessor): a word that is an EOS alone is dropped, like HF;
         # one-token words are a fixed mask, longer ones are grouped by prefix length
         eos = set(eos_token_ids or ())
