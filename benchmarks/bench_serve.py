@@ -8,6 +8,7 @@ requests from one client, one at a time.
 
     python benchmarks/bench_serve.py [--engine-dir E] [--device cpu] [--clients 16] [--requests 4]
                                      [--delays "0;5;20"] [--max-new-tokens 32]
+                                     [--cuda-graph]
 """
 from __future__ import annotations
 
@@ -44,13 +45,14 @@ def _spell(n: int) -> str:
     return " ".join(ones[int(c)] for c in str(n))  # not the model's wording, still a valid prompt
 
 
-def run(engine, delays, clients: int, per_client: int, max_new: int) -> list[dict]:
+def run(engine, delays, clients: int, per_client: int, max_new: int, runner=None) -> list[dict]:
     from encdec_core.serve import Server
 
     prompts = _prompts(clients * per_client)
     rows = []
     for delay in ["sequential", *delays]:
-        srv = Server(engine, "127.0.0.1", 0, max_delay=(0.0 if delay == "sequential" else delay / 1000.0)).start()
+        srv = Server(engine, "127.0.0.1", 0, runner=runner,
+                     max_delay=(0.0 if delay == "sequential" else delay / 1000.0)).start()
         host, port = srv.address
         url = f"http://{host}:{port}/v1/generate"
         params = {"max_new_tokens": max_new}
@@ -93,18 +95,42 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--delays", default="0;5;20", help='";"-separated --max-batch-delay-ms values')
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--cuda-graph", action="store_true", help="serve through the CUDA-graph runner (sized by "
+                    "the engine's build limits), as encdec serve --cuda-graph does")
+    ap.add_argument("--warmup", action="store_true", help="with --cuda-graph: capture the graphs first, as encdec "
+                    "serve does by default (serve.warm_up; the time is printed)")
+    ap.add_argument("--warmup-batch-sizes", default=None)
+    ap.add_argument("--warmup-input-lens", default=None)
     args = ap.parse_args(argv)
 
     import torch
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import ensure_families
+
+    ensure_families()  # run from the tree (PYTHONPATH) the entry points are missing
     from encdec_core.cli import default_engine
     from encdec_core.engine import Engine
 
     eng = Path(args.engine_dir) if args.engine_dir else default_engine()
     engine = Engine.load(eng, device=args.device)
-    print(f"# {eng} on {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
+    runner = None
+    if args.cuda_graph:
+        from encdec_core.runtime.cuda.runner import CudaGraphRunner
+
+        runner = CudaGraphRunner.for_engine(engine)
+        if args.warmup:
+            from encdec_core.benchmark import parse_batch_sizes
+            from encdec_core.serve import warm_up
+
+            lists = [None if v is None else parse_batch_sizes(v) for v in (args.warmup_batch_sizes,
+                                                                           args.warmup_input_lens)]
+            secs = warm_up(runner, engine.limits, *lists, log=lambda m: print(f"# {m}", flush=True))
+            print(json.dumps({"warmup_s": round(secs, 2)}), flush=True)
+    print(f"# {eng} on {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"runner {type(runner).__name__ if runner is not None else 'eager'}", flush=True)
     delays = [float(x) for x in args.delays.split(";") if x.strip()]
-    run(engine, delays, args.clients, args.requests, args.max_new_tokens)
+    run(engine, delays, args.clients, args.requests, args.max_new_tokens, runner)
     return 0
 
 

@@ -639,6 +639,10 @@ def cmd_serve(args) -> int:
         raise EncDecError(f"--port {args.port}: expected 0..65535 (0: any free port)")
     if not (args.max_batch_delay_ms >= 0 and args.max_batch_delay_ms <= 60_000):
         raise EncDecError(f"--max-batch-delay-ms {args.max_batch_delay_ms}: expected 0..60000")
+    from .benchmark import parse_batch_sizes
+
+    warm = [None if v is None else parse_batch_sizes(v, flag) for v, flag in
+            ((args.warmup_batch_sizes, "--warmup-batch-sizes"), (args.warmup_input_lens, "--warmup-input-lens"))]
     engine_dir = Path(args.engine_dir) if args.engine_dir else default_engine()
     engine, _ = _load_engine(engine_dir, _device(args.device), args.dtype)
     runner = None
@@ -647,7 +651,15 @@ def cmd_serve(args) -> int:
         from .runtime.cuda.runner import CudaGraphRunner
 
         runner = CudaGraphRunner.for_engine(engine)
-    log = (lambda msg: print(f"encdec serve: {msg}", file=sys.stderr, flush=True)) if args.log_requests else None
+    say = lambda msg: print(f"encdec serve: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    # CUDA graphs: every bucket by default (seconds each, at start instead of at first requests); the
+    # CPU's compiled step compiles for about a minute per bucket, so only the lists given
+    if runner is not None and not args.no_warmup and (runner.use_graphs or warm != [None, None]):
+        from .serve import warm_up
+
+        secs = warm_up(runner, engine.limits, *warm, log=say)
+        say(f"graphs captured in {secs:.1f} s (--no-warmup skips this)")
+    log = say if args.log_requests else None
     server = Server(engine, args.host, args.port, runner=runner, max_delay=args.max_batch_delay_ms / 1000.0, log=log)
     host, port = server.address
     print(f"encdec serve: {engine_dir} ({engine.config.family}, {engine.model.device}, runner {kind}) on "
@@ -840,6 +852,13 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, "--cuda-graph", action="store_true", help="decode with the CUDA-graph runner (one-off compile)")
     _opt(s, "--runner", default="auto", choices=("auto", "eager", "cuda-graph", "compiled"),
          help="as for run: auto is eager (cuda-graph with --cuda-graph); compiled on a CPU: the inductor-compiled step")
+    _opt(s, "--warmup-batch-sizes", default=None,
+         help='with a compiled / CUDA-graph runner: batch sizes whose graphs are captured before serving, '
+              '";"-separated (default: every batch bucket up to the engine\'s max batch size)')
+    _opt(s, "--warmup-input-lens", default=None,
+         help='input lengths to capture for, ";"-separated (default: 16, 32, ... up to the max input length)')
+    _opt(s, "--no-warmup", action="store_true",
+         help="serve at once; each new (batch, input length) bucket then compiles and captures at its first request")
     _opt(s, "--log-requests", action="store_true", help="log each HTTP request to stderr")
     s.set_defaults(func=cmd_serve)
 

@@ -411,6 +411,44 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
 
+def warmup_plan(runner, limits, batch_sizes=None, input_lens=None) -> tuple[list[int], list[int]]:
+    """The (request rows, source length) grid ``warm_up`` captures: by default every batch bucket of
+    the runner up to the engine's max batch size (the largest batch the scheduler forms), and every
+    source bucket (16, 32, ...) up to the max input length; given lists are checked against the
+    limits (EncDecError naming the value)."""
+    max_b, max_s = int(limits.max_batch_size), int(limits.max_input_len)
+    if batch_sizes is None:
+        batch_sizes = sorted({b for b in runner.batch_buckets if b <= max_b} | {max_b})
+    if input_lens is None:
+        input_lens, s = [], 16
+        while s < max_s:
+            input_lens.append(s)
+            s *= 2
+        input_lens.append(max_s)
+    for flag, vals, top in (("--warmup-batch-sizes", batch_sizes, max_b), ("--warmup-input-lens", input_lens, max_s)):
+        for v in vals:
+            if not 1 <= int(v) <= top:
+                raise EncDecError(f"{flag}: {v} is beyond the engine's limit (expected 1..{top})")
+    return [int(b) for b in batch_sizes], [int(s) for s in input_lens]
+
+
+def warm_up(runner, limits, batch_sizes=None, input_lens=None, log=None) -> float:
+    """Capture the runner's graphs before the first request, so that no request waits for a compile
+    and capture (seconds each with the compiled step; measured in docs/performance.md). Greedy
+    requests replay the fused greedy loop ("greedy"), sampling, streaming and scores the runner's step
+    ("step"), and both need the prefill graph of their bucket; ``runner.warmup`` captures all three
+    for each (batch, source) bucket of ``warmup_plan``. Beam graphs depend on each request's
+    options and are captured at first use. Returns the seconds taken."""
+    batch_sizes, input_lens = warmup_plan(runner, limits, batch_sizes, input_lens)
+    t0 = time.perf_counter()
+    for i, b in enumerate(batch_sizes):
+        runner.warmup(batch_sizes=(b,), source_lens=tuple(input_lens), kinds=("greedy", "step"))
+        if log is not None:
+            log(f"warm-up: batch {b} at input lengths {input_lens} ({i + 1}/{len(batch_sizes)}, "
+                f"{time.perf_counter() - t0:.1f} s)")
+    return time.perf_counter() - t0
+
+
 class Server:
     """The HTTP server and its scheduler; ``serve_forever`` blocks, ``start`` runs it in a thread."""
 

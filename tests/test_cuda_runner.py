@@ -312,6 +312,31 @@ def test_generate_on_a_cpu_runner_stops_when_the_last_row_ends():
     assert runner.steps == k + 1
 
 
+def test_warmup_without_graphs_runs_each_step_once_and_restores_the_state():
+    """warmup() on a runner without graphs (a CPU's compiled step) runs each step once, so the compile
+    happens there and not at the first request; the decoder position, tokens and finished flags it
+    moved are restored, and generation afterwards gives the eager path's tokens."""
+    from encdec_core.runtime.generation import generate
+
+    model = _tiny("t5", "cpu")
+    runner = _runner(model, "cpu-static", 4, 24, 32)
+    ran = []
+    real = runner._step_fn
+
+    def counting(bb):
+        fn = real(bb)
+        return lambda *a, **kw: (ran.append(bb), fn(*a, **kw))[1]
+    runner._step_fn = counting
+    d = runner.dec
+    before = [d.pos.clone(), d._tokens.clone()]
+    runner.warmup(batch_sizes=(1, 3), source_lens=(16,), kinds=("greedy", "step"))
+    assert ran == [1, 1, 4, 4]  # one run per (kind, bucket): batch 3 is bucket 4
+    assert torch.equal(d.pos, before[0]) and torch.equal(d._tokens, before[1])
+    ids, mask = _ragged(model.cfg, 3, 12, seed=5, device="cpu")
+    gc = _gc(model.cfg, max_new_tokens=8)
+    assert torch.equal(generate(model, ids, mask, gc, runner=runner).sequences, generate(model, ids, mask, gc).sequences)
+
+
 @pytest.mark.parametrize("family", ["t5", "bart"])
 def test_cpu_compiled_step_matches_eager(family):
     """On a CPU, compile=True (use_graphs=False) runs the static step compiled by inductor with

@@ -197,3 +197,38 @@ def test_gather_takes_queued_jobs_with_the_same_key_even_without_delay():
     assert s.held == [jobs[1], jobs[3]] and s.q.qsize() == 1  # the batch was full before the last job
     assert s._gather(s._next(0)) == [jobs[1]]  # k2 alone; the others held, in order
     assert s.held == [jobs[3], jobs[5]] and s.q.qsize() == 0
+
+
+def test_warmup_plan_and_warm_up_cover_every_bucket_the_scheduler_forms():
+    """The default warm-up grid is every batch bucket up to the engine's max batch size (the largest
+    batch the scheduler forms) by every source bucket up to the max input length; each batch size is
+    captured for greedy (the fused loop) and step (sampling, streaming, scores); values beyond the
+    limits are refused naming the flag."""
+    from types import SimpleNamespace
+
+    from encdec_core.errors import EncDecError
+    from encdec_core.serve import warm_up, warmup_plan
+
+    calls = []
+    runner = SimpleNamespace(batch_buckets=(1, 2, 4, 8, 16, 32), warmup=lambda **kw: calls.append(kw))
+    limits = SimpleNamespace(max_batch_size=12, max_input_len=40)
+    assert warmup_plan(runner, limits) == ([1, 2, 4, 8, 12], [16, 32, 40])
+    assert warmup_plan(runner, limits, [3], [5, 40]) == ([3], [5, 40])
+    logged = []
+    warm_up(runner, limits, [1, 12], None, log=logged.append)
+    assert calls == [dict(batch_sizes=(b,), source_lens=(16, 32, 40), kinds=("greedy", "step")) for b in (1, 12)]
+    assert len(logged) == 2 and "batch 12" in logged[1] and "(2/2" in logged[1]
+    with pytest.raises(EncDecError, match=r"--warmup-batch-sizes: 13 is beyond the engine's limit \(expected 1..12\)"):
+        warmup_plan(runner, limits, [13], None)
+    with pytest.raises(EncDecError, match="--warmup-input-lens: 41"):
+        warmup_plan(runner, limits, None, [41])
+
+
+def test_serve_refuses_bad_warmup_lists(engine_dir, builtin_registry, capsys):
+    """Malformed lists fail before the engine loads; lists beyond the limits fail before any compile
+    (the CPU's compiled runner warms up only the lists given)."""
+    assert main(["serve", "--engine-dir", str(engine_dir), "--warmup-batch-sizes", "1;x"]) == 2
+    assert "--warmup-batch-sizes = '1;x'" in capsys.readouterr().err
+    assert main(["serve", "--engine-dir", str(engine_dir), "--device", "cpu", "--runner", "compiled",
+                 "--warmup-batch-sizes", "9", "--port", "0"]) == 2
+    assert "--warmup-batch-sizes: 9 is beyond the engine's limit (expected 1..8)" in capsys.readouterr().err

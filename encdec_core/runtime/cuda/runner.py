@@ -884,11 +884,17 @@ class CudaGraphRunner:
                              "the Triton step)")
         return triton and self.beam_reorder != "copy"
 
-    def _graph(self, fn, restore=None, warm_pos: int = 0):
+    def _graph(self, fn, restore=None, warm_pos: int = 0, warm: bool = False):
         """Warm ``fn`` up (compiling it) on a side stream, from decoder position ``warm_pos``, capture
         it into a CUDA graph in the shared pool and call ``restore()`` afterwards (the warm-up runs
-        change the static state). Returns (graph, output of fn) or (None, fn) without graphs."""
+        change the static state). Returns (graph, output of fn) or (None, fn) without graphs, where
+        ``warm`` runs fn once first (the compiled step compiles then, not at its first request)."""
         if not self.use_graphs:
+            if warm:
+                self.dec.pos.fill_(warm_pos)
+                fn()
+                if restore is not None:
+                    restore()
             return (None, fn)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -907,7 +913,7 @@ class CudaGraphRunner:
         return (g, out)
 
     @torch.no_grad()
-    def _capture(self, key):
+    def _capture(self, key, warm: bool = False):
         kind, bb, sb, group = key[:4]  # then ("lora",) for the graphs with run-time adapters
         d = self.dec
         vw = d.views(bb, sb)
@@ -927,7 +933,7 @@ class CudaGraphRunner:
         def restore():
             for t, v in zip((d.pos, vw.tokens, vw.finished), saved):
                 t.copy_(v)
-        return self._graph(fn, restore)
+        return self._graph(fn, restore, warm=warm)
 
     def _run(self, kind: str):
         bb, sb, n = self._cur
@@ -944,10 +950,11 @@ class CudaGraphRunner:
     @torch.no_grad()
     def warmup(self, batch_sizes=(1,), source_lens=(16,), kinds=("step",), eos: int | None = None,
                pad: int | None = None):
-        """Compile and capture ahead of time (keeps compilation out of timed regions).
+        """Compile and capture ahead of time (keeps compilation out of timed regions and requests).
         kinds: "step" (the runner interface) and/or "greedy" (the fused greedy loop). With
         ``prefill_graphs`` the prefill graph of each (batch, source) bucket is captured too (batch
-        sizes count request rows there)."""
+        sizes count request rows there). Without graphs (the compiled step on a CPU) each step runs
+        once, so that it is compiled here."""
         self.set_eos_pad(eos, pad)
         self._lkey = ()  # the graphs without run-time adapters
         for b in batch_sizes:
@@ -959,7 +966,7 @@ class CudaGraphRunner:
                     self._prefill_static(torch.full((b, s), tok, dtype=torch.long, device=self.dec.device), None)
                 for kind in kinds:
                     if (kind, bb, sb, 1) not in self._graphs:
-                        self._graphs[(kind, bb, sb, 1)] = self._capture((kind, bb, sb, 1))
+                        self._graphs[(kind, bb, sb, 1)] = self._capture((kind, bb, sb, 1), warm=True)
 
     def set_eos_pad(self, eos: int | None = None, pad: int | None = None) -> None:
         cfg = self.model.cfg
