@@ -125,7 +125,8 @@ def main(argv=None) -> int:
 
             lists = [None if v is None else parse_batch_sizes(v) for v in (args.warmup_batch_sizes,
                                                                            args.warmup_input_lens)]
-            secs = warm_up(runner, engine.limits, *lists, log=lambda m: print(f"# {m}", flush=True))
+            secs = warm_up(runner, engine.limits, *lists, log=lambda m: print(f"# {m}", flush=True),
+                           engine=engine)
             print(json.dumps({"warmup_s": round(secs, 2)}), flush=True)
     print(f"# {eng} on {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"runner {type(runner).__name__ if runner is not None else 'eager'}", flush=True)

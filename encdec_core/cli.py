@@ -657,7 +657,7 @@ def cmd_serve(args) -> int:
     if runner is not None and not args.no_warmup and (runner.use_graphs or warm != [None, None]):
         from .serve import warm_up
 
-        secs = warm_up(runner, engine.limits, *warm, log=say)
+        secs = warm_up(runner, engine.limits, *warm, log=say, engine=engine)
         say(f"graphs captured in {secs:.1f} s (--no-warmup skips this)")
     log = say if args.log_requests else None
     server = Server(engine, args.host, args.port, runner=runner, max_delay=args.max_batch_delay_ms / 1000.0, log=log)

@@ -36,7 +36,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .errors import EncDecError
+from .errors import EncDecError, LimitError
 
 MAX_BODY = 16 << 20  # bytes of one request body
 _PER_REQUEST = ("target_lang", "target_prefix", "lora_uid")  # per input in a merged batch
@@ -432,17 +432,33 @@ def warmup_plan(runner, limits, batch_sizes=None, input_lens=None) -> tuple[list
     return [int(b) for b in batch_sizes], [int(s) for s in input_lens]
 
 
-def warm_up(runner, limits, batch_sizes=None, input_lens=None, log=None) -> float:
+def warm_up(runner, limits, batch_sizes=None, input_lens=None, log=None, engine=None) -> float:
     """Capture the runner's graphs before the first request, so that no request waits for a compile
     and capture (seconds each with the compiled step; measured in docs/performance.md). Greedy
     requests replay the fused greedy loop ("greedy"), sampling, streaming and scores the runner's step
     ("step"), and both need the prefill graph of their bucket; ``runner.warmup`` captures all three
-    for each (batch, source) bucket of ``warmup_plan``. Beam graphs depend on each request's
-    options and are captured at first use. Returns the seconds taken."""
+    for each (batch, source) bucket of ``warmup_plan``. When the engine's default options decode with
+    beams (``engine`` given, its generation defaults' num_beams > 1: translation models), one request
+    batch per (batch, source) bucket runs with those defaults, which captures their beam graph (one
+    per bucket of rows; a batch size between two planned ones shares the larger one's graph). Beam
+    graphs of other options are captured at their first use. Returns the seconds taken."""
     batch_sizes, input_lens = warmup_plan(runner, limits, batch_sizes, input_lens)
+    beams = engine is not None and engine.generation_config().num_beams > 1
+    tok = None
+    if beams:
+        cfg = engine.model.cfg
+        tok = min(cfg.vocab_size - 1, cfg.pad_token_id + 1)
     t0 = time.perf_counter()
     for i, b in enumerate(batch_sizes):
         runner.warmup(batch_sizes=(b,), source_lens=tuple(input_lens), kinds=("greedy", "step"))
+        if beams:
+            try:
+                for s in input_lens:
+                    engine.generate_ids([[tok] * s] * b, runner=runner)
+            except LimitError as exc:  # the defaults do not fit the engine: requests must override them
+                beams = False
+                if log is not None:
+                    log(f"warm-up: no beam graphs for the default options ({exc})")
         if log is not None:
             log(f"warm-up: batch {b} at input lengths {input_lens} ({i + 1}/{len(batch_sizes)}, "
                 f"{time.perf_counter() - t0:.1f} s)")

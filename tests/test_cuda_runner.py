@@ -491,6 +491,21 @@ def test_beam_search_in_graph_matches_python_loop(family, mode):
     ref = generate(model, ids, mask, gc, decoder_input_ids=prefix, runner=EagerRunner(model))
     out = generate(model, ids, mask, gc, decoder_input_ids=prefix, runner=runner)
     assert torch.equal(out.sequences, ref.sequences)
+    # one graph per batch bucket, not per request count: 4 requests of 4 beams fill the 16-row bucket,
+    # 3 of them (12 rows) run it with one padding request, which neither stops the search early nor
+    # keeps it going (early_stopping=True stops when the real requests are done), nor shows in the result
+    gc = _gc(cfg, num_beams=4, eos_token_id=common, early_stopping=True, max_new_tokens=16,
+             num_return_sequences=2)
+    for b, seed in ((4, 7), (3, 8), (1, 9)):
+        ids_b, mask_b = _inputs(cfg, b=b, seed=seed, device=dev)
+        counting = Counting(model)
+        ref = generate(model, ids_b, mask_b, gc, runner=counting)
+        out = generate(model, ids_b, mask_b, gc, runner=runner)
+        assert out.sequences.shape == ref.sequences.shape and torch.equal(out.sequences, ref.sequences), b
+        torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, rtol=1e-4, atol=1e-4)
+        assert counting.steps <= runner.steps <= counting.steps + 3, (b, counting.steps, runner.steps)
+    keys = [k for k in runner._graphs if k[0] == "beam" and k[5] == 4 and k[8] == gc.eos_token_ids and k[11] == "True"]
+    assert sorted(k[1] for k in keys) == [4, 16], keys  # batches 4 and 3 share the 16-row graph; batch 1: 4 rows
 
 
 @pytest.mark.parametrize("mode", MODES[:2])

@@ -218,6 +218,13 @@ def test_warmup_plan_and_warm_up_cover_every_bucket_the_scheduler_forms():
     warm_up(runner, limits, [1, 12], None, log=logged.append)
     assert calls == [dict(batch_sizes=(b,), source_lens=(16, 32, 40), kinds=("greedy", "step")) for b in (1, 12)]
     assert len(logged) == 2 and "batch 12" in logged[1] and "(2/2" in logged[1]
+    # an engine whose defaults decode with beams: one batch of the defaults per (batch, source) bucket
+    gen = []
+    engine = SimpleNamespace(generation_config=lambda: SimpleNamespace(num_beams=4),
+                             model=SimpleNamespace(cfg=SimpleNamespace(vocab_size=100, pad_token_id=0)),
+                             generate_ids=lambda ids, runner: gen.append((len(ids), len(ids[0]), ids[0][0], runner)))
+    warm_up(runner, limits, [1, 12], [16, 40], engine=engine)
+    assert gen == [(1, 16, 1, runner), (1, 40, 1, runner), (12, 16, 1, runner), (12, 40, 1, runner)]
     with pytest.raises(EncDecError, match=r"--warmup-batch-sizes: 13 is beyond the engine's limit \(expected 1..12\)"):
         warmup_plan(runner, limits, [13], None)
     with pytest.raises(EncDecError, match="--warmup-input-lens: 41"):
@@ -232,3 +239,31 @@ def test_serve_refuses_bad_warmup_lists(engine_dir, builtin_registry, capsys):
     assert main(["serve", "--engine-dir", str(engine_dir), "--device", "cpu", "--runner", "compiled",
                  "--warmup-batch-sizes", "9", "--port", "0"]) == 2
     assert "--warmup-batch-sizes: 9 is beyond the engine's limit (expected 1..8)" in capsys.readouterr().err
+
+
+def test_warm_up_captures_the_default_beam_graphs(engine_dir, builtin_registry):
+    """An engine whose defaults decode with beams: the warm-up captures the beam graph of each planned
+    batch bucket (on the CPU's static runner, the same code as CUDA graphs without the capture), a
+    later batch of another size in the same bucket reuses it, and the outputs equal the eager path's."""
+    from encdec_core.engine import Engine
+    from encdec_core.runtime.cuda import CudaGraphRunner
+    from encdec_core.serve import warm_up
+
+    engine = Engine.load(engine_dir, device="cpu")
+    engine.meta["generation_config"] = {**engine.generation_defaults, "num_beams": 2, "max_new_tokens": 8}
+    runner = CudaGraphRunner.for_engine(engine, compile=False)
+    warm_up(runner, engine.limits, [1, 4], [16, 32], engine=engine)
+
+    def beam_buckets():
+        return sorted(k[1:3] for k in runner._graphs if k[0] == "beam")
+    warmed = [(2, 16), (2, 32), (8, 16), (8, 32)]  # (rows, source) buckets: 1 or 4 requests x 2 beams
+    assert beam_buckets() == warmed
+    texts = TEXTS[:3]  # 6 rows: the 8-row bucket, with one padding request
+    assert engine.generate(texts, runner=runner) == engine.generate(texts)
+    assert beam_buckets() == warmed
+    # defaults beyond the engine's limits: no beam graphs, a message, and the other graphs all the same
+    engine.meta["generation_config"]["max_new_tokens"] = 50
+    runner, said = CudaGraphRunner.for_engine(engine, compile=False), []
+    warm_up(runner, engine.limits, [1], [16], engine=engine, log=said.append)
+    assert beam_buckets() == []
+    assert "no beam graphs for the default options" in said[0] and ("greedy", 1, 16, 1) in runner._graphs

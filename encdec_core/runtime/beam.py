@@ -88,6 +88,11 @@ class BeamState:
         self.can_improve = torch.empty((batch, 1), dtype=torch.bool, **z)
         self.src_index = torch.empty(batch * nb, dtype=torch.long, **z)  # rows the caches take after a step
         self.go_on = torch.empty((), dtype=torch.bool, **z)
+        # requests 0..active-1 are real; a CUDA graph captured for a batch bucket runs the rest as
+        # padding, which neither keeps the search going nor stops it, nor counts in the result
+        self.active = torch.ones((batch, 1), dtype=torch.bool, **z)
+        self.row_active = torch.ones((batch * nb, 1), dtype=torch.bool, **z)
+        self.n_active = batch
         self.top_nb = torch.zeros(self.keep, dtype=torch.bool, **z)
         self.top_nb[:nb] = True
         self.eos_t = torch.tensor(eos, dtype=torch.long, **z) if eos else None
@@ -102,9 +107,17 @@ class BeamState:
         else:
             self.best_len = None
 
-    def reset(self, prefix: torch.Tensor) -> None:
-        """A new search from ``prefix`` [batch * nb, prompt] (rows repeated per beam)."""
+    def reset(self, prefix: torch.Tensor, active: int | None = None) -> None:
+        """A new search from ``prefix`` [batch * nb, prompt] (rows repeated per beam); ``active``: the
+        number of real requests (the first ones; default all)."""
         b, nb, p = self.batch, self.nb, self.prompt
+        self.n_active = b if active is None else int(active)
+        if not 1 <= self.n_active <= b:
+            raise ValueError(f"BeamState.reset: active={active}, expected 1..{b}")
+        self.active.fill_(True)
+        self.active[self.n_active:] = False
+        self.row_active.fill_(True)
+        self.row_active[self.n_active * nb:] = False
         self.run_seq.fill_(self.fill)
         self.run_seq[:, :, :p] = prefix.view(b, nb, p)
         self.fin_seq.copy_(self.run_seq)
@@ -132,6 +145,9 @@ class BeamState:
         takes) and ``go_on``; the new tokens are ``run_seq[:, :, cur]``."""
         b, nb, keep, L = self.batch, self.nb, self.keep, self.max_len
         vocab = logp.shape[-1]
+        # padding requests' rows carry whatever the bucket's unused rows compute (NaN where their
+        # source is all padding): zeros keep every top-k index they take valid
+        logp = torch.where(self.row_active, logp, 0.0)
         acc = (logp.view(b, nb, vocab) + self.run_score[:, :, None]).view(b, nb * vocab)
 
         # best `keep` continuations over all beams of each request (or `keep` samples)
@@ -190,7 +206,9 @@ class BeamState:
         best_running = self._per_len(self.run_score[:, :1], best_len)
         worst_done = torch.where(self.fin_done, torch.min(self.fin_score, dim=1, keepdim=True)[0], _BIG)
         self.can_improve.logical_and_(torch.any(best_running > worst_done, dim=-1, keepdim=True))
-        go = torch.any(self.can_improve) & ~(torch.all(self.fin_done) & (self.es is True)) & ~torch.all(ended)
+        live = self.active
+        go = (torch.any(self.can_improve & live) & ~(torch.all(self.fin_done | ~live) & (self.es is True))
+              & ~torch.all(ended | ~live))
         self.go_on.copy_(go)
 
     def tokens(self, cur: int | torch.Tensor) -> torch.Tensor:
@@ -200,16 +218,17 @@ class BeamState:
         return self.run_seq[:, :, cur].reshape(-1)
 
     def result(self, n: int | None = None):
-        """(sequences [batch * n, out_len], scores [batch * n]) of the n best finished hypotheses,
-        and their token log-probs [batch * n, out_len] when the state tracks them."""
+        """(sequences [active * n, out_len], scores [active * n]) of the n best finished hypotheses of
+        the active requests, and their token log-probs [active * n, out_len] when the state tracks them."""
         n = self.gc.num_return_sequences if n is None else n
-        seqs = self.fin_seq[:, :n].reshape(self.batch * n, self.max_len)
-        scores = self.fin_score[:, :n].reshape(self.batch * n)
-        out_len = self.prompt + int(self.fin_len[:, :n].max())
+        a = self.n_active
+        seqs = self.fin_seq[:a, :n].reshape(a * n, self.max_len)
+        scores = self.fin_score[:a, :n].reshape(a * n)
+        out_len = self.prompt + int(self.fin_len[:a, :n].max())
         if self.fin_tlp is None:
             return seqs[:, :out_len], scores
         # a position is written only when its token is chosen, so each row is 0 past its end
-        tlp = self.fin_tlp[:, :n].reshape(self.batch * n, self.max_len)
+        tlp = self.fin_tlp[:a, :n].reshape(a * n, self.max_len)
         return seqs[:, :out_len], scores, tlp[:, :out_len]
 
 

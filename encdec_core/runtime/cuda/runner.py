@@ -85,6 +85,7 @@ fused greedy loop, which feeds its own argmax back inside the graph) and launch 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import statistics
 from dataclasses import dataclass
@@ -1017,25 +1018,34 @@ class CudaGraphRunner:
                     "rows" if isinstance(bos, torch.Tensor) else bos,
                     None if pipeline.forced_eos is None else tuple(pipeline.forced_eos.tolist()))
         group = self._group
-        key = ("beam", bb, sb, group, batch, nb, max_len, prompt, gc.eos_token_ids, gc.pad_token_id, gc.length_penalty,
+        # one graph per batch bucket, not per request count: it holds cap = bb // nb requests, and a
+        # batch of fewer runs the rest as padding requests (BeamState's active count), so a server
+        # sees at most one capture per (bucket, options) and reuses it for every batch size in it
+        cap = bb // nb
+        rows = cap * nb
+        key = ("beam", bb, sb, group, cap, nb, max_len, prompt, gc.eos_token_ids, gc.pad_token_id, gc.length_penalty,
                str(gc.early_stopping), pipe_sig) + self._lkey
+        pad_prefix = prefix if rows == n else torch.cat([prefix, prefix[-1:].expand(rows - n, prompt)])
         ent = self._graphs.get(key)
         if ent is None:
-            st = BeamState(gc, batch, max_len, prompt, d.device)
+            st = BeamState(gc, cap, max_len, prompt, d.device)
             if self.beam_topk == "triton":
                 st.topk = cuda_ops.topk
-            st.reset(prefix)
+            st.reset(pad_prefix, batch)
             pipe = pipeline
+            if isinstance(bos, torch.Tensor):  # per-row forced first tokens: a buffer of the bucket's rows,
+                pipe = copy.copy(pipeline)      # valid ids already for the capture's warm-up steps
+                pipe.forced_bos = torch.cat([bos, bos[-1:].expand(rows - n)])
             vw = d.views(bb, sb)
             step = self._step_fn(bb)
             indirect = self._indirect(bb)
             kw = self._step_kw(vw, indirect, group)
 
             def tail(logits):
-                logp = torch.log_softmax(logits[:n].float(), dim=-1)
+                logp = torch.log_softmax(logits[:rows].float(), dim=-1)
                 st.update(pipe.at_position(logp, d.pos), d.pos)
-                _reorder(vw, n, st.src_index, d.pos, indirect)
-                vw.tokens[:n].copy_(st.tokens(d.pos))
+                _reorder(vw, rows, st.src_index, d.pos, indirect)
+                vw.tokens[:rows].copy_(st.tokens(d.pos))
 
             if self._compile:  # ~100 small eager kernels become a few fused ones
                 tail = torch.compile(tail, dynamic=False)
@@ -1048,14 +1058,15 @@ class CudaGraphRunner:
             g, out = self._graph(fn, warm_pos=prompt - 1)  # the beam update needs a length >= prompt
             ent = self._graphs[key] = (g, out, st, pipe)
         g, fn, st, pipe = ent
-        if isinstance(bos, torch.Tensor):
-            pipe.forced_bos.copy_(bos)  # per-request forced first tokens: the captured buffer takes them
-        st.reset(prefix)
+        if isinstance(bos, torch.Tensor):  # per-request forced first tokens: the captured buffer takes them
+            pipe.forced_bos[:n].copy_(bos)
+            pipe.forced_bos[n:].copy_(bos[-1:].expand(rows - n))
+        st.reset(pad_prefix, batch)
         d.reset_rows(d.views(bb, sb))  # the capture's warm-up steps moved the row index
         d.pos.zero_()
         self.steps = 0
         feed_prefix(self, prefix)  # a decoder prefix: every beam has the same one
-        d._tokens[:n].copy_(prefix[:, -1])
+        d._tokens[:rows].copy_(pad_prefix[:, -1])
         check_every = self._check_every(check_every, 4)
         for i in range(max_len - prompt):
             if g is None:
