@@ -63,8 +63,36 @@ def layer_shapes(cfg):
             ("ffn_in", gi * ff, d), ("ffn_out", d, ff)]
 
 
+def chain_weights(name, dev="cuda", dt=torch.bfloat16):
+    """(config, layers, layer shapes, per layer [(weight, bias or None)] x 6, weight bytes) of a preset's
+    decoder GEMMs with random weights (biases for BART), every layer its own."""
+    from encdec_core.benchmark import find_preset
+
+    fam, src = find_preset(name)
+    cfg = fam.make_config(src)
+    L = cfg.decoder_layers
+    shp = layer_shapes(cfg)
+    has_bias = name.startswith("bart")
+    W = [[(torch.randn(N, K, device=dev, dtype=dt) * (K ** -0.5),
+           torch.randn(N, device=dev, dtype=dt) * 0.1 if has_bias else None) for _, N, K in shp]
+         for _ in range(L)]
+    return cfg, L, shp, W, sum(w.numel() * 2 for lay in W for w, _ in lay)
+
+
 def graph_ms(fn, replays=20):
     return graph_time(fn, 1, replays)
+
+
+def time_chain(fn, ref, label):
+    """(ms per call of ``fn`` replayed from a CUDA graph, its output in fp32, relative error against
+    ``ref``, 0 without one); None, with a printed line, when it fails (a survey goes on)."""
+    try:
+        ms, out = graph_ms(fn)
+    except Exception as exc:  # noqa: BLE001 - a survey
+        print(f"{label}: {type(exc).__name__}: {str(exc)[:400]}", flush=True)
+        return None
+    out = out.float().clone()
+    return ms, out, (0.0 if ref is None else float((out - ref).norm() / ref.norm().clamp_min(1e-30)))
 
 
 def main():
@@ -76,22 +104,13 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     ensure_families()
-    from encdec_core.benchmark import find_preset
     from encdec_core.runtime.cuda import triton_kernels as tk
 
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
     res = []
     for name in a.models.split(","):
-        fam, src = find_preset(name)
-        cfg = fam.make_config(src)
-        L = cfg.decoder_layers
-        shp = layer_shapes(cfg)
-        has_bias = name.startswith("bart")
-        W = [[(torch.randn(N, K, device=dev, dtype=dt) * (K ** -0.5),
-               torch.randn(N, device=dev, dtype=dt) * 0.1 if has_bias else None) for _, N, K in shp]
-             for _ in range(L)]
-        wbytes = sum(w.numel() * 2 for lay in W for w, _ in lay)
+        cfg, L, shp, W, wbytes = chain_weights(name, dev, dt)
         for M in [int(v) for v in a.m.split(",")]:
             x0 = torch.randn(M, cfg.d_model, device=dev, dtype=dt)
             outs = [torch.empty(M, N, device=dev, dtype=dt) for _, N, _ in shp]
@@ -125,15 +144,11 @@ def main():
                                     y = between(y, mids[i])
                                 h = y
                         return h
-                    try:
-                        ms, out = graph_ms(chain)
-                    except Exception as exc:  # noqa: BLE001 - a survey
-                        print(f"{name} M={M} {variant}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                    got = time_chain(chain, ref, f"{name} M={M} {variant}")
+                    if got is None:
                         continue
-                    out = out.float().clone()
-                    if ref is None:
-                        ref = out
-                    err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+                    ms, out, err = got
+                    ref = out if ref is None else ref
                     n_g = L * len(shp)
                     row = {"model": name, "M": M, "variant": variant, "interleave": inter, "ms": ms,
                            "us_per_gemm": ms * 1e3 / n_g, "us_per_layer": ms * 1e3 / L,

@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ensure_families, graph_time  # noqa: E402
-from gemm_chain import layer_shapes  # noqa: E402
+from _common import ensure_families  # noqa: E402
+from gemm_chain import chain_weights, time_chain  # noqa: E402
 
 
 @triton.jit
@@ -97,6 +97,23 @@ def _gemm_tile(x_ptr, w_ptr, b_ptr, out_ptr, M, stride_x, stride_o, t, m0,
 
 
 @triton.jit
+def _then(row, i, x_ptr, out_ptr, M, n, bar_ptr, pid, NPROG: tl.constexpr, K_IN: tl.constexpr, N: tl.constexpr,
+          K: tl.constexpr, BN: tl.constexpr, LINES: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
+          HAS_BIAS: tl.constexpr, ONE_M: tl.constexpr, SYNC: tl.constexpr, PREFETCH: tl.constexpr):
+    """GEMM i of a layer (weight / bias addresses at row[i] / row[i + 6]) after the previous one: prefetch
+    its weight slice, wait at the barrier, compute. Returns the barrier count."""
+    pt = tl.pointer_type(x_ptr.dtype.element_ty)
+    w = tl.load(row + i).to(pt)
+    if PREFETCH:
+        _prefetch_rows(w, pid, NPROG, N, K, BN, LINES)
+    n += NPROG
+    _grid_sync(bar_ptr, n, SYNC)
+    _gemm_tiles(x_ptr, w, tl.load(row + i + 6).to(pt), out_ptr, M, K_IN, N, pid, NPROG, N, K, BN, BK, BM, HAS_BIAS,
+                ONE_M)
+    return n
+
+
+@triton.jit
 def _chain_kernel(x0_ptr, tab_ptr, o0, o1, o2, o3, o4, o5, bar_ptr, M, L,
                   N0: tl.constexpr, K0: tl.constexpr, B0: tl.constexpr,
                   N1: tl.constexpr, K1: tl.constexpr, B1: tl.constexpr,
@@ -111,56 +128,29 @@ def _chain_kernel(x0_ptr, tab_ptr, o0, o1, o2, o3, o4, o5, bar_ptr, M, L,
     """L layers x 6 GEMMs; GEMM i reads the first K_i columns of GEMM i-1's output (o5 feeds the next
     layer's GEMM 0). tab: int64 [L, 12] weight / bias addresses."""
     pid = tl.program_id(0)
-    dt = x0_ptr.dtype.element_ty
-    pt = tl.pointer_type(dt)
+    pt = tl.pointer_type(x0_ptr.dtype.element_ty)
     n = 0
     for layer in range(L):
         row = tab_ptr + layer * 12
-        w0 = tl.load(row + 0).to(pt)
-        w1 = tl.load(row + 1).to(pt)
-        w2 = tl.load(row + 2).to(pt)
-        w3 = tl.load(row + 3).to(pt)
-        w4 = tl.load(row + 4).to(pt)
-        w5 = tl.load(row + 5).to(pt)
-        b0 = tl.load(row + 6).to(pt)
-        b1 = tl.load(row + 7).to(pt)
-        b2 = tl.load(row + 8).to(pt)
-        b3 = tl.load(row + 9).to(pt)
-        b4 = tl.load(row + 10).to(pt)
-        b5 = tl.load(row + 11).to(pt)
         if layer == 0:
-            _gemm_tiles(x0_ptr, w0, b0, o0, M, K0, N0, pid, NPROG, N0, K0, B0, BK, BM, HAS_BIAS, ONE_M)
+            _gemm_tiles(x0_ptr, tl.load(row).to(pt), tl.load(row + 6).to(pt), o0, M, K0, N0, pid, NPROG, N0, K0,
+                        B0, BK, BM, HAS_BIAS, ONE_M)
         else:
-            _gemm_tiles(o5, w0, b0, o0, M, N5, N0, pid, NPROG, N0, K0, B0, BK, BM, HAS_BIAS, ONE_M)
-        if PREFETCH:
-            _prefetch_rows(w1, pid, NPROG, N1, K1, B1, L1)
-        n += NPROG
-        _grid_sync(bar_ptr, n, SYNC)
-        _gemm_tiles(o0, w1, b1, o1, M, N0, N1, pid, NPROG, N1, K1, B1, BK, BM, HAS_BIAS, ONE_M)
-        if PREFETCH:
-            _prefetch_rows(w2, pid, NPROG, N2, K2, B2, L2)
-        n += NPROG
-        _grid_sync(bar_ptr, n, SYNC)
-        _gemm_tiles(o1, w2, b2, o2, M, N1, N2, pid, NPROG, N2, K2, B2, BK, BM, HAS_BIAS, ONE_M)
-        if PREFETCH:
-            _prefetch_rows(w3, pid, NPROG, N3, K3, B3, L3)
-        n += NPROG
-        _grid_sync(bar_ptr, n, SYNC)
-        _gemm_tiles(o2, w3, b3, o3, M, N2, N3, pid, NPROG, N3, K3, B3, BK, BM, HAS_BIAS, ONE_M)
-        if PREFETCH:
-            _prefetch_rows(w4, pid, NPROG, N4, K4, B4, L4)
-        n += NPROG
-        _grid_sync(bar_ptr, n, SYNC)
-        _gemm_tiles(o3, w4, b4, o4, M, N3, N4, pid, NPROG, N4, K4, B4, BK, BM, HAS_BIAS, ONE_M)
-        if PREFETCH:
-            _prefetch_rows(w5, pid, NPROG, N5, K5, B5, L5)
-        n += NPROG
-        _grid_sync(bar_ptr, n, SYNC)
-        _gemm_tiles(o4, w5, b5, o5, M, N4, N5, pid, NPROG, N5, K5, B5, BK, BM, HAS_BIAS, ONE_M)
+            _gemm_tiles(o5, tl.load(row).to(pt), tl.load(row + 6).to(pt), o0, M, N5, N0, pid, NPROG, N0, K0, B0,
+                        BK, BM, HAS_BIAS, ONE_M)
+        n = _then(row, 1, o0, o1, M, n, bar_ptr, pid, NPROG, N0, N1, K1, B1, L1, BK, BM, HAS_BIAS, ONE_M, SYNC,
+                  PREFETCH)
+        n = _then(row, 2, o1, o2, M, n, bar_ptr, pid, NPROG, N1, N2, K2, B2, L2, BK, BM, HAS_BIAS, ONE_M, SYNC,
+                  PREFETCH)
+        n = _then(row, 3, o2, o3, M, n, bar_ptr, pid, NPROG, N2, N3, K3, B3, L3, BK, BM, HAS_BIAS, ONE_M, SYNC,
+                  PREFETCH)
+        n = _then(row, 4, o3, o4, M, n, bar_ptr, pid, NPROG, N3, N4, K4, B4, L4, BK, BM, HAS_BIAS, ONE_M, SYNC,
+                  PREFETCH)
+        n = _then(row, 5, o4, o5, M, n, bar_ptr, pid, NPROG, N4, N5, K5, B5, L5, BK, BM, HAS_BIAS, ONE_M, SYNC,
+                  PREFETCH)
         if layer + 1 < L:
             if PREFETCH:
-                nxt = tab_ptr + (layer + 1) * 12
-                _prefetch_rows(tl.load(nxt).to(pt), pid, NPROG, N0, K0, B0, L0)
+                _prefetch_rows(tl.load(row + 12).to(pt), pid, NPROG, N0, K0, B0, L0)
             n += NPROG
             _grid_sync(bar_ptr, n, SYNC)
 
@@ -213,7 +203,6 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     ensure_families()
-    from encdec_core.benchmark import find_preset
 
     dev, dt = "cuda", torch.bfloat16
     nsm = torch.cuda.get_device_properties(0).multi_processor_count
@@ -221,15 +210,7 @@ def main():
     torch.manual_seed(0)
     res = []
     for name in a.models.split(","):
-        fam, src = find_preset(name)
-        cfg = fam.make_config(src)
-        L = cfg.decoder_layers
-        shp = layer_shapes(cfg)
-        has_bias = name.startswith("bart")
-        W = [[(torch.randn(N, K, device=dev, dtype=dt) * (K ** -0.5),
-               torch.randn(N, device=dev, dtype=dt) * 0.1 if has_bias else None) for _, N, K in shp]
-             for _ in range(L)]
-        wbytes = sum(w.numel() * 2 for lay in W for w, _ in lay)
+        cfg, L, shp, W, wbytes = chain_weights(name, dev, dt)
         for M in [int(v) for v in a.m.split(",")]:
             x0 = torch.randn(M, cfg.d_model, device=dev, dtype=dt)
             outs = [torch.empty(M, N, device=dev, dtype=dt) for _, N, _ in shp]
@@ -248,15 +229,11 @@ def main():
                     else:
                         fn = persistent_chain(x0, W, outs, bar, nprog, bk=bk, sync=variant != "persist_nobar",
                                               prefetch=variant == "persist_pf", warps=warps, stages=stages)
-                    try:
-                        ms, out = graph_time(fn, 1, 20)
-                    except Exception as exc:  # noqa: BLE001 - a survey
-                        print(f"{name} M={M} {variant} {conf}: {type(exc).__name__}: {str(exc)[:400]}", flush=True)
+                    got = time_chain(fn, ref, f"{name} M={M} {variant} {conf}")
+                    if got is None:
                         continue
-                    out = out.float().clone()
-                    if ref is None:
-                        ref = out
-                    err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+                    ms, out, err = got
+                    ref = out if ref is None else ref
                     n_g = L * len(shp)
                     row = {"model": name, "M": M, "variant": variant, "config": conf, "programs": nprog, "ms": ms,
                            "us_per_gemm": ms * 1e3 / n_g, "TBps": wbytes / ms / 1e9, "rel_err_vs_cublas": err}
