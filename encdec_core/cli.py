@@ -653,7 +653,7 @@ def cmd_serve(args) -> int:
         runner = CudaGraphRunner.for_engine(engine)
     say = lambda msg: print(f"encdec serve: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     # CUDA graphs: every bucket by default (seconds each, at start instead of at first requests); the
-    # CPU's compiled step compiles for about a minute per bucket, so only the lists given
+    # CPU's compiled step compiles for 15-60 s per bucket (2 cores), so only the lists given
     if runner is not None and not args.no_warmup and (runner.use_graphs or warm != [None, None]):
         from .serve import warm_up
 

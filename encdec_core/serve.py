@@ -442,6 +442,8 @@ def warm_up(runner, limits, batch_sizes=None, input_lens=None, log=None, engine=
     batch per (batch, source) bucket runs with those defaults, which captures their beam graph (one
     per bucket of rows; a batch size between two planned ones shares the larger one's graph). Beam
     graphs of other options are captured at their first use. Returns the seconds taken."""
+    import torch
+
     batch_sizes, input_lens = warmup_plan(runner, limits, batch_sizes, input_lens)
     beams = engine is not None and engine.generation_config().num_beams > 1
     tok = None
@@ -450,7 +452,10 @@ def warm_up(runner, limits, batch_sizes=None, input_lens=None, log=None, engine=
         tok = min(cfg.vocab_size - 1, cfg.pad_token_id + 1)
     t0 = time.perf_counter()
     for i, b in enumerate(batch_sizes):
-        runner.warmup(batch_sizes=(b,), source_lens=tuple(input_lens), kinds=("greedy", "step"))
+        # in inference mode, as requests run (Engine.generate): a step compiled under no_grad alone
+        # fails the compiled code's guards there and compiles again at the first request
+        with torch.inference_mode():
+            runner.warmup(batch_sizes=(b,), source_lens=tuple(input_lens), kinds=("greedy", "step"))
         if beams:
             try:
                 for s in input_lens:

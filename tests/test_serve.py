@@ -267,3 +267,23 @@ def test_warm_up_captures_the_default_beam_graphs(engine_dir, builtin_registry):
     warm_up(runner, engine.limits, [1], [16], engine=engine, log=said.append)
     assert beam_buckets() == []
     assert "no beam graphs for the default options" in said[0] and ("greedy", 1, 16, 1) in runner._graphs
+
+
+@pytest.mark.slow
+def test_warm_up_compiles_what_requests_run(engine_dir, builtin_registry):
+    """The CPU's compiled step warmed up by serve.warm_up is the one requests run: no compile at the
+    first request after it (the warm-up runs in inference mode, as Engine.generate does; under no_grad
+    alone the compiled code's guards failed there and it compiled again). ~40 s on 2 cores."""
+    import torch._dynamo.utils as dyn_utils
+
+    from encdec_core.engine import Engine
+    from encdec_core.runtime.cuda import CudaGraphRunner
+    from encdec_core.serve import warm_up
+
+    engine = Engine.load(engine_dir, device="cpu")
+    runner = CudaGraphRunner.for_engine(engine)  # compile=True, no graphs on a CPU
+    warm_up(runner, engine.limits, [2], [16])
+    before = dict(dyn_utils.counters["stats"])
+    out = engine.generate(["hello", "x y"], runner=runner, max_new_tokens=6)
+    assert dict(dyn_utils.counters["stats"]) == before
+    assert out == engine.generate(["hello", "x y"], max_new_tokens=6)
