@@ -62,7 +62,7 @@ class BeamState:
     """Every tensor of a beam search over ``batch`` requests, in place (static addresses)."""
 
     def __init__(self, gc: GenerationConfig, batch: int, max_len: int, prompt: int, device,
-                 track_scores: bool = False):
+                 track_scores: bool = False, padded: bool = False):
         nb = gc.num_beams
         self.gc, self.batch, self.nb, self.max_len, self.prompt = gc, batch, nb, max_len, prompt
         # the top-k over [batch, beams x vocabulary] of each step: torch.topk, or a callable with its
@@ -93,6 +93,7 @@ class BeamState:
         self.active = torch.ones((batch, 1), dtype=torch.bool, **z)
         self.row_active = torch.ones((batch * nb, 1), dtype=torch.bool, **z)
         self.n_active = batch
+        self.padded = padded  # may run with fewer active requests (reset(active=)): zero their log-probs
         self.top_nb = torch.zeros(self.keep, dtype=torch.bool, **z)
         self.top_nb[:nb] = True
         self.eos_t = torch.tensor(eos, dtype=torch.long, **z) if eos else None
@@ -112,8 +113,9 @@ class BeamState:
         number of real requests (the first ones; default all)."""
         b, nb, p = self.batch, self.nb, self.prompt
         self.n_active = b if active is None else int(active)
-        if not 1 <= self.n_active <= b:
-            raise ValueError(f"BeamState.reset: active={active}, expected 1..{b}")
+        if not 1 <= self.n_active <= b or (self.n_active < b and not self.padded):
+            raise ValueError(f"BeamState.reset: active={active}, expected 1..{b} (below {b} only for a state "
+                             f"made with padded=True)")
         self.active.fill_(True)
         self.active[self.n_active:] = False
         self.row_active.fill_(True)
@@ -145,9 +147,10 @@ class BeamState:
         takes) and ``go_on``; the new tokens are ``run_seq[:, :, cur]``."""
         b, nb, keep, L = self.batch, self.nb, self.keep, self.max_len
         vocab = logp.shape[-1]
-        # padding requests' rows carry whatever the bucket's unused rows compute (NaN where their
-        # source is all padding): zeros keep every top-k index they take valid
-        logp = torch.where(self.row_active, logp, 0.0)
+        # padding requests' rows carry whatever the bucket's unused rows compute (their sources are
+        # padding; nothing keeps those logits finite): zeros keep every top-k index they take valid
+        if self.padded:
+            logp = torch.where(self.row_active, logp, 0.0)
         acc = (logp.view(b, nb, vocab) + self.run_score[:, :, None]).view(b, nb * vocab)
 
         # best `keep` continuations over all beams of each request (or `keep` samples)

@@ -1028,7 +1028,7 @@ class CudaGraphRunner:
         pad_prefix = prefix if rows == n else torch.cat([prefix, prefix[-1:].expand(rows - n, prompt)])
         ent = self._graphs.get(key)
         if ent is None:
-            st = BeamState(gc, cap, max_len, prompt, d.device)
+            st = BeamState(gc, cap, max_len, prompt, d.device, padded=True)
             if self.beam_topk == "triton":
                 st.topk = cuda_ops.topk
             st.reset(pad_prefix, batch)
