@@ -14,7 +14,8 @@ buffers are not thread-safe) and runs the jobs:
 - ``POST /v1/score`` ``{"sources": [...], "targets": [...], "target_lang": ..., "lora_uid": ...}``
   -> ``{"results": [{score, sum, num_tokens, tokens, token_logprobs}, ...]}``.
 - ``GET /health`` (queue length, requests and batches served), ``GET /v1/model`` (family, limits,
-  dtype, device).
+  dtype, device), ``GET /metrics`` (Prometheus' text format: requests by endpoint and status, latency
+  histograms, batches and their inputs, pending jobs).
 
 Dynamic batching: the scheduler takes the oldest job, then waits up to ``max_delay`` for more jobs
 with the same generation options (and the same return_scores), up to the engine's max batch size
@@ -112,6 +113,58 @@ def parse_generate(body: dict, gen_fields) -> tuple[list[str], dict, dict, bool,
     return texts, params, per, scores, stream
 
 
+# ---------------------------------------------------------------------------- metrics
+class Metrics:
+    """Counters for ``GET /metrics`` (Prometheus' text format, 0.0.4): requests by endpoint and HTTP
+    status, request latency histograms by endpoint, batches and the inputs they held, the queue."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.latency: dict[str, list] = {}  # endpoint -> [count per bucket..., sum, count]
+        self.batches = 0
+        self.batch_inputs = 0
+
+    def request(self, endpoint: str, status: int, seconds: float) -> None:
+        with self._lock:
+            self.requests[(endpoint, int(status))] = self.requests.get((endpoint, int(status)), 0) + 1
+            h = self.latency.setdefault(endpoint, [0] * len(self.BUCKETS) + [0.0, 0])
+            for i, le in enumerate(self.BUCKETS):
+                if seconds <= le:
+                    h[i] += 1
+            h[-2] += seconds
+            h[-1] += 1
+
+    def batch(self, inputs: int) -> None:
+        with self._lock:
+            self.batches += 1
+            self.batch_inputs += int(inputs)
+
+    def render(self, pending: int) -> str:
+        with self._lock:
+            out = ["# HELP encdec_requests_total HTTP requests answered, by endpoint and status code.",
+                   "# TYPE encdec_requests_total counter"]
+            for (ep, code), n in sorted(self.requests.items()):
+                out.append(f'encdec_requests_total{{endpoint="{ep}",code="{code}"}} {n}')
+            out += ["# HELP encdec_request_seconds Time from a request's arrival to the end of its answer.",
+                    "# TYPE encdec_request_seconds histogram"]
+            for ep, h in sorted(self.latency.items()):
+                for le, c in zip(self.BUCKETS, h):
+                    out.append(f'encdec_request_seconds_bucket{{endpoint="{ep}",le="{le}"}} {c}')
+                out.append(f'encdec_request_seconds_bucket{{endpoint="{ep}",le="+Inf"}} {h[-1]}')
+                out.append(f'encdec_request_seconds_sum{{endpoint="{ep}"}} {h[-2]:.6f}')
+                out.append(f'encdec_request_seconds_count{{endpoint="{ep}"}} {h[-1]}')
+            out += ["# HELP encdec_batches_total Model calls run by the scheduler (a generate batch, a stream, a score).",
+                    "# TYPE encdec_batches_total counter", f"encdec_batches_total {self.batches}",
+                    "# HELP encdec_batch_inputs_total Inputs those calls held (divided by the batches: the mean batch).",
+                    "# TYPE encdec_batch_inputs_total counter", f"encdec_batch_inputs_total {self.batch_inputs}"]
+        out += ["# HELP encdec_pending_jobs Jobs waiting for the scheduler.", "# TYPE encdec_pending_jobs gauge",
+                f"encdec_pending_jobs {pending}"]
+        return "\n".join(out) + "\n"
+
+
 # ---------------------------------------------------------------------------- the scheduler
 class Scheduler:
     """The one thread that runs the model: batches generate jobs, runs stream and score jobs."""
@@ -124,6 +177,7 @@ class Scheduler:
         self.held: list[Job] = []  # taken from the queue while gathering a batch, not in it
         self.requests = 0
         self.batches = 0
+        self.metrics = Metrics()
         self._thread = threading.Thread(target=self._loop, name="encdec-scheduler", daemon=True)
         self._stop = False
 
@@ -234,6 +288,7 @@ class Scheduler:
         out = self.engine.generate(texts, runner=self.runner, return_scores=first["scores"], **kw)
         self.requests += len(batch)
         self.batches += 1
+        self.metrics.batch(len(texts))
         res, i = [], 0
         for job in batch:
             k = len(job.payload["texts"])
@@ -251,6 +306,7 @@ class Scheduler:
             kw["lora_uids"] = p["per"]["lora_uid"]
         self.requests += 1
         self.batches += 1
+        self.metrics.batch(len(p["texts"]))
         stream = None
         try:
             stream = self.engine.generate_stream(p["texts"], runner=self.runner, **kw)
@@ -272,6 +328,7 @@ class Scheduler:
                                 lora_uids=p.get("lora_uid"))
         self.requests += 1
         self.batches += 1
+        self.metrics.batch(len(p["sources"]))
         job.finish(res)
 
 
@@ -288,6 +345,7 @@ def make_handler(server_state: "Server"):
         # -- replies
         def _json(self, status: int, obj) -> None:
             data = (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+            self._status = int(status)
             self.send_response(status)
             self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(data)))
@@ -326,22 +384,39 @@ def make_handler(server_state: "Server"):
                                            "batches": s.batches})
             elif self.path == "/v1/model":
                 self._json(HTTPStatus.OK, server_state.model_info())
+            elif self.path == "/metrics":
+                s = server_state.scheduler
+                data = s.metrics.render(s.pending()).encode()
+                self.send_response(HTTPStatus.OK)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
             else:
-                self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path!r}: GET /health, /v1/model; "
-                                                           f"POST /v1/generate, /v1/score"})
+                self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path!r}: GET /health, /metrics, "
+                                                           f"/v1/model; POST /v1/generate, /v1/score"})
 
         def do_POST(self):  # noqa: N802
+            t0, self._status, self._endpoint = time.monotonic(), 0, "other"
+            try:
+                self._post()
+            finally:  # answered (or the connection broke): count it with its status and time
+                server_state.scheduler.metrics.request(self._endpoint, self._status, time.monotonic() - t0)
+
+        def _post(self):
             try:
                 if self.path not in ("/v1/generate", "/v1/score"):
                     self.rfile.read(int(self.headers.get("Content-Length") or 0))
                     raise RequestError(f"no such path {self.path!r}: POST /v1/generate, /v1/score",
                                        HTTPStatus.NOT_FOUND)
+                self._endpoint = "score" if self.path == "/v1/score" else "generate"
                 body = self._body()
                 if self.path == "/v1/score":
                     return self._score(body)
                 texts, params, per, scores, stream = parse_generate(body, server_state.gen_fields)
                 payload = {"texts": texts, "params": params, "per": per, "scores": scores}
                 if stream:
+                    self._endpoint = "generate_stream"
                     return self._stream(Job("stream", payload, events=queue.Queue()))
                 key = json.dumps([params, scores], sort_keys=True)
                 job = server_state.scheduler.submit(Job("generate", payload, key))
@@ -378,6 +453,7 @@ def make_handler(server_state: "Server"):
             if isinstance(first, BaseException):  # refused before any token: a plain JSON error
                 job.done.wait()
                 raise first
+            self._status = HTTPStatus.OK
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", "text/event-stream; charset=utf-8")
             self.send_header("Cache-Control", "no-cache")

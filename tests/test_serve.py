@@ -178,6 +178,50 @@ def test_health_model_and_cli_refusals(server, capsys, monkeypatch):
     assert "serve runs one process" in capsys.readouterr().err
 
 
+def _metrics(srv) -> dict:
+    """GET /metrics parsed: {'name{labels}': value}, checking the content type and the line format."""
+    host, port = srv.address
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=30) as r:
+        assert r.status == 200 and r.headers.get("Content-Type").startswith("text/plain; version=0.0.4")
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert line.split()[1] in ("HELP", "TYPE"), line
+            continue
+        name, value = line.rsplit(" ", 1)
+        out[name] = float(value)
+    return out
+
+
+def test_metrics_count_requests_latency_and_batches(server):
+    """GET /metrics (Prometheus text format) counts each answered request by endpoint and status code,
+    keeps a latency histogram per endpoint whose buckets grow to the count, and the batches and
+    inputs the scheduler ran."""
+    srv, engine = server
+    m0 = _metrics(srv)
+    assert m0["encdec_pending_jobs"] == 0 and m0["encdec_batches_total"] == srv.scheduler.batches
+    assert _post(srv, "/v1/generate", {"inputs": ["hello", "x y"], "parameters": {"max_new_tokens": 4}})[0] == 200
+    assert _post(srv, "/v1/generate", {"inputs": "one", "parameters": {"max_new_tokens": 99999}})[0] == 400
+    assert _post(srv, "/v1/score", {"sources": ["hello"], "targets": ["hello"]})[0] == 200
+    assert _post(srv, "/v1/nope", {})[0] == 404
+    m = _metrics(srv)
+
+    def grew(key):
+        return m.get(key, 0) - m0.get(key, 0)
+    assert grew('encdec_requests_total{endpoint="generate",code="200"}') == 1
+    assert grew('encdec_requests_total{endpoint="generate",code="400"}') == 1
+    assert grew('encdec_requests_total{endpoint="score",code="200"}') == 1
+    assert grew('encdec_requests_total{endpoint="other",code="404"}') == 1
+    assert grew("encdec_batches_total") == 2 and grew("encdec_batch_inputs_total") == 3  # the 400 ran nothing
+    for ep in ("generate", "score"):
+        count = m[f'encdec_request_seconds_count{{endpoint="{ep}"}}']
+        buckets = [v for k, v in m.items() if k.startswith(f'encdec_request_seconds_bucket{{endpoint="{ep}",')]
+        assert buckets == sorted(buckets) and buckets[-1] == count == sum(
+            v for k, v in m.items() if k.startswith(f'encdec_requests_total{{endpoint="{ep}",'))
+        assert 0 < m[f'encdec_request_seconds_sum{{endpoint="{ep}"}}'] < 60 * count
+
+
 def test_gather_takes_queued_jobs_with_the_same_key_even_without_delay():
     """With no delay the scheduler still batches what is already queued: same key, up to the max
     batch size in inputs; other jobs are held, in order, for the next rounds."""
