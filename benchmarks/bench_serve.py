@@ -8,7 +8,7 @@ requests from one client, one at a time.
 
     python benchmarks/bench_serve.py [--engine-dir E] [--device cpu] [--clients 16] [--requests 4]
                                      [--delays "0;5;20"] [--max-new-tokens 32]
-                                     [--cuda-graph]
+                                     [--num-beams 1] [--cuda-graph [--warmup]]
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _spell(n: int) -> str:
     return " ".join(ones[int(c)] for c in str(n))  # not the model's wording, still a valid prompt
 
 
-def run(engine, delays, clients: int, per_client: int, max_new: int, runner=None) -> list[dict]:
+def run(engine, delays, clients: int, per_client: int, max_new: int, runner=None, num_beams: int = 1) -> list[dict]:
     from encdec_core.serve import Server
 
     prompts = _prompts(clients * per_client)
@@ -55,7 +55,7 @@ def run(engine, delays, clients: int, per_client: int, max_new: int, runner=None
                      max_delay=(0.0 if delay == "sequential" else delay / 1000.0)).start()
         host, port = srv.address
         url = f"http://{host}:{port}/v1/generate"
-        params = {"max_new_tokens": max_new}
+        params = {"max_new_tokens": max_new, "num_beams": num_beams}
         _post(url, {"inputs": prompts[0], "parameters": params})  # warm-up
         lat: list[float] = []
         lock = threading.Lock()
@@ -95,6 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--delays", default="0;5;20", help='";"-separated --max-batch-delay-ms values')
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--num-beams", type=int, default=1, help="beam search per request (beam graphs: one per "
+                    "bucket of rows, captured at first use unless they are the model's defaults)")
     ap.add_argument("--cuda-graph", action="store_true", help="serve through the CUDA-graph runner (sized by "
                     "the engine's build limits), as encdec serve --cuda-graph does")
     ap.add_argument("--warmup", action="store_true", help="with --cuda-graph: capture the graphs first, as encdec "
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
     print(f"# {eng} on {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"runner {type(runner).__name__ if runner is not None else 'eager'}", flush=True)
     delays = [float(x) for x in args.delays.split(";") if x.strip()]
-    run(engine, delays, args.clients, args.requests, args.max_new_tokens, runner)
+    run(engine, delays, args.clients, args.requests, args.max_new_tokens, runner, args.num_beams)
     return 0
 
 
