@@ -79,6 +79,19 @@ def chain_weights(name, dev="cuda", dt=torch.bfloat16):
     return cfg, L, shp, W, sum(w.numel() * 2 for lay in W for w, _ in lay)
 
 
+def chain_cases(models: str, ms: str, dev="cuda", dt=torch.bfloat16):
+    """For each preset of ``models`` and row count of ``ms`` (comma-separated): (name, L, shp, W, wbytes,
+    M, x0 [M, d_model] random, outs: one [M, N] buffer per GEMM of a layer); seed 0."""
+    ensure_families()
+    torch.manual_seed(0)
+    for name in models.split(","):
+        cfg, L, shp, W, wbytes = chain_weights(name, dev, dt)
+        for M in [int(v) for v in ms.split(",")]:
+            x0 = torch.randn(M, cfg.d_model, device=dev, dtype=dt)
+            outs = [torch.empty(M, N, device=dev, dtype=dt) for _, N, _ in shp]
+            yield name, L, shp, W, wbytes, M, x0, outs
+
+
 def graph_ms(fn, replays=20):
     return graph_time(fn, 1, replays)
 
@@ -103,60 +116,54 @@ def main():
     ap.add_argument("--interleave", default="0,1")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
-    ensure_families()
     from encdec_core.runtime.cuda import triton_kernels as tk
 
     dev, dt = "cuda", torch.bfloat16
-    torch.manual_seed(0)
     res = []
-    for name in a.models.split(","):
-        cfg, L, shp, W, wbytes = chain_weights(name, dev, dt)
-        for M in [int(v) for v in a.m.split(",")]:
-            x0 = torch.randn(M, cfg.d_model, device=dev, dtype=dt)
-            outs = [torch.empty(M, N, device=dev, dtype=dt) for _, N, _ in shp]
-            mids = [torch.empty(M, N, device=dev, dtype=dt) for _, N, _ in shp]
-            ws = torch.empty(8 * M * max(N for _, N, _ in shp), device=dev, dtype=torch.float32)
-            cnt = torch.zeros(4096, dtype=torch.int32, device=dev)
+    for name, L, shp, W, wbytes, M, x0, outs in chain_cases(a.models, a.m, dev, dt):
+        mids = [torch.empty(M, N, device=dev, dtype=dt) for _, N, _ in shp]
+        ws = torch.empty(8 * M * max(N for _, N, _ in shp), device=dev, dtype=torch.float32)
+        cnt = torch.zeros(4096, dtype=torch.int32, device=dev)
 
-            def gemm(variant, x, w, b, out):
-                N, K = w.shape
-                if variant == "cublas":
-                    return F.linear(x, w, b)
-                if variant.startswith("tiled"):
-                    return tk.fused_linear(x, w, b, out=out, pdl=variant == "tiled_pdl", counters=cnt)
-                bm = max(16, min(64, triton.next_power_of_2(M)))
-                bk = 64 if variant.endswith("k64") else 128
-                S = auto_split(M, N, K, bm, 64, bk)
-                c = dict(BM=bm, BN=64, BK=bk, S=S, w=4, st=3)
-                return swab_pdl(x, w, b, out, c, ws[: S * M * N].view(S, M, N) if S > 1 else None, cnt,
-                                pdl="pdl" in variant)
+        def gemm(variant, x, w, b, out):
+            N, K = w.shape
+            if variant == "cublas":
+                return F.linear(x, w, b)
+            if variant.startswith("tiled"):
+                return tk.fused_linear(x, w, b, out=out, pdl=variant == "tiled_pdl", counters=cnt)
+            bm = max(16, min(64, triton.next_power_of_2(M)))
+            bk = 64 if variant.endswith("k64") else 128
+            S = auto_split(M, N, K, bm, 64, bk)
+            c = dict(BM=bm, BN=64, BK=bk, S=S, w=4, st=3)
+            return swab_pdl(x, w, b, out, c, ws[: S * M * N].view(S, M, N) if S > 1 else None, cnt,
+                            pdl="pdl" in variant)
 
-            for inter in [int(v) for v in a.interleave.split(",")]:
-                ref = None
-                for variant in a.variants.split(","):
-                    def chain():
-                        h = x0
-                        for lay in W:
-                            for i, (w, b) in enumerate(lay):
-                                K = w.shape[1]
-                                y = gemm(variant, h[:, :K], w, b, outs[i])
-                                if inter:
-                                    y = between(y, mids[i])
-                                h = y
-                        return h
-                    got = time_chain(chain, ref, f"{name} M={M} {variant}")
-                    if got is None:
-                        continue
-                    ms, out, err = got
-                    ref = out if ref is None else ref
-                    n_g = L * len(shp)
-                    row = {"model": name, "M": M, "variant": variant, "interleave": inter, "ms": ms,
-                           "us_per_gemm": ms * 1e3 / n_g, "us_per_layer": ms * 1e3 / L,
-                           "TBps": wbytes / ms / 1e9, "rel_err_vs_first": err}
-                    res.append(row)
-                    print(f"{name:14s} M={M:3d} interleave={inter} {variant:14s} {ms * 1e3:8.1f} us/step "
-                          f"{row['us_per_layer']:6.2f} us/layer {row['us_per_gemm']:5.2f} us/GEMM "
-                          f"{row['TBps']:5.2f} TB/s err {err:.1e}", flush=True)
+        for inter in [int(v) for v in a.interleave.split(",")]:
+            ref = None
+            for variant in a.variants.split(","):
+                def chain():
+                    h = x0
+                    for lay in W:
+                        for i, (w, b) in enumerate(lay):
+                            K = w.shape[1]
+                            y = gemm(variant, h[:, :K], w, b, outs[i])
+                            if inter:
+                                y = between(y, mids[i])
+                            h = y
+                    return h
+                got = time_chain(chain, ref, f"{name} M={M} {variant}")
+                if got is None:
+                    continue
+                ms, out, err = got
+                ref = out if ref is None else ref
+                n_g = L * len(shp)
+                row = {"model": name, "M": M, "variant": variant, "interleave": inter, "ms": ms,
+                       "us_per_gemm": ms * 1e3 / n_g, "us_per_layer": ms * 1e3 / L,
+                       "TBps": wbytes / ms / 1e9, "rel_err_vs_first": err}
+                res.append(row)
+                print(f"{name:14s} M={M:3d} interleave={inter} {variant:14s} {ms * 1e3:8.1f} us/step "
+                      f"{row['us_per_layer']:6.2f} us/layer {row['us_per_gemm']:5.2f} us/GEMM "
+                      f"{row['TBps']:5.2f} TB/s err {err:.1e}", flush=True)
     with open(os.path.join(a.out, "gemm_chain.json"), "w") as f:
         json.dump(res, f, indent=1)
 

@@ -35,8 +35,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ensure_families  # noqa: E402
-from gemm_chain import chain_weights, time_chain  # noqa: E402
+from gemm_chain import chain_cases, time_chain  # noqa: E402
 
 
 @triton.jit
@@ -202,44 +201,35 @@ def main():
     ap.add_argument("--programs", type=int, default=0, help="programs (default: the SM count)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
-    ensure_families()
-
-    dev, dt = "cuda", torch.bfloat16
-    nsm = torch.cuda.get_device_properties(0).multi_processor_count
-    nprog = a.programs or nsm
-    torch.manual_seed(0)
+    nprog = a.programs or torch.cuda.get_device_properties(0).multi_processor_count
     res = []
-    for name in a.models.split(","):
-        cfg, L, shp, W, wbytes = chain_weights(name, dev, dt)
-        for M in [int(v) for v in a.m.split(",")]:
-            x0 = torch.randn(M, cfg.d_model, device=dev, dtype=dt)
-            outs = [torch.empty(M, N, device=dev, dtype=dt) for _, N, _ in shp]
-            bar = torch.zeros(1, dtype=torch.int32, device=dev)
-            ref = None
-            for variant in a.variants.split(","):
-                for conf in (["-"] if variant == "cublas" else a.configs.replace(";", ",").split(",")):
-                    warps, stages, bk = (0, 0, 0) if conf == "-" else (int(v) for v in conf.split("x"))
-                    if variant == "cublas":
-                        def fn():
-                            h = x0
-                            for lay in W:
-                                for w, b in lay:
-                                    h = F.linear(h[:, :w.shape[1]], w, b)
-                            return h
-                    else:
-                        fn = persistent_chain(x0, W, outs, bar, nprog, bk=bk, sync=variant != "persist_nobar",
-                                              prefetch=variant == "persist_pf", warps=warps, stages=stages)
-                    got = time_chain(fn, ref, f"{name} M={M} {variant} {conf}")
-                    if got is None:
-                        continue
-                    ms, out, err = got
-                    ref = out if ref is None else ref
-                    n_g = L * len(shp)
-                    row = {"model": name, "M": M, "variant": variant, "config": conf, "programs": nprog, "ms": ms,
-                           "us_per_gemm": ms * 1e3 / n_g, "TBps": wbytes / ms / 1e9, "rel_err_vs_cublas": err}
-                    res.append(row)
-                    print(f"{name:14s} M={M:3d} {variant:14s} {conf:9s} {ms * 1e3:8.1f} us/step "
-                          f"{row['us_per_gemm']:5.2f} us/GEMM {row['TBps']:5.2f} TB/s err {err:.1e}", flush=True)
+    for name, L, shp, W, wbytes, M, x0, outs in chain_cases(a.models, a.m):
+        bar = torch.zeros(1, dtype=torch.int32, device=x0.device)
+        ref = None
+        for variant in a.variants.split(","):
+            for conf in (["-"] if variant == "cublas" else a.configs.replace(";", ",").split(",")):
+                warps, stages, bk = (0, 0, 0) if conf == "-" else (int(v) for v in conf.split("x"))
+                if variant == "cublas":
+                    def fn():
+                        h = x0
+                        for lay in W:
+                            for w, b in lay:
+                                h = F.linear(h[:, :w.shape[1]], w, b)
+                        return h
+                else:
+                    fn = persistent_chain(x0, W, outs, bar, nprog, bk=bk, sync=variant != "persist_nobar",
+                                          prefetch=variant == "persist_pf", warps=warps, stages=stages)
+                got = time_chain(fn, ref, f"{name} M={M} {variant} {conf}")
+                if got is None:
+                    continue
+                ms, out, err = got
+                ref = out if ref is None else ref
+                n_g = L * len(shp)
+                row = {"model": name, "M": M, "variant": variant, "config": conf, "programs": nprog, "ms": ms,
+                       "us_per_gemm": ms * 1e3 / n_g, "TBps": wbytes / ms / 1e9, "rel_err_vs_cublas": err}
+                res.append(row)
+                print(f"{name:14s} M={M:3d} {variant:14s} {conf:9s} {ms * 1e3:8.1f} us/step "
+                      f"{row['us_per_gemm']:5.2f} us/GEMM {row['TBps']:5.2f} TB/s err {err:.1e}", flush=True)
     with open(os.path.join(a.out, "persistent_chain.json"), "w") as f:
         json.dump(res, f, indent=1)
 
