@@ -176,10 +176,14 @@ class Scheduler:
         self.q: queue.Queue = queue.Queue()
         self.held: list[Job] = []  # taken from the queue while gathering a batch, not in it
         self.requests = 0
-        self.batches = 0
-        self.metrics = Metrics()
+        self.metrics = Metrics()  # also counts the batches run
         self._thread = threading.Thread(target=self._loop, name="encdec-scheduler", daemon=True)
         self._stop = False
+
+    @property
+    def batches(self) -> int:
+        """Model calls run so far (a generate batch, a stream, a score)."""
+        return self.metrics.batches
 
     def start(self) -> "Scheduler":
         self._thread.start()
@@ -287,7 +291,6 @@ class Scheduler:
             kw["lora_uids"] = uids
         out = self.engine.generate(texts, runner=self.runner, return_scores=first["scores"], **kw)
         self.requests += len(batch)
-        self.batches += 1
         self.metrics.batch(len(texts))
         res, i = [], 0
         for job in batch:
@@ -305,7 +308,6 @@ class Scheduler:
         if p["per"].get("lora_uid") is not None:
             kw["lora_uids"] = p["per"]["lora_uid"]
         self.requests += 1
-        self.batches += 1
         self.metrics.batch(len(p["texts"]))
         stream = None
         try:
@@ -327,7 +329,6 @@ class Scheduler:
         res = self.engine.score(p["sources"], p["targets"], target_lang=p.get("target_lang"),
                                 lora_uids=p.get("lora_uid"))
         self.requests += 1
-        self.batches += 1
         self.metrics.batch(len(p["sources"]))
         job.finish(res)
 
