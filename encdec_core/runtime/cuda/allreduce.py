@@ -22,7 +22,9 @@ the Triton step's overlap of one kernel's start with its predecessor's tail is l
   two calls later of the same program, by which time the peer has signalled the call in between,
   which it did after reading the buffer. One barrier per call, no second one to free the buffer.
 - Before its dependency wait (PDL) a program loads the bias and the residual (written two kernels
-  back or earlier, as the step's other kernels assume) and its parity counter.
+  back or earlier, as the step's other kernels assume). Its parity counter it loads after the wait:
+  the previous kernel can be its own previous call (calls in a row, as in the GPU test), which
+  stores the counter last; read early, the two calls could share a parity on one rank only.
 - A program that waits for a peer longer than ``TIMEOUT_S`` (a peer that never arrives) gives up,
   counts an error in ``errors`` (this result and later ones are then wrong) and returns instead of
   hanging the GPU; ``check()`` raises on the host when that happened (``CudaGraphRunner`` checks
@@ -94,10 +96,13 @@ if HAVE_TRITON:
         xr = tl.load(x_ptr + rows[:, None] * s_xm + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         if HAS_BIAS:
             b = tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-        epoch = tl.load(epoch_ptr + pid)
-        par = epoch & 1
         if PDL:
             _pdl_sync()
+        # the parity counter after the wait: the previous kernel may be this one's previous call,
+        # which stores the counter at its end (read before the wait, two calls in a row could take
+        # the same parity on one rank and not on the other, and their flags deadlock)
+        epoch = tl.load(epoch_ptr + pid)
+        par = epoch & 1
         mine = tl.load(part_ptr + rows[:, None] * s_pm + cols[None, :], mask=m2, other=0.0)
         slot = rows[:, None] * N_BUF + cols[None, :]
         # push this rank's slice into every peer's buffer, then signal
