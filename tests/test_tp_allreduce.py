@@ -134,7 +134,7 @@ def test_symm_allreduce_sums_in_graphs(tmp_path):
 
 @pytest.mark.gpu
 @TWO_GPUS
-def test_fused_allreduce_kernel_equals_the_sum_of_partials():
+def test_fused_allreduce_kernel_equals_the_sum_of_partials(tmp_path):
     """runtime/cuda/allreduce.py on 2 GPUs: bit-identical to residual_sum of the ranks' summed
     partials, eager (1-16 rows, bf16 / fp32 residual, with and without bias) and from a CUDA graph
     of an odd number of calls replayed 40 times; no spin timed out."""
@@ -143,11 +143,12 @@ def test_fused_allreduce_kernel_equals_the_sum_of_partials():
 
     import os
 
-    env = dict(os.environ, **{k: os.environ.get(k, v) for k, v in SAFE_ENV.items()})
+    # each rank writes its result to a file: the launcher interleaves the ranks' stdout lines
+    env = dict(os.environ, **{k: os.environ.get(k, v) for k, v in SAFE_ENV.items()}, FUSED_AR_OUT=str(tmp_path))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(ROOT / "tests" / "mpi_scripts" / "fused_allreduce.py")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    out = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    out = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert r.returncode == 0 and len(out) == 2, r.stdout[-3000:] + r.stderr[-3000:]
     assert all(o["different"] == 0 and o["spin_timeouts"] == 0 and o["calls"] == 296 for o in out), out
 

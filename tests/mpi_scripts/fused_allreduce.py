@@ -2,7 +2,9 @@
 output must equal, bit for bit, ``residual_sum`` of the sum of every rank's partials (regenerated
 here from the shared seed), eager and replayed from a CUDA graph, over many calls (the buffers'
 parity alternation and the flags' hand-over), for 1..16 rows. Launch: torchrun --nproc-per-node N.
-Prints one JSON line per rank; exit 1 on any difference or a timed-out spin."""
+Prints one JSON line per rank (and, with FUSED_AR_OUT set to a folder, writes it to rank{r}.json there:
+the launcher interleaves the ranks' stdout, so two lines can arrive as one); exit 1 on any difference or
+a timed-out spin."""
 import faulthandler
 import json
 import os
@@ -82,7 +84,11 @@ def main() -> int:
         calls += 5
         bad += sum(int(not torch.equal(o, r)) for o, r in zip(outs, refs))
     err = int(ar.errors.item())
-    print(json.dumps({"rank": rank, "calls": calls, "different": bad, "spin_timeouts": err}), flush=True)
+    line = json.dumps({"rank": rank, "calls": calls, "different": bad, "spin_timeouts": err})
+    print(line, flush=True)
+    if os.environ.get("FUSED_AR_OUT"):
+        with open(os.path.join(os.environ["FUSED_AR_OUT"], f"rank{rank}.json"), "w") as f:
+            f.write(line)
     shutdown()
     return 0 if bad == 0 and err == 0 else 1
 
