@@ -491,17 +491,13 @@ class _HTTPServer(ThreadingHTTPServer):
 def warmup_plan(runner, limits, batch_sizes=None, input_lens=None) -> tuple[list[int], list[int]]:
     """The (request rows, source length) grid ``warm_up`` captures: by default every batch bucket of
     the runner up to the engine's max batch size (the largest batch the scheduler forms), and every
-    source bucket (16, 32, ...) up to the max input length; given lists are checked against the
+    source bucket of the runner (16, 32, ...) up to the max input length; given lists are checked against the
     limits (EncDecError naming the value)."""
     max_b, max_s = int(limits.max_batch_size), int(limits.max_input_len)
     if batch_sizes is None:
         batch_sizes = sorted({b for b in runner.batch_buckets if b <= max_b} | {max_b})
     if input_lens is None:
-        input_lens, s = [], 16
-        while s < max_s:
-            input_lens.append(s)
-            s *= 2
-        input_lens.append(max_s)
+        input_lens = sorted({s for s in runner.source_buckets if s <= max_s} | {max_s})
     for flag, vals, top in (("--warmup-batch-sizes", batch_sizes, max_b), ("--warmup-input-lens", input_lens, max_s)):
         for v in vals:
             if not 1 <= int(v) <= top:

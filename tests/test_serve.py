@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import torch
 
 from encdec_core.cli import main
 
@@ -254,7 +255,7 @@ def test_warmup_plan_and_warm_up_cover_every_bucket_the_scheduler_forms():
     from encdec_core.serve import warm_up, warmup_plan
 
     calls = []
-    runner = SimpleNamespace(batch_buckets=(1, 2, 4, 8, 16, 32), warmup=lambda **kw: calls.append(kw))
+    runner = SimpleNamespace(batch_buckets=(1, 2, 4, 8, 16, 32), source_buckets=(16, 32, 64), warmup=lambda **kw: calls.append(kw))
     limits = SimpleNamespace(max_batch_size=12, max_input_len=40)
     assert warmup_plan(runner, limits) == ([1, 2, 4, 8, 12], [16, 32, 40])
     assert warmup_plan(runner, limits, [3], [5, 40]) == ([3], [5, 40])
@@ -285,18 +286,27 @@ def test_serve_refuses_bad_warmup_lists(engine_dir, builtin_registry, capsys):
     assert "--warmup-batch-sizes: 9 is beyond the engine's limit (expected 1..8)" in capsys.readouterr().err
 
 
-def test_warm_up_captures_the_default_beam_graphs(engine_dir, builtin_registry):
+_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("device,compile", [("cpu", False), pytest.param("cuda", False, marks=_CUDA),
+                                            pytest.param("cuda", True, marks=_CUDA)])
+def test_warm_up_captures_the_default_beam_graphs(engine_dir, builtin_registry, device, compile):
     """An engine whose defaults decode with beams: the warm-up captures the beam graph of each planned
-    batch bucket (on the CPU's static runner, the same code as CUDA graphs without the capture), a
-    later batch of another size in the same bucket reuses it, and the outputs equal the eager path's."""
+    batch bucket (on the CPU's static runner the same code as CUDA graphs without the capture; on a
+    GPU real graphs, with the eager or the compiled step), a later batch of another size in the same
+    bucket reuses it with no new compile, and the outputs equal the eager path's."""
+    import torch._dynamo.utils as dyn_utils
+
     from encdec_core.engine import Engine
     from encdec_core.runtime.cuda import CudaGraphRunner
     from encdec_core.serve import warm_up
 
-    engine = Engine.load(engine_dir, device="cpu")
+    engine = Engine.load(engine_dir, device=device)
     engine.meta["generation_config"] = {**engine.generation_defaults, "num_beams": 2, "max_new_tokens": 8}
-    runner = CudaGraphRunner.for_engine(engine, compile=False)
+    runner = CudaGraphRunner.for_engine(engine, compile=compile)
     warm_up(runner, engine.limits, [1, 4], [16, 32], engine=engine)
+    compiles = dict(dyn_utils.counters["stats"])
 
     def beam_buckets():
         return sorted(k[1:3] for k in runner._graphs if k[0] == "beam")
@@ -304,10 +314,10 @@ def test_warm_up_captures_the_default_beam_graphs(engine_dir, builtin_registry):
     assert beam_buckets() == warmed
     texts = TEXTS[:3]  # 6 rows: the 8-row bucket, with one padding request
     assert engine.generate(texts, runner=runner) == engine.generate(texts)
-    assert beam_buckets() == warmed
+    assert beam_buckets() == warmed and dict(dyn_utils.counters["stats"]) == compiles
     # defaults beyond the engine's limits: no beam graphs, a message, and the other graphs all the same
     engine.meta["generation_config"]["max_new_tokens"] = 50
-    runner, said = CudaGraphRunner.for_engine(engine, compile=False), []
+    runner, said = CudaGraphRunner.for_engine(engine, compile=compile), []
     warm_up(runner, engine.limits, [1], [16], engine=engine, log=said.append)
     assert beam_buckets() == []
     assert "no beam graphs for the default options" in said[0] and ("greedy", 1, 16, 1) in runner._graphs

@@ -698,13 +698,20 @@ class CudaGraphRunner:
                 return fn()
         return wrapped
 
+    @property
+    def source_buckets(self) -> tuple[int, ...]:
+        """The source lengths graphs are captured for: 16, 32, 64, ... below the max input length, and
+        the max input length itself (an input runs in the smallest bucket that holds it)."""
+        out, b = [], 16
+        while b < self.dec.S:
+            out.append(b)
+            b *= 2
+        return (*out, self.dec.S)
+
     def _source_bucket(self, s: int) -> int:
         if s > self.dec.S:
             raise LimitError(f"input length {s} exceeds the runner's max input length {self.dec.S}")
-        b = 16
-        while b < s:
-            b *= 2
-        return min(b, self.dec.S)
+        return next(b for b in self.source_buckets if b >= s)
 
     def _encode_rows(self, input_ids, attention_mask):
         if self._encode is not self.model.encode:
