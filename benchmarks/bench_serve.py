@@ -95,8 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--delays", default="0;5;20", help='";"-separated --max-batch-delay-ms values')
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--num-beams", type=int, default=1, help="beam search per request (beam graphs: one per "
-                    "bucket of rows, captured at first use unless they are the model's defaults)")
+    ap.add_argument("--num-beams", type=int, default=1, help="beam search per request, made the engine's "
+                    "default too (so --warmup captures the beam graphs, one per bucket of rows)")
     ap.add_argument("--cuda-graph", action="store_true", help="serve through the CUDA-graph runner (sized by "
                     "the engine's build limits), as encdec serve --cuda-graph does")
     ap.add_argument("--warmup", action="store_true", help="with --cuda-graph: capture the graphs first, as encdec "
@@ -116,6 +116,11 @@ def main(argv=None) -> int:
 
     eng = Path(args.engine_dir) if args.engine_dir else default_engine()
     engine = Engine.load(eng, device=args.device)
+    if args.num_beams > 1:
+        # as a translation model's generation_config.json would: the defaults decode with these beams,
+        # so --warmup captures their beam graphs (serve.warm_up warms the default options only)
+        engine.meta["generation_config"] = {**engine.generation_defaults, "num_beams": args.num_beams,
+                                            "max_new_tokens": args.max_new_tokens}
     runner = None
     if args.cuda_graph:
         from encdec_core.runtime.cuda.runner import CudaGraphRunner
