@@ -7,7 +7,9 @@
 # prefill: the graphed prefill (CudaGraphRunner(prefill_graphs=True)) against the eager prefill, time per
 #          request at batch 1 / 8 / 64, and its GPU tests;
 # attnpdl: the attention ops with / without PDL at 128 rows and in the 8 x 4 beam step, one process each;
-# profile: flan-t5-large's greedy step by kernel at batch 64 and 256 (where its batch-256 time goes).
+# profile: flan-t5-large's greedy step by kernel at batch 64 and 256 (where its batch-256 time goes);
+# gluon:   the persistent Gluon GEMM chain (benchmarks/gluon_chain.py) against cuBLAS's, 32 and 64 rows
+#          (a deadlocked grid barrier would end at the step's time limit).
 set -u
 OUT=${OUT:-gpu_session_out}
 mkdir -p "$OUT"
@@ -32,5 +34,9 @@ STEP=attnpdl; if want "${ARGS[@]}"; then
 fi
 STEP=profile; if want "${ARGS[@]}"; then
     step profile 240 python benchmarks/bench_gpu.py --models "" --profile flan-t5-large --profile-batches 64,256 \
+        --out "$OUT"
+fi
+STEP=gluon; if want "${ARGS[@]}"; then
+    step gluon_chain 300 python benchmarks/gluon_chain.py --models bart-large,flan-t5-large --m 32,64 --stages 4,8 \
         --out "$OUT"
 fi
