@@ -19,6 +19,8 @@ Layout and schedule (built on the host, once per weight set):
   bf16 in shared memory, its column operand (swap-AB: 32-64 rows are the wgmma's N).
 - Partial sums go into fp32 output regions with atomic adds (zeroed before the launch, one region per
   GEMM), so split-K sums in no fixed order: results match cuBLAS only to bf16 rounding.
+- ``_xpf`` variants load the next chunk's activations before this chunk's weight wait and MMA
+  (items with several chunks: FFN-out, split QKV); the others load each chunk when they need it.
 - Grid barrier: a program arrives (release) once for every GEMM it has finished, including the GEMMs in
   which it had no item, and before its first item of GEMM g waits (acquire) until g x programs
   arrivals are counted. All programs must be resident at once: one per SM, checked at launch.
@@ -189,7 +191,7 @@ def _kernel():
     def chain_kernel(w_desc, items_ptr, n_items_ptr, chunks_ptr, n_chunks_ptr, meta_ptr, bias_ptr, flat_ptr,
                      bar_ptr, G, MAX_ITEMS, MAX_CHUNKS,
                      M: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                     num_warps: gl.constexpr):
+                     XPF: gl.constexpr, num_warps: gl.constexpr):
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         n_items = gl.load(n_items_ptr + pid)
@@ -241,11 +243,17 @@ def _kernel():
             out_stride = gl.load(mrow + 3)
             bias_off = gl.load(mrow + 4)
             acc = gl.zeros([BN, M], dtype=gl.float32, layout=mma_layout)
+            xbase = flat_ptr + in_off + xm[:, None] * in_stride + (k0 + xk)[None, :]
+            xv = gl.load(xbase, cache_modifier=".cg")
             for c in range(nch):
-                xp = flat_ptr + in_off + xm[:, None] * in_stride + (k0 + c * BK + xk)[None, :]
-                xv = gl.load(xp, cache_modifier=".cg")
+                if not XPF:
+                    if c > 0:
+                        xv = gl.load(xbase + c * BK, cache_modifier=".cg")
                 x_smem.store(xv.to(gl.bfloat16))
                 fence_async_shared()
+                if XPF:  # the next chunk's activations in flight during this chunk's wait and MMA
+                    xv = gl.load(xbase + (c + 1) * BK, mask=(xm[:, None] >= 0) & (c + 1 < nch), other=0.0,
+                                 cache_modifier=".cg")
                 slot = q % STAGES
                 mbarrier.wait(bars.index(slot), (q // STAGES) & 1)
                 acc = warpgroup_mma(ring.index(slot), x_smem.permute((1, 0)), acc, is_async=True)
@@ -273,11 +281,11 @@ def _kernel():
 class GluonChain:
     """The plan on a GPU and a callable that runs the whole chain (zero the buffers, one launch)."""
 
-    def __init__(self, plan: Plan, device, stages: int = 8, num_warps: int = 4):
+    def __init__(self, plan: Plan, device, stages: int = 8, num_warps: int = 4, xpf: bool = False):
         from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-        self.plan, self.stages, self.num_warps = plan, stages, num_warps
+        self.plan, self.stages, self.num_warps, self.xpf = plan, stages, num_warps, xpf
         t = lambda x: x.to(device).contiguous()  # noqa: E731
         self.packed, self.items, self.n_items = t(plan.packed), t(plan.items), t(plan.n_items)
         self.chunks, self.n_chunks, self.meta, self.bias = t(plan.chunks), t(plan.n_chunks), t(plan.meta), t(plan.bias)
@@ -299,7 +307,7 @@ class GluonChain:
         self.x0.copy_(x0)
         self.kernel[(p.programs,)](self.w_desc, self.items, self.n_items, self.chunks, self.n_chunks, self.meta,
                                    self.bias, self.flat, self.bar, len(p.gemms), p.items.shape[1],
-                                   p.chunks.shape[1], M=p.m, BN=BN, BK=BK, STAGES=self.stages,
+                                   p.chunks.shape[1], M=p.m, BN=BN, BK=BK, STAGES=self.stages, XPF=self.xpf,
                                    num_warps=self.num_warps)
         return self.out
 
@@ -354,16 +362,17 @@ def _compile_cases() -> dict:
 
     torch.manual_seed(0)
     res = []
-    for m, stages in ((64, 8), (32, 8), (64, 4)):
+    for m, stages, xpf in ((64, 8, False), (32, 8, False), (64, 4, False), (64, 8, True)):
         ws = [(torch.randn(256, 128).to(torch.bfloat16), torch.randn(256)), (torch.randn(128, 256).to(torch.bfloat16), None)]
         plan = make_plan(ws, m, 8, 128)
         layout = gl.NVMMASharedLayout.get_default_for([BN, BK], gl.bfloat16)
         wd = TensorDescriptor(plan.packed, list(plan.packed.shape), list(plan.packed.stride()), [BN, BK], layout)
         k = _kernel().warmup(wd, plan.items, plan.n_items, plan.chunks, plan.n_chunks, plan.meta, plan.bias,
                              torch.zeros(plan.flat_len), torch.zeros(1, dtype=torch.int32), 2, plan.items.shape[1],
-                             plan.chunks.shape[1], M=m, BN=BN, BK=BK, STAGES=stages, num_warps=4, grid=(8,))
+                             plan.chunks.shape[1], M=m, BN=BN, BK=BK, STAGES=stages, XPF=xpf, num_warps=4,
+                             grid=(8,))
         ptx = k.asm["ptx"]
-        res.append({"m": m, "stages": stages, "shared_bytes": k.metadata.shared,
+        res.append({"m": m, "stages": stages, "xpf": xpf, "shared_bytes": k.metadata.shared,
                     "wgmma": ptx.count("wgmma.mma_async"), "tma_loads": ptx.count("cp.async.bulk.tensor")})
         print(json.dumps(res[-1]), flush=True)
     return {"compile": res}
@@ -403,12 +412,14 @@ def main():
         rows = [("cublas", base)]
         plan = make_plan([(w.cpu(), None if b is None else b.cpu()) for w, b in flat_w], M, sms, x0.shape[1])
         for st in [int(v) for v in a.stages.split(",")]:
-            try:
-                ch = GluonChain(plan, dev, stages=st, num_warps=a.warps)
-            except Exception as exc:  # noqa: BLE001 - a survey
-                print(f"{name} M={M} gluon s{st}: {type(exc).__name__}: {str(exc)[:600]}", flush=True)
-                continue
-            rows.append((f"gluon_s{st}", time_chain(lambda: ch(x0), ref, f"{name} M={M} gluon s{st}")))
+            for xpf in (False, True):
+                tag = f"gluon_s{st}" + ("_xpf" if xpf else "")
+                try:
+                    ch = GluonChain(plan, dev, stages=st, num_warps=a.warps, xpf=xpf)
+                except Exception as exc:  # noqa: BLE001 - a survey
+                    print(f"{name} M={M} {tag}: {type(exc).__name__}: {str(exc)[:600]}", flush=True)
+                    continue
+                rows.append((tag, time_chain(lambda: ch(x0), ref, f"{name} M={M} {tag}")))
         for variant, got in rows:
             if got is None:
                 continue

@@ -33,7 +33,8 @@ def test_plan_equals_the_plain_chain():
 def test_kernel_compiles_for_hopper():
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     rows = _run("--compile-check")
-    assert [(r["m"], r["stages"]) for r in rows] == [(64, 8), (32, 8), (64, 4)]
+    assert [(r["m"], r["stages"], r["xpf"]) for r in rows] == [(64, 8, False), (32, 8, False), (64, 4, False),
+                                                               (64, 8, True)]
     # 128 columns of K per chunk in 16-wide wgmma steps; the prologue's STAGES loads plus the refill
     assert all(r["wgmma"] == 8 and r["tma_loads"] == r["stages"] + 1 for r in rows), rows
     assert all(r["shared_bytes"] <= 227 * 1024 for r in rows), rows
