@@ -252,6 +252,10 @@ def read_meta(ckpt_dir: Path) -> dict:
     if mp["world_size"] != mp["tp_size"] * mp["pp_size"]:
         raise ConfigError(f"{where}: field 'mapping.world_size' = {mp['world_size']}: expected tp_size x pp_size = "
                           f"{mp['tp_size'] * mp['pp_size']}")
+    gen = meta.get("generation_config")
+    if gen is not None and not isinstance(gen, dict):  # build and Engine read it as a dict
+        raise ConfigError(f"{where}: field 'generation_config' = {gen!r}: expected an object of generation "
+                          f"options (the model's generation_config.json) or null")
     return meta
 
 

@@ -643,6 +643,7 @@ def test_error_integer_weights(builtin_registry, tmp_path, t5_dir, capsys):
     (lambda d: d.__setitem__("model", [1]), "field 'model' = [1]: expected an object"),
     (lambda d: d["model"].__setitem__("d_model", -1), "field 'd_model' = -1: expected a positive integer"),
     (lambda d: d["model"].__setitem__("pad_token_id", 10**6), "field 'pad_token_id' = 1000000: expected a token id"),
+    (lambda d: d.__setitem__("generation_config", [1]), "field 'generation_config' = [1]: expected an object"),
 ])
 def test_error_bad_checkpoint_config(builtin_registry, tmp_path, t5_dir, capsys, edit, words):
     ck = tmp_path / "ckpt"
@@ -713,6 +714,11 @@ def test_error_bad_generation_config_names_the_engine_file(builtin_registry, tmp
                  "--max-output-len", "4"]) == 2
     msg = _err(capsys)
     assert f"{eng / 'config.json'} field 'generation_config'" in msg and "'num_beams' = 'two'" in msg
+    _edit_json(eng / "config.json", lambda d: d.__setitem__("generation_config", "greedy"))  # not an object
+    assert main(["run", "--engine-dir", str(eng), "--input-text", "abc", "--device", "cpu",
+                 "--max-output-len", "4"]) == 2
+    msg = _err(capsys)
+    assert f"{eng / 'config.json'}: field 'generation_config' = 'greedy': expected an object" in msg
 
 
 def test_error_output_dir_that_is_not_ours(builtin_registry, tmp_path, t5_dir, capsys):
