@@ -126,6 +126,10 @@ def build(checkpoint_dir: Path, output_dir: Path, max_batch_size: int = 8, max_i
     limits = Limits(_positive("--max-batch-size", max_batch_size), _positive("--max-input-len", max_input_len),
                     _positive("--max-output-len", max_output_len), _positive("--max-beam-width", max_beam_width))
     cfg = config_from_meta(meta, str(checkpoint_dir / "config.json"))
+    if output_dir.resolve().is_relative_to(checkpoint_dir.resolve()):  # replaced, or copied into itself
+        where = "is" if output_dir.resolve() == checkpoint_dir.resolve() else "lies inside"
+        raise EncDecError(f"--output-dir {output_dir}: {where} the --checkpoint-dir {checkpoint_dir}; expected a "
+                          f"directory outside the checkpoint (the engine would replace or copy it)")
     check_output_dir(output_dir, "--output-dir")  # before any work
     world = int(meta["mapping"]["world_size"])
     for r in range(world):

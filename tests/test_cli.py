@@ -753,6 +753,21 @@ def test_error_output_dir_that_is_not_ours(builtin_registry, tmp_path, t5_dir, c
     assert f.read_text() == "x"
 
 
+def test_error_build_output_dir_is_the_checkpoint(builtin_registry, tmp_path, t5_dir, capsys):
+    """build --output-dir naming the --checkpoint-dir (or a folder inside it) is refused before any
+    work: the engine replaced the checkpoint (with --dtype, its weights cast), or copied into itself."""
+    ck = tmp_path / "ckpt"
+    assert _convert(t5_dir, ck) == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in ck.iterdir())
+    assert main(["build", "--checkpoint-dir", str(ck), "--output-dir", str(ck), "--dtype", "float16"]) == 2
+    assert f"--output-dir {ck}: is the --checkpoint-dir {ck}; expected a directory outside" in _err(capsys)
+    assert main(["build", "--checkpoint-dir", str(ck), "--output-dir", str(ck / "engine")]) == 2
+    assert f"--output-dir {ck / 'engine'}: lies inside the --checkpoint-dir" in _err(capsys)
+    assert sorted(p.name for p in ck.iterdir()) == before
+    assert json.loads((ck / "config.json").read_text())["dtype"] == "float32"
+
+
 def test_error_tokenizer_files_missing(builtin_registry, tmp_path, t5_dir, capsys):
     _, eng = _pipeline(tmp_path, t5_dir)
     capsys.readouterr()
