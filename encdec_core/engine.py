@@ -277,8 +277,10 @@ class Engine:
         from .runtime.generation import GenerationConfig
 
         try:
-            return GenerationConfig.from_model(self.config, self.generation_defaults,
-                                               **{k: v for k, v in overrides.items() if v is not None})
+            gc = GenerationConfig.from_model(self.config, self.generation_defaults,
+                                             **{k: v for k, v in overrides.items() if v is not None})
+            gc.validate(self.config.vocab_size)  # token ids in range: checked here, where the file is known
+            return gc
         except ConfigError as exc:  # the defaults live in the engine's config.json, copied at convert time
             head = "generation_config.json:"
             if not str(exc).startswith(head):

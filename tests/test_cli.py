@@ -719,6 +719,13 @@ def test_error_bad_generation_config_names_the_engine_file(builtin_registry, tmp
                  "--max-output-len", "4"]) == 2
     msg = _err(capsys)
     assert f"{eng / 'config.json'}: field 'generation_config' = 'greedy': expected an object" in msg
+    # a token id beyond the vocabulary is named with the engine file too (not a bare generation_config.json)
+    _edit_json(eng / "config.json", lambda d: d.__setitem__("generation_config", {"decoder_start_token_id": 5000}))
+    assert main(["run", "--engine-dir", str(eng), "--input-text", "abc", "--device", "cpu",
+                 "--max-output-len", "4"]) == 2
+    msg = _err(capsys)
+    assert f"{eng / 'config.json'} field 'generation_config'" in msg
+    assert "'decoder_start_token_id' = 5000: expected a token id in [0, 384)" in msg
 
 
 def test_error_output_dir_that_is_not_ours(builtin_registry, tmp_path, t5_dir, capsys):
