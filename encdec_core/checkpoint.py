@@ -280,6 +280,38 @@ def check_shard(f: Path) -> None:
         raise WeightError(f"{f}: not a valid safetensors file ({exc})") from None
 
 
+def _fit_errors(expected: dict[str, tuple], shapes: dict[str, tuple]) -> list[str]:
+    """What keeps tensors of ``shapes`` from filling a model of ``expected`` shapes (none: they fit)."""
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    wrong = [f"{k} has {shapes[k]}, expected {expected[k]}" for k in expected if k in shapes and shapes[k] != expected[k]]
+    parts = []
+    if missing:
+        parts.append(f"missing tensor(s): {', '.join(missing)}")
+    if unexpected:
+        parts.append(f"unexpected tensor(s): {', '.join(unexpected)}")
+    if wrong:
+        parts.append("wrong shape: " + "; ".join(wrong))
+    return parts
+
+
+def check_shard_fits(ckpt_dir: Path, cfg: EncDecConfig, ctx: ParallelContext) -> None:
+    """Rank ``ctx.rank``'s shard holds the tensors, shapes and floating dtypes of the model ``cfg``
+    describes, read from its header (no tensor is loaded): build refuses what load_model would."""
+    from safetensors import safe_open
+
+    f = Path(ckpt_dir) / f"rank{ctx.rank}.safetensors"
+    with safe_open(str(f), "pt") as h:
+        header = {k: (tuple(h.get_slice(k).get_shape()), h.get_slice(k).get_dtype()) for k in h.keys()}
+    parts = _fit_errors(build_model(cfg, ctx, meta=True).expected_shapes(), {k: s for k, (s, _) in header.items()})
+    if parts:
+        raise WeightError(f"{f}: " + " | ".join(parts) + f" (for the model in {Path(ckpt_dir) / 'config.json'})")
+    bad = [f"{k} ({dt})" for k, (_, dt) in header.items() if not dt.startswith(("F", "BF"))]
+    if bad:
+        raise WeightError(f"{f}: tensor(s) of a non-floating dtype: {', '.join(bad)}; expected float32, "
+                          f"float16 or bfloat16 weights")
+
+
 def config_from_meta(meta: dict, source: str) -> EncDecConfig:
     return EncDecConfig.from_dict(meta["model"], source)
 
@@ -320,18 +352,8 @@ def load_model(ckpt_dir: Path, ctx: ParallelContext | None = None, device="cpu",
     tensors = load_rank_tensors(ckpt_dir, ctx.rank)
     model = build_model(cfg, ctx, dtype, meta=True)
     expected = model.expected_shapes()
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    wrong = [f"{k} has {tuple(tensors[k].shape)}, expected {expected[k]}" for k in expected
-             if k in tensors and tuple(tensors[k].shape) != expected[k]]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing tensor(s): {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected tensor(s): {', '.join(unexpected)}")
-        if wrong:
-            parts.append("wrong shape: " + "; ".join(wrong))
+    parts = _fit_errors(expected, {k: tuple(t.shape) for k, t in tensors.items()})
+    if parts:
         raise WeightError(f"{ckpt_dir / f'rank{ctx.rank}.safetensors'}: " + " | ".join(parts))
     check_float_tensors({k: tensors[k] for k in expected}, str(ckpt_dir / f"rank{ctx.rank}.safetensors"))
     model = model.to_empty(device=device)

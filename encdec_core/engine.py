@@ -18,12 +18,13 @@ from typing import Iterator
 import torch
 
 from . import __version__
-from .checkpoint import (check_shard, checksum_dir, config_from_meta, dtype_name, file_sha256, load_model,
-                         parse_dtype, read_meta)
+from .checkpoint import (check_shard, check_shard_fits, checksum_dir, config_from_meta, dtype_name, file_sha256,
+                         load_model, parse_dtype, read_meta)
 from .config import read_json
 from .family import HF_TOKENIZER_FILES
 from .fsutil import atomic_dir, check_output_dir
 from .errors import ConfigError, EncDecError, LimitError
+from .parallel.context import ParallelContext
 
 ENGINE_FILE = "engine.json"
 _MODEL_FILES = ("config.json",)
@@ -150,6 +151,9 @@ def build(checkpoint_dir: Path, output_dir: Path, max_batch_size: int = 8, max_i
                 raise ConfigError(
                     f"{flag} {val} exceeds the model's learned positions: expected at most {lim} "
                     f"(max_position_embeddings {n} in {checkpoint_dir / 'config.json'})")
+    tp, pp = int(meta["mapping"]["tp_size"]), int(meta["mapping"]["pp_size"])
+    for r in range(world):  # tensors that do not fit the config: refused here, not by every run
+        check_shard_fits(checkpoint_dir, cfg, ParallelContext(tp_size=tp, pp_size=pp, rank=r))
     with atomic_dir(output_dir, "--output-dir") as tmp:
         for item in checkpoint_dir.iterdir():
             if item.name.startswith("rank") and item.suffix == ".safetensors":

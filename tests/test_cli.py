@@ -671,6 +671,33 @@ def test_build_refuses_a_truncated_shard(builtin_registry, tmp_path, t5_dir, cap
     _no_partial(tmp_path, "e")
 
 
+def test_build_refuses_tensors_that_do_not_fit_the_config(builtin_registry, tmp_path, t5_dir, capsys):
+    """A config.json edited after convert (its checksum covers the shards only) or a shard of integer
+    weights is refused at build, from the shard headers, not written into an engine every run refuses."""
+    from safetensors.torch import load_file, save_file
+
+    ck = tmp_path / "ckpt"
+    assert _convert(t5_dir, ck) == 0
+    capsys.readouterr()
+    good = (ck / "config.json").read_text()
+    _edit_json(ck / "config.json", lambda d: d["model"].__setitem__("encoder_ffn_dim", 64))
+    assert main(["build", "--checkpoint-dir", str(ck), "--output-dir", str(tmp_path / "e")]) == 2
+    msg = _err(capsys)
+    assert str(ck / "rank0.safetensors") in msg and str(ck / "config.json") in msg
+    assert "encoder.layers.0.ffn.wi.weight has (48, 32), expected (64, 32)" in msg
+    _no_partial(tmp_path, "e")
+    (ck / "config.json").write_text(good)
+    _edit_json(ck / "config.json", lambda d: (d.pop("checksum"), d.pop("shard_checksums")))
+    f = ck / "rank0.safetensors"
+    t = load_file(str(f))
+    t["shared.weight"] = t["shared.weight"].to(torch.int32)
+    save_file(t, str(f))
+    assert main(["build", "--checkpoint-dir", str(ck), "--output-dir", str(tmp_path / "e")]) == 2
+    msg = _err(capsys)
+    assert str(f) in msg and "non-floating dtype: shared.weight (I32)" in msg
+    _no_partial(tmp_path, "e")
+
+
 def test_build_learned_positions_message(builtin_registry, tmp_path, t5_dir, capsys):
     ck = tmp_path / "ckpt"
     assert _convert(t5_dir, ck) == 0
