@@ -68,15 +68,26 @@ class Job:
 
 
 # ---------------------------------------------------------------------------- request parsing
+def _unicode(t: str, name: str) -> str:
+    """``t``, refused when it holds a lone surrogate: JSON can write one (``"\\ud800"``), UTF-8 and the
+    tokenizer cannot (an internal UnicodeEncodeError that failed the whole batch)."""
+    try:
+        t.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(f"{name} = {json.dumps(t)[:200]}: expected Unicode text (a lone surrogate "
+                           f"{json.dumps(t[exc.start])} at character {exc.start})") from None
+    return t
+
+
 def _texts(v, name: str) -> list[str]:
     if isinstance(v, str):
-        return [v]
+        return [_unicode(v, name)]
     if not isinstance(v, list) or not v:
         raise RequestError(f"{name} = {json.dumps(v)[:200]}: expected a string or a non-empty list of strings")
     bad = next((i for i, t in enumerate(v) if not isinstance(t, str)), None)
     if bad is not None:
         raise RequestError(f"{name}[{bad}] = {json.dumps(v[bad])[:200]}: expected a string")
-    return list(v)
+    return [_unicode(t, f"{name}[{i}]") for i, t in enumerate(v)]
 
 
 def parse_generate(body: dict, gen_fields) -> tuple[list[str], dict, dict, bool, bool]:
@@ -103,8 +114,10 @@ def parse_generate(body: dict, gen_fields) -> tuple[list[str], dict, dict, bool,
         raise RequestError(f"parameters: unknown option(s) {unknown}; known: {sorted(gen_fields)} and "
                            f"{sorted(_PER_REQUEST + ('return_scores',))}")
     for k in ("target_lang", "target_prefix"):
-        if per.get(k) is not None and not isinstance(per[k], str):
-            raise RequestError(f"parameters.{k} = {json.dumps(per[k])[:200]}: expected a string")
+        if per.get(k) is not None:
+            if not isinstance(per[k], str):
+                raise RequestError(f"parameters.{k} = {json.dumps(per[k])[:200]}: expected a string")
+            _unicode(per[k], f"parameters.{k}")
     u = per.get("lora_uid")
     if u is not None and (isinstance(u, bool) or not isinstance(u, int)):
         raise RequestError(f"parameters.lora_uid = {json.dumps(u)}: expected an integer (-1: the base model)")
@@ -438,6 +451,8 @@ def make_handler(server_state: "Server"):
             for k in ("sources", "targets"):
                 if k not in body:
                     raise RequestError(f"missing field {k!r}: a list of strings")
+            if isinstance(body.get("target_lang"), str):
+                _unicode(body["target_lang"], "target_lang")
             payload = {"sources": _texts(body["sources"], "sources"), "targets": _texts(body["targets"], "targets"),
                        "target_lang": body.get("target_lang"), "lora_uid": body.get("lora_uid")}
             job = server_state.scheduler.submit(Job("score", payload))

@@ -341,3 +341,34 @@ def test_warm_up_compiles_what_requests_run(engine_dir, builtin_registry):
     out = engine.generate(["hello", "x y"], runner=runner, max_new_tokens=6)
     assert dict(dyn_utils.counters["stats"]) == before
     assert out == engine.generate(["hello", "x y"], max_new_tokens=6)
+
+
+def test_a_lone_surrogate_is_refused_naming_the_field(server):
+    """JSON may escape a lone surrogate ("\\ud800"), which UTF-8 and the tokenizer cannot encode: a
+    400 naming the field and value, not an internal UnicodeEncodeError; and a good request batched
+    with it (same options, at the same time) still gets its output."""
+    srv, engine = server
+    params = {"max_new_tokens": 4}
+    out = {}
+    go = threading.Barrier(2)
+
+    def client(name, raw):
+        go.wait()
+        out[name] = _post(srv, "/v1/generate", None, raw)
+
+    threads = [threading.Thread(target=client, args=("good", json.dumps({"inputs": "hello", "parameters": params}).encode())),
+               threading.Thread(target=client, args=("bad", b'{"inputs": ["ok", "a\\ud800"], "parameters": {"max_new_tokens": 4}}'))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out["good"][0] == 200 and json.loads(out["good"][2])["outputs"] == engine.generate(["hello"], **params)
+    assert out["bad"][0] == 400, out["bad"]
+    assert 'inputs[1] = "a\\ud800": expected Unicode text (a lone surrogate "\\ud800" at character 1)' \
+        in json.loads(out["bad"][2])["error"]
+    for path, raw, words in [
+            ("/v1/generate", b'{"inputs": "a", "parameters": {"target_prefix": "\\udfff"}}', 'parameters.target_prefix = "\\udfff"'),
+            ("/v1/generate", b'{"inputs": "\\ud800", "stream": true}', 'inputs = "\\ud800"'),
+            ("/v1/score", b'{"sources": ["a"], "targets": ["\\ud800"]}', 'targets[0] = "\\ud800"')]:
+        status, _, text = _post(srv, path, None, raw)
+        assert status == 400 and words in json.loads(text)["error"], text
