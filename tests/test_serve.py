@@ -129,13 +129,18 @@ def test_score_endpoint_equals_engine_score(server):
     ("/v1/generate", {"inputs": ["a", 3]}, None, 400, "inputs[1] = 3"),
     ("/v1/generate", {"inputs": "a", "parameters": {"num_beamz": 2}}, None, 400, "unknown option(s) ['num_beamz']"),
     ("/v1/generate", {"inputs": "a", "parameters": {"num_beams": 0}}, None, 400, "num_beams"),
+    ("/v1/generate", {"inputs": "a", "parameters": {"temperature": "hot", "max_new_tokens": 2}}, None, 400,
+     "field 'temperature' = 'hot': expected a number"),
+    ("/v1/generate", {"inputs": "a", "parameters": {"top_p": [1], "max_new_tokens": 2}}, None, 400,
+     "field 'top_p' = [1]: expected a number"),
     ("/v1/generate", {"inputs": "a", "parameters": {"max_new_tokens": 50}}, None, 400, "limit 12"),
     ("/v1/generate", {"inputs": "a", "parameters": {"target_prefix": 3}}, None, 400, "target_prefix = 3"),
     ("/v1/generate", {"inputs": "a", "stream": "yes"}, None, 400, 'stream = "yes"'),
     ("/v1/score", {"sources": ["a"]}, None, 400, "missing field 'targets'"),
     ("/v1/score", {"sources": ["a"], "targets": ["b", "c"]}, None, 400, "targets"),
     ("/v1/nothing", {}, None, 404, "no such path"),
-], ids=["json", "not-object", "unknown-field", "empty", "not-string", "unknown-option", "bad-option", "limit",
+], ids=["json", "not-object", "unknown-field", "empty", "not-string", "unknown-option", "bad-option",
+        "greedy-temperature-type", "greedy-top-p-type", "limit",
         "prefix-type", "stream-type", "score-missing", "score-count", "path"])
 def test_bad_requests_get_json_errors(server, path, body, raw, status, words):
     srv, _ = server

@@ -228,6 +228,10 @@ class GenerationConfig:
             bad("early_stopping", self.early_stopping, 'true, false or "never"')
         if not is_num(self.length_penalty):
             bad("length_penalty", self.length_penalty, "a finite number")
+        for name in ("temperature", "top_p"):  # their values are only checked when sampling, but
+            v = getattr(self, name)              # the logits pipeline reads them as numbers in any case
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                bad(name, v, "a number")
         if self.do_sample:  # like HF, sampling options are only read (and checked) when sampling
             if not is_num(self.temperature) or not self.temperature > 0:
                 bad("temperature", self.temperature, "a number > 0 (for greedy decoding set do_sample false)")
