@@ -363,6 +363,8 @@ def make_handler(server_state: "Server"):
             self.send_response(status)
             self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
 
@@ -375,13 +377,22 @@ def make_handler(server_state: "Server"):
                 self._json(HTTPStatus.INTERNAL_SERVER_ERROR,
                            {"error": f"internal error: {type(exc).__name__}: {exc}"})
 
-        def _body(self) -> dict:
+        def _length(self) -> int:
+            """The body's length, from Content-Length (RequestError 411 / 413). When refused the body is
+            left unread, so the connection closes after the answer (its bytes were read as the next request)."""
             n = self.headers.get("Content-Length")
-            if n is None or not n.isdigit():
-                raise RequestError("a JSON body with a Content-Length header is expected", HTTPStatus.LENGTH_REQUIRED)
+            if n is None or not (n.isascii() and n.isdigit()):
+                self.close_connection = True
+                raise RequestError("a JSON body with a Content-Length header is expected" if n is None else
+                                   f"Content-Length = {n!r}: expected the body's length in bytes",
+                                   HTTPStatus.LENGTH_REQUIRED)
             if int(n) > MAX_BODY:
+                self.close_connection = True
                 raise RequestError(f"request body of {n} bytes: at most {MAX_BODY}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-            raw = self.rfile.read(int(n))
+            return int(n)
+
+        def _body(self) -> dict:
+            raw = self.rfile.read(self._length())
             try:
                 body = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -420,7 +431,11 @@ def make_handler(server_state: "Server"):
         def _post(self):
             try:
                 if self.path not in ("/v1/generate", "/v1/score"):
-                    self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                    if self.headers.get("Content-Length") is not None:
+                        try:
+                            self.rfile.read(self._length())
+                        except RequestError:  # a length not to trust: the connection closes instead
+                            pass
                     raise RequestError(f"no such path {self.path!r}: POST /v1/generate, /v1/score",
                                        HTTPStatus.NOT_FOUND)
                 self._endpoint = "score" if self.path == "/v1/score" else "generate"

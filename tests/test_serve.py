@@ -377,3 +377,37 @@ def test_a_lone_surrogate_is_refused_naming_the_field(server):
             ("/v1/score", b'{"sources": ["a"], "targets": ["\\ud800"]}', 'targets[0] = "\\ud800"')]:
         status, _, text = _post(srv, path, None, raw)
         assert status == 400 and words in json.loads(text)["error"], text
+
+
+def _raw(srv, data: bytes) -> str:
+    """``data`` sent as is on one connection; all the server answered until it closed it."""
+    import socket
+
+    with socket.create_connection(srv.address, timeout=10) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):  # a timeout here: the server kept the connection open
+            out += chunk
+    return out.decode()
+
+
+@pytest.mark.parametrize("path", ["/v1/generate", "/nope"])
+@pytest.mark.parametrize("length, status", [(b"-1", 411), (b"abc", 411), (b"\xb2", 411), (b"99999999999", 413)])
+def test_a_bad_content_length_is_refused_and_closes_the_connection(server, path, length, status):
+    """A Content-Length that is not a length within the limit (negative, not a number, a non-ASCII
+    digit, too large): its JSON error (the 404 on an unknown path), no internal error, no read of
+    that many bytes; and the connection closes, so the unread body is not read as the next request."""
+    srv, _ = server
+    reply = _raw(srv, b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: " + length +
+                 b"\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    want = status if path == "/v1/generate" else 404
+    assert reply.startswith(f"HTTP/1.1 {want} ") and reply.count("HTTP/1.1 ") == 1, reply
+    assert "Connection: close" in reply and "internal error" not in reply
+    body = json.loads(reply.split("\r\n\r\n", 1)[1])
+    if path == "/nope":
+        assert "no such path '/nope'" in body["error"]
+    elif status == 413:
+        assert body["error"] == "request body of 99999999999 bytes: at most 16777216"
+    else:
+        assert body["error"] == f"Content-Length = {length.decode('latin-1')!r}: expected the body's length in bytes"
+    assert _get(srv, "/health")[0] == 200
