@@ -41,6 +41,8 @@ from .errors import EncDecError, LimitError
 
 MAX_BODY = 16 << 20  # bytes of one request body
 _PER_REQUEST = ("target_lang", "target_prefix", "lora_uid")  # per input in a merged batch
+_GET_PATHS, _POST_PATHS = ("/health", "/v1/model", "/metrics"), ("/v1/generate", "/v1/score")
+_PATHS = "GET /health, /metrics, /v1/model; POST /v1/generate, /v1/score"
 
 
 class RequestError(EncDecError):
@@ -357,12 +359,14 @@ def make_handler(server_state: "Server"):
                 server_state.log(f"{self.address_string()} {fmt % args}")
 
         # -- replies
-        def _json(self, status: int, obj) -> None:
+        def _json(self, status: int, obj, headers=()) -> None:
             data = (json.dumps(obj, ensure_ascii=False) + "\n").encode()
             self._status = int(status)
             self.send_response(status)
             self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(data)))
+            for k, v in headers:
+                self.send_header(k, v)
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
@@ -401,9 +405,31 @@ def make_handler(server_state: "Server"):
                 raise RequestError(f"the body is {type(body).__name__}: expected a JSON object")
             return body
 
+        def _discard_body(self) -> None:
+            """Read the body of a request refused unread, so that the connection can go on."""
+            if self.headers.get("Content-Length") is not None:
+                try:
+                    self.rfile.read(self._length())
+                except RequestError:  # a length not to trust: the connection closes instead
+                    pass
+
+        def _not_allowed(self) -> None:
+            """405 for a method the path does not take (any method but GET and POST: every path)."""
+            self._discard_body()
+            allow = "POST" if self.path in _POST_PATHS else "GET" if self.path in _GET_PATHS else None
+            if allow is None:
+                self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path!r}: {_PATHS}"})
+            else:
+                self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{self.command} {self.path}: expected "
+                                                                    f"{allow} {self.path}"}, [("Allow", allow)])
+
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
+
         # -- routes
         def do_GET(self):  # noqa: N802 (http.server's naming)
-            if self.path == "/health":
+            if self.path in _POST_PATHS:
+                self._not_allowed()
+            elif self.path == "/health":
                 s = server_state.scheduler
                 self._json(HTTPStatus.OK, {"status": "ok", "pending": s.pending(), "requests": s.requests,
                                            "batches": s.batches})
@@ -418,8 +444,7 @@ def make_handler(server_state: "Server"):
                 self.end_headers()
                 self.wfile.write(data)
             else:
-                self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path!r}: GET /health, /metrics, "
-                                                           f"/v1/model; POST /v1/generate, /v1/score"})
+                self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path!r}: {_PATHS}"})
 
         def do_POST(self):  # noqa: N802
             t0, self._status, self._endpoint = time.monotonic(), 0, "other"
@@ -430,12 +455,10 @@ def make_handler(server_state: "Server"):
 
         def _post(self):
             try:
-                if self.path not in ("/v1/generate", "/v1/score"):
-                    if self.headers.get("Content-Length") is not None:
-                        try:
-                            self.rfile.read(self._length())
-                        except RequestError:  # a length not to trust: the connection closes instead
-                            pass
+                if self.path in _GET_PATHS:
+                    return self._not_allowed()
+                if self.path not in _POST_PATHS:
+                    self._discard_body()
                     raise RequestError(f"no such path {self.path!r}: POST /v1/generate, /v1/score",
                                        HTTPStatus.NOT_FOUND)
                 self._endpoint = "score" if self.path == "/v1/score" else "generate"

@@ -411,3 +411,26 @@ def test_a_bad_content_length_is_refused_and_closes_the_connection(server, path,
     else:
         assert body["error"] == f"Content-Length = {length.decode('latin-1')!r}: expected the body's length in bytes"
     assert _get(srv, "/health")[0] == 200
+
+
+@pytest.mark.parametrize("method, path, allow", [("GET", "/v1/generate", "POST"), ("PUT", "/v1/score", "POST"),
+                                                 ("DELETE", "/v1/generate", "POST"), ("POST", "/health", "GET"),
+                                                 ("OPTIONS", "/metrics", "GET"), ("PATCH", "/nope", None)])
+def test_a_wrong_method_gets_a_json_405(server, method, path, allow):
+    """A method the path does not take: a JSON 405 naming the method and the one expected, with an
+    Allow header (http.server answered PUT / DELETE / OPTIONS / PATCH with an HTML 501, and GET on a
+    POST path with a 404); on an unknown path the 404. The body is read, the server serves on."""
+    srv, _ = server
+    host, port = srv.address
+    req = urllib.request.Request(f"http://{host}:{port}{path}", data=b'{"inputs": "a"}' if method != "GET" else None,
+                                 method=method)
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=30)
+    e = info.value
+    assert e.headers.get("Content-Type").startswith("application/json")
+    if allow is None:
+        assert e.code == 404 and "no such path '/nope'" in json.loads(e.read())["error"]
+    else:
+        assert e.code == 405 and e.headers.get("Allow") == allow
+        assert json.loads(e.read())["error"] == f"{method} {path}: expected {allow} {path}"
+    assert _get(srv, "/health")[0] == 200
