@@ -100,7 +100,8 @@ def parse_generate(body: dict, gen_fields) -> tuple[list[str], dict, dict, bool,
     if "inputs" not in body:
         raise RequestError("missing field 'inputs': a string or a list of strings")
     texts = _texts(body["inputs"], "inputs")
-    params = body.get("parameters") or {}
+    params = body.get("parameters")
+    params = {} if params is None else params
     if not isinstance(params, dict):
         raise RequestError(f"parameters = {json.dumps(params)[:200]}: expected an object")
     stream = body.get("stream", False)

@@ -128,6 +128,8 @@ def test_score_endpoint_equals_engine_score(server):
     ("/v1/generate", {"inputs": []}, None, 400, "inputs = []"),
     ("/v1/generate", {"inputs": ["a", 3]}, None, 400, "inputs[1] = 3"),
     ("/v1/generate", {"inputs": "a", "parameters": {"num_beamz": 2}}, None, 400, "unknown option(s) ['num_beamz']"),
+    ("/v1/generate", {"inputs": "a", "parameters": 0}, None, 400, "parameters = 0: expected an object"),
+    ("/v1/generate", {"inputs": "a", "parameters": []}, None, 400, "parameters = []: expected an object"),
     ("/v1/generate", {"inputs": "a", "parameters": {"num_beams": 0}}, None, 400, "num_beams"),
     ("/v1/generate", {"inputs": "a", "parameters": {"temperature": "hot", "max_new_tokens": 2}}, None, 400,
      "field 'temperature' = 'hot': expected a number"),
@@ -139,8 +141,8 @@ def test_score_endpoint_equals_engine_score(server):
     ("/v1/score", {"sources": ["a"]}, None, 400, "missing field 'targets'"),
     ("/v1/score", {"sources": ["a"], "targets": ["b", "c"]}, None, 400, "targets"),
     ("/v1/nothing", {}, None, 404, "no such path"),
-], ids=["json", "not-object", "unknown-field", "empty", "not-string", "unknown-option", "bad-option",
-        "greedy-temperature-type", "greedy-top-p-type", "limit",
+], ids=["json", "not-object", "unknown-field", "empty", "not-string", "unknown-option",
+        "parameters-0", "parameters-empty-list", "bad-option", "greedy-temperature-type", "greedy-top-p-type", "limit",
         "prefix-type", "stream-type", "score-missing", "score-count", "path"])
 def test_bad_requests_get_json_errors(server, path, body, raw, status, words):
     srv, _ = server
