@@ -112,6 +112,7 @@ def parse_generate(body: dict, gen_fields) -> tuple[list[str], dict, dict, bool,
     if not isinstance(scores, bool):
         raise RequestError(f"parameters.return_scores = {json.dumps(scores)}: expected true or false")
     per = {k: params.pop(k) for k in _PER_REQUEST if k in params}
+    per = {k: v for k, v in per.items() if v is not None}  # null: not given (the base model, no language)
     unknown = sorted(k for k in params if k not in gen_fields)
     if unknown:
         raise RequestError(f"parameters: unknown option(s) {unknown}; known: {sorted(gen_fields)} and "

@@ -436,3 +436,15 @@ def test_a_wrong_method_gets_a_json_405(server, method, path, allow):
         assert e.code == 405 and e.headers.get("Allow") == allow
         assert json.loads(e.read())["error"] == f"{method} {path}: expected {allow} {path}"
     assert _get(srv, "/health")[0] == 200
+
+
+def test_null_per_request_options_mean_not_given(server):
+    """"lora_uid": null is the base model, as "target_lang": null is no language (it was sent on as
+    a uid None: refused as "LoRA task uids given" on an engine without adapters), streaming too."""
+    srv, engine = server
+    params = {"max_new_tokens": 4, "lora_uid": None, "target_lang": None, "target_prefix": None}
+    status, _, body = _post(srv, "/v1/generate", {"inputs": ["hello", "x y"], "parameters": params})
+    assert status == 200, body
+    assert json.loads(body)["outputs"] == engine.generate(["hello", "x y"], max_new_tokens=4)
+    status, _, body = _post(srv, "/v1/generate", {"inputs": "hello", "stream": True, "parameters": params})
+    assert status == 200 and body.endswith("data: [DONE]\n\n"), body
