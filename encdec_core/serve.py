@@ -278,7 +278,7 @@ class Scheduler:
     def _generate(self, batch: list[Job]) -> None:
         try:
             results = self._run_generate(batch)
-        except EncDecError:
+        except Exception:  # an EncDecError, or an internal error one request's input may have caused
             if len(batch) == 1:
                 raise
             for job in batch:  # one request's error must not fail the others

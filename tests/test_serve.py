@@ -448,3 +448,32 @@ def test_null_per_request_options_mean_not_given(server):
     assert json.loads(body)["outputs"] == engine.generate(["hello", "x y"], max_new_tokens=4)
     status, _, body = _post(srv, "/v1/generate", {"inputs": "hello", "stream": True, "parameters": params})
     assert status == 200 and body.endswith("data: [DONE]\n\n"), body
+
+
+def test_an_internal_error_in_a_batch_is_rerun_request_by_request(server, monkeypatch):
+    """Not only an EncDecError: a batch that fails with an internal error (one no check caught) is
+    rerun request by request too, so only the request that causes it gets the 500."""
+    srv, engine = server
+    generate = engine.generate
+
+    def fragile(texts, **kw):
+        if "boom" in texts:
+            raise RuntimeError("boom")
+        return generate(texts, **kw)
+    monkeypatch.setattr(engine, "generate", fragile)
+    params = {"max_new_tokens": 4}
+    out = {}
+    go = threading.Barrier(2)
+
+    def client(text):
+        go.wait()
+        out[text] = _post(srv, "/v1/generate", {"inputs": text, "parameters": params})
+
+    threads = [threading.Thread(target=client, args=(t,)) for t in ("hello", "boom")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert srv.scheduler.batches == 1  # the batch of two failed (not counted); "hello" alone ran
+    assert out["hello"][0] == 200 and json.loads(out["hello"][2])["outputs"] == generate(["hello"], **params)
+    assert out["boom"][0] == 500 and json.loads(out["boom"][2])["error"] == "internal error: RuntimeError: boom"
