@@ -45,6 +45,26 @@ def _post(srv, path, body, raw: bytes | None = None):
         return e.code, e.headers.get("Content-Type"), e.read().decode()
 
 
+def _post_together(srv, bodies: list) -> list:
+    """Each of ``bodies`` (an object, or bytes sent as they are) POSTed to /v1/generate by its own
+    client thread, all released at once so that the scheduler can batch them: their (status, content
+    type, body), in order."""
+    out = [None] * len(bodies)
+    go = threading.Barrier(len(bodies))
+
+    def client(i):
+        go.wait()
+        b = bodies[i]
+        out[i] = _post(srv, "/v1/generate", None, b) if isinstance(b, bytes) else _post(srv, "/v1/generate", b)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
 def _get(srv, path):
     host, port = srv.address
     try:
@@ -59,18 +79,7 @@ def test_concurrent_requests_are_batched_and_equal_generate(server):
     output is what Engine.generate gives that input alone; other options run in their own batch."""
     srv, engine = server
     params = dict(max_new_tokens=8, num_beams=2)
-    results = [None] * len(TEXTS)
-    go = threading.Barrier(len(TEXTS))
-
-    def client(i):
-        go.wait()
-        results[i] = _post(srv, "/v1/generate", {"inputs": TEXTS[i], "parameters": params})
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(TEXTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = _post_together(srv, [{"inputs": t, "parameters": params} for t in TEXTS])
     for i, (status, ctype, body) in enumerate(results):
         assert status == 200 and ctype.startswith("application/json"), body
         assert json.loads(body)["outputs"] == engine.generate([TEXTS[i]], **params)
@@ -156,19 +165,8 @@ def test_a_bad_request_does_not_fail_its_batch(server):
     fails, is rerun request by request, and the good request gets its output."""
     srv, engine = server
     params = {"max_new_tokens": 5}
-    out = {}
-    go = threading.Barrier(2)
-
-    def client(name, text):
-        go.wait()
-        out[name] = _post(srv, "/v1/generate", {"inputs": text, "parameters": params})
-
-    threads = [threading.Thread(target=client, args=("good", "hello")),
-               threading.Thread(target=client, args=("bad", "x" * 100))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    out = dict(zip(("good", "bad"), _post_together(srv, [{"inputs": t, "parameters": params}
+                                                         for t in ("hello", "x" * 100)])))
     assert out["good"][0] == 200 and json.loads(out["good"][2])["outputs"] == engine.generate(["hello"], **params)
     assert out["bad"][0] == 400 and "input length" in json.loads(out["bad"][2])["error"]
 
@@ -356,19 +354,9 @@ def test_a_lone_surrogate_is_refused_naming_the_field(server):
     with it (same options, at the same time) still gets its output."""
     srv, engine = server
     params = {"max_new_tokens": 4}
-    out = {}
-    go = threading.Barrier(2)
-
-    def client(name, raw):
-        go.wait()
-        out[name] = _post(srv, "/v1/generate", None, raw)
-
-    threads = [threading.Thread(target=client, args=("good", json.dumps({"inputs": "hello", "parameters": params}).encode())),
-               threading.Thread(target=client, args=("bad", b'{"inputs": ["ok", "a\\ud800"], "parameters": {"max_new_tokens": 4}}'))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    out = dict(zip(("good", "bad"), _post_together(srv, [
+        {"inputs": "hello", "parameters": params},
+        b'{"inputs": ["ok", "a\\ud800"], "parameters": {"max_new_tokens": 4}}'])))
     assert out["good"][0] == 200 and json.loads(out["good"][2])["outputs"] == engine.generate(["hello"], **params)
     assert out["bad"][0] == 400, out["bad"]
     assert 'inputs[1] = "a\\ud800": expected Unicode text (a lone surrogate "\\ud800" at character 1)' \
@@ -462,18 +450,8 @@ def test_an_internal_error_in_a_batch_is_rerun_request_by_request(server, monkey
         return generate(texts, **kw)
     monkeypatch.setattr(engine, "generate", fragile)
     params = {"max_new_tokens": 4}
-    out = {}
-    go = threading.Barrier(2)
-
-    def client(text):
-        go.wait()
-        out[text] = _post(srv, "/v1/generate", {"inputs": text, "parameters": params})
-
-    threads = [threading.Thread(target=client, args=(t,)) for t in ("hello", "boom")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    out = dict(zip(("hello", "boom"), _post_together(srv, [{"inputs": t, "parameters": params}
+                                                           for t in ("hello", "boom")])))
     assert srv.scheduler.batches == 1  # the batch of two failed (not counted); "hello" alone ran
     assert out["hello"][0] == 200 and json.loads(out["hello"][2])["outputs"] == generate(["hello"], **params)
     assert out["boom"][0] == 500 and json.loads(out["boom"][2])["error"] == "internal error: RuntimeError: boom"
