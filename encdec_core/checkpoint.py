@@ -267,15 +267,20 @@ def check_float_tensors(tensors: dict[str, torch.Tensor], source: str) -> None:
                           f"float16 or bfloat16 weights")
 
 
-def check_shard(f: Path) -> None:
-    """``f`` is a complete safetensors file (its header is read, not its tensors)."""
+def check_shard(f: Path) -> dict[str, tuple[tuple, str]]:
+    """``f`` is a complete safetensors file (its header is read, not its tensors); returns the header:
+    tensor name -> (shape, safetensors dtype such as 'BF16')."""
     from safetensors import SafetensorError, safe_open
 
     if not f.is_file():
         raise WeightError(f"{f}: shard is missing")
     try:
+        header = {}
         with safe_open(str(f), "pt") as h:
-            h.keys()
+            for k in h.keys():
+                sl = h.get_slice(k)
+                header[k] = (tuple(sl.get_shape()), sl.get_dtype())
+        return header
     except (SafetensorError, OSError, ValueError) as exc:
         raise WeightError(f"{f}: not a valid safetensors file ({exc})") from None
 
@@ -295,14 +300,10 @@ def _fit_errors(expected: dict[str, tuple], shapes: dict[str, tuple]) -> list[st
     return parts
 
 
-def check_shard_fits(ckpt_dir: Path, cfg: EncDecConfig, ctx: ParallelContext) -> None:
-    """Rank ``ctx.rank``'s shard holds the tensors, shapes and floating dtypes of the model ``cfg``
-    describes, read from its header (no tensor is loaded): build refuses what load_model would."""
-    from safetensors import safe_open
-
+def check_shard_fits(ckpt_dir: Path, header: dict, cfg: EncDecConfig, ctx: ParallelContext) -> None:
+    """Rank ``ctx.rank``'s shard, by its ``header`` (``check_shard``'s; no tensor is loaded), holds the
+    tensors, shapes and floating dtypes of the model ``cfg`` describes: build refuses what load_model would."""
     f = Path(ckpt_dir) / f"rank{ctx.rank}.safetensors"
-    with safe_open(str(f), "pt") as h:
-        header = {k: (tuple(h.get_slice(k).get_shape()), h.get_slice(k).get_dtype()) for k in h.keys()}
     parts = _fit_errors(build_model(cfg, ctx, meta=True).expected_shapes(), {k: s for k, (s, _) in header.items()})
     if parts:
         raise WeightError(f"{f}: " + " | ".join(parts) + f" (for the model in {Path(ckpt_dir) / 'config.json'})")

@@ -133,10 +133,12 @@ def build(checkpoint_dir: Path, output_dir: Path, max_batch_size: int = 8, max_i
                           f"directory outside the checkpoint (the engine would replace or copy it)")
     check_output_dir(output_dir, "--output-dir")  # before any work
     world = int(meta["mapping"]["world_size"])
+    headers = []
     for r in range(world):
         if not (checkpoint_dir / f"rank{r}.safetensors").is_file():
             raise EncDecError(f"{checkpoint_dir / f'rank{r}.safetensors'}: shard for rank {r} is missing")
-        check_shard(checkpoint_dir / f"rank{r}.safetensors")  # a truncated shard is refused here, not at run
+        # a truncated shard is refused here, not at run
+        headers.append(check_shard(checkpoint_dir / f"rank{r}.safetensors"))
     got = checksum_dir(checkpoint_dir, world)
     if meta.get("checksum") and got != meta["checksum"]:
         raise EncDecError(
@@ -153,7 +155,7 @@ def build(checkpoint_dir: Path, output_dir: Path, max_batch_size: int = 8, max_i
                     f"(max_position_embeddings {n} in {checkpoint_dir / 'config.json'})")
     tp, pp = int(meta["mapping"]["tp_size"]), int(meta["mapping"]["pp_size"])
     for r in range(world):  # tensors that do not fit the config: refused here, not by every run
-        check_shard_fits(checkpoint_dir, cfg, ParallelContext(tp_size=tp, pp_size=pp, rank=r))
+        check_shard_fits(checkpoint_dir, headers[r], cfg, ParallelContext(tp_size=tp, pp_size=pp, rank=r))
     with atomic_dir(output_dir, "--output-dir") as tmp:
         for item in checkpoint_dir.iterdir():
             if item.name.startswith("rank") and item.suffix == ".safetensors":
