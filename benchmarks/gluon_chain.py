@@ -185,6 +185,7 @@ def _kernel():
     """The Gluon kernel (imported only where it runs: a Hopper GPU, or a compile check)."""
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                                    warpgroup_mma, warpgroup_mma_wait)
 
@@ -192,7 +193,8 @@ def _kernel():
     def chain_kernel(w_desc, items_ptr, n_items_ptr, chunks_ptr, n_chunks_ptr, meta_ptr, bias_ptr, flat_ptr,
                      bar_ptr, G, MAX_ITEMS, MAX_CHUNKS,
                      M: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                     XPF: gl.constexpr, num_warps: gl.constexpr):
+                     XPF: gl.constexpr, XCH: gl.constexpr, VATOM: gl.constexpr, ABL: gl.constexpr,
+                     num_warps: gl.constexpr):
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         n_items = gl.load(n_items_ptr + pid)
@@ -201,6 +203,9 @@ def _kernel():
         x_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([M, BK], gl.bfloat16)
         x_smem = gl.allocate_shared_memory(gl.bfloat16, [M, BK], x_layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        if XCH > 0:  # fp32 staging: XCH activation chunks copied at once (cp.async), one wait for all
+            st_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+            stage = gl.allocate_shared_memory(gl.float32, [XCH, M, BK], st_layout)
         for s in gl.static_range(STAGES):
             mbarrier.init(bars.index(s), count=1)
         # prologue: the first STAGES weight chunks of this program's whole list
@@ -218,6 +223,11 @@ def _kernel():
         xk = gl.arange(0, BK, layout=gl.SliceLayout(0, x_reg))
         orow = gl.arange(0, BN, layout=gl.SliceLayout(1, mma_layout))   # weight rows = output columns
         ocol = gl.arange(0, M, layout=gl.SliceLayout(0, mma_layout))    # activation rows
+        # VATOM: the partial sums leave in a layout with 4 consecutive output columns per thread
+        o_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[4, 1], threads_per_warp=[16, 2],
+                                                  warps_per_cta=[1, num_warps], order=[0, 1])
+        vrow = gl.arange(0, BN, layout=gl.SliceLayout(1, o_layout))
+        vcol = gl.arange(0, M, layout=gl.SliceLayout(0, o_layout))
         q = pid * 0
         done = pid * 0  # GEMMs this program has arrived for
         for j in range(n_items):
@@ -233,44 +243,84 @@ def _kernel():
                 gl.thread_barrier()
                 gl.atomic_add(bar_ptr, g - done, sem="release", scope="gpu")
                 done = g
-                cur = gl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-                while cur < g * nprog:
+                if (ABL & 1) == 0:  # ablation bit 1: no waiting (wrong results; the barrier's cost)
                     cur = gl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+                    while cur < g * nprog:
+                        cur = gl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
                 gl.thread_barrier()
             mrow = meta_ptr + g * 5
-            in_off = gl.load(mrow)
-            in_stride = gl.load(mrow + 1)
-            out_off = gl.load(mrow + 2)
-            out_stride = gl.load(mrow + 3)
+            in_off = gl.multiple_of(gl.load(mrow), 32)       # regions start on 128-byte lines
+            in_stride = gl.multiple_of(gl.load(mrow + 1), 64)  # N is a multiple of BN
+            out_off = gl.multiple_of(gl.load(mrow + 2), 32)
+            out_stride = gl.multiple_of(gl.load(mrow + 3), 64)
+            k0 = gl.multiple_of(k0, 128)
+            n0 = gl.multiple_of(n0, 64)
             bias_off = gl.load(mrow + 4)
             acc = gl.zeros([BN, M], dtype=gl.float32, layout=mma_layout)
             xbase = flat_ptr + in_off + xm[:, None] * in_stride + (k0 + xk)[None, :]
-            xv = gl.load(xbase, cache_modifier=".cg")
-            for c in range(nch):
-                if not XPF:
-                    if c > 0:
-                        xv = gl.load(xbase + c * BK, cache_modifier=".cg")
-                x_smem.store(xv.to(gl.bfloat16))
-                fence_async_shared()
-                if XPF:  # the next chunk's activations in flight during this chunk's wait and MMA
-                    xv = gl.load(xbase + (c + 1) * BK, mask=(xm[:, None] >= 0) & (c + 1 < nch), other=0.0,
-                                 cache_modifier=".cg")
-                slot = q % STAGES
-                mbarrier.wait(bars.index(slot), (q // STAGES) & 1)
-                acc = warpgroup_mma(ring.index(slot), x_smem.permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                # the slot and x_smem are free again: refill the slot with the chunk STAGES ahead
-                nq = q + STAGES
-                if nq < n_chunks:
-                    tid = gl.load(chunks_ptr + pid * MAX_CHUNKS + nq)
-                    mbarrier.expect(bars.index(slot), BN * BK * 2)
-                    tma.async_copy_global_to_shared(w_desc, [tid * BN, 0], bars.index(slot), ring.index(slot))
-                q += 1
+            if XCH > 0:
+                for c0 in range(0, nch, XCH):
+                    if (ABL & 2) == 0:  # ablation bit 2: no activation loads (the smem holds stale data)
+                        for u in gl.static_range(XCH):
+                            msk = (xm[:, None] >= 0) & (c0 + u < nch)
+                            async_copy.async_copy_global_to_shared(stage.index(u), xbase + (c0 + u) * BK,
+                                                                   mask=msk, cache_modifier=".cg")
+                        async_copy.commit_group()
+                        async_copy.wait_group(0)
+                        gl.thread_barrier()
+                    for u in gl.static_range(XCH):
+                        if c0 + u < nch:
+                            xs = stage.index(u).load(x_reg)
+                            x_smem.store(xs.to(gl.bfloat16))
+                            fence_async_shared()
+                            slot = q % STAGES
+                            mbarrier.wait(bars.index(slot), (q // STAGES) & 1)
+                            acc = warpgroup_mma(ring.index(slot), x_smem.permute((1, 0)), acc, is_async=True)
+                            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                            nq = q + STAGES
+                            if nq < n_chunks:
+                                tid = gl.load(chunks_ptr + pid * MAX_CHUNKS + nq)
+                                mbarrier.expect(bars.index(slot), BN * BK * 2)
+                                tma.async_copy_global_to_shared(w_desc, [tid * BN, 0], bars.index(slot),
+                                                                ring.index(slot))
+                            q += 1
+                    gl.thread_barrier()  # every warp has read the staging before the next group's copies
+            else:
+                xv = gl.load(xbase, cache_modifier=".cg")
+                for c in range(nch):
+                    if not XPF:
+                        if c > 0:
+                            xv = gl.load(xbase + c * BK, cache_modifier=".cg")
+                    x_smem.store(xv.to(gl.bfloat16))
+                    fence_async_shared()
+                    if XPF:  # the next chunk's activations in flight during this chunk's wait and MMA
+                        xv = gl.load(xbase + (c + 1) * BK, mask=(xm[:, None] >= 0) & (c + 1 < nch), other=0.0,
+                                     cache_modifier=".cg")
+                    slot = q % STAGES
+                    mbarrier.wait(bars.index(slot), (q // STAGES) & 1)
+                    acc = warpgroup_mma(ring.index(slot), x_smem.permute((1, 0)), acc, is_async=True)
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                    # the slot and x_smem are free again: refill the slot with the chunk STAGES ahead
+                    nq = q + STAGES
+                    if nq < n_chunks:
+                        tid = gl.load(chunks_ptr + pid * MAX_CHUNKS + nq)
+                        mbarrier.expect(bars.index(slot), BN * BK * 2)
+                        tma.async_copy_global_to_shared(w_desc, [tid * BN, 0], bars.index(slot), ring.index(slot))
+                    q += 1
             if (first != 0) & (bias_off >= 0):
                 bv = gl.load(bias_ptr + bias_off + n0 + orow)
                 acc = acc + bv[:, None]
-            op = flat_ptr + out_off + ocol[None, :] * out_stride + (n0 + orow)[:, None]
-            gl.atomic_add(op, acc, sem="relaxed", scope="gpu")
+            if (ABL & 4) == 0:  # ablation bit 4: no partial sums written
+                if VATOM:  # one 16-byte vector reduction (sm_90) per 4 consecutive output columns
+                    accv = gl.convert_layout(acc, o_layout)
+                    op = flat_ptr + out_off + vcol[None, :] * out_stride + (n0 + vrow)[:, None]
+                    gl.inline_asm_elementwise(
+                        "red.relaxed.gpu.global.add.v4.f32 [$4], {$8, $9, $10, $11};\n"
+                        "mov.b32 $0, 0;\nmov.b32 $1, 0;\nmov.b32 $2, 0;\nmov.b32 $3, 0;",
+                        "=r,=r,=r,=r,l,l,l,l,f,f,f,f", [op.to(gl.int64), accv], dtype=gl.int32, is_pure=False, pack=4)
+                else:
+                    op = flat_ptr + out_off + ocol[None, :] * out_stride + (n0 + orow)[:, None]
+                    gl.atomic_add(op, acc, sem="relaxed", scope="gpu")
         gl.thread_barrier()
         gl.atomic_add(bar_ptr, G - done, sem="release", scope="gpu")
         for s in gl.static_range(STAGES):
@@ -282,11 +332,13 @@ def _kernel():
 class GluonChain:
     """The plan on a GPU and a callable that runs the whole chain (zero the buffers, one launch)."""
 
-    def __init__(self, plan: Plan, device, stages: int = 8, num_warps: int = 4, xpf: bool = False):
+    def __init__(self, plan: Plan, device, stages: int = 8, num_warps: int = 4, xpf: bool = False, xch: int = 0,
+                 vatom: bool = False, abl: int = 0):
         from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
         self.plan, self.stages, self.num_warps, self.xpf = plan, stages, num_warps, xpf
+        self.xch, self.vatom, self.abl = xch, vatom, abl
         t = lambda x: x.to(device).contiguous()  # noqa: E731
         self.packed, self.items, self.n_items = t(plan.packed), t(plan.items), t(plan.n_items)
         self.chunks, self.n_chunks, self.meta, self.bias = t(plan.chunks), t(plan.n_chunks), t(plan.meta), t(plan.bias)
@@ -309,7 +361,7 @@ class GluonChain:
         self.kernel[(p.programs,)](self.w_desc, self.items, self.n_items, self.chunks, self.n_chunks, self.meta,
                                    self.bias, self.flat, self.bar, len(p.gemms), p.items.shape[1],
                                    p.chunks.shape[1], M=p.m, BN=BN, BK=BK, STAGES=self.stages, XPF=self.xpf,
-                                   num_warps=self.num_warps)
+                                   XCH=self.xch, VATOM=self.vatom, ABL=self.abl, num_warps=self.num_warps)
         return self.out
 
 
@@ -357,24 +409,57 @@ def _compile_check() -> dict:
         driver._active = prev
 
 
+def parse_variant(tag: str) -> dict:
+    """'s8' (v1: one activation chunk at a time), 's8.xpf' (v1, next chunk prefetched), 'x4.s4' (XCH = 4
+    chunks staged at once with cp.async), '.va' (partial sums leave 4 columns per thread), '.a<bits>'
+    (ablations: 1 no barrier wait, 2 no activation loads, 4 no partial sums; wrong results, for timing)."""
+    v = {"stages": 8, "xpf": False, "xch": 0, "vatom": False, "abl": 0}
+    for part in tag.split("."):
+        if part == "xpf":
+            v["xpf"] = True
+        elif part == "va":
+            v["vatom"] = True
+        elif part[:1] in "sxa" and part[1:].isdigit():
+            v[{"s": "stages", "x": "xch", "a": "abl"}[part[0]]] = int(part[1:])
+        else:
+            raise ValueError(f"variant {tag!r}: unknown part {part!r} (expected s<N>, x<N>, a<N>, xpf, va)")
+    return v
+
+
+def variant_name(v: dict) -> str:
+    parts = ([f"x{v['xch']}"] if v["xch"] else []) + [f"s{v['stages']}"] + (["xpf"] if v["xpf"] else []) \
+        + (["va"] if v["vatom"] else []) + ([f"a{v['abl']}"] if v["abl"] else [])
+    return "gluon_" + ".".join(parts)
+
+
+_COMPILE_CASES = [(64, parse_variant(t)) for t in ("s8", "x4.s4", "x4.s4.va", "x2.s6.va", "s8.xpf")] + \
+    [(32, parse_variant(t)) for t in ("s8", "x4.s8.va")]
+
+
 def _compile_cases() -> dict:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     torch.manual_seed(0)
     res = []
-    for m, stages, xpf in ((64, 8, False), (32, 8, False), (64, 4, False), (64, 8, True)):
+    for tag in _COMPILE_CASES:
+        m, v = tag
+        stages, xpf, xch, vatom, abl = v["stages"], v["xpf"], v["xch"], v["vatom"], v["abl"]
         ws = [(torch.randn(256, 128).to(torch.bfloat16), torch.randn(256)), (torch.randn(128, 256).to(torch.bfloat16), None)]
         plan = make_plan(ws, m, 8, 128)
         layout = gl.NVMMASharedLayout.get_default_for([BN, BK], gl.bfloat16)
         wd = TensorDescriptor(plan.packed, list(plan.packed.shape), list(plan.packed.stride()), [BN, BK], layout)
         k = _kernel().warmup(wd, plan.items, plan.n_items, plan.chunks, plan.n_chunks, plan.meta, plan.bias,
                              torch.zeros(plan.flat_len), torch.zeros(1, dtype=torch.int32), 2, plan.items.shape[1],
-                             plan.chunks.shape[1], M=m, BN=BN, BK=BK, STAGES=stages, XPF=xpf, num_warps=4,
+                             plan.chunks.shape[1], M=m, BN=BN, BK=BK, STAGES=stages, XPF=xpf, XCH=xch,
+                             VATOM=vatom, ABL=abl, num_warps=4,
                              grid=(8,))
         ptx = k.asm["ptx"]
-        res.append({"m": m, "stages": stages, "xpf": xpf, "shared_bytes": k.metadata.shared,
-                    "wgmma": ptx.count("wgmma.mma_async"), "tma_loads": ptx.count("cp.async.bulk.tensor")})
+        res.append({"m": m, "variant": variant_name(v), "stages": stages, "xpf": xpf, "xch": xch,
+                    "shared_bytes": k.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
+                    "tma_loads": ptx.count("cp.async.bulk.tensor"), "cp_async": ptx.count("cp.async.cg.shared"),
+                    "red_v4": ptx.count("red.relaxed.gpu.global.add.v4.f32"),
+                    "atom_f32": ptx.count("atom.global.gpu.relaxed.add.f32")})
         print(json.dumps(res[-1]), flush=True)
     return {"compile": res}
 
@@ -383,7 +468,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="bart-large,flan-t5-large")
     ap.add_argument("--m", default="32,64")
-    ap.add_argument("--stages", default="8")
+    ap.add_argument("--variants", default="s8,s8.xpf,x4.s4,x4.s4.va,x2.s6.va",
+                    help="comma-separated kernel variants (see parse_variant)")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--simulate", action="store_true", help="check the host plan on a CPU and stop")
     ap.add_argument("--compile-check", action="store_true", help="compile the kernel for sm_90a (no GPU needed)")
@@ -394,6 +480,7 @@ def main():
     if a.compile_check:
         _compile_check()
         return 0
+    variants = [parse_variant(t) for t in a.variants.split(",") if t]
     from gemm_chain import chain_cases, time_chain
 
     dev = "cuda"
@@ -416,11 +503,14 @@ def main():
         zbuf = torch.zeros(plan.flat_len, device=dev)
         zero = time_chain(lambda: zbuf.zero_(), None, f"{name} M={M} memset")
         zero_us = None if zero is None else zero[0] * 1e3
-        for st in [int(v) for v in a.stages.split(",")]:
-            for xpf in (False, True):
-                tag = f"gluon_s{st}" + ("_xpf" if xpf else "")
+        for v in variants:
+            if v["xch"] and M == 64 and v["xch"] * 32 + v["stages"] * 16 + 16 > 224:
+                continue  # does not fit in shared memory (KB)
+            tag = variant_name(v)
+            if True:
                 try:
-                    ch = GluonChain(plan, dev, stages=st, num_warps=a.warps, xpf=xpf)
+                    ch = GluonChain(plan, dev, stages=v["stages"], num_warps=a.warps, xpf=v["xpf"], xch=v["xch"],
+                                    vatom=v["vatom"], abl=v["abl"])
                 except Exception as exc:  # noqa: BLE001 - a survey
                     print(f"{name} M={M} {tag}: {type(exc).__name__}: {str(exc)[:600]}", flush=True)
                     continue

@@ -33,8 +33,19 @@ def test_plan_equals_the_plain_chain():
 def test_kernel_compiles_for_hopper():
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     rows = _run("--compile-check")
-    assert [(r["m"], r["stages"], r["xpf"]) for r in rows] == [(64, 8, False), (32, 8, False), (64, 4, False),
-                                                               (64, 8, True)]
-    # 128 columns of K per chunk in 16-wide wgmma steps; the prologue's STAGES loads plus the refill
-    assert all(r["wgmma"] == 8 and r["tma_loads"] == r["stages"] + 1 for r in rows), rows
-    assert all(r["shared_bytes"] <= 227 * 1024 for r in rows), rows
+    assert [(r["m"], r["variant"]) for r in rows] == [
+        (64, "gluon_s8"), (64, "gluon_x4.s4"), (64, "gluon_x4.s4.va"), (64, "gluon_x2.s6.va"), (64, "gluon_s8.xpf"),
+        (32, "gluon_s8"), (32, "gluon_x4.s8.va")]
+    for r in rows:
+        unrolled = max(r["xch"], 1)  # chunks of one staged group are unrolled
+        # 128 columns of K per chunk in 16-wide wgmma steps; the prologue's STAGES loads plus one refill
+        # per unrolled chunk
+        assert r["wgmma"] == 8 * unrolled and r["tma_loads"] == r["stages"] + unrolled, r
+        # staged activations: 16-byte copies, M x 128 fp32 per chunk over 128 threads
+        assert r["cp_async"] == r["xch"] * r["m"] * 128 * 4 // 16 // 128, r
+        # partial sums: a 16-byte vector reduction per 4 columns (".va"), else one scalar atomic per element
+        if r["variant"].endswith(".va"):
+            assert r["red_v4"] == 64 * r["m"] // 4 // 128 and r["atom_f32"] == 0, r
+        else:
+            assert r["red_v4"] == 0 and r["atom_f32"] == 64 * r["m"] // 128, r
+        assert r["shared_bytes"] <= 227 * 1024, r
