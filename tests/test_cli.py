@@ -226,6 +226,9 @@ def test_error_default_output_length_beyond_the_limit(builtin_registry, tmp_path
     (["--num-beams", "0"], "--num-beams 0: expected a positive integer"),
     (["--sampling", "--top-p", "2"], "--top-p 2.0: expected a number in [0, 1]"),
     (["--max-output-len", "0"], "--max-output-len 0: expected a positive integer"),
+    (["--sampling", "--temperature", "1e-308"], "--temperature 1e-308: expected a number >= 1e-05"),
+    (["--num-beams", "2", "--max-output-len", "8", "--length-penalty", "400"],
+     "--length-penalty 400.0: expected a number in [-20.18, 20.18] for beam search with max_length 9"),
 ])
 def test_error_generation_options_name_the_flag(builtin_registry, tmp_path, t5_dir, capsys, opts, want):
     _, eng = _pipeline(tmp_path, t5_dir)

@@ -484,6 +484,29 @@ def test_bad_generation_options_are_named(models, gen, kw, words):
     assert all(w in msg for w in words), msg
 
 
+def test_temperature_and_length_penalty_bounds():
+    """Sampling takes temperatures from 1e-5 (below, the fp32 scores / temperature overflow: an
+    internal error in multinomial); beam search takes |length_penalty| up to 64 / log2(max_length),
+    as the message shows it (beyond, length ** length_penalty leaves fp32's range: every score -0.0,
+    then an OverflowError), for either sign; greedy decoding reads neither."""
+    from encdec_core.runtime.generation import length_penalty_bound
+
+    def gc(**kw):
+        return GenerationConfig(decoder_start_token_id=0, **kw)
+    gc(do_sample=True, temperature=1e-5)
+    with pytest.raises(ConfigError, match=r"'temperature' = 9e-06: expected a number >= 1e-05"):
+        gc(do_sample=True, temperature=9e-6)
+    gc(temperature=1e-308)  # not sampling: not read
+    assert [length_penalty_bound(n) for n in (2, 9, 21, 201, 1025)] == [64.0, 20.18, 14.57, 8.36, 6.39]
+    for lp in (20.18, -20.18):
+        gc(num_beams=2, max_new_tokens=8, length_penalty=lp)
+    for lp in (20.19, -20.19, 400):
+        with pytest.raises(ConfigError, match=rf"'length_penalty' = {lp}: expected a number in \[-20.18, 20.18\] "
+                                              r"for beam search with max_length 9"):
+            gc(num_beams=2, max_new_tokens=8, length_penalty=lp)
+    gc(max_new_tokens=8, length_penalty=400)  # greedy: not read
+
+
 def test_bad_inputs_are_named(models, batch):
     _, ours, _ = models
     ids, mask = batch

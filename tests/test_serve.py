@@ -145,6 +145,10 @@ def test_score_endpoint_equals_engine_score(server):
     ("/v1/generate", {"inputs": "a", "parameters": {"top_p": [1], "max_new_tokens": 2}}, None, 400,
      "field 'top_p' = [1]: expected a number"),
     ("/v1/generate", {"inputs": "a", "parameters": {"max_new_tokens": 50}}, None, 400, "limit 12"),
+    ("/v1/generate", {"inputs": "a", "parameters": {"do_sample": True, "temperature": 1e-308, "max_new_tokens": 2}},
+     None, 400, "field 'temperature' = 1e-308: expected a number >= 1e-05"),
+    ("/v1/generate", {"inputs": "a", "parameters": {"num_beams": 2, "length_penalty": 400, "max_new_tokens": 8}},
+     None, 400, "field 'length_penalty' = 400: expected a number in [-20.18, 20.18] for beam search with max_length 9"),
     ("/v1/generate", {"inputs": "a", "parameters": {"target_prefix": 3}}, None, 400, "target_prefix = 3"),
     ("/v1/generate", {"inputs": "a", "stream": "yes"}, None, 400, 'stream = "yes"'),
     ("/v1/score", {"sources": ["a"]}, None, 400, "missing field 'targets'"),
@@ -152,6 +156,7 @@ def test_score_endpoint_equals_engine_score(server):
     ("/v1/nothing", {}, None, 404, "no such path"),
 ], ids=["json", "not-object", "unknown-field", "empty", "not-string", "unknown-option",
         "parameters-0", "parameters-empty-list", "bad-option", "greedy-temperature-type", "greedy-top-p-type", "limit",
+        "tiny-temperature", "huge-length-penalty",
         "prefix-type", "stream-type", "score-missing", "score-count", "path"])
 def test_bad_requests_get_json_errors(server, path, body, raw, status, words):
     srv, _ = server

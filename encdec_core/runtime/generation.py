@@ -39,6 +39,12 @@ _DEFAULTS = dict(
     bad_words_ids=None,
 )
 _DEFAULT_MAX_NEW = 20  # HF: max_length 20 on top of the decoder prompt when nothing sets a length
+# Sampling divides the fp32 scores by the temperature. Below 1e-5 a logit gap of 0.001 is already a
+# probability ratio of e**100: the draw is greedy decoding in effect, and smaller values only bring
+# the scores closer to fp32's overflow (a logit x overflows below a temperature of x / 3.4e38, and
+# under ~1.4e-45 the temperature itself rounds to 0 in fp32: inf / nan probabilities, an internal error
+# in torch.multinomial; HF's sampling fails the same way). do_sample false is the way to greedy decoding.
+MIN_TEMPERATURE = 1e-5
 _TOKEN_FIELDS = ("forced_bos_token_id", "forced_eos_token_id", "eos_token_id", "pad_token_id",
                  "decoder_start_token_id")
 
@@ -70,6 +76,19 @@ def _as_id_list(v) -> tuple[int, ...] | None:
     if isinstance(v, (list, tuple)):
         return tuple(int(x) for x in v)
     return (int(v),)
+
+
+def length_penalty_bound(max_len: int) -> float:
+    """The largest |length_penalty| beam search takes for outputs up to ``max_len`` tokens (start token
+    included): a beam's score is sum_logprob / length ** length_penalty in fp32 (HF's formula and
+    dtype), and length ** |length_penalty| is kept within 2**64 for every length up to ``max_len``.
+    That leaves 2**64 of fp32's range (normal numbers 2**-126 to 2**128) for the log-prob sum it
+    divides (or, for a negative penalty, multiplies), so scores stay finite, normal numbers that still
+    rank. Past 2**128 the power is inf in fp32 (every score -0.0, no ranking at all), and past 2**1024
+    the host's float overflows (BeamState's table: an internal OverflowError, an HTTP 500 in serve). The bound is 64 / log2(max_len),
+    rounded down to 2 decimals (the value checked is the one the message shows): 14.57 for HF's
+    default 20 new tokens, 8.36 for 200, 6.39 for 1024, far beyond the penalties in use (0.6 to 2)."""
+    return math.floor(64.0 / math.log2(max(int(max_len), 2)) * 100) / 100
 
 
 @dataclass
@@ -233,8 +252,10 @@ class GenerationConfig:
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 bad(name, v, "a number")
         if self.do_sample:  # like HF, sampling options are only read (and checked) when sampling
-            if not is_num(self.temperature) or not self.temperature > 0:
-                bad("temperature", self.temperature, "a number > 0 (for greedy decoding set do_sample false)")
+            if not is_num(self.temperature) or not self.temperature >= MIN_TEMPERATURE:
+                bad("temperature", self.temperature, f"a number >= {MIN_TEMPERATURE} (lower ones are greedy decoding "
+                                                     f"in effect and can overflow the scores; for greedy decoding "
+                                                     f"set do_sample false)")
             if not is_num(self.top_p) or not 0.0 <= self.top_p <= 1.0:
                 bad("top_p", self.top_p, "a number in [0, 1]")
         if not is_num(self.repetition_penalty) or not self.repetition_penalty > 0:
@@ -276,6 +297,12 @@ class GenerationConfig:
         min_len, max_len = self.limits()
         if max_len < 2:
             bad("max_length", max_len, "at least 2 (the decoder start token plus one generated token)")
+        if self.num_beams > 1:  # like HF, length_penalty is only read by beam search
+            lp_max = length_penalty_bound(max_len)
+            if not abs(self.length_penalty) <= lp_max:
+                bad("length_penalty", self.length_penalty,
+                    f"a number in [-{lp_max}, {lp_max}] for beam search with max_length {max_len} (beyond, "
+                    f"length ** length_penalty leaves the float32 range of the beam scores)")
 
 
 # ---------------------------------------------------------------------------- output
