@@ -639,6 +639,9 @@ def cmd_serve(args) -> int:
         raise EncDecError(f"--port {args.port}: expected 0..65535 (0: any free port)")
     if not (args.max_batch_delay_ms >= 0 and args.max_batch_delay_ms <= 60_000):
         raise EncDecError(f"--max-batch-delay-ms {args.max_batch_delay_ms}: expected 0..60000")
+    from .serve import check_request_timeout
+
+    check_request_timeout(args.request_timeout)
     from .benchmark import parse_batch_sizes
 
     warm = [None if v is None else parse_batch_sizes(v, flag) for v, flag in
@@ -660,7 +663,8 @@ def cmd_serve(args) -> int:
         secs = warm_up(runner, engine.limits, *warm, log=say, engine=engine)
         say(f"graphs captured in {secs:.1f} s (--no-warmup skips this)")
     log = say if args.log_requests else None
-    server = Server(engine, args.host, args.port, runner=runner, max_delay=args.max_batch_delay_ms / 1000.0, log=log)
+    server = Server(engine, args.host, args.port, runner=runner, max_delay=args.max_batch_delay_ms / 1000.0, log=log,
+                    request_timeout=args.request_timeout)
     host, port = server.address
     print(f"encdec serve: {engine_dir} ({engine.config.family}, {engine.model.device}, runner {kind}) on "
           f"http://{host}:{port} (POST /v1/generate, /v1/score; GET /health, /v1/model); Ctrl-C stops",
@@ -847,6 +851,11 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, "--port", type=int, default=8000, help="port (0: any free port, printed at start)")
     _opt(s, "--max-batch-delay-ms", type=_float, default=5.0,
          help="how long the scheduler waits for more requests with the same options to batch with the first")
+    from .serve import REQUEST_TIMEOUT  # standard library only: cheap to import here
+
+    _opt(s, "--request-timeout", type=_float, default=REQUEST_TIMEOUT, metavar="SECONDS",
+         help="how long a connection may send no byte of its request (or take none of its reply): then a JSON "
+              "408 and the connection closes; idle keep-alive connections close after it too (default %(default)g)")
     _opt(s, "--device", default="auto", help="cpu | cuda | cuda:N | auto")
     _opt(s, "--dtype", default=None, help="override the engine dtype at load")
     _opt(s, "--cuda-graph", action="store_true", help="decode with the CUDA-graph runner (one-off compile)")

@@ -24,7 +24,9 @@ request: they go per input). Outputs equal each request run alone (batched == on
 a tested property of generate). A batch that fails is rerun request by request, so one bad
 request gets its own error and the others their outputs. Streaming and scoring jobs run one at a
 time. Errors are JSON ``{"error": message}``: 400 for bad input (the message names the field and
-value), 404 / 405 / 413 for the path, method and size, 500 for an internal error.
+value), 404 / 405 / 411 / 413 for the path, method, length and size, 408 when a request stops
+arriving for the request timeout (REQUEST_TIMEOUT, ``--request-timeout``; then the connection
+closes), 500 for an internal error.
 """
 from __future__ import annotations
 
@@ -40,6 +42,13 @@ from typing import Any
 from .errors import EncDecError, LimitError
 
 MAX_BODY = 16 << 20  # bytes of one request body
+# seconds a connection may go without a byte of the request it is sending (request line, headers,
+# body) or without taking a byte of its reply, and an idle keep-alive connection stays open; then it
+# is answered 408 where a request had begun, and closed. Without it a client that sent less than its
+# Content-Length (or nothing) held its handler thread forever. The socket's timeout: per read or
+# write, so a client that keeps sending a byte now and then is not cut off. ``--request-timeout``.
+REQUEST_TIMEOUT = 30.0
+MAX_REQUEST_TIMEOUT = 86400.0  # a day; socket.settimeout overflows near 1e10 s
 _PER_REQUEST = ("target_lang", "target_prefix", "lora_uid")  # per input in a merged batch
 _GET_PATHS, _POST_PATHS = ("/health", "/v1/model", "/metrics"), ("/v1/generate", "/v1/score")
 _PATHS = "GET /health, /metrics, /v1/model; POST /v1/generate, /v1/score"
@@ -355,6 +364,7 @@ def make_handler(server_state: "Server"):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "encdec"
+        timeout = server_state.request_timeout  # StreamRequestHandler.setup: the socket's timeout
 
         def log_message(self, fmt, *args):  # quiet unless asked
             if server_state.log is not None:
@@ -397,8 +407,37 @@ def make_handler(server_state: "Server"):
                 raise RequestError(f"request body of {n} bytes: at most {MAX_BODY}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
             return int(n)
 
+        def _read_body(self, n: int) -> bytes:
+            """The body's ``n`` bytes (fewer when the client closed first, as rfile.read gives); a
+            RequestError 408 when the request timeout passes without a byte, the connection then closed."""
+            chunks, got = [], 0
+            try:
+                while got < n:
+                    chunk = self.rfile.read1(n - got)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    got += len(chunk)
+            except TimeoutError:
+                self.close_connection = True
+                raise RequestError(f"request body: {got} of the {n} bytes announced by Content-Length arrived, "
+                                   f"then nothing for {self.timeout:g} s", HTTPStatus.REQUEST_TIMEOUT) from None
+            return b"".join(chunks)
+
+        def parse_request(self) -> bool:
+            """http.server's, with a JSON 408 when the headers stop coming (the request line came: a
+            request had begun). A timeout before the request line closes the connection without a word
+            (handle_one_request: an idle keep-alive connection, or one that never sent anything)."""
+            try:
+                return super().parse_request()
+            except TimeoutError:
+                self.close_connection = True
+                self._json(HTTPStatus.REQUEST_TIMEOUT, {"error": f"request headers: incomplete after "
+                                                                 f"{self.timeout:g} s without more bytes"})
+                return False
+
         def _body(self) -> dict:
-            raw = self.rfile.read(self._length())
+            raw = self._read_body(self._length())
             try:
                 body = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -408,16 +447,21 @@ def make_handler(server_state: "Server"):
             return body
 
         def _discard_body(self) -> None:
-            """Read the body of a request refused unread, so that the connection can go on."""
+            """Read the body of a request refused unread, so that the connection can go on (a
+            RequestError 408 when it does not arrive)."""
             if self.headers.get("Content-Length") is not None:
                 try:
-                    self.rfile.read(self._length())
+                    n = self._length()
                 except RequestError:  # a length not to trust: the connection closes instead
-                    pass
+                    return
+                self._read_body(n)
 
         def _not_allowed(self) -> None:
             """405 for a method the path does not take (any method but GET and POST: every path)."""
-            self._discard_body()
+            try:
+                self._discard_body()
+            except RequestError as exc:  # the body did not arrive: its 408
+                return self._error(exc)
             allow = "POST" if self.path in _POST_PATHS else "GET" if self.path in _GET_PATHS else None
             if allow is None:
                 self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path!r}: {_PATHS}"})
@@ -530,8 +574,10 @@ def make_handler(server_state: "Server"):
                     item = job.events.get()
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                job.cancelled = True  # the client left: the scheduler stops this generation
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                # the client left (or took nothing of the reply for the request timeout): the scheduler
+                # stops this generation
+                job.cancelled = True
                 while job.events.get() is not None:
                     pass
 
@@ -598,15 +644,26 @@ def warm_up(runner, limits, batch_sizes=None, input_lens=None, log=None, engine=
     return time.perf_counter() - t0
 
 
+def check_request_timeout(seconds, name: str = "--request-timeout") -> None:
+    """EncDecError naming ``name`` and the value unless it is a number of seconds in (0, MAX_REQUEST_TIMEOUT]."""
+    ok = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and 0 < seconds <= MAX_REQUEST_TIMEOUT
+    if not ok:
+        shown = f"{seconds:g}" if isinstance(seconds, float) else repr(seconds)
+        raise EncDecError(f"{name} {shown}: expected a number of seconds in (0, {MAX_REQUEST_TIMEOUT:g}]")
+
+
 class Server:
-    """The HTTP server and its scheduler; ``serve_forever`` blocks, ``start`` runs it in a thread."""
+    """The HTTP server and its scheduler; ``serve_forever`` blocks, ``start`` runs it in a thread.
+    ``request_timeout``: seconds a connection may stay silent mid-request (REQUEST_TIMEOUT)."""
 
     def __init__(self, engine, host: str = "127.0.0.1", port: int = 8000, runner=None, max_delay: float = 0.005,
-                 log=None):
+                 log=None, request_timeout: float = REQUEST_TIMEOUT):
         from .runtime.generation import GenerationConfig
 
+        check_request_timeout(request_timeout, "request_timeout")
         self.engine = engine
         self.log = log
+        self.request_timeout = float(request_timeout)
         self.gen_fields = set(GenerationConfig.field_names()) - {"decoder_start_token_id", "pad_token_id"}
         self.scheduler = Scheduler(engine, runner, max_delay)
         try:

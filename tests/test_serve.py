@@ -374,11 +374,11 @@ def test_a_lone_surrogate_is_refused_naming_the_field(server):
         assert status == 400 and words in json.loads(text)["error"], text
 
 
-def _raw(srv, data: bytes) -> str:
+def _raw(srv, data: bytes, timeout: float = 10) -> str:
     """``data`` sent as is on one connection; all the server answered until it closed it."""
     import socket
 
-    with socket.create_connection(srv.address, timeout=10) as s:
+    with socket.create_connection(srv.address, timeout=timeout) as s:
         s.sendall(data)
         out = b""
         while chunk := s.recv(65536):  # a timeout here: the server kept the connection open
@@ -460,3 +460,60 @@ def test_an_internal_error_in_a_batch_is_rerun_request_by_request(server, monkey
     assert srv.scheduler.batches == 1  # the batch of two failed (not counted); "hello" alone ran
     assert out["hello"][0] == 200 and json.loads(out["hello"][2])["outputs"] == generate(["hello"], **params)
     assert out["boom"][0] == 500 and json.loads(out["boom"][2])["error"] == "internal error: RuntimeError: boom"
+
+
+@pytest.fixture
+def quick_server(engine_dir, builtin_registry):
+    """A server that waits at most 0.5 s for the next bytes of a request."""
+    from encdec_core.engine import Engine
+    from encdec_core.serve import Server
+
+    engine = Engine.load(engine_dir, device="cpu")
+    srv = Server(engine, "127.0.0.1", 0, request_timeout=0.5).start()
+    yield srv, engine
+    srv.close()
+
+
+@pytest.mark.parametrize("sent, endpoint, error", [
+    (b'POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"inputs": ', "generate",
+     "request body: 11 of the 100 bytes announced by Content-Length arrived, then nothing for 0.5 s"),
+    (b"PUT /v1/score HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab", None,
+     "request body: 2 of the 10 bytes announced by Content-Length arrived, then nothing for 0.5 s"),
+    (b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Le", None,
+     "request headers: incomplete after 0.5 s without more bytes"),
+    (b"", None, None),
+], ids=["short-body", "short-body-405", "mid-headers", "nothing"])
+def test_a_client_that_stops_sending_gets_a_408_and_its_connection_closes(quick_server, sent, endpoint, error):
+    """A body shorter than its Content-Length, headers that stop, a connection with no request at all:
+    the handler thread waited for them forever. Now, after --request-timeout without a byte, a JSON
+    408 (no request: just the close) and the connection closes; other clients are served meanwhile."""
+    import socket
+
+    srv, _ = quick_server
+    with socket.create_connection(srv.address, timeout=4) as s:  # a timeout here: the server kept waiting
+        s.sendall(sent)
+        assert _get(srv, "/health")[0] == 200  # while that client stalls
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    reply = reply.decode()
+    if error is None:
+        assert reply == ""
+    else:
+        head, body = reply.split("\r\n\r\n", 1)
+        assert head.startswith("HTTP/1.1 408 ") and "Connection: close" in head, reply
+        assert "application/json" in head and json.loads(body) == {"error": error}
+    if endpoint is not None:
+        assert srv.scheduler.metrics.requests.get((endpoint, 408)) == 1
+    assert _get(srv, "/health")[0] == 200
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1e10"])
+def test_serve_refuses_a_bad_request_timeout(engine_dir, builtin_registry, capsys, value):
+    """--request-timeout: seconds in (0, 86400] (the socket's timeout; 1e10 overflows it), refused
+    before the engine loads; not a number: argparse's error naming the flag."""
+    assert main(["serve", "--engine-dir", str(engine_dir), "--request-timeout", value]) == 2
+    assert f"--request-timeout {float(value):g}: expected a number of seconds in (0, 86400]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--engine-dir", str(engine_dir), "--request-timeout", "nan"])
+    assert info.value.code == 2 and "--request-timeout" in capsys.readouterr().err
