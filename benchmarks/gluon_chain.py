@@ -62,9 +62,12 @@ class Plan:
     n_items: torch.Tensor  # [programs] int32
     chunks: torch.Tensor   # [programs, max_chunks] int32: packed tile id of each chunk, in order
     n_chunks: torch.Tensor  # [programs] int32
-    meta: torch.Tensor     # [G, 5] int32: in_off, in_stride, out_off, out_stride, bias_off (-1: none)
+    meta: torch.Tensor     # [G, 8] int32: in_off, in_stride, out_off, out_stride, bias_off (-1: none),
+    #                        in_flag, in_need, out_flag (dataflow counters, see flags_len)
     bias: torch.Tensor     # [sum of biased N] fp32
     flat_len: int          # fp32 elements of the activation buffer (x0 region + one region per GEMM)
+    flags_len: int         # int32 counters: [0] the grid barrier, then one per 128 output columns of each GEMM
+                           # (dataflow variant: items it got / 2 tiles x S splits contribute to it)
     x_stride: int          # x0's row stride (d_model)
     m: int
 
@@ -90,6 +93,7 @@ def make_plan(weights, m: int, programs: int, d_in: int) -> Plan:
     off = _round(m * d_in)          # region 0: x0
     in_off, in_stride = 0, d_in
     start, tile_id = 0, 0
+    flag_off, in_flag, in_need = 1, -1, 0
     for g, (w, b) in enumerate(weights):
         N, K = w.shape
         if N % BN or K % BK:
@@ -106,7 +110,7 @@ def make_plan(weights, m: int, programs: int, d_in: int) -> Plan:
             bias_off = bias_len
             bias_parts.append(b.float())
             bias_len += N
-        meta.append((in_off, in_stride, off, N, bias_off))
+        meta.append((in_off, in_stride, off, N, bias_off, in_flag, in_need, flag_off if N % (2 * BN) == 0 else -1))
         i = 0
         for t in range(T):
             for s in range(S):
@@ -118,6 +122,9 @@ def make_plan(weights, m: int, programs: int, d_in: int) -> Plan:
         start = (start + i) % programs
         in_off, in_stride = off, N
         off += _round(m * N)
+        # the next GEMM's 128-column input chunk c is complete when tiles 2c and 2c+1, S items each, are in
+        in_flag, in_need = (flag_off, 2 * S) if N % (2 * BN) == 0 else (-2, 0)
+        flag_off += N // (2 * BN)
     mi = max(1, max(len(x) for x in items_per_prog))
     mc = max(1, max(len(x) for x in chunks_per_prog))
     items = torch.zeros(programs, mi, 5, dtype=torch.int32)
@@ -132,7 +139,7 @@ def make_plan(weights, m: int, programs: int, d_in: int) -> Plan:
                 torch.tensor([len(x) for x in items_per_prog], dtype=torch.int32), chunks,
                 torch.tensor([len(x) for x in chunks_per_prog], dtype=torch.int32),
                 torch.tensor(meta, dtype=torch.int32),
-                torch.cat(bias_parts) if bias_parts else torch.zeros(1), off, d_in, m)
+                torch.cat(bias_parts) if bias_parts else torch.zeros(1), off, flag_off, d_in, m)
 
 
 def _round(n: int) -> int:
@@ -147,7 +154,7 @@ def simulate(plan: Plan, x0: torch.Tensor) -> torch.Tensor:
     m = plan.m
     G = len(plan.gemms)
     for g in range(G):
-        in_off, in_stride, out_off, out_stride, bias_off = plan.meta[g].tolist()
+        in_off, in_stride, out_off, out_stride, bias_off = plan.meta[g, :5].tolist()
         xin = flat[in_off: in_off + m * in_stride].view(m, in_stride)
         out = flat[out_off: out_off + m * out_stride].view(m, out_stride)
         for p in range(plan.programs):
@@ -167,8 +174,39 @@ def simulate(plan: Plan, x0: torch.Tensor) -> torch.Tensor:
                 if first and bias_off >= 0:
                     acc += plan.bias[bias_off + n0: bias_off + n0 + BN][:, None]
                 out[:, n0:n0 + BN] += acc.T
-    in_off, in_stride, out_off, out_stride, _ = plan.meta[G - 1].tolist()
+    in_off, in_stride, out_off, out_stride, _ = plan.meta[G - 1, :5].tolist()
     return flat[out_off: out_off + m * out_stride].view(m, out_stride).clone()
+
+
+def check_flags(plan: Plan) -> bool:
+    """The dataflow counters: every 128-column chunk a GEMM's items read gets exactly in_need counts from
+    the previous GEMM's items, and the GEMMs' counter ranges do not overlap. None where a GEMM's N is not a
+    multiple of 128 (the dataflow variant refuses such plans)."""
+    G = len(plan.gemms)
+    if any(n % (2 * BN) for n, _, _ in plan.gemms):
+        return None if int(plan.meta[:, 7].min()) == -1 else False
+    items = [plan.items[p, j].tolist() for p in range(plan.programs) for j in range(int(plan.n_items[p]))]
+    ranges = []
+    for g in range(G):
+        in_flag, in_need, out_flag = plan.meta[g, 5:8].tolist()
+        N = plan.gemms[g][0]
+        ranges.append((out_flag, out_flag + N // (2 * BN)))
+        if g == 0:
+            if in_flag != -1:
+                return False
+            continue
+        if in_flag != plan.meta[g - 1, 7]:
+            return False
+        counts = {}
+        for gg, n0, _, _, _ in items:
+            if gg == g - 1:
+                counts[n0 // (2 * BN)] = counts.get(n0 // (2 * BN), 0) + 1
+        for gg, _, k0, nch, _ in items:
+            if gg == g and any(counts.get(k0 // BK + c, 0) != in_need for c in range(nch)):
+                return False
+    ranges.sort()
+    return ranges[0][0] == 1 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])) \
+        and ranges[-1][1] == plan.flags_len
 
 
 def reference(weights, x0: torch.Tensor) -> torch.Tensor:
@@ -193,7 +231,7 @@ def _kernel():
     def chain_kernel(w_desc, items_ptr, n_items_ptr, chunks_ptr, n_chunks_ptr, meta_ptr, bias_ptr, flat_ptr,
                      bar_ptr, G, MAX_ITEMS, MAX_CHUNKS,
                      M: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
-                     XPF: gl.constexpr, XCH: gl.constexpr, VATOM: gl.constexpr, ABL: gl.constexpr,
+                     XPF: gl.constexpr, XCH: gl.constexpr, VATOM: gl.constexpr, ABL: gl.constexpr, DF: gl.constexpr,
                      num_warps: gl.constexpr):
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
@@ -237,7 +275,7 @@ def _kernel():
             k0 = gl.load(it + 2)
             nch = gl.load(it + 3)
             first = gl.load(it + 4)
-            if g > done:
+            if (g > done) & (not DF):
                 # arrive for every GEMM finished since the last arrival (their atomics issued by all
                 # warps first), then wait until every program has arrived for GEMMs 0..g-1
                 gl.thread_barrier()
@@ -248,7 +286,7 @@ def _kernel():
                     while cur < g * nprog:
                         cur = gl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
                 gl.thread_barrier()
-            mrow = meta_ptr + g * 5
+            mrow = meta_ptr + g * 8
             in_off = gl.multiple_of(gl.load(mrow), 32)       # regions start on 128-byte lines
             in_stride = gl.multiple_of(gl.load(mrow + 1), 64)  # N is a multiple of BN
             out_off = gl.multiple_of(gl.load(mrow + 2), 32)
@@ -256,10 +294,23 @@ def _kernel():
             k0 = gl.multiple_of(k0, 128)
             n0 = gl.multiple_of(n0, 64)
             bias_off = gl.load(mrow + 4)
+            in_flag = gl.load(mrow + 5)
+            in_need = gl.load(mrow + 6)
+            out_flag = gl.load(mrow + 7)
             acc = gl.zeros([BN, M], dtype=gl.float32, layout=mma_layout)
             xbase = flat_ptr + in_off + xm[:, None] * in_stride + (k0 + xk)[None, :]
             if XCH > 0:
                 for c0 in range(0, nch, XCH):
+                    if DF:  # dataflow: wait for the input chunks this group reads, not for the whole GEMM
+                        if in_flag >= 0:
+                            for u in gl.static_range(XCH):
+                                if c0 + u < nch:
+                                    fp = bar_ptr + in_flag + k0 // BK + c0 + u
+                                    cur = gl.atomic_add(fp, 0, sem="acquire", scope="gpu")
+                                    spins = 0  # bounded: a counting bug gives wrong results, not a hung GPU
+                                    while (cur < in_need) & (spins < 4000000):
+                                        cur = gl.atomic_add(fp, 0, sem="acquire", scope="gpu")
+                                        spins += 1
                     if (ABL & 2) == 0:  # ablation bit 2: no activation loads (the smem holds stale data)
                         for u in gl.static_range(XCH):
                             msk = (xm[:, None] >= 0) & (c0 + u < nch)
@@ -273,6 +324,7 @@ def _kernel():
                             xs = stage.index(u).load(x_reg)
                             x_smem.store(xs.to(gl.bfloat16))
                             fence_async_shared()
+                            gl.thread_barrier()  # every warp's rows are in before the warpgroup's MMA reads them
                             slot = q % STAGES
                             mbarrier.wait(bars.index(slot), (q // STAGES) & 1)
                             acc = warpgroup_mma(ring.index(slot), x_smem.permute((1, 0)), acc, is_async=True)
@@ -293,6 +345,7 @@ def _kernel():
                             xv = gl.load(xbase + c * BK, cache_modifier=".cg")
                     x_smem.store(xv.to(gl.bfloat16))
                     fence_async_shared()
+                    gl.thread_barrier()
                     if XPF:  # the next chunk's activations in flight during this chunk's wait and MMA
                         xv = gl.load(xbase + (c + 1) * BK, mask=(xm[:, None] >= 0) & (c + 1 < nch), other=0.0,
                                      cache_modifier=".cg")
@@ -321,8 +374,12 @@ def _kernel():
                 else:
                     op = flat_ptr + out_off + ocol[None, :] * out_stride + (n0 + orow)[:, None]
                     gl.atomic_add(op, acc, sem="relaxed", scope="gpu")
-        gl.thread_barrier()
-        gl.atomic_add(bar_ptr, G - done, sem="release", scope="gpu")
+            if DF:  # this item's partial sums are in (every warp's): count it for its 128-column chunk
+                gl.thread_barrier()
+                gl.atomic_add(bar_ptr + out_flag + n0 // (2 * BN), 1, sem="release", scope="gpu")
+        if not DF:
+            gl.thread_barrier()
+            gl.atomic_add(bar_ptr, G - done, sem="release", scope="gpu")
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(s))
 
@@ -333,17 +390,19 @@ class GluonChain:
     """The plan on a GPU and a callable that runs the whole chain (zero the buffers, one launch)."""
 
     def __init__(self, plan: Plan, device, stages: int = 8, num_warps: int = 4, xpf: bool = False, xch: int = 0,
-                 vatom: bool = False, abl: int = 0):
+                 vatom: bool = False, abl: int = 0, df: bool = False):
         from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
         self.plan, self.stages, self.num_warps, self.xpf = plan, stages, num_warps, xpf
-        self.xch, self.vatom, self.abl = xch, vatom, abl
+        self.xch, self.vatom, self.abl, self.df = xch, vatom, abl, df
+        if df and (not xch or int(plan.meta[:, 5].min()) < -1 or int(plan.meta[:, 7].min()) < 0):
+            raise ValueError("the dataflow variant needs staged activations (x<N>) and every N a multiple of 128")
         t = lambda x: x.to(device).contiguous()  # noqa: E731
         self.packed, self.items, self.n_items = t(plan.packed), t(plan.items), t(plan.n_items)
         self.chunks, self.n_chunks, self.meta, self.bias = t(plan.chunks), t(plan.n_chunks), t(plan.meta), t(plan.bias)
         self.flat = torch.zeros(plan.flat_len, device=device)
-        self.bar = torch.zeros(1, dtype=torch.int32, device=device)
+        self.bar = torch.zeros(plan.flags_len, dtype=torch.int32, device=device)
         layout = gl.NVMMASharedLayout.get_default_for([BN, BK], gl.bfloat16)
         self.w_desc = TensorDescriptor(self.packed, list(self.packed.shape), list(self.packed.stride()), [BN, BK],
                                        layout)
@@ -361,7 +420,8 @@ class GluonChain:
         self.kernel[(p.programs,)](self.w_desc, self.items, self.n_items, self.chunks, self.n_chunks, self.meta,
                                    self.bias, self.flat, self.bar, len(p.gemms), p.items.shape[1],
                                    p.chunks.shape[1], M=p.m, BN=BN, BK=BK, STAGES=self.stages, XPF=self.xpf,
-                                   XCH=self.xch, VATOM=self.vatom, ABL=self.abl, num_warps=self.num_warps)
+                                   XCH=self.xch, VATOM=self.vatom, ABL=self.abl, DF=self.df,
+                                   num_warps=self.num_warps)
         return self.out
 
 
@@ -379,8 +439,9 @@ def _sim_check() -> dict:
         plan = make_plan(ws, m, programs, dims[0][1])
         got, ref = simulate(plan, x0), reference(ws, x0)
         err = float((got - ref).norm() / ref.norm())
+        flags = check_flags(plan)
         res.append({"m": m, "programs": programs, "gemms": len(dims), "rel_err": err,
-                    "items": plan.n_items.tolist(), "ok": err < 1e-2})
+                    "items": plan.n_items.tolist(), "flags_ok": flags, "ok": err < 1e-2 and flags is not False})
         print(json.dumps(res[-1]), flush=True)
     return {"simulate": res, "ok": all(r["ok"] for r in res)}
 
@@ -412,27 +473,31 @@ def _compile_check() -> dict:
 def parse_variant(tag: str) -> dict:
     """'s8' (v1: one activation chunk at a time), 's8.xpf' (v1, next chunk prefetched), 'x4.s4' (XCH = 4
     chunks staged at once with cp.async), '.va' (partial sums leave 4 columns per thread), '.a<bits>'
-    (ablations: 1 no barrier wait, 2 no activation loads, 4 no partial sums; wrong results, for timing)."""
-    v = {"stages": 8, "xpf": False, "xch": 0, "vatom": False, "abl": 0}
+    (ablations: 1 no barrier wait, 2 no activation loads, 4 no partial sums; wrong results, for timing), '.df'
+    (dataflow: instead of a grid barrier per GEMM, an item waits for counters of the 128-column input chunks it
+    reads, and each item counts itself in once its partial sums are in; needs x<N>)."""
+    v = {"stages": 8, "xpf": False, "xch": 0, "vatom": False, "abl": 0, "df": False}
     for part in tag.split("."):
         if part == "xpf":
             v["xpf"] = True
         elif part == "va":
             v["vatom"] = True
+        elif part == "df":
+            v["df"] = True
         elif part[:1] in "sxa" and part[1:].isdigit():
             v[{"s": "stages", "x": "xch", "a": "abl"}[part[0]]] = int(part[1:])
         else:
-            raise ValueError(f"variant {tag!r}: unknown part {part!r} (expected s<N>, x<N>, a<N>, xpf, va)")
+            raise ValueError(f"variant {tag!r}: unknown part {part!r} (expected s<N>, x<N>, a<N>, xpf, va, df)")
     return v
 
 
 def variant_name(v: dict) -> str:
     parts = ([f"x{v['xch']}"] if v["xch"] else []) + [f"s{v['stages']}"] + (["xpf"] if v["xpf"] else []) \
-        + (["va"] if v["vatom"] else []) + ([f"a{v['abl']}"] if v["abl"] else [])
+        + (["va"] if v["vatom"] else []) + (["df"] if v["df"] else []) + ([f"a{v['abl']}"] if v["abl"] else [])
     return "gluon_" + ".".join(parts)
 
 
-_COMPILE_CASES = [(64, parse_variant(t)) for t in ("s8", "x4.s4", "x4.s4.va", "x2.s6.va", "s8.xpf")] + \
+_COMPILE_CASES = [(64, parse_variant(t)) for t in ("s8", "x4.s4", "x4.s4.va", "x2.s6.va", "s8.xpf", "x4.s4.va.df")] + \
     [(32, parse_variant(t)) for t in ("s8", "x4.s8.va")]
 
 
@@ -444,15 +509,15 @@ def _compile_cases() -> dict:
     res = []
     for tag in _COMPILE_CASES:
         m, v = tag
-        stages, xpf, xch, vatom, abl = v["stages"], v["xpf"], v["xch"], v["vatom"], v["abl"]
+        stages, xpf, xch, vatom, abl, df = v["stages"], v["xpf"], v["xch"], v["vatom"], v["abl"], v["df"]
         ws = [(torch.randn(256, 128).to(torch.bfloat16), torch.randn(256)), (torch.randn(128, 256).to(torch.bfloat16), None)]
         plan = make_plan(ws, m, 8, 128)
         layout = gl.NVMMASharedLayout.get_default_for([BN, BK], gl.bfloat16)
         wd = TensorDescriptor(plan.packed, list(plan.packed.shape), list(plan.packed.stride()), [BN, BK], layout)
         k = _kernel().warmup(wd, plan.items, plan.n_items, plan.chunks, plan.n_chunks, plan.meta, plan.bias,
-                             torch.zeros(plan.flat_len), torch.zeros(1, dtype=torch.int32), 2, plan.items.shape[1],
+                             torch.zeros(plan.flat_len), torch.zeros(plan.flags_len, dtype=torch.int32), 2, plan.items.shape[1],
                              plan.chunks.shape[1], M=m, BN=BN, BK=BK, STAGES=stages, XPF=xpf, XCH=xch,
-                             VATOM=vatom, ABL=abl, num_warps=4,
+                             VATOM=vatom, ABL=abl, DF=df, num_warps=4,
                              grid=(8,))
         ptx = k.asm["ptx"]
         res.append({"m": m, "variant": variant_name(v), "stages": stages, "xpf": xpf, "xch": xch,
@@ -510,7 +575,7 @@ def main():
             if True:
                 try:
                     ch = GluonChain(plan, dev, stages=v["stages"], num_warps=a.warps, xpf=v["xpf"], xch=v["xch"],
-                                    vatom=v["vatom"], abl=v["abl"])
+                                    vatom=v["vatom"], abl=v["abl"], df=v["df"])
                 except Exception as exc:  # noqa: BLE001 - a survey
                     print(f"{name} M={M} {tag}: {type(exc).__name__}: {str(exc)[:600]}", flush=True)
                     continue

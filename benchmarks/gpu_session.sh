@@ -38,6 +38,6 @@ STEP=profile; if want "${ARGS[@]}"; then
 fi
 STEP=gluon; if want "${ARGS[@]}"; then
     step gluon_chain 300 python benchmarks/gluon_chain.py --models bart-large,flan-t5-large --m 32,64 \
-        --variants s8.xpf,x4.s4,x4.s4.va,x2.s6.va,x4.s8.va,x4.s4.va.a1,x4.s4.va.a2,x4.s4.va.a4,x4.s4.va.a7 \
+        --variants s8.xpf,x4.s4.va,x4.s4.va.df,x2.s6.va.df,x1.s8.va.df,x4.s8.va.df,x4.s4.va.df.a2,x4.s4.va.df.a4 \
         --out "$OUT"
 fi
