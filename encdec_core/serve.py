@@ -26,12 +26,13 @@ request gets its own error and the others their outputs. Streaming and scoring j
 time. Errors are JSON ``{"error": message}``: 400 for bad input (the message names the field and
 value), 404 / 405 / 411 / 413 for the path, method, length and size, 408 when a request stops
 arriving for the request timeout (REQUEST_TIMEOUT, ``--request-timeout``; then the connection
-closes), 500 for an internal error.
+closes), 500 for an internal error. A client that hangs up before its reply is one line on stderr.
 """
 from __future__ import annotations
 
 import json
 import queue
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,6 +50,8 @@ MAX_BODY = 16 << 20  # bytes of one request body
 # write, so a client that keeps sending a byte now and then is not cut off. ``--request-timeout``.
 REQUEST_TIMEOUT = 30.0
 MAX_REQUEST_TIMEOUT = 86400.0  # a day; socket.settimeout overflows near 1e10 s
+# a client that hung up: its connection reset or closed while its request was read or its reply written
+_HANGUP = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 _PER_REQUEST = ("target_lang", "target_prefix", "lora_uid")  # per input in a merged batch
 _GET_PATHS, _POST_PATHS = ("/health", "/v1/model", "/metrics"), ("/v1/generate", "/v1/score")
 _PATHS = "GET /health, /metrics, /v1/model; POST /v1/generate, /v1/score"
@@ -370,6 +373,20 @@ def make_handler(server_state: "Server"):
             if server_state.log is not None:
                 server_state.log(f"{self.address_string()} {fmt % args}")
 
+        def handle_one_request(self) -> None:
+            """http.server's, with a client that hangs up (a reset while its request is read, a broken
+            pipe writing its reply) told in one line on stderr: it escaped to socketserver's
+            handle_error, which printed a traceback. Other exceptions still go there."""
+            self.command = None  # set by parse_request: a request was read, a reply was due
+            try:
+                super().handle_one_request()
+            except _HANGUP as exc:
+                self.close_connection = True
+                host, port = self.client_address[:2]
+                when = f" before the reply to {self.command} {self.path}" if self.command else ""
+                print(f"encdec serve: client {host}:{port} closed the connection{when} ({type(exc).__name__})",
+                      file=sys.stderr, flush=True)
+
         # -- replies
         def _json(self, status: int, obj, headers=()) -> None:
             data = (json.dumps(obj, ensure_ascii=False) + "\n").encode()
@@ -525,6 +542,8 @@ def make_handler(server_state: "Server"):
                 if scores:
                     outs = [[asdict(h) for h in row] for row in outs]
                 self._json(HTTPStatus.OK, {"outputs": outs})
+            except _HANGUP:  # the client is gone: no error reply to write (it was a 500 that failed too)
+                raise
             except BaseException as exc:
                 self._error(exc)
 

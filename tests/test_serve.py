@@ -517,3 +517,75 @@ def test_serve_refuses_a_bad_request_timeout(engine_dir, builtin_registry, capsy
     with pytest.raises(SystemExit) as info:
         main(["serve", "--engine-dir", str(engine_dir), "--request-timeout", "nan"])
     assert info.value.code == 2 and "--request-timeout" in capsys.readouterr().err
+
+
+def _reset(s) -> None:
+    """Close socket ``s`` with a reset (SO_LINGER 0): the server's next read or write on it fails."""
+    import socket
+    import struct
+
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def _stderr_until(capsys, words: str, seconds: float = 3.0) -> str:
+    """What the server threads wrote to stderr, read until it holds ``words`` or ``seconds`` pass."""
+    import time
+
+    err, deadline = "", time.monotonic() + seconds
+    while words not in err and time.monotonic() < deadline:
+        time.sleep(0.01)
+        err += capsys.readouterr().err
+    return err
+
+
+@pytest.mark.parametrize("when", ["idle", "mid-body", "before-reply"])
+def test_a_client_that_hangs_up_is_one_line_not_a_traceback(server, monkeypatch, capsys, when):
+    """A client that resets its connection with no request (idle), while sending its body, or while
+    its request runs: one line on stderr naming it (socketserver printed a traceback, and the body /
+    reply cases tried a 500 on the dead connection and counted that 500 in the metrics: now code 0,
+    no answer, or the status of the reply it did not take); the server serves on."""
+    import socket
+
+    srv, engine = server
+    generate, entered, release = engine.generate, threading.Event(), threading.Event()
+
+    def held(texts, **kw):  # the request runs until the client has gone
+        entered.set()
+        release.wait(5)
+        return generate(texts, **kw)
+    monkeypatch.setattr(engine, "generate", held)
+    s = socket.create_connection(srv.address, timeout=5)
+    port = s.getsockname()[1]
+    if when == "mid-body":  # the server read the headers (its 100 Continue says so), then waits for the body
+        s.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 100\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 100 ")
+        s.sendall(b'{"inputs": ')
+    elif when == "before-reply":
+        body = json.dumps({"inputs": "hello", "parameters": {"max_new_tokens": 3}}).encode()
+        s.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert entered.wait(5)
+    _reset(s)
+    release.set()
+    want = f"client 127.0.0.1:{port} closed the connection" + ("" if when == "idle" else
+                                                               " before the reply to POST /v1/generate")
+    err = _stderr_until(capsys, want)
+    assert want + " (" in err and "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+    counted = {k: n for k, n in srv.scheduler.metrics.requests.items() if k[0] == "generate"}
+    assert counted == {"idle": {}, "mid-body": {("generate", 0): 1}, "before-reply": {("generate", 200): 1}}[when]
+    assert _get(srv, "/health")[0] == 200
+
+
+def test_other_errors_in_a_handler_keep_their_traceback(server, monkeypatch, capsys):
+    """Only a client's hang-up is told in one line: any other exception escaping a handler keeps
+    socketserver's report with its traceback."""
+    srv, _ = server
+
+    def broken(self):
+        raise RuntimeError("a bug in a handler")
+    monkeypatch.setattr(srv.httpd.RequestHandlerClass, "do_GET", broken)
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # closed without an answer
+        _get(srv, "/health")
+    err = _stderr_until(capsys, "RuntimeError: a bug in a handler")
+    assert "Traceback" in err and "RuntimeError: a bug in a handler" in err, err
