@@ -85,9 +85,10 @@ def length_penalty_bound(max_len: int) -> float:
     That leaves 2**64 of fp32's range (normal numbers 2**-126 to 2**128) for the log-prob sum it
     divides (or, for a negative penalty, multiplies), so scores stay finite, normal numbers that still
     rank. Past 2**128 the power is inf in fp32 (every score -0.0, no ranking at all), and past 2**1024
-    the host's float overflows (BeamState's table: an internal OverflowError, an HTTP 500 in serve). The bound is 64 / log2(max_len),
-    rounded down to 2 decimals (the value checked is the one the message shows): 14.57 for HF's
-    default 20 new tokens, 8.36 for 200, 6.39 for 1024, far beyond the penalties in use (0.6 to 2)."""
+    the host's float overflows (BeamState's table: an internal OverflowError, an HTTP 500 in serve).
+    The bound is 64 / log2(max_len), rounded down to 2 decimals (the value checked is the one the
+    message shows): 14.57 for HF's default 20 new tokens, 8.36 for 200, 6.39 for 1024, far beyond the
+    penalties in use (0.6 to 2)."""
     return math.floor(64.0 / math.log2(max(int(max_len), 2)) * 100) / 100
 
 
