@@ -228,6 +228,22 @@ def _kernel():
                                                                    warpgroup_mma, warpgroup_mma_wait)
 
     @gluon.jit
+    def _mma_chunk(w_desc, ring, bars, x_smem, acc, q, n_chunks, my_chunks, BN: gl.constexpr, BK: gl.constexpr,
+                   STAGES: gl.constexpr):
+        """This program's chunk q: wait for its weight slot, MMA with the activations in x_smem, then
+        (the slot and x_smem free again) refill the slot with the chunk STAGES ahead."""
+        slot = q % STAGES
+        mbarrier.wait(bars.index(slot), (q // STAGES) & 1)
+        acc = warpgroup_mma(ring.index(slot), x_smem.permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        nq = q + STAGES
+        if nq < n_chunks:
+            tid = gl.load(my_chunks + nq)
+            mbarrier.expect(bars.index(slot), BN * BK * 2)
+            tma.async_copy_global_to_shared(w_desc, [tid * BN, 0], bars.index(slot), ring.index(slot))
+        return acc
+
+    @gluon.jit
     def chain_kernel(w_desc, items_ptr, n_items_ptr, chunks_ptr, n_chunks_ptr, meta_ptr, bias_ptr, flat_ptr,
                      bar_ptr, G, MAX_ITEMS, MAX_CHUNKS,
                      M: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
@@ -325,16 +341,8 @@ def _kernel():
                             x_smem.store(xs.to(gl.bfloat16))
                             fence_async_shared()
                             gl.thread_barrier()  # every warp's rows are in before the warpgroup's MMA reads them
-                            slot = q % STAGES
-                            mbarrier.wait(bars.index(slot), (q // STAGES) & 1)
-                            acc = warpgroup_mma(ring.index(slot), x_smem.permute((1, 0)), acc, is_async=True)
-                            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                            nq = q + STAGES
-                            if nq < n_chunks:
-                                tid = gl.load(chunks_ptr + pid * MAX_CHUNKS + nq)
-                                mbarrier.expect(bars.index(slot), BN * BK * 2)
-                                tma.async_copy_global_to_shared(w_desc, [tid * BN, 0], bars.index(slot),
-                                                                ring.index(slot))
+                            acc = _mma_chunk(w_desc, ring, bars, x_smem, acc, q, n_chunks, chunks_ptr + pid * MAX_CHUNKS,
+                                             BN, BK, STAGES)
                             q += 1
                     gl.thread_barrier()  # every warp has read the staging before the next group's copies
             else:
@@ -349,16 +357,8 @@ def _kernel():
                     if XPF:  # the next chunk's activations in flight during this chunk's wait and MMA
                         xv = gl.load(xbase + (c + 1) * BK, mask=(xm[:, None] >= 0) & (c + 1 < nch), other=0.0,
                                      cache_modifier=".cg")
-                    slot = q % STAGES
-                    mbarrier.wait(bars.index(slot), (q // STAGES) & 1)
-                    acc = warpgroup_mma(ring.index(slot), x_smem.permute((1, 0)), acc, is_async=True)
-                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                    # the slot and x_smem are free again: refill the slot with the chunk STAGES ahead
-                    nq = q + STAGES
-                    if nq < n_chunks:
-                        tid = gl.load(chunks_ptr + pid * MAX_CHUNKS + nq)
-                        mbarrier.expect(bars.index(slot), BN * BK * 2)
-                        tma.async_copy_global_to_shared(w_desc, [tid * BN, 0], bars.index(slot), ring.index(slot))
+                    acc = _mma_chunk(w_desc, ring, bars, x_smem, acc, q, n_chunks, chunks_ptr + pid * MAX_CHUNKS,
+                                     BN, BK, STAGES)
                     q += 1
             if (first != 0) & (bias_off >= 0):
                 bv = gl.load(bias_ptr + bias_off + n0 + orow)

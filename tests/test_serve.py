@@ -23,15 +23,20 @@ def engine_dir(tmp_path_factory):
     return make_t5_engine(tmp_path_factory.mktemp("serve"), max_batch_size=8, max_output_len=12)
 
 
-@pytest.fixture
-def server(engine_dir, builtin_registry):
+def _serving(engine_dir, **kw):
+    """(a started server on a free port, its engine); closed when the generator is."""
     from encdec_core.engine import Engine
     from encdec_core.serve import Server
 
     engine = Engine.load(engine_dir, device="cpu")
-    srv = Server(engine, "127.0.0.1", 0, max_delay=0.3).start()
+    srv = Server(engine, "127.0.0.1", 0, **kw).start()
     yield srv, engine
     srv.close()
+
+
+@pytest.fixture
+def server(engine_dir, builtin_registry):
+    yield from _serving(engine_dir, max_delay=0.3)
 
 
 def _post(srv, path, body, raw: bytes | None = None):
@@ -465,13 +470,7 @@ def test_an_internal_error_in_a_batch_is_rerun_request_by_request(server, monkey
 @pytest.fixture
 def quick_server(engine_dir, builtin_registry):
     """A server that waits at most 0.5 s for the next bytes of a request."""
-    from encdec_core.engine import Engine
-    from encdec_core.serve import Server
-
-    engine = Engine.load(engine_dir, device="cpu")
-    srv = Server(engine, "127.0.0.1", 0, request_timeout=0.5).start()
-    yield srv, engine
-    srv.close()
+    yield from _serving(engine_dir, request_timeout=0.5)
 
 
 @pytest.mark.parametrize("sent, endpoint, error", [
