@@ -9,10 +9,12 @@
 # attnpdl: the attention ops with / without PDL at 128 rows and in the 8 x 4 beam step, one process each;
 # profile: flan-t5-large's greedy step by kernel at batch 64 and 256 (where its batch-256 time goes);
 # gluon:   the persistent Gluon GEMM chain (benchmarks/gluon_chain.py) against cuBLAS's, 32 and 64 rows
-#          (a deadlocked grid barrier would end at the step's time limit).
+#          (a deadlocked grid barrier would end at the step's time limit);
+# timeline: one end-to-end greedy request profiled (benchmarks/e2e_timeline.py): GPU busy / idle, batch 1-256;
+# tokens:  the token-match criterion's noise floor (benchmarks/token_match.py), free-running and teacher-forced.
 set -u
 OUT=${OUT:-gpu_session_out}
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$OUT/tf"
 export PYTHONPATH=.:families${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 source "$(dirname "$0")/_session.sh"
 ARGS=("$@")
@@ -40,4 +42,14 @@ STEP=gluon; if want "${ARGS[@]}"; then
     step gluon_chain 300 python benchmarks/gluon_chain.py --models bart-large,flan-t5-large --m 32,64 \
         --variants s8.xpf,x4.s4.va,x4.s4.va.df,x2.s6.va.df,x1.s8.va.df,x4.s8.va.df,x4.s4.va.df.a2,x4.s4.va.df.a4 \
         --out "$OUT"
+fi
+STEP=timeline; if want "${ARGS[@]}"; then
+    step e2e_timeline_large 400 python benchmarks/e2e_timeline.py --models flan-t5-large,bart-large --batches 64,256 \
+        --out "$OUT"
+    step e2e_timeline_small 300 python benchmarks/e2e_timeline.py --models t5-small,bart-large --batches 1,8 --out "$OUT"
+fi
+STEP=tokens; if want "${ARGS[@]}"; then
+    step token_match 400 python benchmarks/token_match.py --models bart-large,flan-t5-large --batches 64 --out "$OUT"
+    step token_match_tf 300 python benchmarks/token_match.py --models bart-large,flan-t5-large --batches 64 \
+        --teacher-forced --out "$OUT/tf"
 fi
