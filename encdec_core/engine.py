@@ -312,25 +312,26 @@ class Engine:
         (-1: the base model), or one int for all.
 
         decoder_prefix: target tokens each output starts with and continues (CTranslate2's
-        ``target_prefix``): one list of ids for all requests or one per request (None or [] for none),
-        after the decoder start token. A model's forced first token (mBART-50's target language,
+        ``target_prefix``): one list of ids for all requests or one per request (None or [] for none;
+        a 1-D or 2-D tensor too), after the decoder start token. A model's forced first token (mBART-50's target language,
         BART's ``<s>``) is put in front of a prefix that does not begin with it. The output's tokens
         include the prefix; lengths count after it (max_new_tokens new tokens follow it, and prefix
         plus new tokens must fit the engine's max output length). Requests with prefixes of different
         lengths run in separate batches."""
         from .runtime.generation import merge_outputs
 
-        if isinstance(ids, (str, bytes)):
-            raise EncDecError(f"generate: ids = {ids!r}: expected a list of requests, each a list of int token ids "
-                              f"(for text use generate)")
-        if ids is None or len(ids) == 0:
+        if ids is None:
+            raise EncDecError("no input given")
+        ids = _check_ids(ids, self.config.encoder_vocab_size)  # lists of ints (from any iterable or a 2-D tensor)
+        if len(ids) == 0:
             raise EncDecError("no input given")
         if not isinstance(output_scores, bool):
             raise EncDecError(f"generate: output_scores = {output_scores!r}: expected True or False")
         if on_token is not None and not callable(on_token):
             raise EncDecError(f"generate: on_token = {on_token!r}: expected a callable "
                               f"(request, sequence, token, finished)")
-        _check_ids(ids, self.config.encoder_vocab_size)
+        if isinstance(target_lang_ids, torch.Tensor):
+            target_lang_ids = target_lang_ids.tolist()
         if target_lang_ids is not None and (isinstance(target_lang_ids, (str, bytes))
                                             or not hasattr(target_lang_ids, "__len__")):
             raise EncDecError(f"target language ids = {target_lang_ids!r}: expected a list with one token id "
@@ -342,6 +343,10 @@ class Engine:
             raise EncDecError("an input is empty after tokenization")
         if target_lang_ids is not None and len(target_lang_ids) != len(ids):
             raise EncDecError(f"target language ids: {len(target_lang_ids)} for {len(ids)} inputs")
+        if target_lang_ids is not None:  # each None or a token id (before the decoder prefixes use them)
+            from .scoring import check_forced
+
+            target_lang_ids = check_forced(target_lang_ids, len(ids), self.config.vocab_size, "generate", "input")
         out_len = _output_len(gc)
         bmax = self.limits.max_batch_size
         prefixes = self.decoder_prefixes(decoder_prefix, len(ids), target_lang_ids, gc)
@@ -488,6 +493,9 @@ class Engine:
         lora_uids: with run-time adapters, the adapter of each pair (-1: the base model), or one for all."""
         from .scoring import check_forced, check_limits, check_pairs, plan, score_requests
 
+        if token_strings is not None and not callable(token_strings):
+            raise EncDecError(f"score: token_strings = {token_strings!r}: expected a callable (token ids -> "
+                              f"vocabulary entries) or None")
         src, tgt = check_pairs(source_ids, target_ids, self.config)
         forced = check_forced(target_lang_ids, len(src), self.config.vocab_size)
         gc = self.generation_config()
@@ -632,6 +640,7 @@ class Engine:
                    decoder_prefix=None, **overrides) -> Iterator[StreamEvent]:
         """``generate_stream`` for token ids, detokenized with ``tok`` (``engine.tokenizer()``); an
         output's first text includes its ``decoder_prefix`` (as ``generate_ids`` takes it)."""
+        ids = _check_ids(ids, self.config.encoder_vocab_size)
         langs = target_lang_ids
         q: queue.Queue = queue.Queue()
         stop = threading.Event()
@@ -657,7 +666,7 @@ class Engine:
         worker = threading.Thread(target=work, name="encdec-generate", daemon=True)
         worker.start()
         detok: dict[tuple[int, int], _Detokenizer] = {}
-        prefixes = _split_prefix(decoder_prefix, len(ids)) if decoder_prefix else None
+        prefixes = _split_prefix(decoder_prefix, len(ids)) if decoder_prefix is not None else None
         try:
             while True:
                 item = q.get()
@@ -718,7 +727,9 @@ def _check_texts(texts) -> list[str]:
 def _split_prefix(decoder_prefix, n: int) -> list:
     """``generate_ids``' ``decoder_prefix`` as one entry per request: a list of ids (or an empty
     list) is one prefix for all ``n``; anything else is taken as one entry per request."""
-    items = list(decoder_prefix)
+    if isinstance(decoder_prefix, torch.Tensor):  # [P] one prefix for all, or [n, P]
+        decoder_prefix = decoder_prefix.tolist()
+    items = [p.tolist() if isinstance(p, torch.Tensor) else p for p in decoder_prefix]
     if not items or all(isinstance(t, int) and not isinstance(t, bool) for t in items):
         return [items] * n
     return items
@@ -824,11 +835,12 @@ def _load_device(device) -> torch.device:
     return dev
 
 
-def _check_ids(ids, vocab: int) -> None:
-    """generate_ids' input: a list of requests, each a list of int token ids in [0, vocab)."""
+def _check_ids(ids, vocab: int) -> list[list[int]]:
+    """generate_ids' input: a list of requests, each a list of int token ids in [0, vocab); returned
+    as lists of int."""
     from .scoring import check_id_rows
 
-    check_id_rows(ids, vocab, "ids", "encoder", who="generate", row_name=lambda i: f"input {i}")
+    return check_id_rows(ids, vocab, "ids", "encoder", who="generate", row_name=lambda i: f"input {i}")
 
 
 def _output_len(gc) -> int:

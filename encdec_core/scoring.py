@@ -86,6 +86,8 @@ def check_id_rows(rows, vocab: int, name: str, side: str, who: str = "score",
                   row_name=None) -> list[list[int]]:
     """A list of requests, each a list of int token ids in [0, vocab); returned as lists of int.
     Errors read "{who}: {row_name(i)}, position j: ..." (row_name default: ``{name}[i]``)."""
+    if isinstance(rows, torch.Tensor):  # [requests, length]; a 1-D tensor is refused below like a flat list
+        rows = rows.tolist()
     if rows is None or isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__"):
         raise EncDecError(f"{who}: {name} = {rows!r}: expected a list of requests, each a list of int token ids "
                           f"(for text use {who})")
@@ -122,19 +124,22 @@ def check_pairs(source_ids, target_ids, cfg) -> tuple[list[list[int]], list[list
     return src, tgt
 
 
-def check_forced(forced, n: int, vocab: int) -> list[int | None]:
-    """Per-request forced-BOS ids (target languages): None, or a list of n ids / None."""
+def check_forced(forced, n: int, vocab: int, who: str = "score", unit: str = "pair") -> list[int | None]:
+    """Per-request forced-BOS ids (target languages): None, or a list (or 1-D tensor) of n ids / None.
+    Errors read "{who}: target_lang_ids ..." and count ``unit``s (pairs, inputs)."""
     if forced is None:
         return [None] * n
+    if isinstance(forced, torch.Tensor):
+        forced = forced.tolist()
     if isinstance(forced, (str, bytes)) or not hasattr(forced, "__len__"):
-        raise EncDecError(f"score: target_lang_ids = {forced!r}: expected a list with one token id (or None) per "
-                          f"pair")
+        raise EncDecError(f"{who}: target_lang_ids = {forced!r}: expected a list with one token id (or None) per "
+                          f"{unit}")
     if len(forced) != n:
-        raise EncDecError(f"score: target_lang_ids has {len(forced)} entries for {n} pairs: expected one per pair")
+        raise EncDecError(f"{who}: target_lang_ids has {len(forced)} entries for {n} {unit}s: expected one per {unit}")
     out = []
     for i, t in enumerate(forced):
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab):
-            raise EncDecError(f"score: target_lang_ids[{i}] = {t!r}: expected None or a token id in [0, {vocab})")
+            raise EncDecError(f"{who}: target_lang_ids[{i}] = {t!r}: expected None or a token id in [0, {vocab})")
         out.append(t)
     return out
 

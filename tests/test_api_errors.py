@@ -149,3 +149,39 @@ def test_convert_dtype(dirs, reg, tmp_path):
     import json
 
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+
+
+@pytest.mark.parametrize("ids, words", [
+    (torch.tensor([5, 6]), ["input 0 = 5", "list of token ids"]),  # 1-D: was "iteration over a 0-d tensor"
+    (5, ["ids = 5", "expected a list of requests"]),  # was "object of type 'int' has no len()"
+])
+def test_generate_ids_flat_tensor_and_scalar(engine, ids, words):
+    _raises(EncDecError, words, engine.generate_ids, ids, max_new_tokens=2)
+
+
+def test_generate_ids_takes_iterables_and_tensor_prefixes(engine):
+    want = engine.generate_ids([[5, 6, 1]], decoder_prefix=[7, 8], max_new_tokens=3).sequences
+    assert torch.equal(engine.generate_ids(iter([[5, 6, 1]]), decoder_prefix=[7, 8], max_new_tokens=3).sequences, want)
+    for prefix in (torch.tensor([7, 8]), torch.tensor([[7, 8]])):  # were "2 for 1 inputs", "contains tensor(7)"
+        assert torch.equal(engine.generate_ids([[5, 6, 1]], decoder_prefix=prefix, max_new_tokens=3).sequences, want)
+    tok = engine.tokenizer()
+    outs = [[ev.output for ev in engine.stream_ids([[5, 6, 1]], tok, decoder_prefix=p, max_new_tokens=3)
+             if ev.finished] for p in ([7, 8], torch.tensor([7, 8]))]  # a tensor: was "Boolean value of Tensor"
+    assert outs[0] == outs[1] == [tok.decode(want[0, 1:].tolist())]
+    langs = engine.generate_ids([[5, 6, 1]], target_lang_ids=[9], max_new_tokens=3).sequences
+    assert torch.equal(engine.generate_ids([[5, 6, 1]], target_lang_ids=torch.tensor([9]),
+                                           max_new_tokens=3).sequences, langs)
+
+
+@pytest.mark.parametrize("lang", ["a", 5.5, 10 ** 6])
+def test_generate_ids_bad_target_lang_id_with_prefix(engine, lang):  # 'a' was a raw ValueError from int()
+    _raises(EncDecError, [f"target_lang_ids[0] = {lang!r}", "[0, 384)"], engine.generate_ids, [[5]],
+            target_lang_ids=[lang], decoder_prefix=[7], max_new_tokens=2)
+
+
+def test_score_ids_flat_tensor_and_token_strings(engine):
+    _raises(EncDecError, ["source_ids[0] = 5", "list of token ids"], engine.score_ids, torch.tensor([5]),
+            torch.tensor([6]))
+    _raises(EncDecError, ["token_strings = 5", "callable"], engine.score_ids, [[5]], [[6]], token_strings=5)
+    want = engine.score_ids([[5]], [[6]], target_lang_ids=[9])[0].sum
+    assert engine.score_ids([[5]], [[6]], target_lang_ids=torch.tensor([9]))[0].sum == want
