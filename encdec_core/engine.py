@@ -359,6 +359,10 @@ class Engine:
                                  f"{max(self.limits.max_output_len - longest, 0)} new tokens, or rebuild with a "
                                  f"larger --max-output-len)")
         self.limits.check(min(len(ids), bmax), max_in, out_len, max(gc.num_beams, 1))
+        if gc.num_return_sequences > self.limits.max_beam_width:  # sampling (beam search has n <= num_beams)
+            raise LimitError(f"engine: num_return_sequences {gc.num_return_sequences} exceeds the engine's limit "
+                             f"{self.limits.max_beam_width} outputs per input (each output is a decoder row, like a "
+                             f"beam; rebuild with a larger --max-beam-width)")
         if on_token is not None and gc.num_beams > 1:
             raise EncDecError(f"streaming serves greedy decoding and sampling, not num_beams = {gc.num_beams} "
                               f"(a beam's tokens are final only when the search ends)")

@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 
 from encdec_core.convert import convert  # noqa: E402
 from encdec_core.engine import Engine, build  # noqa: E402
-from encdec_core.errors import ConfigError, EncDecError  # noqa: E402
+from encdec_core.errors import ConfigError, EncDecError, LimitError  # noqa: E402
 from encdec_core.registry import RegistryError  # noqa: E402
 from encdec_core.runtime.generation import GenerationConfig, generate  # noqa: E402
 
@@ -185,3 +185,9 @@ def test_score_ids_flat_tensor_and_token_strings(engine):
     _raises(EncDecError, ["token_strings = 5", "callable"], engine.score_ids, [[5]], [[6]], token_strings=5)
     want = engine.score_ids([[5]], [[6]], target_lang_ids=[9])[0].sum
     assert engine.score_ids([[5]], [[6]], target_lang_ids=torch.tensor([9]))[0].sum == want
+
+
+@pytest.mark.parametrize("n", [5, 10 ** 12, 10 ** 30])  # were a raw allocation / "Overflow when unpacking long"
+def test_sampled_return_sequences_within_the_beam_width_limit(engine, n):
+    _raises(LimitError, [f"num_return_sequences {n}", "limit 4", "--max-beam-width"], engine.generate, ["ab"],
+            do_sample=True, num_return_sequences=n, max_new_tokens=2)
