@@ -191,3 +191,30 @@ def test_score_ids_flat_tensor_and_token_strings(engine):
 def test_sampled_return_sequences_within_the_beam_width_limit(engine, n):
     _raises(LimitError, [f"num_return_sequences {n}", "limit 4", "--max-beam-width"], engine.generate, ["ab"],
             do_sample=True, num_return_sequences=n, max_new_tokens=2)
+
+
+_ALL_BUT_EOS = [t for t in range(384) if t != 1]
+
+
+@pytest.mark.parametrize("kw, at, opts", [  # each was torch.multinomial's "probability tensor contains inf, nan"
+    (dict(suppress_tokens=list(range(384))), 1, "suppress_tokens"),
+    (dict(suppress_tokens=list(range(384)), num_beams=2), 1, "suppress_tokens"),
+    (dict(suppress_tokens=_ALL_BUT_EOS, min_new_tokens=2), 1, "suppress_tokens, min_new_tokens"),
+    (dict(suppress_tokens=[5], forced_bos_token_id=5), 1, "suppress_tokens, forced_bos_token_id"),
+    (dict(suppress_tokens=[7], forced_eos_token_id=7), 3, "suppress_tokens, forced_eos_token_id"),
+    (dict(suppress_tokens=[t for t in _ALL_BUT_EOS if t not in (5, 6)], no_repeat_ngram_size=1, min_new_tokens=3),
+     3, "suppress_tokens, no_repeat_ngram_size, min_new_tokens"),
+])
+def test_sampling_with_every_token_excluded(engine, kw, at, opts):
+    words = [f"generated token {at}", f"options ({opts})", "exclude every token"]
+    _raises(ConfigError, words, engine.generate, ["ab", "cd"], do_sample=True, seed=1, max_new_tokens=3, **kw)
+    if kw.get("num_beams", 1) == 1:  # streaming hands the same error to the consumer
+        _raises(ConfigError, words, lambda: list(engine.generate_stream(["ab"], do_sample=True, max_new_tokens=3,
+                                                                         **kw)))
+
+
+def test_sampling_and_greedy_unchanged_where_tokens_remain(engine):
+    # one token left: sampling must draw it, as greedy decoding picks it
+    kw = dict(suppress_tokens=[t for t in _ALL_BUT_EOS if t != 70], max_new_tokens=3)
+    assert engine.generate(["ab"], do_sample=True, seed=1, **kw) == engine.generate(["ab"], **kw)
+    assert engine.generate(["ab"], suppress_tokens=list(range(384)), max_new_tokens=2)  # greedy: as HF, no error

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .generation import GenerationConfig, feed_prefix
+from .generation import GenerationConfig, feed_prefix, nothing_to_sample
 
 _BIG = -1.0e9
 
@@ -88,6 +88,9 @@ class BeamState:
         self.can_improve = torch.empty((batch, 1), dtype=torch.bool, **z)
         self.src_index = torch.empty(batch * nb, dtype=torch.long, **z)  # rows the caches take after a step
         self.go_on = torch.empty((), dtype=torch.bool, **z)
+        # sampling: a request whose every candidate the options exclude (all -inf) ends the search;
+        # beam_search reports it (torch.multinomial fails on such a row: a device assert on CUDA)
+        self.starved = torch.zeros((), dtype=torch.bool, **z)
         # requests 0..active-1 are real; a CUDA graph captured for a batch bucket runs the rest as
         # padding, which neither keeps the search going nor stops it, nor counts in the result
         self.active = torch.ones((batch, 1), dtype=torch.bool, **z)
@@ -133,6 +136,7 @@ class BeamState:
         self.fin_len.zero_()
         self.can_improve.fill_(True)
         self.go_on.fill_(True)
+        self.starved.fill_(False)
 
     def _per_len(self, scores: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         """``scores / n ** length_penalty`` with the rounding of a division by a host float."""
@@ -155,7 +159,10 @@ class BeamState:
 
         # best `keep` continuations over all beams of each request (or `keep` samples)
         if self.gc.do_sample:
-            idx = torch.multinomial(torch.softmax(acc, dim=-1), num_samples=keep, generator=generator)
+            dead = torch.isneginf(acc).all(dim=-1, keepdim=True) & self.active  # nothing to draw from
+            self.starved.logical_or_(dead.any())
+            probs = torch.where(dead, 1.0, torch.softmax(acc, dim=-1))  # a valid draw; the search then stops
+            idx = torch.multinomial(probs, num_samples=keep, generator=generator)
             cand_score = torch.gather(acc, 1, idx)
             cand_score, order = cand_score.sort(dim=-1, descending=True)
             idx = idx.gather(-1, order)
@@ -212,7 +219,7 @@ class BeamState:
         live = self.active
         go = (torch.any(self.can_improve & live) & ~(torch.all(self.fin_done | ~live) & (self.es is True))
               & ~torch.all(ended | ~live))
-        self.go_on.copy_(go)
+        self.go_on.copy_(go & ~self.starved)
 
     def tokens(self, cur: int | torch.Tensor) -> torch.Tensor:
         """The tokens just chosen (position ``cur``), one per row [batch * nb]."""
@@ -264,4 +271,6 @@ def beam_search(runner, gc: GenerationConfig, batch: int, max_len: int, pipeline
         cur_t.fill_(cur)
         if not bool(st.go_on):  # the one host sync per step
             break
+    if gc.do_sample and bool(st.starved):
+        raise nothing_to_sample(gc, cur - prompt)
     return st.result()

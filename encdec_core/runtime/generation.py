@@ -614,6 +614,18 @@ def _decoder_prefix(decoder_input_ids, batch: int, start: int, vocab: int, devic
     return d
 
 
+def nothing_to_sample(gc: GenerationConfig, position: int) -> ConfigError:
+    """The error for sampling where the options exclude every token of an output's next position."""
+    opts = [name for name, neutral in (
+        ("suppress_tokens", None), ("begin_suppress_tokens", None), ("bad_words_ids", None),
+        ("no_repeat_ngram_size", 0), ("forced_bos_token_id", None), ("forced_eos_token_id", None),
+        ("min_new_tokens", None), ("min_length", None)) if getattr(gc, name) not in (neutral, [], 0)]
+    return ConfigError(
+        f"generate: sampling: generated token {position}: the options ({', '.join(opts) or 'none set'}) exclude "
+        f"every token of the vocabulary (min_new_tokens / min_length exclude EOS; a forced token that is also "
+        f"suppressed leaves none): expected options that leave at least one token to draw")
+
+
 def feed_prefix(runner, prefix: torch.Tensor) -> None:
     """Run all but the last prefix token through the decoder (their logits are not needed)."""
     for j in range(prefix.shape[1] - 1):
@@ -647,7 +659,11 @@ def _sample(runner, gc: GenerationConfig, rows: int, max_len: int, pipeline, gen
         logits = runner.step(tokens).float()
         scores = pipeline(seqs[:, :cur], logits)
         if gc.do_sample:
-            probs = torch.softmax(scores, dim=-1)
+            # a live row whose every token the options exclude (all -inf) has nothing to draw from:
+            # torch.multinomial fails on its nan probabilities (a device assert on CUDA). It draws
+            # from a uniform row here and is reported at this step's host sync below.
+            dead = torch.isneginf(scores).all(dim=-1) & unfinished
+            probs = torch.where(dead.unsqueeze(1), 1.0, torch.softmax(scores, dim=-1))
             nxt = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
         else:
             nxt = torch.argmax(scores, dim=-1)
@@ -663,10 +679,17 @@ def _sample(runner, gc: GenerationConfig, rows: int, max_len: int, pipeline, gen
             streamer.put(nxt.tolist(), [True] * rows)
         seqs[:, cur] = nxt
         cur += 1
-        if cur >= max_len:
-            break
-        if eos_t is not None and not bool(unfinished.any()):  # the one host sync per step
-            break
+        if gc.do_sample:
+            starved, live = torch.stack((dead.any(), unfinished.any())).tolist()  # the one host sync per step
+            if starved:
+                raise nothing_to_sample(gc, cur - prefix.shape[1])
+            if cur >= max_len or (eos_t is not None and not live):
+                break
+        else:
+            if cur >= max_len:
+                break
+            if eos_t is not None and not bool(unfinished.any()):  # the one host sync per step
+                break
         tokens = nxt
     if streamer is not None:
         streamer.end()
