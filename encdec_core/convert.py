@@ -1,6 +1,7 @@
 """Source (HF dir, fairseq checkpoint, ...) -> our checkpoint, through the family's maps."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -10,7 +11,7 @@ from .adapters import apply_adapters, check_loaded
 from .checkpoint import check_float_tensors, parse_dtype, validate_parallel, write_checkpoint
 from .errors import ConfigError
 from .family import Family, Source
-from .fsutil import check_output_dir
+from .fsutil import as_path, check_output_dir
 from .model import EncDecModel, build_model
 from .registry import registry as default_registry
 
@@ -45,17 +46,31 @@ def read_and_map(source: Path, family: str | None = None, reg=None, adapters: Se
     return fam, src, map_source(fam, src, changes), described
 
 
+def adapter_paths(adapters) -> list[Path]:
+    """``adapters`` as a list of Paths: a list of paths, or one path (str or Path) for one adapter."""
+    if adapters is None:
+        return []
+    if isinstance(adapters, (str, os.PathLike)):
+        return [Path(adapters)]
+    if isinstance(adapters, bytes) or not hasattr(adapters, "__iter__"):
+        raise ConfigError(f"adapters = {adapters!r}: expected a list of adapter directories (str or Path)")
+    return [as_path(a, "--lora-dir") for a in adapters]
+
+
 def convert(source: Path, output_dir: Path, family: str | None = None, dtype: torch.dtype = torch.float32,
             tp: int = 1, pp: int = 1, reg=None, progress: bool = False, adapters: Sequence[Path] = (),
             adapter_mode: str = "merge") -> Path:
-    """``source`` -> our checkpoint in ``output_dir``. ``adapters`` (LoRA directories, ...):
+    """``source`` -> our checkpoint in ``output_dir``. ``adapters`` (LoRA directories, ...; one path
+    for one adapter):
     ``adapter_mode`` "merge" adds them to the weights, in order; "runtime" keeps the base weights and
     writes each adapter's factors under ``lora/`` (uid = position in ``adapters``), chosen per
     request at run time (``runtime/lora.py``)."""
     if adapter_mode not in ("merge", "runtime"):
         raise ConfigError(f"--lora-mode {adapter_mode!r}: expected merge or runtime")
     dtype = parse_dtype(dtype)  # a name or a torch dtype
-    check_output_dir(Path(output_dir), "--output-dir")  # before reading anything
+    source, output_dir = as_path(source, "--model-dir"), as_path(output_dir, "--output-dir")
+    adapters = adapter_paths(adapters)
+    check_output_dir(output_dir, "--output-dir")  # before reading anything
     if adapter_mode == "runtime" and adapters:
         return _convert_runtime_adapters(source, Path(output_dir), family, dtype, reg, progress, adapters, tp, pp)
     fam, src, tensors, described = read_and_map(source, family, reg, adapters)
@@ -100,7 +115,7 @@ def load_source_model(source: Path, family: str | None = None, dtype=torch.float
                       reg=None, adapters: Sequence[Path] = ()) -> tuple[EncDecModel, Source, Family]:
     """An in-memory model straight from a source dir (tests, --compare-hf helpers), with ``adapters``
     merged."""
-    fam, src, tensors, _ = read_and_map(source, family, reg, adapters)
+    fam, src, tensors, _ = read_and_map(as_path(source, "--model-dir"), family, reg, adapter_paths(adapters))
     model = build_model(src.config, dtype=dtype, device=device)
     model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=True)
     model.eval()

@@ -22,7 +22,7 @@ from .checkpoint import (check_shard, check_shard_fits, checksum_dir, config_fro
                          load_model, parse_dtype, read_meta)
 from .config import read_json
 from .family import HF_TOKENIZER_FILES
-from .fsutil import atomic_dir, check_output_dir
+from .fsutil import as_path, atomic_dir, check_output_dir
 from .errors import ConfigError, EncDecError, LimitError
 from .parallel.context import ParallelContext
 
@@ -119,7 +119,7 @@ def build(checkpoint_dir: Path, output_dir: Path, max_batch_size: int = 8, max_i
           max_output_len: int | None = None, max_beam_width: int | None = None, dtype: str | None = None) -> Path:
     """Engine directory from a checkpoint. ``max_output_len`` / ``max_beam_width`` None: 200 / 4, or
     the model's generation defaults where larger."""
-    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    checkpoint_dir, output_dir = as_path(checkpoint_dir, "--checkpoint-dir"), as_path(output_dir, "--output-dir")
     meta = read_meta(checkpoint_dir)
     d_out, d_beams = _default_limits(meta)
     max_output_len = d_out if max_output_len is None else max_output_len
@@ -230,9 +230,9 @@ class Engine:
 
     @classmethod
     def load(cls, engine_dir, device: str | torch.device = "cpu", ctx=None, dtype=None) -> "Engine":
-        if not isinstance(engine_dir, (str, os.PathLike)):
-            raise EncDecError(f"engine directory = {engine_dir!r}: expected a path (str or Path)")
-        engine_dir = Path(engine_dir)
+        engine_dir = as_path(engine_dir, "engine directory")
+        if ctx is not None and not isinstance(ctx, ParallelContext):
+            raise EncDecError(f"ctx = {ctx!r}: expected a ParallelContext (encdec_core.parallel.context) or None")
         if not engine_dir.is_dir():
             raise EncDecError(f"{engine_dir}: engine directory not found (run 'encdec build' first)")
         info = read_json(engine_dir / ENGINE_FILE, "engine")

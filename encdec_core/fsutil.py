@@ -50,6 +50,14 @@ def _check_parent(path: Path, what: str) -> None:
         raise EncDecError(f"{what} {path}: cannot write in directory {parent} ({exc.strerror})") from None
 
 
+def as_path(value, what: str) -> Path:
+    """A path argument of the Python API (str or os.PathLike) as a Path; anything else (None, a
+    number, a list) an EncDecError naming ``what``."""
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    raise EncDecError(f"{what} = {value!r}: expected a path (str or Path)")
+
+
 def check_output_dir(out_dir: Path, what: str = "output directory") -> None:
     """Refuse an output directory that cannot be written or must not be replaced, before any work."""
     out_dir = Path(out_dir)

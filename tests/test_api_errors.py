@@ -218,3 +218,24 @@ def test_sampling_and_greedy_unchanged_where_tokens_remain(engine):
     kw = dict(suppress_tokens=[t for t in _ALL_BUT_EOS if t != 70], max_new_tokens=3)
     assert engine.generate(["ab"], do_sample=True, seed=1, **kw) == engine.generate(["ab"], **kw)
     assert engine.generate(["ab"], suppress_tokens=list(range(384)), max_new_tokens=2)  # greedy: as HF, no error
+
+
+def test_build_and_convert_path_arguments(dirs, reg, tmp_path):  # None: were pathlib TypeErrors naming no argument
+    src, eng = dirs
+    ck = eng.parent / "ck"
+    _raises(EncDecError, ["--checkpoint-dir = None", "expected a path"], build, None, tmp_path / "e")
+    _raises(EncDecError, ["--output-dir = None", "expected a path"], build, ck, None)
+    _raises(EncDecError, ["--model-dir = None", "expected a path"], convert, None, tmp_path / "c", reg=reg)
+    _raises(EncDecError, ["--output-dir = None", "expected a path"], convert, src, None, reg=reg)
+    _raises(EncDecError, ["--lora-dir = None", "expected a path"], convert, src, tmp_path / "c", adapters=[None],
+            reg=reg)
+    _raises(ConfigError, ["adapters = 5", "expected a list of adapter directories"], convert, src, tmp_path / "c",
+            adapters=5, reg=reg)
+    # one path is one adapter (it was split into characters: "/: no installed adapter plugin reads this")
+    _raises(ConfigError, [f"{tmp_path / 'lora'}: adapter directory not found"], convert, src, tmp_path / "c",
+            adapters=str(tmp_path / "lora"), reg=reg)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "e").exists()
+
+
+def test_load_bad_ctx(dirs):  # was AttributeError: 'str' object has no attribute 'tp_size'
+    _raises(EncDecError, ["ctx = 'x'", "ParallelContext"], Engine.load, dirs[1], ctx="x")
