@@ -382,10 +382,13 @@ def make_handler(server_state: "Server"):
                 super().handle_one_request()
             except _HANGUP as exc:
                 self.close_connection = True
-                host, port = self.client_address[:2]
-                when = f" before the reply to {self.command} {self.path}" if self.command else ""
-                print(f"encdec serve: client {host}:{port} closed the connection{when} ({type(exc).__name__})",
-                      file=sys.stderr, flush=True)
+                self._tell_hangup(exc, f"closed the connection before the reply to {self.command} {self.path}"
+                                  if self.command else "closed the connection")
+
+        def _tell_hangup(self, exc: BaseException, what: str) -> None:
+            """One line on stderr for a client that left: 'client HOST:PORT <what> (<exception type>)'."""
+            host, port = self.client_address[:2]
+            print(f"encdec serve: client {host}:{port} {what} ({type(exc).__name__})", file=sys.stderr, flush=True)
 
         # -- replies
         def _json(self, status: int, obj, headers=()) -> None:
@@ -593,10 +596,13 @@ def make_handler(server_state: "Server"):
                     item = job.events.get()
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            except (*_HANGUP, TimeoutError) as exc:
                 # the client left (or took nothing of the reply for the request timeout): the scheduler
                 # stops this generation
                 job.cancelled = True
+                self._tell_hangup(exc, f"took nothing of the stream of {self.command} {self.path} for "
+                                       f"{server_state.request_timeout:g} s" if isinstance(exc, TimeoutError) else
+                                  f"closed the connection during the stream of {self.command} {self.path}")
                 while job.events.get() is not None:
                     pass
 

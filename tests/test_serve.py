@@ -576,6 +576,44 @@ def test_a_client_that_hangs_up_is_one_line_not_a_traceback(server, monkeypatch,
     assert _get(srv, "/health")[0] == 200
 
 
+def test_a_client_that_hangs_up_during_a_stream_is_one_line(server, monkeypatch, capsys):
+    """A client that resets its connection after the first event of a stream: one line on stderr
+    naming it (the stream was cancelled silently), the stream's generator is closed, and the server
+    serves on."""
+    import socket
+
+    srv, engine = server
+    stream, entered, release, ended = engine.generate_stream, threading.Event(), threading.Event(), threading.Event()
+
+    def held(texts, **kw):  # the first event goes out, the rest waits until the client has gone
+        it = stream(texts, **kw)
+        yield next(it)
+        entered.set()
+        release.wait(5)
+        try:
+            yield from it
+        finally:
+            ended.set()  # the scheduler closed the generator (or it ran out): the generation is over
+    monkeypatch.setattr(engine, "generate_stream", held)
+    s = socket.create_connection(srv.address, timeout=5)
+    port = s.getsockname()[1]
+    body = json.dumps({"inputs": "hello", "stream": True, "parameters": {"max_new_tokens": 6}}).encode()
+    s.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    got = b""
+    while b"data: " not in got:
+        got += s.recv(4096)
+    assert got.startswith(b"HTTP/1.0 200") or got.startswith(b"HTTP/1.1 200"), got
+    assert entered.wait(5)
+    _reset(s)
+    release.set()
+    want = f"client 127.0.0.1:{port} closed the connection during the stream of POST /v1/generate"
+    err = _stderr_until(capsys, want)
+    assert want + " (" in err and "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+    assert _get(srv, "/health")[0] == 200
+    assert ended.wait(5)
+
+
 def test_other_errors_in_a_handler_keep_their_traceback(server, monkeypatch, capsys):
     """Only a client's hang-up is told in one line: any other exception escaping a handler keeps
     socketserver's report with its traceback."""
