@@ -507,6 +507,25 @@ def test_temperature_and_length_penalty_bounds():
     gc(max_new_tokens=8, length_penalty=400)  # greedy: not read
 
 
+def test_numpy_and_0d_tensor_options_are_numbers(models, batch):
+    """Options given as numpy scalars or 0-d arrays / tensors (HF's generate takes them) are read as the
+    Python numbers they hold: the same config and the same tokens as plain numbers; a tensor of one
+    element that is not 0-d is still refused, naming the option."""
+    import numpy as np
+
+    _, ours, _ = models
+    ids, mask = batch
+    plain = dict(max_new_tokens=5, num_beams=2, length_penalty=0.5, no_repeat_ngram_size=2, do_sample=False)
+    wrapped = dict(max_new_tokens=np.int64(5), num_beams=torch.tensor(2), length_penalty=np.float32(0.5),
+                   no_repeat_ngram_size=np.array(2), do_sample=np.bool_(False))
+    a = GenerationConfig.from_model(ours.cfg, None, **plain)
+    b = GenerationConfig.from_model(ours.cfg, None, **wrapped)
+    assert [(type(getattr(b, k)), getattr(b, k)) for k in plain] == [(type(v), v) for v in plain.values()]
+    assert torch.equal(generate(ours, ids, mask, a).sequences, generate(ours, ids, mask, b).sequences)
+    with pytest.raises(ConfigError, match=r"'max_new_tokens' = tensor\(\[5\]\): expected a positive integer"):
+        GenerationConfig.from_model(ours.cfg, None, max_new_tokens=torch.tensor([5]))
+
+
 def test_bad_inputs_are_named(models, batch):
     _, ours, _ = models
     ids, mask = batch

@@ -78,6 +78,15 @@ def _as_id_list(v) -> tuple[int, ...] | None:
     return (int(v),)
 
 
+def _plain_scalar(v):
+    """A numpy scalar or a 0-d numpy / torch array given for an option, as the Python number (or bool)
+    it holds: HF's generate takes them (it only compares them and does arithmetic), and the checks
+    and the runners expect Python numbers. Anything else is returned unchanged (and checked as given)."""
+    if type(v).__module__.split(".")[0] in ("numpy", "torch") and getattr(v, "ndim", None) == 0:
+        return v.item()
+    return v
+
+
 def length_penalty_bound(max_len: int) -> float:
     """The largest |length_penalty| beam search takes for outputs up to ``max_len`` tokens (start token
     included): a beam's score is sum_logprob / length ** length_penalty in fp32 (HF's formula and
@@ -154,7 +163,7 @@ class GenerationConfig:
         origins: dict[str, str] = {}
         for name in names:
             if overrides.get(name) is not None:
-                values[name] = overrides[name]
+                values[name] = _plain_scalar(overrides[name])
                 origins[name] = "generate option"
             elif gen.get(name) is not None:
                 values[name] = gen[name]
