@@ -216,7 +216,7 @@ def test_static_step_with_triton_attention_and_padded_lm_head(family, compile):
     ref.prefill(ids, mask, 1, 6)
     tri.prefill(ids, mask, 1, 6)
     tok = torch.full((3,), cfg.decoder_start_token_id, device=DEV)
-    for _ in range(4):
+    for _ in range(3):
         a, b = ref.step(tok).clone(), tri.step(tok).clone()
         assert a.shape == b.shape == (3, cfg.vocab_size)
         assert (a - b).abs().max().item() <= 1e-4
@@ -227,7 +227,8 @@ def test_static_step_with_triton_attention_and_padded_lm_head(family, compile):
     # (static processors) and in generate's loop (runner.reorder: repetition penalty)
     # and (Triton) a request's beams share one row of cross K/V and padding bias
     assert tri._indirect(8) and not ref._indirect(8)
-    for opts in (dict(num_beams=2, max_new_tokens=8), dict(num_beams=2, max_new_tokens=8, repetition_penalty=1.5)):
+    # 5 tokens: 4 reorders after the first step (the interpreter runs each Triton step on a CPU)
+    for opts in (dict(num_beams=2, max_new_tokens=5), dict(num_beams=2, max_new_tokens=5, repetition_penalty=1.5)):
         gc = _gc(cfg, **opts)
         assert torch.equal(generate(model, ids, mask, gc, runner=tri).sequences,
                            generate(model, ids, mask, gc, runner=ref).sequences), opts
