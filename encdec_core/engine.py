@@ -330,8 +330,6 @@ class Engine:
         if on_token is not None and not callable(on_token):
             raise EncDecError(f"generate: on_token = {on_token!r}: expected a callable "
                               f"(request, sequence, token, finished)")
-        if isinstance(target_lang_ids, torch.Tensor):
-            target_lang_ids = target_lang_ids.tolist()
         if target_lang_ids is not None and (isinstance(target_lang_ids, (str, bytes))
                                             or not hasattr(target_lang_ids, "__len__")):
             raise EncDecError(f"target language ids = {target_lang_ids!r}: expected a list with one token id "
@@ -341,9 +339,7 @@ class Engine:
         max_in = max(len(x) for x in ids)
         if min(len(x) for x in ids) == 0:
             raise EncDecError("an input is empty after tokenization")
-        if target_lang_ids is not None and len(target_lang_ids) != len(ids):
-            raise EncDecError(f"target language ids: {len(target_lang_ids)} for {len(ids)} inputs")
-        if target_lang_ids is not None:  # each None or a token id (before the decoder prefixes use them)
+        if target_lang_ids is not None:  # one per input, each None or a token id (before the prefixes use them)
             from .scoring import check_forced
 
             target_lang_ids = check_forced(target_lang_ids, len(ids), self.config.vocab_size, "generate", "input")
