@@ -688,17 +688,15 @@ def _sample(runner, gc: GenerationConfig, rows: int, max_len: int, pipeline, gen
             streamer.put(nxt.tolist(), [True] * rows)
         seqs[:, cur] = nxt
         cur += 1
-        if gc.do_sample:
-            starved, live = torch.stack((dead.any(), unfinished.any())).tolist()  # the one host sync per step
+        live = None
+        if gc.do_sample:  # a starved row is found at this step's one host sync
+            starved, live = torch.stack((dead.any(), unfinished.any())).tolist()
             if starved:
                 raise nothing_to_sample(gc, cur - prefix.shape[1])
-            if cur >= max_len or (eos_t is not None and not live):
-                break
-        else:
-            if cur >= max_len:
-                break
-            if eos_t is not None and not bool(unfinished.any()):  # the one host sync per step
-                break
+        if cur >= max_len:
+            break
+        if eos_t is not None and not (bool(unfinished.any()) if live is None else live):  # the one host sync
+            break
         tokens = nxt
     if streamer is not None:
         streamer.end()
