@@ -601,7 +601,7 @@ def make_handler(server_state: "Server"):
                 # stops this generation
                 job.cancelled = True
                 self._tell_hangup(exc, f"took nothing of the stream of {self.command} {self.path} for "
-                                       f"{server_state.request_timeout:g} s" if isinstance(exc, TimeoutError) else
+                                       f"{self.timeout:g} s" if isinstance(exc, TimeoutError) else
                                   f"closed the connection during the stream of {self.command} {self.path}")
                 while job.events.get() is not None:
                     pass
