@@ -14,7 +14,7 @@
 # tokens:  the token-match criterion's noise floor (benchmarks/token_match.py), free-running and teacher-forced.
 set -u
 OUT=${OUT:-gpu_session_out}
-mkdir -p "$OUT" "$OUT/tf"
+mkdir -p "$OUT"
 export PYTHONPATH=.:families${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 source "$(dirname "$0")/_session.sh"
 ARGS=("$@")
@@ -49,6 +49,7 @@ STEP=timeline; if want "${ARGS[@]}"; then
     step e2e_timeline_small 300 python benchmarks/e2e_timeline.py --models t5-small,bart-large --batches 1,8 --out "$OUT"
 fi
 STEP=tokens; if want "${ARGS[@]}"; then
+    mkdir -p "$OUT/tf"
     step token_match 400 python benchmarks/token_match.py --models bart-large,flan-t5-large --batches 64 --out "$OUT"
     step token_match_tf 300 python benchmarks/token_match.py --models bart-large,flan-t5-large --batches 64 \
         --teacher-forced --out "$OUT/tf"
