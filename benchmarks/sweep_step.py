@@ -161,7 +161,7 @@ ATTN_POLICIES = {
 
 
 # attn-s<keys>[w<warps>] (self-attention only), attn-c<keys>[w<warps>] (cross only), and the pairs
-for _t in (16, 32, 64):
+for _t in (16, 32, 64, 128):
     for _w in (None, 1, 2, 4):
         _sfx = f"{_t}" + (f"w{_w}" if _w else "")
         ATTN_POLICIES[f"attn-s{_sfx}"] = _attn_split(self_t=_t, self_w=_w)

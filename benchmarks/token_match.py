@@ -44,6 +44,14 @@ def match_table(outs: dict) -> dict:
     return {f"{a} ~ {b}": _match(outs[a], outs[b]) for a, b in itertools.combinations(outs, 2)}
 
 
+def step_logits(step, dec_in: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The runner's logits for decoder inputs ``dec_in`` [B, T], one position at a time -> [B, T, vocab].
+    A graph runner's step returns its static fp32 output buffer (``.float()`` is then no copy), which
+    the next step overwrites: each position's logits are copied first."""
+    return torch.stack([step(dec_in[:, t].contiguous())[:, :vocab].float().clone()
+                        for t in range(dec_in.shape[1])], 1)
+
+
 @torch.no_grad()
 def run(name: str, batch: int, chunk: int, in_len: int, out_len: int, seed: int, device: str = "cuda") -> dict:
     from encdec_core.benchmark import _hf_generate, _inputs, _Ours, _resolve, hf_model_from_preset
@@ -102,8 +110,7 @@ def teacher_forced(name: str, batch: int, in_len: int, out_len: int, seed: int, 
     cuda = device == "cuda"
     r = CudaGraphRunner(ours, batch, T + 1, in_len, use_graphs=cuda, compile=cuda)
     r.prefill(ids, mask, 1, T + 1)
-    steps = [r.step(dec_in[:, t].contiguous()).float()[:, : l32.shape[-1]] for t in range(T)]
-    systems["ours_bf16"] = torch.stack(steps, 1)
+    systems["ours_bf16"] = step_logits(r.step, dec_in, l32.shape[-1])
     res = {"model": name, "batch": batch, "in": in_len, "out": out_len, "positions": int(target.numel()),
            "near_ties_fp32": int(near_tie.sum()), "tie_gap": tie, "fp32_argmax_is_its_token":
            float((l32.argmax(-1) == target).float().mean())}

@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from token_match import in_chunks, match_table  # noqa: E402
+from token_match import in_chunks, match_table, step_logits  # noqa: E402
 
 
 def test_chunks_keep_row_order_and_cover_a_last_short_chunk():
@@ -32,3 +32,18 @@ def test_every_pair_gets_the_benchmarks_match_rate():
     t = match_table({"a": a, "b": b, "c": c})
     assert list(t) == ["a ~ b", "a ~ c", "b ~ c"]
     assert t["a ~ b"] == 0.75 and t["a ~ c"] == 1.0 and t["b ~ c"] == 1.0
+
+
+def test_step_logits_copies_a_runner_s_reused_output_buffer():
+    """A CUDA-graph runner's step returns the same fp32 buffer every time (the graph's output);
+    the teacher-forced logits must hold every position's values, not the last one's."""
+    buf = torch.zeros(2, 7)
+
+    def step(tok):
+        buf.copy_(tok.float().view(2, 1) * torch.arange(7.0))  # position-dependent logits, one buffer
+        return buf
+    dec_in = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    out = step_logits(step, dec_in, 5)
+    assert out.shape == (2, 3, 5)
+    want = dec_in.float().unsqueeze(-1) * torch.arange(5.0)
+    assert torch.equal(out, want)

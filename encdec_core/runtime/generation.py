@@ -8,7 +8,8 @@ same tie-breaking (the same torch ops pick the tokens) and the same output layou
 A runner hides how the decoder runs (eager here; a CUDA-graph runner elsewhere):
 
     runner.prefill(input_ids, attention_mask, expand, max_len)  # encoder + cross K/V, rows x expand
-    runner.step(tokens[N]) -> fp32 logits [N, V]                # one position for every row
+    runner.step(tokens[N]) -> fp32 logits [N, V]                # one position for every row; may be
+                                                                # a static buffer the next step overwrites
     runner.reorder(index[N])                                    # beam search: rows take rows `index`
 
 The loop keeps its state in tensors on the model's device and syncs with the host once per step

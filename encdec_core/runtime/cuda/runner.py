@@ -984,6 +984,8 @@ class CudaGraphRunner:
     # ------------------------------------------------------------------ the runner interface
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One decoder position for the prefilled rows -> fp32 logits [n, V]. With CUDA graphs the
+        logits are a view of the graph's static output: the next step overwrites them (clone to keep)."""
         if self._cur is None:
             raise RuntimeError("prefill() first")
         bb, sb, n = self._cur
