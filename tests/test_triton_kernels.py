@@ -587,18 +587,23 @@ def test_attention_default_config_by_batch():
     assert tk.attention_config(64, None, True)["num_warps"] == 4
     # above 64 rows: 1 warp, 16-key self-attention tiles, 32-key cross tiles (16 for a short source)
     assert tk.ATTN_SMALL_TILE_ROWS == 64
-    assert tk.attention_config(64, 80, True, batch=64) == dict(BLOCK_T=64, num_warps=2)
+    # self-attention above 32 rows: 32-key tiles, 1 warp (cross-attention keeps its one 128-key tile)
+    assert tk.ATTN_SELF_MID_ROWS == 32
+    assert tk.attention_config(64, 80, True, batch=32) == dict(BLOCK_T=64, num_warps=2)
+    assert tk.attention_config(64, 80, True, batch=64) == dict(BLOCK_T=32, num_warps=1)
+    assert tk.attention_config(64, 128, False, batch=64) == dict(BLOCK_T=128, num_warps=2)
     assert tk.attention_config(64, 80, True, batch=65) == dict(BLOCK_T=16, num_warps=1)
     assert tk.attention_config(64, 128, False, batch=256) == dict(BLOCK_T=32, num_warps=1)
     assert tk.attention_config(64, 9, False, batch=256) == dict(BLOCK_T=16, num_warps=1)
 
 
-def test_attention_default_config_above_64_rows_is_exact():
-    """The defaults above 64 rows (several key tiles per program) against the fp32 reference:
+@pytest.mark.parametrize("B", [40, 65])
+def test_attention_default_config_above_64_rows_is_exact(B):
+    """The defaults above 32 / 64 rows (several key tiles per program) against the fp32 reference:
     self-attention with a bias table at a position past the first tile, cross-attention with a
     source that is not a multiple of the tile and a key bias."""
     g = _gen(101)
-    B, H, T, D, pos_val, S = 65, 2, 40, 16, 37, 45
+    H, T, D, pos_val, S = 2, 40, 16, 37, 45
     scale = D ** -0.5
     k_cache, v_cache = _rand(B, H, T, D, gen=g), _rand(B, H, T, D, gen=g)
     q, k_new, v_new = (_rand(B, H, D, gen=g) for _ in range(3))

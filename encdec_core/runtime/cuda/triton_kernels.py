@@ -1164,12 +1164,15 @@ def _launch_big(x, weight, bias, out, cfg, launch, pdl, norm_kind, nw, nb, eps, 
 
 # above this many query rows decode_attention defaults to 1 warp and small key tiles (attention_config)
 ATTN_SMALL_TILE_ROWS = 64
+# above this many query rows (and up to ATTN_SMALL_TILE_ROWS) self-attention uses 32-key tiles, 1 warp
+ATTN_SELF_MID_ROWS = 32
 
 
 def attention_config(D: int, T: int | None = None, self_mode: bool = True, pdl: bool = False,
                      batch: int | None = None) -> dict:
     """Default block sizes for ``decode_attention`` (T: keys in the cache, self_mode: self-attention,
-    pdl: launched with PDL, batch: query rows), 4 warps, 2 above 16 rows, 1 above 64.
+    pdl: launched with PDL, batch: query rows), 4 warps, 2 above 16 rows, 1 above 64 (self-attention:
+    above 32).
 
     - self-attention: BLOCK_T*BLOCK_D <= 4096 (32 fp32 registers per thread for a key tile),
       BLOCK_T in [16, 64]: the filled rows grow by one per step.
@@ -1185,10 +1188,19 @@ def attention_config(D: int, T: int | None = None, self_mode: bool = True, pdl: 
       ``sweep_step.py`` policy ``inductor+attn-s16w1c32w1``, 2026-11-30 18:53): batch 256 bart-large
       1.378 -> 1.309 ms, flan-t5-large 2.516 -> 2.505 (2.638 -> 2.494 in a second run, 19:14); at
       batch 64 it was slower for flan-t5-large (1.489 -> 1.570), so not there.
+    - self-attention above 32 rows up to 64 (``ATTN_SELF_MID_ROWS``): 32-key tiles, 1 warp. Measured
+      in the step (H200, ``sweep_step.py`` policy ``inductor+attn-s32w1`` alternated with the
+      default in one process, 2026-12-01 15:15): batch 64 flan-t5-large 1.614 / 1.615 -> 1.551 /
+      1.552 ms, bart-large 0.835 / 0.836 -> 0.822 / 0.820; at batch 32 bart-large was 0.5 % slower
+      (0.710 / 0.711 -> 0.715 / 0.717), so not there. (A sweep on another H200, 2026-11-30 18:53,
+      had flan-t5-large at 64 rows slower with it, 1.489 -> 1.583, with the default timed first in
+      its process, which runs slower.)
     """
     rows = 0 if batch is None else batch
     if rows > ATTN_SMALL_TILE_ROWS:
         block_t, warps = (16 if self_mode else 32), 1
+    elif self_mode and rows > ATTN_SELF_MID_ROWS:
+        block_t, warps = 32, 1
     else:
         cap = 4096 if self_mode else 8192
         block_t = max(16, min(64 if self_mode else 128, cap // _next_pow2(D)))
