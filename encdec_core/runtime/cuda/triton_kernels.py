@@ -1190,7 +1190,7 @@ def attention_config(D: int, T: int | None = None, self_mode: bool = True, pdl: 
       batch 64 it was slower for flan-t5-large (1.489 -> 1.570), so not there.
     - self-attention above 32 rows up to 64 (``ATTN_SELF_MID_ROWS``): 32-key tiles, 1 warp. Measured
       in the step (H200, ``sweep_step.py`` policy ``inductor+attn-s32w1`` alternated with the
-      default in one process, 2026-12-01 15:15): batch 64 flan-t5-large 1.614 / 1.615 -> 1.551 /
+      default in one process, 2026-12-01 15:08): batch 64 flan-t5-large 1.614 / 1.615 -> 1.551 /
       1.552 ms, bart-large 0.835 / 0.836 -> 0.822 / 0.820; at batch 32 bart-large was 0.5 % slower
       (0.710 / 0.711 -> 0.715 / 0.717), so not there. (A sweep on another H200, 2026-11-30 18:53,
       had flan-t5-large at 64 rows slower with it, 1.489 -> 1.583, with the default timed first in
