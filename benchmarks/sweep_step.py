@@ -11,6 +11,11 @@ shapes, bf16, source length 128) per model and batch size, against the inductor-
     # the compiled step (batches above 16) with other attention block sizes:
     PYTHONPATH=.:families python benchmarks/sweep_step.py --models bart-large --batches 64,256 \
         --policies inductor,inductor+attn-t32,inductor+attn-x64,inductor-math,inductor-autotune
+
+Policies run in the order given, each with its own runner (and compile) in one process. The first
+run of a process has been slower (2026-11-30 18:53 and 2026-12-01 15:04, H200): name the candidates
+more than once, alternated with the default (``--policies inductor+attn-s32w1,inductor,inductor+attn-s32w1,
+inductor``), before choosing by a few percent.
 """
 from __future__ import annotations
 
