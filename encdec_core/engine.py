@@ -453,12 +453,11 @@ class Engine:
         from .runtime.encode import pad_rows
         from .runtime.generation import generate
 
-        dev = self.model.device
         input_ids, mask = pad_rows(ids, self.config.pad_token_id)
-        with torch.inference_mode():
-            return generate(self.model, input_ids.to(dev), mask.to(dev), gc,
+        with torch.inference_mode():  # host tensors: generate checks them there (no device reads) and moves them
+            return generate(self.model, input_ids, mask, gc,
                             forced_bos_token_ids=target_lang_ids, runner=runner, output_scores=output_scores,
-                            streamer=streamer, decoder_input_ids=_prefix_tensor(prefixes, gc, dev))
+                            streamer=streamer, decoder_input_ids=_prefix_tensor(prefixes, gc))
 
     def lang_ids(self, tok, target_lang, n: int):
         """Target language code(s) -> forced-BOS token ids: one code for all n requests, or one per
@@ -748,12 +747,13 @@ def _special_frame(ids: list[int], frame: list[int]) -> tuple[int, int]:
     return lead, tail
 
 
-def _prefix_tensor(prefixes, gc, device):
-    """[B, 1 + P] decoder start token + the batch's prefixes (one length), or None without prefixes."""
+def _prefix_tensor(prefixes, gc):
+    """[B, 1 + P] decoder start token + the batch's prefixes (one length) on the host, or None without
+    prefixes."""
     if prefixes is None or not any(prefixes):
         return None
     start = gc.decoder_start_token_id
-    return torch.tensor([[start] + p for p in prefixes], dtype=torch.long, device=device)
+    return torch.tensor([[start] + p for p in prefixes], dtype=torch.long)
 
 
 class _Cancelled(Exception):
