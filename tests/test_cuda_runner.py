@@ -209,6 +209,24 @@ def test_generate_greedy_runs_the_runners_fused_loop(mode, family, monkeypatch):
     gc = _gc(cfg, max_new_tokens=8, eos_token_id=eos)
     out = generate(model, ids, mask, gc, runner=runner, decoder_input_ids=prefix)
     assert not calls and torch.equal(out.sequences, generate(model, ids, mask, gc, decoder_input_ids=prefix).sequences)
+    # one-column prefixes: the start token in every row is the fused loop's case; rows that start
+    # otherwise keep their own first token where any row has the start token (HF's rule), so the token
+    # loop decodes them (the fused loop once fed every row the first row's token)
+    start = cfg.decoder_start_token_id
+    for col, fused in (([start] * ids.shape[0], True), ([start, 11] + [start] * (ids.shape[0] - 2), False)):
+        one = torch.tensor(col, device=dev).view(-1, 1)
+        calls.clear()
+        out = generate(model, ids, mask, gc, runner=runner, decoder_input_ids=one)
+        ref = generate(model, ids, mask, gc, decoder_input_ids=one)
+        assert bool(calls) == fused and torch.equal(out.sequences, ref.sequences), col
+        assert out.sequences[:, 0].tolist() == col
+    with pytest.raises(ValueError, match="start with different tokens"):  # called directly, mixed first tokens
+        from encdec_core.runtime.logits import LogitsPipeline
+
+        runner.prefill(ids, mask, 1, 8)
+        runner.greedy_search(gc, ids.shape[0], 8, LogitsPipeline(vocab_size=cfg.vocab_size, eos_token_ids=(eos,),
+                                                                 min_length=0, max_length=8, device=dev), one)
+    calls.clear()
     runner.fused_greedy = False  # generate keeps its token loop
     out = generate(model, ids, mask, _gc(cfg, max_new_tokens=16, eos_token_id=eos), runner=runner)
     assert not calls and torch.equal(out.sequences, generate(model, ids, mask, _gc(cfg, max_new_tokens=16,

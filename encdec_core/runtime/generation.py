@@ -466,6 +466,12 @@ class EagerRunner:
 
 
 # ---------------------------------------------------------------------------- entry point
+def _id_range(ids: torch.Tensor) -> tuple[int, int]:
+    """(smallest, largest) id of a non-empty integer tensor: one host read."""
+    lo, hi = torch.aminmax(ids)
+    return tuple(torch.stack([lo, hi]).tolist())
+
+
 def _check_inputs(input_ids, attention_mask, vocab: int, forced_bos_token_ids, out_vocab: int):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -474,7 +480,7 @@ def _check_inputs(input_ids, attention_mask, vocab: int, forced_bos_token_ids, o
         raise EncDecError(f"generate: input_ids has shape {tuple(input_ids.shape)}: expected a non-empty batch")
     if input_ids.dtype not in (torch.int64, torch.int32):
         raise EncDecError(f"generate: input_ids has dtype {input_ids.dtype}: expected integer token ids")
-    lo, hi = int(input_ids.min()), int(input_ids.max())
+    lo, hi = _id_range(input_ids)
     if lo < 0 or hi >= vocab:
         raise EncDecError(f"generate: input_ids contain token id {lo if lo < 0 else hi}: "
                           f"expected ids in [0, {vocab}) (the encoder vocabulary)")
@@ -551,7 +557,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
     batch = input_ids.shape[0]
     expand = max(gc.num_beams, gc.num_return_sequences)
-    prefix = _decoder_prefix(decoder_input_ids, batch, gc.decoder_start_token_id, vocab, device)
+    prefix, start_only = _decoder_prefix(decoder_input_ids, batch, gc.decoder_start_token_id, vocab, device)
     prompt = prefix.shape[1]
     min_len, max_len = gc.limits(prompt)
     if max_len <= prompt:
@@ -598,30 +604,36 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             return GenerationOutput(res[0], res[1], gc.num_return_sequences, eos, prompt_len=prompt,
                                     token_scores=res[2] if output_scores else None)
         seqs, tok_scores = _sample(runner, gc, batch * expand, max_len, pipeline, generator, device, prefix,
-                                   output_scores, streamer)
+                                   output_scores, streamer, start_only)
         return GenerationOutput(seqs, None, gc.num_return_sequences, eos, prompt_len=prompt,
                                 token_scores=tok_scores)
 
 
-def _decoder_prefix(decoder_input_ids, batch: int, start: int, vocab: int, device) -> torch.Tensor:
-    """[B, P] prefix starting with the decoder start token (HF puts it in front unless every row has it)."""
+def _decoder_prefix(decoder_input_ids, batch: int, start: int, vocab: int,
+                    device) -> tuple[torch.Tensor, int | None]:
+    """([B, P] prefix starting with the decoder start token (HF puts it in front unless every row has
+    it), and the start token when the prefix is that token alone in every row, else None: known on the
+    host, so that a fused greedy loop need not read the prefix back from the device)."""
     start_col = torch.full((batch, 1), start, dtype=torch.long, device=device)
     if decoder_input_ids is None:
-        return start_col
+        return start_col, start
     d = decoder_input_ids
     if not isinstance(d, torch.Tensor) or d.dim() != 2 or d.shape[0] != batch or d.shape[1] == 0:
         shape = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
         raise EncDecError(f"generate: decoder_input_ids = {shape}: expected a LongTensor [{batch}, prefix length]")
     if d.dtype not in (torch.int64, torch.int32):
         raise EncDecError(f"generate: decoder_input_ids has dtype {d.dtype}: expected integer token ids")
-    lo, hi = int(d.min()), int(d.max())
+    lo, hi = _id_range(d)
     if lo < 0 or hi >= vocab:
         raise EncDecError(f"generate: decoder_input_ids contain token id {lo if lo < 0 else hi}: expected ids in "
                           f"[0, {vocab}) (the decoder vocabulary)")
+    first = d[:, 0].tolist()  # one host read (d may be on the host: the engine builds it there)
     d = d.to(device=device, dtype=torch.long)
-    if bool((d[:, 0] != start).all()):
-        d = torch.cat([start_col, d], dim=1)
-    return d
+    if all(t != start for t in first):
+        return torch.cat([start_col, d], dim=1), None
+    # rows keep their own first tokens when any row has the start token (HF's rule), so a one-column
+    # prefix is "the start token alone" only where every row has it
+    return d, start if d.shape[1] == 1 and all(t == start for t in first) else None
 
 
 def nothing_to_sample(gc: GenerationConfig, position: int) -> ConfigError:
@@ -644,17 +656,18 @@ def feed_prefix(runner, prefix: torch.Tensor) -> None:
 
 def _sample(runner, gc: GenerationConfig, rows: int, max_len: int, pipeline, generator, device,
             prefix: torch.Tensor, output_scores: bool = False,
-            streamer=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            streamer=None, start_only: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Greedy (argmax) or multinomial sampling; finished rows continue with the pad token. Returns
     (sequences, token log-probs [rows, T] or None).
 
     A runner with ``greedy_search`` (the CUDA-graph runner, unless built with ``fused_greedy=False``) runs
     greedy decoding itself where its ``greedy_search_serves`` says so (the processors depend on the
-    position only): argmax and token feedback inside its graph, no host round trip per token."""
+    position only) and every row's prefix is the start token alone (``start_only``, known on the host):
+    argmax and token feedback inside its graph, no host round trip per token."""
     fused = getattr(runner, "greedy_search", None)
-    if fused is not None and not output_scores and streamer is None \
+    if fused is not None and start_only is not None and not output_scores and streamer is None \
             and runner.greedy_search_serves(gc, pipeline, prefix):
-        return fused(gc, rows, max_len, pipeline, prefix), None
+        return fused(gc, rows, max_len, pipeline, prefix, start=start_only), None
     eos = gc.eos_token_ids
     pad = gc.pad_id
     cur = prefix.shape[1]

@@ -135,6 +135,7 @@ class LogitsPipeline:
                          if forced_bos is not None and not isinstance(forced_bos, torch.Tensor) else None)
         self.forced_eos = (torch.tensor(list(forced_eos), dtype=torch.long, device=device)
                            if forced_eos else None)
+        self.forced_eos_ids = tuple(int(t) for t in forced_eos) if forced_eos else None  # the same, on the host
         self.do_sample = bool(do_sample)
         self.temperature = float(temperature)
         self.top_k = int(top_k or 0)

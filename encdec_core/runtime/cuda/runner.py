@@ -1025,7 +1025,7 @@ class CudaGraphRunner:
         bos = pipeline.forced_bos
         pipe_sig = (pipeline.min_length if pipeline.eos_mask is not None else None, pipeline.max_length,
                     "rows" if isinstance(bos, torch.Tensor) else bos,
-                    None if pipeline.forced_eos is None else tuple(pipeline.forced_eos.tolist()))
+                    pipeline.forced_eos_ids)
         group = self._group
         # one graph per batch bucket, not per request count: it holds cap = bb // nb requests, and a
         # batch of fewer runs the rest as padding requests (BeamState's active count), so a server
@@ -1166,12 +1166,15 @@ class CudaGraphRunner:
 
     @torch.no_grad()
     def greedy_search(self, gc, rows: int, max_len: int, pipeline, prefix: torch.Tensor,
-                      check_every: int | None = None) -> torch.Tensor:
+                      check_every: int | None = None, start: int | None = None) -> torch.Tensor:
         """``generate``'s greedy decoding after ``prefill`` (where ``greedy_search_serves``): the fused
         loop of ``greedy`` (argmax, the processors and the token feedback inside the CUDA graph, a
         host check every ``check_every`` steps) instead of a host round trip per token. ``max_len``
         and the pipeline's min length count the start token, as ``generate`` does; forced first
-        tokens may differ per row (mBART target languages: -1 = none). Returns [rows, 1 + steps]."""
+        tokens may differ per row (mBART target languages: -1 = none). ``start``: the token every row's
+        prefix holds, as the caller knows it on the host (``generate`` does); None reads the prefix back
+        from the device (a host sync after the prefill) and refuses rows that start differently.
+        Returns [rows, 1 + steps]."""
         if self._cur is None:
             raise RuntimeError("prefill() first")
         if not self.greedy_search_serves(gc, pipeline, prefix):
@@ -1183,8 +1186,14 @@ class CudaGraphRunner:
         eos = gc.eos_token_ids[0] if gc.eos_token_ids else -1
         pad = gc.pad_id if gc.pad_id is not None else self.model.cfg.pad_token_id
         min_new = max(0, pipeline.min_length - 1) if pipeline.eos_mask is not None else 0
-        forced_eos = None if pipeline.forced_eos is None else int(pipeline.forced_eos[0])
-        return self._greedy_loop(n, max_len - 1, int(prefix[0, 0]), eos, pad, check_every, min_new,
+        forced_eos = None if pipeline.forced_eos_ids is None else pipeline.forced_eos_ids[0]
+        if start is None:
+            firsts = set(prefix[:, 0].tolist())
+            if len(firsts) != 1:
+                raise ValueError(f"greedy_search: the rows' prefixes start with different tokens {sorted(firsts)}: "
+                                 f"the fused loop feeds one start token to every row")
+            start = firsts.pop()
+        return self._greedy_loop(n, max_len - 1, int(start), eos, pad, check_every, min_new,
                                  pipeline.forced_bos, forced_eos)
 
     def _check_every(self, check_every: int | None, gpu_default: int) -> int:
@@ -1229,12 +1238,9 @@ class CudaGraphRunner:
                 break
         self.steps = done
         out = vw.out_tokens[:n, :done]
-        # trim to HF's length: up to the step where the last row finished
-        is_eos = out == eos
-        ended = is_eos.any(1)
-        if bool(ended.all()) and done:
-            first = torch.where(is_eos, torch.arange(done, device=out.device), done).min(1).values
-            out = out[:, : int(first.max()) + 1]
+        if done:  # trim to HF's length: up to the step where the last row finished (one host read)
+            first = torch.where(out == eos, torch.arange(done, device=out.device), done).min(1).values
+            out = out[:, : min(done, int(first.max()) + 1)]  # first.max() is done where a row never ended
         head = torch.full((n, 1), start, dtype=torch.long, device=d.device)
         self._check_fused_allreduce()
         return torch.cat([head, out], 1)
