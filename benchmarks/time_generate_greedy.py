@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--device", default="cuda", help="cuda, or cpu (the static step uncompiled: a check of the script)")
+    ap.add_argument("--loops", default="token,fused", help="token (fused_greedy=False) and / or fused")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     ensure_families()
@@ -41,7 +42,10 @@ def main():
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     cfg = model.cfg
     rows, seqs = [], {}
-    for fused in (False, True):
+    loops = [x for x in a.loops.split(",") if x]
+    if not loops or set(loops) - {"token", "fused"}:
+        ap.error(f"--loops {a.loops!r}: expected token and / or fused")
+    for fused in [x == "fused" for x in loops]:
         runner = CudaGraphRunner(model, max(batches), a.new + 16, 128, fused_greedy=fused, **kw)
         for b in batches:
             g = torch.Generator().manual_seed(b)
@@ -56,16 +60,19 @@ def main():
                            ms_per_request=ms, length=out.sequences.shape[1])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    both = len(loops) == 2
     for row in rows:
-        x, y = seqs[(False, row["batch"], row["min_new_tokens"])], seqs[(True, row["batch"], row["min_new_tokens"])]
-        row["same_tokens_both_loops"] = x.shape == y.shape and bool((x == y).all())
-    print(f"{'batch':>5} {'min_new':>7} {'token loop ms':>13} {'fused loop ms':>13} {'same tokens':>11}")
+        if both:
+            x, y = seqs[(False, row["batch"], row["min_new_tokens"])], seqs[(True, row["batch"], row["min_new_tokens"])]
+            row["same_tokens_both_loops"] = x.shape == y.shape and bool((x == y).all())
+    print(f"{'batch':>5} {'min_new':>7} " + " ".join(f"{x + ' loop ms':>13}" for x in loops)
+          + (f" {'same tokens':>11}" if both else ""))
     for b in batches:
         for mn in (a.new, 0):
-            t0, t1 = (next(r for r in rows if r["fused_greedy"] is f and r["batch"] == b and r["min_new_tokens"] == mn)
-                      for f in (False, True))
-            print(f"{b:>5} {mn:>7} {t0['ms_per_request']:>13.2f} {t1['ms_per_request']:>13.2f} "
-                  f"{str(t1['same_tokens_both_loops']):>11}")
+            ts = [next(r for r in rows if r["fused_greedy"] is (x == "fused") and r["batch"] == b
+                       and r["min_new_tokens"] == mn) for x in loops]
+            print(f"{b:>5} {mn:>7} " + " ".join(f"{t['ms_per_request']:>13.2f}" for t in ts)
+                  + (f" {str(ts[-1]['same_tokens_both_loops']):>11}" if both else ""))
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"time_generate_greedy_{a.model}.json"), "w") as f:
         json.dump(rows, f, indent=1)
