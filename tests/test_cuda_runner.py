@@ -310,6 +310,30 @@ def test_fused_greedy_checks_only_after_min_new_tokens(monkeypatch):
     assert runner._check_every(None, 8) == 1 and runner._check_every(5, 8) == 5 and runner._check_every(0, 8) == 1
 
 
+def test_beam_search_in_the_runner_checks_only_after_the_min_length(monkeypatch):
+    """Beam search inside the runner reads the stop flag (a wait for the GPU) only from the first step
+    where a hypothesis can end: not while EOS is suppressed by the min length, unless a forced first
+    token is EOS. The beams equal the eager search's either way."""
+    from encdec_core.runtime.cuda import CudaGraphRunner
+    from encdec_core.runtime.generation import generate
+
+    model = _tiny("t5", "cpu")
+    ids, mask = _inputs(model.cfg, device="cpu")
+    runner = CudaGraphRunner(model, 16, 24, 32, compile=False, use_graphs=False)
+    seen = []
+    real = runner._beams_go_on
+    monkeypatch.setattr(runner, "_beams_go_on", lambda st: seen.append(runner.steps) or real(st))
+    eos = model.cfg.eos_token_id
+    for kw, first in ((dict(), 1), (dict(min_new_tokens=7), 8), (dict(min_new_tokens=7, forced_bos_token_id=eos), 1)):
+        gc = _gc(model.cfg, num_beams=3, max_new_tokens=12, **kw)
+        seen.clear()
+        out = generate(model, ids, mask, gc, runner=runner)
+        ref = generate(model, ids, mask, gc)
+        assert seen and seen[0] == first and seen == list(range(first, first + len(seen))), kw
+        assert torch.equal(out.sequences, ref.sequences), kw
+        assert torch.allclose(out.sequences_scores, ref.sequences_scores, atol=1e-5), kw
+
+
 def test_generate_on_a_cpu_runner_stops_when_the_last_row_ends():
     """generate's greedy decoding through a CPU runner's fused loop computes no step after the last
     row emitted EOS (the default check runs every step there), with the eager path's tokens."""

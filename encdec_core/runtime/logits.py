@@ -131,6 +131,11 @@ class LogitsPipeline:
 
         self.eos_mask = mask(eos_token_ids) if eos_token_ids and self.min_length > 0 else None
         self.forced_bos = forced_bos
+        # the forced first token(s) on the host (read once here, before any request work is queued):
+        # the runner's loops decide from them where the host may skip its stop checks
+        self.forced_bos_ids = (frozenset(int(t) for t in forced_bos.view(-1).tolist())
+                               if isinstance(forced_bos, torch.Tensor) else frozenset({int(forced_bos)})
+                               if forced_bos is not None else frozenset())
         self._bos_ids = (torch.tensor([int(forced_bos)], dtype=torch.long, device=device)
                          if forced_bos is not None and not isinstance(forced_bos, torch.Tensor) else None)
         self.forced_eos = (torch.tensor(list(forced_eos), dtype=torch.long, device=device)

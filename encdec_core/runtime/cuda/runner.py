@@ -1077,15 +1077,25 @@ class CudaGraphRunner:
         feed_prefix(self, prefix)  # a decoder prefix: every beam has the same one
         d._tokens[:rows].copy_(pad_prefix[:, -1])
         check_every = self._check_every(check_every, 4)
+        # no hypothesis can end while EOS is suppressed (the min length; unless a forced first token is
+        # an EOS id): no check there, so the host does not wait for the GPU
+        first_end = 0
+        if pipeline.eos_mask is not None and not pipeline.forced_bos_ids & set(gc.eos_token_ids):
+            first_end = max(0, pipeline.min_length - prompt)
         for i in range(max_len - prompt):
             if g is None:
                 fn()
             else:
                 g.replay()
             self.steps += 1
-            if (i + 1) % check_every == 0 and not bool(st.go_on):
+            if (i + 1) % check_every == 0 and i >= first_end and not self._beams_go_on(st):
                 break
         return st.result(gc.num_return_sequences)
+
+    @staticmethod
+    def _beams_go_on(st) -> bool:
+        """The host's check in ``beam_search``: some request is still searching (waits for the GPU)."""
+        return bool(st.go_on)
 
     @torch.no_grad()
     def ready_steps(self, input_ids, attention_mask=None, steps: int = 32) -> None:
@@ -1194,7 +1204,7 @@ class CudaGraphRunner:
                                  f"the fused loop feeds one start token to every row")
             start = firsts.pop()
         return self._greedy_loop(n, max_len - 1, int(start), eos, pad, check_every, min_new,
-                                 pipeline.forced_bos, forced_eos)
+                                 pipeline.forced_bos, forced_eos, pipeline.forced_bos_ids)
 
     def _check_every(self, check_every: int | None, gpu_default: int) -> int:
         """Steps between the host's "all finished" checks: as given, else ``gpu_default`` where the
@@ -1205,9 +1215,11 @@ class CudaGraphRunner:
         return gpu_default if self.dec.device.type == "cuda" else 1
 
     def _greedy_loop(self, n: int, max_new_tokens: int, start: int, eos: int, pad: int, check_every: int | None,
-                     min_new_tokens: int, forced_bos, forced_eos: int | None) -> torch.Tensor:
+                     min_new_tokens: int, forced_bos, forced_eos: int | None,
+                     forced_ids: frozenset | None = None) -> torch.Tensor:
         """The fused greedy loop over the ``n`` prefilled rows. ``forced_bos``: None, one id, or a
-        per-row LongTensor [n] (-1 = none)."""
+        per-row LongTensor [n] (-1 = none); ``forced_ids``: its ids on the host where the caller has them
+        (else a per-row tensor is read back)."""
         d = self.dec  # max_new_tokens is within the limits: prefill checked them
         check_every = self._check_every(check_every, 8)
         self.set_eos_pad(eos, pad)
@@ -1215,7 +1227,8 @@ class CudaGraphRunner:
         bb, sb, _ = self._cur
         if isinstance(forced_bos, torch.Tensor):
             d.forced_bos[:n].copy_(forced_bos.view(-1))
-            forced_ids = set(forced_bos.view(-1).tolist())
+            if forced_ids is None:
+                forced_ids = set(forced_bos.view(-1).tolist())
         else:
             d.forced_bos[:n].fill_(-1 if forced_bos is None else int(forced_bos))
             forced_ids = {forced_bos}
