@@ -231,3 +231,36 @@ def test_cases_reach_every_path():
     seen = list(PATHS.values())
     for path in ("fused-greedy", "fused-beam", "token-loop"):
         assert seen.count(path) >= 5, (path, PATHS)
+
+
+@pytest.mark.parametrize("kw", [dict(max_new_tokens=6), dict(max_new_tokens=6, num_beams=3, num_return_sequences=2),
+                                dict(max_new_tokens=6, do_sample=True, seed=3, num_return_sequences=2)],
+                         ids=["greedy", "beam", "sample"])
+def test_per_request_forced_bos_with_begin_suppress(setups, kw):
+    """Per-request forced first tokens with begin_suppress_tokens and no forced_bos_token_id in the
+    config: each request is generated as HF generates it alone with its own forced_bos_token_id
+    (None: not forced), where the suppression at the beginning applies after a forced first token.
+    Found by the random cases above: both paths suppressed the forced token itself (all -inf: "exclude
+    every token" when sampling), as the batch's begin index ignored the per-request forced tokens."""
+    from encdec_core.runtime.generation import GenerationConfig, generate
+
+    model, runner, hot = setups["t5"]
+    cfg = model.cfg
+    ids, mask = _sources(cfg, random.Random(3), 3)
+    forced = [hot[0], None, hot[1]]
+    begin = [hot[0], hot[1], hot[2]]
+    opts = dict(kw, begin_suppress_tokens=begin)
+    ref, out = [generate(model, ids, mask, GenerationConfig.from_model(cfg, None, **opts), runner=r,
+                         forced_bos_token_ids=forced) for r in (None, runner)]
+    assert torch.equal(out.sequences, ref.sequences)
+    n = kw.get("num_return_sequences", 1)
+    assert len(ref) == 3 * n
+    for b, want in enumerate(forced):
+        for row in ref.request_tokens(b):
+            assert (row[0] == want and row[1] not in begin) if want is not None else row[0] not in begin, (b, row)
+        if kw.get("do_sample"):  # a request alone draws other random numbers than in the batch
+            continue
+        s = int(mask[b].sum())
+        alone = generate(model, ids[b:b + 1, :s], mask[b:b + 1, :s],
+                         GenerationConfig.from_model(cfg, None, forced_bos_token_id=want, **opts))
+        assert ref.request_tokens(b) == alone.all_tokens(), (b, want)

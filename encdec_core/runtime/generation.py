@@ -567,10 +567,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     eos = gc.eos_token_ids
 
     forced_bos: torch.Tensor | int | None = gc.forced_bos_token_id
+    # HF: the first generated position, after a forced first token when the prompt is the start token alone
+    begin_index: int | list[int] = prompt + (1 if prompt == 1 and gc.forced_bos_token_id is not None else 0)
     if forced_bos_token_ids is not None and any(t is not None for t in forced_bos_token_ids):
         default = -1 if gc.forced_bos_token_id is None else int(gc.forced_bos_token_id)
         rows = [default if t is None else int(t) for t in forced_bos_token_ids]
         forced_bos = torch.tensor(rows, dtype=torch.long, device=device).repeat_interleave(expand)
+        if prompt == 1 and default < 0:  # each request as HF with its own forced_bos_token_id: some forced
+            begin_index = [2 if t >= 0 else 1 for t in rows for _ in range(expand)]
 
     if gc.do_sample and gc.num_beams > 1:
         min_keep = len(eos) + 1 if eos else 2
@@ -582,8 +586,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         forced_bos=forced_bos, forced_eos=_as_id_list(gc.forced_eos_token_id), do_sample=gc.do_sample,
         temperature=gc.temperature, top_k=gc.top_k, top_p=gc.top_p, min_tokens_to_keep=min_keep,
         bad_words=gc.bad_words_ids, suppress=gc.suppress_tokens, begin_suppress=gc.begin_suppress_tokens,
-        # HF: the first generated position, after a forced first token when the prompt is the start token alone
-        begin_index=prompt + (1 if prompt == 1 and gc.forced_bos_token_id is not None else 0), device=device)
+        begin_index=begin_index, device=device)
 
     generator = None
     seed = gc.seed

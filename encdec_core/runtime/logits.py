@@ -116,7 +116,7 @@ class LogitsPipeline:
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  min_tokens_to_keep: int = 1, bad_words: Sequence[Sequence[int]] | None = None,
                  suppress: Sequence[int] | None = None, begin_suppress: Sequence[int] | None = None,
-                 begin_index: int = 1, device=None):
+                 begin_index: int | Sequence[int] = 1, device=None):
         self.device = device
         self.rep = float(repetition_penalty)
         self.ngram = int(no_repeat_ngram_size or 0)
@@ -161,7 +161,12 @@ class LogitsPipeline:
                           for _, ws in sorted(groups.items())]
         self.suppress = mask(suppress) if suppress else None
         self.begin_suppress = mask(begin_suppress) if begin_suppress else None
-        self.begin_index = int(begin_index)
+        # begin_suppress applies at length begin_index, or per row (a list: requests with their own
+        # forced first token begin after it, those without at the first generated position)
+        per_row = isinstance(begin_index, (list, tuple))
+        self.begin_index = None if per_row else int(begin_index)
+        self.begin_rows = torch.tensor(list(begin_index), dtype=torch.long, device=device) if per_row else None
+        self._begin_at = frozenset(int(i) for i in begin_index) if per_row else {self.begin_index}
 
     @property
     def static(self) -> bool:
@@ -210,8 +215,11 @@ class LogitsPipeline:
             scores = force_tokens(scores, self.forced_eos)
         if self.suppress is not None:
             scores = ban_tokens(scores, self.suppress)
-        if self.begin_suppress is not None and cur == self.begin_index:
-            scores = ban_tokens(scores, self.begin_suppress)
+        if self.begin_suppress is not None and cur in self._begin_at:
+            if self.begin_rows is None:
+                scores = ban_tokens(scores, self.begin_suppress)
+            else:  # the rows that begin at this length
+                scores = torch.where((self.begin_rows == cur).unsqueeze(1) & self.begin_suppress, NEG_INF, scores)
         if self.do_sample:
             if self.temperature != 1.0:
                 scores = temperature(scores, self.temperature)
