@@ -125,7 +125,7 @@ def _case(fam: str, i: int, cfg, hot: list[int]) -> dict:
     r = rng.random()
     if r < 0.5:
         kw["eos_token_id"] = rng.choice(hot[:6])
-    elif r < 0.7 and not static:
+    elif r < 0.7 and (mode == "beam" or not static):  # several: not the fused greedy loop's case
         kw["eos_token_id"] = rng.sample(hot[:8], rng.randint(2, 3))
     elif r < 0.75:
         kw["eos_token_id"] = []  # no EOS: every row runs to the length limit
