@@ -106,11 +106,12 @@ def test_fused_step_many_rows_on_the_tiled_kernel(family):
         a, b = ref.step(tok).clone(), fused.step(tok).clone()
         assert (a - b).abs().max().item() <= 1e-4
         tok = a.argmax(-1)
-    g = fused.greedy(ids, mask, max_new_tokens=3)
-    assert torch.equal(g, ref.greedy(ids, mask, max_new_tokens=3))
+    # the fused loop over the positions the steps above compared (2 tokens: CI's time)
+    g = fused.greedy(ids, mask, max_new_tokens=2)
+    assert torch.equal(g, ref.greedy(ids, mask, max_new_tokens=2))
     one = _runner(model, "triton")  # batch 1: the small-batch kernels
     for r in (1, B - 1):
-        alone = one.greedy(ids[r:r + 1], mask[r:r + 1], max_new_tokens=3)[0]
+        alone = one.greedy(ids[r:r + 1], mask[r:r + 1], max_new_tokens=2)[0]
         n = alone.shape[0]  # stops at EOS alone; padded in the batch
         assert torch.equal(alone, g[r, :n]) and bool((g[r, n:] == cfg.pad_token_id).all())
 
