@@ -854,8 +854,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve import REQUEST_TIMEOUT  # standard library only: cheap to import here
 
     _opt(s, "--request-timeout", type=_float, default=REQUEST_TIMEOUT, metavar="SECONDS",
-         help="how long a connection may send no byte of its request (or take none of its reply): then a JSON "
-              "408 and the connection closes; idle keep-alive connections close after it too (default %(default)g)")
+         help="how long a connection may send no byte of its request (or take none of its reply), and how long "
+              "its request line and headers may take in all: then a JSON 408 and the connection closes; idle "
+              "keep-alive connections close after it too (default %(default)g)")
     _opt(s, "--device", default="auto", help="cpu | cuda | cuda:N | auto")
     _opt(s, "--dtype", default=None, help="override the engine dtype at load")
     _opt(s, "--cuda-graph", action="store_true", help="decode with the CUDA-graph runner (one-off compile)")

@@ -25,8 +25,8 @@ a tested property of generate). A batch that fails is rerun request by request, 
 request gets its own error and the others their outputs. Streaming and scoring jobs run one at a
 time. Errors are JSON ``{"error": message}``: 400 for bad input (the message names the field and
 value), 404 / 405 / 411 / 413 for the path, method, length and size, 408 when a request stops
-arriving for the request timeout (REQUEST_TIMEOUT, ``--request-timeout``; then the connection
-closes), 500 for an internal error. A client that hangs up before its reply is one line on stderr.
+arriving for the request timeout, or its request line and headers take longer than it in all
+(REQUEST_TIMEOUT, ``--request-timeout``; then the connection closes), 500 for an internal error. A client that hangs up before its reply is one line on stderr.
 """
 from __future__ import annotations
 
@@ -47,7 +47,9 @@ MAX_BODY = 16 << 20  # bytes of one request body
 # body) or without taking a byte of its reply, and an idle keep-alive connection stays open; then it
 # is answered 408 where a request had begun, and closed. Without it a client that sent less than its
 # Content-Length (or nothing) held its handler thread forever. The socket's timeout: per read or
-# write, so a client that keeps sending a byte now and then is not cut off. ``--request-timeout``.
+# write. The request line and headers must also arrive within it in all, from their first byte
+# (``_RequestReader``): a client that sends a header byte now and then is cut off; the body, like
+# nginx's, is timed per read only. ``--request-timeout``.
 REQUEST_TIMEOUT = 30.0
 MAX_REQUEST_TIMEOUT = 86400.0  # a day; socket.settimeout overflows near 1e10 s
 # a client that hung up: its connection reset or closed while its request was read or its reply written
@@ -55,6 +57,60 @@ _HANGUP = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 _PER_REQUEST = ("target_lang", "target_prefix", "lora_uid")  # per input in a merged batch
 _GET_PATHS, _POST_PATHS = ("/health", "/v1/model", "/metrics"), ("/v1/generate", "/v1/score")
 _PATHS = "GET /health, /metrics, /v1/model; POST /v1/generate, /v1/score"
+
+
+class _RequestReader:
+    """A handler's rfile (a buffered socket reader) with a deadline for a request's head: from the
+    first byte of its request line, the line and the headers must arrive within ``timeout`` in all,
+    while each read still waits at most ``timeout`` (so an idle keep-alive connection waits that long
+    for its next request). Between ``begin()`` and ``end_head()`` lines are read through ``peek`` and
+    ``read``, each doing at most one socket read, with the socket's timeout cut to what is left;
+    past the deadline ``readline`` raises TimeoutError. Everything else goes to the wrapped reader."""
+
+    def __init__(self, raw, sock, timeout: float):
+        self.raw, self.sock, self.timeout = raw, sock, float(timeout)
+        self.head = False
+        self.deadline: float | None = None  # monotonic; None until the request's first byte
+        self.last_byte = 0.0  # monotonic time of the head's last bytes
+
+    def begin(self) -> None:
+        self.head, self.deadline = True, None
+        self.sock.settimeout(self.timeout)
+
+    def end_head(self) -> None:
+        self.head, self.deadline = False, None
+        self.sock.settimeout(self.timeout)
+
+    def readline(self, limit: int = -1) -> bytes:
+        if not self.head:
+            return self.raw.readline(limit)
+        out = bytearray()
+        while limit < 0 or len(out) < limit:
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"the request's head did not arrive within {self.timeout:g} s")
+                self.sock.settimeout(min(self.timeout, left))
+            chunk = self.raw.peek(1)
+            if not chunk:  # the client closed
+                break
+            self.last_byte = time.monotonic()
+            if self.deadline is None:
+                self.deadline = self.last_byte + self.timeout
+            i = chunk.find(b"\n")
+            n = i + 1 if i >= 0 else len(chunk)
+            out += self.raw.read(n if limit < 0 else min(n, limit - len(out)))
+            if out.endswith(b"\n"):
+                break
+        return bytes(out)
+
+    def stalled(self) -> bool:
+        """After a timeout in the head: the client sent nothing for the whole timeout (else it was
+        still sending when the deadline passed)."""
+        return time.monotonic() - self.last_byte >= self.timeout - 1e-3
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
 
 
 class RequestError(EncDecError):
@@ -373,11 +429,17 @@ def make_handler(server_state: "Server"):
             if server_state.log is not None:
                 server_state.log(f"{self.address_string()} {fmt % args}")
 
+        def setup(self) -> None:
+            super().setup()
+            self.rfile = _RequestReader(self.rfile, self.connection, self.timeout)
+
         def handle_one_request(self) -> None:
             """http.server's, with a client that hangs up (a reset while its request is read, a broken
             pipe writing its reply) told in one line on stderr: it escaped to socketserver's
-            handle_error, which printed a traceback. Other exceptions still go there."""
+            handle_error, which printed a traceback. Other exceptions still go there. The request line
+            and headers are read against the request timeout in all (``_RequestReader``)."""
             self.command = None  # set by parse_request: a request was read, a reply was due
+            self.rfile.begin()
             try:
                 super().handle_one_request()
             except _HANGUP as exc:
@@ -449,12 +511,16 @@ def make_handler(server_state: "Server"):
             request had begun). A timeout before the request line closes the connection without a word
             (handle_one_request: an idle keep-alive connection, or one that never sent anything)."""
             try:
-                return super().parse_request()
+                ok = super().parse_request()
             except TimeoutError:
                 self.close_connection = True
-                self._json(HTTPStatus.REQUEST_TIMEOUT, {"error": f"request headers: incomplete after "
-                                                                 f"{self.timeout:g} s without more bytes"})
+                self._json(HTTPStatus.REQUEST_TIMEOUT, {"error": (
+                    f"request headers: incomplete after {self.timeout:g} s without more bytes"
+                    if self.rfile.stalled() else
+                    f"request headers: still incomplete {self.timeout:g} s after the request began")})
                 return False
+            self.rfile.end_head()
+            return ok
 
         def _body(self) -> dict:
             raw = self._read_body(self._length())

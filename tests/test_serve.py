@@ -507,6 +507,47 @@ def test_a_client_that_stops_sending_gets_a_408_and_its_connection_closes(quick_
     assert _get(srv, "/health")[0] == 200
 
 
+@pytest.mark.parametrize("where", ["headers", "request-line"])
+def test_a_client_that_trickles_its_head_is_cut_off_at_the_request_timeout(quick_server, where):
+    """A client that sends its request line or headers a byte at a time, each byte within the timeout
+    (slowloris), held its handler thread for as long as it went on. Now the head must arrive within
+    the request timeout from its first byte: headers get a JSON 408, a request line that never ends a
+    closed connection; other clients are served meanwhile."""
+    import socket
+    import time
+
+    srv, _ = quick_server
+    head = (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40 + b"\r\n\r\n") if where == "headers" \
+        else b"GET /health" + b"/" * 40 + b" HTTP/1.1\r\n\r\n"
+    start = head.index(b"\r\n") + 2 if where == "headers" else 5
+    with socket.create_connection(srv.address, timeout=4) as s:
+        s.sendall(head[:start])
+        t0, reply = time.monotonic(), b""
+        try:
+            for i in range(start, len(head)):  # a byte every 0.1 s: 40 bytes would take 4 s
+                s.sendall(head[i:i + 1])
+                time.sleep(0.1)
+                if time.monotonic() - t0 > 0.3 and i % 5 == 0:
+                    assert _get(srv, "/health")[0] == 200  # while that client trickles
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server closed: what follows reads its answer
+        try:
+            while chunk := s.recv(65536):
+                reply += chunk
+        except ConnectionResetError:
+            pass
+        took = time.monotonic() - t0
+    assert took < 2.5, took  # cut off near 0.5 s after the request began, not after the 4 s of trickle
+    reply = reply.decode()
+    if where == "headers":
+        head_, body = reply.split("\r\n\r\n", 1)
+        assert head_.startswith("HTTP/1.1 408 ") and "Connection: close" in head_, reply
+        assert json.loads(body) == {"error": "request headers: still incomplete 0.5 s after the request began"}
+    else:
+        assert reply == ""
+    assert _get(srv, "/health")[0] == 200
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "1e10"])
 def test_serve_refuses_a_bad_request_timeout(engine_dir, builtin_registry, capsys, value):
     """--request-timeout: seconds in (0, 86400] (the socket's timeout; 1e10 overflows it), refused
