@@ -21,7 +21,8 @@ Dynamic batching: the scheduler takes the oldest job, then waits up to ``max_del
 with the same generation options (and the same return_scores), up to the engine's max batch size
 in inputs, and runs them as one batch (target languages, prefixes and adapters may differ per
 request: they go per input). Outputs equal each request run alone (batched == one at a time is
-a tested property of generate). A batch that fails is rerun request by request, so one bad
+a tested property of generate). A sampling request with a seed runs alone, so that its tokens
+depend on its seed only, not on the requests it would have been merged with. A batch that fails is rerun request by request, so one bad
 request gets its own error and the others their outputs. Streaming and scoring jobs run one at a
 time. Errors are JSON ``{"error": message}``: 400 for bad input (the message names the field and
 value), 404 / 405 / 411 / 413 for the path, method, length and size, 408 when a request stops
@@ -158,6 +159,15 @@ def _texts(v, name: str) -> list[str]:
     if bad is not None:
         raise RequestError(f"{name}[{bad}] = {json.dumps(v[bad])[:200]}: expected a string")
     return [_unicode(t, f"{name}[{i}]") for i, t in enumerate(v)]
+
+
+def batch_key(params: dict, scores: bool):
+    """The scheduler merges generate jobs of equal keys: the same options and return_scores. A sampling
+    request with a seed gets a key of its own (it runs alone): a merged batch draws every row from one
+    generator, so its tokens would depend on the requests it happened to be merged with."""
+    if params.get("do_sample") is True and params.get("seed") is not None:
+        return object()  # equal to nothing else
+    return json.dumps([params, scores], sort_keys=True)
 
 
 def parse_generate(body: dict, gen_fields) -> tuple[list[str], dict, dict, bool, bool]:
@@ -602,8 +612,7 @@ def make_handler(server_state: "Server"):
                 if stream:
                     self._endpoint = "generate_stream"
                     return self._stream(Job("stream", payload, events=queue.Queue()))
-                key = json.dumps([params, scores], sort_keys=True)
-                job = server_state.scheduler.submit(Job("generate", payload, key))
+                job = server_state.scheduler.submit(Job("generate", payload, batch_key(params, scores)))
                 job.done.wait()
                 if job.error is not None:
                     raise job.error

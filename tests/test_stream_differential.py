@@ -410,8 +410,8 @@ def _jobs(rng, engine, langs: bool, hot: list[int], words):
     from encdec_core.serve import Job
 
     # sampling is left out: a request merged into a batch draws other random numbers than alone
-    # (generate seeds one generator for the batch, and the rows draw from it together), so a seeded
-    # sampling request is reproducible only with the same batch-mates
+    # (generate seeds one generator for the batch, and the rows draw from it together); the server
+    # therefore never merges a seeded sampling request (serve.batch_key, the test below)
     params = _engine_opts(rng, False, hot, beams=True)
     scores = rng.random() < 0.3
     jobs = []
@@ -485,6 +485,34 @@ def test_scheduler_merges_the_jobs_it_gathers(mbart_engine, registry_on):
     finally:
         s.stop()
     assert s.batches == 1
+    for j in jobs:
+        assert j.error is None, j.error
+        _same(j.result, _alone(engine, j), str(j.payload))
+
+
+def test_seeded_sampling_requests_run_alone(t5_engine, registry_on):
+    """Two sampling requests with the same options and seed, submitted together: each runs as its own
+    batch, so each gets exactly its tokens alone (merged, the second row's draws would follow the
+    first's). Unseeded sampling and greedy requests with equal options still share a key."""
+    from encdec_core.serve import Job, Scheduler, batch_key
+
+    engine = t5_engine
+    params = dict(do_sample=True, seed=11, top_k=20, max_new_tokens=8)
+    assert batch_key(params, False) != batch_key(dict(params), False)
+    for p in (dict(do_sample=True, top_k=20), dict(num_beams=2), {}):
+        assert batch_key(p, False) == batch_key(dict(p), False)
+    jobs = [Job("generate", {"texts": [t], "params": dict(params), "per": {}, "scores": False},
+                batch_key(params, False)) for t in (T5_WORDS[0] + " " + T5_WORDS[1], T5_WORDS[2])]
+    s = Scheduler(engine, max_delay=5.0)
+    try:
+        s.start()
+        for j in jobs:
+            s.submit(j)
+        for j in jobs:
+            assert j.done.wait(60)
+    finally:
+        s.stop()
+    assert s.batches == 2
     for j in jobs:
         assert j.error is None, j.error
         _same(j.result, _alone(engine, j), str(j.payload))
