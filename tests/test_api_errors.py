@@ -213,6 +213,25 @@ def test_sampling_with_every_token_excluded(engine, kw, at, opts):
                                                                          **kw)))
 
 
+def test_a_streamer_gets_no_tokens_of_the_starved_step(engine):
+    """Sampling with a streamer: the step where a row has nothing to draw raises before the streamer
+    sees its tokens (it got the starved row's stand-in draw, then the error)."""
+    from encdec_core.runtime.generation import generate
+
+    puts = []
+
+    class Rec:
+        def put(self, tokens, live):
+            puts.append(tokens)
+
+        def end(self):
+            puts.append("end")
+    gc = engine.generation_config(do_sample=True, seed=1, max_new_tokens=3, suppress_tokens=[7], forced_eos_token_id=7)
+    with pytest.raises(ConfigError, match="generated token 3"):
+        generate(engine.model, torch.tensor([[5, 6, 1], [8, 9, 1]]), None, gc, streamer=Rec())
+    assert len(puts) == 2 and "end" not in puts  # tokens 1 and 2; the error ends the stream
+
+
 def test_sampling_and_greedy_unchanged_where_tokens_remain(engine):
     # one token left: sampling must draw it, as greedy decoding picks it
     kw = dict(suppress_tokens=[t for t in _ALL_BUT_EOS if t != 70], max_new_tokens=3)

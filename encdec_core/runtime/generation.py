@@ -696,6 +696,9 @@ def _sample(runner, gc: GenerationConfig, rows: int, max_len: int, pipeline, gen
         if tok_scores is not None:  # finished rows (pad from here on) keep 0
             lp = torch.log_softmax(scores, dim=-1).gather(1, nxt.unsqueeze(1)).squeeze(1)
             tok_scores[:, cur] = torch.where(unfinished, lp, 0.0)
+        if gc.do_sample and streamer is not None and bool(dead.any()):
+            # the streamer is about to read this step's tokens: a starved row's stand-in must not reach it
+            raise nothing_to_sample(gc, cur + 1 - prefix.shape[1])
         if eos_t is not None:
             nxt = torch.where(unfinished, nxt, pad)
             if streamer is not None:
