@@ -44,16 +44,15 @@ MAX_LEN = 32  # decoder length the runner holds: new tokens (<= 16, or HF's defa
 PATHS: dict[str, str] = {}  # case id -> the path the runner took ("fused-greedy", "fused-beam", "token-loop")
 
 
-@pytest.fixture(scope="module")
-def setups():
-    """Per family: the tiny model, one runner reused by every case, and "hot" tokens (the tokens the
-    random model emits most: EOS ids and banned tokens drawn from them make rows end early and the
-    processors change the output)."""
+def family_setups(families, runner_rows: int, max_len: int) -> dict:
+    """Per family: the tiny model, one CPU graph runner of ``runner_rows`` rows reused by every case,
+    and "hot" tokens (the tokens the random model emits most: EOS ids and banned tokens drawn from
+    them make rows end early and the processors change the output)."""
     from encdec_core.runtime.cuda import CudaGraphRunner
     from encdec_core.runtime.generation import GenerationConfig, generate
 
     out = {}
-    for fam in FAMILIES:
+    for fam in families:
         model = _tiny(fam, "cpu")
         cfg = model.cfg
         ids, mask = _sources(cfg, random.Random(7), 4)
@@ -62,9 +61,14 @@ def setups():
         free = generate(model, ids, mask, gc).sequences[:, 1:]
         counts = free.flatten().bincount(minlength=cfg.vocab_size)
         hot = [int(t) for t in counts.argsort(descending=True)[:12] if counts[t] > 0]
-        runner = CudaGraphRunner(model, MAX_BATCH * 4, MAX_LEN, MAX_SRC, compile=False, use_graphs=False)
+        runner = CudaGraphRunner(model, runner_rows, max_len, MAX_SRC, compile=False, use_graphs=False)
         out[fam] = (model, runner, hot)
     return out
+
+
+@pytest.fixture(scope="module")
+def setups():
+    return family_setups(FAMILIES, MAX_BATCH * 4, MAX_LEN)  # up to 5 requests x 4 beams
 
 
 def _sources(cfg, rng: random.Random, batch: int):
@@ -77,6 +81,36 @@ def _sources(cfg, rng: random.Random, batch: int):
         ids[i, :n] = torch.tensor([rng.randrange(4, cfg.vocab_size) for _ in range(n)])
         mask[i, :n] = 1
     return ids, mask
+
+
+def draw_lengths(rng: random.Random, kw: dict, p_min: float) -> None:
+    """Lengths into ``kw``: max_new_tokens, max_length (counts the prefix) or HF's default of 20 new
+    tokens; with chance ``p_min`` a minimum (min_new_tokens or min_length)."""
+    r = rng.random()
+    if r < 0.6:
+        kw["max_new_tokens"] = rng.randint(1, 16)
+    elif r < 0.85:
+        kw["max_length"] = rng.randint(6, 18)
+    if rng.random() < p_min:
+        if rng.random() < 0.6:
+            kw["min_new_tokens"] = rng.randint(1, 18)
+        else:
+            kw["min_length"] = rng.randint(2, 12)
+
+
+def draw_processors(rng: random.Random, kw: dict, hot: list[int], max_bad_words: int) -> None:
+    """Token-dependent processors, each drawn with its own chance, into ``kw``: repetition penalty,
+    n-gram ban, suppressed / begin-suppressed tokens and bad words from the ``hot`` tokens."""
+    if rng.random() < 0.3:
+        kw["repetition_penalty"] = rng.choice([1.3, 0.8, 2.0])
+    if rng.random() < 0.3:
+        kw["no_repeat_ngram_size"] = rng.choice([1, 2, 3])
+    if rng.random() < 0.25:
+        kw["suppress_tokens"] = rng.sample(hot[:10], rng.randint(1, 3))
+    if rng.random() < 0.25:
+        kw["begin_suppress_tokens"] = rng.sample(hot[:10], rng.randint(1, 3))
+    if rng.random() < 0.25:
+        kw["bad_words_ids"] = [rng.sample(hot[:10], rng.randint(1, 3)) for _ in range(rng.randint(1, max_bad_words))]
 
 
 def _case(fam: str, i: int, cfg, hot: list[int]) -> dict:
@@ -110,17 +144,7 @@ def _case(fam: str, i: int, cfg, hot: list[int]) -> dict:
         kw["temperature"] = rng.choice([1.0, 0.7, 1.5])
         kw["top_k"] = rng.choice([50, 0, 10])
         kw["top_p"] = rng.choice([1.0, 0.9])
-    # lengths: max_new_tokens, max_length (counts the prefix) or HF's default of 20 new tokens
-    r = rng.random()
-    if r < 0.6:
-        kw["max_new_tokens"] = rng.randint(1, 16)
-    elif r < 0.85:
-        kw["max_length"] = rng.randint(6, 18)
-    if rng.random() < 0.35:
-        if rng.random() < 0.6:
-            kw["min_new_tokens"] = rng.randint(1, 18)
-        else:
-            kw["min_length"] = rng.randint(2, 12)
+    draw_lengths(rng, kw, 0.35)
     # EOS: one id or a list (hot tokens, so that rows end early), else the model's
     r = rng.random()
     if r < 0.5:
@@ -143,16 +167,7 @@ def _case(fam: str, i: int, cfg, hot: list[int]) -> dict:
     if rng.random() < 0.25:
         forced_rows = [rng.choice([None, None, 5, 9, hot[0], hot[2]]) for _ in range(batch)]
     if not static:  # token-dependent processors: the token loop
-        if rng.random() < 0.3:
-            kw["repetition_penalty"] = rng.choice([1.3, 0.8, 2.0])
-        if rng.random() < 0.3:
-            kw["no_repeat_ngram_size"] = rng.choice([1, 2, 3])
-        if rng.random() < 0.25:
-            kw["suppress_tokens"] = rng.sample(hot[:10], rng.randint(1, 3))
-        if rng.random() < 0.25:
-            kw["begin_suppress_tokens"] = rng.sample(hot[:10], rng.randint(1, 3))
-        if rng.random() < 0.25:
-            kw["bad_words_ids"] = [rng.sample(hot[:10], rng.randint(1, 3)) for _ in range(rng.randint(1, 3))]
+        draw_processors(rng, kw, hot, 3)
     # decoder prefix: none; every row with the start token first; none with it (generate puts it in
     # front); or mixed (rows keep their own first tokens: HF's rule). 1-3 columns.
     prefix = None

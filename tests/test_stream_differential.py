@@ -32,8 +32,7 @@ import torch
 
 from encdec_core.errors import EncDecError
 
-from test_cuda_runner import _tiny
-from test_runner_differential import MAX_SRC, _sources
+from test_runner_differential import _sources, draw_lengths, draw_processors, family_setups
 
 FAMILIES = ("t5", "bart")
 GEN_CASES = 20  # per family
@@ -64,24 +63,9 @@ class Recorder:
 
 @pytest.fixture(scope="module")
 def setups():
-    """Per family: the tiny model, a CPU graph runner reused by every case, and the tokens the
-    random model emits most (EOS ids and banned tokens drawn from them change the output)."""
-    from encdec_core.runtime.cuda import CudaGraphRunner
-    from encdec_core.runtime.generation import GenerationConfig, generate
-
-    out = {}
-    for fam in FAMILIES:
-        model = _tiny(fam, "cpu")
-        cfg = model.cfg
-        ids, mask = _sources(cfg, random.Random(7), 4)
-        gc = GenerationConfig.from_model(cfg, None, max_new_tokens=16, min_new_tokens=16, forced_bos_token_id=None,
-                                         forced_eos_token_id=None)
-        free = generate(model, ids, mask, gc).sequences[:, 1:]
-        counts = free.flatten().bincount(minlength=cfg.vocab_size)
-        hot = [int(t) for t in counts.argsort(descending=True)[:12] if counts[t] > 0]
-        runner = CudaGraphRunner(model, MAX_BATCH * 3, MAX_LEN, MAX_SRC, compile=False, use_graphs=False)
-        out[fam] = (model, runner, hot)
-    return out
+    """Per family: the tiny model, a CPU graph runner reused by every case (up to 4 requests x 3
+    sampled outputs), and the tokens the random model emits most."""
+    return family_setups(FAMILIES, MAX_BATCH * 3, MAX_LEN)
 
 
 def _free_tokens(model, ids, mask) -> list[list[int]]:
@@ -110,16 +94,7 @@ def _gen_case(fam: str, i: int, model, hot: list[int]) -> dict:
     if mode == "sample":
         kw.update(do_sample=True, seed=rng.randrange(1 << 31), num_return_sequences=rng.randint(1, 3),
                   temperature=rng.choice([1.0, 0.7, 1.5]), top_k=rng.choice([50, 0, 10]), top_p=rng.choice([1.0, 0.9]))
-    r = rng.random()
-    if r < 0.6:
-        kw["max_new_tokens"] = rng.randint(1, 16)
-    elif r < 0.85:
-        kw["max_length"] = rng.randint(6, 18)
-    if rng.random() < 0.25:
-        if rng.random() < 0.6:
-            kw["min_new_tokens"] = rng.randint(1, 18)
-        else:
-            kw["min_length"] = rng.randint(2, 12)
+    draw_lengths(rng, kw, 0.25)
     # EOS: mostly tokens that these sources' rows emit (greedy, no options) at random steps, so that
     # rows end early and at different steps (rows no longer live while others go on)
     free = _free_tokens(model, ids, mask)
@@ -146,16 +121,7 @@ def _gen_case(fam: str, i: int, model, hot: list[int]) -> dict:
     if rng.random() < 0.2:
         forced_rows = [rng.choice([None, None, 5, hot[0], hot[2]]) for _ in range(batch)]
     if not static:
-        if rng.random() < 0.3:
-            kw["repetition_penalty"] = rng.choice([1.3, 0.8, 2.0])
-        if rng.random() < 0.3:
-            kw["no_repeat_ngram_size"] = rng.choice([1, 2, 3])
-        if rng.random() < 0.25:
-            kw["suppress_tokens"] = rng.sample(hot[:10], rng.randint(1, 3))
-        if rng.random() < 0.25:
-            kw["begin_suppress_tokens"] = rng.sample(hot[:10], rng.randint(1, 3))
-        if rng.random() < 0.25:
-            kw["bad_words_ids"] = [rng.sample(hot[:10], rng.randint(1, 3)) for _ in range(rng.randint(1, 2))]
+        draw_processors(rng, kw, hot, 2)
     prefix = None
     if not static and rng.random() < 0.5:
         cols = rng.randint(1, 3)
@@ -464,18 +430,11 @@ def test_merged_batch_equals_each_request_alone(t5_engine, t5_hot, mbart_engine,
         _same(merged[k], _alone(engine, job), f"{what}: job {k}")
 
 
-def test_scheduler_merges_the_jobs_it_gathers(mbart_engine, registry_on):
-    """Through a started scheduler: jobs with one key submitted together run as one batch, and each
-    gets what it gets alone."""
-    from _bart_helpers import CORPUS
+def _through_scheduler(engine, jobs, **kw):
+    """Submit ``jobs`` together to a started scheduler (5 s to gather), wait for all, stop it; -> it."""
     from encdec_core.serve import Scheduler
 
-    engine = mbart_engine
-    rng = random.Random("gather")
-    jobs = _jobs(rng, engine, True, [2, 5, 7], " ".join(CORPUS).split())[:2]
-    for j in jobs:
-        j.payload["texts"] = j.payload["texts"][:1]  # within the engine's max batch size (3) together
-    s = Scheduler(engine, max_delay=5.0, max_inputs=2)
+    s = Scheduler(engine, max_delay=5.0, **kw)
     try:
         s.start()
         for j in jobs:
@@ -484,7 +443,20 @@ def test_scheduler_merges_the_jobs_it_gathers(mbart_engine, registry_on):
             assert j.done.wait(60)
     finally:
         s.stop()
-    assert s.batches == 1
+    return s
+
+
+def test_scheduler_merges_the_jobs_it_gathers(mbart_engine, registry_on):
+    """Through a started scheduler: jobs with one key submitted together run as one batch, and each
+    gets what it gets alone."""
+    from _bart_helpers import CORPUS
+
+    engine = mbart_engine
+    rng = random.Random("gather")
+    jobs = _jobs(rng, engine, True, [2, 5, 7], " ".join(CORPUS).split())[:2]
+    for j in jobs:
+        j.payload["texts"] = j.payload["texts"][:1]  # within the engine's max batch size (3) together
+    assert _through_scheduler(engine, jobs, max_inputs=2).batches == 1
     for j in jobs:
         assert j.error is None, j.error
         _same(j.result, _alone(engine, j), str(j.payload))
@@ -494,7 +466,7 @@ def test_seeded_sampling_requests_run_alone(t5_engine, registry_on):
     """Two sampling requests with the same options and seed, submitted together: each runs as its own
     batch, so each gets exactly its tokens alone (merged, the second row's draws would follow the
     first's). Unseeded sampling and greedy requests with equal options still share a key."""
-    from encdec_core.serve import Job, Scheduler, batch_key
+    from encdec_core.serve import Job, batch_key
 
     engine = t5_engine
     params = dict(do_sample=True, seed=11, top_k=20, max_new_tokens=8)
@@ -503,16 +475,7 @@ def test_seeded_sampling_requests_run_alone(t5_engine, registry_on):
         assert batch_key(p, False) == batch_key(dict(p), False)
     jobs = [Job("generate", {"texts": [t], "params": dict(params), "per": {}, "scores": False},
                 batch_key(params, False)) for t in (T5_WORDS[0] + " " + T5_WORDS[1], T5_WORDS[2])]
-    s = Scheduler(engine, max_delay=5.0)
-    try:
-        s.start()
-        for j in jobs:
-            s.submit(j)
-        for j in jobs:
-            assert j.done.wait(60)
-    finally:
-        s.stop()
-    assert s.batches == 2
+    assert _through_scheduler(engine, jobs).batches == 2
     for j in jobs:
         assert j.error is None, j.error
         _same(j.result, _alone(engine, j), str(j.payload))
