@@ -430,11 +430,12 @@ def test_merged_batch_equals_each_request_alone(t5_engine, t5_hot, mbart_engine,
         _same(merged[k], _alone(engine, job), f"{what}: job {k}")
 
 
-def _through_scheduler(engine, jobs, **kw):
-    """Submit ``jobs`` together to a started scheduler (5 s to gather), wait for all, stop it; -> it."""
+def _through_scheduler(engine, jobs, max_delay: float = 5.0, **kw):
+    """Submit ``jobs`` together to a started scheduler (``max_delay`` s to gather: a batch that does
+    not fill up waits that long), wait for all, stop it; -> it."""
     from encdec_core.serve import Scheduler
 
-    s = Scheduler(engine, max_delay=5.0, **kw)
+    s = Scheduler(engine, max_delay=max_delay, **kw)
     try:
         s.start()
         for j in jobs:
@@ -475,7 +476,7 @@ def test_seeded_sampling_requests_run_alone(t5_engine, registry_on):
         assert batch_key(p, False) == batch_key(dict(p), False)
     jobs = [Job("generate", {"texts": [t], "params": dict(params), "per": {}, "scores": False},
                 batch_key(params, False)) for t in (T5_WORDS[0] + " " + T5_WORDS[1], T5_WORDS[2])]
-    assert _through_scheduler(engine, jobs).batches == 2
+    assert _through_scheduler(engine, jobs, max_delay=0.5).batches == 2  # submitted within the window
     for j in jobs:
         assert j.error is None, j.error
         _same(j.result, _alone(engine, j), str(j.payload))
