@@ -38,7 +38,7 @@ import torch
 from test_cuda_runner import _tiny
 
 FAMILIES = ("t5", "bart")
-CASES_PER_FAMILY = 40
+CASES_PER_FAMILY = 30
 MAX_BATCH, MAX_SRC = 5, 20  # requests per case, source tokens per request
 MAX_LEN = 32  # decoder length the runner holds: new tokens (<= 16, or HF's default 20) + prefix (<= 4)
 PATHS: dict[str, str] = {}  # case id -> the path the runner took ("fused-greedy", "fused-beam", "token-loop")

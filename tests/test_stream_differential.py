@@ -35,11 +35,11 @@ from encdec_core.errors import EncDecError
 from test_runner_differential import _sources, draw_lengths, draw_processors, family_setups
 
 FAMILIES = ("t5", "bart")
-GEN_CASES = 20  # per family
+GEN_CASES = 16  # per family
 STAGGERED: dict[str, bool] = {}  # case id -> whether some rows stopped being live while others went on
-ENGINE_CASES = 10
+ENGINE_CASES = 6
 MBART_CASES = 6
-MERGE_CASES = 12
+MERGE_CASES = 8
 MAX_BATCH = 4
 MAX_LEN = 32
 
