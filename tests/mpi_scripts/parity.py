@@ -1,6 +1,7 @@
-"""Launched by tests/test_parallel.py: mpirun -n W python parity.py ROOT OUT [--device cuda].
+"""Launched by tests/test_parallel.py: mpirun -n W python parity.py ROOT OUT [--device cuda] [--models A,B].
 
-For every (tp, pp) with tp * pp == W (parallel_common.MAPPINGS) and every prepared model: start the
+For every (tp, pp) with tp * pp == W (parallel_common.MAPPINGS) and every prepared model (or those
+named by --models): start the
 ranks with init_parallel, load this rank's shard (verify + load), compute teacher-forced logits, a
 greedy KV-cache loop and greedy / beam / sampling generate. Each rank writes OUT/rank{r}.pt; the
 test compares every rank's results with the single-rank reference.
@@ -30,9 +31,16 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--timeout", type=float, default=90)
+    ap.add_argument("--models", default=None, help="comma-separated subset of ROOT/models.json (default: all)")
     args = ap.parse_args()
     info = detect_launch()
     names = json.loads((args.root / "models.json").read_text())
+    if args.models:
+        wanted = args.models.split(",")
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            raise SystemExit(f"--models: {unknown} not in {args.root / 'models.json'} ({names})")
+        names = [n for n in names if n in wanted]
     results, facts = {}, {}
     t0 = time.time()
     force = info.world_size == 1
