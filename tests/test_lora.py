@@ -533,6 +533,80 @@ def test_cli_runtime_adapters_with_task_uids_and_compare_hf(builtin_registry, tm
     assert rows[0]["sum"] != pytest.approx(engine.score([texts[0]], [outs[0]])[0].sum, abs=1e-3)
 
 
+def test_serve_merged_batch_with_per_request_lora_uids(builtin_registry, tmp_path, reg, monkeypatch):
+    """encdec serve with run-time adapters: generate requests with equal options and different
+    ``parameters.lora_uid`` (1 for two inputs, -1, null, 0), submitted together, run as one batch
+    (Scheduler._gather -> _run_generate: one engine.generate call with a uid per input), and each
+    request gets exactly its output alone with its uid, and for uid u >= 0 the output of the model
+    with adapter u merged at convert time; greedy and beam (2) decoding."""
+    from _cli_helpers import make_t5_dir
+    from encdec_core.runtime.generation import GenerationConfig
+    from encdec_core.serve import Job, Scheduler, batch_key, parse_generate
+
+    src = make_t5_dir(tmp_path / "hf")  # a tiny T5 with a ByT5 tokenizer: serve's requests are texts
+    base = transformers.T5ForConditionalGeneration.from_pretrained(src).eval()
+    specs = [dict(r=2, lora_alpha=4, target_modules=["q", "v", "wo"]),
+             dict(r=4, lora_alpha=3, target_modules=["k", "o", "wi", "EncDecAttention.q"], use_rslora=True)]
+    dirs = _adapters(tmp_path, base, specs, 40)
+    rt = _engine(tmp_path, "rt", reg, src, dirs, "runtime")
+    by_uid = {u: _engine(tmp_path, f"m{u}", reg, src, [d]) for u, d in enumerate(dirs)}
+    gen_fields = set(GenerationConfig.field_names()) - {"decoder_start_token_id", "pad_token_id"}  # as Server's
+    requests = [(["the cat sat on the mat", "hello world"], 1), (["a much longer input here"], -1),
+                (["naïve café ✓"], None), (["x y the cat"], 0)]
+    uid_per_input = [-1 if u is None else u for texts, u in requests for _ in texts]
+    calls = []
+    real = rt.generate
+
+    def tokens(outs):
+        return [[h.tokens for h in row] for row in outs]
+
+    def spy(texts, **kw):
+        calls.append((list(texts), kw.get("lora_uids")))
+        return real(texts, **kw)
+
+    for opts in (dict(max_new_tokens=10), dict(max_new_tokens=10, num_beams=2)):
+        jobs = []
+        for texts, u in requests:
+            body = {"inputs": texts, "parameters": {**opts, "lora_uid": u, "return_scores": True}}
+            texts, params, per, scores, _ = parse_generate(body, gen_fields)  # as the HTTP handler
+            jobs.append(Job("generate", {"texts": texts, "params": params, "per": per, "scores": scores},
+                            batch_key(params, scores)))
+        assert len({j.key for j in jobs}) == 1  # lora_uid is per request, not part of the key
+        s = Scheduler(rt, max_delay=5.0, max_inputs=len(uid_per_input))  # the batch fills: no wait
+        calls.clear()
+        monkeypatch.setattr(rt, "generate", spy)
+        for j in jobs:  # all queued before the scheduler starts: it gathers them into one batch
+            s.submit(j)
+        try:
+            s.start()
+            for j in jobs:
+                assert j.done.wait(60)
+        finally:
+            s.stop()
+            monkeypatch.undo()
+        assert s.batches == 1 and s.requests == len(requests) and len(calls) == 1, (s.batches, calls)  # merged
+        for j, (texts, u) in zip(jobs, requests):
+            what = (opts, texts, u)
+            assert j.error is None, (what, j.error)
+            alone = rt.generate(texts, return_scores=True, lora_uids=u, **opts)
+            assert len(j.result) == len(texts)
+            for got, want in zip(j.result, alone):
+                assert [(h.text, h.tokens) for h in got] == [(h.text, h.tokens) for h in want], what
+                for g, w in zip(got, want):
+                    assert g.score == pytest.approx(w.score, abs=1e-4), what
+                    assert g.token_logprobs == pytest.approx(w.token_logprobs, abs=1e-4), what
+            if u is not None and u >= 0:
+                merged = by_uid[u].generate(texts, return_scores=True, **opts)
+                assert tokens(j.result) == tokens(merged), what
+                for got, want in zip(j.result, merged):
+                    assert got[0].score == pytest.approx(want[0].score, abs=1e-4), what
+                # the adapter changes the outputs (tokens or scores): a batch run without the uids fails above
+                base_out = rt.generate(texts, return_scores=True, **opts)
+                assert tokens(j.result) != tokens(base_out) or any(
+                    abs(g[0].score - b[0].score) > 0.1 for g, b in zip(j.result, base_out)), what
+        assert calls[0] == ([t for texts, _ in requests for t in texts], uid_per_input)
+
+
 @pytest.mark.gpu
 def test_runtime_adapters_in_the_cuda_graph_runner(tmp_path, reg):
     """On a GPU (fp32): the CUDA-graph runner with run-time adapters: each row's first-step logits
