@@ -83,3 +83,25 @@ def builtin_registry():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# The product compiles the CPU step with inductor's GEMM autotuning (runner.CPU_COMPILE_OPTIONS).
+# Autotuning compiles and times every candidate GEMM of every shape: about 5 s a shape on CI's 2
+# cores, 60-80 s of one test on a cold inductor cache. The tests whose subject is those options
+# (test_cuda_runner.py::test_cpu_compiled_step_matches_eager, both families) pass them explicitly
+# (PRODUCT_CPU_COMPILE_OPTIONS); every other compiled test checks its own feature on the same step
+# compiled with freezing and without autotuning.
+try:
+    from encdec_core.runtime.cuda import runner as _runner_mod
+
+    PRODUCT_CPU_COMPILE_OPTIONS = dict(_runner_mod.CPU_COMPILE_OPTIONS)
+except ImportError:  # pragma: no cover - the runner always imports with the core installed
+    _runner_mod, PRODUCT_CPU_COMPILE_OPTIONS = None, {}
+
+
+@pytest.fixture(autouse=True)
+def _cpu_compile_without_autotune(monkeypatch):
+    if _runner_mod is not None:
+        monkeypatch.setattr(_runner_mod, "CPU_COMPILE_OPTIONS",
+                            {**PRODUCT_CPU_COMPILE_OPTIONS, "max_autotune": False})
+    yield
