@@ -208,6 +208,16 @@ class _CpuCompiledStep:
         return out
 
 
+def _first_possible_end(min_steps: int, forced_first_ids, eos_ids) -> int:
+    """The first decoding step (0-based) after which an output may have ended. While a min length
+    suppresses EOS (``min_steps`` steps) none can, unless a forced first token is itself an EOS id:
+    the loops skip their "finished?" check there, so the host does not wait for the GPU
+    (summarisation presets ask for 56+ tokens)."""
+    if set(forced_first_ids or ()) & set(eos_ids):
+        return 0
+    return max(0, int(min_steps))
+
+
 def _bucket(n: int, buckets, limit: int, what: str) -> int:
     if n > limit:
         raise LimitError(f"{what} {n} exceeds the runner's limit {limit}")
@@ -1077,11 +1087,8 @@ class CudaGraphRunner:
         feed_prefix(self, prefix)  # a decoder prefix: every beam has the same one
         d._tokens[:rows].copy_(pad_prefix[:, -1])
         check_every = self._check_every(check_every, 4)
-        # no hypothesis can end while EOS is suppressed (the min length; unless a forced first token is
-        # an EOS id): no check there, so the host does not wait for the GPU
-        first_end = 0
-        if pipeline.eos_mask is not None and not pipeline.forced_bos_ids & set(gc.eos_token_ids):
-            first_end = max(0, pipeline.min_length - prompt)
+        first_end = _first_possible_end(pipeline.min_length - prompt if pipeline.eos_mask is not None else 0,
+                                        pipeline.forced_bos_ids, gc.eos_token_ids)
         for i in range(max_len - prompt):
             if g is None:
                 fn()
@@ -1240,14 +1247,11 @@ class CudaGraphRunner:
         vw.finished.zero_()
         vw.finished[n:].fill_(True)
         done = 0
-        # no row can finish within its first min_new_tokens tokens (EOS suppressed; unless a forced
-        # first token is EOS itself): no check there, so the host does not wait for the GPU
-        # (summarisation presets ask for 56+ tokens)
-        unfinished = 0 if eos in forced_ids else int(min_new_tokens)
+        first_end = _first_possible_end(min_new_tokens, forced_ids, (eos,))
         for i in range(max_new_tokens):
             self._run("greedy")
             done = i + 1
-            if done % check_every == 0 and unfinished < done < max_new_tokens and self._all_finished(vw):
+            if done % check_every == 0 and i >= first_end and done < max_new_tokens and self._all_finished(vw):
                 break
         self.steps = done
         out = vw.out_tokens[:n, :done]
