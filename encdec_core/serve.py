@@ -22,12 +22,14 @@ with the same generation options (and the same return_scores), up to the engine'
 in inputs, and runs them as one batch (target languages, prefixes and adapters may differ per
 request: they go per input). Outputs equal each request run alone (batched == one at a time is
 a tested property of generate). A sampling request with a seed runs alone, so that its tokens
-depend on its seed only, not on the requests it would have been merged with. A batch that fails is rerun request by request, so one bad
-request gets its own error and the others their outputs. Streaming and scoring jobs run one at a
-time. Errors are JSON ``{"error": message}``: 400 for bad input (the message names the field and
-value), 404 / 405 / 411 / 413 for the path, method, length and size, 408 when a request stops
-arriving for the request timeout, or its request line and headers take longer than it in all
-(REQUEST_TIMEOUT, ``--request-timeout``; then the connection closes), 500 for an internal error. A client that hangs up before its reply is one line on stderr.
+depend on its seed only, not on the requests it would have been merged with. A batch that fails
+is rerun request by request, so one bad request gets its own error and the others their outputs.
+Streaming and scoring jobs run one at a time. Errors are JSON ``{"error": message}``: 400 for bad
+input (the message names the field and value), 404 / 405 / 411 / 413 for the path, method,
+length and size, 408 when a request stops arriving for the request timeout, or its request line
+and headers take longer than it in all (REQUEST_TIMEOUT, ``--request-timeout``; then the
+connection closes), 500 for an internal error. A client that hangs up before its reply is one
+line on stderr.
 """
 from __future__ import annotations
 
