@@ -164,9 +164,8 @@ class LogitsPipeline:
         # begin_suppress applies at length begin_index, or per row (a list: requests with their own
         # forced first token begin after it, those without at the first generated position)
         per_row = isinstance(begin_index, (list, tuple))
-        self.begin_index = None if per_row else int(begin_index)
         self.begin_rows = torch.tensor(list(begin_index), dtype=torch.long, device=device) if per_row else None
-        self._begin_at = frozenset(int(i) for i in begin_index) if per_row else {self.begin_index}
+        self._begin_at = frozenset(int(i) for i in (begin_index if per_row else (begin_index,)))
 
     @property
     def static(self) -> bool:
