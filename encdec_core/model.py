@@ -116,6 +116,7 @@ class Stack(nn.Module):
             self.embed_positions = nn.Embedding(n, d)
         elif pt == "sinusoidal":
             self.register_buffer("sin_table", self._sin_table(), persistent=False)
+            self._retired_tables: list[torch.Tensor] = []  # see ensure_positions
         elif pt == "relative":
             self.buckets = RelativeBuckets(side == "encoder", cfg.relative_num_buckets, cfg.relative_max_distance)
             if not cfg.relative_bias_per_layer:
@@ -136,6 +137,21 @@ class Stack(nn.Module):
         if self.cfg.position_type == "sinusoidal":
             self.sin_table = self._sin_table().to(self.tokens.weight.device)
 
+    def ensure_positions(self, n: int) -> None:
+        """Sinusoidal positions for sequences of ``n`` tokens. The table starts at the config's
+        max_position_embeddings and grows on demand as HF's FSMT grows it (a row does not depend on
+        the table's size). A replaced table stays referenced: a captured CUDA graph or a compiled
+        step may still read it (for the rows it was made for)."""
+        if self.cfg.position_type != "sinusoidal":
+            return
+        rows = int(n) + self.cfg.pad_token_id + 1
+        old = self.sin_table
+        if rows <= old.shape[0] or old.is_meta:
+            return
+        self._retired_tables.append(old)
+        self.sin_table = sinusoidal_table(rows, self.cfg.d_model, self.cfg.pad_token_id).to(
+            device=old.device, dtype=old.dtype)
+
     @property
     def tokens(self) -> VocabEmbedding:
         return self._shared[0] if self._shared[0] is not None else self.embed_tokens
@@ -150,6 +166,10 @@ class Stack(nn.Module):
             if cfg.position_type == "learned":
                 x = x + self.embed_positions(pos)
             else:
+                # a host count of tokens (eager calls): the table grows to it; a device ``past`` (the
+                # graph runner) and compiled code rely on the runner's ensure_positions at its limits
+                if isinstance(past, int) and not torch.compiler.is_compiling():
+                    self.ensure_positions(past + ids.shape[1])
                 x = x + F.embedding(pos, self.sin_table)
         if cfg.layernorm_embedding:
             x = self.layernorm_embedding(x)
@@ -336,6 +356,13 @@ class EncDecModel(nn.Module):
     def init_buffers(self) -> None:
         self.encoder.init_buffers()
         self.decoder.init_buffers()
+
+    def ensure_positions(self, n: int) -> None:
+        """Position tables (sinusoidal ones grow; see ``Stack.ensure_positions``) for ``n`` tokens on
+        either side. Runners that read the tables from compiled code or CUDA graphs call it once with
+        their limits before they compile or capture."""
+        self.encoder.ensure_positions(n)
+        self.decoder.ensure_positions(n)
 
     def expected_shapes(self) -> dict[str, tuple]:
         return {k: tuple(v.shape) for k, v in self.state_dict().items()}

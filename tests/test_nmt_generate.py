@@ -65,3 +65,34 @@ def test_beam4_and_greedy_match_fsmt(tmp_path, fsmt, style):
         assert (batched[i][one.shape[0]:] == 1).all()
     ends = {int((r == 2).nonzero()[0]) if (r == 2).any() else -1 for r in batched[:, 1:]}
     assert len(ends) > 1, "the fixture should make beams finish at different lengths"
+
+
+def test_positions_beyond_max_position_embeddings_match_fsmt(tmp_path):
+    """HF's FSMT grows its sinusoid table on demand; ours did not (IndexError past
+    max_position_embeddings). Sources and outputs longer than the table, eager and through the graph
+    runner's code (which sizes the table for its limits before it captures)."""
+    from encdec_core.convert import load_source_model
+    from encdec_core.runtime.cuda.runner import CudaGraphRunner
+    from encdec_core.runtime.generation import GenerationConfig, generate
+
+    fs = tiny_fsmt(seed=11, max_pos=8)
+    fs.save_pretrained(tmp_path / "fsmt")
+    model, _, _ = load_source_model(tmp_path / "fsmt", reg=make_registry("encdec_nmt.plugin"))
+    rows0 = model.decoder.sin_table.shape[0]
+    assert rows0 == 8 + 1 + 1
+    long_src = [list(range(4, 16)) + [2], [5, 6, 2]]  # 13 tokens > 8
+    for kw in (dict(num_beams=1, max_new_tokens=14, min_new_tokens=14), dict(num_beams=3, max_new_tokens=12, min_new_tokens=10)):
+        ref = hf_generate(fs, long_src, **kw)
+        assert ref.shape[1] > 9, "the reference should pass max_position_embeddings"
+        ours = our_generate(model, long_src, **kw)
+        assert torch.equal(ours, ref), kw
+    assert model.decoder.sin_table.shape[0] > rows0 and model.encoder.sin_table.shape[0] > rows0
+    runner_model, _, _ = load_source_model(tmp_path / "fsmt", reg=make_registry("encdec_nmt.plugin"))
+    runner = CudaGraphRunner(runner_model, 4, 20, 16, compile=False, use_graphs=False)
+    assert runner_model.decoder.sin_table.shape[0] >= 20 + 2  # sized before any step runs
+    ids, mask = right_pad(long_src)
+    kw = dict(num_beams=1, max_new_tokens=14, min_new_tokens=14)
+    gc = GenerationConfig.from_model(runner_model.cfg, None, **kw)
+    with torch.no_grad():
+        got = generate(runner_model, ids, mask, gc, runner=runner).sequences
+    assert torch.equal(got, hf_generate(fs, long_src, **kw))

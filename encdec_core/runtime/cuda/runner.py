@@ -493,6 +493,11 @@ class CudaGraphRunner:
         if model.device.type != "cuda" and compile and not cpu:
             raise ValueError(f"compile=True serves CUDA and CPU models, got {model.device}")
         self.model = model
+        # sinusoidal position tables sized for the limits before any step is compiled or captured
+        # (eager calls grow them on demand; a graph keeps reading the table it was captured with)
+        ensure = getattr(model, "ensure_positions", None)
+        if ensure is not None:
+            ensure(max(int(max_len), int(max_input_len)))
         # run-time LoRA (runtime/lora.py): the bank's hooks add each row's update to the model's own
         # linear layers, which the compiled step and the encoder call (the Triton step does not); the
         # adapter uid of each source row and of each decoder row sit in static buffers
