@@ -144,11 +144,23 @@ def read_hf_source(path: Path, family: Family) -> Source:
     src = read_json(path / "config.json")
     cfg = family.make_config(src, str(path / "config.json"))
     tensors = load_tensors(path)
-    gen = {}
-    if (path / "generation_config.json").is_file():
-        gen = read_json(path / "generation_config.json", "generation config")
+    gen = read_generation_config(path)
     tok = [path / f for f in HF_TOKENIZER_FILES if (path / f).is_file()]
     return Source(path, cfg, tensors, gen, tok)
+
+
+def read_generation_config(path: Path) -> dict:
+    """What HF's ``generate`` starts from for an HF model folder: its generation_config.json, or, when
+    the folder has none, the generation options in its config.json (HF then loads config.json as the
+    generation config: beam count, lengths, penalties, the whole EOS list; older checkpoints keep
+    them there)."""
+    if (path / "generation_config.json").is_file():
+        return read_json(path / "generation_config.json", "generation config")
+    from .runtime.generation import hf_generation_keys
+
+    keys = hf_generation_keys()
+    raw = read_json(path / "config.json")
+    return {k: v for k, v in raw.items() if k in keys and v is not None}
 
 
 def detect_family(reg, source) -> Family:

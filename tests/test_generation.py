@@ -448,6 +448,31 @@ def test_generation_config_json_is_honoured_like_hf(tmp_path, batch):
     assert_same(h2, o2, beam=True)
 
 
+@pytest.mark.parametrize("extra", [
+    {"eos_token_id": [EOS, 25]},
+    {"num_beams": 3, "max_length": 10, "no_repeat_ngram_size": 2, "length_penalty": 1.5, "early_stopping": True},
+])
+def test_config_json_stands_in_for_a_missing_generation_config(tmp_path, batch, extra):
+    """No generation_config.json: HF loads config.json as the generation config (older checkpoints keep
+    their beam count, lengths and EOS list there). T5 took only the model config's first EOS id then."""
+    _tiny_t5(tmp_path)
+    (tmp_path / "generation_config.json").unlink()
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, **extra}))
+    hf = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    ours, src, _ = load_source_model(tmp_path, reg=make_registry("encdec_t5.plugin"))
+    assert {k: src.generation_config[k] for k in extra} == extra
+    ids, mask = batch
+    with torch.no_grad():
+        h = hf.generate(ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True)
+    o = ours_generate(ours, src, ids, mask)
+    assert_same(h, o, beam="num_beams" in extra)
+    if "num_beams" in extra:
+        assert h.sequences.shape[1] == 10
+    else:
+        assert (h.sequences[:, 1:] == 25).any(), "the second EOS id should end a row"
+
+
 def test_generation_config_resolution(models):
     _, ours, _ = models
     cfg = ours.cfg

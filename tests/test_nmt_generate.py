@@ -96,3 +96,26 @@ def test_positions_beyond_max_position_embeddings_match_fsmt(tmp_path):
     with torch.no_grad():
         got = generate(runner_model, ids, mask, gc, runner=runner).sequences
     assert torch.equal(got, hf_generate(fs, long_src, **kw))
+
+
+def test_fsmt_folder_without_generation_config_uses_config_json(tmp_path, fsmt):
+    """FSMTConfig writes num_beams 5 and forced_eos_token_id into config.json; without a
+    generation_config.json HF's generate takes them from there (ours decoded greedily before)."""
+    import json
+
+    from encdec_core.convert import load_source_model
+    from encdec_core.runtime.generation import GenerationConfig, generate
+    from transformers import FSMTForConditionalGeneration
+
+    fsmt.save_pretrained(tmp_path / "fsmt")
+    (tmp_path / "fsmt" / "generation_config.json").unlink()
+    raw = json.loads((tmp_path / "fsmt" / "config.json").read_text())
+    assert raw["num_beams"] == 5
+    hf = FSMTForConditionalGeneration.from_pretrained(tmp_path / "fsmt").eval()
+    model, src, _ = load_source_model(tmp_path / "fsmt", reg=make_registry("encdec_nmt.plugin"))
+    ids, mask = right_pad(SRC)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10)
+        gc = GenerationConfig.from_model(model.cfg, src.generation_config, max_new_tokens=10)
+        assert gc.num_beams == 5
+        assert torch.equal(generate(model, ids, mask, gc).sequences, ref)

@@ -71,6 +71,14 @@ _NEUTRAL = {
 }
 
 
+def hf_generation_keys() -> frozenset[str]:
+    """The generation options HF reads from a config.json that stands in for a missing
+    generation_config.json: ours (not ``seed``), those accepted at their neutral values only (a
+    config.json that sets one is refused, as a generation_config.json would be), and bos_token_id."""
+    ours = set(GenerationConfig.field_names()) - {"seed"}
+    return frozenset(ours | set(_NEUTRAL) | {"bos_token_id"})
+
+
 def _as_id_list(v) -> tuple[int, ...] | None:
     if v is None:
         return None

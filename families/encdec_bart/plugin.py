@@ -13,7 +13,7 @@ import math
 import re
 from pathlib import Path
 
-from encdec_core.config import ConfigMap, read_json, source_activation
+from encdec_core.config import ConfigMap, source_activation
 from encdec_core.errors import ConfigError, EncDecError, WeightError
 from encdec_core.family import Family, Source, read_hf_source
 from encdec_core.plugins import hookimpl
@@ -167,15 +167,6 @@ BART_WEIGHTS = WeightMap(_weight_rules())
 
 # ------------------------------------------------------------------------------------ source
 
-# generation settings HF reads from config.json when a folder has no generation_config.json
-_GENERATION_KEYS = (
-    "max_length", "min_length", "max_new_tokens", "num_beams", "length_penalty", "early_stopping",
-    "no_repeat_ngram_size", "repetition_penalty", "num_return_sequences", "do_sample", "temperature",
-    "top_k", "top_p", "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
-    "forced_bos_token_id", "forced_eos_token_id",
-)
-
-
 def read_bart_source(path: Path, family: Family) -> Source:
     """An HF BART/mBART folder. final_logits_bias [1, V] becomes [V]; a missing or all-zero bias
     (HF treats it as zeros) is left out of the model, which changes no logit."""
@@ -191,11 +182,7 @@ def read_bart_source(path: Path, family: Family) -> Source:
             tensors["final_logits_bias"] = t.reshape(-1)
     if "final_logits_bias" not in tensors:
         cfg = cfg.replace(final_logits_bias=False)
-    gen = dict(src.generation_config)
-    if not (Path(path) / "generation_config.json").is_file():
-        raw = read_json(Path(path) / "config.json")
-        gen = {k: raw[k] for k in _GENERATION_KEYS if raw.get(k) is not None}
-    return Source(src.path, cfg, tensors, gen, src.tokenizer_files)
+    return Source(src.path, cfg, tensors, dict(src.generation_config), src.tokenizer_files)
 
 
 # ------------------------------------------------------------------------------------ tokenizer

@@ -16,7 +16,7 @@ import torch
 
 from encdec_core.config import ConfigMap, EncDecConfig, read_json, source_activation
 from encdec_core.errors import ConfigError, EncDecError, WeightError
-from encdec_core.family import HF_TOKENIZER_FILES, Family, Source, load_tensors
+from encdec_core.family import HF_TOKENIZER_FILES, Family, Source, load_tensors, read_generation_config
 from encdec_core.plugins import hookimpl
 from encdec_core.weights import Rule, WeightMap
 
@@ -380,8 +380,7 @@ def read_fsmt(path: Path, family: Family) -> Source:
     tensors = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in raw.items()}
     if cfg.shared_embeddings and "encoder.embed_tokens.weight" not in tensors and "decoder.embed_tokens.weight" in tensors:
         tensors["encoder.embed_tokens.weight"] = tensors["decoder.embed_tokens.weight"]
-    gen = read_json(path / "generation_config.json", "generation config") \
-        if (path / "generation_config.json").is_file() else {}
+    gen = read_generation_config(path)
     tok = [path / f for f in HF_TOKENIZER_FILES if (path / f).is_file()]
     return Source(path, cfg, tensors, gen, tok)
 
