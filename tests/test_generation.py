@@ -496,6 +496,11 @@ def test_generation_config_resolution(models):
     ({"num_beam_groups": 2, "diversity_penalty": 0.5}, {}, ["generation_config.json", "num_beam_groups", "2"]),
     ({"sequence_bias": [[[3], 1.0]]}, {}, ["sequence_bias", "[[[3], 1.0]]"]),
     ({"suppress_tokens": [3, -2]}, {}, ["generation_config.json", "suppress_tokens", "[3, -2]", ">= 0"]),
+    # HF 5.24 refuses a forced token that is suppressed (every logit -inf at that step) up front too
+    ({}, dict(forced_eos_token_id=EOS, suppress_tokens=[EOS, 4]), ["generate option", "suppress_tokens", "[1, 4]",
+                                                                  "forced_eos_token_id (1)", "min_new_tokens"]),
+    ({"forced_bos_token_id": 7, "suppress_tokens": [7]}, {}, ["generation_config.json", "suppress_tokens",
+                                                             "forced_bos_token_id (7)"]),
     ({}, dict(begin_suppress_tokens=[-1]), ["generate option", "begin_suppress_tokens", "[-1]"]),
     ({}, dict(bad_words_ids=[3, 4]), ["bad_words_ids", "[3, 4]", "lists of token ids"]),
     ({}, dict(bad_words_ids=[[3], []]), ["bad_words_ids", "[[3], []]", "non-empty lists"]),

@@ -6,9 +6,9 @@ except the graphs and the compilation: its fused greedy loop (``greedy_search``)
 the runner (``beam_search``) and, for everything else, generate's token loop through the runner's
 ``step`` / ``reorder``. Seeded random cases over tiny T5 and BART models compare every output field:
 ``sequences`` exactly, ``sequences_scores`` and ``token_scores`` to 1e-5 (NaN where the other has NaN:
-a forced token that is also suppressed leaves no finite score, on both paths and in HF). An option set
-that both paths refuse must be refused with the same error class and message (sampling where the
-options exclude every token).
+a forced token that is also begin-suppressed leaves no finite score, on both paths and in HF). An option
+set that both paths refuse must be refused with the same error class and message (sampling where the
+options exclude every token; forced tokens that are all in suppress_tokens, which HF refuses too).
 
 Varied: batch 1-5 with right-padded mixed source lengths (also without a mask, and int32 ids); greedy,
 beam search (2-4 beams, num_return_sequences, length_penalty, early_stopping True / False / "never"),

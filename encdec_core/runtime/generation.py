@@ -311,6 +311,13 @@ class GenerationConfig:
             v = self.bad_words_ids
             if not isinstance(v, (list, tuple)) or len(v) == 0 or not all(id_list(w) for w in v):
                 bad("bad_words_ids", v, f"a non-empty list of non-empty lists of token ids {rng}")
+        if self.suppress_tokens:  # HF refuses it too: the forced step would have no token left
+            for name in ("forced_bos_token_id", "forced_eos_token_id"):
+                forced = _as_id_list(getattr(self, name))
+                if forced and set(forced) <= set(self.suppress_tokens):
+                    bad("suppress_tokens", self.suppress_tokens,
+                        f"a list without every {name} ({getattr(self, name)!r}): forcing a suppressed token "
+                        f"leaves no token at that step (to keep EOS from coming early, set min_new_tokens)")
         if self.decoder_start_token_id is None:
             bad("decoder_start_token_id", None, "a token id (set it in the model config or generation config)")
         min_len, max_len = self.limits()
