@@ -9,7 +9,7 @@ import torch
 
 from .adapters import apply_adapters, check_loaded
 from .checkpoint import check_float_tensors, parse_dtype, validate_parallel, write_checkpoint
-from .errors import ConfigError
+from .errors import ConfigError, WeightError
 from .family import Family, Source
 from .fsutil import as_path, check_output_dir
 from .model import EncDecModel, build_model
@@ -21,29 +21,98 @@ def resolve_family(source: Path, family: str | None = None, reg=None) -> Family:
     return reg.get(family) if family else reg.detect(source)
 
 
-def map_source(fam: Family, src: Source, adapter_changes: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+def map_source(fam: Family, src: Source, adapter_changes: dict[str, str] | None = None,
+               dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Rename the source tensors into our names; every problem reported at once. ``adapter_changes``
-    (from ``apply_adapters``): source keys an adapter changed, which the map must not drop."""
+    (from ``apply_adapters``): source keys an adapter changed, which the map must not drop. With
+    ``dtype`` (the dtype the checkpoint stores) every weight is checked to be finite and to fit it."""
     model = build_model(src.config, meta=True)
     wm = fam.make_weight_map(src.config)
     tensors, report = wm.apply(src.tensors, model.expected_shapes(), src.config, source=str(src.path))
     check_float_tensors(tensors, str(src.path))
     if adapter_changes:
         check_loaded(adapter_changes, report.dropped, fam)
+    if dtype is not None:
+        check_weight_values(tensors, dtype, str(src.path), report.origin, src.tensors, adapter_changes)
     return tensors
 
 
-def read_and_map(source: Path, family: str | None = None, reg=None, adapters: Sequence[Path] = ()
-                 ) -> tuple[Family, Source, dict[str, torch.Tensor], list[dict]]:
+def _max_abs(t: torch.Tensor) -> float:
+    """The largest |value| of ``t`` in one pass (no copy); nan when ``t`` holds a NaN."""
+    if t.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(t.detach())
+    lo, hi = float(lo), float(hi)
+    return float("nan") if lo != lo or hi != hi else max(-lo, hi)
+
+
+def _fits(m: float, dtype: torch.dtype) -> bool:
+    """A largest |value| ``m`` stays finite once cast to ``dtype`` (rounded as the cast rounds)."""
+    return m == m and m != float("inf") and not bool(torch.tensor(m, dtype=torch.float64).to(dtype).isinf())
+
+
+def check_weight_values(tensors: dict[str, torch.Tensor], dtype: torch.dtype, source: str,
+                        origin: dict[str, tuple[str, ...]] | None = None,
+                        source_tensors: dict[str, torch.Tensor] | None = None,
+                        adapter_changes: dict[str, str] | None = None) -> None:
+    """Every weight is finite and stays finite once cast to ``dtype``: refuse NaN / inf weights and
+    values beyond the dtype's range (1e6 in float16 becomes inf), naming each tensor by its source
+    name (``origin``: target -> source keys), its largest |value| and the dtype's limit. One reduction
+    per tensor (a tied tensor is checked once)."""
+    origin, source_tensors, adapter_changes = origin or {}, source_tensors or {}, adapter_changes or {}
+    dname = str(dtype).replace("torch.", "")
+    seen: dict[tuple, float] = {}
+    bad: list[str] = []
+    overflow = False
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            continue  # check_float_tensors reports it
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset())
+        m = seen[key] if key in seen else seen.setdefault(key, _max_abs(t))
+        if _fits(m, dtype):
+            continue
+        srcs = origin.get(name, ())
+        if len(srcs) > 1:  # a fused target: name the source tensor(s) at fault (error path only)
+            srcs = tuple(k for k in srcs if k in source_tensors and source_tensors[k].is_floating_point()
+                         and not _fits(_max_abs(source_tensors[k]), dtype)) or srcs
+        where = f"{' + '.join(srcs)} (our {name})" if srcs and srcs != (name,) else name
+        by = sorted({adapter_changes[k] for k in srcs if k in adapter_changes})
+        if by:
+            where += f" (changed by the adapter {'; '.join(by)})"
+        if m != m or m == float("inf"):
+            bad.append(f"{where} holds {'NaN' if m != m else 'inf'} values: expected finite weights")
+        else:
+            overflow = True
+            bad.append(f"{where}: largest |value| {m:.6g} exceeds {dname}'s limit {torch.finfo(dtype).max:.6g} "
+                       f"(the cast would make it inf)")
+    if bad:
+        shown = bad[:8] + ([f"... and {len(bad) - 8} more"] if len(bad) > 8 else [])
+        msg = f"{source}: weight(s) that are not finite in {dname}: " + "; ".join(shown)
+        if overflow:
+            msg += ("; convert with --dtype bfloat16 (float32's range, limit 3.39e+38) or float32"
+                    if dtype == torch.float16 else "; convert with --dtype float32")
+        raise WeightError(msg)
+
+
+def read_and_map(source: Path, family: str | None = None, reg=None, adapters: Sequence[Path] = (),
+                 dtype: torch.dtype | None = None) -> tuple[Family, Source, dict[str, torch.Tensor], list[dict]]:
     """The family, the source, our tensors and the adapters' descriptions: ``source`` read by its
-    family, with ``adapters`` (LoRA directories, ...) merged in order before the WeightMap."""
+    family, with ``adapters`` (LoRA directories, ...) merged in order before the WeightMap. With
+    ``dtype`` the merged weights are checked to be finite in it (``check_weight_values``)."""
     reg = reg or default_registry
     fam = resolve_family(Path(source), family, reg)
     src = fam.read(Path(source))
     changes, described = {}, []
     if adapters:
+        base = src.tensors
         src, described, changes = apply_adapters(fam, src, adapters, reg)
-    return fam, src, map_source(fam, src, changes), described
+        # a merge computes in float: an integer base tensor would be promoted before the map could see it
+        bad = [f"{k} ({str(base[k].dtype).replace('torch.', '')})" for k in changes
+               if k in base and not base[k].is_floating_point()]
+        if bad:
+            raise WeightError(f"{src.path}: {len(bad)} source tensor(s) of a non-floating dtype: {', '.join(bad)}; "
+                              f"expected float32, float16 or bfloat16 weights")
+    return fam, src, map_source(fam, src, changes, dtype), described
 
 
 def adapter_paths(adapters) -> list[Path]:
@@ -73,7 +142,7 @@ def convert(source: Path, output_dir: Path, family: str | None = None, dtype: to
     check_output_dir(output_dir, "--output-dir")  # before reading anything
     if adapter_mode == "runtime" and adapters:
         return _convert_runtime_adapters(source, Path(output_dir), family, dtype, reg, progress, adapters, tp, pp)
-    fam, src, tensors, described = read_and_map(source, family, reg, adapters)
+    fam, src, tensors, described = read_and_map(source, family, reg, adapters, dtype)
     validate_parallel(src.config, tp, pp)
     extra = {"family": fam.name, "source": str(Path(source).resolve()), "generation_config": src.generation_config}
     if described:
@@ -92,7 +161,7 @@ def _convert_runtime_adapters(source, output_dir: Path, family, dtype, reg, prog
     from .runtime.lora import LORA_DIR, map_factors, write_bank
 
     reg = reg or default_registry
-    fam, src, tensors, _ = read_and_map(source, family, reg)
+    fam, src, tensors, _ = read_and_map(source, family, reg, dtype=dtype)
     validate_parallel(src.config, tp, pp)
     banks, described = [], []
     for p in adapters:

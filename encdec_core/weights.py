@@ -15,7 +15,9 @@ Patterns use named placeholders: ``{i}``, ``{j}``, ``{k}``, ``{n}`` match a deci
 other ``{name}`` matches one dotted component. Placeholders are matched where they are written,
 never "every digit" (T5's ``layer.1`` is a sub-layer slot, not a layer index).
 
-Applying a map reports every unmatched source key and every unfilled target together.
+Applying a map reports every unmatched source key and every unfilled target together, and every
+source tensor of a non-floating dtype that a rule loads (named by its source key: ``fuse`` and
+``scale`` would promote it to float before any later check could see it).
 """
 from __future__ import annotations
 
@@ -87,10 +89,12 @@ class MapReport:
     unfilled: list[str] = field(default_factory=list)
     shape_errors: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # source keys a "drop" rule consumed (not an error)
+    dtype_errors: list[str] = field(default_factory=list)  # "key (int32)": loaded source tensors, not floating
+    origin: dict[str, tuple[str, ...]] = field(default_factory=dict)  # target -> the source keys it came from
 
     @property
     def ok(self) -> bool:
-        return not (self.unmatched or self.unfilled or self.shape_errors)
+        return not (self.unmatched or self.unfilled or self.shape_errors or self.dtype_errors)
 
     def message(self, source: str = "checkpoint") -> str:
         parts = []
@@ -100,6 +104,9 @@ class MapReport:
             parts.append(f"{len(self.unfilled)} parameter(s) missing from the source: {', '.join(self.unfilled)}")
         if self.shape_errors:
             parts.append("wrong shape: " + "; ".join(self.shape_errors))
+        if self.dtype_errors:
+            parts.append(f"{len(self.dtype_errors)} source tensor(s) of a non-floating dtype: "
+                         f"{', '.join(self.dtype_errors)}; expected float32, float16 or bfloat16 weights")
         return f"{source}: " + " | ".join(parts)
 
 
@@ -126,6 +133,12 @@ class WeightMap:
         consumed: set[str] = set()
         report = MapReport()
         keys = list(state.keys())
+
+        def check_dtype(names) -> None:  # before cat / multiply can promote an integer or bool tensor
+            for n in names:
+                x = state[n]
+                if not x.is_floating_point():
+                    report.dtype_errors.append(f"{n} ({str(x.dtype).replace('torch.', '')})")
         for rule, pats in zip(self.rules, self._compiled):
             if rule.when is not None and config is not None:
                 flag = rule.when.lstrip("!")
@@ -148,8 +161,11 @@ class WeightMap:
                         continue  # incomplete group: left for later rules / reported unmatched
                     tensors = [state[key]] + [state[o] for o in others]
                     consumed.update([key, *others])
+                    check_dtype([key, *others])
+                    target = rule.target.format(**groups)
+                    report.origin[target] = (key, *others)
                     try:
-                        out[rule.target.format(**groups)] = torch.cat(tensors, dim=rule.dim)
+                        out[target] = torch.cat(tensors, dim=rule.dim)
                     except (RuntimeError, IndexError):  # shapes that do not line up: report, never raise
                         shapes = ", ".join(f"{n} {tuple(x.shape)}" for n, x in zip([key, *others], tensors))
                         report.shape_errors.append(f"cannot fuse {shapes} along dim {rule.dim}")
@@ -160,6 +176,8 @@ class WeightMap:
                     report.dropped.append(key)
                     continue
                 targets = [tg.format(**groups) for tg in _as_tuple(rule.target)]
+                check_dtype([key])
+                report.origin.update({tg: (key,) for tg in targets})
                 if rule.op == "identity":
                     out[targets[0]] = t
                 elif rule.op == "transpose":
