@@ -6,6 +6,7 @@ type from there (--max_batch_size) are accepted too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -237,13 +238,25 @@ def _read_inputs(args, keep_blank: bool = False) -> list[str]:
             elif not p.is_file():
                 raise EncDecError(f"--input-file {p}: no such file")
             else:
-                data = p.read_text(encoding="utf-8")
+                data = p.read_bytes().decode("utf-8")
         except UnicodeDecodeError as exc:
             raise EncDecError(f"--input-file {p}: not UTF-8 text ({exc.reason})") from None
-        texts += [ln if ln.strip() else "" for ln in data.splitlines() if keep_blank or ln.strip()]
+        texts += [ln if ln.strip() else "" for ln in text_lines(data) if keep_blank or ln.strip()]
+        if not any(t.strip() for t in texts):
+            raise EncDecError(f"--input-file {args.input_file}: no text (expected one input per line)")
     if not any(t.strip() for t in texts):
         raise EncDecError("no input: give --input-text TEXT [TEXT ...] or --input-file FILE")
     return texts
+
+
+def text_lines(data: str) -> list[str]:
+    """A text file's lines, split at "\n" only (a trailing "\r" is dropped): ``str.splitlines`` also
+    splits at U+2028, form feeds, NEL and other separators that may sit inside a line, after which the
+    output lines would no longer match the input lines. The newline ending the last line adds no line."""
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in data.split("\n")]
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 def _device(name: str | None) -> str:
@@ -613,11 +626,9 @@ def _read_side(texts, file, side: str) -> tuple[list[str], str]:
         if not p.is_file():
             raise EncDecError(f"{flag_f} {p}: no such file")
         try:
-            lines = [ln.rstrip("\r") for ln in p.read_text(encoding="utf-8").split("\n")]
+            lines = text_lines(p.read_bytes().decode("utf-8"))
         except UnicodeDecodeError as exc:
             raise EncDecError(f"{flag_f} {p}: not UTF-8 text ({exc.reason})") from None
-        if lines and lines[-1] == "":
-            lines.pop()  # the newline that ends the last line
         if not lines:
             raise EncDecError(f"{flag_f} {p}: empty file (expected one {side} per line)")
         return lines, f"{flag_f} {p}"
@@ -913,7 +924,13 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        _check_utf8_args(args)
+        # SIGTERM (a scheduler's time limit, `kill`) unwinds like Ctrl-C: the temporary output
+        # directories and files are removed on the way out instead of being left half-written
+        with _sigterm_unwinds():
+            return int(args.func(args) or 0)
+    except _Terminated:
+        return 143
     except EncDecError as exc:
         print(f"encdec: error: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -932,6 +949,53 @@ def main(argv=None) -> int:
         return 1
     finally:
         _shutdown_parallel()
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread by SIGTERM (a BaseException, like KeyboardInterrupt: ``except
+    Exception`` blocks let it through to the clean-up of the atomic outputs)."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except (ValueError, OSError):  # no signals here (an embedding interpreter)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _check_utf8_args(args) -> None:
+    """Command-line text that is not UTF-8 (Python keeps such bytes as lone surrogates) is refused here,
+    naming the option, instead of failing inside the tokenizer."""
+    for name, value in vars(args).items():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for i, v in enumerate(items):
+            if not isinstance(v, str):
+                continue
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                flag = "--" + name.replace("_", "-")
+                which = f" (value {i + 1})" if isinstance(value, (list, tuple)) and len(items) > 1 else ""
+                bad = v[exc.start]
+                byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
+                raise EncDecError(f"{flag}{which}: not UTF-8 text ({byte} at character {exc.start}); expected "
+                                  f"UTF-8 (for other encodings convert the text first, e.g. with iconv)") from None
 
 
 def _shutdown_parallel() -> None:

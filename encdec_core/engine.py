@@ -23,7 +23,7 @@ from .checkpoint import (check_shard, check_shard_fits, checksum_dir, config_fro
 from .config import read_json
 from .family import HF_TOKENIZER_FILES
 from .fsutil import as_path, atomic_dir, check_output_dir
-from .errors import ConfigError, EncDecError, LimitError
+from .errors import ConfigError, EncDecError, LimitError, check_utf8
 from .parallel.context import ParallelContext
 
 ENGINE_FILE = "engine.json"
@@ -555,6 +555,7 @@ class Engine:
         bad = next((i for i, t in enumerate(target_prefix) if t is not None and not isinstance(t, str)), None)
         if bad is not None:
             raise EncDecError(f"target prefix[{bad}] = {target_prefix[bad]!r}: expected a string or None")
+        check_utf8("target prefix", target_prefix)
         enc = getattr(tok, "encode_target", None)
         if enc is None:
             raise EncDecError(f"target prefix: the tokenizer of family '{self.config.family}' cannot encode "
@@ -608,6 +609,7 @@ class Engine:
         bad = next((w for w in words if not isinstance(w, str) or not w.strip()), None)
         if bad is not None or not words:
             raise EncDecError(f"{bad!r}: expected non-empty words (strings)")
+        check_utf8("words", words)
         enc = getattr(tok, "encode_target", None)
         if enc is None:
             raise EncDecError(f"the tokenizer of family '{self.config.family}' cannot encode target text (it has "
@@ -630,6 +632,7 @@ class Engine:
         the max batch size run in later batches). Generation runs in a worker thread while the caller
         consumes and detokenizes; closing the iterator early stops it at the next step."""
         texts = _check_texts(texts)
+        _text_api_names("generate_stream", overrides)
         tok = self.tokenizer(tokenizer_dir)
         ids = tok.encode(texts)
         return self.stream_ids(ids, tok, self.lang_ids(tok, target_lang, len(texts)), runner, lora_uids,
@@ -697,6 +700,7 @@ class Engine:
         for none), tokenized as a target (``generate_ids``' ``decoder_prefix``); the outputs include it.
         """
         texts = _check_texts(texts)
+        _text_api_names("generate", overrides)
         if not isinstance(return_scores, bool):
             raise EncDecError(f"generate: return_scores = {return_scores!r}: expected True or False")
         tok = self.tokenizer(tokenizer_dir)
@@ -710,6 +714,19 @@ class Engine:
         return [[hypothesis(out, i * n + j, tok) for j in range(n)] for i in range(len(texts))]
 
 
+# options of the token-id calls that the text calls set themselves, and the text calls' names for them
+_TEXT_API_NAMES = {"output_scores": "return_scores=True", "decoder_prefix": "target_prefix (text)",
+                   "target_lang_ids": "target_lang (language codes)"}
+
+
+def _text_api_names(call: str, overrides) -> None:
+    given = sorted(k for k in overrides if k in _TEXT_API_NAMES)
+    if given:
+        k = given[0]
+        raise EncDecError(f"{call}: {k} = {overrides[k]!r} is an option of the calls on token ids "
+                          f"(generate_ids, stream_ids); with texts use {_TEXT_API_NAMES[k]}")
+
+
 def _check_texts(texts) -> list[str]:
     if isinstance(texts, str):
         texts = [texts]
@@ -720,6 +737,7 @@ def _check_texts(texts) -> list[str]:
     if bad:
         raise EncDecError(f"generate: texts[{bad[0]}] = {texts[bad[0]]!r}: expected a string (for token ids "
                           f"use generate_ids)")
+    check_utf8("generate: texts", texts)
     return texts
 
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .errors import EncDecError, LimitError
+from .errors import EncDecError, LimitError, check_utf8
 
 # fp32 logits projected at once (bytes): a [rows, vocab] block of at most this size
 _LOGITS_BUDGET = 256 << 20
@@ -72,6 +72,7 @@ def check_texts(sources, targets) -> tuple[list[str], list[str]]:
         if bad:
             raise EncDecError(f"score: {name}[{bad[0]}] = {rows[bad[0]]!r}: expected a string (for token ids "
                               f"use score_ids)")
+        check_utf8(f"score: {name}", rows)
     return sources, targets
 
 

@@ -1,0 +1,86 @@
+"""The CLI's text input and its exits: input files split at "\\n" only, command-line text that is not
+UTF-8, SIGTERM unwinding through the atomic outputs, and the text API's option names."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+
+import pytest
+
+from encdec_core import cli
+from encdec_core.errors import EncDecError
+
+
+def _args(**kw):
+    return argparse.Namespace(**{"input_text": None, "input_file": None, **kw})
+
+
+@pytest.mark.parametrize("sep", ["\u2028", "\x0c", "\x85", "\x1c", "\x0b", "\r"])
+def test_input_file_lines_split_at_newlines_only(tmp_path, sep):
+    """str.splitlines splits at these too: the output file would get more lines than the input."""
+    f = tmp_path / "in.txt"
+    f.write_bytes(f"spell: 12{sep}spell: 7\r\n\nspell: 9\n".encode())
+    assert cli._read_inputs(_args(input_file=str(f)), keep_blank=True) == [f"spell: 12{sep}spell: 7", "", "spell: 9"]
+    assert cli._read_inputs(_args(input_file=str(f))) == [f"spell: 12{sep}spell: 7", "spell: 9"]
+    assert cli.text_lines("a\nb") == ["a", "b"] and cli.text_lines("a\n\n") == ["a", ""] and cli.text_lines("") == []
+
+
+def test_blank_input_file_is_named(tmp_path):
+    f = tmp_path / "blank.txt"
+    f.write_text("\n  \n\n")
+    with pytest.raises(EncDecError, match=rf"--input-file {f}: no text \(expected one input per line\)"):
+        cli._read_inputs(_args(input_file=str(f)))
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["run", "--input-text", "spell: 5\udcff"], "--input-text"),
+    (["run", "--input-text", "ok", "x\udce9y", "--device", "cpu"], "--input-text (value 2)"),
+    (["score", "--source-text", "a", "--target-text", "\udcc3"], "--target-text"),
+])
+def test_command_line_text_that_is_not_utf8_is_refused(capsys, argv, flag):
+    """Bytes that are not UTF-8 reach Python as lone surrogates; they failed inside the tokenizer."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"encdec: error: {flag}: not UTF-8 text (byte 0x" in err and "internal error" not in err, err
+
+
+def test_sigterm_removes_the_half_written_output(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's time limit) unwinds like Ctrl-C: exit 143 and no temporary directory left
+    beside the output (it was left, half-written, before)."""
+    from encdec_core.fsutil import atomic_dir
+
+    out = tmp_path / "ck"
+
+    def fake_convert(args):
+        with atomic_dir(out, "--output-dir") as tmp:
+            (tmp / "rank0.safetensors").write_bytes(b"partial")
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(cli, "cmd_convert", fake_convert)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["convert", "--model-dir", str(tmp_path), "--output-dir", str(out)]) == 143
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before  # restored for the embedding program
+
+
+def test_text_calls_name_their_own_options():
+    """generate(output_scores=True), an HF habit, was a TypeError from deep inside."""
+    from encdec_core.engine import _text_api_names
+
+    with pytest.raises(EncDecError, match=r"generate: output_scores = True .* with texts use return_scores=True"):
+        _text_api_names("generate", {"output_scores": True, "num_beams": 2})
+    with pytest.raises(EncDecError, match=r"decoder_prefix = \[5\] .*target_prefix"):
+        _text_api_names("generate_stream", {"decoder_prefix": [5]})
+    _text_api_names("generate", {"num_beams": 2})
+
+
+def test_api_text_with_a_lone_surrogate_is_named():
+    from encdec_core.engine import _check_texts
+    from encdec_core.scoring import check_texts
+
+    with pytest.raises(EncDecError, match=r"generate: texts\[1\]: character 3 is U\+D800, a lone surrogate"):
+        _check_texts(["fine", "abc\ud800"])
+    with pytest.raises(EncDecError, match=r"score: targets\[0\]: character 0 is U\+DCFF"):
+        check_texts(["a"], ["\udcff"])
