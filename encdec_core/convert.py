@@ -169,7 +169,11 @@ def _convert_runtime_adapters(source, output_dir: Path, family, dtype, reg, prog
         ad = adapter_kind(p, reg).load(p, fam, src.config)
         if not hasattr(ad, "factors"):
             raise ConfigError(f"{p}: this adapter kind can only be merged (--lora-mode merge)")
-        banks.append(map_factors(fam, src, ad.factors(), str(p), str(src.path)))
+        factors = ad.factors()
+        # the bank is stored in float32 and added at run time: its factors must be finite too
+        check_weight_values({f"{m}.lora_{x}": t for m, (a, b, _) in factors.items() for x, t in (("A", a), ("B", b))},
+                            torch.float32, str(p))
+        banks.append(map_factors(fam, src, factors, str(p), str(src.path)))
         described.append({**ad.describe(), "uid": len(described)})
     extra = {"family": fam.name, "source": str(Path(source).resolve()), "generation_config": src.generation_config,
              "lora_runtime": described}

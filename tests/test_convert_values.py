@@ -163,3 +163,12 @@ def test_lora_merge_with_nan_or_overflow_refused_naming_the_adapter(tmp_path, t5
         convert(t5_src, tmp_path / "ck", dtype="float16", reg=reg, adapters=[big])
     assert not (tmp_path / "ck").exists()
     convert(t5_src, tmp_path / "ck", reg=reg, adapters=[_lora(tmp_path / "fine", t5_src)])  # a sane adapter merges
+
+
+def test_runtime_lora_factors_must_be_finite(tmp_path, t5_src, reg):
+    module = "base_model.model." + Q[: -len(".weight")]
+    lora = _lora(tmp_path / "lora", t5_src, lambda t: t[f"{module}.lora_A.weight"].__setitem__((1, 0), float("inf")))
+    with pytest.raises(WeightError) as e:
+        convert(t5_src, tmp_path / "ck", reg=reg, adapters=[lora], adapter_mode="runtime")
+    assert str(e.value).startswith(f"{lora}: ") and f"{Q[: -len('.weight')]}.lora_A holds inf values" in str(e.value)
+    assert not (tmp_path / "ck").exists()
