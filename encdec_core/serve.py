@@ -337,22 +337,26 @@ class Scheduler:
         skipped: list[Job] = []
         held = self.held  # jobs taken earlier but not batched: looked at once, then the queue
         self.held = []
-        while n < self.max_inputs:
-            left = max(0.0, deadline - time.monotonic())  # past the deadline: what is queued, no waiting
-            try:
-                job = held.pop(0) if held else self.q.get(block=left > 0, timeout=left if left > 0 else None)
-            except queue.Empty:
-                break
-            if job is None:  # stop: let the loop see it after this batch
-                self.q.put(None)
-                break
-            m = len(job.payload["texts"])
-            if job.kind == "generate" and job.key == first.key and n + m <= self.max_inputs:
-                batch.append(job)
-                n += m
-            else:
-                skipped.append(job)
-        self.held = skipped + held
+        try:
+            while n < self.max_inputs:
+                left = max(0.0, deadline - time.monotonic())  # past the deadline: what is queued, no waiting
+                try:
+                    job = held.pop(0) if held else self.q.get(block=left > 0, timeout=left if left > 0 else None)
+                except queue.Empty:
+                    break
+                if job is None:  # stop: let the loop see it after this batch
+                    self.q.put(None)
+                    break
+                skipped.append(job)  # until it is known to join the batch
+                # only generate jobs have "texts" to count (a score job's payload has sources)
+                if job.kind == "generate" and job.key == first.key and n + len(job.payload["texts"]) <= self.max_inputs:
+                    batch.append(skipped.pop())
+                    n += len(job.payload["texts"])
+        except BaseException:  # no job taken from the queue may vanish: all but the first wait again
+            skipped, batch = batch[1:] + skipped, batch[:1]
+            raise
+        finally:
+            self.held = skipped + held
         return batch
 
     def _generate(self, batch: list[Job]) -> None:
@@ -402,7 +406,7 @@ class Scheduler:
         for k in ("target_lang", "target_prefix"):
             if p["per"].get(k) is not None:
                 kw[k] = p["per"][k]
-        if p["per"].get("lora_uid") is not None:
+        if p["per"].get("lora_uid") not in (None, -1):  # -1: the base model, as in _run_generate
             kw["lora_uids"] = p["per"]["lora_uid"]
         self.requests += 1
         self.metrics.batch(len(p["texts"]))
@@ -423,8 +427,9 @@ class Scheduler:
 
     def _score(self, job: Job) -> None:
         p = job.payload
+        uid = p.get("lora_uid")
         res = self.engine.score(p["sources"], p["targets"], target_lang=p.get("target_lang"),
-                                lora_uids=p.get("lora_uid"))
+                                lora_uids=None if uid == -1 else uid)  # -1: the base model
         self.requests += 1
         self.metrics.batch(len(p["sources"]))
         job.finish(res)
@@ -538,7 +543,8 @@ def make_handler(server_state: "Server"):
             raw = self._read_body(self._length())
             try:
                 body = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            # ValueError: bad UTF-8, bad JSON, an integer of more than 4300 digits; RecursionError: nesting
+            except (ValueError, RecursionError) as exc:
                 raise RequestError(f"the body is not JSON: {exc}") from None
             if not isinstance(body, dict):
                 raise RequestError(f"the body is {type(body).__name__}: expected a JSON object")

@@ -137,6 +137,8 @@ def test_score_endpoint_equals_engine_score(server):
 
 @pytest.mark.parametrize("path, body, raw, status, words", [
     ("/v1/generate", None, b"{not json", 400, "not JSON"),
+    ("/v1/generate", None, b"[" * 100000, 400, "not JSON"),  # were 500s: RecursionError, ValueError
+    ("/v1/score", None, b'{"sources": ' + b"9" * 5000 + b"}", 400, "not JSON"),
     ("/v1/generate", [1, 2], None, 400, "expected a JSON object"),
     ("/v1/generate", {"input": "x"}, None, 400, "unknown field(s) ['input']"),
     ("/v1/generate", {"inputs": []}, None, 400, "inputs = []"),
@@ -159,7 +161,7 @@ def test_score_endpoint_equals_engine_score(server):
     ("/v1/score", {"sources": ["a"]}, None, 400, "missing field 'targets'"),
     ("/v1/score", {"sources": ["a"], "targets": ["b", "c"]}, None, 400, "targets"),
     ("/v1/nothing", {}, None, 404, "no such path"),
-], ids=["json", "not-object", "unknown-field", "empty", "not-string", "unknown-option",
+], ids=["json", "json-nested-deep", "json-huge-integer", "not-object", "unknown-field", "empty", "not-string", "unknown-option",
         "parameters-0", "parameters-empty-list", "bad-option", "greedy-temperature-type", "greedy-top-p-type", "limit",
         "tiny-temperature", "huge-length-penalty",
         "prefix-type", "stream-type", "score-missing", "score-count", "path"])
@@ -247,16 +249,27 @@ def test_gather_takes_queued_jobs_with_the_same_key_even_without_delay():
 
     fake = SimpleNamespace(limits=SimpleNamespace(max_batch_size=4))
     s = Scheduler(fake, max_delay=0.0)
+    # a score job's payload has sources, not texts (it raised a KeyError in the scheduler, which lost
+    # the jobs it had taken from the queue: their clients waited for ever)
     jobs = [Job("generate", {"texts": ["a"]}, "k1"), Job("generate", {"texts": ["b", "c"]}, "k2"),
             Job("generate", {"texts": ["d", "e"]}, "k1"), Job("stream", {"texts": ["f"]}),
+            Job("score", {"sources": ["s"], "targets": ["t"]}),
             Job("generate", {"texts": ["g"]}, "k1"), Job("generate", {"texts": ["h"]}, "k1")]
     for j in jobs[1:]:
         s.submit(j)
     batch = s._gather(jobs[0])
-    assert batch == [jobs[0], jobs[2], jobs[4]]  # 1 + 2 + 1 inputs; the 5th input would exceed 4
-    assert s.held == [jobs[1], jobs[3]] and s.q.qsize() == 1  # the batch was full before the last job
+    assert batch == [jobs[0], jobs[2], jobs[5]]  # 1 + 2 + 1 inputs; the 5th input would exceed 4
+    assert s.held == [jobs[1], jobs[3], jobs[4]] and s.q.qsize() == 1  # the batch was full before the last job
     assert s._gather(s._next(0)) == [jobs[1]]  # k2 alone; the others held, in order
-    assert s.held == [jobs[3], jobs[5]] and s.q.qsize() == 0
+    assert s.held == [jobs[3], jobs[4], jobs[6]] and s.q.qsize() == 0
+    # an error while gathering puts every job taken back, in order (only the first is the caller's)
+    bad = Job("generate", {}, "k1")  # no texts: _gather fails on it
+    s.submit(bad)
+    s.held = []
+    first = Job("generate", {"texts": ["x"]}, "k1")
+    with pytest.raises(KeyError):
+        s._gather(first)
+    assert s.held == [bad] and s.q.qsize() == 0
 
 
 def test_warmup_plan_and_warm_up_cover_every_bucket_the_scheduler_forms():
@@ -446,6 +459,12 @@ def test_null_per_request_options_mean_not_given(server):
     assert json.loads(body)["outputs"] == engine.generate(["hello", "x y"], max_new_tokens=4)
     status, _, body = _post(srv, "/v1/generate", {"inputs": "hello", "stream": True, "parameters": params})
     assert status == 200 and body.endswith("data: [DONE]\n\n"), body
+    # -1 is the base model too, on every endpoint (streaming and score refused it without adapters)
+    params["lora_uid"] = -1
+    status, _, body = _post(srv, "/v1/generate", {"inputs": "hello", "stream": True, "parameters": params})
+    assert status == 200 and body.endswith("data: [DONE]\n\n"), body
+    status, _, body = _post(srv, "/v1/score", {"sources": ["hello"], "targets": ["x y"], "lora_uid": -1})
+    assert status == 200, body
 
 
 def test_an_internal_error_in_a_batch_is_rerun_request_by_request(server, monkeypatch):
