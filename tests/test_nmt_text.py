@@ -176,3 +176,52 @@ def test_fsmt_folder_cli_with_its_tokenizer(builtin_registry, tmp_path, capsys):
     assert rc == 0, printed
     res = json.loads(out_json.read_text())["results"]
     assert res[0]["match"] and res[0]["output"][0] == tok.decode(res[0]["ids"][0])
+
+
+def test_convert_refuses_missing_target_dictionary_or_bpecodes(builtin_registry, tmp_path, assets, capsys):
+    """fairseq loads dict.<source_lang>.txt, dict.<target_lang>.txt and (subword-nmt BPE) bpecodes from
+    the model folder: convert refuses a folder without one, naming the folder and the file, and never
+    reads the source dictionary for the target side."""
+    import shutil
+
+    from _nmt_helpers import fairseq_state_from_fsmt, fsmt_options, write_fairseq_checkpoint
+    from encdec_core.cli import main
+    from encdec_nmt.text import load_tokenizer
+
+    d, n = assets
+    fs = tiny_fsmt(seed=3, src_vocab=n, tgt_vocab=n, tie=True, enc_layers=1, dec_layers=1)
+    good = tmp_path / "good"
+    write_fairseq_checkpoint(good / "model.pt", fairseq_state_from_fsmt(fs), fsmt_options(fs, bpe="subword_nmt"))
+    for name in ("dict.en.txt", "dict.de.txt", "bpecodes"):
+        shutil.copy(d / name, good / name)
+
+    def refused(folder, *words):
+        out = tmp_path / f"ck-{folder.name}"
+        capsys.readouterr()
+        assert main(["convert", "--model-dir", str(folder), "--output-dir", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"{folder}: missing" in err and all(w in err for w in words), err
+        assert "Traceback" not in err and not out.exists()
+
+    no_tgt = tmp_path / "no-tgt"
+    shutil.copytree(good, no_tgt)
+    (no_tgt / "dict.de.txt").unlink()
+    refused(no_tgt, "dict.de.txt", "target language 'de'", "found: dict.en.txt")
+    no_src = tmp_path / "no-src"
+    shutil.copytree(good, no_src)
+    (no_src / "dict.en.txt").unlink()
+    refused(no_src, "dict.en.txt", "source language 'en'")
+    no_codes = tmp_path / "no-codes"
+    shutil.copytree(good, no_codes)
+    (no_codes / "bpecodes").unlink()
+    refused(no_codes, "bpecodes", "bpe='subword_nmt'")
+    # the tokenizer (build / run of an older checkpoint) refuses the same folders
+    from encdec_core.convert import load_source_model
+
+    cfg = load_source_model(good, reg=builtin_registry)[1].config
+    with pytest.raises(ConfigError, match=r"missing dict\.de\.txt"):
+        load_tokenizer(no_tgt, cfg)
+    with pytest.raises(ConfigError, match=rf"{no_codes}: missing bpecodes"):
+        load_tokenizer(no_codes, cfg)
+    # the complete folder converts
+    assert main(["convert", "--model-dir", str(good), "--output-dir", str(tmp_path / "ck"), "--quiet"]) == 0

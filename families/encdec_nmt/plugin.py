@@ -360,11 +360,15 @@ def read_fairseq(path: Path, family: Family) -> Source:
 
 
 def _check_dictionaries(folder: Path, cfg: EncDecConfig) -> None:
-    from .text import Dictionary, find_dictionaries
+    """The text files a fairseq folder carries are those fairseq needs: dict.<source_lang>.txt and
+    dict.<target_lang>.txt (sized for the embeddings) and, for subword-nmt BPE, bpecodes. A checkpoint
+    without any dictionary is converted as weights alone (its tokenizer given at run time)."""
+    from .text import Dictionary, check_bpe_codes, find_dictionaries
 
     if not _dict_files(folder):
         return
     src, tgt = find_dictionaries(folder, cfg.extra.get("source_lang"), cfg.extra.get("target_lang"))
+    check_bpe_codes(folder, cfg.extra.get("bpe"))
     for p, rows, side in ((src, cfg.encoder_vocab_size, "source"), (tgt, cfg.vocab_size, "target")):
         n = len(Dictionary.load(p))
         if n > rows:

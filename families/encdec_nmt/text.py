@@ -106,6 +106,15 @@ def find_bpe_codes(folder: Path) -> Path | None:
     return None
 
 
+def check_bpe_codes(folder: Path, bpe: str | None) -> None:
+    """subword-nmt BPE needs its codes file in ``folder`` (fairseq's hub loads ``bpecodes`` from the
+    model folder): refuse its absence, naming the folder and the file."""
+    if bpe == "subword_nmt" and find_bpe_codes(folder) is None:
+        raise ConfigError(
+            f"{folder}: missing bpecodes: the checkpoint's options say bpe='subword_nmt', which needs the BPE codes "
+            f"learned at training in the model folder (read as {' / '.join(BPE_CODE_FILES)}); copy them there")
+
+
 class NMTTokenizer:
     """encode(texts) -> source ids ending with </s>; decode(ids) -> detokenized text."""
 
@@ -257,11 +266,23 @@ def _dict_for(folder: Path, lang: str | None) -> Path | None:
 
 
 def find_dictionaries(folder: Path, source_lang: str | None, target_lang: str | None) -> tuple[Path, Path]:
-    """dict.{src}.txt / dict.{tgt}.txt; a single dict.*.txt (or dict.txt) serves both sides."""
+    """dict.{src}.txt / dict.{tgt}.txt, as fairseq's translation task loads them: a side whose language
+    is known needs its own file (never another side's dictionary in its place); only where the
+    languages are not known does a single dict.*.txt (or dict.txt) serve both sides."""
     folder = Path(folder)
     src, tgt = _dict_for(folder, source_lang), _dict_for(folder, target_lang)
     if src and tgt:
         return src, tgt
+    missing = [f"dict.{lang}.txt (the {side} language {lang!r})"
+               for lang, found, side in ((source_lang, src, "source"), (target_lang, tgt, "target"))
+               if lang and not found]
+    if missing:
+        have = sorted(p.name for p in folder.glob("dict*.txt"))
+        raise ConfigError(
+            f"{folder}: missing {' and '.join(missing)}: fairseq's translation task loads "
+            f"dict.<source_lang>.txt and dict.<target_lang>.txt from the model folder (found: "
+            f"{', '.join(have) or 'no dictionary'}); copy the dictionary the model was trained with (a joined "
+            f"dictionary: the same file under both names)")
     found = sorted(folder.glob("dict.*.txt")) or sorted(folder.glob("dict.txt"))
     if len(found) == 1:
         return src or found[0], tgt or found[0]
@@ -296,6 +317,7 @@ def load_tokenizer(path: Path, cfg=None):
             d.pad_to(rows)
     codes = find_bpe_codes(path)
     bpe = extra["bpe"] if "bpe" in extra else ("subword_nmt" if codes is not None else None)
+    check_bpe_codes(path, bpe)
     return NMTTokenizer(src_dict, tgt_dict, codes, extra.get("moses_source_lang") or src_lang or "en",
                         extra.get("moses_target_lang") or tgt_lang or "en",
                         tokenizer=extra.get("tokenizer", "moses"), bpe=bpe,
