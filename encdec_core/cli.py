@@ -758,9 +758,11 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, "--checkpoint-dir", required=True)
     _opt(s, "--output-dir", required=True)
     _opt(s, "--max-batch-size", type=int, default=8)
-    _opt(s, "--max-input-len", "--max-encoder-input-len", type=int, default=512)
+    _opt(s, "--max-input-len", "--max-encoder-input-len", type=int, default=None,
+         help="default: 512, or the model's learned positions where fewer (BART's max_position_embeddings)")
     _opt(s, "--max-output-len", "--max-seq-len", type=int, default=None,
-         help="default: 200, or the model's generation default (max_new_tokens / max_length) where larger")
+         help="default: 200, or the model's generation default (max_new_tokens / max_length) where larger; at "
+              "most the model's learned positions")
     _opt(s, "--max-beam-width", type=int, default=None,
          help="default: 4, or the model's generation default (num_beams) where larger")
     _opt(s, "--dtype", default=None, help="cast the engine to float32 | float16 | bfloat16")

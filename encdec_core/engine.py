@@ -115,18 +115,22 @@ def _default_limits(meta: dict) -> tuple[int, int]:
     return out, beams
 
 
-def build(checkpoint_dir: Path, output_dir: Path, max_batch_size: int = 8, max_input_len: int = 512,
+def build(checkpoint_dir: Path, output_dir: Path, max_batch_size: int = 8, max_input_len: int | None = None,
           max_output_len: int | None = None, max_beam_width: int | None = None, dtype: str | None = None) -> Path:
-    """Engine directory from a checkpoint. ``max_output_len`` / ``max_beam_width`` None: 200 / 4, or
-    the model's generation defaults where larger."""
+    """Engine directory from a checkpoint. ``max_input_len`` None: 512; ``max_output_len`` /
+    ``max_beam_width`` None: 200 / 4, or the model's generation defaults where larger; the default
+    lengths stop at what a model with learned positions has (BART: max_position_embeddings)."""
     checkpoint_dir, output_dir = as_path(checkpoint_dir, "--checkpoint-dir"), as_path(output_dir, "--output-dir")
     meta = read_meta(checkpoint_dir)
-    d_out, d_beams = _default_limits(meta)
+    cfg = config_from_meta(meta, str(checkpoint_dir / "config.json"))
+    d_in, (d_out, d_beams) = 512, _default_limits(meta)
+    if cfg.position_type == "learned" and not cfg.position_padding_aware:
+        d_in, d_out = min(d_in, cfg.max_position_embeddings), min(d_out, cfg.max_position_embeddings - 1)
+    max_input_len = d_in if max_input_len is None else max_input_len
     max_output_len = d_out if max_output_len is None else max_output_len
     max_beam_width = d_beams if max_beam_width is None else max_beam_width
     limits = Limits(_positive("--max-batch-size", max_batch_size), _positive("--max-input-len", max_input_len),
                     _positive("--max-output-len", max_output_len), _positive("--max-beam-width", max_beam_width))
-    cfg = config_from_meta(meta, str(checkpoint_dir / "config.json"))
     if output_dir.resolve().is_relative_to(checkpoint_dir.resolve()):  # replaced, or copied into itself
         where = "is" if output_dir.resolve() == checkpoint_dir.resolve() else "lies inside"
         raise EncDecError(f"--output-dir {output_dir}: {where} the --checkpoint-dir {checkpoint_dir}; expected a "

@@ -728,6 +728,16 @@ def test_build_learned_positions_message(builtin_registry, tmp_path, t5_dir, cap
     assert "--max-output-len 16 exceeds the model's learned positions: expected at most 15" in _err(capsys)
 
 
+def test_build_defaults_stop_at_learned_positions(builtin_registry, tmp_path):
+    """The default lengths (512 in, 200 out) failed every default build of a BART with fewer
+    positions (the bundled spell-bart has 64); explicit ones beyond are still refused (above)."""
+    spell_bart = Path(__file__).resolve().parents[1] / "models" / "spell-bart"
+    assert main(["convert", "--model-dir", str(spell_bart), "--output-dir", str(tmp_path / "ck"), "--quiet"]) == 0
+    assert main(["build", "--checkpoint-dir", str(tmp_path / "ck"), "--output-dir", str(tmp_path / "e")]) == 0
+    limits = json.loads((tmp_path / "e" / "engine.json").read_text())["limits"]
+    assert (limits["max_input_len"], limits["max_output_len"]) == (64, 63)
+
+
 @pytest.mark.parametrize("limits,words", [
     ({"max_batch_size": "4", "max_input_len": 32, "max_output_len": 16, "max_beam_width": 4},
      "field 'limits.max_batch_size' = '4': expected a positive integer"),
