@@ -136,7 +136,7 @@ def parse_batch_sizes(text: str, option: str = "--batch-size") -> list[int]:
     for part in str(text).replace(",", ";").split(";"):
         part = part.strip()
         if not part:
-            continue
+            raise EncDecError(f"{option} = {text!r}: an empty entry (expected batch sizes like \"1;8;64\")")
         try:
             v = int(part)
         except ValueError:
@@ -155,7 +155,7 @@ def parse_input_output_lens(text: str, option: str = "--input-output-len") -> li
     for part in str(text).split(";"):
         part = part.strip()
         if not part:
-            continue
+            raise EncDecError(f"{option} = {text!r}: an empty entry (expected pairs like \"128,64;512,128\")")
         bits = part.split(",")
         try:
             io = tuple(int(b) for b in bits)
@@ -654,15 +654,28 @@ def format_table(rows: list[dict]) -> str:
     return head + "".join("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |\n" for r in rows)
 
 
-def plot(rows: list[dict], path) -> None:
-    """tokens/s against batch size, one line per system and in/out length (needs matplotlib)."""
+def check_plot_path(path) -> None:
+    """--plot's file, checked before any measurement: matplotlib installed, a format it writes."""
     try:
         import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError as exc:
         raise EncDecError(f"--plot {path}: matplotlib is not installed ({exc}); pip install matplotlib") from None
+    del matplotlib
+    fmt = Path(path).suffix[1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in formats:
+        raise EncDecError(f"--plot {path}: {'no file extension' if not fmt else f'format {fmt!r}'}: expected a "
+                          f"file name ending in one of {', '.join('.' + f for f in sorted(formats))}")
+
+
+def plot(rows: list[dict], path) -> None:
+    """tokens/s against batch size, one line per system and in/out length (needs matplotlib)."""
+    check_plot_path(path)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict = {}
     for r in rows:
@@ -682,7 +695,7 @@ def plot(rows: list[dict], path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=120, format=path.suffix[1:].lower())  # not the ".tmp" in the temporary name
     plt.close(fig)
     os.replace(tmp, path)
 

@@ -583,6 +583,10 @@ def cmd_benchmark(args) -> int:
     for flag, path in (("--csv", args.csv), ("--json", args.json), ("--plot", args.plot)):
         if path:
             check_output_file(Path(path), flag)  # before the measurements, not after
+    if args.plot:
+        from .benchmark import check_plot_path
+
+        check_plot_path(args.plot)
     if bool(args.engine_dir) == bool(args.preset):
         raise EncDecError("give exactly one of --engine-dir E or --preset NAME (e.g. t5-small, bart-large)")
     hf_model = None

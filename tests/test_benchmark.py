@@ -141,9 +141,28 @@ def test_cli_parsers():
 
     assert parse_batch_sizes("1;8;64") == [1, 8, 64] and parse_batch_sizes("4") == [4]
     assert parse_input_output_lens("128,64;512,128") == [(128, 64), (512, 128)]
-    for bad in ("", "0", "1;x", "-2"):
+    for bad in ("", "0", "1;x", "-2", "1;;8", "1;8;"):  # an empty entry was skipped without a word
         with pytest.raises(EncDecError, match="--batch-size"):
             parse_batch_sizes(bad)
-    for bad in ("", "128", "128,0", "1,2,3", "a,b"):
+    for bad in ("", "128", "128,0", "1,2,3", "a,b", "16,8;", ";16,8"):
         with pytest.raises(EncDecError, match="--input-output-len"):
             parse_input_output_lens(bad)
+
+
+@pytest.mark.parametrize("name", ["plot", "plot.tmp", "plot.png"])
+def test_plot_file_is_checked_before_measuring(tmp_path, monkeypatch, capsys, name):
+    """--plot was only checked after every measurement: matplotlib missing, or a name without an
+    extension (matplotlib took "tmp" from the temporary name as the format), failed at the end."""
+    from encdec_core import benchmark, cli
+
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda *a, **k: pytest.fail("measured before the check"))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        want = "matplotlib is not installed"
+    else:
+        if name.endswith(".png"):
+            pytest.skip("a writable format: nothing to refuse")
+        want = "expected a file name ending in one of"
+    rc = cli.main(["benchmark", "--preset", "t5-small", "--plot", str(tmp_path / name)])
+    assert rc == 2 and want in capsys.readouterr().err
