@@ -942,6 +942,12 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): quiet, as other tools are
+        try:  # stdout to /dev/null, so that the interpreter's flush at exit does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141  # 128 + SIGPIPE
     except (OSError, MemoryError) as exc:
         if os.environ.get("ENCDEC_DEBUG"):
             raise

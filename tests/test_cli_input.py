@@ -84,3 +84,14 @@ def test_api_text_with_a_lone_surrogate_is_named():
         _check_texts(["fine", "abc\ud800"])
     with pytest.raises(EncDecError, match=r"score: targets\[0\]: character 0 is U\+DCFF"):
         check_texts(["a"], ["\udcff"])
+
+
+def test_a_closed_stdout_ends_quietly(monkeypatch, capsys):
+    """`encdec list-families --json | head -1`: the reader leaves, writing fails with EPIPE; that was
+    "encdec: error: BrokenPipeError" and exit 2."""
+    def listing(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "cmd_list_families", listing)
+    assert cli.main(["list-families"]) == 141
+    assert capsys.readouterr().err == ""
