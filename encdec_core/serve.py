@@ -450,6 +450,23 @@ def make_handler(server_state: "Server"):
             super().setup()
             self.rfile = _RequestReader(self.rfile, self.connection, self.timeout)
 
+        def send_error(self, code, message=None, explain=None) -> None:
+            """http.server's own refusals (a request line it cannot read, headers too long or too many,
+            an unknown method) in JSON like every other error, not its HTML page; the connection closes."""
+            self.close_connection = True
+            phrase = self.responses.get(code, ("error",))[0]
+            self.log_error("code %d, message %s", code, message)
+            data = (json.dumps({"error": f"{int(code)} {phrase}" + (f": {message}" if message else "")}) + "\n").encode()
+            self.send_response(code, message)
+            self.send_header("Connection", "close")
+            body = self.command != "HEAD" and code >= 200 and code not in (204, 205, 304)
+            if body:
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
         def handle_one_request(self) -> None:
             """http.server's, with a client that hangs up (a reset while its request is read, a broken
             pipe writing its reply) told in one line on stderr: it escaped to socketserver's
@@ -481,7 +498,8 @@ def make_handler(server_state: "Server"):
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
 
         def _error(self, exc: BaseException) -> None:
             if isinstance(exc, RequestError):
@@ -495,6 +513,11 @@ def make_handler(server_state: "Server"):
         def _length(self) -> int:
             """The body's length, from Content-Length (RequestError 411 / 413). When refused the body is
             left unread, so the connection closes after the answer (its bytes were read as the next request)."""
+            te = self.headers.get("Transfer-Encoding")
+            if te is not None:  # never read by the length beside it (RFC 9112 6.1: request smuggling)
+                self.close_connection = True
+                raise RequestError(f"Transfer-Encoding {te!r}: not supported; send the body with a Content-Length",
+                                   HTTPStatus.NOT_IMPLEMENTED)
             n = self.headers.get("Content-Length")
             if n is None or not (n.isascii() and n.isdigit()):
                 self.close_connection = True
@@ -537,6 +560,8 @@ def make_handler(server_state: "Server"):
                     f"request headers: still incomplete {self.timeout:g} s after the request began")})
                 return False
             self.rfile.end_head()
+            # the path the routes compare: without a query string ("/health?probe=1" is /health)
+            self.route = self.path.split("?", 1)[0] if ok else ""
             return ok
 
         def _body(self) -> dict:
@@ -553,7 +578,7 @@ def make_handler(server_state: "Server"):
         def _discard_body(self) -> None:
             """Read the body of a request refused unread, so that the connection can go on (a
             RequestError 408 when it does not arrive)."""
-            if self.headers.get("Content-Length") is not None:
+            if self.headers.get("Content-Length") is not None and self.headers.get("Transfer-Encoding") is None:
                 try:
                     n = self._length()
                 except RequestError:  # a length not to trust: the connection closes instead
@@ -566,26 +591,26 @@ def make_handler(server_state: "Server"):
                 self._discard_body()
             except RequestError as exc:  # the body did not arrive: its 408
                 return self._error(exc)
-            allow = "POST" if self.path in _POST_PATHS else "GET" if self.path in _GET_PATHS else None
+            allow = "POST" if self.route in _POST_PATHS else "GET" if self.route in _GET_PATHS else None
             if allow is None:
                 self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path!r}: {_PATHS}"})
             else:
                 self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{self.command} {self.path}: expected "
-                                                                    f"{allow} {self.path}"}, [("Allow", allow)])
+                                                                    f"{allow} {self.route}"}, [("Allow", allow)])
 
-        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _not_allowed  # noqa: N815
 
         # -- routes
         def do_GET(self):  # noqa: N802 (http.server's naming)
-            if self.path in _POST_PATHS:
+            if self.route in _POST_PATHS:
                 self._not_allowed()
-            elif self.path == "/health":
+            elif self.route == "/health":
                 s = server_state.scheduler
                 self._json(HTTPStatus.OK, {"status": "ok", "pending": s.pending(), "requests": s.requests,
                                            "batches": s.batches})
-            elif self.path == "/v1/model":
+            elif self.route == "/v1/model":
                 self._json(HTTPStatus.OK, server_state.model_info())
-            elif self.path == "/metrics":
+            elif self.route == "/metrics":
                 s = server_state.scheduler
                 data = s.metrics.render(s.pending()).encode()
                 self.send_response(HTTPStatus.OK)
@@ -605,15 +630,15 @@ def make_handler(server_state: "Server"):
 
         def _post(self):
             try:
-                if self.path in _GET_PATHS:
+                if self.route in _GET_PATHS:
                     return self._not_allowed()
-                if self.path not in _POST_PATHS:
+                if self.route not in _POST_PATHS:
                     self._discard_body()
                     raise RequestError(f"no such path {self.path!r}: POST /v1/generate, /v1/score",
                                        HTTPStatus.NOT_FOUND)
-                self._endpoint = "score" if self.path == "/v1/score" else "generate"
+                self._endpoint = "score" if self.route == "/v1/score" else "generate"
                 body = self._body()
-                if self.path == "/v1/score":
+                if self.route == "/v1/score":
                     return self._score(body)
                 texts, params, per, scores, stream = parse_generate(body, server_state.gen_fields)
                 payload = {"texts": texts, "params": params, "per": per, "scores": scores}

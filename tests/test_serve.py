@@ -426,6 +426,35 @@ def test_a_bad_content_length_is_refused_and_closes_the_connection(server, path,
     assert _get(srv, "/health")[0] == 200
 
 
+def test_transfer_encoding_is_refused_and_the_connection_closes(server):
+    """A chunked body beside a Content-Length was read by the length, the chunk framing ignored: the
+    way request smuggling starts (RFC 9112 6.1). Refused (501, JSON), and the connection closes."""
+    srv, _ = server
+    body = b'{"inputs": "a"}'
+    reply = _raw(srv, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.startswith("HTTP/1.1 501 ") and reply.count("HTTP/1.1 ") == 1, reply
+    assert "Connection: close" in reply
+    assert "Transfer-Encoding 'chunked': not supported" in json.loads(reply.split("\r\n\r\n", 1)[1])["error"]
+
+
+def test_http_servers_own_refusals_are_json_and_queries_are_ignored(server):
+    """http.server's own error pages (a request line it cannot read, an unknown method) were HTML;
+    HEAD got an HTML 501; a query string made /health a 404."""
+    srv, _ = server
+    many = b"".join(b"X-%d: y\r\n" % i for i in range(101))
+    reply = _raw(srv, b"GET /health HTTP/1.1\r\n" + many + b"\r\n")
+    assert reply.startswith("HTTP/1.1 431 ") and "application/json" in reply, reply
+    assert json.loads(reply.split("\r\n\r\n", 1)[1])["error"].startswith("431 Request Header Fields Too Large")
+    reply = _raw(srv, b"BREW /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.startswith("HTTP/1.1 501 ") and json.loads(reply.split("\r\n\r\n", 1)[1])["error"].startswith("501")
+    reply = _raw(srv, b"HEAD /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, rest = reply.split("\r\n\r\n", 1)
+    assert head.startswith("HTTP/1.1 405 ") and "Allow: GET" in head and rest == "", reply
+    status, body = _get(srv, "/health?probe=1")
+    assert status == 200 and body["status"] == "ok"
+
+
 @pytest.mark.parametrize("method, path, allow", [("GET", "/v1/generate", "POST"), ("PUT", "/v1/score", "POST"),
                                                  ("DELETE", "/v1/generate", "POST"), ("POST", "/health", "GET"),
                                                  ("OPTIONS", "/metrics", "GET"), ("PATCH", "/nope", None)])
