@@ -199,11 +199,36 @@ def build(checkpoint_dir: Path, output_dir: Path, max_batch_size: int = 8, max_i
             "mapping": meta["mapping"],
             "limits": limits.__dict__,
             "checkpoint": {"path": str(checkpoint_dir.resolve()), "checksum": got},
+            # what load compares (a stat, no read): a shard changed since (a hard link shares its
+            # checkpoint's file) is then checked against its checksum
+            "shards": {str(r): _shard_stat(tmp / f"rank{r}.safetensors") for r in range(world)},
         }
         with open(tmp / ENGINE_FILE, "w") as f:
             json.dump(info, f, indent=2)
             f.write("\n")
     return output_dir
+
+
+def _shard_stat(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def check_engine_shards(engine_dir: Path, info: dict, meta: dict, ranks) -> None:
+    """A shard whose size or modification time is not what build recorded (edited in place, or in the
+    checkpoint it is hard-linked to; or only copied) is read and compared with its sha256 in
+    config.json: a changed one is refused. An unchanged stat costs nothing more."""
+    recorded = info.get("shards") or {}
+    for r in ranks:
+        shard = engine_dir / f"rank{r}.safetensors"
+        want = recorded.get(str(r))
+        if not want or not shard.is_file() or _shard_stat(shard) == want:
+            continue
+        digest = (meta.get("shard_checksums") or {}).get(str(r))
+        if digest and file_sha256(shard) != digest:
+            raise EncDecError(f"{shard}: changed since 'encdec build' (its sha256 no longer matches "
+                              f"{engine_dir / 'config.json'}; an engine shares its shard files with the "
+                              f"checkpoint it was built from): convert and build again")
 
 
 class Engine:
@@ -252,6 +277,7 @@ class Engine:
         device = _load_device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise EncDecError("--device cuda: CUDA is not available on this machine")
+        check_engine_shards(engine_dir, info, meta, [0 if ctx is None else ctx.rank])
         model = load_model(engine_dir, ctx=ctx, device=device, dtype=dt, meta=meta)
         lora = meta.get("lora_runtime")
         if lora:  # adapters kept unmerged (convert --lora-mode runtime): chosen per request

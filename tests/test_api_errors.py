@@ -258,3 +258,23 @@ def test_build_and_convert_path_arguments(dirs, reg, tmp_path):  # None: were pa
 
 def test_load_bad_ctx(dirs):  # was AttributeError: 'str' object has no attribute 'tp_size'
     _raises(EncDecError, ["ctx = 'x'", "ParallelContext"], Engine.load, dirs[1], ctx="x")
+
+
+def test_a_shard_changed_after_build_is_refused_at_load(dirs, tmp_path):
+    """build hard-links an engine's shards to its checkpoint's: a shard edited in place changed the
+    engine too, and load never looked (the outputs were garbage, exit 0). A changed size or mtime
+    now costs a checksum at load; an engine merely copied still loads."""
+    import shutil
+
+    _, eng = dirs
+    ck = tmp_path / "ck"
+    shutil.copytree(eng.parent / "ck", ck)
+    e2 = build(ck, tmp_path / "eng", max_batch_size=4, max_input_len=32, max_output_len=16, max_beam_width=4)
+    copied = tmp_path / "copied"
+    shutil.copytree(e2, copied)  # new files, new mtimes, the same bytes
+    assert Engine.load(copied).generate(["ab"], max_new_tokens=2)
+    shard = ck / "rank0.safetensors"
+    with open(shard, "r+b") as f:  # in place: the engine's hard link sees it
+        f.seek(shard.stat().st_size - 64)
+        f.write(b"\x7f" * 16)
+    _raises(EncDecError, [str(e2 / "rank0.safetensors"), "changed since 'encdec build'"], Engine.load, e2)
