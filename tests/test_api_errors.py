@@ -278,3 +278,15 @@ def test_a_shard_changed_after_build_is_refused_at_load(dirs, tmp_path):
         f.seek(shard.stat().st_size - 64)
         f.write(b"\x7f" * 16)
     _raises(EncDecError, [str(e2 / "rank0.safetensors"), "changed since 'encdec build'"], Engine.load, e2)
+
+
+def test_a_runner_for_limits_too_large_to_allocate_names_them(dirs, tmp_path):
+    """An engine built with absurd limits: the graph / compiled runner's preallocation failed inside
+    torch ("Overflow when unpacking long long", or the allocator's message with its C++ frames)."""
+    from encdec_core.runtime.cuda.runner import CudaGraphRunner
+
+    _, eng = dirs
+    big = build(eng.parent / "ck", tmp_path / "big", max_batch_size=10 ** 9, max_input_len=10 ** 9,
+                max_output_len=10 ** 9, max_beam_width=10 ** 5)
+    _raises(LimitError, [str(big), "batch 1000000000 x beams 100000", "build the engine with smaller limits"],
+            CudaGraphRunner.for_engine, Engine.load(big), compile=False)

@@ -673,8 +673,22 @@ class CudaGraphRunner:
         On a CPU engine: the compiled static step without graphs (``use_graphs=False``)."""
         lim = engine.limits
         kw.setdefault("use_graphs", engine.model.device.type == "cuda")
-        return cls(engine.model, lim.max_batch_size * max(1, lim.max_beam_width), lim.max_output_len + 1,
-                   lim.max_input_len, **kw)
+        try:
+            return cls(engine.model, lim.max_batch_size * max(1, lim.max_beam_width), lim.max_output_len + 1,
+                       lim.max_input_len, **kw)
+        except (RuntimeError, OverflowError, TypeError, MemoryError) as exc:
+            # the static caches and buffers for limits too large to allocate: say which limits
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if not (isinstance(exc, (torch.OutOfMemoryError, MemoryError, OverflowError))
+                    or any(w in text for w in ("allocate", "out of memory", "Overflow", "too large"))):
+                raise
+            from ...errors import LimitError
+
+            where = getattr(engine, "engine_dir", "the engine")
+            raise LimitError(
+                f"{where}: the runner preallocates its caches for the engine's limits (batch {lim.max_batch_size} "
+                f"x beams {lim.max_beam_width}, input {lim.max_input_len}, output {lim.max_output_len}) and "
+                f"could not ({type(exc).__name__}: {text[:200]}); build the engine with smaller limits") from None
 
     # ------------------------------------------------------------------ request setup
     def _lora_fill(self, b: int, expand: int) -> None:
