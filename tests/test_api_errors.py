@@ -290,3 +290,18 @@ def test_a_runner_for_limits_too_large_to_allocate_names_them(dirs, tmp_path):
                 max_output_len=10 ** 9, max_beam_width=10 ** 5)
     _raises(LimitError, [str(big), "batch 1000000000 x beams 100000", "build the engine with smaller limits"],
             CudaGraphRunner.for_engine, Engine.load(big), compile=False)
+
+
+def test_the_compiled_cpu_runner_without_a_cpp_compiler_is_refused_up_front(engine, monkeypatch):
+    """Without a C++ compiler the step fell back to eager with a warning, then the compiled greedy
+    selection failed anyway: an internal InductorError after the warning said all was well."""
+    from torch._inductor import cpp_builder
+
+    from encdec_core.runtime.cuda.runner import CudaGraphRunner
+
+    def no_compiler():
+        raise RuntimeError("No working C++ compiler found in torch._inductor.config.cpp.cxx: (None, '/x/g++')")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    _raises(EncDecError, ["needs a C++ compiler", "/x/g++", "--runner eager"], CudaGraphRunner.for_engine, engine,
+            use_graphs=False)

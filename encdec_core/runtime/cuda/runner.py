@@ -183,7 +183,7 @@ class _CpuCompiledStep:
     """The torch.compile'd step called with inductor's config patched by ``options`` (so that every
     (re)compilation sees them: ``torch.compile(options=...)`` did not apply ``freezing`` /
     ``max_autotune`` here, and the CPU step stayed at the eager speed, torch 2.13). If the first
-    compilation fails (no C++ compiler, an inductor error), it warns once and runs ``fallback``,
+    compilation fails (an inductor error; a missing C++ compiler is refused before, by the runner), it warns once and runs ``fallback``,
     the same step uncompiled, from then on: a failed compile executes nothing."""
 
     def __init__(self, compiled, fallback, options: dict):
@@ -206,6 +206,21 @@ class _CpuCompiledStep:
             return self.fallback(*args, **kwargs)
         self.state = "ok"
         return out
+
+
+def _check_cpp_compiler() -> None:
+    """Inductor's CPU code is C++: without a working compiler every compiled piece of the runner fails
+    (the step falls back to eager, the others did not), so the compiled CPU runner is refused up front."""
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except RuntimeError as exc:
+        from ...errors import EncDecError
+
+        raise EncDecError(f"the compiled CPU runner needs a C++ compiler (inductor compiles its step to C++) and "
+                          f"none works ({str(exc).splitlines()[0][:200]}); install g++ (or set CXX), or use the "
+                          f"eager runner (--runner eager)") from None
 
 
 def _first_possible_end(min_steps: int, forced_first_ids, eos_ids) -> int:
@@ -584,6 +599,8 @@ class CudaGraphRunner:
         self.batch_buckets = tuple(sorted(batch_buckets))
         self.use_graphs = use_graphs
         self._compile = compile
+        if compile and cpu:
+            _check_cpp_compiler()
         if compile:
             allow_recompiles()
             kw = {"fullgraph": True, "dynamic": dynamic}
