@@ -183,8 +183,9 @@ class _CpuCompiledStep:
     """The torch.compile'd step called with inductor's config patched by ``options`` (so that every
     (re)compilation sees them: ``torch.compile(options=...)`` did not apply ``freezing`` /
     ``max_autotune`` here, and the CPU step stayed at the eager speed, torch 2.13). If the first
-    compilation fails (an inductor error; a missing C++ compiler is refused before, by the runner), it warns once and runs ``fallback``,
-    the same step uncompiled, from then on: a failed compile executes nothing."""
+    compilation fails (an inductor error; a missing C++ compiler is refused before, by the runner),
+    it warns once and runs ``fallback``, the same step uncompiled, from then on: a failed compile
+    executes nothing."""
 
     def __init__(self, compiled, fallback, options: dict):
         self.compiled, self.fallback = _PatchedStep(compiled, options), fallback
