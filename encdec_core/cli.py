@@ -498,19 +498,35 @@ def compare_hf(engine, args, ids, langs, overrides, res, lora_uids=None, prefix=
     """HF transformers in fp32 on the same inputs and settings; per input: outputs and whether ids match."""
     import torch
 
-    fam = engine.family
-    src = Path(args.hf_model_dir) if args.hf_model_dir else Path(engine.meta.get("source", ""))
-    if not src.exists():
-        raise EncDecError(f"--compare-hf: HF model dir {src} not found (give --hf-model-dir)")
-    if fam is not None and fam.hf_loader is not None:
-        hf = fam.hf_loader(src)
-    else:
-        import transformers
-
-        cls = getattr(transformers, (fam.hf_class if fam and fam.hf_class else "AutoModelForSeq2SeqLM"))
-        hf = cls.from_pretrained(str(src), dtype=torch.float32)
     from .adapters import hf_with_adapters
     from .registry import registry
+
+    fam = engine.family
+    src = Path(args.hf_model_dir) if args.hf_model_dir else Path(engine.meta.get("source", ""))
+    flag = "--hf-model-dir" if args.hf_model_dir else "--compare-hf"
+    if not src.exists():
+        raise EncDecError(f"--compare-hf: HF model dir {src} not found (give --hf-model-dir)")
+    if fam is not None:  # the reference must be the engine's model: at least its family
+        try:
+            other = registry.detect(src)
+        except EncDecError as exc:
+            raise EncDecError(f"{flag} {src}: not a model this installation reads ({exc})") from None
+        if other.name != fam.name:
+            raise EncDecError(f"{flag} {src}: a '{other.name}' model, but the engine {engine.engine_dir} is "
+                              f"'{fam.name}': expected the model the engine was converted from")
+    try:
+        if fam is not None and fam.hf_loader is not None:
+            hf = fam.hf_loader(src)
+        else:
+            import transformers
+
+            cls = getattr(transformers, (fam.hf_class if fam and fam.hf_class else "AutoModelForSeq2SeqLM"))
+            hf = cls.from_pretrained(str(src), dtype=torch.float32, local_files_only=True)
+    except EncDecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises for a folder it cannot load
+        raise EncDecError(f"{flag} {src}: transformers cannot load it ({type(exc).__name__}: "
+                          f"{_one_line(exc)[:300]})") from None
 
     if engine.meta.get("adapters") and not args.hf_model_dir:
         hf = hf_with_adapters(hf, engine.meta["adapters"], registry)  # the same adapters, merged by HF's side

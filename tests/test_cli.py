@@ -56,6 +56,15 @@ def test_convert_build_run_matches_hf(builtin_registry, tmp_path, t5_dir, capsys
     res = json.loads(out_json.read_text())["results"]
     assert [r["match"] for r in res] == [True, True]
     assert len(res[1]["ids"][0]) > 0
+    # --hf-model-dir must be the engine's model: another family, or no model, is named (the BART folder
+    # loaded and "matched: NO"; an empty folder was an internal error; a file retried the hub)
+    spell_bart = Path(__file__).resolve().parents[1] / "models" / "spell-bart"
+    (tmp_path / "afile").write_text("x")
+    for other, words in ((spell_bart, "a 'bart' model, but the engine"), (tmp_path / "afile", "not a model")):
+        rc = main(["run", "--engine-dir", str(eng), "--input-text", "hello", "--max-output-len", "4",
+                   "--compare-hf", "--hf-model-dir", str(other), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"--hf-model-dir {other}: {words}" in err, err
 
 
 def test_python_api(builtin_registry, tmp_path, t5_dir):
