@@ -249,6 +249,25 @@ def _read_inputs(args, keep_blank: bool = False) -> list[str]:
     return texts
 
 
+def _distinct_files(inputs, outputs) -> None:
+    """An output file that is one of the input files (it would be replaced by the results) or another
+    output (one would overwrite the other) is refused before any work. ``-`` (a standard stream) and
+    None are skipped."""
+    def same(a: str, b: str) -> bool:
+        pa, pb = Path(a), Path(b)
+        try:
+            return pa.exists() and pb.exists() and os.path.samefile(pa, pb) or pa.resolve() == pb.resolve()
+        except OSError:
+            return False
+
+    outs = [(f, p) for f, p in outputs if p and p != "-"]
+    for i, (flag, path) in enumerate(outs):
+        for other_flag, other in [(f, p) for f, p in inputs if p and p != "-"] + outs[:i]:
+            if same(path, other):
+                raise EncDecError(f"{flag} {path}: the same file as {other_flag} {other}: expected a file of its "
+                                  f"own (it would be overwritten)")
+
+
 def text_lines(data: str) -> list[str]:
     """A text file's lines, split at "\n" only (a trailing "\r" is dropped): ``str.splitlines`` also
     splits at U+2028, form feeds, NEL and other separators that may sit inside a line, after which the
@@ -313,6 +332,8 @@ def cmd_run(args) -> int:
         check_output_file(Path(args.output_json), "--output-json")  # before any work
     if args.output_file and args.output_file != "-":
         check_output_file(Path(args.output_file), "--output-file")
+    _distinct_files([("--input-file", args.input_file)], [("--output-file", args.output_file),
+                                                         ("--output-json", args.output_json)])
     engine_dir = Path(args.engine_dir) if args.engine_dir else default_engine()
     device = _device(args.device)
     engine, ctx = _load_engine(engine_dir, device, args.dtype)
@@ -716,6 +737,8 @@ def cmd_score(args) -> int:
                           f"expected one target per source")
     if args.output_json:
         check_output_file(Path(args.output_json), "--output-json")  # before any work
+    _distinct_files([("--source-file", args.source_file), ("--target-file", args.target_file)],
+                    [("--output-json", args.output_json)])
     engine_dir = Path(args.engine_dir) if args.engine_dir else default_engine()
     device = _device(args.device)
     engine, _ = _load_engine(engine_dir, device, args.dtype)  # mpirun / torchrun: every rank scores

@@ -95,3 +95,20 @@ def test_a_closed_stdout_ends_quietly(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_list_families", listing)
     assert cli.main(["list-families"]) == 141
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["run", "--input-file", "{d}/in.txt", "--output-file", "{d}/in.txt"],
+     "--output-file {d}/in.txt: the same file as --input-file"),
+    (["run", "--input-file", "{d}/in.txt", "--output-file", "{d}/o.txt", "--output-json", "{d}/./o.txt"],
+     "--output-json {d}/./o.txt: the same file as --output-file {d}/o.txt"),
+    (["score", "--source-file", "{d}/in.txt", "--target-file", "{d}/in.txt", "--output-json", "{d}/in.txt"],
+     "--output-json {d}/in.txt: the same file as --source-file"),
+])
+def test_an_output_file_that_is_an_input_or_another_output_is_refused(tmp_path, capsys, argv, words):
+    """--output-file equal to --input-file replaced the inputs with the outputs; two outputs on one
+    path kept only the last. Refused before any work."""
+    (tmp_path / "in.txt").write_text("spell: 5\n")
+    rc = cli.main([a.format(d=tmp_path) for a in argv])
+    assert rc == 2 and words.format(d=tmp_path) in capsys.readouterr().err
+    assert (tmp_path / "in.txt").read_text() == "spell: 5\n"
