@@ -694,6 +694,8 @@ def cmd_serve(args) -> int:
     from .serve import check_request_timeout
 
     check_request_timeout(args.request_timeout)
+    if args.max_request_inputs < 1:
+        raise EncDecError(f"--max-request-inputs {args.max_request_inputs}: expected a positive integer")
     from .benchmark import parse_batch_sizes
 
     warm = [None if v is None else parse_batch_sizes(v, flag) for v, flag in
@@ -716,7 +718,7 @@ def cmd_serve(args) -> int:
         say(f"graphs captured in {secs:.1f} s (--no-warmup skips this)")
     log = say if args.log_requests else None
     server = Server(engine, args.host, args.port, runner=runner, max_delay=args.max_batch_delay_ms / 1000.0, log=log,
-                    request_timeout=args.request_timeout)
+                    request_timeout=args.request_timeout, max_request_inputs=args.max_request_inputs)
     host, port = server.address
     print(f"encdec serve: {engine_dir} ({engine.config.family}, {engine.model.device}, runner {kind}) on "
           f"http://{host}:{port} (POST /v1/generate, /v1/score; GET /health, /v1/model); Ctrl-C stops",
@@ -907,7 +909,11 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, "--port", type=int, default=8000, help="port (0: any free port, printed at start)")
     _opt(s, "--max-batch-delay-ms", type=_float, default=5.0,
          help="how long the scheduler waits for more requests with the same options to batch with the first")
-    from .serve import REQUEST_TIMEOUT  # standard library only: cheap to import here
+    from .serve import MAX_REQUEST_INPUTS, REQUEST_TIMEOUT  # standard library only: cheap to import here
+
+    _opt(s, "--max-request-inputs", type=int, default=MAX_REQUEST_INPUTS, metavar="N",
+         help="inputs (or score pairs) one request may carry; more get a 400 (default %(default)d): a request runs "
+              "to its end once started, and the requests behind it wait")
 
     _opt(s, "--request-timeout", type=_float, default=REQUEST_TIMEOUT, metavar="SECONDS",
          help="how long a connection may send no byte of its request (or take none of its reply), and how long "

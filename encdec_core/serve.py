@@ -58,6 +58,7 @@ MAX_REQUEST_TIMEOUT = 86400.0  # a day; socket.settimeout overflows near 1e10 s
 # a client that hung up: its connection reset or closed while its request was read or its reply written
 _HANGUP = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 _PER_REQUEST = ("target_lang", "target_prefix", "lora_uid")  # per input in a merged batch
+MAX_REQUEST_INPUTS = 1024  # inputs (or score pairs) per request, by default
 _GET_PATHS, _POST_PATHS = ("/health", "/v1/model", "/metrics"), ("/v1/generate", "/v1/score")
 _PATHS = "GET /health, /metrics, /v1/model; POST /v1/generate, /v1/score"
 
@@ -641,6 +642,7 @@ def make_handler(server_state: "Server"):
                 if self.route == "/v1/score":
                     return self._score(body)
                 texts, params, per, scores, stream = parse_generate(body, server_state.gen_fields)
+                server_state.check_inputs(len(texts), "inputs")
                 payload = {"texts": texts, "params": params, "per": per, "scores": scores}
                 if stream:
                     self._endpoint = "generate_stream"
@@ -669,6 +671,7 @@ def make_handler(server_state: "Server"):
                 _unicode(body["target_lang"], "target_lang")
             payload = {"sources": _texts(body["sources"], "sources"), "targets": _texts(body["targets"], "targets"),
                        "target_lang": body.get("target_lang"), "lora_uid": body.get("lora_uid")}
+            server_state.check_inputs(len(payload["sources"]), "sources")
             job = server_state.scheduler.submit(Job("score", payload))
             job.done.wait()
             if job.error is not None:
@@ -790,10 +793,13 @@ class Server:
     ``request_timeout``: seconds a connection may stay silent mid-request (REQUEST_TIMEOUT)."""
 
     def __init__(self, engine, host: str = "127.0.0.1", port: int = 8000, runner=None, max_delay: float = 0.005,
-                 log=None, request_timeout: float = REQUEST_TIMEOUT):
+                 log=None, request_timeout: float = REQUEST_TIMEOUT, max_request_inputs: int = MAX_REQUEST_INPUTS):
         from .runtime.generation import GenerationConfig
 
         check_request_timeout(request_timeout, "request_timeout")
+        if not isinstance(max_request_inputs, int) or isinstance(max_request_inputs, bool) or max_request_inputs < 1:
+            raise EncDecError(f"max_request_inputs = {max_request_inputs!r}: expected a positive integer")
+        self.max_request_inputs = max_request_inputs
         self.engine = engine
         self.log = log
         self.request_timeout = float(request_timeout)
@@ -808,6 +814,13 @@ class Server:
     @property
     def address(self) -> tuple[str, int]:
         return self.httpd.server_address[:2]
+
+    def check_inputs(self, n: int, field: str) -> None:
+        """One request's inputs at most max_request_inputs: a request runs to its end once started
+        (its client may have left meanwhile), and the requests queued behind it wait for it."""
+        if n > self.max_request_inputs:
+            raise RequestError(f"{field}: {n} in one request, at most {self.max_request_inputs} (the server's "
+                               f"--max-request-inputs): send several requests")
 
     def model_info(self) -> dict:
         e = self.engine

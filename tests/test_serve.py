@@ -715,3 +715,22 @@ def test_other_errors_in_a_handler_keep_their_traceback(server, monkeypatch, cap
         _get(srv, "/health")
     err = _stderr_until(capsys, "RuntimeError: a bug in a handler")
     assert "Traceback" in err and "RuntimeError: a bug in a handler" in err, err
+
+
+def test_a_request_with_more_inputs_than_the_server_takes_is_refused(engine_dir, builtin_registry, capsys):
+    """One request of 50,000 inputs ran to its end after its client had left, and every request behind
+    it waited: --max-request-inputs bounds a request (generate inputs, score pairs)."""
+    from encdec_core.cli import main
+
+    gen = _serving(engine_dir, max_request_inputs=2)
+    srv, _ = next(gen)
+    try:
+        status, _, body = _post(srv, "/v1/generate", {"inputs": ["a", "b", "c"], "parameters": {"max_new_tokens": 2}})
+        assert status == 400 and "inputs: 3 in one request, at most 2" in json.loads(body)["error"], body
+        status, _, body = _post(srv, "/v1/score", {"sources": ["a"] * 3, "targets": ["b"] * 3})
+        assert status == 400 and "sources: 3 in one request, at most 2" in json.loads(body)["error"], body
+        assert _post(srv, "/v1/generate", {"inputs": ["a", "b"], "parameters": {"max_new_tokens": 2}})[0] == 200
+    finally:
+        gen.close()
+    assert main(["serve", "--engine-dir", str(engine_dir), "--max-request-inputs", "0"]) == 2
+    assert "--max-request-inputs 0: expected a positive integer" in capsys.readouterr().err
