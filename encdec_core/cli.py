@@ -155,7 +155,31 @@ def cmd_build(args) -> int:
     outdir = build(Path(args.checkpoint_dir), Path(args.output_dir), args.max_batch_size, args.max_input_len,
                    args.max_output_len, args.max_beam_width, args.dtype)
     print(f"wrote engine {outdir}")
+    _warn_below_model_defaults(outdir)
     return 0
+
+
+def _warn_below_model_defaults(engine_dir: Path) -> None:
+    """A note when the limits are below the model's own generation defaults: every plain run of the
+    engine would then be refused until the option is given smaller."""
+    info = json.loads((engine_dir / "engine.json").read_text())
+    meta = json.loads((engine_dir / "config.json").read_text())
+    gen = meta.get("generation_config") or {}
+    lim = info["limits"]
+    notes = []
+    try:
+        want_out = max(int(gen.get("max_new_tokens") or 0), int(gen.get("max_length") or 0) - 1)
+        want_beams = int(gen.get("num_beams") or 1)
+    except (TypeError, ValueError):
+        return
+    if want_out > lim["max_output_len"]:
+        notes.append(f"--max-output-len {lim['max_output_len']} is below the model's default output length "
+                     f"{want_out}: runs must ask for at most {lim['max_output_len']} new tokens")
+    if want_beams > lim["max_beam_width"]:
+        notes.append(f"--max-beam-width {lim['max_beam_width']} is below the model's default num_beams "
+                     f"{want_beams}: runs must set --num-beams")
+    for n in notes:
+        print(f"encdec build: note: {n}", file=sys.stderr)
 
 
 def default_engine(quiet: bool = False) -> Path:

@@ -737,7 +737,7 @@ def test_build_learned_positions_message(builtin_registry, tmp_path, t5_dir, cap
     assert "--max-output-len 16 exceeds the model's learned positions: expected at most 15" in _err(capsys)
 
 
-def test_build_defaults_stop_at_learned_positions(builtin_registry, tmp_path):
+def test_build_defaults_stop_at_learned_positions(builtin_registry, tmp_path, capsys):
     """The default lengths (512 in, 200 out) failed every default build of a BART with fewer
     positions (the bundled spell-bart has 64); explicit ones beyond are still refused (above)."""
     spell_bart = Path(__file__).resolve().parents[1] / "models" / "spell-bart"
@@ -745,6 +745,11 @@ def test_build_defaults_stop_at_learned_positions(builtin_registry, tmp_path):
     assert main(["build", "--checkpoint-dir", str(tmp_path / "ck"), "--output-dir", str(tmp_path / "e")]) == 0
     limits = json.loads((tmp_path / "e" / "engine.json").read_text())["limits"]
     assert (limits["max_input_len"], limits["max_output_len"]) == (64, 63)
+    # limits below the model's own defaults (max_new_tokens 24): a note, as every plain run would be refused
+    capsys.readouterr()
+    assert main(["build", "--checkpoint-dir", str(tmp_path / "ck"), "--output-dir", str(tmp_path / "e10"),
+                 "--max-output-len", "10"]) == 0
+    assert "note: --max-output-len 10 is below the model's default output length 24" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("limits,words", [
