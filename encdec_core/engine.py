@@ -277,8 +277,8 @@ class Engine:
         device = _load_device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise EncDecError("--device cuda: CUDA is not available on this machine")
-        check_engine_shards(engine_dir, info, meta, [0 if ctx is None else ctx.rank])
-        model = load_model(engine_dir, ctx=ctx, device=device, dtype=dt, meta=meta)
+        model = load_model(engine_dir, ctx=ctx, device=device, dtype=dt, meta=meta)  # names a missing tensor
+        check_engine_shards(engine_dir, info, meta, [0 if ctx is None else ctx.rank])  # then: bytes changed
         lora = meta.get("lora_runtime")
         if lora:  # adapters kept unmerged (convert --lora-mode runtime): chosen per request
             from .runtime.lora import LORA_DIR, LoraBank
