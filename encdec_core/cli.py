@@ -368,6 +368,13 @@ def cmd_run(args) -> int:
     if args.no_generation_config:
         engine.meta["generation_config"] = {}
     overrides = _gen_overrides(args)
+    warpers = [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p))
+               if v is not None]
+    if warpers and _rank0() and not engine.generation_config(**overrides).do_sample:
+        verb = "applies" if len(warpers) == 1 else "apply"
+        how = "with beam search" if engine.generation_config(**overrides).num_beams > 1 else "greedily"
+        print(f"encdec: note: {', '.join(warpers)} {verb} to sampling only (add --sampling); this run decodes {how}",
+              file=sys.stderr)
     tok = engine.tokenizer(Path(args.tokenizer_dir) if args.tokenizer_dir else None)
     if args.bad_words:
         try:

@@ -112,3 +112,13 @@ def test_an_output_file_that_is_an_input_or_another_output_is_refused(tmp_path, 
     rc = cli.main([a.format(d=tmp_path) for a in argv])
     assert rc == 2 and words.format(d=tmp_path) in capsys.readouterr().err
     assert (tmp_path / "in.txt").read_text() == "spell: 5\n"
+
+
+def test_sampling_options_without_sampling_get_a_note(capsys):
+    """--temperature / --top-k / --top-p without --sampling changed nothing, without a word (HF warns)."""
+    assert cli.main(["run", "--input-text", "spell: 5", "--temperature", "0.5", "--top-k", "3"]) == 0
+    out = capsys.readouterr()
+    assert "note: --temperature, --top-k apply to sampling only (add --sampling); this run decodes greedily" in out.err
+    assert "Output: five" in out.out
+    assert cli.main(["run", "--input-text", "spell: 5", "--temperature", "0.5", "--sampling", "--random-seed", "1"]) == 0
+    assert "note" not in capsys.readouterr().err
