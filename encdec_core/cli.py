@@ -1070,20 +1070,17 @@ def _sigterm_unwinds():
 def _check_utf8_args(args) -> None:
     """Command-line text that is not UTF-8 (Python keeps such bytes as lone surrogates) is refused here,
     naming the option, instead of failing inside the tokenizer."""
+    from .errors import first_non_utf8
+
     for name, value in vars(args).items():
         items = value if isinstance(value, (list, tuple)) else [value]
-        for i, v in enumerate(items):
-            if not isinstance(v, str):
-                continue
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                flag = "--" + name.replace("_", "-")
-                which = f" (value {i + 1})" if isinstance(value, (list, tuple)) and len(items) > 1 else ""
-                bad = v[exc.start]
-                byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
-                raise EncDecError(f"{flag}{which}: not UTF-8 text ({byte} at character {exc.start}); expected "
-                                  f"UTF-8 (for other encodings convert the text first, e.g. with iconv)") from None
+        found = first_non_utf8(items)
+        if found is not None:
+            i, pos, c = found
+            which = f" (value {i + 1})" if len(items) > 1 else ""
+            byte = f"byte 0x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"U+{ord(c):04X}"
+            raise EncDecError(f"--{name.replace('_', '-')}{which}: not UTF-8 text ({byte} at character {pos}); "
+                              f"expected UTF-8 (for other encodings convert the text first, e.g. with iconv)")
 
 
 def _shutdown_parallel() -> None:

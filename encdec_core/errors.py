@@ -18,16 +18,23 @@ class LimitError(EncDecError):
     pass
 
 
-def check_utf8(what: str, texts) -> None:
-    """Strings that cannot be UTF-8 encoded (lone surrogates: bytes a decoder kept with
-    ``surrogateescape``, or a broken string built in Python) refused by name and position, before
-    a tokenizer fails on them."""
+def first_non_utf8(texts) -> tuple[int, int, str] | None:
+    """(index of the text, position, character) of the first character UTF-8 cannot encode (a lone
+    surrogate: a byte a decoder kept with ``surrogateescape``, or a broken string built in Python);
+    None when every string of ``texts`` encodes (other items are skipped)."""
     for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            continue
-        try:
-            t.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            c = ord(t[exc.start])
-            raise EncDecError(f"{what}[{i}]: character {exc.start} is U+{c:04X}, a lone surrogate: expected text "
-                              f"that UTF-8 can encode") from None
+        if isinstance(t, str):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return i, exc.start, t[exc.start]
+    return None
+
+
+def check_utf8(what: str, texts) -> None:
+    """Refuse texts with a lone surrogate by name and position, before a tokenizer fails on them."""
+    bad = first_non_utf8(texts)
+    if bad is not None:
+        i, pos, c = bad
+        raise EncDecError(f"{what}[{i}]: character {pos} is U+{ord(c):04X}, a lone surrogate: expected text "
+                          f"that UTF-8 can encode")
