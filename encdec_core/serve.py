@@ -669,6 +669,9 @@ def make_handler(server_state: "Server"):
                     raise RequestError(f"missing field {k!r}: a list of strings")
             if isinstance(body.get("target_lang"), str):
                 _unicode(body["target_lang"], "target_lang")
+            u = body.get("lora_uid")
+            if u is not None and (isinstance(u, bool) or not isinstance(u, int)):
+                raise RequestError(f"lora_uid = {json.dumps(u)[:200]}: expected an integer (-1: the base model)")
             payload = {"sources": _texts(body["sources"], "sources"), "targets": _texts(body["targets"], "targets"),
                        "target_lang": body.get("target_lang"), "lora_uid": body.get("lora_uid")}
             server_state.check_inputs(len(payload["sources"]), "sources")

@@ -51,7 +51,7 @@ class HFTokenizer:
     def lang_id(self, code: str) -> int:
         tid = self.tok.convert_tokens_to_ids(code)
         if tid is None or tid == self.tok.unk_token_id:
-            raise ConfigError(f"--target-lang {code!r}: not a token of the tokenizer in {self.path}")
+            raise ConfigError(f"target language {code!r}: not a token of the tokenizer in {self.path}")
         return tid
 
 

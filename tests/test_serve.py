@@ -159,12 +159,16 @@ def test_score_endpoint_equals_engine_score(server):
     ("/v1/generate", {"inputs": "a", "parameters": {"target_prefix": 3}}, None, 400, "target_prefix = 3"),
     ("/v1/generate", {"inputs": "a", "stream": "yes"}, None, 400, 'stream = "yes"'),
     ("/v1/score", {"sources": ["a"]}, None, 400, "missing field 'targets'"),
+    ("/v1/score", {"sources": ["a"], "targets": ["b"], "lora_uid": "x"}, None, 400,
+     'lora_uid = "x": expected an integer'),
+    ("/v1/generate", {"inputs": "a", "parameters": {"target_lang": "xx"}}, None, 400, "target language 'xx'"),
     ("/v1/score", {"sources": ["a"], "targets": ["b", "c"]}, None, 400, "targets"),
     ("/v1/nothing", {}, None, 404, "no such path"),
-], ids=["json", "json-nested-deep", "json-huge-integer", "not-object", "unknown-field", "empty", "not-string", "unknown-option",
+], ids=["json", "json-nested-deep", "json-huge-integer", "not-object", "unknown-field", "empty", "not-string",
+        "unknown-option",
         "parameters-0", "parameters-empty-list", "bad-option", "greedy-temperature-type", "greedy-top-p-type", "limit",
         "tiny-temperature", "huge-length-penalty",
-        "prefix-type", "stream-type", "score-missing", "score-count", "path"])
+        "prefix-type", "stream-type", "score-missing", "score-lora-type", "target-lang-unknown", "score-count", "path"])
 def test_bad_requests_get_json_errors(server, path, body, raw, status, words):
     srv, _ = server
     got, ctype, text = _post(srv, path, body, raw)
