@@ -194,13 +194,19 @@ def default_engine(quiet: bool = False) -> Path:
         if f.is_file():
             h.update(f.name.encode())
             h.update(f.read_bytes())
-    cache = Path(os.environ.get("ENCDEC_CACHE", Path.home() / ".cache" / "encdec"))
+    # ENCDEC_CACHE set but empty: the default, not the current directory
+    cache = Path(os.environ.get("ENCDEC_CACHE") or Path.home() / ".cache" / "encdec")
     eng = cache / f"default-{h.hexdigest()[:16]}" / "engine"
     if not (eng / ENGINE_FILE).is_file():
         if not quiet:
             print(f"encdec: preparing the bundled default model in {eng.parent} (once)", file=sys.stderr)
-        ck = convert(BUNDLED_DEFAULT, eng.parent / "checkpoint")
-        build(ck, eng, max_batch_size=64, max_input_len=512, max_output_len=256, max_beam_width=8)
+        try:
+            ck = convert(BUNDLED_DEFAULT, eng.parent / "checkpoint")
+            build(ck, eng, max_batch_size=64, max_input_len=512, max_output_len=256, max_beam_width=8)
+        except (EncDecError, OSError) as exc:  # the cache folder's problem: named as the user set it
+            where = "ENCDEC_CACHE" if os.environ.get("ENCDEC_CACHE") else "the cache folder"
+            raise EncDecError(f"{where} {cache}: cannot hold the bundled model's engine ({_one_line(exc)}); set "
+                              f"ENCDEC_CACHE to a writable folder, or give --engine-dir") from None
     return eng
 
 

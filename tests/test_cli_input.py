@@ -122,3 +122,11 @@ def test_sampling_options_without_sampling_get_a_note(capsys):
     assert "Output: five" in out.out
     assert cli.main(["run", "--input-text", "spell: 5", "--temperature", "0.5", "--sampling", "--random-seed", "1"]) == 0
     assert "note" not in capsys.readouterr().err
+
+
+def test_a_cache_folder_that_cannot_hold_the_bundled_engine_is_named(tmp_path, monkeypatch, capsys):
+    """ENCDEC_CACHE on a file was reported as a --output-dir the user never gave."""
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "afile"))
+    assert cli.main(["run", "--input-text", "spell: 5"]) == 2
+    assert f"ENCDEC_CACHE {tmp_path / 'afile'}: cannot hold the bundled model's engine" in capsys.readouterr().err
