@@ -85,6 +85,10 @@ T5_CASES = {
     # every linear, rsLoRA scale, per-module rank and alpha
     "all-rslora-patterns": dict(r=4, lora_alpha=6, target_modules=["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
                                 use_rslora=True, rank_pattern={"wo": 2}, alpha_pattern={"EncDecAttention.q": 3}),
+    # patterns with an alternation: peft matches (.*\.)?(k|wo)$, the "|" inside the group (ours split
+    # the whole pattern at it: a wrong scale for v, and the rank 3 of wo refused)
+    "pattern-alternation": dict(r=4, lora_alpha=8, target_modules=["q", "k", "v", "wo"], rank_pattern={"k|wo": 3},
+                                alpha_pattern={"q|v": 13}),
 }
 
 
@@ -226,6 +230,35 @@ def test_not_an_adapter_directory(tmp_path, reg):
     with pytest.raises(EncDecError) as ei:
         convert(tmp_path / "hf", tmp_path / "ckpt", reg=reg, adapters=[tmp_path / "empty"])
     assert str(tmp_path / "empty") in str(ei.value) and "lora" in str(ei.value)
+
+
+def test_adapter_on_an_untied_lm_head_with_its_saved_base_weight(tmp_path, reg):
+    """peft saves lm_head.base_layer.weight beside the factors when a target is lm_head
+    (save_embedding_layers "auto"): refused as an unknown tensor before. A merge starts from it, as
+    peft's load does; run-time LoRA cannot serve the output embedding and says so at convert (the
+    engine failed at its first load)."""
+    from test_t5_parity import inputs as t5_inputs
+    from test_t5_parity import make_hf_dir
+
+    make_hf_dir("flan-t5", tmp_path / "hf")  # an lm_head of its own (transformers 5.24's T5Config ties)
+    base = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf").eval()
+    assert base.lm_head.weight.data_ptr() != base.shared.weight.data_ptr()
+    pm = _adapter(base, tmp_path / "lora", seed=3, r=3, lora_alpha=5, target_modules=["q", "lm_head"])
+    from safetensors.torch import load_file
+
+    assert any(k.endswith("lm_head.base_layer.weight") for k in load_file(str(tmp_path / "lora" /
+                                                                              "adapter_model.safetensors")))
+    ids, mask, dec = t5_inputs(base.config.vocab_size, seed=9)
+    merged = _logits(copy.deepcopy(pm).merge_and_unload(), ids, mask, dec)
+    out = convert(tmp_path / "hf", tmp_path / "ckpt", reg=reg, adapters=[tmp_path / "lora"])
+    with torch.no_grad():
+        assert (checkpoint.load_model(out)(ids, mask, dec) - merged).abs().max().item() <= TOL
+    with pytest.raises(ConfigError, match=r"carries base weights of its own \(lm_head\.base_layer\.weight"):
+        convert(tmp_path / "hf", tmp_path / "rt", reg=reg, adapters=[tmp_path / "lora"], adapter_mode="runtime")
+    pm.save_pretrained(tmp_path / "lora2", save_embedding_layers=False)
+    with pytest.raises(ConfigError, match=r"adapts lm_head\.weight, which is not a linear layer of ours"):
+        convert(tmp_path / "hf", tmp_path / "rt", reg=reg, adapters=[tmp_path / "lora2"], adapter_mode="runtime")
+    assert not (tmp_path / "rt").exists()
 
 
 def test_scale_is_alpha_over_r_or_sqrt_r(tmp_path):

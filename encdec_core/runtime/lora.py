@@ -53,7 +53,8 @@ def map_factors(fam, src, factors: dict, label: str, source: str) -> dict[str, t
     wm = fam.make_weight_map(src.config)
     mapped, report = wm.apply(markers, None, src.config, source=source, strict=False)
     check_loaded({keys[m]: f"{label}: {m}" for m in factors}, report.dropped, fam)
-    expected = build_model(src.config, meta=True).expected_shapes()
+    meta_model = build_model(src.config, meta=True)
+    expected = meta_model.expected_shapes()
     placed: dict[str, list] = {}
     seen = set()
     for target, m in mapped.items():
@@ -78,6 +79,11 @@ def map_factors(fam, src, factors: dict, label: str, source: str) -> dict[str, t
     missing = [m for m in factors if m not in seen]
     if missing:
         raise WeightError(f"{label}: module(s) {', '.join(missing)} reach no parameter of the model")
+    for target, parts in placed.items():  # refused here, not at the first load of the engine
+        if not hasattr(meta_model.get_submodule(target.removesuffix(".weight")), "lora"):
+            raise ConfigError(f"{label}: {', '.join(sorted({m for m, _, _ in parts}))} adapts {target}, which is not "
+                              f"a linear layer of ours (the output embedding); run-time LoRA serves linear layers: "
+                              f"merge this adapter at convert (--lora-mode merge)")
     out = {}
     for target, parts in placed.items():
         n_out, n_in = expected[target]

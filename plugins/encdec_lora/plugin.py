@@ -82,6 +82,9 @@ class LoraAdapter:
     biases: dict[str, torch.Tensor] = field(default_factory=dict)
     # module -> scale * lora_B.bias, added to the module's bias (peft lora_bias=True)
     bias_updates: dict[str, torch.Tensor] = field(default_factory=dict)
+    # module -> the base weight peft saved with the adapter (save_embedding_layers: lm_head, embeddings
+    # a target names); peft loads it into the model, so the merge starts from it
+    base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         """``{module: (A [r, in], B [out, r], scale)}`` for run-time (unmerged) use
@@ -89,6 +92,11 @@ class LoraAdapter:
         if self.biases or self.bias_updates:
             raise ConfigError(f"{self.path}: this adapter trains biases (peft bias / lora_bias), which only a merge "
                               f"applies: convert with --lora-mode merge")
+        if self.base_weights:
+            raise ConfigError(f"{self.path}: this adapter carries base weights of its own "
+                              f"({', '.join(f'{m}.base_layer.weight' for m in sorted(self.base_weights))}: peft's "
+                              f"save_embedding_layers), which only a merge applies: convert with --lora-mode merge, "
+                              f"or save the adapter with save_embedding_layers=False")
         return dict(self.updates)
 
     def describe(self) -> dict:
@@ -108,7 +116,11 @@ class LoraAdapter:
             if key is None:
                 missing.append(f"{module}.weight")
                 continue
-            w = tensors[key]
+            w = self.base_weights.get(module, tensors[key])
+            if module in self.base_weights and tuple(w.shape) != tuple(tensors[key].shape):
+                bad.append(f"{module}: base_layer.weight {tuple(w.shape)}, the model's weight {key} is "
+                           f"{tuple(tensors[key].shape)}")
+                continue
             if tuple(w.shape) != (b.shape[0], a.shape[1]):
                 bad.append(f"{module}: lora_B @ lora_A is {b.shape[0]} x {a.shape[1]}, the model's weight "
                            f"{key} is {tuple(w.shape)}")
@@ -158,9 +170,10 @@ def _read_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 
 
 def _pattern_value(patterns: Mapping, module: str, default):
-    """peft's per-module override: the first pattern p with re.match(rf"(.*\\.)?{p}$", module)."""
+    """peft's per-module override: the first pattern p with re.match(rf"(.*\\.)?({p})$", module) (the
+    group keeps an alternation such as "q|v" whole, as peft's get_pattern_key does)."""
     for pat, value in patterns.items():
-        if re.match(rf"(.*\.)?{pat}$", module):
+        if re.match(rf"(.*\.)?({pat})$", module):
             return value
     return default
 
@@ -232,6 +245,10 @@ def load(path, family=None, config=None) -> LoraAdapter:
         m = re.fullmatch(r"(.+?)(?:\.base_layer)?\.bias", name)
         if m and bias_mode != "none":
             ad.biases[m.group(1)] = t
+            continue
+        m = re.fullmatch(r"(.+)\.base_layer\.weight", name)
+        if m:  # peft's save_embedding_layers ("auto": whenever a target is lm_head or an embedding)
+            ad.base_weights[m.group(1)] = t
             continue
         unknown.append(key)
     if unknown:
