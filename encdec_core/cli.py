@@ -376,9 +376,13 @@ def cmd_run(args) -> int:
     overrides = _gen_overrides(args)
     warpers = [f for f, v in (("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p))
                if v is not None]
-    if warpers and _rank0() and not engine.generation_config(**overrides).do_sample:
+    try:  # bad option values are reported below, named by their flags
+        gc = engine.generation_config(**overrides) if warpers and _rank0() else None
+    except EncDecError:
+        gc = None
+    if gc is not None and not gc.do_sample:
         verb = "applies" if len(warpers) == 1 else "apply"
-        how = "with beam search" if engine.generation_config(**overrides).num_beams > 1 else "greedily"
+        how = "with beam search" if gc.num_beams > 1 else "greedily"
         print(f"encdec: note: {', '.join(warpers)} {verb} to sampling only (add --sampling); this run decodes {how}",
               file=sys.stderr)
     tok = engine.tokenizer(Path(args.tokenizer_dir) if args.tokenizer_dir else None)
