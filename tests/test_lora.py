@@ -42,7 +42,18 @@ def _t5_base(out: Path, seed: int = 0):
                                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     torch.manual_seed(seed)
     m = transformers.T5ForConditionalGeneration(cfg).eval()
+    # transformers 5.24's T5Config ties whatever it is told: an own lm_head (tests/test_t5_parity.py's recipe)
+    m.lm_head.weight = torch.nn.Parameter(torch.randn(cfg.vocab_size, cfg.d_model) * cfg.d_model ** -0.5)
+    tied = dict(m.all_tied_weights_keys)
+    tied.pop("lm_head.weight", None)
+    m.all_tied_weights_keys = tied
     m.save_pretrained(out)
+    data = json.loads((out / "config.json").read_text())
+    data["tie_word_embeddings"] = False
+    data.pop("scale_decoder_outputs", None)
+    (out / "config.json").write_text(json.dumps(data, indent=2))
+    m = transformers.T5ForConditionalGeneration.from_pretrained(out).eval()  # as HF reads the folder
+    assert m.lm_head.weight.data_ptr() != m.shared.weight.data_ptr()
     return m
 
 
@@ -476,7 +487,9 @@ def test_code_compiled_for_a_model_without_adapters_is_not_reused(tmp_path, reg)
 def test_runtime_adapters_in_the_compiled_runner(tmp_path, reg):
     """The compiled static step (inductor on a CPU; on CUDA the same step inside CUDA graphs) traces
     the adapted layers' updates: a batch mixing uids gives each row its merged model's greedy tokens,
-    and a second batch with other uids reuses the compiled step (the uids are a buffer, not a guard)."""
+    and a second batch with other uids reuses the compiled step (the uids are a buffer, not a guard).
+    With inductor's freezing (the CPU default) that buffer was folded into a constant: the second
+    batch ran with the first batch's uids. Seen once _t5_base's lm_head was untied for real."""
     import torch._dynamo.utils as dyn_utils
 
     from encdec_core.runtime.cuda import CudaGraphRunner

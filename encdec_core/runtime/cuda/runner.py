@@ -618,8 +618,13 @@ class CudaGraphRunner:
                 kw["options"] = dict(compile_options)
             self._step = torch.compile(self.dec.step, **kw)
             if cpu and not compile_mode:
-                self._step = _CpuCompiledStep(self._step, self.dec.step, {**CPU_COMPILE_OPTIONS,
-                                                                         **(compile_options or {})})
+                cpu_options = dict(CPU_COMPILE_OPTIONS)
+                if self._lora is not None:
+                    # freezing folds module buffers into constants: the adapter uid of each row, a
+                    # buffer the bank fills per batch, kept its first batch's values (wrong outputs
+                    # from the second batch on)
+                    cpu_options["freezing"] = False
+                self._step = _CpuCompiledStep(self._step, self.dec.step, {**cpu_options, **(compile_options or {})})
             elif compile_options:
                 self._step = _PatchedStep(self._step, compile_options)
         else:
