@@ -57,6 +57,13 @@ def hf_models() -> dict:
     return out
 
 
+def _saved_tensor_names(folder: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return set(f.keys())
+
+
 def plugin_modules() -> list[str]:
     mods = ["encdec_t5.plugin"]
     try:
@@ -92,6 +99,14 @@ def prepare(root: Path, mappings=((1, 1), (2, 1), (1, 2), (2, 2)), other: bool =
             continue
         torch.manual_seed(1234 + i)
         model = cls(cfg).eval()
+        untie = not cfg.tie_word_embeddings or name == "flan-t5"
+        if untie and model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr():
+            # transformers 5.24's T5Config ties whatever it is told: an own lm_head, as a real flan-t5
+            # checkpoint has (the recipe of tests/test_t5_parity.py)
+            model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))
+            tied = dict(model.all_tied_weights_keys)
+            tied.pop("lm_head.weight", None)
+            model.all_tied_weights_keys = tied
         with torch.no_grad():  # larger-than-init weights: logits far from ties, so argmax is stable
             for p in model.parameters():
                 if p.dim() > 1:
@@ -100,6 +115,12 @@ def prepare(root: Path, mappings=((1, 1), (2, 1), (1, 2), (2, 2)), other: bool =
                 model.final_logits_bias.normal_(0.0, 0.5)
         hf = root / "hf" / name
         model.save_pretrained(hf)
+        if untie:
+            data = json.loads((hf / "config.json").read_text())
+            data["tie_word_embeddings"] = False
+            data.pop("scale_decoder_outputs", None)  # real (v4-era) checkpoints do not have it
+            (hf / "config.json").write_text(json.dumps(data, indent=2))
+            assert "lm_head.weight" in _saved_tensor_names(hf), f"{name}: no lm_head of its own"
         for tp, pp in mappings:
             convert(hf, root / ckpt_name(name, tp, pp), tp=tp, pp=pp, reg=reg)
         names.append(name)
