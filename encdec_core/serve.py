@@ -173,6 +173,16 @@ def batch_key(params: dict, scores: bool):
     return json.dumps([params, scores], sort_keys=True)
 
 
+def _lora_uid(u, field: str) -> int | None:
+    """A request's adapter uid: an integer; None for the base model (null or -1), so that no endpoint
+    hands an engine without run-time adapters a uid."""
+    if u is None:
+        return None
+    if isinstance(u, bool) or not isinstance(u, int):
+        raise RequestError(f"{field} = {json.dumps(u)[:200]}: expected an integer (-1: the base model)")
+    return None if u == -1 else u
+
+
 def parse_generate(body: dict, gen_fields) -> tuple[list[str], dict, dict, bool, bool]:
     """(texts, generation options, per-request options, return_scores, stream) of a generate request."""
     unknown = sorted(set(body) - {"inputs", "parameters", "stream"})
@@ -203,9 +213,9 @@ def parse_generate(body: dict, gen_fields) -> tuple[list[str], dict, dict, bool,
             if not isinstance(per[k], str):
                 raise RequestError(f"parameters.{k} = {json.dumps(per[k])[:200]}: expected a string")
             _unicode(per[k], f"parameters.{k}")
-    u = per.get("lora_uid")
-    if u is not None and (isinstance(u, bool) or not isinstance(u, int)):
-        raise RequestError(f"parameters.lora_uid = {json.dumps(u)}: expected an integer (-1: the base model)")
+    uid = _lora_uid(per.pop("lora_uid", None), "parameters.lora_uid")
+    if uid is not None:
+        per["lora_uid"] = uid
     if stream and scores:
         raise RequestError("stream and parameters.return_scores do not go together")
     return texts, params, per, scores, stream
@@ -407,7 +417,7 @@ class Scheduler:
         for k in ("target_lang", "target_prefix"):
             if p["per"].get(k) is not None:
                 kw[k] = p["per"][k]
-        if p["per"].get("lora_uid") not in (None, -1):  # -1: the base model, as in _run_generate
+        if p["per"].get("lora_uid") is not None:
             kw["lora_uids"] = p["per"]["lora_uid"]
         self.requests += 1
         self.metrics.batch(len(p["texts"]))
@@ -428,9 +438,8 @@ class Scheduler:
 
     def _score(self, job: Job) -> None:
         p = job.payload
-        uid = p.get("lora_uid")
         res = self.engine.score(p["sources"], p["targets"], target_lang=p.get("target_lang"),
-                                lora_uids=None if uid == -1 else uid)  # -1: the base model
+                                lora_uids=p.get("lora_uid"))
         self.requests += 1
         self.metrics.batch(len(p["sources"]))
         job.finish(res)
@@ -669,11 +678,8 @@ def make_handler(server_state: "Server"):
                     raise RequestError(f"missing field {k!r}: a list of strings")
             if isinstance(body.get("target_lang"), str):
                 _unicode(body["target_lang"], "target_lang")
-            u = body.get("lora_uid")
-            if u is not None and (isinstance(u, bool) or not isinstance(u, int)):
-                raise RequestError(f"lora_uid = {json.dumps(u)[:200]}: expected an integer (-1: the base model)")
             payload = {"sources": _texts(body["sources"], "sources"), "targets": _texts(body["targets"], "targets"),
-                       "target_lang": body.get("target_lang"), "lora_uid": body.get("lora_uid")}
+                       "target_lang": body.get("target_lang"), "lora_uid": _lora_uid(body.get("lora_uid"), "lora_uid")}
             server_state.check_inputs(len(payload["sources"]), "sources")
             job = server_state.scheduler.submit(Job("score", payload))
             job.done.wait()
