@@ -214,17 +214,17 @@ def _shard_stat(path: Path) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def check_engine_shards(engine_dir: Path, info: dict, meta: dict, ranks) -> None:
+def check_engine_shards(engine_dir: Path, info: dict, meta: dict) -> None:
     """A shard whose size or modification time is not what build recorded (edited in place, or in the
     checkpoint it is hard-linked to; or only copied) is read and compared with its sha256 in
-    config.json: a changed one is refused. An unchanged stat costs nothing more."""
-    recorded = info.get("shards") or {}
-    for r in ranks:
+    config.json: a changed one is refused. An unchanged stat costs nothing more. For a single process:
+    the ranks of a parallel launch hash their shards anyway, and agree on the outcome
+    (``parallel.launch.verify_checkpoint``)."""
+    for r, want in (info.get("shards") or {}).items():
         shard = engine_dir / f"rank{r}.safetensors"
-        want = recorded.get(str(r))
-        if not want or not shard.is_file() or _shard_stat(shard) == want:
+        if not shard.is_file() or _shard_stat(shard) == want:
             continue
-        digest = (meta.get("shard_checksums") or {}).get(str(r))
+        digest = (meta.get("shard_checksums") or {}).get(r)
         if digest and file_sha256(shard) != digest:
             raise EncDecError(f"{shard}: changed since 'encdec build' (its sha256 no longer matches "
                               f"{engine_dir / 'config.json'}; an engine shares its shard files with the "
@@ -278,7 +278,8 @@ class Engine:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise EncDecError("--device cuda: CUDA is not available on this machine")
         model = load_model(engine_dir, ctx=ctx, device=device, dtype=dt, meta=meta)  # names a missing tensor
-        check_engine_shards(engine_dir, info, meta, [0 if ctx is None else ctx.rank])  # then: bytes changed
+        if ctx is None:  # then: bytes changed (ranks verify their shards before, all agreeing)
+            check_engine_shards(engine_dir, info, meta)
         lora = meta.get("lora_runtime")
         if lora:  # adapters kept unmerged (convert --lora-mode runtime): chosen per request
             from .runtime.lora import LORA_DIR, LoraBank
