@@ -2,8 +2,8 @@
 
 For every (tp, pp) with tp * pp == W (parallel_common.MAPPINGS) and every prepared model (or those
 named by --models): start the ranks with init_parallel, load this rank's shard (verify + load),
-compute teacher-forced logits, a greedy KV-cache loop and greedy / beam / sampling generate. Each rank writes OUT/rank{r}.pt; the
-test compares every rank's results with the single-rank reference.
+compute teacher-forced logits, a greedy KV-cache loop and greedy / beam / sampling generate. Each
+rank writes OUT/rank{r}.pt; the test compares every rank's results with the single-rank reference.
 
 With W == 1 the run uses force_collectives (a process group of one rank whose hooks still call
 all_reduce / all_gather / broadcast: the NCCL path on one GPU) and also stores the plain
