@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from . import __version__
+from . import __version__, cancel
 from .checkpoint import (check_shard, check_shard_fits, checksum_dir, config_from_meta, dtype_name, file_sha256,
                          load_model, parse_dtype, read_meta)
 from .config import read_json
@@ -397,6 +397,7 @@ class Engine:
         def streamer(reqs):
             return None if on_token is None else _RowStreamer(on_token, reqs, gc.num_return_sequences, gc.eos_token_ids)
 
+        cancel.check()  # serve: the client may have gone while the request waited
         if len(ids) <= bmax and (prefixes is None or len({len(p) for p in prefixes}) == 1):
             return self._generate_batch(ids, target_lang_ids, runner, gc, lora_uids, output_scores,
                                         streamer(range(len(ids))), prefixes)
@@ -411,7 +412,9 @@ class Engine:
             cur.append(i)
         chunks.append(cur)
         parts = []
-        for reqs in chunks:
+        for k, reqs in enumerate(chunks):
+            if k:
+                cancel.check()
             langs = None if target_lang_ids is None else [target_lang_ids[i] for i in reqs]
             uids = None if lora_uids is None else [lora_uids[i] for i in reqs]
             pre = None if prefixes is None else [prefixes[i] for i in reqs]

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import cancel
 from .errors import EncDecError, LimitError, check_utf8
 
 # fp32 logits projected at once (bytes): a [rows, vocab] block of at most this size
@@ -193,6 +194,7 @@ def score_requests(model, limits, source_ids, planned, start: int, token_strings
     order = sorted(range(n), key=lambda i: (len(source_ids[i]), len(planned[i][0]) + len(planned[i][1])))
     results: list[ScoreResult | None] = [None] * n
     for c in range(0, n, bmax):
+        cancel.check()  # serve: stop between batches once the client has gone
         reqs = order[c: c + bmax]
         fulls = [planned[i][0] + planned[i][1] for i in reqs]
         if lora_uids is None:

@@ -29,12 +29,16 @@ input (the message names the field and value), 404 / 405 / 411 / 413 for the pat
 length and size, 408 when a request stops arriving for the request timeout, or its request line
 and headers take longer than it in all (REQUEST_TIMEOUT, ``--request-timeout``; then the
 connection closes), 500 for an internal error. A client that hangs up before its reply is one
-line on stderr.
+line on stderr. A client that closes its connection while its request waits or runs cancels the
+request: queued, it is dropped; running, it stops before the engine's next batch of inputs (a batch
+shared with other clients' requests runs on for them); the metrics count it with code 499.
 """
 from __future__ import annotations
 
 import json
 import queue
+import select
+import socket
 import sys
 import threading
 import time
@@ -43,6 +47,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from .cancel import Cancelled, cancel_when
 from .errors import EncDecError, LimitError
 
 MAX_BODY = 16 << 20  # bytes of one request body
@@ -61,6 +66,9 @@ _PER_REQUEST = ("target_lang", "target_prefix", "lora_uid")  # per input in a me
 MAX_REQUEST_INPUTS = 1024  # inputs (or score pairs) per request, by default
 _GET_PATHS, _POST_PATHS = ("/health", "/v1/model", "/metrics"), ("/v1/generate", "/v1/score")
 _PATHS = "GET /health, /metrics, /v1/model; POST /v1/generate, /v1/score"
+# a request whose client closed its connection before the reply (nginx's code), in the metrics
+CLIENT_CLOSED_REQUEST = 499
+GONE_POLL = 0.1  # seconds between two looks at a waiting request's connection
 
 
 class _RequestReader:
@@ -327,6 +335,8 @@ class Scheduler:
             job = self._next(None)
             if job is None:
                 break
+            if self._dropped(job):
+                continue
             batch = [job]
             try:
                 if job.kind == "generate":
@@ -340,6 +350,15 @@ class Scheduler:
                 for j in batch:
                     if not j.done.is_set():
                         j.finish(error=exc)
+
+    @staticmethod
+    def _dropped(job: Job) -> bool:
+        """A job whose client left while it was queued is finished unrun."""
+        if job.cancelled and not job.done.is_set():
+            if job.events is not None:
+                job.events.put(None)
+            job.finish(error=Cancelled("cancelled before it ran: the client closed its connection"))
+        return job.cancelled
 
     def _gather(self, first: Job) -> list[Job]:
         """``first`` and the jobs with its key that arrive within max_delay, up to max_inputs inputs."""
@@ -358,6 +377,8 @@ class Scheduler:
                 if job is None:  # stop: let the loop see it after this batch
                     self.q.put(None)
                     break
+                if self._dropped(job):
+                    continue
                 skipped.append(job)  # until it is known to join the batch
                 # only generate jobs have "texts" to count (a score job's payload has sources)
                 if job.kind == "generate" and job.key == first.key and n + len(job.payload["texts"]) <= self.max_inputs:
@@ -377,6 +398,8 @@ class Scheduler:
             if len(batch) == 1:
                 raise
             for job in batch:  # one request's error must not fail the others
+                if self._dropped(job):
+                    continue
                 try:
                     job.finish(self._run_generate([job])[0])
                 except BaseException as exc:
@@ -401,7 +424,9 @@ class Scheduler:
             kw["target_prefix"] = prefixes
         if any(u != -1 for u in uids):
             kw["lora_uids"] = uids
-        out = self.engine.generate(texts, runner=self.runner, return_scores=first["scores"], **kw)
+        # stops between the engine's batches once every client of this batch has gone
+        with cancel_when(lambda: all(j.cancelled for j in batch)):
+            out = self.engine.generate(texts, runner=self.runner, return_scores=first["scores"], **kw)
         self.requests += len(batch)
         self.metrics.batch(len(texts))
         res, i = [], 0
@@ -438,8 +463,9 @@ class Scheduler:
 
     def _score(self, job: Job) -> None:
         p = job.payload
-        res = self.engine.score(p["sources"], p["targets"], target_lang=p.get("target_lang"),
-                                lora_uids=p.get("lora_uid"))
+        with cancel_when(lambda: job.cancelled):
+            res = self.engine.score(p["sources"], p["targets"], target_lang=p.get("target_lang"),
+                                    lora_uids=p.get("lora_uid"))
         self.requests += 1
         self.metrics.batch(len(p["sources"]))
         job.finish(res)
@@ -656,8 +682,7 @@ def make_handler(server_state: "Server"):
                 if stream:
                     self._endpoint = "generate_stream"
                     return self._stream(Job("stream", payload, events=queue.Queue()))
-                job = server_state.scheduler.submit(Job("generate", payload, batch_key(params, scores)))
-                job.done.wait()
+                job = self._await(server_state.scheduler.submit(Job("generate", payload, batch_key(params, scores))))
                 if job.error is not None:
                     raise job.error
                 outs = job.result
@@ -681,13 +706,38 @@ def make_handler(server_state: "Server"):
             payload = {"sources": _texts(body["sources"], "sources"), "targets": _texts(body["targets"], "targets"),
                        "target_lang": body.get("target_lang"), "lora_uid": _lora_uid(body.get("lora_uid"), "lora_uid")}
             server_state.check_inputs(len(payload["sources"]), "sources")
-            job = server_state.scheduler.submit(Job("score", payload))
-            job.done.wait()
+            job = self._await(server_state.scheduler.submit(Job("score", payload)))
             if job.error is not None:
                 raise job.error
             self._json(HTTPStatus.OK, {"results": [
                 {"score": r.mean, "sum": r.sum, "num_tokens": r.num_tokens, "tokens": r.tokens,
                  "token_logprobs": r.token_logprobs} for r in job.result]})
+
+        def _await(self, job: Job) -> Job:
+            """``job`` once the scheduler has finished it. A client that closes its connection meanwhile
+            cancels it: a queued job is dropped unrun, a running one stops before the engine's next
+            batch of requests (a batch shared with other clients' requests runs on for them); then
+            ConnectionAbortedError (a hang-up: one line on stderr, code 499 in the metrics)."""
+            while not job.done.wait(GONE_POLL):
+                if self._client_gone():
+                    job.cancelled = True
+                    job.done.wait()
+                    self._status = CLIENT_CLOSED_REQUEST
+                    raise ConnectionAbortedError("the client closed its connection while its request ran")
+            return job
+
+        def _client_gone(self) -> bool:
+            """Whether the client has closed (or reset) its side of the connection: the socket reads as
+            ended. Bytes waiting there (a next request sent ahead) mean it is still there."""
+            sock = self.connection
+            try:
+                if not select.select([sock], [], [], 0)[0]:
+                    return False
+                return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:  # reset
+                return True
 
         def _stream(self, job: Job) -> None:
             server_state.scheduler.submit(job)

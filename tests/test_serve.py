@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -636,15 +637,21 @@ def test_a_client_that_hangs_up_is_one_line_not_a_traceback(server, monkeypatch,
     """A client that resets its connection with no request (idle), while sending its body, or while
     its request runs: one line on stderr naming it (socketserver printed a traceback, and the body /
     reply cases tried a 500 on the dead connection and counted that 500 in the metrics: now code 0,
-    no answer, or the status of the reply it did not take); the server serves on."""
+    no answer, or 499 for a request cancelled because its client left); the server serves on."""
     import socket
+
+    from encdec_core import cancel
 
     srv, engine = server
     generate, entered, release = engine.generate, threading.Event(), threading.Event()
 
-    def held(texts, **kw):  # the request runs until the client has gone
+    def held(texts, **kw):  # the request runs until the client has gone and the server has seen it
         entered.set()
         release.wait(5)
+        for _ in range(500):
+            if cancel.requested():
+                break
+            time.sleep(0.01)
         return generate(texts, **kw)
     monkeypatch.setattr(engine, "generate", held)
     s = socket.create_connection(srv.address, timeout=5)
@@ -665,7 +672,7 @@ def test_a_client_that_hangs_up_is_one_line_not_a_traceback(server, monkeypatch,
     assert want + " (" in err and "Traceback" not in err, err
     assert len([line for line in err.splitlines() if line.strip()]) == 1, err
     counted = {k: n for k, n in srv.scheduler.metrics.requests.items() if k[0] == "generate"}
-    assert counted == {"idle": {}, "mid-body": {("generate", 0): 1}, "before-reply": {("generate", 200): 1}}[when]
+    assert counted == {"idle": {}, "mid-body": {("generate", 0): 1}, "before-reply": {("generate", 499): 1}}[when]
     assert _get(srv, "/health")[0] == 200
 
 
@@ -738,3 +745,84 @@ def test_a_request_with_more_inputs_than_the_server_takes_is_refused(engine_dir,
         gen.close()
     assert main(["serve", "--engine-dir", str(engine_dir), "--max-request-inputs", "0"]) == 2
     assert "--max-request-inputs 0: expected a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("endpoint", ["generate", "score"])
+def test_a_client_that_leaves_cancels_its_request_before_the_next_batch(server, monkeypatch, capsys, endpoint):
+    """40 inputs run as 5 batches of the engine's 8; the client resets its connection during the first:
+    the server sees it, the engine stops before its second batch (the request's work ends with its
+    client), the hang-up is one line on stderr, the metrics count a 499, and the server serves on."""
+    import socket
+
+    from encdec_core import cancel, scoring
+
+    srv, engine = server
+    calls, entered, hold = [], threading.Event(), [True]
+
+    def waiting(run):
+        def batch(*a, **kw):  # the first batch waits until the server has seen the client leave
+            calls.append(1)
+            if len(calls) == 1 and hold[0]:
+                entered.set()
+                for _ in range(500):
+                    if cancel.requested():
+                        break
+                    time.sleep(0.01)
+            return run(*a, **kw)
+        return batch
+    if endpoint == "generate":
+        monkeypatch.setattr(engine, "_generate_batch", waiting(engine._generate_batch))
+        body = {"inputs": [f"input number {i}" for i in range(40)], "parameters": {"max_new_tokens": 3}}
+    else:
+        monkeypatch.setattr(scoring, "score_batch", waiting(scoring.score_batch))
+        body = {"sources": [f"input number {i}" for i in range(40)], "targets": ["a b"] * 40}
+    data = json.dumps(body).encode()
+    s = socket.create_connection(srv.address, timeout=5)
+    port = s.getsockname()[1]
+    s.sendall(b"POST /v1/%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (endpoint.encode(), len(data), data))
+    assert entered.wait(10)
+    _reset(s)
+    want = f"client 127.0.0.1:{port} closed the connection before the reply to POST /v1/{endpoint}"
+    err = _stderr_until(capsys, want, 10)
+    assert want + " (ConnectionAbortedError)" in err and "Traceback" not in err, err
+    assert len(calls) == 1  # batches 2-5 never ran
+    assert srv.scheduler.metrics.requests.get((endpoint, 499)) == 1
+    # the server serves on, all batches of a request whose client stays
+    calls.clear()
+    hold[0] = False
+    status, _, text = _post(srv, f"/v1/{endpoint}", body)
+    assert status == 200 and len(json.loads(text)["outputs" if endpoint == "generate" else "results"]) == 40
+    assert len(calls) == 5
+
+
+def test_the_scheduler_drops_a_queued_job_whose_client_left_and_runs_the_rest():
+    """A job cancelled while queued finishes unrun with Cancelled; a batch where one client leaves runs on
+    for the other (its cancel check is false until all have left)."""
+    from types import SimpleNamespace
+
+    from encdec_core.cancel import Cancelled, requested
+    from encdec_core.serve import Job, Scheduler
+
+    seen = []
+
+    def generate(texts, **kw):
+        left.cancelled = True  # its client leaves while the batch runs: the batch goes on for the other
+        seen.append((list(texts), requested()))
+        return [[t.upper()] for t in texts]
+    eng = SimpleNamespace(limits=SimpleNamespace(max_batch_size=8), model=SimpleNamespace(device=torch.device("cpu")),
+                          generate=generate)
+    sched = Scheduler(eng, max_delay=0.2)
+    payload = lambda t: {"texts": [t], "params": {}, "per": {}, "scores": False}  # noqa: E731
+    gone = Job("generate", payload("gone"), "k", cancelled=True)
+    left, stays = Job("generate", payload("left"), "k"), Job("generate", payload("stays"), "k")
+    for j in (gone, left, stays):
+        sched.submit(j)
+    sched.start()
+    try:
+        for j in (gone, left, stays):
+            assert j.done.wait(5)
+    finally:
+        sched.stop()
+    assert isinstance(gone.error, Cancelled)
+    assert stays.error is None and stays.result == [["STAYS"]] and left.result == [["LEFT"]]
+    assert seen == [(["left", "stays"], False)]
