@@ -254,9 +254,11 @@ def _flag_error(exc: EncDecError) -> EncDecError:
 
 
 def _read_inputs(args, keep_blank: bool = False) -> list[str]:
-    """--input-text and --input-file (``-``: standard input) lines; blank lines are skipped, or with
+    """--input-text and --input-file (``-``: standard input) lines: every --input-text (an empty one
+    too, as ``Engine.generate`` takes it), then the file's lines, blank ones skipped or with
     ``keep_blank`` kept as "" (``--output-file`` keeps the line numbers)."""
     texts = list(args.input_text or [])
+    explicit = len(texts)
     if args.input_file:
         p = Path(args.input_file)
         try:
@@ -272,9 +274,9 @@ def _read_inputs(args, keep_blank: bool = False) -> list[str]:
         except UnicodeDecodeError as exc:
             raise EncDecError(f"--input-file {p}: not UTF-8 text ({exc.reason})") from None
         texts += [ln if ln.strip() else "" for ln in text_lines(data) if keep_blank or ln.strip()]
-        if not any(t.strip() for t in texts):
+        if not explicit and not any(t.strip() for t in texts):
             raise EncDecError(f"--input-file {args.input_file}: no text (expected one input per line)")
-    if not any(t.strip() for t in texts):
+    if not explicit and not any(t.strip() for t in texts):
         raise EncDecError("no input: give --input-text TEXT [TEXT ...] or --input-file FILE")
     return texts
 
@@ -356,7 +358,9 @@ def cmd_run(args) -> int:
     import torch
 
     lines = _read_inputs(args, keep_blank=bool(args.output_file))
-    kept = [i for i, t in enumerate(lines) if t.strip()]  # blank lines: an empty output line, no model run
+    # every --input-text runs; a blank line of the file gives an empty output line, no model run
+    explicit = len(args.input_text or [])
+    kept = [i for i, t in enumerate(lines) if i < explicit or t.strip()]
     texts = [lines[i] for i in kept]
     if args.output_json:
         check_output_file(Path(args.output_json), "--output-json")  # before any work
@@ -391,16 +395,10 @@ def cmd_run(args) -> int:
             overrides["bad_words_ids"] = engine.word_ids(tok, args.bad_words)
         except EncDecError as exc:
             raise EncDecError(f"--bad-words: {exc}") from None
-    if args.source_lang:
-        try:
-            ids = tok.encode(texts, src_lang=args.source_lang)
-        except TypeError:
-            raise EncDecError(f"--source-lang: family '{engine.config.family}' has no source-language control") from None
-    else:
-        ids = tok.encode(texts)
+    ids = engine.encode_sources(tok, texts, args.source_lang or None, "--source-lang")
     if args.truncate or args.max_input_length is not None:
         try:
-            ids, cut = engine.truncate(tok, ids, args.max_input_length)
+            ids, cut = engine.truncate(tok, ids, args.max_input_length, src_lang=args.source_lang)
         except EncDecError as exc:
             raise type(exc)(str(exc).replace("max input length", "--max-input-length", 1)) from None
         if cut:
@@ -619,7 +617,7 @@ def compare_hf(engine, args, ids, langs, overrides, res, lora_uids=None, prefix=
             seq = ref.generate(input_ids=inp, attention_mask=torch.ones_like(inp), generation_config=hgc, **kw)
         hf_tokens = []
         for j in range(seq.shape[0]):
-            hf_tokens.append(_strip(seq[j].tolist(), gc))
+            hf_tokens.append(_strip(seq[j].tolist(), gc, len(prefixes[i]) if prefixes is not None else 0))
         ours = [res.tokens(i * n + j) for j in range(n)]
         rows.append({"hf_output": [tok.decode(t) for t in hf_tokens], "match": ours == hf_tokens,
                      "ids": ours, "hf_ids": hf_tokens})
@@ -637,12 +635,15 @@ def hf_generation_config(gc):
     return transformers.GenerationConfig(**kw)
 
 
-def _strip(seq: list[int], gc) -> list[int]:
-    """HF output row -> ids without the start token and trailing pad/eos (as GenerationOutput.tokens)."""
+def _strip(seq: list[int], gc, prefix_len: int = 0) -> list[int]:
+    """HF output row -> ids as ``GenerationOutput.tokens`` gives ours: without the start token, cut at
+    the first EOS after the decoder prefix (only padding follows it). A row without an EOS keeps all its
+    tokens: a pad the model generated is an output token, not padding."""
     seq = seq[1:]
-    eos = gc.eos_token_id if isinstance(gc.eos_token_id, (list, tuple)) else [gc.eos_token_id]
-    while seq and (seq[-1] == gc.pad_token_id or seq[-1] in eos):
-        seq = seq[:-1]
+    eos = set(gc.eos_token_id if isinstance(gc.eos_token_id, (list, tuple)) else [gc.eos_token_id])
+    for j in range(prefix_len, len(seq)):
+        if seq[j] in eos:
+            return seq[:j]
     return seq
 
 

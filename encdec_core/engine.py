@@ -550,16 +550,7 @@ class Engine:
 
         sources, targets = check_texts(sources, targets)
         tok = self.tokenizer(tokenizer_dir)
-        if source_lang is not None:
-            if not isinstance(source_lang, str):
-                raise EncDecError(f"score: source_lang = {source_lang!r}: expected a language code (str) or None")
-            try:
-                src = tok.encode(sources, src_lang=source_lang)
-            except TypeError:
-                raise EncDecError(f"score: source_lang: family '{self.config.family}' has no source-language "
-                                  f"control") from None
-        else:
-            src = tok.encode(sources)
+        src = self.encode_sources(tok, sources, source_lang, "score: source_lang")
         enc_t = getattr(tok, "encode_target", None)
         tgt = enc_t(targets) if enc_t is not None else tok.encode(targets)
         eos = set(self.generation_config().eos_token_ids)
@@ -605,18 +596,35 @@ class Engine:
             out.append(ids)
         return out
 
-    def truncate(self, tok, ids: list[list[int]], max_len: int | None = None) -> tuple[list[list[int]], list[int]]:
+    def encode_sources(self, tok, texts: list[str], source_lang: str | None = None,
+                       what: str = "source_lang") -> list[list[int]]:
+        """Source texts -> encoder token ids; ``source_lang`` (mBART-50's tokenizers): the language code
+        the texts are encoded with, as HF's ``tokenizer.src_lang`` (None: the tokenizer's saved one).
+        ``what`` names the option in errors."""
+        if source_lang is None:
+            return tok.encode(texts)
+        if not isinstance(source_lang, str):
+            raise EncDecError(f"{what} = {source_lang!r}: expected a language code (str) or None")
+        try:
+            return tok.encode(texts, src_lang=source_lang)
+        except TypeError:
+            raise EncDecError(f"{what}: family '{self.config.family}' has no source-language control") from None
+
+    def truncate(self, tok, ids: list[list[int]], max_len: int | None = None,
+                 src_lang: str | None = None) -> tuple[list[list[int]], list[int]]:
         """Inputs cut to ``max_len`` tokens (default: the engine's max input length), keeping the special
         tokens the tokenizer puts around every input (found by encoding an empty text: T5's closing
-        ``</s>``, BART's ``<s>`` and ``</s>``, mBART-cc25's ``</s> lang``), as HF's tokenizer truncation
-        and TensorRT-LLM's ``run.py --max_input_length`` do. Returns (ids, indices of the cut inputs)."""
+        ``</s>``, BART's ``<s>`` and ``</s>``, mBART-cc25's ``</s> lang``, mBART-50's ``lang`` ... ``</s>``),
+        as HF's tokenizer truncation and TensorRT-LLM's ``run.py --max_input_length`` do. ``src_lang``:
+        the source language the inputs were encoded with (mBART's tokenizers put its code among those
+        tokens). Returns (ids, indices of the cut inputs)."""
         limit = self.limits.max_input_len if max_len is None else max_len
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise EncDecError(f"max input length {limit!r}: expected a positive integer")
         if limit > self.limits.max_input_len:
             raise LimitError(f"max input length {limit} exceeds the engine's limit {self.limits.max_input_len} "
                              f"(rebuild with a larger --max-input-len)")
-        frame = list(tok.encode([""])[0])
+        frame = list((tok.encode([""]) if src_lang is None else tok.encode([""], src_lang=src_lang))[0])
         out, cut = [], []
         for i, x in enumerate(ids):
             x = list(x)
@@ -660,7 +668,7 @@ class Engine:
         return out
 
     def generate_stream(self, texts: list[str], tokenizer_dir=None, target_lang=None, runner=None,
-                        lora_uids=None, target_prefix=None, **overrides) -> Iterator[StreamEvent]:
+                        lora_uids=None, target_prefix=None, source_lang=None, **overrides) -> Iterator[StreamEvent]:
         """Like ``generate`` (greedy decoding or sampling), yielding a ``StreamEvent`` per output as its
         tokens are generated, in the order they come (outputs of one batch interleave; inputs beyond
         the max batch size run in later batches). Generation runs in a worker thread while the caller
@@ -668,7 +676,7 @@ class Engine:
         texts = _check_texts(texts)
         _text_api_names("generate_stream", overrides)
         tok = self.tokenizer(tokenizer_dir)
-        ids = tok.encode(texts)
+        ids = self.encode_sources(tok, texts, source_lang, "generate_stream: source_lang")
         return self.stream_ids(ids, tok, self.lang_ids(tok, target_lang, len(texts)), runner, lora_uids,
                                decoder_prefix=self.prefix_ids(tok, target_prefix, len(texts)), **overrides)
 
@@ -725,10 +733,12 @@ class Engine:
             worker.join()
 
     def generate(self, texts: list[str], tokenizer_dir=None, target_lang=None, return_scores: bool = False,
-                 target_prefix=None, **overrides) -> list[list[str]] | list[list[Hypothesis]]:
+                 target_prefix=None, source_lang=None, **overrides) -> list[list[str]] | list[list[Hypothesis]]:
         """Texts in, for each input a list of num_return_sequences output texts.
 
         target_lang: one language code for all, or a list with one per request (None = model default).
+        source_lang: the language code the texts are encoded with (mBART-50's tokenizers, as HF's
+        ``tokenizer.src_lang``; None: the tokenizer's saved one).
         return_scores: a ``Hypothesis`` (text, token ids, score, token log-probs) in place of each text.
         target_prefix: text each output starts with and continues (one for all, or one per input; None
         for none), tokenized as a target (``generate_ids``' ``decoder_prefix``); the outputs include it.
@@ -738,7 +748,7 @@ class Engine:
         if not isinstance(return_scores, bool):
             raise EncDecError(f"generate: return_scores = {return_scores!r}: expected True or False")
         tok = self.tokenizer(tokenizer_dir)
-        ids = tok.encode(texts)
+        ids = self.encode_sources(tok, texts, source_lang, "generate: source_lang")
         out = self.generate_ids(ids, target_lang_ids=self.lang_ids(tok, target_lang, len(texts)),
                                 output_scores=return_scores,
                                 decoder_prefix=self.prefix_ids(tok, target_prefix, len(texts)), **overrides)

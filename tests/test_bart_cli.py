@@ -115,3 +115,42 @@ def test_mbart_run_with_source_language(builtin_registry, tmp_path, tmp_path_fac
     rc = main(["run", "--engine-dir", str(eng), "--input-text", "x", "--source-lang", "xx_YY", "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and "xx_YY" in err and "Traceback" not in err
+
+
+def test_mbart_source_language_in_truncation_and_the_python_api(builtin_registry, tmp_path, tmp_path_factory,
+                                                                capsys):
+    """--truncate with --source-lang keeps mBART-50's frame (the source code first, </s> last) as HF's
+    truncation does with that src_lang (it cut the input as plain text: </s> lost, other outputs);
+    Engine.generate / generate_stream take source_lang as run --source-lang does."""
+    from transformers import AutoTokenizer
+
+    from encdec_core.engine import Engine
+
+    src = tiny("mbart", tmp_path_factory)
+    eng = _pipeline(tmp_path, src)
+    text = "The house is wonderful. The cat sleeps on the sofa. I like green apples. " * 3
+    out_json = tmp_path / "cut.json"
+    assert main(["run", "--engine-dir", str(eng), "--input-text", text, "--source-lang", "fr_XX", "--max-input-length",
+                 "12", "--target-lang", "de_DE", "--max-new-tokens", "4", "--device", "cpu",
+                 "--output-json", str(out_json)]) == 0
+    hf_tok = AutoTokenizer.from_pretrained(str(src))
+    hf_tok.src_lang = "fr_XX"
+    want = hf_tok(text, truncation=True, max_length=12)["input_ids"]
+    assert json.loads(out_json.read_text())["results"][0]["input_ids"] == want
+    assert want[-1] == hf_tok.eos_token_id and want[0] == hf_tok.convert_tokens_to_ids("fr_XX")
+
+    short = "Le chat dort."
+    assert main(["run", "--engine-dir", str(eng), "--input-text", short, "--source-lang", "fr_XX",
+                 "--target-lang", "de_DE", "--max-new-tokens", "4", "--device", "cpu", "--output-log-probs",
+                 "--output-json", str(out_json)]) == 0
+    row = json.loads(out_json.read_text())["results"][0]
+    engine = Engine.load(eng, device="cpu")
+    tok = engine.tokenizer()
+    assert engine.encode_sources(tok, [short], "fr_XX") == [row["input_ids"]] != engine.encode_sources(tok, [short])
+    kw = dict(target_lang="de_DE", max_new_tokens=4)
+    hyp = engine.generate([short], source_lang="fr_XX", return_scores=True, **kw)[0]
+    assert [h.tokens for h in hyp] == row["output_ids"] and [h.text for h in hyp] == row["output"]
+    streamed = [ev for ev in engine.generate_stream([short], source_lang="fr_XX", **kw) if ev.finished]
+    assert [ev.output for ev in streamed] == row["output"]
+    with pytest.raises(Exception, match="xx_YY"):
+        engine.generate([short], source_lang="xx_YY", **kw)

@@ -130,3 +130,32 @@ def test_a_cache_folder_that_cannot_hold_the_bundled_engine_is_named(tmp_path, m
     monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "afile"))
     assert cli.main(["run", "--input-text", "spell: 5"]) == 2
     assert f"ENCDEC_CACHE {tmp_path / 'afile'}: cannot hold the bundled model's engine" in capsys.readouterr().err
+
+
+def test_every_command_line_text_runs_an_empty_one_too(tmp_path, capsys):
+    """An --input-text "" is translated as Engine.generate([""]) translates it (it was dropped without
+    a word); a file's blank lines stay skipped, or kept as empty output lines with --output-file."""
+    assert cli._read_inputs(_args(input_text=[""])) == [""]
+    assert cli.main(["run", "--input-text", "", "spell: 5", "--output-json", str(tmp_path / "o.json")]) == 0
+    import json
+
+    rows = json.loads((tmp_path / "o.json").read_text())["results"]
+    assert [r["input"] for r in rows] == ["", "spell: 5"] and rows[1]["output"] == ["five"]
+    assert len(rows[0]["input_ids"]) >= 1
+    f = tmp_path / "in.txt"
+    f.write_text("spell: 7\n\nspell: 9\n")
+    capsys.readouterr()
+    assert cli.main(["run", "--input-file", str(f), "--output-file", str(tmp_path / "out.txt")]) == 0
+    assert (tmp_path / "out.txt").read_text() == "seven\n\nnine\n"
+
+
+def test_compare_hf_keeps_a_generated_pad_and_cuts_at_the_first_eos():
+    """HF's rows are cut as GenerationOutput.tokens cuts ours: a pad the model generated (no EOS: the
+    length limit ended the row) is an output token; after the first EOS past the prefix only padding follows."""
+    from types import SimpleNamespace
+
+    gc = SimpleNamespace(eos_token_id=[1, 5], pad_token_id=0)
+    assert cli._strip([0, 7, 7, 0], gc) == [7, 7, 0]  # no EOS: every token, the generated pad too
+    assert cli._strip([0, 7, 1, 0, 0], gc) == [7]
+    assert cli._strip([0, 7, 0, 5, 0], gc) == [7, 0]
+    assert cli._strip([0, 5, 8, 1, 0], gc, prefix_len=1) == [5, 8]  # an EOS inside the prefix is not the end
