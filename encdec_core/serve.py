@@ -8,10 +8,10 @@ buffers are not thread-safe) and runs the jobs:
   -> ``{"outputs": [[text, ...], ...]}`` (one list per input, ``num_return_sequences`` long), or
   with ``"return_scores": true`` a dict per output (text, tokens, score, token_logprobs).
   ``parameters``: HF's generation option names (max_new_tokens, num_beams, do_sample, top_p, ...),
-  plus ``target_lang``, ``target_prefix``, ``lora_uid`` and ``return_scores``.
+  plus ``target_lang``, ``target_prefix``, ``lora_uid``, ``source_lang`` and ``return_scores``.
 - ``"stream": true``: ``text/event-stream``, one ``data: {json}`` event per StreamEvent (index,
   sequence, text, finished, output), then ``data: [DONE]``.
-- ``POST /v1/score`` ``{"sources": [...], "targets": [...], "target_lang": ..., "lora_uid": ...}``
+- ``POST /v1/score`` ``{"sources": [...], "targets": [...], "target_lang": ..., "source_lang": ..., "lora_uid": ...}``
   -> ``{"results": [{score, sum, num_tokens, tokens, token_logprobs}, ...]}``.
 - ``GET /health`` (queue length, requests and batches served), ``GET /v1/model`` (family, limits,
   dtype, device), ``GET /metrics`` (Prometheus' text format: requests by endpoint and status, latency
@@ -212,10 +212,15 @@ def parse_generate(body: dict, gen_fields) -> tuple[list[str], dict, dict, bool,
         raise RequestError(f"parameters.return_scores = {json.dumps(scores)}: expected true or false")
     per = {k: params.pop(k) for k in _PER_REQUEST if k in params}
     per = {k: v for k, v in per.items() if v is not None}  # null: not given (the base model, no language)
+    source_lang = params.pop("source_lang", None)
     unknown = sorted(k for k in params if k not in gen_fields)
     if unknown:
         raise RequestError(f"parameters: unknown option(s) {unknown}; known: {sorted(gen_fields)} and "
-                           f"{sorted(_PER_REQUEST + ('return_scores',))}")
+                           f"{sorted(_PER_REQUEST + ('return_scores', 'source_lang'))}")
+    if source_lang is not None:  # how the texts are encoded: requests merge only with the same one
+        if not isinstance(source_lang, str):
+            raise RequestError(f"parameters.source_lang = {json.dumps(source_lang)[:200]}: expected a string")
+        params["source_lang"] = _unicode(source_lang, "parameters.source_lang")
     for k in ("target_lang", "target_prefix"):
         if per.get(k) is not None:
             if not isinstance(per[k], str):
@@ -465,7 +470,7 @@ class Scheduler:
         p = job.payload
         with cancel_when(lambda: job.cancelled):
             res = self.engine.score(p["sources"], p["targets"], target_lang=p.get("target_lang"),
-                                    lora_uids=p.get("lora_uid"))
+                                    source_lang=p.get("source_lang"), lora_uids=p.get("lora_uid"))
         self.requests += 1
         self.metrics.batch(len(p["sources"]))
         job.finish(res)
@@ -695,16 +700,19 @@ def make_handler(server_state: "Server"):
                 self._error(exc)
 
         def _score(self, body: dict) -> None:
-            unknown = sorted(set(body) - {"sources", "targets", "target_lang", "lora_uid"})
+            unknown = sorted(set(body) - {"sources", "targets", "target_lang", "source_lang", "lora_uid"})
             if unknown:
-                raise RequestError(f"unknown field(s) {unknown}: expected sources, targets, target_lang, lora_uid")
+                raise RequestError(f"unknown field(s) {unknown}: expected sources, targets, target_lang, source_lang, "
+                                   f"lora_uid")
             for k in ("sources", "targets"):
                 if k not in body:
                     raise RequestError(f"missing field {k!r}: a list of strings")
-            if isinstance(body.get("target_lang"), str):
-                _unicode(body["target_lang"], "target_lang")
+            for k in ("target_lang", "source_lang"):
+                if isinstance(body.get(k), str):
+                    _unicode(body[k], k)
             payload = {"sources": _texts(body["sources"], "sources"), "targets": _texts(body["targets"], "targets"),
-                       "target_lang": body.get("target_lang"), "lora_uid": _lora_uid(body.get("lora_uid"), "lora_uid")}
+                       "target_lang": body.get("target_lang"), "source_lang": body.get("source_lang"),
+                       "lora_uid": _lora_uid(body.get("lora_uid"), "lora_uid")}
             server_state.check_inputs(len(payload["sources"]), "sources")
             job = self._await(server_state.scheduler.submit(Job("score", payload)))
             if job.error is not None:

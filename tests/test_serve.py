@@ -826,3 +826,18 @@ def test_the_scheduler_drops_a_queued_job_whose_client_left_and_runs_the_rest():
     assert isinstance(gone.error, Cancelled)
     assert stays.error is None and stays.result == [["STAYS"]] and left.result == [["LEFT"]]
     assert seen == [(["left", "stays"], False)]
+
+
+def test_source_lang_reaches_the_engine_and_is_checked(server):
+    """parameters.source_lang (and score's source_lang) go to the engine, which names a family without
+    source-language control (this T5); a non-string is refused by the parser."""
+    srv, _ = server
+    status, _, text = _post(srv, "/v1/generate", {"inputs": "hello", "parameters": {"source_lang": "fr_XX"}})
+    assert status == 400 and "source_lang" in text and "no source-language control" in text, text
+    status, _, text = _post(srv, "/v1/generate", {"inputs": "hello", "parameters": {"source_lang": 5}})
+    assert status == 400 and "parameters.source_lang = 5: expected a string" in text, text
+    status, _, text = _post(srv, "/v1/score", {"sources": ["a"], "targets": ["b"], "source_lang": "fr_XX"})
+    assert status == 400 and "no source-language control" in text, text
+    status, _, _ = _post(srv, "/v1/generate", {"inputs": "hello", "parameters": {"source_lang": None,
+                                                                                 "max_new_tokens": 2}})
+    assert status == 200
