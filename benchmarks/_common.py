@@ -57,23 +57,36 @@ def best_ms(fn, repeats: int, sync=lambda: None, wait: bool = True):
     return best, out
 
 
+def capture_graph(fn, warm: int = 3, keep_graph: bool = False, warm_fn=None):
+    """(CUDA graph of one ``fn()`` call, what it returned) after ``warm`` calls of ``warm_fn`` (default
+    ``fn``) on a side stream; ``keep_graph``: not instantiated yet (``raw_cuda_graph()`` may be edited
+    first, then ``instantiate()``)."""
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warm):
+            (warm_fn or fn)()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph(keep_graph=keep_graph)
+    with torch.cuda.graph(g):
+        out = fn()
+    return g, out
+
+
 def graph_time(fn, calls: int = 1, replays: int = 5):
     """``fn`` called ``calls`` times inside one CUDA graph (after 3 warm-up calls on a side stream),
     the graph replayed ``replays`` times: (median ms per call, what the last captured call returned,
     a static tensor the replays overwrite)."""
     import torch
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    out = None
-    with torch.cuda.graph(g):
+    def body():
+        out = None
         for _ in range(calls):
             out = fn()
+        return out
+    g, out = capture_graph(body, warm_fn=fn)
     g.replay()
     torch.cuda.synchronize()
     ts = []

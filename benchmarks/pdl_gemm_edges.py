@@ -30,10 +30,14 @@ import json
 import os
 import re
 import statistics
+import sys
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import capture_graph  # noqa: E402
 
 _CU_GRAPH_NODE_TYPE_KERNEL = 0
 _DEPENDENCY_TYPE_DEFAULT = 0
@@ -207,15 +211,7 @@ def chain(model, M, spin=0, early=False, nan_fill=False, layers=None):
 
 
 def capture(run, convert: bool):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            run()
-    torch.cuda.current_stream().wait_stream(s)
-    gr = torch.cuda.CUDAGraph(keep_graph=True)
-    with torch.cuda.graph(gr):
-        out = run()
+    gr, out = capture_graph(run, warm=2, keep_graph=True)
     info = edge_summary(gr.raw_cuda_graph())
     if convert:
         info["converted"] = programmatic_gemm_edges(gr.raw_cuda_graph())
