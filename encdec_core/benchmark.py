@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -272,7 +273,7 @@ def _resolve(engine_or_model, device, dtype, seed, compare_hf, reg=None):
     else:  # an Engine
         model = engine_or_model.model
         meta = getattr(engine_or_model, "meta", None)
-        name = Path(getattr(engine_or_model, "engine_dir", "engine")).name
+        name = engine_label(Path(getattr(engine_or_model, "engine_dir", "engine")))
     if model.dtype != dtype or model.device != torch.device(device):
         model = model.to(device=device, dtype=dtype)
         model.dtype = dtype
@@ -282,6 +283,19 @@ def _resolve(engine_or_model, device, dtype, seed, compare_hf, reg=None):
     if compare_hf:
         hf = hf_from_model(model, meta)
     return name, model, hf
+
+
+_GENERIC_DIR = re.compile(r"(bf16|fp16|fp32|bfloat16|float16|float32|engine|int8|tp\d+(pp\d+)?|pp\d+)",
+                          re.IGNORECASE)
+
+
+def engine_label(path: Path) -> str:
+    """The ``model`` column of an engine: its folder's name, with the parent's where the name says only
+    a dtype or a mapping (the README's layout ``engines/t5-small/bf16`` gives ``t5-small/bf16``)."""
+    path = Path(path)
+    if _GENERIC_DIR.fullmatch(path.name) and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name
 
 
 def hf_from_model(model, meta: dict | None = None):
@@ -462,7 +476,7 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
                   runner: str = "auto", hf_static: bool | None = None, compare_ct2: bool | None = None,
                   hf_static_max_batch: int = 64, log=None, reg=None,
                   configs: Sequence[tuple[int, int]] | None = None,
-                  runner_options: dict | None = None, hf_model=None) -> list[dict]:
+                  runner_options: dict | None = None, hf_model=None, name: str | None = None) -> list[dict]:
     """Measure our engine (and, with ``compare_hf``, HF transformers side by side in the same run).
 
     engine_or_model: an Engine, an EncDecModel, an engine directory or a preset name ("t5-small":
@@ -479,6 +493,7 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
     runner_options: keyword arguments of CudaGraphRunner (e.g. {"compile_mode": "max-autotune-no-cudagraphs"}).
     hf_model: with compare_hf and an EncDecModel, the HF model that holds its weights (e.g. from
         ``hf_model_from_preset`` before the model was cut to a rank's part: ``parallel_preset``).
+    name: the ``model`` column (default: the preset, the engine's folder, or an EncDecModel's family).
     Systems: "encdec" (CUDA graph runner on CUDA, eager on CPU), "hf" (generate, eager), "hf-static"
     (generate with cache_implementation="static", compiled; CUDA, batch <= hf_static_max_batch),
     "ctranslate2" (CPU, when importable and the family converts). Writes CSV / JSON / a PNG plot when
@@ -515,7 +530,8 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
         for in_len, out_len in ios:
             for b, k in configs:
                 limits.check(b, int(in_len), int(out_len), k, where=where)
-    name, model, hf = _resolve(engine_or_model, device, dtype, seed, compare_hf and hf_model is None, reg)
+    label, model, hf = _resolve(engine_or_model, device, dtype, seed, compare_hf and hf_model is None, reg)
+    name = label if name is None else name
     if compare_hf and hf_model is not None:
         hf = hf_model
     if compare_hf and hf is None:

@@ -473,6 +473,7 @@ def cmd_run(args) -> int:
                 what = "length-normalised beam score" if res.sequences_scores is not None else "sum of log-probs"
                 out(f"{' ' * len(tag)}  score {row['scores'][j]:.4f} ({what}; {len(lps)} tokens"
                     f"{', EOS included' if len(lps) > len(row['output_ids'][j]) else ''})")
+                out(f"{' ' * len(tag)}  token log-probs: {' '.join(f'{v:.4f}' for v in lps)}")
         if hf_rows is not None:
             for j, o in enumerate(row["hf_output"]):
                 tag = f"HF    [{j}]" if n > 1 else "HF    "
@@ -692,7 +693,8 @@ def cmd_benchmark(args) -> int:
         plot_path=args.plot if rank0 else None, progress=rank0 and not args.quiet,
         repeats=args.repeats, warmup=args.warmup, runner=runner, hf_model=hf_model,
         runner_options={"tp_allreduce": args.tp_allreduce} if args.tp_allreduce else None,
-        log=(lambda *a: print(*a, file=sys.stderr)) if rank0 and not args.quiet else None)
+        log=(lambda *a: print(*a, file=sys.stderr)) if rank0 and not args.quiet else None,
+        name=args.preset or None)
     out(format_table(rows))
     return 0
 
@@ -743,6 +745,14 @@ def cmd_serve(args) -> int:
     warm = [None if v is None else parse_batch_sizes(v, flag) for v, flag in
             ((args.warmup_batch_sizes, "--warmup-batch-sizes"), (args.warmup_input_lens, "--warmup-input-lens"))]
     engine_dir = Path(args.engine_dir) if args.engine_dir else default_engine()
+    if engine_dir.is_dir():  # before the ranks start: one process would be told to launch more
+        from .checkpoint import read_meta
+
+        mp = read_meta(engine_dir).get("mapping") or {}
+        if isinstance(mp, dict) and (mp.get("tp_size", 1), mp.get("pp_size", 1)) != (1, 1):
+            raise EncDecError(f"serve runs one process: engine {engine_dir} is tensor- / pipeline-parallel "
+                              f"(tp_size {mp.get('tp_size', 1)}, pp_size {mp.get('pp_size', 1)}) and is not served "
+                              f"yet (use encdec run per batch, or a tp=pp=1 engine)")
     engine, _ = _load_engine(engine_dir, _device(args.device), args.dtype)
     runner = None
     kind = _run_runner(args, torch.device(engine.model.device).type)
@@ -1025,6 +1035,10 @@ def main(argv=None) -> int:
     except _Terminated:
         return 143
     except EncDecError as exc:
+        if os.environ.get("ENCDEC_DEBUG"):  # where it was raised, for a bug report
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
         print(f"encdec: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

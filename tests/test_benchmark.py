@@ -166,3 +166,27 @@ def test_plot_file_is_checked_before_measuring(tmp_path, monkeypatch, capsys, na
         want = "expected a file name ending in one of"
     rc = cli.main(["benchmark", "--preset", "t5-small", "--plot", str(tmp_path / name)])
     assert rc == 2 and want in capsys.readouterr().err
+
+
+def test_model_column_names_the_engine_or_preset():
+    """An engine in the README's layout (engines/t5-small/bf16) is t5-small/bf16, not bf16; a parallel
+    preset is named by the CLI (name=), not by its EncDecModel's family."""
+    from pathlib import Path
+
+    from encdec_core.benchmark import engine_label
+
+    assert engine_label(Path("engines/t5-small/bf16")) == "t5-small/bf16"
+    assert engine_label(Path("engines/xl/tp2pp2")) == "xl/tp2pp2"
+    assert engine_label(Path("engines/my-t5")) == "my-t5"
+    assert engine_label(Path("bf16")) == "bf16"
+
+
+def test_name_overrides_the_model_column(reg):
+    pytest.importorskip("transformers")
+    from encdec_core.benchmark import model_from_preset, run_benchmark
+
+    model = model_from_preset("t5-tiny-test", torch.float32, "cpu", reg=reg)
+    rows = run_benchmark(model, batch_sizes=[1], input_output_lens=[(6, 2)], device="cpu", dtype="float32",
+                         progress=False, repeats=1, warmup=0, reg=reg, compare_hf=False, compare_ct2=False,
+                         name="t5-tiny-test")
+    assert [r["model"] for r in rows] == ["t5-tiny-test"]

@@ -421,8 +421,8 @@ def test_run_more_inputs_than_the_batch_limit(builtin_registry, tmp_path, t5_dir
 
 
 def test_run_output_log_probs(builtin_registry, tmp_path, t5_dir, capsys):
-    """--output-log-probs prints each output's score and writes scores, token_logprobs and output_ids
-    to --output-json: the same numbers as Engine.generate(return_scores=True), also when the inputs
+    """--output-log-probs prints each output's score and token log-probs and writes scores, token_logprobs
+    and output_ids to --output-json: the same numbers as Engine.generate(return_scores=True), also when the inputs
     run in several batches (max batch size 3); the outputs are those of a run without scores."""
     from encdec_core.engine import Engine, Hypothesis
 
@@ -441,6 +441,8 @@ def test_run_output_log_probs(builtin_registry, tmp_path, t5_dir, capsys):
         assert printed.count("score ") == len(lines) * (2 if extra else 1)
         p_res = json.loads(plain.read_text())["results"]
         s_res = json.loads(scored.read_text())["results"]
+        shown = [ln.split(":", 1)[1].split() for ln in printed.splitlines() if "token log-probs:" in ln]
+        assert shown == [[f"{v:.4f}" for v in lps] for r in s_res for lps in r["token_logprobs"]]
         assert [r["output"] for r in s_res] == [r["output"] for r in p_res]
         assert "scores" not in p_res[0]
         kw = dict(max_new_tokens=8, num_beams=2, num_return_sequences=2) if extra else dict(max_new_tokens=8)

@@ -159,3 +159,31 @@ def test_compare_hf_keeps_a_generated_pad_and_cuts_at_the_first_eos():
     assert cli._strip([0, 7, 1, 0, 0], gc) == [7]
     assert cli._strip([0, 7, 0, 5, 0], gc) == [7, 0]
     assert cli._strip([0, 5, 8, 1, 0], gc, prefix_len=1) == [5, 8]  # an EOS inside the prefix is not the end
+
+
+def test_encdec_debug_shows_where_a_user_error_was_raised(monkeypatch, tmp_path, capsys):
+    """ENCDEC_DEBUG=1: the traceback before the one-line error, for errors of input too (the docs say it
+    shows tracebacks; it did for internal errors only); without it, the one line alone."""
+    argv = ["run", "--engine-dir", str(tmp_path / "nope"), "--input-text", "x"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("encdec: error: ")
+    monkeypatch.setenv("ENCDEC_DEBUG", "1")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.rstrip().splitlines()[-1].startswith("encdec: error: ")
+
+
+def test_inductor_autotune_tables_are_quiet_unless_debugging(monkeypatch):
+    """The compiled CPU runner's max-autotune wrote ~45 lines of timing tables to stderr per run."""
+    import torch._inductor.select_algorithm as sa
+
+    from encdec_core.runtime.cuda.runner import _quiet_autotune
+
+    monkeypatch.setattr(sa, "PRINT_AUTOTUNE", True)
+    monkeypatch.setenv("ENCDEC_DEBUG", "1")
+    _quiet_autotune()
+    assert sa.PRINT_AUTOTUNE is True
+    monkeypatch.delenv("ENCDEC_DEBUG")
+    _quiet_autotune()
+    assert sa.PRINT_AUTOTUNE is False

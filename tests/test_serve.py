@@ -841,3 +841,19 @@ def test_source_lang_reaches_the_engine_and_is_checked(server):
     status, _, _ = _post(srv, "/v1/generate", {"inputs": "hello", "parameters": {"source_lang": None,
                                                                                  "max_new_tokens": 2}})
     assert status == 200
+
+
+def test_serve_names_a_parallel_engine_before_starting_ranks(engine_dir, builtin_registry, tmp_path, capsys):
+    """A tensor-parallel engine is refused as not served, in one process too (it was told to launch 2
+    ranks, and under mpirun told that serve runs one process)."""
+    import shutil
+
+    eng = tmp_path / "tp2"
+    shutil.copytree(engine_dir, eng)
+    cfg = json.loads((eng / "config.json").read_text())
+    cfg["mapping"].update(tp_size=2, pp_size=1, world_size=2)
+    (eng / "config.json").write_text(json.dumps(cfg))
+    assert main(["serve", "--engine-dir", str(eng), "--port", "0", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "is tensor- / pipeline-parallel (tp_size 2, pp_size 1) and is not served yet" in err, err
+    assert "launch 2 ranks" not in err

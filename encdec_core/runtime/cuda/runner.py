@@ -110,6 +110,21 @@ CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gem
 RECOMPILE_LIMIT = 1024
 
 
+def _quiet_autotune() -> None:
+    """Inductor's max-autotune writes a table of timings per autotuned GEMM to stderr (dozens of lines
+    before a CPU run's first output); kept unless ENCDEC_DEBUG is set."""
+    import os
+
+    if os.environ.get("ENCDEC_DEBUG"):
+        return
+    try:
+        import torch._inductor.select_algorithm as select_algorithm
+    except ImportError:
+        return
+    if hasattr(select_algorithm, "PRINT_AUTOTUNE"):
+        select_algorithm.PRINT_AUTOTUNE = False
+
+
 def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
     """Raise dynamo's recompile limits to at least ``limit`` per function (never lower them). Its
     default, 8, made a compiled runner fail (``FailOnRecompileLimitHit``: the step compiles with
@@ -618,6 +633,7 @@ class CudaGraphRunner:
                 kw["options"] = dict(compile_options)
             self._step = torch.compile(self.dec.step, **kw)
             if cpu and not compile_mode:
+                _quiet_autotune()
                 cpu_options = dict(CPU_COMPILE_OPTIONS)
                 if self._lora is not None:
                     # freezing folds module buffers into constants: the adapter uid of each row, a
