@@ -398,7 +398,7 @@ def cmd_run(args) -> int:
     ids = engine.encode_sources(tok, texts, args.source_lang or None, "--source-lang")
     if args.truncate or args.max_input_length is not None:
         try:
-            ids, cut = engine.truncate(tok, ids, args.max_input_length, src_lang=args.source_lang)
+            ids, cut = engine.truncate(tok, ids, args.max_input_length, src_lang=args.source_lang or None)
         except EncDecError as exc:
             raise type(exc)(str(exc).replace("max input length", "--max-input-length", 1)) from None
         if cut:
