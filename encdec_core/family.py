@@ -35,6 +35,10 @@ class Family:
     tokenizer:   (dir, EncDecConfig) -> an object with encode(texts) / decode(ids); default HF AutoTokenizer
     hf_class:    name of the transformers class for --compare-hf (transformers.<name>)
     presets:     name -> source config dict (real shapes, for random-weight benchmarks)
+    output_embedding: checkpoint names (output embedding, the input embedding it is tied to); where
+                 a folder holds both with different values, the source config gets
+                 OUTPUT_EMBEDDING_UNTIED (transformers 5 then loads them untied, whatever
+                 tie_word_embeddings says: a Flan-T5 re-saved by it reads "tie_word_embeddings": true)
     """
 
     name: str
@@ -50,6 +54,7 @@ class Family:
     hf_class: str | None = None
     hf_loader: Callable[[Path], Any] | None = None  # (dir) -> HF reference model, overrides hf_class
     presets: Mapping[str, dict] = field(default_factory=dict)
+    output_embedding: tuple[str, str] | None = None
 
     def make_config(self, src: dict, source: str = "config.json") -> EncDecConfig:
         if isinstance(self.config_map, ConfigMap):
@@ -138,12 +143,32 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     raise WeightError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin found")
 
 
+# set in a source config (by read_hf_source) when the checkpoint's output embedding differs from the
+# input embedding it is declared tied to (Family.output_embedding): the family's config map then
+# reads the output embedding untied, as transformers 5 loads such a folder
+OUTPUT_EMBEDDING_UNTIED = "encdec_output_embedding_untied"
+
+
+def untied_by_weights(src: dict, tensors: Mapping[str, torch.Tensor], family: Family) -> dict:
+    """``src`` with OUTPUT_EMBEDDING_UNTIED set where ``family.output_embedding``'s two tensors are both
+    in ``tensors`` and differ (transformers 5's rule: tied weights that a checkpoint holds with
+    different values are not tied)."""
+    names = family.output_embedding
+    if not names or not all(n in tensors for n in names):
+        return src
+    out, inp = (tensors[n] for n in names)
+    if out.shape == inp.shape and torch.equal(out, inp.to(out.dtype)):
+        return src
+    return {**src, OUTPUT_EMBEDDING_UNTIED: True}
+
+
 def read_hf_source(path: Path, family: Family) -> Source:
     if not path.is_dir():
         raise ConfigError(f"{path}: not a directory (expected an HF model directory with config.json)")
     src = read_json(path / "config.json")
-    cfg = family.make_config(src, str(path / "config.json"))
+    family.make_config(src, str(path / "config.json"))  # a bad config is named before the weights load
     tensors = load_tensors(path)
+    cfg = family.make_config(untied_by_weights(src, tensors, family), str(path / "config.json"))
     gen = read_generation_config(path)
     tok = [path / f for f in HF_TOKENIZER_FILES if (path / f).is_file()]
     return Source(path, cfg, tensors, gen, tok)

@@ -9,7 +9,9 @@ pattern (or several, for ``split``/``alias``) and one op from a closed set:
     transpose  swap the last two dims
     scale      multiply by ``factor``
     alias      one source fills several targets (tied embeddings)
-    drop       consume the source and produce nothing (buffers, duplicates)
+    drop       consume the source and produce nothing (buffers, duplicates); with ``copy_of`` (a
+               source pattern) the dropped tensor must equal that one, else the map reports a
+               conflict: dropping a copy that differs would change the model
 
 Patterns use named placeholders: ``{i}``, ``{j}``, ``{k}``, ``{n}`` match a decimal number, any
 other ``{name}`` matches one dotted component. Placeholders are matched where they are written,
@@ -56,6 +58,10 @@ def _as_tuple(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a, b.to(a.dtype))
+
+
 @dataclass(frozen=True)
 class Rule:
     source: str | tuple[str, ...]
@@ -64,6 +70,7 @@ class Rule:
     dim: int = 0
     factor: float = 1.0
     when: str | None = None  # apply only if this config flag (an attribute name) is true; "!x" negates
+    copy_of: str | None = None  # drop: the source this one must equal (a duplicate of it), placeholders allowed
 
     def __post_init__(self):
         if self.op not in OPS:
@@ -79,6 +86,8 @@ class Rule:
             raise ValueError(f"{self.op} rule {self.source!r} takes one source")
         if self.op == "drop" and n_tgt:
             raise ValueError(f"drop rule {self.source!r} takes no target")
+        if self.copy_of is not None and self.op != "drop":
+            raise ValueError(f"{self.op} rule {self.source!r}: copy_of is for drop rules")
         if self.op not in ("drop", "split", "alias") and n_tgt != 1:
             raise ValueError(f"{self.op} rule {self.source!r} needs exactly one target")
 
@@ -91,10 +100,11 @@ class MapReport:
     dropped: list[str] = field(default_factory=list)  # source keys a "drop" rule consumed (not an error)
     dtype_errors: list[str] = field(default_factory=list)  # "key (int32)": loaded source tensors, not floating
     origin: dict[str, tuple[str, ...]] = field(default_factory=dict)  # target -> the source keys it came from
+    conflicts: list[str] = field(default_factory=list)  # dropped duplicates that differ from their original
 
     @property
     def ok(self) -> bool:
-        return not (self.unmatched or self.unfilled or self.shape_errors or self.dtype_errors)
+        return not (self.unmatched or self.unfilled or self.shape_errors or self.dtype_errors or self.conflicts)
 
     def message(self, source: str = "checkpoint") -> str:
         parts = []
@@ -107,6 +117,8 @@ class MapReport:
         if self.dtype_errors:
             parts.append(f"{len(self.dtype_errors)} source tensor(s) of a non-floating dtype: "
                          f"{', '.join(self.dtype_errors)}; expected float32, float16 or bfloat16 weights")
+        if self.conflicts:
+            parts.append("; ".join(self.conflicts))
         return f"{source}: " + " | ".join(parts)
 
 
@@ -174,6 +186,11 @@ class WeightMap:
                 t = state[key]
                 if rule.op == "drop":
                     report.dropped.append(key)
+                    orig = rule.copy_of.format(**groups) if rule.copy_of else None
+                    if orig in state and not _same(t, state[orig]):
+                        report.conflicts.append(
+                            f"{key} differs from {orig}, of which this model keeps one table (transformers would "
+                            f"use both; dropping {key} would change the model): not supported")
                     continue
                 targets = [tg.format(**groups) for tg in _as_tuple(rule.target)]
                 check_dtype([key])

@@ -336,3 +336,31 @@ def test_convert_tp2_pads_the_odd_vocabulary(reg, tmp_path_factory, tmp_path):
     assert torch.equal(r1["encoder.layers.0.self_attn.qkv.weight"][q.shape[0] // 2: q.shape[0]], k[k.shape[0] // 2:])
     assert torch.equal(r0["decoder.layers.0.ffn.wo.bias"], full["decoder.layers.0.ffn.wo.bias"])
     assert r0["decoder.layers.0.ffn.wo.weight"].shape[1] * 2 == full["decoder.layers.0.ffn.wo.weight"].shape[1]
+
+
+def test_an_lm_head_that_differs_from_shared_is_read_untied_and_version_buffers_dropped(tmp_path_factory,
+                                                                                          tmp_path, reg):
+    """A tied-config BART folder holding an lm_head.weight of other values: transformers 5 loads it
+    untied, and so do we (it was dropped: another model, exit 0). fairseq-era ``version`` buffers, which
+    HF ignores, are dropped rather than refused."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "bart"
+    shutil.copytree(tiny("bart", tmp_path_factory), d)
+    t = load_file(str(d / "model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    t["lm_head.weight"] = t["model.shared.weight"] + 0.05 * torch.randn(t["model.shared.weight"].shape, generator=g)
+    t["model.encoder.version"] = torch.tensor([2.0])
+    t["model.decoder.version"] = torch.tensor([2.0])
+    save_file(t, str(d / "model.safetensors"))
+    assert json.loads((d / "config.json").read_text()).get("tie_word_embeddings", True) is not False
+    model, _, _ = _ours(d, reg)
+    assert model.cfg.tie_lm_head is False and model.cfg.shared_embeddings is True
+    ref = load_hf(d)
+    assert ref.lm_head.weight.data_ptr() != ref.model.shared.weight.data_ptr()
+    ids, mask = _batch(d)
+    dec = _decoder_inputs(model.cfg.vocab_size, ids.shape[0])
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        got = model(ids, mask, dec).float()
+    assert (got - want).abs().max().item() <= 1e-4

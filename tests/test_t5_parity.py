@@ -354,3 +354,48 @@ def test_attention_biases_are_key_contiguous(built, variant):
     for base in (None, padding_bias(mask, ours.dtype)):
         for b in enc.layer_biases(base, ids.shape[1], ids.shape[1], 0):
             assert b is not None and b.stride(-1) == 1 and b.is_contiguous(), (variant, b.stride())
+
+
+# ------------------------------------------------------------------------- checkpoints re-saved by v5
+def test_flan_t5_resaved_by_transformers_5_keeps_its_own_lm_head(built, tmp_path, builtin_registry_module):
+    """A real-layout Flan-T5 loaded and saved again by transformers 5 (every v5 fine-tune) says
+    "tie_word_embeddings": true (and "scale_decoder_outputs": false) while its lm_head.weight differs
+    from shared: HF loads it untied, and so do we (we read it tied: another model, exit 0)."""
+    d, ref, _ = built("flan-t5")
+    out = tmp_path / "resaved"
+    ref.save_pretrained(out)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["tie_word_embeddings"] is True and saved.get("scale_decoder_outputs") is False
+    hf2 = hf_model(out)
+    assert hf2.lm_head.weight.data_ptr() != hf2.shared.weight.data_ptr()
+    ours, _, _ = load_source_model(out, reg=builtin_registry_module)
+    assert ours.cfg.tie_lm_head is False and ours.cfg.output_scale == 1.0
+    ids, mask, dec = inputs(ours.cfg.vocab_size)
+    got = ours(ids, mask, dec).float()
+    assert (got - hf_logits(hf2, ids, mask, dec)).abs().max().item() <= 1e-4
+
+
+def test_a_duplicate_embedding_that_differs_is_refused_and_pre_v4_keys_are_dropped(built, tmp_path,
+                                                                                     builtin_registry_module):
+    """encoder.embed_tokens.weight is a copy of shared.weight that we drop: a file where it differs
+    (transformers would use both) is refused by name instead of read as another model. The cross-attention
+    bias table of checkpoints saved before transformers 4 (which HF ignores) is dropped, not refused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from encdec_core.errors import WeightError
+
+    d, _, _ = built("t5")
+    src = tmp_path / "dup"
+    shutil.copytree(d, src)
+    state = load_file(str(src / "model.safetensors"))
+    state["encoder.embed_tokens.weight"] = state["shared.weight"] + 1.0
+    save_file(state, str(src / "model.safetensors"))
+    with pytest.raises(WeightError, match="encoder.embed_tokens.weight differs from shared.weight"):
+        load_source_model(src, reg=builtin_registry_module)
+    del state["encoder.embed_tokens.weight"]
+    heads = state["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    state["decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"] = heads.clone()
+    save_file(state, str(src / "model.safetensors"))
+    load_source_model(src, reg=builtin_registry_module)

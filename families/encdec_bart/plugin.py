@@ -15,7 +15,7 @@ from pathlib import Path
 
 from encdec_core.config import ConfigMap, source_activation
 from encdec_core.errors import ConfigError, EncDecError, WeightError
-from encdec_core.family import Family, Source, read_hf_source
+from encdec_core.family import OUTPUT_EMBEDDING_UNTIED, Family, Source, read_hf_source
 from encdec_core.plugins import hookimpl
 from encdec_core.tokenizer import HFTokenizer
 from encdec_core.weights import Rule, WeightMap
@@ -56,6 +56,12 @@ def _tied(src: dict) -> bool:
     return src.get("tie_word_embeddings", True) is not False
 
 
+def _tied_lm_head(src: dict) -> bool:
+    """The lm_head is the shared table, unless the folder holds an lm_head.weight of other values
+    (transformers 5 then loads it untied whatever tie_word_embeddings says)."""
+    return _tied(src) and not src.get(OUTPUT_EMBEDDING_UNTIED)
+
+
 def _config_map(family: str, pre_norm: bool) -> ConfigMap:
     return ConfigMap(
         fields={
@@ -73,7 +79,7 @@ def _config_map(family: str, pre_norm: bool) -> ConfigMap:
             "max_position_embeddings": "max_position_embeddings",
             "embedding_scale": _embedding_scale,
             # transformers v5: tie_word_embeddings=False unties the lm_head AND both stacks' embed_tokens
-            "tie_lm_head": _tied,
+            "tie_lm_head": _tied_lm_head,
             "shared_embeddings": _tied,
             "pad_token_id": "pad_token_id",
             "eos_token_id": lambda s: _first(s.get("eos_token_id")),
@@ -121,7 +127,7 @@ MBART_CONFIG = _config_map("mbart", pre_norm=True)
 def _weight_rules() -> list[Rule]:
     out = [
         Rule("lm_head.weight", "lm_head.weight", when="!tie_lm_head"),
-        Rule("lm_head.weight", op="drop", when="tie_lm_head"),
+        Rule("lm_head.weight", op="drop", when="tie_lm_head", copy_of="model.shared.weight"),
         Rule("final_logits_bias", "final_logits_bias", when="final_logits_bias"),
         Rule("final_logits_bias", op="drop", when="!final_logits_bias"),
     ]
@@ -131,8 +137,10 @@ def _weight_rules() -> list[Rule]:
         out += [
             # tied (the default): one table; the stacks' embed_tokens are copies of it
             Rule(f"{p}shared.weight", "shared.weight", when="shared_embeddings"),
-            Rule(f"{p}encoder.embed_tokens.weight", op="drop", when="shared_embeddings"),
-            Rule(f"{p}decoder.embed_tokens.weight", op="drop", when="shared_embeddings"),
+            Rule(f"{p}encoder.embed_tokens.weight", op="drop", when="shared_embeddings", copy_of=f"{p}shared.weight"),
+            Rule(f"{p}decoder.embed_tokens.weight", op="drop", when="shared_embeddings", copy_of=f"{p}shared.weight"),
+            # fairseq-era BART checkpoints' version buffers (transformers ignores them on load)
+            Rule(f"{p}{{side}}.version", op="drop"),
             # untied: each stack reads its own embed_tokens. Files saved where they were still tied
             # to `shared` (transformers v4) hold only `shared`: it fills both, and a stack's own
             # embed_tokens, when present, overwrites it (a later rule writes the same target).
@@ -328,6 +336,7 @@ BART = Family(
     tokenizer=load_tokenizer,
     hf_class="BartForConditionalGeneration",
     presets=BART_PRESETS,
+    output_embedding=("lm_head.weight", "model.shared.weight"),
 )
 
 MBART = Family(
@@ -342,6 +351,7 @@ MBART = Family(
     tokenizer=load_tokenizer,
     hf_class="MBartForConditionalGeneration",
     presets=MBART_PRESETS,
+    output_embedding=("lm_head.weight", "model.shared.weight"),
 )
 
 

@@ -5,7 +5,7 @@ import math
 
 from encdec_core.config import ConfigMap
 from encdec_core.errors import ConfigError
-from encdec_core.family import Family
+from encdec_core.family import OUTPUT_EMBEDDING_UNTIED, Family
 from encdec_core.plugins import hookimpl
 from encdec_core.weights import Rule, WeightMap
 
@@ -29,12 +29,19 @@ def _activation(src: dict) -> str:
     return {"gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu", "gelu_new": "gelu_new"}.get(act, act)
 
 
-def _tied(src: dict) -> bool:
+def _tie_flag(src: dict) -> bool:
     return src.get("tie_word_embeddings", True) is not False
 
 
+def _tied(src: dict) -> bool:
+    """The lm_head is the shared table: tie_word_embeddings, unless the folder holds an lm_head.weight
+    of other values (transformers 5 then loads it untied: a Flan-T5 it re-saved reads "tie": true)."""
+    return _tie_flag(src) and not src.get(OUTPUT_EMBEDDING_UNTIED)
+
+
 def _output_scale(src: dict) -> float:
-    scaled = src["scale_decoder_outputs"] if "scale_decoder_outputs" in src else _tied(src)
+    # transformers 5: scale_decoder_outputs where saved, else the tie_word_embeddings flag as written
+    scaled = src["scale_decoder_outputs"] if "scale_decoder_outputs" in src else _tie_flag(src)
     return float(src["d_model"]) ** -0.5 if scaled else 1.0
 
 
@@ -88,10 +95,13 @@ T5_CONFIG = ConfigMap(
 _E, _D = "encoder.block.{i}.layer", "decoder.block.{i}.layer"
 T5_WEIGHTS = WeightMap([
     Rule("shared.weight", "shared.weight"),
-    Rule("encoder.embed_tokens.weight", op="drop"),
-    Rule("decoder.embed_tokens.weight", op="drop"),
+    Rule("encoder.embed_tokens.weight", op="drop", copy_of="shared.weight"),
+    Rule("decoder.embed_tokens.weight", op="drop", copy_of="shared.weight"),
     Rule("lm_head.weight", "lm_head.weight", when="!tie_lm_head"),
-    Rule("lm_head.weight", op="drop", when="tie_lm_head"),
+    Rule("lm_head.weight", op="drop", when="tie_lm_head", copy_of="shared.weight"),
+    # checkpoints saved before transformers 4 carry a cross-attention bias table that T5 never uses
+    # (transformers ignores it on load: _keys_to_ignore_on_load_unexpected)
+    Rule("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight", op="drop"),
     # relative bias: one table per stack (T5) or one per layer (UMT5)
     Rule("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "encoder.rel_bias.weight",
          when="!relative_bias_per_layer"),
@@ -159,6 +169,7 @@ T5 = Family(
     model_types=("t5", "mt5", "umt5"),
     hf_class="AutoModelForSeq2SeqLM",
     presets=PRESETS,
+    output_embedding=("lm_head.weight", "shared.weight"),
 )
 
 
