@@ -277,6 +277,9 @@ class Engine:
         device = _load_device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise EncDecError("--device cuda: CUDA is not available on this machine")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise EncDecError(f"--device {device}: this machine has {n} CUDA device(s): cuda:0 .. cuda:{n - 1}")
         model = load_model(engine_dir, ctx=ctx, device=device, dtype=dt, meta=meta)  # names a missing tensor
         if ctx is None:  # then: bytes changed (ranks verify their shards before, all agreeing)
             check_engine_shards(engine_dir, info, meta)

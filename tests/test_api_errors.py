@@ -305,3 +305,11 @@ def test_the_compiled_cpu_runner_without_a_cpp_compiler_is_refused_up_front(engi
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
     _raises(EncDecError, ["needs a C++ compiler", "/x/g++", "--runner eager"], CudaGraphRunner.for_engine, engine,
             use_graphs=False)
+
+
+def test_load_names_a_cuda_device_the_machine_lacks(dirs, monkeypatch):
+    """--device cuda:7 on a one-GPU machine was an internal error (CUDA's "invalid device ordinal")."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    _raises(EncDecError, ["--device cuda:7", "1 CUDA device(s): cuda:0 .. cuda:0"], Engine.load, dirs[1],
+            device="cuda:7")
