@@ -107,40 +107,68 @@ HF_TOKENIZER_FILES = (
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors (single or sharded index) or pytorch_model.bin (weights_only)."""
+    """model.safetensors, or its sharded index; else pytorch_model.bin (weights_only), or its sharded
+    index. As transformers, safetensors first. Every key an index lists must be in its shard."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    st = path / "model.safetensors"
-    idx = path / "model.safetensors.index.json"
-    binf = path / "pytorch_model.bin"
+    st, st_idx = path / "model.safetensors", path / "model.safetensors.index.json"
+    binf, bin_idx = path / "pytorch_model.bin", path / "pytorch_model.bin.index.json"
+    current = st  # the file being read, for the messages
+
+    def read_bin(f: Path) -> dict[str, torch.Tensor]:
+        try:
+            state = torch.load(str(f), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            first = str(exc).split("\n")[0].strip()
+            raise WeightError(f"{f}: cannot be read safely ({type(exc).__name__}: {first[:200]})") from None
+        if not isinstance(state, dict):
+            raise WeightError(f"{f}: holds a {type(state).__name__}, expected a state dict (tensor name -> tensor)")
+        bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+        if bad is not None:
+            raise WeightError(f"{f}: entry {bad!r} is a {type(state[bad]).__name__}, expected a tensor")
+        return state
+
+    def read_index(idx: Path, reader) -> dict[str, torch.Tensor]:
+        nonlocal current
+        index = read_json(idx, "weights index")
+        wmap = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(wmap, dict) or not wmap or not all(isinstance(v, str) for v in wmap.values()):
+            raise WeightError(f"{idx}: field 'weight_map' = {str(wmap)[:80]!r}: expected a non-empty object "
+                              f"of tensor name -> shard file name")
+        out = {}
+        for shard in sorted(set(wmap.values())):
+            f = path / shard
+            if not f.is_file():
+                raise WeightError(f"{idx}: shard '{shard}' listed in weight_map is missing")
+            current = f
+            got = reader(f)
+            lost = sorted(k for k, v in wmap.items() if v == shard and k not in got)
+            if lost:
+                raise WeightError(f"{f}: {len(lost)} tensor(s) that {idx.name} lists for this shard are not in it: "
+                                  f"{', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}")
+            out.update(got)
+        return out
+
     try:
         if st.is_file():
             return load_file(str(st))
-        if idx.is_file():
-            index = read_json(idx, "safetensors index")
-            wmap = index.get("weight_map") if isinstance(index, dict) else None
-            if not isinstance(wmap, dict) or not wmap or not all(isinstance(v, str) for v in wmap.values()):
-                raise WeightError(f"{idx}: field 'weight_map' = {str(wmap)[:80]!r}: expected a non-empty object "
-                                  f"of tensor name -> shard file name")
-            out = {}
-            for shard in sorted(set(wmap.values())):
-                f = path / shard
-                if not f.is_file():
-                    raise WeightError(f"{idx}: shard '{shard}' listed in weight_map is missing")
-                out.update(load_file(str(f)))
-            return out
+        if st_idx.is_file():
+            return read_index(st_idx, lambda f: load_file(str(f)))
         if binf.is_file():
-            try:
-                return torch.load(str(binf), map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise WeightError(f"{binf}: cannot be read safely ({type(exc).__name__}: {exc})") from None
+            return read_bin(binf)
+        if bin_idx.is_file():
+            return read_index(bin_idx, read_bin)
     except SafetensorError as exc:
-        raise WeightError(f"{st if st.is_file() else idx}: not a valid safetensors file ({exc})") from None
+        raise WeightError(f"{current}: not a valid safetensors file ({exc})") from None
     except (OSError, ValueError) as exc:
         raise WeightError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
-    raise WeightError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin found")
+    present = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".h5",
+                                                                                   ".msgpack", ".ckpt", ".pt", ".pth"))
+    raise WeightError(f"{path}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
+                      f"pytorch_model.bin.index.json" + (f" (weight files here: {', '.join(present[:6])}; "
+                                                        f"transformers reads the same names)" if present else ""))
 
 
 # set in a source config (by read_hf_source) when the checkpoint's output embedding differs from the

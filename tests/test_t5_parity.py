@@ -399,3 +399,56 @@ def test_a_duplicate_embedding_that_differs_is_refused_and_pre_v4_keys_are_dropp
     state["decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"] = heads.clone()
     save_file(state, str(src / "model.safetensors"))
     load_source_model(src, reg=builtin_registry_module)
+
+
+def test_weight_files_sharded_pickles_and_their_refusals(built, tmp_path, builtin_registry_module):
+    """pytorch_model-*.bin shards with their index read as transformers reads them (they were refused:
+    "no model.safetensors ... found"); a key the index lists but its shard lacks, a non-tensor entry in a
+    pickle and a truncated safetensors shard are each refused naming that file."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from encdec_core.errors import WeightError
+
+    d, ref, _ = built("flan-t5")
+    state = load_file(str(d / "model.safetensors"))
+    keys = sorted(state)
+    half = len(keys) // 2
+    parts = {"pytorch_model-00001-of-00002.bin": keys[:half], "pytorch_model-00002-of-00002.bin": keys[half:]}
+    src = tmp_path / "bin"
+    shutil.copytree(d, src)
+    (src / "model.safetensors").unlink()
+    for name, ks in parts.items():
+        torch.save({k: state[k] for k in ks}, src / name)
+    index = {"metadata": {}, "weight_map": {k: name for name, ks in parts.items() for k in ks}}
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    ours, _, _ = load_source_model(src, reg=builtin_registry_module)
+    ids, mask, dec = inputs(ours.cfg.vocab_size)
+    assert (ours(ids, mask, dec).float() - hf_logits(ref, ids, mask, dec)).abs().max().item() <= 1e-4
+
+    index["weight_map"]["decoder.extra.weight"] = "pytorch_model-00002-of-00002.bin"
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    with pytest.raises(WeightError, match=r"pytorch_model-00002-of-00002.bin: 1 tensor\(s\) that "
+                                          r"pytorch_model.bin.index.json lists for this shard are not in it: "
+                                          r"decoder.extra.weight"):
+        load_source_model(src, reg=builtin_registry_module)
+    for f in src.glob("pytorch_model*"):
+        f.unlink()
+    torch.save({**state, "config": [1, 2]}, src / "pytorch_model.bin")
+    with pytest.raises(WeightError, match=r"pytorch_model.bin: entry 'config' is a list, expected a tensor"):
+        load_source_model(src, reg=builtin_registry_module)
+
+    sh = tmp_path / "st"
+    shutil.copytree(d, sh)
+    (sh / "model.safetensors").unlink()
+    for i, (name, ks) in enumerate(parts.items()):
+        save_file({k: state[k] for k in ks}, str(sh / name.replace("pytorch_model", "model").replace(".bin",
+                                                                                                   ".safetensors")))
+    wmap = {k: n.replace("pytorch_model", "model").replace(".bin", ".safetensors") for n, ks in parts.items()
+            for k in ks}
+    (sh / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wmap}))
+    broken = sh / "model-00002-of-00002.safetensors"
+    broken.write_bytes(broken.read_bytes()[:100])
+    with pytest.raises(WeightError, match=r"model-00002-of-00002.safetensors: not a valid safetensors file"):
+        load_source_model(sh, reg=builtin_registry_module)
