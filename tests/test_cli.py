@@ -67,6 +67,23 @@ def test_convert_build_run_matches_hf(builtin_registry, tmp_path, t5_dir, capsys
         assert rc == 2 and f"--hf-model-dir {other}: {words}" in err, err
 
 
+def test_compare_hf_with_a_family_given_at_convert(builtin_registry, tmp_path, t5_dir, capsys):
+    """A T5 folder whose architectures names BART converts with --family t5, and --compare-hf loads it as
+    transformers does (by model_type): it said "a 'bart' model, but the engine is 't5'"."""
+    import shutil
+
+    src = tmp_path / "t5-mislabelled"
+    shutil.copytree(t5_dir, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["architectures"] = ["BartForConditionalGeneration"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    _, eng = _pipeline(tmp_path, src, "--family", "t5")
+    rc = main(["run", "--engine-dir", str(eng), "--input-text", "hello world", "--max-output-len", "6",
+               "--compare-hf", "--device", "cpu"])
+    out = capsys.readouterr()
+    assert rc == 0 and "token ids match HF fp32: yes" in out.out, out.err
+
+
 def test_python_api(builtin_registry, tmp_path, t5_dir):
     from encdec_core import Engine, registry
 
