@@ -217,20 +217,20 @@ def read_generation_config(path: Path) -> dict:
 
 
 def detect_family(reg, source) -> Family:
-    """HF config.json (architectures, then model_type) or a family's own detect()."""
+    """HF config.json (architectures, or model_type where the two name different families) or a family's own detect()."""
     source = Path(source)
     cfg_path = source / "config.json" if source.is_dir() else None
     if cfg_path is not None and cfg_path.is_file():
         cfg = read_json(cfg_path)
-        for arch in cfg.get("architectures") or []:
-            fam = reg.find(arch)
-            if fam is not None:
-                return fam
         mt = cfg.get("model_type")
-        if mt:
-            fam = reg.find(mt)
+        by_type = reg.find(mt) if isinstance(mt, str) and mt else None
+        for arch in cfg.get("architectures") or []:
+            fam = reg.find(arch) if isinstance(arch, str) else None
             if fam is not None:
-                return fam
+                # architectures and model_type disagree: transformers' Auto classes go by model_type
+                return by_type if by_type is not None and by_type.name != fam.name else fam
+        if by_type is not None:
+            return by_type
     for entry in reg.families():
         fam = entry.record
         if fam.detect is not None:

@@ -219,7 +219,9 @@ class WeightMap:
             report.unfilled = [k for k in expected if k not in out]
             for k, shape in expected.items():
                 if k in out and tuple(out[k].shape) != tuple(shape):
-                    report.shape_errors.append(f"{k} has {tuple(out[k].shape)}, expected {tuple(shape)}")
+                    src = report.origin.get(k, ())
+                    came = f" (from {', '.join(f'{n} {tuple(state[n].shape)}' for n in src)})" if src else ""
+                    report.shape_errors.append(f"{k} has {tuple(out[k].shape)}, expected {tuple(shape)}{came}")
             extra = [k for k in out if k not in expected]
             if extra:
                 report.unmatched += [f"{k} (produced, but the model has no such parameter)" for k in extra]

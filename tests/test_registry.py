@@ -157,6 +157,10 @@ def test_detect_from_config_json(builtin_registry, tmp_path):
         builtin_registry.detect(tmp_path)
     msg = str(ei.value)
     assert "config.json" in msg and "GPT2LMHeadModel" in msg and "--family" in msg and "t5" in msg
+    # architectures and model_type naming different families: model_type, as transformers' Auto classes
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BartForConditionalGeneration"],
+                                                      "model_type": "t5"}))
+    assert builtin_registry.detect(tmp_path).name == "t5"
 
 
 # ------------------------------------------------------------------------------ entry points

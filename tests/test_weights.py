@@ -151,7 +151,7 @@ def test_report_lists_every_problem_at_once():
     assert sorted(rep.unmatched) == sorted(["l.1.q", "l.1.k", "stray.tensor",
                                             "not_in_model (produced, but the model has no such parameter)"])
     assert rep.unfilled == ["l.1.qkv", "l.1.out", "a", "b", "c"]
-    assert any("l.0.out has (4, 3), expected (4, 4)" in e for e in rep.shape_errors)
+    assert any("l.0.out has (4, 3), expected (4, 4) (from l.0.o (4, 3))" in e for e in rep.shape_errors)
     assert any("w (4, 2) cannot be split in 3" in e for e in rep.shape_errors)
     with pytest.raises(WeightError) as ei:
         wm.apply(src, expected, source="models/x/model.safetensors")
