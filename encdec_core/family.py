@@ -217,7 +217,8 @@ def read_generation_config(path: Path) -> dict:
 
 
 def detect_family(reg, source) -> Family:
-    """HF config.json (architectures, or model_type where the two name different families) or a family's own detect()."""
+    """HF config.json (architectures, or model_type where the two name different families) or a
+    family's own detect()."""
     source = Path(source)
     cfg_path = source / "config.json" if source.is_dir() else None
     if cfg_path is not None and cfg_path.is_file():
