@@ -400,9 +400,10 @@ class _Ours:
         prefill (encoder, every layer's cross-attention K/V, from its CUDA graph; timing the eager
         encoder instead, slower at small batches, made ``ms_per_step`` too small, even 0); else the
         encoder."""
-        with torch.inference_mode():
-            if self.runner is not None and getattr(self.runner, "prefill_graphs", False):
+        if self.runner is not None and getattr(self.runner, "prefill_graphs", False):
+            with torch.no_grad():  # not inference mode: the runner's static buffers are updated in place later
                 return self.runner.prefill(ids, mask)
+        with torch.inference_mode():
             if self.runner is not None:
                 return self.runner.encode(ids, mask)[0]
             return self.model.encode(ids, mask)
