@@ -21,7 +21,7 @@ import torch
 
 from .config import EncDecConfig, read_json
 from .fsutil import atomic_dir
-from .errors import ConfigError, EncDecError, WeightError
+from .errors import ConfigError, EncDecError, WeightError, non_floating
 from .model import EncDecModel, build_model, padded_vocab
 from .parallel.context import ParallelContext, split_range
 
@@ -263,8 +263,7 @@ def check_float_tensors(tensors: dict[str, torch.Tensor], source: str) -> None:
     """Every weight is a floating-point tensor (an integer or bool tensor would be cast silently)."""
     bad = [f"{k} ({str(t.dtype).replace('torch.', '')})" for k, t in tensors.items() if not t.is_floating_point()]
     if bad:
-        raise WeightError(f"{source}: tensor(s) of a non-floating dtype: {', '.join(bad)}; expected float32, "
-                          f"float16 or bfloat16 weights")
+        raise WeightError(f"{source}: {non_floating(bad)}")
 
 
 def check_shard(f: Path) -> dict[str, tuple[tuple, str]]:
@@ -309,8 +308,7 @@ def check_shard_fits(ckpt_dir: Path, header: dict, cfg: EncDecConfig, ctx: Paral
         raise WeightError(f"{f}: " + " | ".join(parts) + f" (for the model in {Path(ckpt_dir) / 'config.json'})")
     bad = [f"{k} ({dt})" for k, (_, dt) in header.items() if not dt.startswith(("F", "BF"))]
     if bad:
-        raise WeightError(f"{f}: tensor(s) of a non-floating dtype: {', '.join(bad)}; expected float32, "
-                          f"float16 or bfloat16 weights")
+        raise WeightError(f"{f}: {non_floating(bad)}")
 
 
 def config_from_meta(meta: dict, source: str) -> EncDecConfig:

@@ -9,7 +9,7 @@ import torch
 
 from .adapters import apply_adapters, check_loaded
 from .checkpoint import check_float_tensors, parse_dtype, validate_parallel, write_checkpoint
-from .errors import ConfigError, WeightError
+from .errors import ConfigError, WeightError, non_floating
 from .family import Family, Source
 from .fsutil import as_path, check_output_dir
 from .model import EncDecModel, build_model
@@ -112,8 +112,7 @@ def read_and_map(source: Path, family: str | None = None, reg=None, adapters: Se
         bad = [f"{k} ({str(base[k].dtype).replace('torch.', '')})" for k in changes
                if k in base and not base[k].is_floating_point()]
         if bad:
-            raise WeightError(f"{src.path}: {len(bad)} source tensor(s) of a non-floating dtype: {', '.join(bad)}; "
-                              f"expected float32, float16 or bfloat16 weights")
+            raise WeightError(f"{src.path}: {non_floating(bad, f'{len(bad)} source tensor(s)')}")
     return fam, src, map_source(fam, src, changes, dtype), described
 
 

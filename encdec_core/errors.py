@@ -18,6 +18,12 @@ class LimitError(EncDecError):
     pass
 
 
+def non_floating(entries, what: str = "tensor(s)") -> str:
+    """The refusal of weights that are not floating point (an integer or bool tensor would be cast, or
+    promoted by a fuse / merge, silently): ``entries`` like "name (int32)"."""
+    return f"{what} of a non-floating dtype: {', '.join(entries)}; expected float32, float16 or bfloat16 weights"
+
+
 def first_non_utf8(texts) -> tuple[int, int, str] | None:
     """(index of the text, position, character) of the first character UTF-8 cannot encode (a lone
     surrogate: a byte a decoder kept with ``surrogateescape``, or a broken string built in Python);

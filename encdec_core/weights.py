@@ -29,7 +29,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from .errors import WeightError
+from .errors import WeightError, non_floating
 
 OPS = ("identity", "fuse", "split", "transpose", "scale", "alias", "drop")
 _NUMERIC = {"i", "j", "k", "n"}
@@ -115,8 +115,7 @@ class MapReport:
         if self.shape_errors:
             parts.append("wrong shape: " + "; ".join(self.shape_errors))
         if self.dtype_errors:
-            parts.append(f"{len(self.dtype_errors)} source tensor(s) of a non-floating dtype: "
-                         f"{', '.join(self.dtype_errors)}; expected float32, float16 or bfloat16 weights")
+            parts.append(non_floating(self.dtype_errors, f"{len(self.dtype_errors)} source tensor(s)"))
         if self.conflicts:
             parts.append("; ".join(self.conflicts))
         return f"{source}: " + " | ".join(parts)
