@@ -572,7 +572,7 @@ def compare_hf(engine, args, ids, langs, overrides, res, lora_uids=None, prefix=
             other = registry.detect(src)
         except EncDecError as exc:
             raise EncDecError(f"{flag} {src}: not a model this installation reads ({exc})") from None
-        if other.name != fam.name and not _model_type_is(src, fam, registry):
+        if other.name != fam.name:
             raise EncDecError(f"{flag} {src}: a '{other.name}' model, but the engine {engine.engine_dir} is "
                               f"'{fam.name}': expected the model the engine was converted from")
     try:
@@ -623,19 +623,6 @@ def compare_hf(engine, args, ids, langs, overrides, res, lora_uids=None, prefix=
         rows.append({"hf_output": [tok.decode(t) for t in hf_tokens], "match": ours == hf_tokens,
                      "ids": ours, "hf_ids": hf_tokens})
     return rows
-
-
-def _model_type_is(src: Path, fam, reg) -> bool:
-    """Whether HF folder ``src``'s model_type names family ``fam``: transformers' Auto classes load by
-    model_type, so a folder whose ``architectures`` misleads (converted with --family) is still fam's."""
-    from .config import read_json
-
-    try:
-        mt = read_json(src / "config.json").get("model_type") if (src / "config.json").is_file() else None
-    except EncDecError:
-        return False
-    found = reg.find(mt) if isinstance(mt, str) else None
-    return found is not None and found.name == fam.name
 
 
 def hf_generation_config(gc):

@@ -627,7 +627,7 @@ class Engine:
         if limit > self.limits.max_input_len:
             raise LimitError(f"max input length {limit} exceeds the engine's limit {self.limits.max_input_len} "
                              f"(rebuild with a larger --max-input-len)")
-        frame = list((tok.encode([""]) if src_lang is None else tok.encode([""], src_lang=src_lang))[0])
+        frame = list(self.encode_sources(tok, [""], src_lang)[0])
         out, cut = [], []
         for i, x in enumerate(ids):
             x = list(x)

@@ -10,7 +10,7 @@ import torch
 
 from .config import ConfigMap, EncDecConfig, read_json
 from .errors import ConfigError, EncDecError, WeightError
-from .weights import WeightMap
+from .weights import WeightMap, same_values
 
 
 @dataclass
@@ -185,18 +185,18 @@ def untied_by_weights(src: dict, tensors: Mapping[str, torch.Tensor], family: Fa
     if not names or not all(n in tensors for n in names):
         return src
     out, inp = (tensors[n] for n in names)
-    if out.shape == inp.shape and torch.equal(out, inp.to(out.dtype)):
-        return src
-    return {**src, OUTPUT_EMBEDDING_UNTIED: True}
+    return src if same_values(out, inp) else {**src, OUTPUT_EMBEDDING_UNTIED: True}
 
 
 def read_hf_source(path: Path, family: Family) -> Source:
     if not path.is_dir():
         raise ConfigError(f"{path}: not a directory (expected an HF model directory with config.json)")
     src = read_json(path / "config.json")
-    family.make_config(src, str(path / "config.json"))  # a bad config is named before the weights load
+    cfg = family.make_config(src, str(path / "config.json"))  # a bad config is named before the weights load
     tensors = load_tensors(path)
-    cfg = family.make_config(untied_by_weights(src, tensors, family), str(path / "config.json"))
+    untied = untied_by_weights(src, tensors, family)
+    if untied is not src:
+        cfg = family.make_config(untied, str(path / "config.json"))
     gen = read_generation_config(path)
     tok = [path / f for f in HF_TOKENIZER_FILES if (path / f).is_file()]
     return Source(path, cfg, tensors, gen, tok)

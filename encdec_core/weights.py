@@ -58,7 +58,8 @@ def _as_tuple(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """One tensor a copy of the other: the same shape and values (``b`` compared in ``a``'s dtype)."""
     return a.shape == b.shape and torch.equal(a, b.to(a.dtype))
 
 
@@ -186,7 +187,7 @@ class WeightMap:
                 if rule.op == "drop":
                     report.dropped.append(key)
                     orig = rule.copy_of.format(**groups) if rule.copy_of else None
-                    if orig in state and not _same(t, state[orig]):
+                    if orig in state and not same_values(t, state[orig]):
                         report.conflicts.append(
                             f"{key} differs from {orig}, of which this model keeps one table (transformers would "
                             f"use both; dropping {key} would change the model): not supported")
