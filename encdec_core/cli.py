@@ -747,12 +747,13 @@ def cmd_serve(args) -> int:
     engine_dir = Path(args.engine_dir) if args.engine_dir else default_engine()
     if engine_dir.is_dir():  # before the ranks start: one process would be told to launch more
         from .checkpoint import read_meta
+        from .parallel.launch import mapping_sizes
 
-        mp = read_meta(engine_dir).get("mapping") or {}
-        if isinstance(mp, dict) and (mp.get("tp_size", 1), mp.get("pp_size", 1)) != (1, 1):
+        tp, pp = mapping_sizes(engine_dir, read_meta(engine_dir))
+        if (tp, pp) != (1, 1):
             raise EncDecError(f"serve runs one process: engine {engine_dir} is tensor- / pipeline-parallel "
-                              f"(tp_size {mp.get('tp_size', 1)}, pp_size {mp.get('pp_size', 1)}) and is not served "
-                              f"yet (use encdec run per batch, or a tp=pp=1 engine)")
+                              f"(tp_size {tp}, pp_size {pp}) and is not served yet (use encdec run per batch, "
+                              f"or a tp=pp=1 engine)")
     engine, _ = _load_engine(engine_dir, _device(args.device), args.dtype)
     runner = None
     kind = _run_runner(args, torch.device(engine.model.device).type)
@@ -964,8 +965,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve import MAX_REQUEST_INPUTS, REQUEST_TIMEOUT  # standard library only: cheap to import here
 
     _opt(s, "--max-request-inputs", type=int, default=MAX_REQUEST_INPUTS, metavar="N",
-         help="inputs (or score pairs) one request may carry; more get a 400 (default %(default)d): a request runs "
-              "to its end once started, and the requests behind it wait")
+         help="inputs (or score pairs) one request may carry; more get a 400 (default %(default)d); a request "
+              "whose client leaves stops before its next batch, and the requests behind it wait until then")
 
     _opt(s, "--request-timeout", type=_float, default=REQUEST_TIMEOUT, metavar="SECONDS",
          help="how long a connection may send no byte of its request (or take none of its reply), and how long "

@@ -459,6 +459,16 @@ def load_parallel_model(ckpt_dir, ctx: ParallelContext, device=None, dtype: torc
                  f"loading {ckpt_dir}")
 
 
+def mapping_sizes(model_dir, meta: dict) -> tuple[int, int]:
+    """(tp_size, pp_size) of a checkpoint or engine dir's config.json "mapping" (``meta``: its content)."""
+    mp = meta.get("mapping") or {}
+    try:
+        return int(mp.get("tp_size", 1)), int(mp.get("pp_size", 1))
+    except (TypeError, ValueError, AttributeError):
+        raise ConfigError(f"{Path(model_dir) / 'config.json'}: field 'mapping' = {mp!r}: expected "
+                          f"{{'tp_size': N, 'pp_size': M}}") from None
+
+
 def init_for_dir(model_dir, device="cpu", timeout: float | None = None) -> ParallelContext | None:
     """For commands that load a checkpoint or engine dir (run, benchmark): read its mapping
     (config.json "mapping"), start the ranks when the mapping or the launcher asks for more than
@@ -467,12 +477,7 @@ def init_for_dir(model_dir, device="cpu", timeout: float | None = None) -> Paral
     from ..checkpoint import read_meta
 
     meta = read_meta(Path(model_dir))
-    mp = meta.get("mapping") or {}
-    try:
-        tp, pp = int(mp.get("tp_size", 1)), int(mp.get("pp_size", 1))
-    except (TypeError, ValueError):
-        raise ConfigError(f"{Path(model_dir) / 'config.json'}: field 'mapping' = {mp!r}: expected "
-                          f"{{'tp_size': N, 'pp_size': M}}") from None
+    tp, pp = mapping_sizes(model_dir, meta)
     if tp * pp == 1 and detect_launch().world_size == 1:
         return None
     ctx = init_parallel(tp, pp, device, timeout=timeout)
