@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -723,14 +724,13 @@ def _read_side(texts, file, side: str) -> tuple[list[str], str]:
 
 
 def cmd_serve(args) -> int:
-    """An HTTP/JSON server for one engine (encdec_core/serve.py): dynamic batching, streaming, scoring."""
+    """An HTTP/JSON server for one engine (encdec_core/serve.py): dynamic batching, streaming, scoring.
+    A tensor- / pipeline-parallel engine is served under mpirun / torchrun: rank 0 serves HTTP and every
+    rank runs each batch (encdec_core/parallel/serving.py)."""
     import torch
 
     from .serve import Server
 
-    if _multi_rank():
-        raise EncDecError("serve runs one process: a tensor- or pipeline-parallel engine under mpirun / torchrun "
-                          "is not served yet (use encdec run per batch, or a tp=pp=1 engine)")
     if not 0 <= args.port < 65536:
         raise EncDecError(f"--port {args.port}: expected 0..65535 (0: any free port)")
     if not (args.max_batch_delay_ms >= 0 and args.max_batch_delay_ms <= 60_000):
@@ -745,42 +745,86 @@ def cmd_serve(args) -> int:
     warm = [None if v is None else parse_batch_sizes(v, flag) for v, flag in
             ((args.warmup_batch_sizes, "--warmup-batch-sizes"), (args.warmup_input_lens, "--warmup-input-lens"))]
     engine_dir = Path(args.engine_dir) if args.engine_dir else default_engine()
-    if engine_dir.is_dir():  # before the ranks start: one process would be told to launch more
-        from .checkpoint import read_meta
-        from .parallel.launch import mapping_sizes
-
-        tp, pp = mapping_sizes(engine_dir, read_meta(engine_dir))
-        if (tp, pp) != (1, 1):
-            raise EncDecError(f"serve runs one process: engine {engine_dir} is tensor- / pipeline-parallel "
-                              f"(tp_size {tp}, pp_size {pp}) and is not served yet (use encdec run per batch, "
-                              f"or a tp=pp=1 engine)")
-    engine, _ = _load_engine(engine_dir, _device(args.device), args.dtype)
+    engine, ctx = _load_engine(engine_dir, _device(args.device), args.dtype)
     runner = None
     kind = _run_runner(args, torch.device(engine.model.device).type)
     if kind in ("cuda-graph", "compiled"):
+        what = "--cuda-graph" if kind == "cuda-graph" else "--runner compiled"
+        if ctx is not None and ctx.pp_size != 1:
+            raise EncDecError(f"{what} serves tensor parallelism with pp_size 1, this engine has pp_size "
+                              f"{ctx.pp_size}; pipeline-parallel engines are served by the eager runner (drop {what})")
         from .runtime.cuda.runner import CudaGraphRunner
 
         runner = CudaGraphRunner.for_engine(engine)
-    say = lambda msg: print(f"encdec serve: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    lead = ctx is None or ctx.rank == 0
+    say = (lambda msg: print(f"encdec serve: {msg}", file=sys.stderr, flush=True)) if lead else (lambda msg: None)
     # CUDA graphs: every bucket by default (seconds each, at start instead of at first requests); the
-    # CPU's compiled step compiles for 15-60 s per bucket (2 cores), so only the lists given
+    # CPU's compiled step compiles for 15-60 s per bucket (2 cores), so only the lists given. Every rank
+    # warms up alike: the graphs' captures run the model's collectives.
     if runner is not None and not args.no_warmup and (runner.use_graphs or warm != [None, None]):
         from .serve import warm_up
 
         secs = warm_up(runner, engine.limits, *warm, log=say, engine=engine)
         say(f"graphs captured in {secs:.1f} s (--no-warmup skips this)")
+    channel = None
+    if ctx is not None:
+        from .parallel import serving
+
+        channel = serving.Channel()
+        if not lead:
+            # rank 0 ends this rank when its server stops: a Ctrl-C or SIGTERM that reaches every rank
+            # stops rank 0's server, which then tells the others (the launcher kills what rank 0 leaves)
+            with _on_signal(signal.SIGINT, signal.SIG_IGN), _on_signal(signal.SIGTERM, signal.SIG_IGN):
+                serving.follow(engine, runner, channel,
+                               lambda m: print(f"encdec serve: {m}", file=sys.stderr, flush=True))
+            return 0
+        serving.lead(channel)
+        engine = serving.Leader(engine, channel)
     log = say if args.log_requests else None
-    server = Server(engine, args.host, args.port, runner=runner, max_delay=args.max_batch_delay_ms / 1000.0, log=log,
-                    request_timeout=args.request_timeout, max_request_inputs=args.max_request_inputs)
+    try:
+        server = Server(engine, args.host, args.port, runner=runner, max_delay=args.max_batch_delay_ms / 1000.0,
+                        log=log, request_timeout=args.request_timeout, max_request_inputs=args.max_request_inputs)
+    except BaseException:
+        if channel is not None:
+            engine.stop_followers()
+        raise
     host, port = server.address
-    print(f"encdec serve: {engine_dir} ({engine.config.family}, {engine.model.device}, runner {kind}) on "
+    ranks = "" if ctx is None else f", tp_size {ctx.tp_size} x pp_size {ctx.pp_size}: every rank runs each batch"
+    print(f"encdec serve: {engine_dir} ({engine.config.family}, {engine.model.device}, runner {kind}{ranks}) on "
           f"http://{host}:{port} (POST /v1/generate, /v1/score; GET /health, /v1/model); Ctrl-C stops",
           file=sys.stderr, flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    # a service manager's (or mpirun's) SIGTERM stops the server as Ctrl-C does: answers end, ranks stop
+    with _on_signal(signal.SIGTERM, _raise_interrupt):
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if channel is not None:
+                if server.scheduler.running():
+                    raise EncDecError("serve: the scheduler still runs a batch 60 s after the stop; the other "
+                                      "ranks are left to the launcher")
+                engine.stop_followers()
     return 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _on_signal(signum, handler):
+    """``handler`` for ``signum`` within the block (the main thread only: elsewhere Python refuses)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signum, old)
 
 
 def cmd_score(args) -> int:

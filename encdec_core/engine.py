@@ -694,18 +694,19 @@ class Engine:
         dev = self.model.device
 
         def on_token(req, seq, t, finished):
-            if stop.is_set():
-                raise _Cancelled
             q.put((req, seq, t, finished))
 
         def work():
             try:
                 if dev.type == "cuda":
                     torch.cuda.set_device(dev)  # a new thread starts on device 0
-                self.generate_ids(ids, target_lang_ids=langs, runner=runner, lora_uids=lora_uids,
-                                  on_token=on_token, decoder_prefix=decoder_prefix, **overrides)
+                # closing the iterator stops the work before its next step (or batch); under serve on
+                # several ranks, at the step rank 0 stops at (cancel.set_agreement)
+                with cancel.cancel_when(stop.is_set):
+                    self.generate_ids(ids, target_lang_ids=langs, runner=runner, lora_uids=lora_uids,
+                                      on_token=on_token, decoder_prefix=decoder_prefix, **overrides)
                 q.put(None)
-            except _Cancelled:
+            except cancel.Cancelled:
                 q.put(None)
             except BaseException as exc:  # handed to the consumer
                 q.put(exc)
@@ -821,10 +822,6 @@ def _prefix_tensor(prefixes, gc):
     return torch.tensor([[start] + p for p in prefixes], dtype=torch.long)
 
 
-class _Cancelled(Exception):
-    """The consumer of generate_stream stopped reading: ends the worker's generation."""
-
-
 class _Detokenizer:
     """Incremental text of one output: each call decodes only the tokens from a window's start,
     and gives out what the newest tokens added to the text of the window without them (a token that
@@ -868,6 +865,7 @@ class _RowStreamer:
         self.done = [False] * (len(self.reqs) * n)
 
     def put(self, tokens, live) -> None:
+        cancel.check_step()  # a stream whose reader has gone stops here, before this step's tokens go out
         for r, (t, alive) in enumerate(zip(tokens, live)):
             if alive and not self.done[r]:
                 end = t in self.eos

@@ -315,6 +315,10 @@ class Scheduler:
         self.q.put(None)
         self._thread.join(timeout=60)
 
+    def running(self) -> bool:
+        """The scheduler's thread is alive (started, and not stopped or still ending its batch)."""
+        return self._thread.is_alive()
+
     def submit(self, job: Job) -> Job:
         self.q.put(job)
         return job
@@ -892,9 +896,11 @@ class Server:
     def model_info(self) -> dict:
         e = self.engine
         lim = e.limits
+        ctx = e.ctx
         return {"engine": str(e.engine_dir), "family": e.config.family, "dtype": str(e.model.dtype).replace("torch.", ""),
                 "device": str(e.model.device), "runner": type(self.scheduler.runner).__name__
                 if self.scheduler.runner is not None else "eager",
+                "tp_size": 1 if ctx is None else ctx.tp_size, "pp_size": 1 if ctx is None else ctx.pp_size,
                 "limits": {"max_batch_size": lim.max_batch_size, "max_input_len": lim.max_input_len,
                            "max_output_len": lim.max_output_len, "max_beam_width": lim.max_beam_width},
                 "generation_defaults": e.generation_defaults}

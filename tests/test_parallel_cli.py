@@ -140,3 +140,93 @@ def test_benchmark_parallel_options_are_checked(tmp_path, capsys, builtin_regist
     assert "apply to --preset" in fails("--engine-dir", str(tmp_path), "--tp-size", "2")
     # the launch must have tp x pp ranks: a plain process has one
     assert "needs tp_size 2 x pp_size 1 = 2 rank(s)" in fails("--preset", "t5-small", "--tp-size", "2")
+
+
+def _http(addr, path, body=None):
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://{addr}{path}", data=data, method="GET" if body is None else "POST")
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def _stream_then_leave(addr, body, events: int) -> list:
+    """A streaming client that reads ``events`` events, then closes its connection (cancels the stream)."""
+    import socket
+
+    host, port = addr.rsplit(":", 1)
+    data = json.dumps({**body, "stream": True}).encode()
+    with socket.create_connection((host, int(port)), timeout=120) as sock:
+        sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(data) + data)
+        f = sock.makefile("rb")
+        got = []
+        while len(got) < events:
+            line = f.readline().decode()
+            assert line, "the stream ended early"
+            if line.startswith("data: "):
+                got.append(json.loads(line[6:]))
+        f.close()
+    return got
+
+
+@need_mpi
+def test_mpirun_serve_tp2_equals_single_rank(engines):
+    """encdec serve of a tp=2 engine under mpirun: rank 0 serves HTTP and every rank runs each batch.
+    Batched requests, a stream whose client leaves mid-way (every rank stops at rank 0's step, so the
+    next requests still meet in their collectives), scoring and seeded sampling equal the single-rank
+    engine; a SIGTERM to the whole job stops it within seconds, without a traceback."""
+    import importlib
+    import signal
+    import threading
+
+    from conftest import builtin_modules
+    from encdec_core import registry
+    from encdec_core.engine import Engine
+
+    root, _ = engines
+    registry.reset()
+    for m in builtin_modules():
+        registry.register_plugin(importlib.import_module(m), name=m)
+    try:
+        single = Engine.load(root / "en11")
+        beam = dict(num_beams=3, max_new_tokens=10)
+        want = single.generate(TEXTS, **beam)
+        want_sample = single.generate(TEXTS[:1], do_sample=True, seed=5, max_new_tokens=8)
+        want_score = single.score(TEXTS, ["world", "a target"])
+    finally:
+        registry.reset()
+    p = subprocess.Popen([str(MPIRUN), *MPI_ARGS, "-n", "2", *_encdec(), "serve", "--engine-dir", str(root / "en21"),
+                          "--port", "0", "--device", "cpu", "--max-batch-delay-ms", "200"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+    try:
+        first = p.stderr.readline()  # rank 0's "... on http://HOST:PORT ..." (or the error it stopped with)
+        assert "tp_size 2 x pp_size 1" in first and "http://" in first, first + p.stderr.read()
+        addr = first.split("http://", 1)[1].split()[0]
+        assert _http(addr, "/v1/model")["tp_size"] == 2
+        out = [None] * len(TEXTS)  # concurrent clients, batched together
+        threads = [threading.Thread(target=lambda i=i: out.__setitem__(
+            i, _http(addr, "/v1/generate", {"inputs": TEXTS[i], "parameters": beam})["outputs"][0]))
+            for i in range(len(TEXTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=180)
+        assert out == want
+        got = _stream_then_leave(addr, {"inputs": TEXTS[1], "parameters": {"max_new_tokens": 12,
+                                                                           "min_new_tokens": 12}}, 2)
+        assert [e["finished"] for e in got] == [False, False]
+        assert _http(addr, "/v1/generate", {"inputs": TEXTS[:1], "parameters": {"do_sample": True, "seed": 5,
+                                                                                 "max_new_tokens": 8}})["outputs"] == want_sample
+        res = _http(addr, "/v1/score", {"sources": TEXTS, "targets": ["world", "a target"]})["results"]
+        assert [r["tokens"] for r in res] == [w.tokens for w in want_score]
+        assert max(abs(r["sum"] - w.sum) for r, w in zip(res, want_score)) < 1e-4
+        assert _http(addr, "/health")["batches"] >= 4
+        os.killpg(p.pid, signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+        assert "Traceback" not in err, err
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()

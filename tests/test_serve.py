@@ -188,7 +188,7 @@ def test_a_bad_request_does_not_fail_its_batch(server):
     assert out["bad"][0] == 400 and "input length" in json.loads(out["bad"][2])["error"]
 
 
-def test_health_model_and_cli_refusals(server, capsys, monkeypatch):
+def test_health_model_and_cli_refusals(server, capsys):
     srv, engine = server
     status, info = _get(srv, "/v1/model")
     assert status == 200 and info["family"] == "t5" and info["limits"]["max_batch_size"] == 8
@@ -196,9 +196,6 @@ def test_health_model_and_cli_refusals(server, capsys, monkeypatch):
     assert status == 404 and "no such path" in body["error"]
     assert main(["serve", "--engine-dir", str(engine.engine_dir), "--port", "70000"]) == 2
     assert "--port 70000" in capsys.readouterr().err
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["serve", "--engine-dir", str(engine.engine_dir)]) == 2
-    assert "serve runs one process" in capsys.readouterr().err
 
 
 def _metrics(srv) -> dict:
@@ -843,9 +840,9 @@ def test_source_lang_reaches_the_engine_and_is_checked(server):
     assert status == 200
 
 
-def test_serve_names_a_parallel_engine_before_starting_ranks(engine_dir, builtin_registry, tmp_path, capsys):
-    """A tensor-parallel engine is refused as not served, in one process too (it was told to launch 2
-    ranks, and under mpirun told that serve runs one process)."""
+def test_serve_asks_for_the_ranks_of_a_parallel_engine(engine_dir, builtin_registry, tmp_path, capsys):
+    """A tensor-parallel engine is served under mpirun / torchrun (test_parallel_cli); one process is
+    told how to launch it."""
     import shutil
 
     eng = tmp_path / "tp2"
@@ -855,5 +852,61 @@ def test_serve_names_a_parallel_engine_before_starting_ranks(engine_dir, builtin
     (eng / "config.json").write_text(json.dumps(cfg))
     assert main(["serve", "--engine-dir", str(eng), "--port", "0", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "is tensor- / pipeline-parallel (tp_size 2, pp_size 1) and is not served yet" in err, err
-    assert "launch 2 ranks" not in err
+    assert "the mapping needs tp_size 2 x pp_size 1 = 2 rank(s); launch 2 ranks" in err, err
+
+
+def test_stop_decisions_follow_the_agreement():
+    """On several ranks every stop decision is rank 0's (cancel.set_agreement): a follower with no
+    reason of its own stops when told, and rank 0's own reason is what it sends."""
+    from encdec_core import cancel
+
+    sent = []
+    try:
+        cancel.set_agreement(lambda stop: True)  # a follower told to stop
+        with pytest.raises(cancel.Cancelled):
+            cancel.check()
+        with pytest.raises(cancel.Cancelled):
+            cancel.check_step()
+        cancel.set_agreement(lambda stop: sent.append(stop) or stop)  # rank 0: sends its own
+        cancel.check()
+        with cancel.cancel_when(lambda: True), pytest.raises(cancel.Cancelled):
+            cancel.check()
+        assert sent == [False, True]
+    finally:
+        cancel.set_agreement(None)
+    with cancel.cancel_when(lambda: False):
+        cancel.check()
+
+
+def test_the_leader_sends_each_model_call_before_making_it(engine_dir, builtin_registry):
+    """Rank 0's engine (parallel/serving.Leader) sends every call, without its runner, then makes it; a
+    stream closed before its first event still runs (the followers run theirs from the message on)."""
+    from encdec_core.engine import Engine
+    from encdec_core.parallel.serving import Leader
+
+    engine = Engine.load(engine_dir)
+
+    class Channel:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, msg):
+            self.sent.append(msg)
+
+    ch = Channel()
+    lead = Leader(engine, ch)
+    assert lead.limits is engine.limits
+    assert lead.generate(["hello"], runner=None, max_new_tokens=3) == engine.generate(["hello"], max_new_tokens=3)
+    lead.score(["hello"], ["world"])
+    calls = []
+    real = engine.generate_ids
+    engine.generate_ids = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        lead.generate_stream(["hello"], runner=None, max_new_tokens=3).close()
+    finally:
+        del engine.generate_ids
+    assert calls == [1]
+    assert [m[0] for m in ch.sent] == ["generate", "score", "stream"]
+    assert ch.sent[0] == ("generate", (["hello"],), {"max_new_tokens": 3})
+    lead.stop_followers()
+    assert ch.sent[-1] is None

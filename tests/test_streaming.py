@@ -140,14 +140,14 @@ def test_detokenizer_waits_for_whole_characters():
 
 
 def test_closing_the_stream_stops_generation(engine):
-    """A consumer that stops after the first event ends the worker thread at its next step."""
+    """A consumer that stops after the first event ends the worker thread before its next step."""
     calls = []
     real = engine.generate_ids
 
     def spy(*a, on_token=None, **k):
         def counted(*x):
             calls.append(x)
-            if len(calls) > 1:
+            if len(calls) == 2:
                 time.sleep(1.0)  # a slow generation: the consumer closes before the second token is out
             return on_token(*x)
         return real(*a, on_token=counted, **k)
@@ -160,9 +160,10 @@ def test_closing_the_stream_stops_generation(engine):
         stream.close()
         assert first.index in range(len(TEXTS))
         assert threading.active_count() == before  # the worker has ended
-        # it stopped at its first token after the close (the one whose on_token raised), not after
-        # the 6 x 16 tokens of the whole request
-        assert len(calls) == 2, len(calls)
+        # it stopped before its second step (no output got a second token), not after the 6 x 16
+        # tokens of the whole request
+        assert 2 <= len(calls) <= len(TEXTS), calls
+        assert len({(req, seq) for req, seq, _, _ in calls}) == len(calls), calls
     finally:
         del engine.generate_ids
 
