@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EncDecConfig
-from .errors import ConfigError
+from .errors import ConfigError, LimitError
 from .layers.attention import CrossAttention, SelfAttention
 from .layers.ffn import FFN
 from .layers.linear import ColumnLinear, RowLinear, linear, pack_weight
@@ -128,6 +128,15 @@ class Stack(nn.Module):
         if cfg.final_norm(side):
             self.final_norm = Norm(d, cfg.norm_type, cfg.norm_eps, cfg.norm_bias)
 
+    def _check_positions(self, length: int) -> None:
+        """A host-side check of an eager call: ``length`` tokens fit the learned position table (else
+        F.embedding's IndexError from inside torch). The graph runner checks its limits up front."""
+        limit = self.cfg.max_position_embeddings
+        if length > limit:
+            what = "a source" if self.side == "encoder" else "an output (decoder start and prefix included)"
+            raise LimitError(f"{what} of {length} tokens exceeds the model's learned positions "
+                             f"(max_position_embeddings {limit}): expected at most {limit} tokens")
+
     def _sin_table(self) -> torch.Tensor:
         cfg = self.cfg
         n = cfg.max_position_embeddings + cfg.pad_token_id + 1
@@ -164,6 +173,8 @@ class Stack(nn.Module):
         if cfg.position_type in ("learned", "sinusoidal"):
             pos = position_ids(mask, past, cfg.position_offset, cfg.position_padding_aware, cfg.pad_token_id)
             if cfg.position_type == "learned":
+                if isinstance(past, int) and not torch.compiler.is_compiling():
+                    self._check_positions(past + ids.shape[1])
                 x = x + self.embed_positions(pos)
             else:
                 # a host count of tokens (eager calls): the table grows to it; a device ``past`` (the
@@ -273,7 +284,11 @@ class EncDecModel(nn.Module):
         else:
             base = padding_bias(attention_mask, self.dtype)
         enc = self.encoder
-        x = enc.embed(input_ids, attention_mask, 0).to(enc.residual_dtype)
+        pos_mask = attention_mask
+        if self.cfg.position_padding_aware:
+            # fairseq / HF FSMT: a pad token's position is the pad row, whether a mask says so or not
+            pos_mask = attention_mask * input_ids.ne(self.cfg.pad_token_id).to(attention_mask.dtype)
+        x = enc.embed(input_ids, pos_mask, 0).to(enc.residual_dtype)
         s = input_ids.shape[1]
         biases = enc.layer_biases(base, s, s, 0)
         x = self.ctx.stage_input(x)

@@ -142,3 +142,22 @@ def test_mbart_cc25_starts_with_the_target_language(reg, tmp_path_factory, tmp_p
     ours = _ours(model, src, ids, mask, **opts)
     _check_same(ours, _hf(load_hf(path), ids, mask, **opts), beams=True)
     assert bool((ours.sequences[:, 0] == ro).all())
+
+
+def test_lengths_past_the_learned_positions_are_named(reg, tmp_path_factory):
+    """BART's position table has max_position_embeddings rows (64 here): a longer source, or an output
+    that would feed a token past it, is a LimitError naming the lengths (it was F.embedding's
+    IndexError from inside torch; HF raises that too, at the same step). An output that ends at the
+    table's last row still runs, as in HF."""
+    from encdec_core.errors import LimitError
+
+    model, src, tok, hf = _setup("bart", reg, tmp_path_factory)
+    ids = torch.tensor([[5] * 64 + [2]])
+    with pytest.raises(LimitError, match="a source of 65 tokens exceeds the model's learned positions "
+                                         r"\(max_position_embeddings 64\)"):
+        _ours(model, src, ids, torch.ones_like(ids), max_new_tokens=2)
+    ids = torch.tensor([[5, 6, 2]])
+    full = dict(num_beams=1, max_new_tokens=64, min_new_tokens=64)
+    assert _ours(model, src, ids, None, **full).sequences.shape[1] == 65  # feeds positions 0..63
+    with pytest.raises(LimitError, match="an output .* of 65 tokens exceeds"):
+        _ours(model, src, ids, None, **{**full, "max_new_tokens": 65, "min_new_tokens": 65})

@@ -131,3 +131,19 @@ def test_fsmt_folder_without_generation_config_uses_config_json(tmp_path, fsmt):
         gc = GenerationConfig.from_model(model.cfg, src.generation_config, max_new_tokens=10)
         assert gc.num_beams == 5
         assert torch.equal(generate(model, ids, mask, gc).sequences, ref)
+
+
+def test_padded_batch_without_a_mask_gives_pads_the_pad_position(tmp_path, fsmt):
+    """HF's FSMT (and fairseq) take positions from the token ids, so a pad token has the pad row's
+    position with or without an attention mask; ours took them from the mask, which is all ones when
+    none is given (logits off by ~0.3, other tokens)."""
+    from encdec_core.convert import load_source_model
+
+    fsmt.save_pretrained(tmp_path / "fsmt")
+    model, _, _ = load_source_model(tmp_path / "fsmt", reg=make_registry("encdec_nmt.plugin"))
+    ids, mask = right_pad(SRC)
+    tgt = torch.tensor([[2, 7, 9, 11]] * len(SRC))
+    with torch.no_grad():
+        for m in (mask, None):
+            ref = fsmt(input_ids=ids, attention_mask=m, decoder_input_ids=tgt, use_cache=False).logits
+            assert (model(ids, m, tgt) - ref).abs().max().item() <= 1e-4

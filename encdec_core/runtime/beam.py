@@ -46,7 +46,9 @@ def small_topk(x: torch.Tensor, k: int) -> torch.Tensor:
     are distinct. No NaN.
 
     The update takes the ``nb`` running beams with it: equal live scores there are -inf candidates
-    (a forced token) or, at the last step, ended ones, and neither reaches a result. The finished
+    (a forced token) or, at the last step, ended ones, and neither reaches a result, except where
+    beams tie on the -1e9 placeholder score that swallows their log-probs in fp32 (a first token
+    forced to EOS with early_stopping "never": docs/families.md lists it). The finished
     hypotheses keep ``torch.topk``: two forced EOS ids give exactly equal finished scores, and HF
     orders them by ``torch.topk``'s own tie order (``test_processors_match_hf[beam-rep-forced]``)."""
     n = x.shape[-1]
