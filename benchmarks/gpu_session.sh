@@ -11,7 +11,8 @@
 # gluon:   the persistent Gluon GEMM chain (benchmarks/gluon_chain.py) against cuBLAS's, 32 and 64 rows
 #          (a deadlocked grid barrier would end at the step's time limit);
 # timeline: one end-to-end greedy request profiled (benchmarks/e2e_timeline.py): GPU busy / idle, batch 1-256;
-# tokens:  the token-match criterion's noise floor (benchmarks/token_match.py), free-running and teacher-forced.
+# tokens:  the token-match criterion's noise floor (benchmarks/token_match.py), free-running and teacher-forced;
+# sampling: sampling's fused graph against generate's token loop and HF (benchmarks/time_sampling.py), and its tests.
 set -u
 OUT=${OUT:-gpu_session_out}
 mkdir -p "$OUT"
@@ -53,4 +54,12 @@ STEP=tokens; if want "${ARGS[@]}"; then
     step token_match 400 python benchmarks/token_match.py --models bart-large,flan-t5-large --batches 64 --out "$OUT"
     step token_match_tf 300 python benchmarks/token_match.py --models bart-large,flan-t5-large --batches 64 \
         --teacher-forced --out "$OUT/tf"
+fi
+STEP=sampling; if want "${ARGS[@]}"; then
+    step sampling_tests 250 python -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_runner.py \
+        -k "sampling_runs or greedy_runs"
+    step sampling_t5 220 python benchmarks/time_sampling.py --models t5-small --batches 1,8,64 --hf-batches 1,8,64 \
+        --hf-static-batches 1 --out "$OUT"
+    step sampling_bart 330 python benchmarks/time_sampling.py --models bart-large --batches 1,8,64 --hf-batches 1,8,64 \
+        --hf-static-batches 1 --out "$OUT/bart"
 fi

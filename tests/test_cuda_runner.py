@@ -235,6 +235,47 @@ def test_generate_greedy_runs_the_runners_fused_loop(mode, family, monkeypatch):
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
 @pytest.mark.parametrize("mode", MODES)
+def test_generate_sampling_runs_the_runners_fused_loop(mode, family, monkeypatch):
+    """Seeded sampling through the runner's fused loop (``sample_search``: processors at the device
+    position, warpers, the draw and the token feedback in one graph) gives generate's token loop's
+    tokens with the same seed: plain draws with rows ending at an EOS, temperature / top-k / top-p, min
+    length, a forced last token, per-request forced first tokens, several outputs per input, and the
+    same draws again for the same seed after other requests. Options the fused loop does not serve
+    (a repetition penalty) keep the token loop."""
+    from encdec_core.runtime.generation import generate
+
+    dev, model, cfg, _, _, runner = _setup(family, mode)
+    ids, mask = _ragged(cfg, 5, 12, seed=4, device=dev)
+    free = generate(model, ids, mask, _gc(cfg, max_new_tokens=16, min_new_tokens=16)).sequences[:, 1:12]
+    rows_with = {t: sum(bool((r == t).any()) for r in free) for t in free.flatten().tolist()}
+    eos = max(rows_with, key=lambda t: (rows_with[t], -t))  # a token the model emits: rows end early
+    calls = []
+    real = runner.sample_search
+    monkeypatch.setattr(runner, "sample_search", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base = dict(do_sample=True, max_new_tokens=16, eos_token_id=eos, temperature=0.3)
+    cases = [(dict(base, seed=3), None, True),
+             (dict(base, seed=4, top_k=20, top_p=0.9), None, True),
+             (dict(base, seed=5, min_new_tokens=6, forced_eos_token_id=eos, max_new_tokens=10), None, True),
+             (dict(base, seed=6), [int(free[0, 0]), None, 7, None, 9], True),
+             (dict(base, seed=7, num_return_sequences=2, top_k=50), None, True),
+             (dict(base, seed=3, repetition_penalty=1.3), None, False)]
+    loop = _runner(model, mode, 16, 24, 32, fused_greedy=False)
+    ended = []
+    for kw, bos, fused in cases:
+        gc = _gc(cfg, **kw)
+        calls.clear()
+        out = generate(model, ids, mask, gc, runner=runner, forced_bos_token_ids=bos)
+        assert bool(calls) == fused, kw
+        ref = generate(model, ids, mask, gc, runner=loop, forced_bos_token_ids=bos)
+        assert torch.equal(out.sequences, ref.sequences), kw
+        ended += (out.sequences[:, 1:-1] == eos).any(1).tolist()
+    assert any(ended) and not all(ended)  # rows that end before others are covered
+    again = generate(model, ids, mask, _gc(cfg, **cases[0][0]), runner=runner)  # the same seed: the same draws
+    assert torch.equal(again.sequences, generate(model, ids, mask, _gc(cfg, **cases[0][0]), runner=loop).sequences)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("mode", MODES)
 def test_output_scores_through_the_runner(mode, family, monkeypatch):
     """generate(output_scores=True) with the runner: its fused greedy and beam loops step aside (the
     step-by-step loop computes the scores through the runner's step and reorder), and tokens and

@@ -168,13 +168,18 @@ class LogitsPipeline:
         self._begin_at = frozenset(int(i) for i in (begin_index if per_row else (begin_index,)))
 
     @property
-    def static(self) -> bool:
-        """True when every processor depends on the position only (not on the tokens so far, no
-        random draws) and is one the CUDA runner's fused loops implement (minimum length, forced
-        first / last tokens): ``at_position`` then gives the same scores with the position on the
-        device. Bad words and suppressed tokens keep the step-by-step loop."""
-        return (self.rep == 1.0 and self.ngram == 0 and not self.do_sample and self.bad_single is None
+    def position_only(self) -> bool:
+        """True when every processor depends on the position only (not on the tokens so far) and is
+        one the CUDA runner's fused loops implement (minimum length, forced first / last tokens):
+        ``at_position`` then gives the same scores with the position on the device. Bad words and
+        suppressed tokens keep the step-by-step loop. Sampling's warpers (``warp``) do not count."""
+        return (self.rep == 1.0 and self.ngram == 0 and self.bad_single is None
                 and not self.bad_multi and self.suppress is None and self.begin_suppress is None)
+
+    @property
+    def static(self) -> bool:
+        """``position_only`` and no random draws (greedy decoding or beam search)."""
+        return self.position_only and not self.do_sample
 
     def _force_bos(self, scores: torch.Tensor) -> torch.Tensor:
         """Scores that allow only the forced first token (one for all rows, or one per row)."""
@@ -185,9 +190,10 @@ class LogitsPipeline:
     def at_position(self, scores: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
         """The pipeline at length ``cur`` (0-dim device tensor), with no host read (CUDA graphs):
         each position-dependent rule is computed and selected with ``torch.where``. Only for
-        ``static`` pipelines."""
-        if not self.static:
-            raise ValueError("at_position needs a pipeline without repetition penalty, n-gram bans or sampling")
+        ``position_only`` pipelines; sampling's warpers are ``warp``."""
+        if not self.position_only:
+            raise ValueError("at_position needs a pipeline without repetition penalty, n-gram bans, bad words or "
+                             "suppressed tokens")
         if self.eos_mask is not None:
             scores = torch.where(cur < self.min_length, ban_tokens(scores, self.eos_mask), scores)
         if self.forced_bos is not None:
@@ -219,11 +225,14 @@ class LogitsPipeline:
                 scores = ban_tokens(scores, self.begin_suppress)
             else:  # the rows that begin at this length
                 scores = torch.where((self.begin_rows == cur).unsqueeze(1) & self.begin_suppress, NEG_INF, scores)
-        if self.do_sample:
-            if self.temperature != 1.0:
-                scores = temperature(scores, self.temperature)
-            if self.top_k != 0:
-                scores = top_k(scores, self.top_k, self.min_keep)
-            if self.top_p < 1.0:
-                scores = top_p(scores, self.top_p, self.min_keep)
+        return self.warp(scores) if self.do_sample else scores
+
+    def warp(self, scores: torch.Tensor) -> torch.Tensor:
+        """Sampling's warpers after the processors, in HF's order: temperature, top-k, top-p."""
+        if self.temperature != 1.0:
+            scores = temperature(scores, self.temperature)
+        if self.top_k != 0:
+            scores = top_k(scores, self.top_k, self.min_keep)
+        if self.top_p < 1.0:
+            scores = top_p(scores, self.top_p, self.min_keep)
         return scores

@@ -67,8 +67,9 @@ fused greedy loop, which feeds its own argmax back inside the graph) and launch 
   0.781 / 1.550 -> 1.483 ms per step, batch 256 1.5 % slower with it, so not there).
 - ``fused_greedy`` (default True): ``generate(..., runner)`` hands greedy decoding to the fused loop
   (``greedy_search``: argmax, min length, forced first / last tokens and the token feedback in the
-  graph) wherever its processors depend on the position only; False keeps generate's token loop
-  (a host round trip per token). bart-large on an H200: the same tokens, 27.7 against 29.8 ms per
+  graph) wherever its processors depend on the position only, and sampling to ``sample_search`` (the
+  warpers and the draw in the graph too, the token loop's tokens for the same seed); False keeps
+  generate's token loop (a host round trip per token). bart-large on an H200: the same tokens, 27.7 against 29.8 ms per
   request at batch 1, 60.5 against 66.5 at 64 (64 tokens; 2026-11-30 16:43).
 - ``prefill_graphs`` (None, the default: on wherever the runner replays CUDA graphs on one rank): the
   prefill (encoder, every layer's cross K/V, the padding bias) replayed from one CUDA graph per
@@ -1270,6 +1271,147 @@ class CudaGraphRunner:
             start = firsts.pop()
         return self._greedy_loop(n, max_len - 1, int(start), eos, pad, check_every, min_new,
                                  pipeline.forced_bos, forced_eos, pipeline.forced_bos_ids)
+
+    def sample_search_serves(self, gc, pipeline, prefix: torch.Tensor) -> bool:
+        """Whether ``generate`` hands sampling to ``sample_search``: as ``greedy_search_serves``, with
+        the draw in place of the argmax (processors that depend on the position only, then sampling's
+        warpers: temperature, top-k, top-p)."""
+        return (self.fused_greedy and gc.do_sample and gc.num_beams == 1 and pipeline.position_only
+                and prefix.shape[1] == 1 and len(gc.eos_token_ids) <= 1
+                and (pipeline.forced_eos is None or pipeline.forced_eos.numel() == 1))
+
+    @torch.no_grad()
+    def sample_search(self, gc, rows: int, max_len: int, pipeline, prefix: torch.Tensor, generator=None,
+                      check_every: int | None = None, start: int | None = None) -> torch.Tensor:
+        """``generate``'s sampling after ``prefill`` (where ``sample_search_serves``): the decoder step,
+        the processors at the device position, the warpers, the draw, EOS bookkeeping and the token
+        feedback in one CUDA graph; the host replays it and checks every ``check_every`` steps (8 on a
+        GPU). The same tokens as generate's token loop with the same ``generator`` (None: torch's
+        global one): the graph draws from the device's default generator, which holds ``generator``'s
+        state for the loop (handed back to it afterwards), with the token loop's ops on the same
+        [rows, vocab] shapes, so one graph per row count (within the batch bucket) and options.
+        Returns [rows, 1 + steps]; an output whose every token the options exclude raises
+        ``nothing_to_sample`` naming its step, as the token loop does."""
+        from ..generation import nothing_to_sample
+
+        if self._cur is None:
+            raise RuntimeError("prefill() first")
+        if not self.sample_search_serves(gc, pipeline, prefix):
+            raise ValueError("sample_search: needs a runner with fused_greedy=True and a sampling config "
+                             "without repetition penalty / n-gram ban / bad words / suppressed tokens, several EOS "
+                             "ids or a decoder prefix")
+        d = self.dec
+        bb, sb, n = self._cur
+        if n != rows or prefix.shape[0] != rows:
+            raise ValueError(f"sample_search: prefill holds {n} rows, expected {rows}")
+        eos = gc.eos_token_ids[0] if gc.eos_token_ids else -1
+        pad = gc.pad_id if gc.pad_id is not None else self.model.cfg.pad_token_id
+        if start is None:
+            firsts = set(prefix[:, 0].tolist())
+            if len(firsts) != 1:
+                raise ValueError(f"sample_search: the rows' prefixes start with different tokens {sorted(firsts)}")
+            start = firsts.pop()
+        bos = pipeline.forced_bos
+        pipe_sig = (pipeline.min_length if pipeline.eos_mask is not None else None, pipeline.max_length,
+                    "rows" if isinstance(bos, torch.Tensor) else bos, pipeline.forced_eos_ids,
+                    pipeline.temperature, pipeline.top_k, pipeline.top_p, pipeline.min_keep)
+        key = ("sample", bb, sb, self._group, n, pipe_sig) + self._lkey
+        vw = d.views(bb, sb)
+        self.set_eos_pad(eos, pad)
+        cuda = d.device.type == "cuda"
+        default = torch.cuda.default_generators[d.device.index or 0] if cuda else None
+        ent = self._graphs.get(key)
+        if ent is None:
+            pipe = pipeline
+            if isinstance(bos, torch.Tensor):  # per-row forced first tokens: a buffer the graph reads
+                pipe = copy.copy(pipeline)
+                pipe.forced_bos = bos.view(-1).clone()
+            starved = torch.full((), -1, dtype=torch.long, device=d.device)  # first step with nothing to draw
+            step = self._step_fn(bb)
+            kw = self._step_kw(vw, self._indirect(bb), self._group)
+            own = [None]  # the generator of the call in progress (eager replays; a graph draws from the default)
+
+            def fn():
+                logits = step(*self._args(vw), **kw)
+                self._sample_select(logits[:n], vw, n, d.pos, d.eos, d.pad, pipe, starved,
+                                    None if self.use_graphs else own[0])
+                return starved
+
+            fn = self._lora_rows_of(fn, self._lora_idx("_lora_rows", bb, bool(self._lkey)))
+            saved = [d.pos.clone(), vw.tokens.clone(), vw.finished.clone()]
+
+            def restore():
+                for t, v in zip((d.pos, vw.tokens, vw.finished), saved):
+                    t.copy_(v)
+            rng = default.get_state() if cuda else None  # the capture's warm-up draws must not count
+            try:
+                g, out = self._graph(fn, restore)
+            finally:
+                if rng is not None:
+                    default.set_state(rng)
+            ent = self._graphs[key] = (g, out, pipe, starved, own)
+        g, fn, pipe, starved, own = ent
+        if isinstance(bos, torch.Tensor):
+            pipe.forced_bos.copy_(bos.view(-1))
+        starved.fill_(-1)
+        vw.tokens[:n].fill_(int(start))
+        vw.finished.zero_()
+        vw.finished[n:].fill_(True)
+        check_every = self._check_every(check_every, 8)
+        first_end = _first_possible_end(max(0, pipeline.min_length - 1) if pipeline.eos_mask is not None else 0,
+                                        pipeline.forced_bos_ids, (eos,))
+        steps = max_len - 1
+        swap = g is not None and generator is not None
+        if swap:  # the graph draws from the default generator: it holds the caller's state meanwhile
+            mine = default.get_state()
+            default.set_state(generator.get_state())
+        own[0] = generator
+        done = 0
+        try:
+            for i in range(steps):
+                if g is None:
+                    fn()
+                else:
+                    g.replay()
+                done = i + 1
+                if done % check_every == 0 and done < steps:
+                    bad, all_done = torch.stack((starved, vw.finished[:n].all().long())).tolist()
+                    if bad >= 0:
+                        raise nothing_to_sample(gc, bad + 1)
+                    if i >= first_end and all_done:
+                        break
+            bad = int(starved)
+            if bad >= 0:
+                raise nothing_to_sample(gc, bad + 1)
+        finally:
+            own[0] = None
+            if swap:
+                generator.set_state(default.get_state())
+                default.set_state(mine)
+        self.steps = done
+        out = vw.out_tokens[:n, :done]
+        if done:  # trim to the step where the last row finished (one host read), as the token loop stops
+            first = torch.where(out == eos, torch.arange(done, device=out.device), done).min(1).values
+            out = out[:, : min(done, int(first.max()) + 1)]
+        head = torch.full((n, 1), int(start), dtype=torch.long, device=d.device)
+        self._check_fused_allreduce()
+        return torch.cat([head, out], 1)
+
+    @staticmethod
+    def _sample_select(logits, vw, n: int, pos, eos, pad, pipeline, starved, generator) -> None:
+        """After a step (``pos`` advanced): generate's sampling step for rows [:n] with the position on
+        the device (the same ops and shapes as its token loop); record and feed back the token."""
+        p = pos - 1
+        scores = pipeline.warp(pipeline.at_position(logits.float(), pos))
+        finished = vw.finished[:n]
+        dead = torch.isneginf(scores).all(dim=-1) & ~finished
+        probs = torch.where(dead.unsqueeze(1), 1.0, torch.softmax(scores, dim=-1))
+        nxt = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+        nxt = torch.where(finished, pad, nxt)
+        vw.out_tokens[:n].index_copy_(1, p.view(1), nxt.unsqueeze(1))
+        starved.copy_(torch.where((starved < 0) & dead.any(), p, starved))
+        finished.logical_or_(nxt == eos)
+        vw.tokens[:n].copy_(nxt)
 
     def _check_every(self, check_every: int | None, gpu_default: int) -> int:
         """Steps between the host's "all finished" checks: as given, else ``gpu_default`` where the
