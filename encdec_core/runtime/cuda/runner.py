@@ -1236,8 +1236,13 @@ class CudaGraphRunner:
         (argmax without sampling, processors that depend on the position only: min length, forced first / last token,
         no repetition penalty or n-gram ban; one EOS id at most, one forced last token at most, a
         decoder prefix of the start token alone)."""
-        return (self.fused_greedy and not gc.do_sample and pipeline.static and prefix.shape[1] == 1
-                and len(gc.eos_token_ids) <= 1
+        return not gc.do_sample and self._fused_loop_serves(gc, pipeline, prefix)
+
+    def _fused_loop_serves(self, gc, pipeline, prefix: torch.Tensor) -> bool:
+        """What the fused greedy and sampling loops share: built with ``fused_greedy``, processors that
+        depend on the position only, one EOS id at most, one forced last token at most, the start token
+        alone as the decoder prefix."""
+        return (self.fused_greedy and pipeline.position_only and prefix.shape[1] == 1 and len(gc.eos_token_ids) <= 1
                 and (pipeline.forced_eos is None or pipeline.forced_eos.numel() == 1))
 
     @torch.no_grad()
@@ -1276,9 +1281,7 @@ class CudaGraphRunner:
         """Whether ``generate`` hands sampling to ``sample_search``: as ``greedy_search_serves``, with
         the draw in place of the argmax (processors that depend on the position only, then sampling's
         warpers: temperature, top-k, top-p)."""
-        return (self.fused_greedy and gc.do_sample and gc.num_beams == 1 and pipeline.position_only
-                and prefix.shape[1] == 1 and len(gc.eos_token_ids) <= 1
-                and (pipeline.forced_eos is None or pipeline.forced_eos.numel() == 1))
+        return gc.do_sample and gc.num_beams == 1 and self._fused_loop_serves(gc, pipeline, prefix)
 
     @torch.no_grad()
     def sample_search(self, gc, rows: int, max_len: int, pipeline, prefix: torch.Tensor, generator=None,
@@ -1388,14 +1391,7 @@ class CudaGraphRunner:
             if swap:
                 generator.set_state(default.get_state())
                 default.set_state(mine)
-        self.steps = done
-        out = vw.out_tokens[:n, :done]
-        if done:  # trim to the step where the last row finished (one host read), as the token loop stops
-            first = torch.where(out == eos, torch.arange(done, device=out.device), done).min(1).values
-            out = out[:, : min(done, int(first.max()) + 1)]
-        head = torch.full((n, 1), int(start), dtype=torch.long, device=d.device)
-        self._check_fused_allreduce()
-        return torch.cat([head, out], 1)
+        return self._fused_result(vw, n, done, eos, int(start))
 
     @staticmethod
     def _sample_select(logits, vw, n: int, pos, eos, pad, pipeline, starved, generator) -> None:
@@ -1453,12 +1449,17 @@ class CudaGraphRunner:
             done = i + 1
             if done % check_every == 0 and i >= first_end and done < max_new_tokens and self._all_finished(vw):
                 break
+        return self._fused_result(vw, n, done, eos, start)
+
+    def _fused_result(self, vw, n: int, done: int, eos: int, start: int) -> torch.Tensor:
+        """A fused loop's [n, 1 + steps] after ``done`` steps: the start token, then the tokens up to the
+        step where the last row finished (HF's length; one host read)."""
         self.steps = done
         out = vw.out_tokens[:n, :done]
-        if done:  # trim to HF's length: up to the step where the last row finished (one host read)
+        if done:
             first = torch.where(out == eos, torch.arange(done, device=out.device), done).min(1).values
             out = out[:, : min(done, int(first.max()) + 1)]  # first.max() is done where a row never ended
-        head = torch.full((n, 1), start, dtype=torch.long, device=d.device)
+        head = torch.full((n, 1), start, dtype=torch.long, device=out.device)
         self._check_fused_allreduce()
         return torch.cat([head, out], 1)
 
