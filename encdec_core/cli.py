@@ -778,7 +778,7 @@ def cmd_serve(args) -> int:
                 serving.follow(engine, runner, channel,
                                lambda m: print(f"encdec serve: {m}", file=sys.stderr, flush=True))
             return 0
-        serving.lead(channel)
+        serving.lead(channel, say)
         engine = serving.Leader(engine, channel)
     log = say if args.log_requests else None
     try:

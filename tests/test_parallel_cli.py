@@ -230,3 +230,38 @@ def test_mpirun_serve_tp2_equals_single_rank(engines):
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+
+
+@need_mpi
+def test_mpirun_serve_ranks_end_with_their_launcher(engines):
+    """A SIGKILL to mpirun reaches none of its ranks: serving ranks notice that their launcher is gone and
+    exit within seconds (they ran on as orphans, rank 0 listening, the others waiting for it)."""
+    import signal
+    import time
+
+    root, _ = engines
+    eng = root / "en21"
+    p = subprocess.Popen([str(MPIRUN), *MPI_ARGS, "-n", "2", *_encdec(), "serve", "--engine-dir", str(eng),
+                          "--port", "0", "--device", "cpu"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+
+    def ranks():
+        out = subprocess.run(["pgrep", "-f", f"python.* serve --engine-dir {eng} "], capture_output=True, text=True).stdout
+        return out.split()
+
+    try:
+        first = p.stderr.readline()
+        assert "http://" in first, first + p.stderr.read()
+        assert len(ranks()) == 2
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while ranks() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not ranks(), "serving ranks outlived their launcher"
+    finally:
+        for pid in ranks():
+            os.kill(int(pid), signal.SIGKILL)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()

@@ -12,7 +12,8 @@ is rank 0's alone, so it is sent to every rank at each point where one is asked
 
 Messages go over a gloo group of all ranks (also where the model's collectives use NCCL), with no time
 limit: a follower waits for the next request as long as the server runs. Rank 0 ends the followers with
-a last message when the server stops; if rank 0 dies instead, the launcher ends the job.
+a last message when the server stops; if rank 0 dies instead, the launcher ends the job, and a rank
+whose launcher is gone (a SIGKILL to mpirun reaches no rank) exits within seconds.
 """
 from __future__ import annotations
 
@@ -112,10 +113,34 @@ class _StartedStream:
         self.inner.close()
 
 
+def watch_launcher(rank: int, log: Callable[[str], None], interval: float = 2.0) -> None:
+    """End this rank once its launcher (mpirun's prterun, torchrun's agent: the parent process) is gone.
+    A SIGKILL to the launcher reaches no rank, and a serving rank would run on as an orphan: rank 0
+    still listening, the others waiting for rank 0 without a time limit."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def run():
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                try:  # the launcher held this rank's stdout / stderr: writing may fail now
+                    log(f"rank {rank}: the launcher (pid {parent}) is gone; exiting")
+                except Exception:  # noqa: BLE001
+                    pass
+                os._exit(1)
+
+    threading.Thread(target=run, name="encdec-launcher-watch", daemon=True).start()
+
+
 def follow(engine, runner, channel: Channel, log: Callable[[str], None]) -> None:
     """A follower's loop: make each call rank 0 announces, until rank 0 says stop."""
     from .. import cancel
 
+    watch_launcher(channel.rank, log)
     cancel.set_agreement(channel.agree)
     try:
         while True:
@@ -141,8 +166,10 @@ def follow(engine, runner, channel: Channel, log: Callable[[str], None]) -> None
         cancel.set_agreement(None)
 
 
-def lead(channel: Channel) -> None:
-    """Rank 0's side of the stop agreement (the follower side is set in ``follow``)."""
+def lead(channel: Channel, log: Callable[[str], None]) -> None:
+    """Rank 0's side of the stop agreement (the follower side is set in ``follow``); rank 0 too ends
+    with its launcher."""
     from .. import cancel
 
+    watch_launcher(channel.rank, log)
     cancel.set_agreement(channel.agree)
