@@ -325,18 +325,38 @@ def _device(name: str | None) -> str:
     return name
 
 
-def _load_engine(engine_dir: Path, device: str, dtype):
+def _load_engine(engine_dir: Path, device: str, dtype, args=None):
     """Start the ranks the engine's mapping (or the launcher) asks for, verify its shards on every
-    rank, then load this rank's part. Returns (engine, ctx); ctx is None for one plain process."""
+    rank and that every rank was given the same options (``args``), then load this rank's part.
+    Returns (engine, ctx); ctx is None for one plain process."""
     import torch
 
     from .engine import Engine
     from .parallel.launch import init_for_dir
 
     ctx = init_for_dir(engine_dir, device) if engine_dir.is_dir() else None
+    if ctx is not None and args is not None:
+        _check_same_args(ctx, args)
     if ctx is not None and device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
     return Engine.load(engine_dir, device=device, ctx=ctx, dtype=dtype), ctx
+
+
+def _check_same_args(ctx, args) -> None:
+    """Every rank must run the command with the same options: ranks given another --dtype, length or
+    decoding option meet in their collectives with tensors of other sizes (a gloo abort, or NCCL
+    garbage). One small all-gather of a digest; every rank names the ranks that differ."""
+    from .parallel.launch import LaunchError, all_gather_ints
+
+    opts = json.dumps({k: v for k, v in sorted(vars(args).items()) if k != "func"}, default=str)
+    mine = int.from_bytes(hashlib.sha256(opts.encode()).digest()[:7], "big")
+    got = [v[0] for v in all_gather_ints(ctx, [mine])]
+    if len(set(got)) > 1:
+        groups: dict[int, list[int]] = {}
+        for r, v in enumerate(got):
+            groups.setdefault(v, []).append(r)
+        raise LaunchError(f"the ranks were given different options (ranks grouped by their options: "
+                          f"{list(groups.values())}): give every rank the same command line")
 
 
 def _run_runner(args, device_type: str) -> str:
@@ -371,7 +391,7 @@ def cmd_run(args) -> int:
                                                          ("--output-json", args.output_json)])
     engine_dir = Path(args.engine_dir) if args.engine_dir else default_engine()
     device = _device(args.device)
-    engine, ctx = _load_engine(engine_dir, device, args.dtype)
+    engine, ctx = _load_engine(engine_dir, device, args.dtype, args)
     device = engine.model.device
     target = None
     if args.target_lang:
@@ -675,7 +695,7 @@ def cmd_benchmark(args) -> int:
         if args.tp_size != 1 or args.pp_size != 1:
             raise EncDecError("--tp-size / --pp-size apply to --preset: an engine's mapping comes from its "
                               "config.json (convert with --tp-size / --pp-size)")
-        target, _ = _load_engine(Path(args.engine_dir), device, args.dtype)
+        target, _ = _load_engine(Path(args.engine_dir), device, args.dtype, args)
         device = target.model.device
         # --runner auto: the CUDA-graph runner on CUDA, tensor parallelism included; eager for pipelines
     elif args.tp_size * args.pp_size > 1:
@@ -745,7 +765,7 @@ def cmd_serve(args) -> int:
     warm = [None if v is None else parse_batch_sizes(v, flag) for v, flag in
             ((args.warmup_batch_sizes, "--warmup-batch-sizes"), (args.warmup_input_lens, "--warmup-input-lens"))]
     engine_dir = Path(args.engine_dir) if args.engine_dir else default_engine()
-    engine, ctx = _load_engine(engine_dir, _device(args.device), args.dtype)
+    engine, ctx = _load_engine(engine_dir, _device(args.device), args.dtype, args)
     runner = None
     kind = _run_runner(args, torch.device(engine.model.device).type)
     if kind in ("cuda-graph", "compiled"):
@@ -840,7 +860,7 @@ def cmd_score(args) -> int:
                     [("--output-json", args.output_json)])
     engine_dir = Path(args.engine_dir) if args.engine_dir else default_engine()
     device = _device(args.device)
-    engine, _ = _load_engine(engine_dir, device, args.dtype)  # mpirun / torchrun: every rank scores
+    engine, _ = _load_engine(engine_dir, device, args.dtype, args)  # mpirun / torchrun: every rank scores
     target = None
     if args.target_lang:
         target = args.target_lang if len(args.target_lang) > 1 else args.target_lang[0]

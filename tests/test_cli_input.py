@@ -175,15 +175,18 @@ def test_encdec_debug_shows_where_a_user_error_was_raised(monkeypatch, tmp_path,
 
 
 def test_inductor_autotune_tables_are_quiet_unless_debugging(monkeypatch):
-    """The compiled CPU runner's max-autotune wrote ~45 lines of timing tables to stderr per run."""
+    """The compiled CPU runner's max-autotune wrote ~45 lines of timing tables to stderr per run, and
+    (torch >= 2.10) "Autotune Choices Stats" JSON blocks through another switch."""
+    import torch._inductor.config as ic
     import torch._inductor.select_algorithm as sa
 
     from encdec_core.runtime.cuda.runner import _quiet_autotune
 
     monkeypatch.setattr(sa, "PRINT_AUTOTUNE", True)
+    monkeypatch.setattr(ic, "max_autotune_report_choices_stats", True, raising=False)
     monkeypatch.setenv("ENCDEC_DEBUG", "1")
     _quiet_autotune()
-    assert sa.PRINT_AUTOTUNE is True
+    assert sa.PRINT_AUTOTUNE is True and ic.max_autotune_report_choices_stats is True
     monkeypatch.delenv("ENCDEC_DEBUG")
     _quiet_autotune()
-    assert sa.PRINT_AUTOTUNE is False
+    assert sa.PRINT_AUTOTUNE is False and ic.max_autotune_report_choices_stats is False

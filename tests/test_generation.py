@@ -265,20 +265,32 @@ def test_sampling_is_reproducible_and_seed_dependent(models, batch):
     assert len({tuple(a.tokens(i)) for i in range(len(a))}) > 1  # samples of one request differ
 
 
-def test_sampling_without_seed_on_several_ranks_uses_seed_0(models, batch):
-    """Ranks of a TP/PP group must draw the same tokens: no seed means seed 0 there."""
+def test_sampling_without_seed_on_several_ranks_takes_rank_0s_seed(models, batch, monkeypatch):
+    """Ranks of a TP/PP group must draw the same tokens: without a seed, rank 0 draws one from torch's
+    global generator and broadcasts it (a fixed seed 0 gave every unseeded run the same "sample")."""
     from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from encdec_core.parallel.context import ParallelContext
 
     _, ours, src = models
     ids, mask = batch
-    two_ranks = SimpleNamespace(cfg=ours.cfg, device=ours.device, ctx=SimpleNamespace(world_size=2))
+    sent = []
+    monkeypatch.setattr(dist, "broadcast", lambda t, src: sent.append((int(t), src)))  # as rank 0 sends it
+    ctx = SimpleNamespace(world_size=2, distributed=True, rank=0, device=None)
+    ctx.shared_seed = lambda seed: ParallelContext.shared_seed(ctx, seed)
+    two_ranks = SimpleNamespace(cfg=ours.cfg, device=ours.device, ctx=ctx)
     gc = GenerationConfig.from_model(ours.cfg, None, do_sample=True, top_k=0, temperature=1.5, max_new_tokens=10)
     outs = []
-    for global_seed in (1, 2):
+    for global_seed in (1, 2, 1):
         torch.manual_seed(global_seed)
         outs.append(generate(two_ranks, ids, mask, gc, runner=EagerRunner(ours)).sequences)
-    assert torch.equal(outs[0], outs[1])
-    assert torch.equal(outs[0], generate(ours, ids, mask, gc.replace(seed=0)).sequences)
+    assert not torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert [s for _, s in sent] == [0, 0, 0] and sent[0][0] == sent[2][0] != sent[1][0]
+    assert torch.equal(outs[0], generate(ours, ids, mask, gc.replace(seed=sent[0][0])).sequences)
+    generate(two_ranks, ids, mask, gc.replace(do_sample=False), runner=EagerRunner(ours))
+    assert len(sent) == 3  # greedy decoding sends nothing
 
 
 # ----------------------------------------------------------------------------------------- batching

@@ -115,6 +115,23 @@ def test_mpirun_wrong_world_size_fails_on_every_rank(engines):
 
 
 @need_mpi
+def test_mpirun_ranks_given_different_options_fail_on_every_rank(engines):
+    """Ranks of one launch given another --dtype (or any other option) met in their collectives with
+    tensors of other sizes: a gloo abort with a C++ stack on one rank, an internal error on the other.
+    Now every rank names the ranks that differ."""
+    root, _ = engines
+    cmd = [*_encdec(), "run", "--engine-dir", root / "en21", "--device", "cpu", "--input-text", "hello",
+           "--max-new-tokens", "4"]
+    r = _launch([MPIRUN, *MPI_ARGS, "-n", "1", *cmd, "--dtype", "float32", ":", "-n", "1", *cmd, "--dtype", "bfloat16"],
+                timeout=180)
+    assert r.returncode != 0
+    errs = [ln for ln in r.stderr.splitlines() if ln.startswith("encdec: error:")]
+    assert len(errs) == 2 and all("the ranks were given different options (ranks grouped by their options: "
+                                  "[[0], [1]])" in e for e in errs), r.stderr
+    assert "Traceback" not in r.stderr + r.stdout and "internal error" not in r.stderr
+
+
+@need_mpi
 def test_mpirun_benchmark_preset_tp2_matches_hf(tmp_path):
     """encdec benchmark --preset ... --tp-size 2: each rank builds the preset from one seed (HF's
     initialisation with --compare-hf) and keeps its part; rank 0 compares with HF in the same run."""

@@ -14,9 +14,9 @@ A runner hides how the decoder runs (eager here; a CUDA-graph runner elsewhere):
 
 The loop keeps its state in tensors on the model's device and syncs with the host once per step
 (the stopping test). Under tensor / pipeline parallelism every rank sees the same logits and runs
-the same loop; sampling draws from a torch.Generator seeded from ``seed`` so ranks agree (seed 0
-when none is given and the model runs on several ranks). Without a seed on one rank, sampling uses
-torch's global generator, like HF.
+the same loop; sampling draws from a torch.Generator seeded from ``seed`` so ranks agree (when none
+is given and the model runs on several ranks, rank 0 draws one from torch's global generator and sends
+it to the others). Without a seed on one rank, sampling uses torch's global generator, like HF.
 """
 from __future__ import annotations
 
@@ -606,8 +606,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     generator = None
     seed = gc.seed
     ctx = getattr(model, "ctx", None)
-    if seed is None and ctx is not None and getattr(ctx, "world_size", 1) > 1:
-        seed = 0  # every rank must draw the same tokens: without a seed, all use seed 0
+    if gc.do_sample and seed is None and ctx is not None and getattr(ctx, "world_size", 1) > 1:
+        # every rank must draw the same tokens: rank 0 draws a seed from torch's global generator (where
+        # one rank samples without a seed) and every rank takes it (a fixed seed 0 gave every unseeded
+        # run, and every request to a served engine, the same "sample")
+        seed = ctx.shared_seed(None)
     if gc.do_sample and seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)

@@ -124,6 +124,10 @@ def _quiet_autotune() -> None:
         return
     if hasattr(select_algorithm, "PRINT_AUTOTUNE"):
         select_algorithm.PRINT_AUTOTUNE = False
+    import torch._inductor.config as inductor_config
+
+    if getattr(inductor_config, "max_autotune_report_choices_stats", False):  # its "Autotune Choices Stats" JSON
+        inductor_config.max_autotune_report_choices_stats = False
 
 
 def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
