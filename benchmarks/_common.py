@@ -14,6 +14,16 @@ for p in (ROOT, os.path.join(ROOT, "families")):
 BUILTIN = ("encdec_t5.plugin", "encdec_bart.plugin", "encdec_nmt.plugin")
 
 
+def add_loop_args(ap) -> None:
+    """The options of the scripts that time generate's loops on the runner (time_generate_greedy.py,
+    time_sampling.py): batches, dtype, new tokens, device and output folder."""
+    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu (the static step uncompiled: a check of the script)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+
+
 def ensure_families():
     """Entry points exist only for an installed package: register the built-in families by hand."""
     from encdec_core import registry

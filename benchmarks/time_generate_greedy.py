@@ -17,19 +17,15 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import best_ms, ensure_families  # noqa: E402
+from _common import add_loop_args, best_ms, ensure_families  # noqa: E402
 
 
 @torch.no_grad()
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="bart-large")
-    ap.add_argument("--batches", default="1,8,64")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--device", default="cuda", help="cuda, or cpu (the static step uncompiled: a check of the script)")
     ap.add_argument("--loops", default="token,fused", help="token (fused_greedy=False) and / or fused")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    add_loop_args(ap)
     a = ap.parse_args()
     ensure_families()
     from encdec_core.benchmark import model_from_preset

@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import best_ms, ensure_families  # noqa: E402
+from _common import add_loop_args, best_ms, ensure_families  # noqa: E402
 
 OPTIONS = dict(do_sample=True, temperature=0.7, top_k=50, top_p=0.9)
 
@@ -30,13 +30,9 @@ OPTIONS = dict(do_sample=True, temperature=0.7, top_k=50, top_p=0.9)
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="t5-small,bart-large")
-    ap.add_argument("--batches", default="1,8,64")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--device", default="cuda", help="cuda, or cpu (the static step uncompiled: a check of the script)")
     ap.add_argument("--hf-batches", default="1,8,64", help="batches HF eager runs at ('' for none)")
     ap.add_argument("--hf-static-batches", default="1", help="batches HF's static-cache compiled generate runs at")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    add_loop_args(ap)
     a = ap.parse_args()
     ensure_families()
     from encdec_core.benchmark import hf_model_from_preset, model_from_preset
