@@ -270,6 +270,17 @@ def test_generate_sampling_runs_the_runners_fused_loop(mode, family, monkeypatch
         assert torch.equal(out.sequences, ref.sequences), kw
         ended += (out.sequences[:, 1:-1] == eos).any(1).tolist()
     assert any(ended) and not all(ended)  # rows that end before others are covered
+    # a graph of the same options but another EOS id: its min-length ban is of that EOS (the first
+    # call's pipeline, kept with the graph, banned its own EOS id)
+    hot = dict(do_sample=True, max_new_tokens=10, min_new_tokens=7, temperature=5.0, top_k=3)
+    special = (cfg.pad_token_id, cfg.decoder_start_token_id, _gc(cfg).forced_bos_token_id)
+    two = [t for t, _ in sorted(rows_with.items(), key=lambda kv: -kv[1]) if t not in special][:2]
+    for seed in range(6):
+        for e in two:
+            gc = _gc(cfg, eos_token_id=e, seed=seed, **hot)
+            out = generate(model, ids, mask, gc, runner=runner)
+            assert torch.equal(out.sequences, generate(model, ids, mask, gc, runner=loop).sequences), (seed, e)
+            assert not bool((out.sequences[:, 1:7] == e).any())
     again = generate(model, ids, mask, _gc(cfg, **cases[0][0]), runner=runner)  # the same seed: the same draws
     assert torch.equal(again.sequences, generate(model, ids, mask, _gc(cfg, **cases[0][0]), runner=loop).sequences)
 

@@ -1322,7 +1322,8 @@ class CudaGraphRunner:
         pipe_sig = (pipeline.min_length if pipeline.eos_mask is not None else None, pipeline.max_length,
                     "rows" if isinstance(bos, torch.Tensor) else bos, pipeline.forced_eos_ids,
                     pipeline.temperature, pipeline.top_k, pipeline.top_p, pipeline.min_keep)
-        key = ("sample", bb, sb, self._group, n, pipe_sig) + self._lkey
+        # the graph keeps this call's pipeline: its min-length ban is of these EOS ids (as beam_search's key)
+        key = ("sample", bb, sb, self._group, n, gc.eos_token_ids, pipe_sig) + self._lkey
         vw = d.views(bb, sb)
         self.set_eos_pad(eos, pad)
         cuda = d.device.type == "cuda"
