@@ -496,6 +496,29 @@ def test_compiled_runner_serves_more_bucket_combinations_than_dynamos_default_li
     assert hasattr(dynamo_config, "recompile_limit")
 
 
+def test_runner_calls_in_another_thread_get_the_runners_compile_settings():
+    """dynamo's and inductor's config are per thread: the recompile limit the runner raised where it was
+    built stayed at dynamo's default (8) in encdec serve's scheduler thread, whose compiled CPU step then
+    failed at its ninth (batch, source) bucket. A request in any thread now starts with the settings."""
+    import threading
+
+    import torch._dynamo.config as dynamo_config
+
+    from encdec_core.runtime.cuda.runner import RECOMPILE_LIMIT
+
+    _, model, cfg, ids, mask, runner = _setup("t5", "cpu-static")
+    seen = []
+
+    def request():  # a new thread starts from dynamo's defaults (torch 2.13)
+        runner.prefill(ids, mask, 1, 8)
+        seen.append(dynamo_config.recompile_limit)
+
+    t = threading.Thread(target=request)
+    t.start()
+    t.join()
+    assert seen and seen[0] >= RECOMPILE_LIMIT, seen
+
+
 def test_cpu_compiled_step_patches_inductor_config_and_falls_back():
     """The CPU step is called with CPU_COMPILE_OPTIONS in inductor's config (restored afterwards);
     a first call that fails to compile warns and runs the uncompiled step from then on."""

@@ -89,6 +89,7 @@ import contextlib
 import copy
 import math
 import statistics
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +140,20 @@ def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 8 * limit)
+
+
+_THREAD = threading.local()
+
+
+def thread_settings() -> None:
+    """``allow_recompiles`` and ``_quiet_autotune`` in the calling thread, once per thread: dynamo's and
+    inductor's config are per thread (torch 2.13), so what a runner set where it was built did not hold
+    in ``encdec serve``'s scheduler thread or a stream's worker, where requests compile new buckets (the
+    compiled CPU step failed at its ninth one there). Runner calls that may compile start with it."""
+    if not getattr(_THREAD, "done", False):
+        allow_recompiles()
+        _quiet_autotune()
+        _THREAD.done = True
 
 
 def _round_up(n: int, m: int) -> int:
@@ -805,6 +820,7 @@ class CudaGraphRunner:
 
     @torch.no_grad()
     def prefill(self, input_ids, attention_mask=None, expand: int = 1, max_len: int | None = None):
+        thread_settings()  # every request starts here, in whichever thread runs it
         d = self.dec
         self._check_fused_allreduce()  # the previous request (beam search, sampling) ran to the end
         dev = d.device
@@ -1036,6 +1052,7 @@ class CudaGraphRunner:
         ``prefill_graphs`` the prefill graph of each (batch, source) bucket is captured too (batch
         sizes count request rows there). Without graphs (the compiled step on a CPU) each step runs
         once, so that it is compiled here."""
+        thread_settings()
         self.set_eos_pad(eos, pad)
         self._lkey = ()  # the graphs without run-time adapters
         for b in batch_sizes:
