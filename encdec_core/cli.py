@@ -809,7 +809,8 @@ def cmd_serve(args) -> int:
             engine.stop_followers()
         raise
     host, port = server.address
-    ranks = "" if ctx is None else f", tp_size {ctx.tp_size} x pp_size {ctx.pp_size}: every rank runs each batch"
+    ranks = "" if ctx is None else (f", tp_size {ctx.tp_size} x pp_size {ctx.pp_size}: every rank runs each batch; "
+                                    f"rank 0 is pid {os.getpid()}")
     print(f"encdec serve: {engine_dir} ({engine.config.family}, {engine.model.device}, runner {kind}{ranks}) on "
           f"http://{host}:{port} (POST /v1/generate, /v1/score; GET /health, /v1/model); Ctrl-C stops",
           file=sys.stderr, flush=True)
