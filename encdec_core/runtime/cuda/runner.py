@@ -1313,7 +1313,10 @@ class CudaGraphRunner:
         GPU). The same tokens as generate's token loop with the same ``generator`` (None: torch's
         global one): the graph draws from the device's default generator, which holds ``generator``'s
         state for the loop (handed back to it afterwards), with the token loop's ops on the same
-        [rows, vocab] shapes, so one graph per row count (within the batch bucket) and options.
+        [rows, vocab] shapes, so one graph per row count (within the batch bucket) and options. The
+        generator ends further on than the token loop leaves it where the last row finished between two
+        host checks (the loop drew for the steps up to the check), so the next unseeded request's draws
+        differ from the token loop's; seeded requests are unaffected.
         Returns [rows, 1 + steps]; an output whose every token the options exclude raises
         ``nothing_to_sample`` naming its step, as the token loop does."""
         from ..generation import nothing_to_sample
