@@ -346,17 +346,12 @@ def _check_same_args(ctx, args) -> None:
     """Every rank must run the command with the same options: ranks given another --dtype, length or
     decoding option meet in their collectives with tensors of other sizes (a gloo abort, or NCCL
     garbage). One small all-gather of a digest; every rank names the ranks that differ."""
-    from .parallel.launch import LaunchError, all_gather_ints
+    from .parallel.launch import LaunchError, groups_if_different
 
-    opts = json.dumps({k: v for k, v in sorted(vars(args).items()) if k != "func"}, default=str)
-    mine = int.from_bytes(hashlib.sha256(opts.encode()).digest()[:7], "big")
-    got = [v[0] for v in all_gather_ints(ctx, [mine])]
-    if len(set(got)) > 1:
-        groups: dict[int, list[int]] = {}
-        for r, v in enumerate(got):
-            groups.setdefault(v, []).append(r)
+    groups = groups_if_different(ctx, {k: v for k, v in vars(args).items() if k != "func"})
+    if groups:
         raise LaunchError(f"the ranks were given different options (ranks grouped by their options: "
-                          f"{list(groups.values())}): give every rank the same command line")
+                          f"{groups}): give every rank the same command line")
 
 
 def _run_runner(args, device_type: str) -> str:
@@ -373,6 +368,21 @@ def _run_runner(args, device_type: str) -> str:
     if kind == "compiled" and device_type not in ("cpu", "cuda"):
         raise EncDecError(f"--runner compiled serves CPU and CUDA devices, got {device_type}")
     return "eager" if kind == "auto" else kind
+
+
+def _static_runner(kind: str, engine, ctx, tp_allreduce: str | None = None):
+    """The CUDA-graph runner (on a CPU: the static step compiled by inductor, without graphs) for the
+    runner kinds that use it, sized by the engine's limits; None for the eager runner. It serves
+    tensor parallelism with pp_size 1 (send / receive between stages are not traced)."""
+    if kind not in ("cuda-graph", "compiled"):
+        return None
+    what = "--cuda-graph" if kind == "cuda-graph" else "--runner compiled"
+    if ctx is not None and ctx.pp_size != 1:
+        raise EncDecError(f"{what} serves tensor parallelism with pp_size 1, this engine has pp_size "
+                          f"{ctx.pp_size}; pipeline-parallel engines run on the eager runner (drop {what})")
+    from .runtime.cuda.runner import CudaGraphRunner
+
+    return CudaGraphRunner.for_engine(engine, tp_allreduce=tp_allreduce)
 
 
 def cmd_run(args) -> int:
@@ -428,19 +438,9 @@ def cmd_run(args) -> int:
                 print(f"encdec: note: {len(cut)} input(s) cut to {limit} tokens (first: input {cut[0]})",
                       file=sys.stderr)
     langs = engine.lang_ids(tok, target, len(texts))
-    runner = None
     kind = _run_runner(args, torch.device(device).type)
-    if kind in ("cuda-graph", "compiled"):
-        what = "--cuda-graph" if kind == "cuda-graph" else "--runner compiled"
-        if ctx is not None and ctx.pp_size != 1:
-            raise EncDecError(f"{what} serves tensor parallelism with pp_size 1, this engine has pp_size "
-                              f"{ctx.pp_size}; pipeline-parallel runs use the eager runner (drop {what})")
-        from .runtime.cuda.runner import CudaGraphRunner
-
-        # compiles (and on CUDA captures) once, sized by the engine limits; on a CPU the static step
-        # compiled by inductor, without graphs
-        runner = CudaGraphRunner.for_engine(engine, tp_allreduce=args.tp_allreduce)
-    elif args.tp_allreduce is not None:
+    runner = _static_runner(kind, engine, ctx, tp_allreduce=args.tp_allreduce)
+    if runner is None and args.tp_allreduce is not None:
         raise EncDecError(f"--tp-allreduce {args.tp_allreduce}: the all-reduce of the CUDA-graph runner; add --cuda-graph")
     uids = args.lora_task_uids
     if uids is not None and len(uids) == 1:
@@ -766,16 +766,8 @@ def cmd_serve(args) -> int:
             ((args.warmup_batch_sizes, "--warmup-batch-sizes"), (args.warmup_input_lens, "--warmup-input-lens"))]
     engine_dir = Path(args.engine_dir) if args.engine_dir else default_engine()
     engine, ctx = _load_engine(engine_dir, _device(args.device), args.dtype, args)
-    runner = None
     kind = _run_runner(args, torch.device(engine.model.device).type)
-    if kind in ("cuda-graph", "compiled"):
-        what = "--cuda-graph" if kind == "cuda-graph" else "--runner compiled"
-        if ctx is not None and ctx.pp_size != 1:
-            raise EncDecError(f"{what} serves tensor parallelism with pp_size 1, this engine has pp_size "
-                              f"{ctx.pp_size}; pipeline-parallel engines are served by the eager runner (drop {what})")
-        from .runtime.cuda.runner import CudaGraphRunner
-
-        runner = CudaGraphRunner.for_engine(engine)
+    runner = _static_runner(kind, engine, ctx)
     lead = ctx is None or ctx.rank == 0
     say = (lambda msg: print(f"encdec serve: {msg}", file=sys.stderr, flush=True)) if lead else (lambda msg: None)
     # CUDA graphs: every bucket by default (seconds each, at start instead of at first requests); the

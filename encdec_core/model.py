@@ -172,15 +172,17 @@ class Stack(nn.Module):
             x = x * cfg.embedding_scale
         if cfg.position_type in ("learned", "sinusoidal"):
             pos = position_ids(mask, past, cfg.position_offset, cfg.position_padding_aware, cfg.pad_token_id)
+            # a host count of tokens (eager calls): the learned table is checked against it, the sinusoid
+            # table grows to it; a device ``past`` (the graph runner) and compiled code rely on the
+            # runner's limits (and its ensure_positions)
+            length = past + ids.shape[1] if isinstance(past, int) and not torch.compiler.is_compiling() else None
             if cfg.position_type == "learned":
-                if isinstance(past, int) and not torch.compiler.is_compiling():
-                    self._check_positions(past + ids.shape[1])
+                if length is not None:
+                    self._check_positions(length)
                 x = x + self.embed_positions(pos)
             else:
-                # a host count of tokens (eager calls): the table grows to it; a device ``past`` (the
-                # graph runner) and compiled code rely on the runner's ensure_positions at its limits
-                if isinstance(past, int) and not torch.compiler.is_compiling():
-                    self.ensure_positions(past + ids.shape[1])
+                if length is not None:
+                    self.ensure_positions(length)
                 x = x + F.embedding(pos, self.sin_table)
         if cfg.layernorm_embedding:
             x = self.layernorm_embedding(x)

@@ -329,6 +329,20 @@ def _gather_ints(values: list[int], device) -> list[list[int]]:
     return [p.tolist() for p in parts]
 
 
+def groups_if_different(ctx: ParallelContext, content) -> list[list[int]] | None:
+    """The ranks grouped by ``content`` (JSON-able: a digest of it is all-gathered), where ranks hold
+    different content; None where all agree. Collective: every rank calls it."""
+    text = json.dumps(content, sort_keys=True, default=str).encode()
+    digest = int.from_bytes(hashlib.sha256(text).digest()[:8], "little", signed=True)
+    digests = [d[0] for d in all_gather_ints(ctx, [digest])]
+    if len(set(digests)) == 1:
+        return None
+    groups: dict = {}
+    for r, d in enumerate(digests):
+        groups.setdefault(d, []).append(r)
+    return list(groups.values())
+
+
 def _encode_status(ok: bool, msg: str, device) -> torch.Tensor:
     raw = msg.encode("utf-8")[:_STATUS_BYTES]
     buf = torch.zeros(2 + _STATUS_BYTES, dtype=torch.uint8)
@@ -430,21 +444,12 @@ def verify_checkpoint(ckpt_dir, ctx: ParallelContext, meta: dict | None = None, 
     Returns the checkpoint meta (config.json)."""
     ckpt_dir = Path(ckpt_dir)
 
-    def check():
-        m = _check_local_shard(ckpt_dir, ctx, meta, checksums)
-        text = json.dumps(m, sort_keys=True, default=str).encode()
-        digest = hashlib.sha256(text).digest()[:8]
-        return m, int.from_bytes(digest, "little", signed=True)
-
-    m, digest = agree(ctx, check, f"checkpoint check of {ckpt_dir}")
+    m = agree(ctx, lambda: _check_local_shard(ckpt_dir, ctx, meta, checksums), f"checkpoint check of {ckpt_dir}")
     if ctx.distributed:
-        digests = [d[0] for d in all_gather_ints(ctx, [digest])]
-        if len(set(digests)) > 1:
-            groups: dict = {}
-            for r, d in enumerate(digests):
-                groups.setdefault(d, []).append(r)
+        groups = groups_if_different(ctx, m)
+        if groups:
             raise LaunchError(f"{ckpt_dir / 'config.json'}: ranks read different checkpoint configs (ranks grouped "
-                              f"by content: {list(groups.values())}); point every rank at the same checkpoint")
+                              f"by content: {groups}); point every rank at the same checkpoint")
     return m
 
 

@@ -1025,12 +1025,18 @@ class CudaGraphRunner:
                              d.forced_bos[:bb], d.forced_eos, d.last_step)
                 return logits
         fn = self._lora_rows_of(fn, self._lora_idx("_lora_rows", bb, len(key) > 4))
+        return self._graph(fn, self._restorer(vw), warm=warm)
+
+    def _restorer(self, vw):
+        """A function that puts back the position, tokens and finished flags of ``vw`` as they are now
+        (a fused loop's capture warms up on them)."""
+        d = self.dec
         saved = [d.pos.clone(), vw.tokens.clone(), vw.finished.clone()]
 
         def restore():
             for t, v in zip((d.pos, vw.tokens, vw.finished), saved):
                 t.copy_(v)
-        return self._graph(fn, restore, warm=warm)
+        return restore
 
     def _run(self, kind: str):
         bb, sb, n = self._cur
@@ -1282,21 +1288,28 @@ class CudaGraphRunner:
         if not self.greedy_search_serves(gc, pipeline, prefix):
             raise ValueError("greedy_search: needs a runner with fused_greedy=True and a generation config "
                              "without sampling, repetition penalty / n-gram ban, several EOS ids or a decoder prefix")
+        n, eos, pad, start, min_new = self._fused_setup("greedy_search", gc, rows, pipeline, prefix, start)
+        forced_eos = None if pipeline.forced_eos_ids is None else pipeline.forced_eos_ids[0]
+        return self._greedy_loop(n, max_len - 1, start, eos, pad, check_every, min_new,
+                                 pipeline.forced_bos, forced_eos, pipeline.forced_bos_ids)
+
+    def _fused_setup(self, who: str, gc, rows: int, pipeline, prefix: torch.Tensor, start: int | None):
+        """What the fused greedy and sampling loops read before their first step: (rows, EOS id or -1,
+        pad id, the start token, new tokens before EOS is allowed). ``start`` None reads the prefix
+        back from the device (a host sync) and refuses rows that start differently."""
         n = self._cur[2]
         if n != rows or prefix.shape[0] != rows:
-            raise ValueError(f"greedy_search: prefill holds {n} rows, expected {rows}")
+            raise ValueError(f"{who}: prefill holds {n} rows, expected {rows}")
         eos = gc.eos_token_ids[0] if gc.eos_token_ids else -1
         pad = gc.pad_id if gc.pad_id is not None else self.model.cfg.pad_token_id
         min_new = max(0, pipeline.min_length - 1) if pipeline.eos_mask is not None else 0
-        forced_eos = None if pipeline.forced_eos_ids is None else pipeline.forced_eos_ids[0]
         if start is None:
             firsts = set(prefix[:, 0].tolist())
             if len(firsts) != 1:
-                raise ValueError(f"greedy_search: the rows' prefixes start with different tokens {sorted(firsts)}: "
+                raise ValueError(f"{who}: the rows' prefixes start with different tokens {sorted(firsts)}: "
                                  f"the fused loop feeds one start token to every row")
             start = firsts.pop()
-        return self._greedy_loop(n, max_len - 1, int(start), eos, pad, check_every, min_new,
-                                 pipeline.forced_bos, forced_eos, pipeline.forced_bos_ids)
+        return n, eos, pad, int(start), min_new
 
     def sample_search_serves(self, gc, pipeline, prefix: torch.Tensor) -> bool:
         """Whether ``generate`` hands sampling to ``sample_search``: as ``greedy_search_serves``, with
@@ -1328,16 +1341,8 @@ class CudaGraphRunner:
                              "without repetition penalty / n-gram ban / bad words / suppressed tokens, several EOS "
                              "ids or a decoder prefix")
         d = self.dec
-        bb, sb, n = self._cur
-        if n != rows or prefix.shape[0] != rows:
-            raise ValueError(f"sample_search: prefill holds {n} rows, expected {rows}")
-        eos = gc.eos_token_ids[0] if gc.eos_token_ids else -1
-        pad = gc.pad_id if gc.pad_id is not None else self.model.cfg.pad_token_id
-        if start is None:
-            firsts = set(prefix[:, 0].tolist())
-            if len(firsts) != 1:
-                raise ValueError(f"sample_search: the rows' prefixes start with different tokens {sorted(firsts)}")
-            start = firsts.pop()
+        bb, sb, _ = self._cur
+        n, eos, pad, start, min_new = self._fused_setup("sample_search", gc, rows, pipeline, prefix, start)
         bos = pipeline.forced_bos
         pipe_sig = (pipeline.min_length if pipeline.eos_mask is not None else None, pipeline.max_length,
                     "rows" if isinstance(bos, torch.Tensor) else bos, pipeline.forced_eos_ids,
@@ -1366,14 +1371,9 @@ class CudaGraphRunner:
                 return starved
 
             fn = self._lora_rows_of(fn, self._lora_idx("_lora_rows", bb, bool(self._lkey)))
-            saved = [d.pos.clone(), vw.tokens.clone(), vw.finished.clone()]
-
-            def restore():
-                for t, v in zip((d.pos, vw.tokens, vw.finished), saved):
-                    t.copy_(v)
             rng = default.get_state() if cuda else None  # the capture's warm-up draws must not count
             try:
-                g, out = self._graph(fn, restore)
+                g, out = self._graph(fn, self._restorer(vw))
             finally:
                 if rng is not None:
                     default.set_state(rng)
@@ -1382,12 +1382,11 @@ class CudaGraphRunner:
         if isinstance(bos, torch.Tensor):
             pipe.forced_bos.copy_(bos.view(-1))
         starved.fill_(-1)
-        vw.tokens[:n].fill_(int(start))
+        vw.tokens[:n].fill_(start)
         vw.finished.zero_()
         vw.finished[n:].fill_(True)
         check_every = self._check_every(check_every, 8)
-        first_end = _first_possible_end(max(0, pipeline.min_length - 1) if pipeline.eos_mask is not None else 0,
-                                        pipeline.forced_bos_ids, (eos,))
+        first_end = _first_possible_end(min_new, pipeline.forced_bos_ids, (eos,))
         steps = max_len - 1
         swap = g is not None and generator is not None
         if swap:  # the graph draws from the default generator: it holds the caller's state meanwhile
@@ -1416,7 +1415,7 @@ class CudaGraphRunner:
             if swap:
                 generator.set_state(default.get_state())
                 default.set_state(mine)
-        return self._fused_result(vw, n, done, eos, int(start))
+        return self._fused_result(vw, n, done, eos, start)
 
     @staticmethod
     def _sample_select(logits, vw, n: int, pos, eos, pad, pipeline, starved, generator) -> None:
