@@ -177,6 +177,13 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 OUTPUT_EMBEDDING_UNTIED = "encdec_output_embedding_untied"
 
 
+def output_embedding_tied(src: dict) -> bool:
+    """A source config's output embedding is its input table: ``tie_word_embeddings`` (HF's default:
+    true), unless the folder holds an output embedding of other values (OUTPUT_EMBEDDING_UNTIED:
+    transformers 5 then loads it untied whatever the flag says; a Flan-T5 it re-saved reads true)."""
+    return src.get("tie_word_embeddings", True) is not False and not src.get(OUTPUT_EMBEDDING_UNTIED)
+
+
 def untied_by_weights(src: dict, tensors: Mapping[str, torch.Tensor], family: Family) -> dict:
     """``src`` with OUTPUT_EMBEDDING_UNTIED set where ``family.output_embedding``'s two tensors are both
     in ``tensors`` and differ (transformers 5's rule: tied weights that a checkpoint holds with

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from encdec_core.config import ConfigMap, source_activation
 from encdec_core.errors import ConfigError, EncDecError, WeightError
-from encdec_core.family import OUTPUT_EMBEDDING_UNTIED, Family, Source, read_hf_source
+from encdec_core.family import Family, Source, output_embedding_tied, read_hf_source
 from encdec_core.plugins import hookimpl
 from encdec_core.tokenizer import HFTokenizer
 from encdec_core.weights import Rule, WeightMap
@@ -56,12 +56,6 @@ def _tied(src: dict) -> bool:
     return src.get("tie_word_embeddings", True) is not False
 
 
-def _tied_lm_head(src: dict) -> bool:
-    """The lm_head is the shared table, unless the folder holds an lm_head.weight of other values
-    (transformers 5 then loads it untied whatever tie_word_embeddings says)."""
-    return _tied(src) and not src.get(OUTPUT_EMBEDDING_UNTIED)
-
-
 def _config_map(family: str, pre_norm: bool) -> ConfigMap:
     return ConfigMap(
         fields={
@@ -79,7 +73,7 @@ def _config_map(family: str, pre_norm: bool) -> ConfigMap:
             "max_position_embeddings": "max_position_embeddings",
             "embedding_scale": _embedding_scale,
             # transformers v5: tie_word_embeddings=False unties the lm_head AND both stacks' embed_tokens
-            "tie_lm_head": _tied_lm_head,
+            "tie_lm_head": output_embedding_tied,
             "shared_embeddings": _tied,
             "pad_token_id": "pad_token_id",
             "eos_token_id": lambda s: _first(s.get("eos_token_id")),

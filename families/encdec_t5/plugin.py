@@ -5,7 +5,7 @@ import math
 
 from encdec_core.config import ConfigMap
 from encdec_core.errors import ConfigError
-from encdec_core.family import OUTPUT_EMBEDDING_UNTIED, Family
+from encdec_core.family import Family, output_embedding_tied
 from encdec_core.plugins import hookimpl
 from encdec_core.weights import Rule, WeightMap
 
@@ -33,12 +33,6 @@ def _tie_flag(src: dict) -> bool:
     return src.get("tie_word_embeddings", True) is not False
 
 
-def _tied(src: dict) -> bool:
-    """The lm_head is the shared table: tie_word_embeddings, unless the folder holds an lm_head.weight
-    of other values (transformers 5 then loads it untied: a Flan-T5 it re-saved reads "tie": true)."""
-    return _tie_flag(src) and not src.get(OUTPUT_EMBEDDING_UNTIED)
-
-
 def _output_scale(src: dict) -> float:
     # transformers 5: scale_decoder_outputs where saved, else the tie_word_embeddings flag as written
     scaled = src["scale_decoder_outputs"] if "scale_decoder_outputs" in src else _tie_flag(src)
@@ -62,7 +56,7 @@ T5_CONFIG = ConfigMap(
         "relative_num_buckets": "relative_attention_num_buckets",
         "relative_max_distance": "relative_attention_max_distance",
         "relative_bias_per_layer": lambda s: s.get("model_type") == "umt5",
-        "tie_lm_head": _tied,
+        "tie_lm_head": output_embedding_tied,
         "output_scale": _output_scale,
         "q_scaling": get_offset_q_scaling,
         "pad_token_id": "pad_token_id",
