@@ -34,8 +34,8 @@ def _tiny(family: str, device="cuda", **over):
     fam = getattr(mod, fam)
     preset = {"t5": "flan-t5-small", "bart": "bart-base"}[family]
     src = dict(fam.presets[preset])
-    cfg = fam.make_config(src).replace(encoder_layers=2, decoder_layers=2, vocab_size=512,
-                                       max_position_embeddings=128, **over)
+    cfg = fam.make_config(src).replace(**{**dict(encoder_layers=2, decoder_layers=2, vocab_size=512,
+                                                 max_position_embeddings=128), **over})
     if family == "t5":
         cfg = cfg.replace(d_model=128, head_dim=32, encoder_heads=4, decoder_heads=4, encoder_ffn_dim=256,
                           decoder_ffn_dim=256)
@@ -283,6 +283,46 @@ def test_generate_sampling_runs_the_runners_fused_loop(mode, family, monkeypatch
             assert not bool((out.sequences[:, 1:7] == e).any())
     again = generate(model, ids, mask, _gc(cfg, **cases[0][0]), runner=runner)  # the same seed: the same draws
     assert torch.equal(again.sequences, generate(model, ids, mask, _gc(cfg, **cases[0][0]), runner=loop).sequences)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_sampling_top_k_top_p_of_a_real_vocabulary(mode, family, monkeypatch):
+    """A vocabulary of real size (8192 >= STABLE_SORT_MIN_VOCAB): on CUDA the fused sampling graph
+    takes top-k with top-p from the 2k best (``top_k_top_p``) and draws with ``draw``; its tokens equal
+    generate's token loop's (torch.topk, the whole-vocabulary sort, torch.multinomial) for the same
+    seed. With the output embedding zeroed but for a few tokens, thousands of scores tie at the k-th:
+    the graph's result is not exact, so ``sample_search`` hands the request back (None) and the
+    token loop's tokens come out all the same."""
+    from encdec_core.runtime.generation import generate
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = "cpu" if mode == "cpu-static" else "cuda"
+    model = _tiny(family, dev, vocab_size=8192)
+    cfg = model.cfg
+    ids, mask = _ragged(cfg, 5, 12, seed=4, device=dev)
+    runner = _runner(model, mode, 16, 24, 32)
+    loop = _runner(model, mode, 16, 24, 32, fused_greedy=False)
+    got = []
+    real = runner.sample_search
+    monkeypatch.setattr(runner, "sample_search", lambda *a, **k: got.append(real(*a, **k)) or got[-1])
+    for seed, kw in ((3, dict(top_k=20, top_p=0.9)), (4, dict(top_k=50, top_p=0.5, temperature=0.7)),
+                     (5, dict(top_k=5, top_p=0.95, num_return_sequences=2))):
+        gc = _gc(cfg, do_sample=True, max_new_tokens=12, seed=seed, **kw)
+        out = generate(model, ids, mask, gc, runner=runner)
+        assert got and got[-1] is not None, kw  # the fused loop's own result
+        assert torch.equal(out.sequences, generate(model, ids, mask, gc, runner=loop).sequences), kw
+    with torch.no_grad():  # new runners: a compiled step may hold the weights it was built with
+        model.output_embedding.weight[8:].zero_()
+    runner = _runner(model, mode, 16, 24, 32)
+    loop = _runner(model, mode, 16, 24, 32, fused_greedy=False)
+    real = runner.sample_search
+    monkeypatch.setattr(runner, "sample_search", lambda *a, **k: got.append(real(*a, **k)) or got[-1])
+    gc = _gc(cfg, do_sample=True, max_new_tokens=12, seed=9, top_k=20, top_p=0.9)
+    got.clear()
+    out = generate(model, ids, mask, gc, runner=runner)
+    assert got == [None] if dev == "cuda" else got and got[0] is not None  # handed back on CUDA only
+    assert torch.equal(out.sequences, generate(model, ids, mask, gc, runner=loop).sequences)
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])

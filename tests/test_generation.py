@@ -235,6 +235,60 @@ def test_processors_equal_hf_processors():
             assert per_row[i, t] == 0 and torch.isinf(per_row[i]).sum() == 11
 
 
+def _top_p_stable(scores, p, keep):
+    """HF's TopPLogitsWarper with a stable sort: the order CUDA's sort gives rows of over 4096 scores."""
+    ascending, order = torch.sort(scores, descending=False, stable=True)
+    drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - p)
+    drop[..., -keep:] = False
+    return scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+@pytest.mark.parametrize("kind", ["normal", "bf16", "ties", "neg-inf"])
+def test_top_k_top_p_from_candidates_equals_the_whole_sort(kind):
+    """``top_k_top_p`` (the fused sampling graph's top-k then top-p from the 2k best) equals top_k then
+    top_p with a stable sort bit for bit wherever it reports no overflow, and reports overflow where
+    more than 2k scores survive top-k (ties at the k-th)."""
+    g = torch.Generator().manual_seed(7)
+    seen_overflow = seen_exact = 0
+    for trial in range(40):
+        n, v = 6, int(torch.randint(60, 3000, (1,), generator=g))
+        s = torch.randn(n, v, generator=g) * 3
+        if kind == "bf16":
+            s = s.bfloat16().float()
+        elif kind == "ties":
+            s = (s * 2).round() / 2
+            s[0] = 0.0  # a row where every score ties
+        elif kind == "neg-inf":
+            s[:, ::3] = float("-inf")  # banned tokens
+        k = int(torch.randint(1, 60, (1,), generator=g))
+        p = float(torch.rand((), generator=g)) * 0.98 + 0.01
+        keep = 1 + trial % 3
+        got, overflow = lp.top_k_top_p(s, k, p, keep)
+        ref = _top_p_stable(lp.top_k(s, k, keep), p, keep)
+        kept = torch.isfinite(lp.top_k(s, k, keep)).sum(-1)
+        assert torch.equal(overflow, kept >= min(v, 2 * max(k, keep))), (trial, k)
+        for r in range(n):
+            if not overflow[r]:
+                assert torch.equal(got[r], ref[r]), (trial, r, k, p, keep)
+                seen_exact += 1
+        seen_overflow += int(overflow.sum())
+    assert seen_exact > 100
+    if kind == "ties":
+        assert seen_overflow > 0
+
+
+def test_draw_is_multinomials_draw():
+    """``draw`` (the fused sampling graph's) = ``torch.multinomial(probs, 1)``: the same token per row
+    and the same generator state after, for several shapes and seeds."""
+    for n, v in ((1, 50), (7, 3000), (64, 257)):
+        for seed in range(5):
+            probs = torch.softmax(torch.randn(n, v, generator=torch.Generator().manual_seed(seed)) * 4, dim=-1)
+            probs[0, : v // 2] = 0.0  # zeros are never drawn
+            a, b = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+            want = torch.multinomial(probs, 1, generator=a).squeeze(1)
+            assert torch.equal(lp.draw(probs, b), want) and torch.equal(a.get_state(), b.get_state())
+
+
 # ----------------------------------------------------------------------------------------- sampling
 @pytest.mark.parametrize("kw", [
     dict(do_sample=True, top_k=10, top_p=0.9, temperature=0.8, num_return_sequences=2),

@@ -685,7 +685,8 @@ def _sample(runner, gc: GenerationConfig, rows: int, max_len: int, pipeline, gen
     greedy decoding itself where its ``greedy_search_serves`` says so (the processors depend on the
     position only) and every row's prefix is the start token alone (``start_only``, known on the host):
     argmax and token feedback inside its graph, no host round trip per token. Its ``sample_search``
-    does the same for sampling (the same draws from the same generator state)."""
+    does the same for sampling (the same draws from the same generator state), or hands the request
+    back (None) for the loop below."""
     fused = getattr(runner, "greedy_search", None)
     if fused is not None and start_only is not None and not output_scores and streamer is None \
             and runner.greedy_search_serves(gc, pipeline, prefix):
@@ -693,7 +694,9 @@ def _sample(runner, gc: GenerationConfig, rows: int, max_len: int, pipeline, gen
     fused = getattr(runner, "sample_search", None)
     if fused is not None and start_only is not None and not output_scores and streamer is None \
             and runner.sample_search_serves(gc, pipeline, prefix):
-        return fused(gc, rows, max_len, pipeline, prefix, generator=generator, start=start_only), None
+        seqs = fused(gc, rows, max_len, pipeline, prefix, generator=generator, start=start_only)
+        if seqs is not None:  # None: its top-k / top-p shortcut was not exact here; the token loop redoes it
+            return seqs, None
     eos = gc.eos_token_ids
     pad = gc.pad_id
     cur = prefix.shape[1]

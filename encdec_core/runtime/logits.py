@@ -102,6 +102,47 @@ def top_p(scores: torch.Tensor, p: float, min_keep: int = 1) -> torch.Tensor:
     return scores.masked_fill(drop, NEG_INF)
 
 
+# The top-p sort from the top-2k candidates: CUDA sorts rows longer than this with a stable segmented
+# radix sort (ties in index order, the order rebuilt here); shorter rows may order ties otherwise.
+STABLE_SORT_MIN_VOCAB = 4097
+
+
+def top_k_top_p(scores: torch.Tensor, k: int, p: float, min_keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``top_p(top_k(scores, k), p)`` without sorting the whole vocabulary: one ``torch.topk`` of the
+    2k best gives the k-th score (top-k's threshold) and the candidates, which hold every score
+    top-k keeps unless more than 2k tie above its threshold. The candidates, ordered as a stable
+    ascending sort orders them (by index, then stably by value), fill the end of a row of -inf: that
+    row is the one ``torch.sort`` returns, so the softmax and cumsum over it, and the tokens dropped,
+    are bit for bit top_p's, where the whole row's sort is stable (CUDA, vocabularies of at least
+    ``STABLE_SORT_MIN_VOCAB``). Returns (scores, overflow [N] bool): a row with overflow may differ
+    from top_p's (its 2k candidates were all kept by top-k); the caller redoes such a request."""
+    n, v = scores.shape
+    k = min(max(k, min_keep), v)
+    m = min(v, 2 * k)
+    vals, idx = torch.topk(scores, m)
+    kth = vals[:, k - 1:k]
+    kept = scores.masked_fill(scores < kth, NEG_INF)  # top_k's result
+    cand = torch.where(vals >= kth, vals, NEG_INF)
+    overflow = torch.isfinite(cand[:, -1])
+    by_index, perm = torch.sort(idx, dim=-1)
+    ascending, perm2 = torch.sort(cand.gather(1, perm), dim=-1, stable=True)
+    row = torch.full_like(scores, NEG_INF)
+    row[:, v - m:] = ascending
+    drop = row.softmax(dim=-1).cumsum(dim=-1) <= (1 - p)
+    drop[..., -min_keep:] = False
+    mask = torch.zeros_like(drop).scatter_(1, by_index.gather(1, perm2), drop[:, v - m:])
+    return kept.masked_fill(mask, NEG_INF), overflow
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``torch.multinomial(probs, 1).squeeze(1)`` without its checks of ``probs`` (three reductions):
+    torch draws one sample as the argmax of ``probs / q`` with ``q`` exponential(1) from the
+    generator, which is what this does, so the tokens and the generator's state after are the
+    same. Invalid probabilities (nan, negative, an all-zero row) are not refused here."""
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(dim=-1)
+
+
 # ---------------------------------------------------------------------------- the pipeline
 class LogitsPipeline:
     """The processors a GenerationConfig asks for, in HF's order.
@@ -226,6 +267,17 @@ class LogitsPipeline:
             else:  # the rows that begin at this length
                 scores = torch.where((self.begin_rows == cur).unsqueeze(1) & self.begin_suppress, NEG_INF, scores)
         return self.warp(scores) if self.do_sample else scores
+
+    def warp_candidates(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``warp`` with top-k then top-p through ``top_k_top_p`` where that is top_p's result bit for
+        bit (both set, CUDA, a vocabulary of at least ``STABLE_SORT_MIN_VOCAB``): (scores, its overflow
+        rows, or None where ``warp`` ran)."""
+        if not (self.top_k and self.top_p < 1.0 and scores.device.type == "cuda"
+                and scores.shape[-1] >= STABLE_SORT_MIN_VOCAB):
+            return self.warp(scores), None
+        if self.temperature != 1.0:
+            scores = temperature(scores, self.temperature)
+        return top_k_top_p(scores, self.top_k, self.top_p, self.min_keep)
 
     def warp(self, scores: torch.Tensor) -> torch.Tensor:
         """Sampling's warpers after the processors, in HF's order: temperature, top-k, top-p."""
