@@ -71,7 +71,7 @@ fused greedy loop, which feeds its own argmax back inside the graph) and launch 
   warpers and the draw in the graph too, the token loop's tokens for the same seed; top-k with top-p
   from the 2k best scores instead of a sort of the whole vocabulary, the draw without
   ``torch.multinomial``'s checks: sampling requests 11-18 % faster at batch 1-64 on an H200,
-  docs/performance.md 2026-12-02 04:36); False keeps
+  docs/performance.md 2026-12-02 04:20); False keeps
   generate's token loop (a host round trip per token). bart-large on an H200: the same tokens, 27.7 against 29.8 ms per
   request at batch 1, 60.5 against 66.5 at 64 (64 tokens; 2026-11-30 16:43).
 - ``prefill_graphs`` (None, the default: on wherever the runner replays CUDA graphs on one rank): the
