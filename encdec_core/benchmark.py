@@ -182,7 +182,7 @@ def parse_input_output_lens(text: str, option: str = "--input-output-len") -> li
 
 # ---------------------------------------------------------------------------- measurement
 
-COLUMNS = ("system", "model", "device", "dtype", "batch_size", "input_len", "output_len", "num_beams",
+COLUMNS = ("system", "model", "device", "dtype", "batch_size", "input_len", "output_len", "num_beams", "decoding",
            "encoder_ms", "ms_per_step", "graph_step_ms", "e2e_ms", "tokens_per_s", "generated_tokens", "peak_mem_mb",
            "speedup_vs_hf", "token_match_vs_ours", "note")
 
@@ -197,6 +197,7 @@ class Row:
     input_len: int
     output_len: int
     num_beams: int
+    decoding: str = "greedy"  # greedy, beam, or sampling(temperature, top_k, top_p, seed)
     encoder_ms: float | None = None
     ms_per_step: float | None = None
     graph_step_ms: float | None = None
@@ -408,27 +409,49 @@ class _Ours:
                 return self.runner.encode(ids, mask)[0]
             return self.model.encode(ids, mask)
 
-    def generate(self, ids, mask, out_len: int, beams: int):
+    def generate(self, ids, mask, out_len: int, beams: int, sampling: dict | None = None):
         from .runtime.generation import GenerationConfig, generate
 
         cfg = self.model.cfg
-        if self.runner is not None and beams == 1:
+        if self.runner is not None and beams == 1 and not sampling:
             return self.runner.greedy(ids, mask, max_new_tokens=out_len, min_new_tokens=out_len)
+        opts = {"do_sample": False, **_sampling_options(sampling)}
         gc = GenerationConfig.from_model(cfg, None, max_new_tokens=out_len, min_new_tokens=out_len,
-                                         num_beams=beams, do_sample=False, forced_eos_token_id=None)
+                                         num_beams=beams, forced_eos_token_id=None, **opts)
         out = generate(self.model, ids, mask, gc, runner=self.runner)
         return out.sequences if hasattr(out, "sequences") else out
 
 
-def _hf_generate(hf, ids, mask, out_len, beams, static: bool):
+def _sampling_options(sampling: dict | None) -> dict:
+    """GenerationConfig keywords of a benchmark's sampling options (None: greedy / beam search)."""
+    if not sampling:
+        return {}
+    return dict(do_sample=True, temperature=sampling.get("temperature", 1.0), top_k=sampling.get("top_k", 50),
+                top_p=sampling.get("top_p", 1.0), seed=sampling.get("seed", 0))
+
+
+def decoding_label(num_beams: int, sampling: dict | None) -> str:
+    """The ``decoding`` column: greedy, beam, or the sampling options."""
+    if sampling:
+        o = _sampling_options(sampling)
+        return (f"sampling(temperature={o['temperature']:g}, top_k={o['top_k']}, top_p={o['top_p']:g}, "
+                f"seed={o['seed']})")
+    return "beam" if num_beams > 1 else "greedy"
+
+
+def _hf_generate(hf, ids, mask, out_len, beams, static: bool, sampling: dict | None = None):
     import transformers
 
+    opts = {"do_sample": False, **_sampling_options(sampling)}
+    seed = opts.pop("seed", None)
     gen = transformers.GenerationConfig(
-        max_new_tokens=out_len, min_new_tokens=out_len, num_beams=beams, do_sample=False,
+        max_new_tokens=out_len, min_new_tokens=out_len, num_beams=beams,
         decoder_start_token_id=hf.config.decoder_start_token_id, eos_token_id=hf.config.eos_token_id,
         pad_token_id=hf.config.pad_token_id, forced_eos_token_id=None, forced_bos_token_id=None,
-        early_stopping=False, length_penalty=1.0, no_repeat_ngram_size=0)
+        early_stopping=False, length_penalty=1.0, no_repeat_ngram_size=0, **opts)
     kw = {"cache_implementation": "static"} if static else {}
+    if seed is not None:  # HF draws from torch's global generators
+        torch.manual_seed(seed)
     with torch.inference_mode():
         return hf.generate(input_ids=ids, attention_mask=mask, generation_config=gen, **kw)
 
@@ -483,7 +506,8 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
                   runner: str = "auto", hf_static: bool | None = None, compare_ct2: bool | None = None,
                   hf_static_max_batch: int = 64, log=None, reg=None,
                   configs: Sequence[tuple[int, int]] | None = None,
-                  runner_options: dict | None = None, hf_model=None, name: str | None = None) -> list[dict]:
+                  runner_options: dict | None = None, hf_model=None, name: str | None = None,
+                  sampling: dict | None = None) -> list[dict]:
     """Measure our engine (and, with ``compare_hf``, HF transformers side by side in the same run).
 
     engine_or_model: an Engine, an EncDecModel, an engine directory or a preset name ("t5-small":
@@ -502,6 +526,9 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
     hf_model: with compare_hf and an EncDecModel, the HF model that holds its weights (e.g. from
         ``hf_model_from_preset`` before the model was cut to a rank's part: ``parallel_preset``).
     name: the ``model`` column (default: the preset, the engine's folder, or an EncDecModel's family).
+    sampling: measure sampling instead of greedy decoding: {"temperature", "top_k", "top_p", "seed"}
+        (defaults 1.0, 50, 1.0, 0), the same options and seed for every system; num_beams must be 1.
+        The ``decoding`` column names them; ``graph_step_ms`` (a greedy step) is left empty.
     Systems: "encdec" (CUDA graph runner on CUDA, eager on CPU), "hf" (generate, eager), "hf-static"
     (generate with cache_implementation="static", compiled; CUDA, batch <= hf_static_max_batch),
     "ctranslate2" (CPU, when importable and the family converts). Writes CSV / JSON / a PNG plot when
@@ -526,6 +553,20 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
     for io in ios:
         if len(io) != 2 or int(io[0]) < 1 or int(io[1]) < 1:
             raise EncDecError(f"benchmark: input/output length {io!r}: expected two positive integers")
+    if sampling:
+        unknown = sorted(set(sampling) - {"temperature", "top_k", "top_p", "seed"})
+        if unknown:
+            raise EncDecError(f"benchmark: sampling option(s) {', '.join(unknown)}: expected temperature, top_k, "
+                              "top_p, seed")
+        beams = sorted({k for _, k in configs if k != 1})
+        if beams:
+            raise EncDecError(f"benchmark: sampling is measured with num_beams 1, got num_beams {beams[0]} "
+                              "(beam sampling is not measured)")
+        from .runtime.generation import GenerationConfig
+
+        # bad values named before any model is built (the start token is the model's, not checked here)
+        GenerationConfig(**_sampling_options(sampling), decoder_start_token_id=0,
+                         source="benchmark's sampling options").validate()
     if int(repeats) < 1 or int(warmup) < 0:
         raise EncDecError(f"benchmark: repeats {repeats!r}, warmup {warmup!r}: expected repeats >= 1 and warmup >= 0")
     if isinstance(engine_or_model, (str, Path)) and Path(engine_or_model).exists():
@@ -582,13 +623,13 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
         for b, num_beams in configs:
             ids, mask = _inputs(model.cfg, b, in_len, device, seed)
             base = dict(model=name, device=str(device), dtype=dname, batch_size=b, input_len=in_len,
-                        output_len=out_len, num_beams=num_beams)
+                        output_len=out_len, num_beams=num_beams, decoding=decoding_label(num_beams, sampling))
             mem: list = []
             enc_ms, _ = timer(lambda: ours.encode(ids, mask), repeats, warmup)
             with _peak_memory(device, mem):
-                e2e, our_out = timer(lambda: ours.generate(ids, mask, out_len, num_beams), repeats, warmup)
+                e2e, our_out = timer(lambda: ours.generate(ids, mask, out_len, num_beams, sampling), repeats, warmup)
             gstep = None
-            if ours.runner is not None and num_beams == 1:
+            if ours.runner is not None and num_beams == 1 and not sampling:
                 gstep = ours.runner.time_step(ids, mask, min(out_len, 32))
             ours_row = Row("encdec", **base, encoder_ms=enc_ms, e2e_ms=e2e, peak_mem_mb=mem[0] if mem else None,
                            graph_step_ms=gstep, note=ours.note)
@@ -605,7 +646,8 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
                     try:
                         henc, _ = timer(lambda: _hf_encode(hf, ids, mask), repeats, warmup)
                         with _peak_memory(device, mem):
-                            he2e, hout = timer(lambda: _hf_generate(hf, ids, mask, out_len, num_beams, static),
+                            he2e, hout = timer(lambda: _hf_generate(hf, ids, mask, out_len, num_beams, static,
+                                                                    sampling),
                                                repeats, warmup + (1 if static else 0))
                         rows.append(Row(sysname, **base, encoder_ms=henc, e2e_ms=he2e,
                                         peak_mem_mb=mem[0] if mem else None,
@@ -616,7 +658,7 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
                     tick(f"{sysname} b{b} {in_len}/{out_len}")
             if ct2 is not None:
                 try:
-                    cout_e2e, cout = timer(lambda: ct2(ids, mask, out_len, num_beams), repeats, warmup)
+                    cout_e2e, cout = timer(lambda: ct2(ids, mask, out_len, num_beams, sampling), repeats, warmup)
                     rows.append(Row("ctranslate2", **base, e2e_ms=cout_e2e, token_match_vs_ours=_match(cout, our_out)))
                 except Exception as exc:
                     rows.append(Row("ctranslate2", **base, note=f"failed: {type(exc).__name__}: {exc}"[:300]))
@@ -644,7 +686,7 @@ def _finish(rows: list[Row]) -> None:
         r.tokens_per_s = toks / (r.e2e_ms / 1e3)
         if r.encoder_ms is not None:
             r.ms_per_step = max(r.e2e_ms - r.encoder_ms, 0.0) / r.output_len
-    key = lambda r: (r.model, r.batch_size, r.input_len, r.output_len, r.num_beams)  # noqa: E731
+    key = lambda r: (r.model, r.batch_size, r.input_len, r.output_len, r.num_beams, r.decoding)  # noqa: E731
     hf = {key(r): r for r in rows if r.system == "hf" and r.tokens_per_s}
     for r in rows:
         h = hf.get(key(r))
@@ -672,7 +714,8 @@ def write_csv(rows: list[dict], path) -> None:
 
 def format_table(rows: list[dict]) -> str:
     """A markdown table of the main columns."""
-    cols = ("system", "model", "batch_size", "input_len", "output_len", "num_beams", "encoder_ms", "ms_per_step",
+    cols = ("system", "model", "batch_size", "input_len", "output_len", "num_beams", "decoding", "encoder_ms",
+            "ms_per_step",
             "graph_step_ms",
             "e2e_ms", "tokens_per_s", "peak_mem_mb", "speedup_vs_hf", "token_match_vs_ours")
     head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
@@ -799,13 +842,20 @@ class _Ct2:
         self.translator = ctranslate2.Translator(self._dir.name, device="cpu", compute_type="float32",
                                                  intra_threads=torch.get_num_threads(), inter_threads=1)
 
-    def __call__(self, ids, mask, out_len: int, beams: int):
+    def __call__(self, ids, mask, out_len: int, beams: int, sampling: dict | None = None):
         src = []
         for row, m in zip(ids.tolist(), mask.tolist()):
             src.append([f"t{t}" for t, k in zip(row, m) if k])
+        kw = {}
+        if sampling:  # CTranslate2's sampling options (its top-k 0 is the whole vocabulary, as HF's)
+            import ctranslate2
+
+            o = _sampling_options(sampling)
+            ctranslate2.set_random_seed(o["seed"])
+            kw = dict(sampling_topk=o["top_k"], sampling_topp=o["top_p"], sampling_temperature=o["temperature"])
         res = self.translator.translate_batch(src, beam_size=beams, max_decoding_length=out_len,
                                               min_decoding_length=out_len, num_hypotheses=1,
-                                              return_end_token=True, max_batch_size=0)
+                                              return_end_token=True, max_batch_size=0, **kw)
         outs = [[self.start] + [int(t[1:]) for t in r.hypotheses[0]] for r in res]
         n = max(len(o) for o in outs)
         return torch.tensor([o + [0] * (n - len(o)) for o in outs], dtype=torch.long)

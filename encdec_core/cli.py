@@ -706,6 +706,7 @@ def cmd_benchmark(args) -> int:
         device = target.device
     else:
         target = args.preset
+    sampling = _benchmark_sampling(args)
     rank0 = _rank0()
     rows = run_benchmark(
         target, batch_sizes=batches, input_output_lens=lens, num_beams=beams,
@@ -715,9 +716,23 @@ def cmd_benchmark(args) -> int:
         repeats=args.repeats, warmup=args.warmup, runner=runner, hf_model=hf_model,
         runner_options={"tp_allreduce": args.tp_allreduce} if args.tp_allreduce else None,
         log=(lambda *a: print(*a, file=sys.stderr)) if rank0 and not args.quiet else None,
-        name=args.preset or None)
+        name=args.preset or None, sampling=sampling)
     out(format_table(rows))
     return 0
+
+
+def _benchmark_sampling(args) -> dict | None:
+    """``encdec benchmark``'s sampling options (None without --sampling); a warper without --sampling
+    is refused (it would measure greedy decoding)."""
+    given = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p),
+                               ("seed", args.random_seed)) if v is not None}
+    if not args.sampling:
+        if given:
+            flags = ", ".join("--" + ("random-seed" if k == "seed" else k.replace("_", "-")) for k in given)
+            raise EncDecError(f"{flags}: sampling options; add --sampling to measure sampling (without it the "
+                              "benchmark decodes greedily or with beams)")
+        return None
+    return given
 
 
 # ---------------------------------------------------------------------------- score
@@ -1010,6 +1025,12 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, "--csv", default=None)
     _opt(s, "--json", default=None)
     _opt(s, "--plot", default=None, help="PNG plot (needs matplotlib)")
+    _opt(s, "--sampling", "--do-sample", action="store_true",
+         help="measure sampling (num_beams 1) with the options below, the same for every system")
+    _opt(s, "--temperature", type=_float, default=None, help="with --sampling (default 1.0)")
+    _opt(s, "--top-k", type=int, default=None, help="with --sampling (default 50; 0: the whole vocabulary)")
+    _opt(s, "--top-p", type=_float, default=None, help="with --sampling (default 1.0: off)")
+    _opt(s, "--random-seed", "--seed", type=int, default=None, help="with --sampling (default 0)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_benchmark)
 

@@ -190,3 +190,58 @@ def test_name_overrides_the_model_column(reg):
                          progress=False, repeats=1, warmup=0, reg=reg, compare_hf=False, compare_ct2=False,
                          name="t5-tiny-test")
     assert [r["model"] for r in rows] == ["t5-tiny-test"]
+
+
+def test_sampling_rows(reg, monkeypatch):
+    """``sampling=``: every system samples with the same options and seed (ours through generate with
+    do_sample, HF's generate seeded alike: on a CPU in fp32 the same tokens; CTranslate2 with its own
+    generator), the ``decoding`` column names the options, and no greedy graph step is reported."""
+    pytest.importorskip("transformers")
+    import encdec_core.runtime.generation as gen
+    from encdec_core.benchmark import run_benchmark
+
+    seen = []
+    real = gen.generate
+    monkeypatch.setattr(gen, "generate", lambda model, ids, mask, gc, **kw: seen.append(gc) or real(model, ids, mask,
+                                                                                                     gc, **kw))
+    opts = dict(temperature=0.7, top_k=20, top_p=0.9, seed=5)
+    ct2 = True
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        ct2 = False
+    rows = run_benchmark("t5-tiny-test", batch_sizes=[3], input_output_lens=[(8, 6)], compare_hf=True,
+                         device="cpu", dtype="float32", progress=False, repeats=1, warmup=0, reg=reg,
+                         compare_ct2=ct2, sampling=opts)
+    label = "sampling(temperature=0.7, top_k=20, top_p=0.9, seed=5)"
+    assert [r["system"] for r in rows] == ["encdec", "hf"] + (["ctranslate2"] if ct2 else [])
+    assert all(r["decoding"] == label and r["e2e_ms"] > 0 for r in rows), rows
+    assert seen and all(g.do_sample and (g.temperature, g.top_k, g.top_p, g.seed) == (0.7, 20, 0.9, 5) for g in seen)
+    assert rows[1]["token_match_vs_ours"] == 1.0  # HF with the same seed draws the same tokens
+    assert rows[0]["speedup_vs_hf"] == pytest.approx(rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"])
+    greedy = run_benchmark("t5-tiny-test", batch_sizes=[3], input_output_lens=[(8, 6)], device="cpu",
+                           dtype="float32", progress=False, repeats=1, warmup=0, reg=reg)
+    assert greedy[0]["decoding"] == "greedy"
+
+
+def test_sampling_options_are_checked(reg, monkeypatch, capsys):
+    from encdec_core import benchmark, cli
+    from encdec_core.benchmark import run_benchmark
+
+    kw = dict(input_output_lens=[(8, 4)], device="cpu", progress=False, repeats=1, warmup=0, reg=reg)
+    with pytest.raises(EncDecError, match="sampling is measured with num_beams 1, got num_beams 4"):
+        run_benchmark("t5-tiny-test", num_beams=[1, 4], sampling={"top_k": 5}, **kw)
+    with pytest.raises(EncDecError, match="temperature"):
+        run_benchmark("t5-tiny-test", sampling={"temperature": 0.0}, **kw)
+    with pytest.raises(EncDecError, match="top_p"):
+        run_benchmark("t5-tiny-test", sampling={"top_p": 1.5}, **kw)
+    with pytest.raises(EncDecError, match="sampling option.*topk"):
+        run_benchmark("t5-tiny-test", sampling={"topk": 5}, **kw)
+    got = []
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda *a, **k: got.append(k["sampling"]) or [])
+    assert cli.main(["benchmark", "--preset", "t5-small", "--top-k", "5", "--random-seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--top-k, --random-seed: sampling options; add --sampling" in err and "Traceback" not in err
+    assert cli.main(["benchmark", "--preset", "t5-small", "--sampling", "--top-p", "0.8", "--quiet"]) == 0
+    assert cli.main(["benchmark", "--preset", "t5-small", "--quiet"]) == 0
+    assert got == [{"top_p": 0.8}, None]
