@@ -3,7 +3,7 @@
 replayed CUDA graph (as they run inside the fused sampling graph), and the same chain whole.
 
 The scores are bf16 values widened to fp32, as the bf16 model's logits are, so ties occur as they do
-in a real run. Prints a JSON line per (rows, vocab): microseconds per op (mean of --iters replays).
+in a real run. Prints a JSON line per (rows, vocab): microseconds per op (median of --iters replays).
 
     PYTHONPATH=.:families:plugins python benchmarks/profile_warpers.py --rows 1,8,64 --vocabs 32128,50265
 """
@@ -11,30 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import graph_time  # noqa: E402
+
 
 def _graph_us(fn, iters: int) -> float:
-    """Mean device time of one replay of ``fn`` captured in a CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1000.0 / iters
+    """Device time of one replay of ``fn`` captured in a CUDA graph, µs (median of ``iters`` replays)."""
+    return graph_time(fn, calls=1, replays=iters)[0] * 1000.0
 
 
 @torch.no_grad()
