@@ -413,7 +413,7 @@ class _Ours:
         from .runtime.generation import GenerationConfig, generate
 
         cfg = self.model.cfg
-        if self.runner is not None and beams == 1 and not sampling:
+        if self.runner is not None and beams == 1 and sampling is None:
             return self.runner.greedy(ids, mask, max_new_tokens=out_len, min_new_tokens=out_len)
         opts = {"do_sample": False, **_sampling_options(sampling)}
         gc = GenerationConfig.from_model(cfg, None, max_new_tokens=out_len, min_new_tokens=out_len,
@@ -424,7 +424,7 @@ class _Ours:
 
 def _sampling_options(sampling: dict | None) -> dict:
     """GenerationConfig keywords of a benchmark's sampling options (None: greedy / beam search)."""
-    if not sampling:
+    if sampling is None:
         return {}
     return dict(do_sample=True, temperature=sampling.get("temperature", 1.0), top_k=sampling.get("top_k", 50),
                 top_p=sampling.get("top_p", 1.0), seed=sampling.get("seed", 0))
@@ -432,7 +432,7 @@ def _sampling_options(sampling: dict | None) -> dict:
 
 def decoding_label(num_beams: int, sampling: dict | None) -> str:
     """The ``decoding`` column: greedy, beam, or the sampling options."""
-    if sampling:
+    if sampling is not None:
         o = _sampling_options(sampling)
         return (f"sampling(temperature={o['temperature']:g}, top_k={o['top_k']}, top_p={o['top_p']:g}, "
                 f"seed={o['seed']})")
@@ -526,8 +526,8 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
     hf_model: with compare_hf and an EncDecModel, the HF model that holds its weights (e.g. from
         ``hf_model_from_preset`` before the model was cut to a rank's part: ``parallel_preset``).
     name: the ``model`` column (default: the preset, the engine's folder, or an EncDecModel's family).
-    sampling: measure sampling instead of greedy decoding: {"temperature", "top_k", "top_p", "seed"}
-        (defaults 1.0, 50, 1.0, 0), the same options and seed for every system; num_beams must be 1.
+    sampling: measure sampling instead of greedy decoding (None: greedy / beams): {"temperature", "top_k",
+        "top_p", "seed"}, each optional (defaults 1.0, 50, 1.0, 0; {} samples with the defaults), the same options and seed for every system; num_beams must be 1.
         The ``decoding`` column names them; ``graph_step_ms`` (a greedy step) is left empty.
     Systems: "encdec" (CUDA graph runner on CUDA, eager on CPU), "hf" (generate, eager), "hf-static"
     (generate with cache_implementation="static", compiled; CUDA, batch <= hf_static_max_batch),
@@ -553,7 +553,7 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
     for io in ios:
         if len(io) != 2 or int(io[0]) < 1 or int(io[1]) < 1:
             raise EncDecError(f"benchmark: input/output length {io!r}: expected two positive integers")
-    if sampling:
+    if sampling is not None:
         unknown = sorted(set(sampling) - {"temperature", "top_k", "top_p", "seed"})
         if unknown:
             raise EncDecError(f"benchmark: sampling option(s) {', '.join(unknown)}: expected temperature, top_k, "
@@ -629,7 +629,7 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
             with _peak_memory(device, mem):
                 e2e, our_out = timer(lambda: ours.generate(ids, mask, out_len, num_beams, sampling), repeats, warmup)
             gstep = None
-            if ours.runner is not None and num_beams == 1 and not sampling:
+            if ours.runner is not None and num_beams == 1 and sampling is None:
                 gstep = ours.runner.time_step(ids, mask, min(out_len, 32))
             ours_row = Row("encdec", **base, encoder_ms=enc_ms, e2e_ms=e2e, peak_mem_mb=mem[0] if mem else None,
                            graph_step_ms=gstep, note=ours.note)
@@ -847,11 +847,11 @@ class _Ct2:
         for row, m in zip(ids.tolist(), mask.tolist()):
             src.append([f"t{t}" for t, k in zip(row, m) if k])
         kw = {}
-        if sampling:  # CTranslate2's sampling options (its top-k 0 is the whole vocabulary, as HF's)
+        if sampling is not None:  # CTranslate2's sampling options (its top-k 0 is the whole vocabulary, as HF's)
             import ctranslate2
 
             o = _sampling_options(sampling)
-            ctranslate2.set_random_seed(o["seed"])
+            ctranslate2.set_random_seed(o["seed"] % 2 ** 32)  # its seeds are unsigned 32-bit
             kw = dict(sampling_topk=o["top_k"], sampling_topp=o["top_p"], sampling_temperature=o["temperature"])
         res = self.translator.translate_batch(src, beam_size=beams, max_decoding_length=out_len,
                                               min_decoding_length=out_len, num_hypotheses=1,

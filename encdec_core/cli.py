@@ -690,6 +690,7 @@ def cmd_benchmark(args) -> int:
         check_plot_path(args.plot)
     if bool(args.engine_dir) == bool(args.preset):
         raise EncDecError("give exactly one of --engine-dir E or --preset NAME (e.g. t5-small, bart-large)")
+    sampling = _benchmark_sampling(args)  # before an engine or model is loaded
     hf_model = None
     if args.engine_dir:
         if args.tp_size != 1 or args.pp_size != 1:
@@ -706,7 +707,6 @@ def cmd_benchmark(args) -> int:
         device = target.device
     else:
         target = args.preset
-    sampling = _benchmark_sampling(args)
     rank0 = _rank0()
     rows = run_benchmark(
         target, batch_sizes=batches, input_output_lens=lens, num_beams=beams,
@@ -722,8 +722,8 @@ def cmd_benchmark(args) -> int:
 
 
 def _benchmark_sampling(args) -> dict | None:
-    """``encdec benchmark``'s sampling options (None without --sampling); a warper without --sampling
-    is refused (it would measure greedy decoding)."""
+    """``encdec benchmark``'s sampling options (None without --sampling; {} samples with the defaults);
+    a warper without --sampling is refused (it would measure greedy decoding)."""
     given = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p),
                                ("seed", args.random_seed)) if v is not None}
     if not args.sampling:
@@ -732,6 +732,13 @@ def _benchmark_sampling(args) -> dict | None:
             raise EncDecError(f"{flags}: sampling options; add --sampling to measure sampling (without it the "
                               "benchmark decodes greedily or with beams)")
         return None
+    from .benchmark import _sampling_options
+    from .runtime.generation import GenerationConfig
+
+    try:  # a bad value named by its flag, as run names it
+        GenerationConfig(**_sampling_options(given), decoder_start_token_id=0, source="generate option").validate()
+    except EncDecError as exc:
+        raise _flag_error(exc) from None
     return given
 
 

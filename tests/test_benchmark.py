@@ -244,4 +244,40 @@ def test_sampling_options_are_checked(reg, monkeypatch, capsys):
     assert "--top-k, --random-seed: sampling options; add --sampling" in err and "Traceback" not in err
     assert cli.main(["benchmark", "--preset", "t5-small", "--sampling", "--top-p", "0.8", "--quiet"]) == 0
     assert cli.main(["benchmark", "--preset", "t5-small", "--quiet"]) == 0
-    assert got == [{"top_p": 0.8}, None]
+    assert cli.main(["benchmark", "--preset", "t5-small", "--sampling", "--quiet"]) == 0
+    assert got == [{"top_p": 0.8}, None, {}]
+    for flags, want in ((["--temperature", "0"], "--temperature 0.0: expected a number >= "),
+                        (["--top-p", "2"], "--top-p 2.0: expected a number in [0, 1]"),
+                        (["--top-k", "-1"], "--top-k -1: expected a non-negative integer")):
+        assert cli.main(["benchmark", "--engine-dir", "/nonexistent", "--sampling", *flags]) == 2
+        err = capsys.readouterr().err
+        assert want in err and "nonexistent" not in err, err  # checked before the engine is loaded
+    assert len(got) == 3
+
+
+def test_sampling_with_the_default_options(reg, monkeypatch):
+    """``sampling={}`` (``--sampling`` alone) samples with the defaults; it is not greedy decoding. A
+    seed beyond CTranslate2's 32 bits still gives its row (its generator takes the seed modulo 2**32)."""
+    pytest.importorskip("transformers")
+    import encdec_core.runtime.generation as gen
+    from encdec_core.benchmark import decoding_label, run_benchmark
+
+    assert decoding_label(1, {}) == "sampling(temperature=1, top_k=50, top_p=1, seed=0)"
+    assert decoding_label(1, None) == "greedy" and decoding_label(3, None) == "beam"
+    seen = []
+    real = gen.generate
+    monkeypatch.setattr(gen, "generate", lambda model, ids, mask, gc, **kw: seen.append(gc) or real(model, ids, mask,
+                                                                                                     gc, **kw))
+    rows = run_benchmark("t5-tiny-test", batch_sizes=[2], input_output_lens=[(8, 6)], device="cpu",
+                         dtype="float32", progress=False, repeats=1, warmup=0, reg=reg, sampling={})
+    assert rows[0]["decoding"] == decoding_label(1, {})
+    assert seen and all(g.do_sample and (g.temperature, g.top_k, g.top_p, g.seed) == (1.0, 50, 1.0, 0) for g in seen)
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        return
+    rows = run_benchmark("t5-tiny-test", batch_sizes=[2], input_output_lens=[(8, 6)], device="cpu", compare_hf=True,
+                         compare_ct2=True, dtype="float32", progress=False, repeats=1, warmup=0, reg=reg,
+                         sampling={"seed": 2 ** 40})
+    ct2 = [r for r in rows if r["system"] == "ctranslate2"]
+    assert len(ct2) == 1 and ct2[0]["e2e_ms"] and not ct2[0]["note"], ct2

@@ -243,11 +243,12 @@ def _top_p_stable(scores, p, keep):
     return scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
-@pytest.mark.parametrize("kind", ["normal", "bf16", "ties", "neg-inf"])
+@pytest.mark.parametrize("kind", ["normal", "bf16", "ties", "neg-inf", "nan"])
 def test_top_k_top_p_from_candidates_equals_the_whole_sort(kind):
-    """``top_k_top_p`` (the fused sampling graph's top-k then top-p from the 2k best) equals top_k then
-    top_p with a stable sort bit for bit wherever it reports no overflow, and reports overflow where
-    more than 2k scores survive top-k (ties at the k-th)."""
+    """``top_k_top_p`` (the fused sampling graph's top-k then top-p from the max(2k, 128) best)
+    equals top_k then top_p with a stable sort bit for bit wherever it reports no overflow, and reports
+    overflow exactly where top-k keeps the last candidate (ties at the k-th) of a row that has more
+    scores than candidates, or the row holds a nan."""
     g = torch.Generator().manual_seed(7)
     seen_overflow = seen_exact = 0
     for trial in range(40):
@@ -260,20 +261,25 @@ def test_top_k_top_p_from_candidates_equals_the_whole_sort(kind):
             s[0] = 0.0  # a row where every score ties
         elif kind == "neg-inf":
             s[:, ::3] = float("-inf")  # banned tokens
+        elif kind == "nan":
+            s[1, 7] = float("nan")
         k = int(torch.randint(1, 60, (1,), generator=g))
         p = float(torch.rand((), generator=g)) * 0.98 + 0.01
         keep = 1 + trial % 3
         got, overflow = lp.top_k_top_p(s, k, p, keep)
         ref = _top_p_stable(lp.top_k(s, k, keep), p, keep)
+        kk = max(k, keep)
+        m = min(v, max(2 * kk, lp.MIN_CANDIDATES))
         kept = torch.isfinite(lp.top_k(s, k, keep)).sum(-1)
-        assert torch.equal(overflow, kept >= min(v, 2 * max(k, keep))), (trial, k)
+        want = ((kept >= m) & (m < v)) | torch.isnan(s).any(-1)
+        assert torch.equal(overflow, want), (trial, k, v)
         for r in range(n):
             if not overflow[r]:
                 assert torch.equal(got[r], ref[r]), (trial, r, k, p, keep)
                 seen_exact += 1
         seen_overflow += int(overflow.sum())
     assert seen_exact > 100
-    if kind == "ties":
+    if kind in ("ties", "nan"):
         assert seen_overflow > 0
 
 

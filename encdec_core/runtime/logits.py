@@ -102,28 +102,39 @@ def top_p(scores: torch.Tensor, p: float, min_keep: int = 1) -> torch.Tensor:
     return scores.masked_fill(drop, NEG_INF)
 
 
-# The top-p sort from the top-2k candidates: CUDA sorts rows longer than this with a stable segmented
+# The top-p sort from top_k_top_p's candidates: CUDA sorts rows longer than this with a stable segmented
 # radix sort (ties in index order, the order rebuilt here); shorter rows may order ties otherwise.
 STABLE_SORT_MIN_VOCAB = 4097
 
 
+# top_k_top_p's candidates: the best max(2k, this) scores. Ties at the k-th score beyond them send the
+# request back to the token loop, and bf16 logits tie often enough that 2k alone would for small k. 128
+# is the longest row torch's CUDA sort handles with one warp's merge sort (longer ones take a block radix
+# sort: with 178 candidates, top_k_top_p ran ~40 us slower on one row than with 100, H200, 2026-12-02).
+MIN_CANDIDATES = 128
+
+
 def top_k_top_p(scores: torch.Tensor, k: int, p: float, min_keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``top_p(top_k(scores, k), p)`` without sorting the whole vocabulary: one ``torch.topk`` of the
-    2k best gives the k-th score (top-k's threshold) and the candidates, which hold every score
-    top-k keeps unless more than 2k tie above its threshold. The candidates, ordered as a stable
+    max(2k, 128) best gives the k-th score (top-k's threshold) and the candidates, which hold
+    every score top-k keeps unless its ties at the threshold reach past them. The candidates, ordered as a stable
     ascending sort orders them (by index, then stably by value), fill the end of a row of -inf: that
     row is the one ``torch.sort`` returns, so the softmax and cumsum over it, and the tokens dropped,
     are bit for bit top_p's, where the whole row's sort is stable (CUDA, vocabularies of at least
     ``STABLE_SORT_MIN_VOCAB``). Returns (scores, overflow [N] bool): a row with overflow may differ
-    from top_p's (its 2k candidates were all kept by top-k); the caller redoes such a request."""
+    from top_p's (top-k kept its last candidate, or it holds a nan); the caller redoes such a request."""
     n, v = scores.shape
     k = min(max(k, min_keep), v)
-    m = min(v, 2 * k)
+    m = min(v, max(2 * k, MIN_CANDIDATES))
     vals, idx = torch.topk(scores, m)
     kth = vals[:, k - 1:k]
     kept = scores.masked_fill(scores < kth, NEG_INF)  # top_k's result
     cand = torch.where(vals >= kth, vals, NEG_INF)
-    overflow = torch.isfinite(cand[:, -1])
+    # top-k may keep a score the candidates lack where the last candidate is kept too (unless every score
+    # is a candidate); a nan (topk's largest) is no candidate: the token loop's multinomial refuses it
+    overflow = torch.isnan(vals[:, 0])
+    if m < v:
+        overflow = overflow | torch.isfinite(cand[:, -1])
     by_index, perm = torch.sort(idx, dim=-1)
     ascending, perm2 = torch.sort(cand.gather(1, perm), dim=-1, stable=True)
     row = torch.full_like(scores, NEG_INF)

@@ -69,7 +69,7 @@ fused greedy loop, which feeds its own argmax back inside the graph) and launch 
   (``greedy_search``: argmax, min length, forced first / last tokens and the token feedback in the
   graph) wherever its processors depend on the position only, and sampling to ``sample_search`` (the
   warpers and the draw in the graph too, the token loop's tokens for the same seed; top-k with top-p
-  from the 2k best scores instead of a sort of the whole vocabulary, the draw without
+  from the max(2k, 128) best scores instead of a sort of the whole vocabulary, the draw without
   ``torch.multinomial``'s checks: sampling requests 11-18 % faster at batch 1-64 on an H200,
   docs/performance.md 2026-12-02 04:20); False keeps
   generate's token loop (a host round trip per token). bart-large on an H200: the same tokens, 27.7 against 29.8 ms per
@@ -1336,9 +1336,9 @@ class CudaGraphRunner:
         differ from the token loop's; seeded requests are unaffected.
         Returns [rows, 1 + steps]; an output whose every token the options exclude raises
         ``nothing_to_sample`` naming its step, as the token loop does. Top-k with top-p runs through
-        ``top_k_top_p``: where a live row's candidates overflowed (more than 2k scores tied at the
-        k-th), the position and the generator go back to where the loop began and this returns None,
-        for the token loop to do the request."""
+        ``top_k_top_p``: where a live row's candidates overflowed (ties at the k-th score reaching past
+        them, or a nan score), the position and the generator go back to where the loop began and this
+        returns None, for the token loop to do the request."""
         from ..generation import nothing_to_sample
 
         if self._cur is None:
