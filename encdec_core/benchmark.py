@@ -430,6 +430,14 @@ def _sampling_options(sampling: dict | None) -> dict:
                 top_p=sampling.get("top_p", 1.0), seed=sampling.get("seed", 0))
 
 
+def check_sampling(sampling: dict, source: str) -> None:
+    """Refuse bad sampling values (ConfigError: "SOURCE: field 'top_p' = 2.0: expected ...") before any
+    model is built; the start token is the model's and not checked here."""
+    from .runtime.generation import GenerationConfig
+
+    GenerationConfig(**_sampling_options(sampling), decoder_start_token_id=0, source=source).validate()
+
+
 def decoding_label(num_beams: int, sampling: dict | None) -> str:
     """The ``decoding`` column: greedy, beam, or the sampling options."""
     if sampling is not None:
@@ -527,8 +535,9 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
         ``hf_model_from_preset`` before the model was cut to a rank's part: ``parallel_preset``).
     name: the ``model`` column (default: the preset, the engine's folder, or an EncDecModel's family).
     sampling: measure sampling instead of greedy decoding (None: greedy / beams): {"temperature", "top_k",
-        "top_p", "seed"}, each optional (defaults 1.0, 50, 1.0, 0; {} samples with the defaults), the same options and seed for every system; num_beams must be 1.
-        The ``decoding`` column names them; ``graph_step_ms`` (a greedy step) is left empty.
+        "top_p", "seed"}, each optional (defaults 1.0, 50, 1.0, 0; {} samples with the defaults), the
+        same options and seed for every system; num_beams must be 1. The ``decoding`` column names
+        them; ``graph_step_ms`` (a greedy step) is left empty.
     Systems: "encdec" (CUDA graph runner on CUDA, eager on CPU), "hf" (generate, eager), "hf-static"
     (generate with cache_implementation="static", compiled; CUDA, batch <= hf_static_max_batch),
     "ctranslate2" (CPU, when importable and the family converts). Writes CSV / JSON / a PNG plot when
@@ -562,11 +571,7 @@ def run_benchmark(engine_or_model, batch_sizes: Sequence[int] = (1, 8),
         if beams:
             raise EncDecError(f"benchmark: sampling is measured with num_beams 1, got num_beams {beams[0]} "
                               "(beam sampling is not measured)")
-        from .runtime.generation import GenerationConfig
-
-        # bad values named before any model is built (the start token is the model's, not checked here)
-        GenerationConfig(**_sampling_options(sampling), decoder_start_token_id=0,
-                         source="benchmark's sampling options").validate()
+        check_sampling(sampling, "benchmark's sampling options")
     if int(repeats) < 1 or int(warmup) < 0:
         raise EncDecError(f"benchmark: repeats {repeats!r}, warmup {warmup!r}: expected repeats >= 1 and warmup >= 0")
     if isinstance(engine_or_model, (str, Path)) and Path(engine_or_model).exists():

@@ -732,11 +732,10 @@ def _benchmark_sampling(args) -> dict | None:
             raise EncDecError(f"{flags}: sampling options; add --sampling to measure sampling (without it the "
                               "benchmark decodes greedily or with beams)")
         return None
-    from .benchmark import _sampling_options
-    from .runtime.generation import GenerationConfig
+    from .benchmark import check_sampling
 
     try:  # a bad value named by its flag, as run names it
-        GenerationConfig(**_sampling_options(given), decoder_start_token_id=0, source="generate option").validate()
+        check_sampling(given, "generate option")
     except EncDecError as exc:
         raise _flag_error(exc) from None
     return given

@@ -1431,9 +1431,10 @@ class CudaGraphRunner:
             if swap:
                 generator.set_state(default.get_state())
                 default.set_state(mine)
-        if redo:  # the token loop redoes the request from the same state
+        if redo:  # the token loop redoes the request from the same state (only CUDA sets inexact)
             d.pos.copy_(pos0)
-            (generator if generator is not None else default).set_state(rng0)
+            if rng0 is not None:
+                (generator if generator is not None else default).set_state(rng0)
             return None
         return self._fused_result(vw, n, done, eos, start)
 
