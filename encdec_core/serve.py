@@ -543,6 +543,7 @@ def make_handler(server_state: "Server"):
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
+            self._count()
             if self.command != "HEAD":
                 self.wfile.write(data)
 
@@ -667,10 +668,18 @@ def make_handler(server_state: "Server"):
                 self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path!r}: {_PATHS}"})
 
         def do_POST(self):  # noqa: N802
-            t0, self._status, self._endpoint = time.monotonic(), 0, "other"
+            self._t0, self._status, self._endpoint = time.monotonic(), 0, "other"
             try:
                 self._post()
-            finally:  # answered (or the connection broke): count it with its status and time
+            finally:  # not answered (the connection broke) or answered: counted once in any case
+                self._count()
+
+        def _count(self) -> None:
+            """Count this POST with its status and time, once: just before the last bytes of its
+            answer go out (a client that reads /metrics as soon as it has its reply finds it counted;
+            counted after the write, it raced the next request), else when it ends unanswered."""
+            t0, self._t0 = getattr(self, "_t0", None), None
+            if t0 is not None:
                 server_state.scheduler.metrics.request(self._endpoint, self._status, time.monotonic() - t0)
 
         def _post(self):
@@ -776,6 +785,7 @@ def make_handler(server_state: "Server"):
                     self.wfile.write(f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode())
                     self.wfile.flush()
                     item = job.events.get()
+                self._count()
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
             except (*_HANGUP, TimeoutError) as exc:

@@ -242,6 +242,26 @@ def test_metrics_count_requests_latency_and_batches(server):
         assert 0 < m[f'encdec_request_seconds_sum{{endpoint="{ep}"}}'] < 60 * count
 
 
+def test_a_request_is_counted_before_its_reply_arrives(server, monkeypatch):
+    """A client that reads /metrics as soon as it has its reply finds that request counted: the count
+    was taken after the reply was written, and a fast 404 raced the next request (a fresh-clone CI run
+    saw 0 of 1). A slow count makes the old order fail every time."""
+    import time as _time
+
+    srv, _ = server
+    metrics = srv.scheduler.metrics
+    real = metrics.request
+    monkeypatch.setattr(metrics, "request", lambda *a: (_time.sleep(0.3), real(*a))[1])
+    key = 'encdec_requests_total{endpoint="other",code="404"}'
+    for _ in range(2):
+        before = _metrics(srv).get(key, 0)
+        assert _post(srv, "/v1/nope", {})[0] == 404
+        assert _metrics(srv).get(key, 0) == before + 1
+    before = _metrics(srv).get('encdec_requests_total{endpoint="generate",code="200"}', 0)
+    assert _post(srv, "/v1/generate", {"inputs": "hello", "parameters": {"max_new_tokens": 2}})[0] == 200
+    assert _metrics(srv)['encdec_requests_total{endpoint="generate",code="200"}'] == before + 1
+
+
 def test_gather_takes_queued_jobs_with_the_same_key_even_without_delay():
     """With no delay the scheduler still batches what is already queued: same key, up to the max
     batch size in inputs; other jobs are held, in order, for the next rounds."""
