@@ -681,9 +681,18 @@ def cmd_benchmark(args) -> int:
         raise EncDecError(f"--repeats {args.repeats}: expected a positive integer (timed runs per configuration)")
     if args.warmup < 0:
         raise EncDecError(f"--warmup {args.warmup}: expected a non-negative integer (untimed runs first)")
-    for flag, path in (("--csv", args.csv), ("--json", args.json), ("--plot", args.plot)):
-        if path:
-            check_output_file(Path(path), flag)  # before the measurements, not after
+    outputs = [(flag, path) for flag, path in (("--csv", args.csv), ("--json", args.json), ("--plot", args.plot))
+               if path]
+    for flag, path in outputs:
+        check_output_file(Path(path), flag)  # before the measurements, not after
+    for i, (flag, path) in enumerate(outputs):
+        for other, path2 in outputs[i + 1:]:
+            if Path(path).resolve() == Path(path2).resolve():
+                raise EncDecError(f"{flag} and {other} name the same file {path}: expected a file each (the "
+                                  "last written would replace the other)")
+    for flag, n in (("--tp-size", args.tp_size), ("--pp-size", args.pp_size)):
+        if n < 1:
+            raise EncDecError(f"{flag} {n}: expected a positive integer")
     if args.plot:
         from .benchmark import check_plot_path
 

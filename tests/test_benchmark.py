@@ -123,6 +123,10 @@ def test_ctranslate2_rows(reg):
     ct2 = [r for r in rows if r["system"] == "ctranslate2"]
     assert len(ct2) == 1 and ct2[0]["e2e_ms"] > 0, rows
     assert ct2[0]["token_match_vs_ours"] == 1.0
+    rows = run_benchmark("t5-tiny-test", batch_sizes=[2], input_output_lens=[(8, 4)], compare_hf=True,
+                         device="cpu", dtype="bfloat16", progress=False, repeats=1, warmup=0, reg=reg,
+                         compare_ct2=True)
+    assert [r["dtype"] for r in rows] == ["bfloat16", "bfloat16", "float32"]  # CTranslate2's model is float32
 
 
 def test_bad_arguments(reg):
@@ -281,3 +285,43 @@ def test_sampling_with_the_default_options(reg, monkeypatch):
                          sampling={"seed": 2 ** 40})
     ct2 = [r for r in rows if r["system"] == "ctranslate2"]
     assert len(ct2) == 1 and ct2[0]["e2e_ms"] and not ct2[0]["note"], ct2
+
+
+def test_cli_refusals_before_measuring(monkeypatch, capsys, tmp_path):
+    """Two outputs naming one file (the JSON replaced the CSV), a tensor- or pipeline-parallel size
+    below 1 (it ran unsplit) and a bad beam width (its message said "batch sizes") are refused before
+    anything is measured."""
+    from encdec_core import benchmark, cli
+
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda *a, **k: pytest.fail("measured before the check"))
+    f = str(tmp_path / "out.x")
+    for argv, want in ((["--csv", f, "--json", f], f"--csv and --json name the same file {f}"),
+                       (["--tp-size", "0"], "--tp-size 0: expected a positive integer"),
+                       (["--pp-size", "-1"], "--pp-size -1: expected a positive integer"),
+                       (["--num-beams", "1;;2"], 'expected beam widths like "1;8;64"')):
+        assert cli.main(["benchmark", "--preset", "t5-small", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert want in err and "Traceback" not in err, err
+
+
+def test_a_compiling_runner_gets_an_untimed_first_call(reg, monkeypatch):
+    """With a runner (cuda-graph, compiled) our first call compiles or captures: it is never timed, even
+    with warmup 0 (it timed 18 s of compile on a CPU), as HF's static path gets its extra warm-up."""
+    from types import SimpleNamespace
+
+    import encdec_core.benchmark as bm
+
+    real_init = bm._Ours.__init__
+
+    def init(self, model, *a, **k):
+        real_init(self, model, *a, **k)
+        self.runner = SimpleNamespace(prefill_graphs=False, time_step=lambda *a: 0.5,
+                                      encode=lambda ids, mask: (model.encode(ids, mask), mask))
+
+    calls = []
+    monkeypatch.setattr(bm._Ours, "__init__", init)
+    monkeypatch.setattr(bm._Ours, "generate", lambda self, ids, mask, n, beams, sampling=None: calls.append(1)
+                        or torch.zeros(ids.shape[0], n + 1, dtype=torch.long))
+    bm.run_benchmark("t5-tiny-test", batch_sizes=[1], input_output_lens=[(8, 4)], device="cpu", dtype="float32",
+                     progress=False, repeats=1, warmup=0, reg=reg)
+    assert len(calls) == 2  # one untimed, one timed
