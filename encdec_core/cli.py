@@ -737,7 +737,7 @@ def _benchmark_sampling(args) -> dict | None:
                                ("seed", args.random_seed)) if v is not None}
     if not args.sampling:
         if given:
-            flags = ", ".join("--" + ("random-seed" if k == "seed" else k.replace("_", "-")) for k in given)
+            flags = ", ".join(_GEN_FLAGS[k] for k in given)
             raise EncDecError(f"{flags}: sampling options; add --sampling to measure sampling (without it the "
                               "benchmark decodes greedily or with beams)")
         return None

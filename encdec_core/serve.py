@@ -486,6 +486,7 @@ def make_handler(server_state: "Server"):
         protocol_version = "HTTP/1.1"
         server_version = "encdec"
         timeout = server_state.request_timeout  # StreamRequestHandler.setup: the socket's timeout
+        _t0 = None  # a POST's arrival time until it is counted (_count); GETs are not counted
 
         def log_message(self, fmt, *args):  # quiet unless asked
             if server_state.log is not None:
@@ -678,7 +679,7 @@ def make_handler(server_state: "Server"):
             """Count this POST with its status and time, once: just before the last bytes of its
             answer go out (a client that reads /metrics as soon as it has its reply finds it counted;
             counted after the write, it raced the next request), else when it ends unanswered."""
-            t0, self._t0 = getattr(self, "_t0", None), None
+            t0, self._t0 = self._t0, None
             if t0 is not None:
                 server_state.scheduler.metrics.request(self._endpoint, self._status, time.monotonic() - t0)
 

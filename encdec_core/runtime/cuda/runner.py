@@ -1392,6 +1392,8 @@ class CudaGraphRunner:
         starved.fill_(-1)
         inexact.zero_()
         pos0 = d.pos.clone()  # where the token loop starts if this loop's draws are not exact
+        # the generator the draws come from, as the loop begins (the token loop's start if the draws are not
+        # exact; with a graph, the default generator holds it meanwhile)
         rng0 = (generator if generator is not None else default).get_state() if cuda else None
         vw.tokens[:n].fill_(start)
         vw.finished.zero_()
@@ -1402,7 +1404,7 @@ class CudaGraphRunner:
         swap = g is not None and generator is not None
         if swap:  # the graph draws from the default generator: it holds the caller's state meanwhile
             mine = default.get_state()
-            default.set_state(generator.get_state())
+            default.set_state(rng0)
         own[0] = generator
         done = 0
         redo = False
